@@ -1,0 +1,33 @@
+# Tenantry — `make` lists the targets.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.DEFAULT_GOAL := help
+.PHONY: help run test services build lint fmt clean-test-dbs
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+run: ## start the local cluster (PostgreSQL, RabbitMQ, catalog, 2 shards, gateway); Ctrl-C stops it
+	@bash deploy/local/run.sh
+
+test: services ## everything: fmt check, clippy, unit and end-to-end tests against real services
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --quiet -- -D warnings
+	$(CARGO) test --workspace --no-fail-fast
+
+services: ## make sure PostgreSQL and RabbitMQ are running (start or install them)
+	@bash scripts/services.sh
+
+build: ## build the tenantry binary (release)
+	$(CARGO) build --release --bin tenantry
+
+lint: ## clippy with warnings as errors
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+clean-test-dbs: ## drop test databases left behind by killed test runs (none are left by normal runs)
+	@psql -h 127.0.0.1 -U postgres -AtXc "select datname from pg_database where datname like 'tenantry\_t\_%' or datname like 'tenantry\_tpl\_%'" \
+	  | while read -r db; do psql -h 127.0.0.1 -U postgres -qXc "drop database if exists $$db with (force)"; echo "dropped $$db"; done

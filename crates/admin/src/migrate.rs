@@ -1,0 +1,224 @@
+//! `tenantry admin migrate status|up`.
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use tenantry_core::{Config, db, secret::DatabaseUrl};
+use tenantry_migrate::{Migration, Phase, Target};
+use tenantry_shardmap::catalog;
+
+use crate::table;
+
+#[derive(Debug, Subcommand)]
+pub enum MigrateCommand {
+    /// Print, for the catalog and every shard: applied version, latest known, pending steps.
+    Status(StatusArgs),
+    /// Apply pending migrations: the catalog, then every shard in the catalog (or one).
+    Up(UpArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only this shard (and not the catalog).
+    #[arg(long)]
+    shard: Option<String>,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// `expand` applies steps safe while old code runs and stops before the first contract
+    /// step; `contract` applies everything (only after every node runs the new code).
+    #[arg(long, default_value = "expand", value_parser = parse_phase)]
+    phase: Phase,
+    /// Only this shard (and not the catalog).
+    #[arg(long)]
+    shard: Option<String>,
+    /// Create the catalog database first if it does not exist.
+    #[arg(long)]
+    create_databases: bool,
+}
+
+fn parse_phase(s: &str) -> Result<Phase, String> {
+    s.parse()
+}
+
+/// One database to migrate or report on.
+struct Db {
+    label: String,
+    url: DatabaseUrl,
+    target: Target,
+}
+
+async fn databases(cfg: &Config, only_shard: Option<&str>) -> anyhow::Result<Vec<Db>> {
+    let mut out = Vec::new();
+    if only_shard.is_none() {
+        out.push(Db {
+            label: "catalog".into(),
+            url: cfg.catalog.url.clone(),
+            target: Target::Catalog,
+        });
+    }
+    let client = db::connect(&cfg.catalog.url, &cfg.database, "tenantry-admin")
+        .await
+        .context("connecting to the catalog")?;
+    let shards = match catalog::list_shards(&client).await {
+        Ok(s) => s,
+        // A catalog without schema has no shards yet; `up` creates the schema first.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Vec::new(),
+        Err(e) => return Err(e).context("listing shards"),
+    };
+    if let Some(id) = only_shard
+        && !shards.iter().any(|s| s.id == id)
+    {
+        anyhow::bail!("shard {id:?} is not in the catalog (see `tenantry admin shard list`)");
+    }
+    for s in shards {
+        if only_shard.is_none_or(|id| id == s.id) {
+            out.push(Db {
+                label: format!("shard {}", s.id),
+                url: s.database_url,
+                target: Target::Shard,
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Serialize)]
+struct StatusRow {
+    database: String,
+    applied: i64,
+    latest: i64,
+    pending: Vec<String>,
+    problem: Option<String>,
+}
+
+pub async fn run(cmd: MigrateCommand, cfg: &Config) -> anyhow::Result<()> {
+    match cmd {
+        MigrateCommand::Status(a) => status(cfg, a).await,
+        MigrateCommand::Up(a) => up(cfg, a).await,
+    }
+}
+
+async fn status(cfg: &Config, args: StatusArgs) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for d in databases(cfg, args.shard.as_deref()).await? {
+        let known = tenantry_migrate::embedded(d.target);
+        let latest = known.last().map_or(0, |m| m.version);
+        let row = match db::connect(&d.url, &cfg.database, "tenantry-admin").await {
+            Err(e) => StatusRow {
+                database: d.label,
+                applied: 0,
+                latest,
+                pending: vec![],
+                problem: Some(format!("unreachable: {e:#}")),
+            },
+            Ok(client) => match tenantry_migrate::status(&client, &known).await {
+                Err(e) => StatusRow {
+                    database: d.label,
+                    applied: 0,
+                    latest,
+                    pending: vec![],
+                    problem: Some(e.to_string()),
+                },
+                Ok(st) => StatusRow {
+                    database: d.label,
+                    applied: st.version(),
+                    latest,
+                    pending: st.pending.iter().map(describe).collect(),
+                    problem: st.check(&known).err().map(|e| e.to_string()),
+                },
+            },
+        };
+        rows.push(row);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let pending = if r.pending.is_empty() {
+                "-".to_owned()
+            } else {
+                r.pending.join(", ")
+            };
+            vec![
+                r.database.clone(),
+                r.applied.to_string(),
+                r.latest.to_string(),
+                pending,
+                r.problem.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(
+            &["DATABASE", "APPLIED", "LATEST", "PENDING", "PROBLEM"],
+            &cells
+        )
+    );
+    Ok(())
+}
+
+fn describe(m: &Migration) -> String {
+    format!("{} ({})", m.file, m.phase)
+}
+
+async fn up(cfg: &Config, args: UpArgs) -> anyhow::Result<()> {
+    if args.create_databases && db::ensure_database(&cfg.catalog.url, &cfg.database).await? {
+        println!("catalog: created database");
+    }
+    // The catalog goes first: listing shards needs its schema.
+    if args.shard.is_none() {
+        migrate_one(
+            cfg,
+            "catalog",
+            &cfg.catalog.url,
+            Target::Catalog,
+            args.phase,
+        )
+        .await?;
+    }
+    let shards = databases(cfg, args.shard.as_deref()).await?;
+    for d in shards.into_iter().filter(|d| d.target == Target::Shard) {
+        migrate_one(cfg, &d.label, &d.url, d.target, args.phase).await?;
+    }
+    Ok(())
+}
+
+async fn migrate_one(
+    cfg: &Config,
+    label: &str,
+    url: &DatabaseUrl,
+    target: Target,
+    phase: Phase,
+) -> anyhow::Result<()> {
+    let mut client = db::connect(url, &cfg.database, "tenantry-admin")
+        .await
+        .with_context(|| format!("connecting to {label}"))?;
+    let report = tenantry_migrate::up(&mut client, &tenantry_migrate::embedded(target), phase)
+        .await
+        .with_context(|| format!("migrating {label}"))?;
+    if report.applied.is_empty() {
+        println!("{label}: up to date at version {}", report.version);
+    } else {
+        println!(
+            "{label}: applied {}; now at version {}",
+            report.applied.join(", "),
+            report.version
+        );
+    }
+    if let Some(file) = report.held_back {
+        println!(
+            "{label}: {file} is a contract step and was not applied; run \
+             `tenantry admin migrate up --phase contract` once every node runs the new code"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! `tenantry admin shard apply|list`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use tenantry_core::{Config, db};
+use tenantry_shardmap::{ApplyOptions, ShardMapFile, catalog};
+
+use crate::table;
+
+#[derive(Debug, Subcommand)]
+pub enum ShardCommand {
+    /// Make the catalog and the shard databases match a shard-map file (idempotent).
+    Apply(ApplyArgs),
+    /// List the shards in the catalog.
+    List(ListArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// The shard-map file, e.g. shard-map/local.toml.
+    file: PathBuf,
+    /// Create shard databases that do not exist yet.
+    #[arg(long)]
+    create_databases: bool,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(cmd: ShardCommand, cfg: &Config) -> anyhow::Result<()> {
+    match cmd {
+        ShardCommand::Apply(a) => apply(cfg, a).await,
+        ShardCommand::List(a) => list(cfg, a).await,
+    }
+}
+
+async fn apply(cfg: &Config, args: ApplyArgs) -> anyhow::Result<()> {
+    let file = ShardMapFile::load(&args.file)?;
+    let report = tenantry_shardmap::apply(
+        &cfg.catalog.url,
+        &cfg.database,
+        &file,
+        ApplyOptions {
+            create_databases: args.create_databases,
+        },
+    )
+    .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    for s in &report.shards {
+        let mut what = Vec::new();
+        if s.database_created {
+            what.push("created database".to_owned());
+        }
+        if !s.migrations_applied.is_empty() {
+            what.push(format!("applied {}", s.migrations_applied.join(", ")));
+        }
+        match &s.catalog {
+            catalog::Change::Created => what.push("added to the catalog".into()),
+            catalog::Change::Updated { fields } => {
+                what.push(format!("updated in the catalog ({})", fields.join(", ")))
+            }
+            catalog::Change::Unchanged => {}
+        }
+        if what.is_empty() {
+            what.push("unchanged".into());
+        }
+        println!(
+            "shard {}: {} (schema version {})",
+            s.id,
+            what.join("; "),
+            s.schema_version
+        );
+    }
+    for id in &report.undeclared {
+        println!(
+            "shard {id}: in the catalog but not in {}; left alone",
+            args.file.display()
+        );
+    }
+    if report.unchanged() {
+        println!(
+            "{}: nothing to change (shard map version {})",
+            file.environment, report.map_version
+        );
+    } else {
+        println!(
+            "{}: applied (shard map version {})",
+            file.environment, report.map_version
+        );
+    }
+    Ok(())
+}
+
+async fn list(cfg: &Config, args: ListArgs) -> anyhow::Result<()> {
+    let client = db::connect(&cfg.catalog.url, &cfg.database, "tenantry-admin")
+        .await
+        .context("connecting to the catalog")?;
+    let shards = catalog::list_shards(&client)
+        .await
+        .context("listing shards")?;
+    let mut versions = Vec::new();
+    let known = tenantry_migrate::embedded(tenantry_migrate::Target::Shard);
+    for s in &shards {
+        let v = match db::connect(&s.database_url, &cfg.database, "tenantry-admin").await {
+            Ok(c) => match tenantry_migrate::status(&c, &known).await {
+                Ok(st) => st.version().to_string(),
+                Err(e) => format!("error: {e}"),
+            },
+            Err(_) => "unreachable".to_owned(),
+        };
+        versions.push(v);
+    }
+    if args.json {
+        let rows: Vec<_> = shards
+            .iter()
+            .zip(&versions)
+            .map(|(s, v)| {
+                serde_json::json!({
+                    "id": s.id, "state": s.state, "accepting": s.accepting, "weight": s.weight,
+                    "tenants": s.tenants, "schema_version": v, "endpoints": s.endpoints,
+                    "version": s.version,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = shards
+        .iter()
+        .zip(versions)
+        .map(|(s, v)| {
+            vec![
+                s.id.clone(),
+                s.state.clone(),
+                if s.accepting { "yes" } else { "no" }.into(),
+                s.tenants.to_string(),
+                v,
+                s.endpoints.join(","),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        println!(
+            "no shards in the catalog; declare them in shard-map/*.toml and run `tenantry admin shard apply`"
+        );
+    } else {
+        print!(
+            "{}",
+            table::render(
+                &["ID", "STATE", "ACCEPTING", "TENANTS", "SCHEMA", "ENDPOINTS"],
+                &rows
+            )
+        );
+    }
+    Ok(())
+}

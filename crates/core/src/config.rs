@@ -1,0 +1,518 @@
+//! Configuration: embedded defaults < `--config FILE` < `TENANTRY_*` environment, then
+//! cross-field validation. Every field's default and meaning is in `config.default.toml`,
+//! which is compiled into the binary and is the reference the README points at.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    secret::{DatabaseUrl, Secret},
+    size::ByteSize,
+};
+
+/// The commented defaults file, compiled in.
+pub const DEFAULTS_TOML: &str = include_str!("../config.default.toml");
+
+/// Prefix of environment variables; `__` separates nested keys.
+pub const ENV_PREFIX: &str = "TENANTRY_";
+
+/// The HS256 key used with `--dev` when none is configured. It is public (it is in the source),
+/// which is exactly why a process refuses to use it without `--dev`.
+pub const DEV_JWT_SECRET: &str = "tenantry-development-key-do-not-use-in-production";
+
+/// Shortest acceptable HS256 key, in bytes (RFC 7518 §3.2: at least the hash size).
+pub const MIN_JWT_SECRET_LEN: usize = 32;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub log: LogConfig,
+    pub auth: AuthConfig,
+    pub catalog: CatalogConfig,
+    pub database: DatabaseConfig,
+    pub gateway: GatewayConfig,
+    pub api: ApiConfig,
+    pub shard: ShardConfig,
+    pub worker: WorkerConfig,
+    pub http: HttpConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Text on a terminal, JSON otherwise.
+    Auto,
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `auto` (default), `json` or `text`.
+    pub format: LogFormat,
+    /// EnvFilter directive; default `info`. `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 secret for JWTs; default empty (refused without `--dev`).
+    pub jwt_secret: Secret,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogConfig {
+    /// Catalog database URL; default `postgres://postgres@127.0.0.1:5432/tenantry_catalog`.
+    pub url: DatabaseUrl,
+    /// Connections to the catalog; default 8.
+    pub pool_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Connect timeout; default 5s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Statement timeout on every connection; default 30s, 0s = none.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Run the gateway role; default false.
+    pub enabled: bool,
+    /// Listen address; default 127.0.0.1:8080.
+    pub listen: SocketAddr,
+    /// Request body limit; default 1MiB.
+    pub body_limit: ByteSize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Run the shard API role; default false.
+    pub enabled: bool,
+    /// Listen address; default 127.0.0.1:8081.
+    pub listen: SocketAddr,
+    /// Request body limit; default 1MiB.
+    pub body_limit: ByteSize,
+    /// How long a job request waits for its result before 202; default 3s.
+    #[serde(with = "humantime_serde")]
+    pub sync_wait: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardConfig {
+    /// Shard served by this node; default empty.
+    pub id: String,
+    /// Shard database URL; default empty.
+    pub url: DatabaseUrl,
+    /// Connections to the shard; default 16.
+    pub pool_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Job slots; default 0 (no worker role).
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Worker threads per listener; default 0 = one per core.
+    pub threads: usize,
+    /// Concurrent connections per listener thread; default 10000.
+    pub max_connections: usize,
+    /// Time allowed for the request head; default 5s.
+    #[serde(with = "humantime_serde")]
+    pub client_request_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Grace period for in-flight work after SIGTERM/SIGINT; default 10s.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+/// Whether insecure settings (no JWT key, the public development key) are allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Production: refuse insecure settings.
+    Strict,
+    /// `--dev`: allow them, filling in the development key.
+    Dev,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    MissingFile(String),
+    #[error("{0}")]
+    Parse(Box<figment::Error>),
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+    #[error(
+        "refusing to start with an insecure configuration: {0}. Set auth.jwt_secret \
+         (TENANTRY_AUTH__JWT_SECRET) to a random key of at least {MIN_JWT_SECRET_LEN} bytes, \
+         or pass --dev for local development"
+    )]
+    Insecure(String),
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> Self {
+        ConfigError::Parse(Box::new(e))
+    }
+}
+
+/// The layered sources, without extraction: defaults < file < environment.
+pub fn figment(file: Option<&Path>) -> Figment {
+    let mut f = Figment::from(Toml::string(DEFAULTS_TOML));
+    if let Some(path) = file {
+        f = f.merge(Toml::file_exact(path));
+    }
+    f.merge(Env::prefixed(ENV_PREFIX).split("__"))
+}
+
+impl Config {
+    /// Loads, validates and (in [`Mode::Strict`]) refuses insecure settings.
+    pub fn load(file: Option<&Path>, mode: Mode) -> Result<Config, ConfigError> {
+        if let Some(path) = file
+            && !path.is_file()
+        {
+            return Err(ConfigError::MissingFile(path.display().to_string()));
+        }
+        Self::from_figment(figment(file), mode)
+    }
+
+    pub fn from_figment(figment: Figment, mode: Mode) -> Result<Config, ConfigError> {
+        let mut cfg: Config = figment.extract()?;
+        cfg.validate()?;
+        cfg.apply_mode(mode)?;
+        Ok(cfg)
+    }
+
+    /// Cross-field checks that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let shard_role = self.api.enabled || self.worker.threads > 0;
+        if shard_role {
+            if self.shard.id.is_empty() {
+                problems.push("shard.id must be set when api.enabled or worker.threads > 0".into());
+            } else if let Err(e) = validate_shard_id(&self.shard.id) {
+                problems.push(format!("shard.id: {e}"));
+            }
+            if self.shard.url.is_empty() {
+                problems
+                    .push("shard.url must be set when api.enabled or worker.threads > 0".into());
+            }
+        }
+        if self.gateway.enabled && self.catalog.url.is_empty() {
+            problems.push("catalog.url must be set when gateway.enabled".into());
+        }
+        if self.gateway.enabled
+            && self.api.enabled
+            && self.gateway.listen == self.api.listen
+            && self.api.listen.port() != 0
+        {
+            problems.push(format!(
+                "gateway.listen and api.listen are both {}; give each role its own address",
+                self.api.listen
+            ));
+        }
+        for (key, v, max) in [
+            ("catalog.pool_size", self.catalog.pool_size, 1000),
+            ("shard.pool_size", self.shard.pool_size, 1000),
+            ("http.max_connections", self.http.max_connections, 1_000_000),
+        ] {
+            if v == 0 || v > max {
+                problems.push(format!("{key} must be between 1 and {max}, got {v}"));
+            }
+        }
+        if self.worker.threads > 1024 {
+            problems.push(format!(
+                "worker.threads must be at most 1024, got {}",
+                self.worker.threads
+            ));
+        }
+        if self.http.threads > 256 {
+            problems.push(format!(
+                "http.threads must be at most 256, got {}",
+                self.http.threads
+            ));
+        }
+        for (key, size) in [
+            ("gateway.body_limit", self.gateway.body_limit),
+            ("api.body_limit", self.api.body_limit),
+        ] {
+            if size.bytes() < 1024 || size.bytes() > 1 << 30 {
+                problems.push(format!("{key} must be between 1KiB and 1GiB, got {size}"));
+            }
+        }
+        let within = |key: &str, d: Duration, min: Duration, max: Duration, p: &mut Vec<String>| {
+            if d < min || d > max {
+                p.push(format!(
+                    "{key} must be between {} and {}, got {}",
+                    humantime::format_duration(min),
+                    humantime::format_duration(max),
+                    humantime::format_duration(d)
+                ));
+            }
+        };
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        within(
+            "api.sync_wait",
+            self.api.sync_wait,
+            ms(0),
+            s(30),
+            &mut problems,
+        );
+        within(
+            "shutdown.grace_period",
+            self.shutdown.grace_period,
+            ms(0),
+            s(3600),
+            &mut problems,
+        );
+        within(
+            "database.connect_timeout",
+            self.database.connect_timeout,
+            ms(100),
+            s(300),
+            &mut problems,
+        );
+        within(
+            "database.statement_timeout",
+            self.database.statement_timeout,
+            ms(0),
+            s(86_400),
+            &mut problems,
+        );
+        within(
+            "http.client_request_timeout",
+            self.http.client_request_timeout,
+            ms(100),
+            s(300),
+            &mut problems,
+        );
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            problems.push(format!(
+                "log.level {:?} is not a valid filter: {e}",
+                self.log.level
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    fn apply_mode(&mut self, mode: Mode) -> Result<(), ConfigError> {
+        let secret = self.auth.jwt_secret.expose();
+        let problem = if secret.is_empty() {
+            Some("auth.jwt_secret is not set".to_owned())
+        } else if secret == DEV_JWT_SECRET {
+            Some("auth.jwt_secret is the public development key".to_owned())
+        } else if secret.len() < MIN_JWT_SECRET_LEN {
+            Some(format!(
+                "auth.jwt_secret is shorter than {MIN_JWT_SECRET_LEN} bytes"
+            ))
+        } else {
+            None
+        };
+        match (problem, mode) {
+            (None, _) => Ok(()),
+            (Some(p), Mode::Strict) => Err(ConfigError::Insecure(p)),
+            (Some(_), Mode::Dev) => {
+                if secret.is_empty() {
+                    self.auth.jwt_secret = Secret::new(DEV_JWT_SECRET);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# could not render configuration: {e}\n"))
+    }
+}
+
+/// Shard ids are short, lowercase, DNS-label-like names: `shard-1`, `eu-2`.
+pub fn validate_shard_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !id.starts_with('-')
+        && !id.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{id:?} is not a valid shard id (1-63 characters of a-z, 0-9 and '-', not starting \
+             or ending with '-')"
+        ))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment's own large error
+mod tests {
+    use figment::Jail;
+
+    use super::*;
+
+    fn load_in_jail(jail: &Jail, file: Option<&str>, mode: Mode) -> Result<Config, ConfigError> {
+        let path = file.map(|f| jail.directory().join(f));
+        Config::load(path.as_deref(), mode)
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef-test";
+
+    #[test]
+    fn defaults_load_in_dev_mode_and_fill_the_dev_key() {
+        Jail::expect_with(|jail| {
+            let cfg = load_in_jail(jail, None, Mode::Dev).expect("defaults are valid");
+            assert!(!cfg.gateway.enabled);
+            assert_eq!(cfg.api.sync_wait, Duration::from_secs(3));
+            assert_eq!(cfg.api.body_limit, ByteSize(1 << 20));
+            assert_eq!(cfg.auth.jwt_secret.expose(), DEV_JWT_SECRET);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_environment_overrides_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "t.toml",
+                &format!(
+                    "[auth]\njwt_secret = \"{SECRET}\"\n[gateway]\nenabled = true\nlisten = \"127.0.0.1:9000\"\n[worker]\nthreads = 2\n[shard]\nid = \"shard-1\"\nurl = \"postgres://x@h/db\"\n"
+                ),
+            )?;
+            jail.set_env("TENANTRY_GATEWAY__LISTEN", "127.0.0.1:9100");
+            jail.set_env("TENANTRY_API__SYNC_WAIT", "250ms");
+            let cfg = load_in_jail(jail, Some("t.toml"), Mode::Strict).expect("valid");
+            assert!(cfg.gateway.enabled, "from file");
+            assert_eq!(cfg.worker.threads, 2, "from file");
+            assert_eq!(cfg.gateway.listen.port(), 9100, "env beats file");
+            assert_eq!(
+                cfg.api.sync_wait,
+                Duration::from_millis(250),
+                "env beats default"
+            );
+            assert_eq!(cfg.shard.pool_size, 16, "default kept");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        Jail::expect_with(|jail| {
+            jail.create_file("t.toml", "[gateway]\nenabeld = true\n")?;
+            let err = load_in_jail(jail, Some("t.toml"), Mode::Dev)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("enabeld"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("TENANTRY_WORKER__THREDS", "3");
+            let err = load_in_jail(jail, None, Mode::Dev).unwrap_err().to_string();
+            assert!(err.contains("threds"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_their_key() {
+        for (file, needle) in [
+            ("[api]\nsync_wait = \"three seconds\"\n", "sync_wait"),
+            ("[gateway]\nbody_limit = \"lots\"\n", "body_limit"),
+            ("[gateway]\nlisten = \"not-an-address\"\n", "listen"),
+            ("[worker]\nthreads = -1\n", "threads"),
+            ("[log]\nformat = \"xml\"\n", "format"),
+            ("[api]\nsync_wait = \"5m\"\n", "api.sync_wait"),
+            ("[worker]\nthreads = 2\n", "shard.id must be set"),
+            (
+                "[api]\nenabled = true\n[shard]\nid = \"Shard_1\"\nurl = \"postgres://x@h/d\"\n",
+                "shard.id",
+            ),
+            ("[catalog]\npool_size = 0\n", "catalog.pool_size"),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.create_file("t.toml", file)?;
+                let err = load_in_jail(jail, Some("t.toml"), Mode::Dev)
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains(needle), "{file:?}: {err}");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error_not_silently_ignored() {
+        Jail::expect_with(|jail| {
+            let err = load_in_jail(jail, Some("nope.toml"), Mode::Dev).unwrap_err();
+            assert!(matches!(err, ConfigError::MissingFile(_)), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn strict_mode_refuses_missing_default_or_short_keys() {
+        for (secret, needle) in [
+            ("", "not set"),
+            (DEV_JWT_SECRET, "development key"),
+            ("short", "shorter"),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.set_env("TENANTRY_AUTH__JWT_SECRET", secret);
+                let err = load_in_jail(jail, None, Mode::Strict).unwrap_err();
+                assert!(matches!(err, ConfigError::Insecure(_)), "{err}");
+                assert!(err.to_string().contains(needle), "{err}");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn printed_configuration_redacts_secrets() {
+        Jail::expect_with(|jail| {
+            jail.set_env("TENANTRY_AUTH__JWT_SECRET", SECRET);
+            jail.set_env("TENANTRY_CATALOG__URL", "postgres://app:pw-in-url@db/cat");
+            let cfg = load_in_jail(jail, None, Mode::Strict).expect("valid");
+            let out = cfg.to_redacted_toml();
+            assert!(!out.contains(SECRET), "{out}");
+            assert!(!out.contains("pw-in-url"), "{out}");
+            assert!(out.contains("[gateway]"), "{out}");
+            assert!(out.contains("jwt_secret = \"[redacted]\""), "{out}");
+            // what is printed is itself a valid configuration file
+            let reparsed: Result<Config, _> = Figment::from(Toml::string(&out)).extract::<Config>();
+            assert!(reparsed.is_ok(), "{out}\n{reparsed:?}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,155 @@
+//! PostgreSQL connections: bounded pools with timeouts, and one-off clients for the CLI.
+
+use std::str::FromStr;
+
+use anyhow::Context;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use crate::{config::DatabaseConfig, secret::DatabaseUrl};
+
+/// Parses a URL and applies the process-wide connection settings.
+pub fn pg_config(
+    url: &DatabaseUrl,
+    db: &DatabaseConfig,
+    application_name: &str,
+) -> anyhow::Result<tokio_postgres::Config> {
+    let mut cfg = tokio_postgres::Config::from_str(url.expose())
+        .with_context(|| format!("parsing database URL {url}"))?;
+    cfg.connect_timeout(db.connect_timeout);
+    if cfg.get_application_name().is_none() {
+        cfg.application_name(application_name);
+    }
+    if !db.statement_timeout.is_zero() && cfg.get_options().is_none() {
+        cfg.options(format!(
+            "-c statement_timeout={}",
+            db.statement_timeout.as_millis()
+        ));
+    }
+    Ok(cfg)
+}
+
+/// A pool of at most `size` connections; waiting for a free connection or creating a new one
+/// gives up after `database.connect_timeout`, so a dead database turns into errors, not hangs.
+pub fn pool(
+    url: &DatabaseUrl,
+    size: usize,
+    db: &DatabaseConfig,
+    application_name: &str,
+) -> anyhow::Result<Pool> {
+    let cfg = pg_config(url, db, application_name)?;
+    let mgr = Manager::from_config(
+        cfg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(mgr)
+        .max_size(size)
+        .wait_timeout(Some(db.connect_timeout))
+        .create_timeout(Some(db.connect_timeout))
+        .recycle_timeout(Some(db.connect_timeout))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .with_context(|| format!("building connection pool for {url}"))
+}
+
+/// One connection, its driver task spawned; for CLI commands and migrations.
+pub async fn connect(
+    url: &DatabaseUrl,
+    db: &DatabaseConfig,
+    application_name: &str,
+) -> anyhow::Result<tokio_postgres::Client> {
+    let cfg = pg_config(url, db, application_name)?;
+    let (client, conn) = cfg
+        .connect(NoTls)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// The database name in a URL, and the same URL pointing at the `postgres` maintenance
+/// database of that server, for `CREATE DATABASE`.
+pub fn maintenance_url(url: &DatabaseUrl) -> anyhow::Result<(String, DatabaseUrl)> {
+    let raw = url.expose();
+    let cfg = tokio_postgres::Config::from_str(raw)
+        .with_context(|| format!("parsing database URL {url}"))?;
+    let name = cfg
+        .get_dbname()
+        .with_context(|| format!("{url} names no database"))?
+        .to_owned();
+    let (base, query) = match raw.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (raw, None),
+    };
+    let cut = base
+        .rfind('/')
+        .filter(|&i| i > base.find("://").map_or(0, |s| s + 2));
+    let Some(cut) = cut else {
+        anyhow::bail!("{url}: expected postgres://host/dbname")
+    };
+    let mut maint = format!("{}/postgres", &base[..cut]);
+    if let Some(q) = query {
+        maint.push('?');
+        maint.push_str(q);
+    }
+    Ok((name, DatabaseUrl::new(maint)))
+}
+
+/// Creates the database named in `url` unless it exists. Returns whether it was created.
+pub async fn ensure_database(url: &DatabaseUrl, db: &DatabaseConfig) -> anyhow::Result<bool> {
+    let (name, maint) = maintenance_url(url)?;
+    let client = connect(&maint, db, "tenantry-admin").await?;
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await
+        .context("looking up the database")?
+        .is_some();
+    if exists {
+        return Ok(false);
+    }
+    let sql = format!("CREATE DATABASE {}", quote_ident(&name));
+    match client.batch_execute(&sql).await {
+        Ok(()) => Ok(true),
+        // Another process created it between our check and our CREATE: that is success too.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {
+            Ok(false)
+        }
+        Err(e) => Err(e).with_context(|| format!("creating database {name}")),
+    }
+}
+
+/// Quotes an SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maintenance_url_keeps_host_user_and_options() {
+        let (name, m) = maintenance_url(&DatabaseUrl::new(
+            "postgres://u:p@127.0.0.1:5432/tenantry_shard_1?sslmode=disable",
+        ))
+        .unwrap();
+        assert_eq!(name, "tenantry_shard_1");
+        assert_eq!(
+            m.expose(),
+            "postgres://u:p@127.0.0.1:5432/postgres?sslmode=disable"
+        );
+        assert!(maintenance_url(&DatabaseUrl::new("postgres://h")).is_err());
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+}

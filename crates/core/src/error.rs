@@ -1,0 +1,224 @@
+//! The one error type of every HTTP role, and the one JSON shape clients see:
+//!
+//! ```json
+//! {"error": {"code": "snake_case_code", "message": "what went wrong", "request_id": "…"}}
+//! ```
+//!
+//! Layering: handlers and libraries return `ApiError` (or an error that converts into it);
+//! the conversion to a response happens once, here. Client errors (4xx) are logged at debug
+//! level by the request log line; server errors (5xx) are logged here, with their full cause
+//! chain, exactly once — and the client only learns that something failed, and the request id
+//! to quote when asking what.
+
+use std::{fmt, time::Duration};
+
+use actix_web::{
+    HttpResponse, ResponseError,
+    http::{StatusCode, header},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::http::current_request_id;
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+    pub request_id: String,
+}
+
+/// An error on its way to becoming an HTTP response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<Duration>,
+    /// The cause of a 5xx, logged but never sent.
+    source: Option<anyhow::Error>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+            source: None,
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn payload_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    }
+
+    /// 503 with `Retry-After`: a dependency is down or the server is full.
+    pub fn unavailable(code: &'static str, message: impl Into<String>, retry: Duration) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message).with_retry_after(retry)
+    }
+
+    /// A 500: the client sees "internal error"; the cause goes to the log.
+    pub fn internal(cause: impl Into<anyhow::Error>) -> Self {
+        let mut e = Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        );
+        e.source = Some(cause.into());
+        e
+    }
+
+    pub fn with_retry_after(mut self, d: Duration) -> Self {
+        self.retry_after = Some(d);
+        self
+    }
+
+    /// Keeps a cause for the log of a 5xx other than 500 (e.g. a 503 on a dead database).
+    pub fn with_source(mut self, cause: impl Into<anyhow::Error>) -> Self {
+        self.source = Some(cause.into());
+        self
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    pub fn body(&self, request_id: String) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code.into(),
+                message: self.message.clone(),
+                request_id,
+            },
+        }
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let request_id = current_request_id().unwrap_or_default();
+        if self.status.is_server_error() {
+            match &self.source {
+                Some(cause) => tracing::error!(
+                    error.code = self.code,
+                    error.cause = format!("{cause:#}"),
+                    "request failed: {}",
+                    self.message
+                ),
+                None => tracing::warn!(error.code = self.code, "request failed: {}", self.message),
+            }
+        }
+        let mut resp = HttpResponse::build(self.status);
+        if let Some(d) = self.retry_after {
+            // Retry-After is in whole seconds; never advertise 0, which invites a hot loop.
+            resp.insert_header((
+                header::RETRY_AFTER,
+                d.as_secs_f64().ceil().max(1.0).to_string(),
+            ));
+        }
+        resp.json(self.body(request_id))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        ApiError::unavailable(
+            "database_unavailable",
+            "the database is not reachable; try again shortly",
+            Duration::from_secs(1),
+        )
+        .with_source(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if e.is_closed() || e.as_db_error().is_none() {
+            ApiError::unavailable(
+                "database_unavailable",
+                "the database is not reachable; try again shortly",
+                Duration::from_secs(1),
+            )
+            .with_source(e)
+        } else {
+            ApiError::internal(e)
+        }
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::body::MessageBody;
+
+    use super::*;
+
+    #[test]
+    fn a_500_reveals_nothing_internal() {
+        let e = ApiError::internal(anyhow::anyhow!("password authentication failed for user x"));
+        let resp = e.error_response();
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = resp.into_body().try_into_bytes().expect("sized body");
+        let body: ErrorBody = serde_json::from_slice(&body).expect("error shape");
+        assert_eq!(body.error.code, "internal");
+        assert_eq!(body.error.message, "internal error");
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_and_never_zero() {
+        let resp =
+            ApiError::unavailable("busy", "busy", Duration::from_millis(10)).error_response();
+        assert_eq!(resp.headers().get(header::RETRY_AFTER).unwrap(), "1");
+        let resp =
+            ApiError::unavailable("busy", "busy", Duration::from_millis(2100)).error_response();
+        assert_eq!(resp.headers().get(header::RETRY_AFTER).unwrap(), "3");
+    }
+}

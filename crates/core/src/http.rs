@@ -1,0 +1,338 @@
+//! HTTP plumbing shared by every listener: request ids, the request log line, metrics, the
+//! error-shape safety net, `/healthz`, `/readyz`, `/metrics`, and a server that drains
+//! in-flight requests when the shutdown token fires.
+
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Instant};
+
+use actix_web::{
+    App, HttpRequest, HttpResponse, HttpServer, ResponseError,
+    body::{BoxBody, MessageBody},
+    dev::{ServiceRequest, ServiceResponse},
+    http::{StatusCode, header},
+    middleware::{Next, from_fn},
+    web,
+};
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{config::HttpConfig, error::ApiError, metrics};
+
+/// Header carrying the request id in and out.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// The id of the request being handled on this task, if any.
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
+}
+
+/// Accepts a client-supplied request id only if it is short and plain, so it can be logged and
+/// echoed safely; otherwise a fresh UUID v7 is used.
+pub fn accept_or_generate_request_id(given: Option<&str>) -> String {
+    match given {
+        Some(id)
+            if !id.is_empty()
+                && id.len() <= 128
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) =>
+        {
+            id.to_owned()
+        }
+        _ => uuid::Uuid::now_v7().to_string(),
+    }
+}
+
+/// Something `/readyz` asks before saying the process can take traffic.
+pub trait Probe: Send + Sync + 'static {
+    fn name(&self) -> &str;
+    fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+}
+
+/// A PostgreSQL pool is ready when it can run `SELECT 1`.
+pub struct PgProbe {
+    pub name: String,
+    pub pool: deadpool_postgres::Pool,
+}
+
+impl Probe for PgProbe {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            let client = self.pool.get().await.map_err(|e| e.to_string())?;
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        })
+    }
+}
+
+/// What every listener knows about itself.
+#[derive(Clone)]
+pub struct HttpContext {
+    /// `gateway` or `api`: the `role` label of metrics and logs.
+    pub role: &'static str,
+    /// The shard this listener serves, for the `shard.id` log field.
+    pub shard_id: Option<String>,
+    pub probes: Arc<Vec<Box<dyn Probe>>>,
+    /// Cancelled when shutdown starts: `/readyz` then answers 503 so balancers stop sending.
+    pub shutdown: CancellationToken,
+    pub body_limit: usize,
+}
+
+async fn request_context(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let started = Instant::now();
+    let ctx = req
+        .app_data::<web::Data<HttpContext>>()
+        .map(|d| d.get_ref().clone());
+    let role = ctx.as_ref().map(|c| c.role).unwrap_or("http");
+    let shard = ctx.as_ref().and_then(|c| c.shard_id.clone());
+    let request_id = accept_or_generate_request_id(
+        req.headers()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let span = tracing::info_span!(
+        "request",
+        request.id = %request_id,
+        role,
+        shard.id = shard.as_deref(),
+        company.id = tracing::field::Empty,
+    );
+    let method = req.method().to_string();
+    let path = req.path().to_owned();
+
+    let res = REQUEST_ID
+        .scope(request_id.clone(), next.call(req).instrument(span.clone()))
+        .await;
+    let mut res = match res {
+        Ok(res) => res.map_into_boxed_body(),
+        Err(e) => return Err(e),
+    };
+    if res.status().is_client_error() || res.status().is_server_error() {
+        res = REQUEST_ID
+            .scope(request_id.clone(), async { ensure_error_shape(res) })
+            .await;
+    }
+    if let Ok(v) = header::HeaderValue::from_str(&request_id) {
+        res.headers_mut()
+            .insert(header::HeaderName::from_static(REQUEST_ID_HEADER), v);
+    }
+
+    let status = res.status().as_u16();
+    let route = res
+        .request()
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".into());
+    let elapsed = started.elapsed();
+    metrics::http_observe(role, &route, status, elapsed);
+    let _enter = span.enter();
+    let duration_ms = elapsed.as_secs_f64() * 1000.0;
+    if status >= 500 {
+        tracing::warn!(http.method = %method, http.path = %path, http.status = status, duration_ms, "request");
+    } else {
+        tracing::info!(http.method = %method, http.path = %path, http.status = status, duration_ms, "request");
+    }
+    Ok(res)
+}
+
+/// Turns any error response that is not already in the JSON error shape (framework errors such
+/// as 405, malformed JSON or an oversized body) into it, so clients see one shape only.
+fn ensure_error_shape(res: ServiceResponse<BoxBody>) -> ServiceResponse<BoxBody> {
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return res;
+    }
+    let status = res.status();
+    let detail = res.response().error().map(|e| e.to_string());
+    let err = match status {
+        StatusCode::NOT_FOUND => ApiError::not_found("no such resource"),
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::new(
+            status,
+            "method_not_allowed",
+            "method not allowed on this resource",
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            status,
+            "payload_too_large",
+            detail.unwrap_or_else(|| "request body is too large".into()),
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+            status,
+            "unsupported_media_type",
+            "send the body as application/json",
+        ),
+        s if s.is_client_error() => ApiError::new(
+            s,
+            "bad_request",
+            detail.unwrap_or_else(|| s.canonical_reason().unwrap_or("bad request").into()),
+        ),
+        s => ApiError::new(s, "internal", "internal error"),
+    };
+    let (req, _) = res.into_parts();
+    ServiceResponse::new(req, err.error_response())
+}
+
+/// Extractor settings that turn malformed input into the error shape with a useful message.
+fn configure_extractors(cfg: &mut web::ServiceConfig, body_limit: usize) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(body_limit)
+            .error_handler(move |err, _req| {
+                use actix_web::error::JsonPayloadError as J;
+                let api = match &err {
+                    J::Overflow { .. } | J::OverflowKnownLength { .. } => {
+                        ApiError::payload_too_large(body_limit)
+                    }
+                    J::ContentType => ApiError::new(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "unsupported_media_type",
+                        "send the body as application/json",
+                    ),
+                    other => ApiError::bad_request("invalid_json", other.to_string()),
+                };
+                actix_web::error::InternalError::from_response(err, api.error_response()).into()
+            }),
+    )
+    .app_data(web::PayloadConfig::default().limit(body_limit))
+    .app_data(web::PathConfig::default().error_handler(|err, _req| {
+        let api = ApiError::bad_request("invalid_path", err.to_string());
+        actix_web::error::InternalError::from_response(err, api.error_response()).into()
+    }))
+    .app_data(web::QueryConfig::default().error_handler(|err, _req| {
+        let api = ApiError::bad_request("invalid_query", err.to_string());
+        actix_web::error::InternalError::from_response(err, api.error_response()).into()
+    }));
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "alive"}))
+}
+
+async fn readyz(ctx: web::Data<HttpContext>) -> Result<HttpResponse, ApiError> {
+    if ctx.shutdown.is_cancelled() {
+        return Err(ApiError::unavailable(
+            "shutting_down",
+            "this instance is draining for shutdown",
+            std::time::Duration::from_secs(1),
+        ));
+    }
+    let mut failures = Vec::new();
+    for probe in ctx.probes.iter() {
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(2), probe.check()).await;
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push((probe.name().to_owned(), e)),
+            Err(_) => failures.push((probe.name().to_owned(), "timed out after 2s".into())),
+        }
+    }
+    if failures.is_empty() {
+        return Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})));
+    }
+    for (name, e) in &failures {
+        tracing::warn!(probe = %name, error = %e, "readiness probe failed");
+    }
+    // Which dependency is down is operational information, not a secret; the errors are logged.
+    let names: Vec<_> = failures.iter().map(|(n, _)| n.as_str()).collect();
+    Err(ApiError::unavailable(
+        "not_ready",
+        format!("dependencies not reachable: {}", names.join(", ")),
+        std::time::Duration::from_secs(1),
+    ))
+}
+
+async fn metrics_endpoint() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(metrics::render())
+}
+
+async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::not_found(format!(
+        "no route for {} {}",
+        req.method(),
+        req.path()
+    )))
+}
+
+/// A listener that is bound and serving; `task` ends after a graceful stop.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Binds `listen` and serves the role's routes plus `/healthz`, `/readyz` and `/metrics`.
+/// When `ctx.shutdown` fires, the listener stops accepting and in-flight requests get `grace`
+/// to finish.
+pub fn start_server<F>(
+    ctx: HttpContext,
+    listen: SocketAddr,
+    http: &HttpConfig,
+    grace: std::time::Duration,
+    routes: F,
+) -> anyhow::Result<RunningServer>
+where
+    F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
+{
+    let data = web::Data::new(ctx.clone());
+    let body_limit = ctx.body_limit;
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .configure(|c| configure_extractors(c, body_limit))
+            .wrap(from_fn(request_context))
+            .service(web::resource("/healthz").get(healthz))
+            .service(web::resource("/readyz").get(readyz))
+            .service(web::resource("/metrics").get(metrics_endpoint))
+            .configure(routes.clone())
+            .default_service(web::to(not_found))
+    })
+    .disable_signals()
+    .max_connections(http.max_connections)
+    .client_request_timeout(http.client_request_timeout)
+    .shutdown_timeout(grace.as_secs());
+    if http.threads > 0 {
+        server = server.workers(http.threads);
+    }
+    let server = server
+        .bind(listen)
+        .with_context(|| format!("binding the {} listener to {listen}", ctx.role))?;
+    let addr = server
+        .addrs()
+        .first()
+        .copied()
+        .context("listener has no address")?;
+    let running = server.run();
+    let handle = running.handle();
+    let shutdown = ctx.shutdown.clone();
+    let role = ctx.role;
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        tracing::info!(role, "stopping listener; draining in-flight requests");
+        handle.stop(true).await;
+    });
+    let task = tokio::spawn(async move {
+        running
+            .await
+            .with_context(|| format!("{role} listener failed"))?;
+        tracing::info!(role, "listener stopped");
+        Ok(())
+    });
+    Ok(RunningServer { addr, task })
+}

@@ -1,0 +1,60 @@
+//! The gateway's own routes (tenant routes are forwarded, not served here).
+
+use actix_web::{HttpResponse, web};
+use deadpool_postgres::Pool;
+use serde::Serialize;
+use tenantry_core::ApiError;
+use tenantry_shardmap::catalog;
+
+use crate::{OPERATOR_SCOPE, auth::Caller};
+
+pub fn configure(c: &mut web::ServiceConfig) {
+    c.service(web::resource("/v1/shard-map/version").get(shard_map_version));
+}
+
+/// The public view of a shard: never its database URL.
+#[derive(Serialize)]
+struct ShardView {
+    id: String,
+    state: String,
+    accepting: bool,
+    weight: i32,
+    version: i64,
+    tenants: i64,
+    endpoints: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct MapVersion {
+    version: i64,
+    shards: Vec<ShardView>,
+}
+
+/// `GET /v1/shard-map/version` (scope `shardmap:read`): the catalog's shard-map version and
+/// shards, for operators checking what gateways should be routing by.
+async fn shard_map_version(
+    caller: Caller,
+    pool: web::Data<Pool>,
+) -> Result<HttpResponse, ApiError> {
+    if !caller.0.has_scope(OPERATOR_SCOPE) {
+        return Err(ApiError::forbidden(format!(
+            "this endpoint needs the {OPERATOR_SCOPE} scope"
+        )));
+    }
+    let client = pool.get().await?;
+    let version = catalog::map_version(&**client).await?;
+    let shards = catalog::list_shards(&**client)
+        .await?
+        .into_iter()
+        .map(|s| ShardView {
+            id: s.id,
+            state: s.state,
+            accepting: s.accepting,
+            weight: s.weight,
+            version: s.version,
+            tenants: s.tenants,
+            endpoints: s.endpoints,
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(MapVersion { version, shards }))
+}

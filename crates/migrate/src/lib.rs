@@ -1,0 +1,352 @@
+#![doc = include_str!("../README.md")]
+
+use std::{collections::BTreeMap, fmt};
+
+use sha2::{Digest, Sha256};
+use tokio_postgres::Client;
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/embedded.rs"));
+}
+
+/// The table each database records its applied migrations in.
+pub const TABLE: &str = "tenantry_schema_migrations";
+
+/// Session advisory lock key ("tenantry migrate") so two runners never interleave.
+const LOCK_KEY: i64 = 0x7465_6e61_6e74_7279;
+
+/// Whether a step is safe while old code runs (`expand`) or only after every node runs the
+/// new code (`contract`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Expand,
+    Contract,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Expand => "expand",
+            Phase::Contract => "contract",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Phase {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "expand" => Ok(Phase::Expand),
+            "contract" => Ok(Phase::Contract),
+            o => Err(format!("unknown phase {o:?} (expected expand or contract)")),
+        }
+    }
+}
+
+/// Which database a migration set is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Catalog,
+    Shard,
+}
+
+/// One SQL file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migration {
+    pub version: i64,
+    /// The file name, e.g. `0001_shards.sql`: what an operator looks for.
+    pub file: String,
+    pub phase: Phase,
+    pub sql: String,
+}
+
+impl Migration {
+    /// Parses `NNNN_description.sql` whose first line is `-- phase: expand|contract`.
+    pub fn parse(file: &str, sql: &str) -> Result<Migration, MigrateError> {
+        let bad = |reason: &str| MigrateError::BadFile {
+            file: file.into(),
+            reason: reason.into(),
+        };
+        let digits: String = file.chars().take_while(|c| c.is_ascii_digit()).collect();
+        if digits.is_empty() || !file[digits.len()..].starts_with('_') || !file.ends_with(".sql") {
+            return Err(bad("expected a name like 0001_description.sql"));
+        }
+        let version = digits
+            .parse()
+            .map_err(|_| bad("version number too large"))?;
+        let phase = match sql.lines().next().map(str::trim) {
+            Some("-- phase: expand") => Phase::Expand,
+            Some("-- phase: contract") => Phase::Contract,
+            _ => {
+                return Err(bad(
+                    "first line must be `-- phase: expand` or `-- phase: contract`",
+                ));
+            }
+        };
+        Ok(Migration {
+            version,
+            file: file.into(),
+            phase,
+            sql: sql.into(),
+        })
+    }
+
+    /// SHA-256 of the file's text, hex.
+    pub fn checksum(&self) -> String {
+        Sha256::digest(self.sql.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// The migrations compiled into this binary for `target`, in version order.
+pub fn embedded(target: Target) -> Vec<Migration> {
+    let files = match target {
+        Target::Catalog => embedded::CATALOG,
+        Target::Shard => embedded::SHARD,
+    };
+    // The build script already validated every name and header, so parsing cannot fail here.
+    files
+        .iter()
+        .filter_map(|(f, sql)| Migration::parse(f, sql).ok())
+        .collect()
+}
+
+/// A row of the migrations table.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub version: i64,
+    pub file: String,
+    pub phase: Phase,
+    pub checksum: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("migration {file} is malformed: {reason}")]
+    BadFile { file: String, reason: String },
+    #[error(
+        "migration {file} was edited after it was applied (checksum {applied} in the database, \
+         {now} in the file); applied migrations are immutable: revert the edit and add a new \
+         migration instead"
+    )]
+    Edited {
+        file: String,
+        applied: String,
+        now: String,
+    },
+    #[error(
+        "the database has migration {version} ({file}) that this binary does not know; \
+         it was migrated by a newer tenantry"
+    )]
+    UnknownApplied { version: i64, file: String },
+    #[error(
+        "migration {file} is pending but the database already has version {applied_max}; \
+         migrations must be applied in order: renumber it after {applied_max}"
+    )]
+    OutOfOrder { file: String, applied_max: i64 },
+    #[error("migration {file} failed: {source}")]
+    Sql {
+        file: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("migration bookkeeping failed: {0}")]
+    Db(#[from] tokio_postgres::Error),
+}
+
+/// Where a database stands against a set of migrations.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub applied: Vec<Applied>,
+    pub pending: Vec<Migration>,
+}
+
+impl Status {
+    /// Highest applied version, 0 for a fresh database.
+    pub fn version(&self) -> i64 {
+        self.applied.iter().map(|a| a.version).max().unwrap_or(0)
+    }
+
+    /// Problems that make `up` refuse: edited files, unknown or out-of-order versions.
+    pub fn check(&self, known: &[Migration]) -> Result<(), MigrateError> {
+        let by_version: BTreeMap<i64, &Migration> = known.iter().map(|m| (m.version, m)).collect();
+        for a in &self.applied {
+            match by_version.get(&a.version) {
+                None => {
+                    return Err(MigrateError::UnknownApplied {
+                        version: a.version,
+                        file: a.file.clone(),
+                    });
+                }
+                Some(m) if m.checksum() != a.checksum => {
+                    return Err(MigrateError::Edited {
+                        file: m.file.clone(),
+                        applied: short(&a.checksum),
+                        now: short(&m.checksum()),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        let max = self.version();
+        if let Some(m) = self.pending.iter().find(|m| m.version < max) {
+            return Err(MigrateError::OutOfOrder {
+                file: m.file.clone(),
+                applied_max: max,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn short(checksum: &str) -> String {
+    checksum.chars().take(12).collect()
+}
+
+async fn ensure_table(client: &Client) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {TABLE} (
+                version    bigint PRIMARY KEY,
+                file       text NOT NULL,
+                phase      text NOT NULL CHECK (phase IN ('expand', 'contract')),
+                checksum   text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )"
+        ))
+        .await
+}
+
+/// Reads what is applied (without creating anything) and what of `known` is pending.
+pub async fn status(client: &Client, known: &[Migration]) -> Result<Status, MigrateError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&TABLE])
+        .await?
+        .get(0);
+    let mut applied = Vec::new();
+    if exists {
+        for row in client
+            .query(
+                &format!("SELECT version, file, phase, checksum FROM {TABLE} ORDER BY version"),
+                &[],
+            )
+            .await?
+        {
+            let phase: String = row.get(2);
+            applied.push(Applied {
+                version: row.get(0),
+                file: row.get(1),
+                phase: phase.parse().unwrap_or(Phase::Expand),
+                checksum: row.get(3),
+            });
+        }
+    }
+    let done: std::collections::BTreeSet<i64> = applied.iter().map(|a| a.version).collect();
+    let pending = known
+        .iter()
+        .filter(|m| !done.contains(&m.version))
+        .cloned()
+        .collect();
+    Ok(Status { applied, pending })
+}
+
+/// What one `up` did.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub applied: Vec<String>,
+    /// The first pending contract step, when `up` ran in the expand phase and stopped there.
+    pub held_back: Option<String>,
+    pub version: i64,
+}
+
+/// Applies pending migrations in version order, each in its own transaction together with its
+/// bookkeeping row. In the `expand` phase it stops before the first `contract` step (later
+/// steps may depend on it, so order wins over phase); in the `contract` phase it applies all.
+pub async fn up(
+    client: &mut Client,
+    known: &[Migration],
+    phase: Phase,
+) -> Result<Report, MigrateError> {
+    // A session lock rather than a transaction lock: it must cover several transactions.
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
+        .await?;
+    let result = up_locked(client, known, phase).await;
+    let unlock = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
+        .await;
+    let report = result?;
+    unlock?;
+    Ok(report)
+}
+
+async fn up_locked(
+    client: &mut Client,
+    known: &[Migration],
+    phase: Phase,
+) -> Result<Report, MigrateError> {
+    ensure_table(client).await?;
+    let st = status(client, known).await?;
+    st.check(known)?;
+    let mut report = Report {
+        version: st.version(),
+        ..Report::default()
+    };
+    for m in &st.pending {
+        if m.phase == Phase::Contract && phase == Phase::Expand {
+            report.held_back = Some(m.file.clone());
+            break;
+        }
+        let tx = client.transaction().await?;
+        tx.batch_execute(&m.sql)
+            .await
+            .map_err(|source| MigrateError::Sql {
+                file: m.file.clone(),
+                source,
+            })?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {TABLE} (version, file, phase, checksum) VALUES ($1, $2, $3, $4)"
+            ),
+            &[&m.version, &m.file, &m.phase.as_str(), &m.checksum()],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(migration = %m.file, phase = %m.phase, "applied migration");
+        report.applied.push(m.file.clone());
+        report.version = m.version;
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_and_headers_are_validated() {
+        assert!(Migration::parse("0001_a.sql", "-- phase: expand\nselect 1").is_ok());
+        let c = Migration::parse("0002_b.sql", "-- phase: contract\n").unwrap();
+        assert_eq!((c.version, c.phase), (2, Phase::Contract));
+        assert!(Migration::parse("one_a.sql", "-- phase: expand\n").is_err());
+        assert!(Migration::parse("0001_a.sql", "select 1").is_err());
+        assert!(Migration::parse("0001_a.txt", "-- phase: expand\n").is_err());
+    }
+
+    #[test]
+    fn embedded_sets_are_ordered_and_start_with_expand() {
+        for t in [Target::Catalog, Target::Shard] {
+            let ms = embedded(t);
+            assert!(!ms.is_empty());
+            assert!(ms.windows(2).all(|w| w[0].version < w[1].version));
+            assert_eq!(ms[0].phase, Phase::Expand);
+        }
+    }
+}

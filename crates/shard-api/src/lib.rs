@@ -1,0 +1,77 @@
+#![doc = include_str!("../README.md")]
+
+use std::{future::Future, pin::Pin, sync::Arc};
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use tenantry_core::{
+    Config, db,
+    http::{HttpContext, Probe, RunningServer, start_server},
+};
+use tokio_util::sync::CancellationToken;
+
+/// The shard database is ready when it is reachable, migrated, and is the shard this node was
+/// configured for: a node pointed at another shard's database must never serve it.
+struct ShardProbe {
+    shard_id: String,
+    pool: Pool,
+}
+
+impl Probe for ShardProbe {
+    fn name(&self) -> &str {
+        "shard_database"
+    }
+
+    fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            let client = self.pool.get().await.map_err(|e| e.to_string())?;
+            let row = client
+                .query_opt("SELECT shard_id FROM shard_identity", &[])
+                .await
+                .map_err(|e| {
+                    format!("shard schema missing (run `tenantry admin migrate up`): {e}")
+                })?;
+            match row.map(|r| r.get::<_, String>(0)) {
+                Some(id) if id == self.shard_id => Ok(()),
+                Some(id) => Err(format!(
+                    "database belongs to shard {id}, not {}",
+                    self.shard_id
+                )),
+                None => {
+                    Err("shard identity not recorded (run `tenantry admin shard apply`)".into())
+                }
+            }
+        })
+    }
+}
+
+/// Starts the shard API listener for `shard.id`.
+pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningServer> {
+    let pool = db::pool(
+        &cfg.shard.url,
+        cfg.shard.pool_size,
+        &cfg.database,
+        "tenantry-api",
+    )
+    .context("configuring the shard pool")?;
+    let probes: Vec<Box<dyn Probe>> = vec![Box::new(ShardProbe {
+        shard_id: cfg.shard.id.clone(),
+        pool: pool.clone(),
+    })];
+    let ctx = HttpContext {
+        role: "api",
+        shard_id: Some(cfg.shard.id.clone()),
+        probes: Arc::new(probes),
+        shutdown,
+        body_limit: cfg.api.body_limit.as_usize(),
+    };
+    let server = start_server(
+        ctx,
+        cfg.api.listen,
+        &cfg.http,
+        cfg.shutdown.grace_period,
+        |_| {},
+    )?;
+    tracing::info!(role = "api", shard.id = %cfg.shard.id, listen = %server.addr, "shard API listening");
+    Ok(server)
+}

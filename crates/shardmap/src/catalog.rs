@@ -1,0 +1,173 @@
+//! Reading and writing the shard map in the catalog database.
+
+use serde::Serialize;
+use serde_json::json;
+use tokio_postgres::{Client, GenericClient};
+
+use crate::file::ShardSpec;
+
+/// A shard as the catalog knows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ShardRow {
+    pub id: String,
+    /// Redacted when serialized.
+    pub database_url: tenantry_core::secret::DatabaseUrl,
+    pub state: String,
+    pub accepting: bool,
+    pub weight: i32,
+    pub version: i64,
+    pub endpoints: Vec<String>,
+    pub tenants: i64,
+}
+
+/// All shards with their endpoints and tenant counts, by id.
+pub async fn list_shards(
+    client: &impl GenericClient,
+) -> Result<Vec<ShardRow>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT s.id, s.database_url, s.state, s.accepting, s.weight, s.version,
+                    coalesce((SELECT array_agg(e.url ORDER BY e.url) FROM shard_endpoints e
+                              WHERE e.shard_id = s.id), '{}') AS endpoints,
+                    (SELECT count(*) FROM tenants t
+                      WHERE t.shard_id = s.id AND t.state <> 'deleted') AS tenants
+               FROM shards s ORDER BY s.id",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ShardRow {
+            id: r.get(0),
+            database_url: tenantry_core::secret::DatabaseUrl::new(r.get::<_, String>(1)),
+            state: r.get(2),
+            accepting: r.get(3),
+            weight: r.get(4),
+            version: r.get(5),
+            endpoints: r.get(6),
+            tenants: r.get(7),
+        })
+        .collect())
+}
+
+/// The shard map's current version.
+pub async fn map_version(client: &impl GenericClient) -> Result<i64, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT version FROM shard_map_version", &[])
+        .await?
+        .get(0))
+}
+
+/// What applying one declared shard did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum Change {
+    Created,
+    Updated { fields: Vec<String> },
+    Unchanged,
+}
+
+/// Upserts declared shards in one transaction. Each created or changed shard bumps its own
+/// version and the map version and leaves an outbox row, all committed together, so the
+/// catalog and what gateways will hear about it cannot disagree. Shards in the catalog but not
+/// in `specs` are returned, untouched: removing a shard is a drain, never a side effect.
+pub async fn upsert_shards(
+    client: &mut Client,
+    specs: &[ShardSpec],
+) -> Result<(Vec<(String, Change)>, Vec<String>, i64), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    // Serializes concurrent appliers: the second waits here, then sees the first's result and
+    // finds nothing to change.
+    let mut version: i64 = tx
+        .query_one("SELECT version FROM shard_map_version FOR UPDATE", &[])
+        .await?
+        .get(0);
+    let existing = list_shards(&tx).await?;
+    let mut changes = Vec::new();
+    for spec in specs {
+        let mut endpoints = spec.endpoints.clone();
+        endpoints.sort();
+        endpoints.dedup();
+        let change = match existing.iter().find(|s| s.id == spec.id) {
+            None => Change::Created,
+            Some(cur) => {
+                let mut fields = Vec::new();
+                if cur.database_url != spec.database_url {
+                    fields.push("database_url".to_owned());
+                }
+                if cur.state != spec.state.as_str() {
+                    fields.push("state".into());
+                }
+                if cur.accepting != spec.accepting {
+                    fields.push("accepting".into());
+                }
+                if cur.weight != spec.weight {
+                    fields.push("weight".into());
+                }
+                if cur.endpoints != endpoints {
+                    fields.push("endpoints".into());
+                }
+                if fields.is_empty() {
+                    Change::Unchanged
+                } else {
+                    Change::Updated { fields }
+                }
+            }
+        };
+        if change != Change::Unchanged {
+            version += 1;
+            let shard_version: i64 = tx
+                .query_one(
+                    "INSERT INTO shards (id, database_url, state, accepting, weight)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (id) DO UPDATE SET
+                        database_url = excluded.database_url, state = excluded.state,
+                        accepting = excluded.accepting, weight = excluded.weight,
+                        version = shards.version + 1, updated_at = now()
+                     RETURNING version",
+                    &[
+                        &spec.id,
+                        &spec.database_url.expose(),
+                        &spec.state.as_str(),
+                        &spec.accepting,
+                        &spec.weight,
+                    ],
+                )
+                .await?
+                .get(0);
+            tx.execute(
+                "DELETE FROM shard_endpoints WHERE shard_id = $1",
+                &[&spec.id],
+            )
+            .await?;
+            for url in &endpoints {
+                tx.execute(
+                    "INSERT INTO shard_endpoints (shard_id, url) VALUES ($1, $2)",
+                    &[&spec.id, url],
+                )
+                .await?;
+            }
+            let payload = json!({
+                "type": "shard.changed",
+                "shard_id": spec.id,
+                "shard_version": shard_version,
+                "map_version": version,
+            });
+            tx.execute(
+                "INSERT INTO outbox (topic, payload) VALUES ('shardmap', $1)",
+                &[&payload],
+            )
+            .await?;
+        }
+        changes.push((spec.id.clone(), change));
+    }
+    tx.execute("UPDATE shard_map_version SET version = $1", &[&version])
+        .await?;
+    tx.commit().await?;
+    let undeclared = existing
+        .into_iter()
+        .filter(|s| !specs.iter().any(|d| d.id == s.id))
+        .map(|s| s.id)
+        .collect();
+    Ok((changes, undeclared, version))
+}

@@ -1,0 +1,221 @@
+//! The shard map as code: `shard-map/<environment>.toml`.
+
+use std::{collections::BTreeSet, path::Path};
+
+use serde::{Deserialize, Serialize};
+use tenantry_core::{config::validate_shard_id, secret::DatabaseUrl};
+
+/// Largest shard-map file accepted; a real one is a few KiB.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+/// Most shards one file may declare.
+pub const MAX_SHARDS: usize = 1000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardMapFile {
+    /// Name of the environment, e.g. `local`, `staging`, `prod`.
+    pub environment: String,
+    #[serde(default, rename = "shard")]
+    pub shards: Vec<ShardSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardState {
+    Active,
+    Draining,
+    Retired,
+}
+
+impl ShardState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShardState::Active => "active",
+            ShardState::Draining => "draining",
+            ShardState::Retired => "retired",
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_weight() -> i32 {
+    100
+}
+fn active() -> ShardState {
+    ShardState::Active
+}
+
+/// One `[[shard]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardSpec {
+    pub id: String,
+    pub database_url: DatabaseUrl,
+    pub endpoints: Vec<String>,
+    #[serde(default = "yes")]
+    pub accepting: bool,
+    #[serde(default = "default_weight")]
+    pub weight: i32,
+    #[serde(default = "active")]
+    pub state: ShardState,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot read shard map {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("shard map {path} is {size} bytes; the limit is {MAX_FILE_BYTES}")]
+    TooLarge { path: String, size: u64 },
+    #[error("shard map {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("shard map {path} is not valid:\n  - {}", .problems.join("\n  - "))]
+    Invalid { path: String, problems: Vec<String> },
+}
+
+impl ShardMapFile {
+    pub fn load(path: &Path) -> Result<ShardMapFile, FileError> {
+        let p = path.display().to_string();
+        let meta = std::fs::metadata(path).map_err(|source| FileError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(FileError::TooLarge {
+                path: p,
+                size: meta.len(),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| FileError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        Self::parse(&p, &text)
+    }
+
+    pub fn parse(path: &str, text: &str) -> Result<ShardMapFile, FileError> {
+        let file: ShardMapFile = toml::from_str(text).map_err(|e| FileError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        let problems = file.problems();
+        if problems.is_empty() {
+            Ok(file)
+        } else {
+            Err(FileError::Invalid {
+                path: path.into(),
+                problems,
+            })
+        }
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.environment.trim().is_empty() {
+            p.push("environment must not be empty".into());
+        }
+        if self.shards.is_empty() {
+            p.push("declare at least one [[shard]]".into());
+        }
+        if self.shards.len() > MAX_SHARDS {
+            p.push(format!(
+                "{} shards declared; at most {MAX_SHARDS}",
+                self.shards.len()
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for s in &self.shards {
+            if let Err(e) = validate_shard_id(&s.id) {
+                p.push(e);
+            }
+            if !seen.insert(&s.id) {
+                p.push(format!("shard {:?} is declared twice", s.id));
+            }
+            if !(s.database_url.expose().starts_with("postgres://")
+                || s.database_url.expose().starts_with("postgresql://"))
+            {
+                p.push(format!(
+                    "shard {:?}: database_url must be a postgres:// URL",
+                    s.id
+                ));
+            } else if let Err(e) = tenantry_core::db::maintenance_url(&s.database_url) {
+                p.push(format!("shard {:?}: {e}", s.id));
+            }
+            if s.endpoints.is_empty() {
+                p.push(format!("shard {:?}: list at least one API endpoint", s.id));
+            }
+            for e in &s.endpoints {
+                if !(e.starts_with("http://") || e.starts_with("https://"))
+                    || e.len() > 2048
+                    || e.chars().any(char::is_whitespace)
+                {
+                    p.push(format!(
+                        "shard {:?}: endpoint {e:?} is not an http(s) URL",
+                        s.id
+                    ));
+                }
+            }
+            if !(1..=10_000).contains(&s.weight) {
+                p.push(format!(
+                    "shard {:?}: weight must be between 1 and 10000",
+                    s.id
+                ));
+            }
+        }
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+environment = "test"
+[[shard]]
+id = "shard-1"
+database_url = "postgres://postgres@127.0.0.1:5432/s1"
+endpoints = ["http://127.0.0.1:8101"]
+"#;
+
+    #[test]
+    fn a_minimal_file_parses_with_defaults() {
+        let f = ShardMapFile::parse("t", GOOD).unwrap();
+        assert_eq!(f.shards[0].weight, 100);
+        assert!(f.shards[0].accepting);
+        assert_eq!(f.shards[0].state, ShardState::Active);
+    }
+
+    #[test]
+    fn hostile_files_are_refused_with_the_reason() {
+        for (text, needle) in [
+            ("environment = \"x\"\n", "at least one"),
+            ("this is not toml", "not valid"),
+            (&format!("{GOOD}color = \"blue\"\n"), "color"),
+            (
+                &GOOD.replace("shard-1", "Shard One"),
+                "not a valid shard id",
+            ),
+            (
+                &GOOD.replace("postgres://postgres@127.0.0.1:5432/s1", "mysql://x/y"),
+                "postgres://",
+            ),
+            (
+                &GOOD.replace("http://127.0.0.1:8101", "ftp://x"),
+                "not an http(s) URL",
+            ),
+            (&format!("{GOOD}weight = 0\n"), "weight"),
+            (
+                &format!("{GOOD}{}", GOOD.replace("environment = \"test\"", "")),
+                "declared twice",
+            ),
+        ] {
+            let err = ShardMapFile::parse("t", text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}\n=> {err}");
+        }
+    }
+}

@@ -1,0 +1,102 @@
+#![doc = include_str!("../README.md")]
+
+mod serve;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use tenantry_core::{
+    Config,
+    config::{ConfigError, Mode},
+};
+
+/// Tenantry: one binary for every role of a sharded multi-tenant backend.
+#[derive(Debug, Parser)]
+#[command(name = "tenantry", version, about)]
+struct Cli {
+    /// Configuration file layered over the built-in defaults (TENANTRY_* variables win).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Development mode: allow a missing JWT key and use the public development key instead.
+    #[arg(long, global = true)]
+    dev: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the roles enabled in the configuration (gateway, api, workers) until SIGTERM/SIGINT.
+    Serve,
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Operator commands: migrations, shards, tokens.
+    #[command(subcommand)]
+    Admin(tenantry_admin::AdminCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration and print it (secrets redacted); exit non-zero on a problem.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mode = if cli.dev { Mode::Dev } else { Mode::Strict };
+    // Admin commands other than `token` never use the JWT key, so they do not insist on one.
+    let load_mode = match &cli.command {
+        Command::Admin(tenantry_admin::AdminCommand::Token(_))
+        | Command::Serve
+        | Command::Config(_) => mode,
+        Command::Admin(_) => Mode::Dev,
+    };
+    let cfg = match Config::load(cli.config.as_deref(), load_mode) {
+        Ok(cfg) => cfg,
+        Err(e) => return fail_config(&e),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Config(ConfigCommand::Check) => {
+            print!("{}", cfg.to_redacted_toml());
+            eprintln!("configuration is valid");
+            Ok(())
+        }
+        Command::Serve => {
+            tenantry_core::telemetry::init(&cfg.log);
+            if cli.dev {
+                tracing::warn!("running with --dev: insecure settings are allowed");
+            }
+            runtime.block_on(serve::run(cfg))
+        }
+        Command::Admin(cmd) => {
+            // Admin output goes to stdout; logs only when asked for with RUST_LOG.
+            if std::env::var_os("RUST_LOG").is_some() {
+                tenantry_core::telemetry::init(&cfg.log);
+            }
+            runtime.block_on(tenantry_admin::run(cmd, &cfg, cli.dev))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn fail_config(e: &ConfigError) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(2)
+}

@@ -1,0 +1,154 @@
+//! `tenantry config check` and `tenantry admin token`, including hostile input.
+
+use crate::support::{SECRET, run, tenantry};
+
+#[test]
+fn config_check_prints_the_effective_config_with_secrets_redacted() {
+    let dir = tempdir();
+    let file = dir.join("c.toml");
+    std::fs::write(&file, "[gateway]\nenabled = true\n[worker]\nthreads = 0\n").unwrap();
+    let (code, out, err) = run(tenantry()
+        .args(["config", "check", "--config"])
+        .arg(&file)
+        .env("TENANTRY_AUTH__JWT_SECRET", SECRET)
+        .env("TENANTRY_GATEWAY__LISTEN", "127.0.0.1:9999")
+        .env("TENANTRY_CATALOG__URL", "postgres://u:hunter2pw@db/x"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("enabled = true"), "file layer applied: {out}");
+    assert!(
+        out.contains("listen = \"127.0.0.1:9999\""),
+        "env layer applied: {out}"
+    );
+    assert!(
+        !out.contains(SECRET) && !out.contains("hunter2pw"),
+        "secrets leaked: {out}"
+    );
+    assert!(err.contains("configuration is valid"));
+}
+
+#[test]
+fn config_check_names_the_bad_key_and_exits_non_zero() {
+    let dir = tempdir();
+    for (text, needle) in [
+        ("[gateway]\nenabeld = true\n", "enabeld"),
+        ("[api]\nsync_wait = \"soon\"\n", "sync_wait"),
+        ("[gateway\n", "TOML"),
+        ("[api]\nbody_limit = \"1 parsec\"\n", "body_limit"),
+        ("[worker]\nthreads = 100000\n", "worker.threads"),
+    ] {
+        let file = dir.join("bad.toml");
+        std::fs::write(&file, text).unwrap();
+        let (code, _out, err) = run(tenantry()
+            .args(["--dev", "config", "check", "--config"])
+            .arg(&file));
+        assert_eq!(code, 2, "{text:?}: {err}");
+        assert!(err.contains(needle), "{text:?}: {err}");
+    }
+    let (code, _, err) =
+        run(tenantry().args(["--dev", "config", "check", "--config", "/no/such/file.toml"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn an_insecure_config_is_refused_without_dev() {
+    let (code, _, err) = run(tenantry().args(["config", "check"]));
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("auth.jwt_secret is not set") && err.contains("--dev"),
+        "{err}"
+    );
+    let (code, _, err) = run(tenantry()
+        .arg("serve")
+        .env("TENANTRY_GATEWAY__ENABLED", "true"));
+    assert_eq!(code, 2, "serve must refuse too: {err}");
+    let (code, _, _) = run(tenantry().args(["--dev", "config", "check"]));
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn token_rejects_malformed_arguments() {
+    for args in [
+        vec!["--user", "u", "--company", "not-a-uuid:admin"],
+        vec![
+            "--user",
+            "u",
+            "--company",
+            "0190a000-0000-7000-8000-000000000000:owner",
+        ],
+        vec![
+            "--user",
+            "u",
+            "--company",
+            "0190a000-0000-7000-8000-000000000000",
+        ],
+        vec!["--user", "u", "--ttl", "forever"],
+        vec!["--user", "u", "--ttl", "400d"],
+        vec!["--company", "0190a000-0000-7000-8000-000000000000:admin"],
+    ] {
+        let (code, out, err) = run(tenantry()
+            .args(["admin", "token"])
+            .args(&args)
+            .env("TENANTRY_AUTH__JWT_SECRET", SECRET));
+        assert_eq!(code, 2, "{args:?}: {out} {err}");
+        assert!(out.is_empty(), "no token printed for bad input");
+    }
+    let long = "u".repeat(300);
+    let (code, _, err) = run(tenantry()
+        .args(["admin", "token", "--user", &long])
+        .env("TENANTRY_AUTH__JWT_SECRET", SECRET));
+    assert_eq!(code, 1);
+    assert!(err.contains("--user"), "{err}");
+}
+
+#[test]
+fn token_is_signed_with_the_configured_key() {
+    let company = uuid::Uuid::now_v7();
+    let (code, out, err) = run(tenantry()
+        .args([
+            "admin",
+            "token",
+            "--user",
+            "alice",
+            "--scope",
+            "shardmap:read",
+        ])
+        .args(["--company", &format!("{company}:viewer")])
+        .env("TENANTRY_AUTH__JWT_SECRET", SECRET));
+    assert_eq!(code, 0, "{err}");
+    let claims =
+        tenantry_core::auth::verify_hs256(SECRET.as_bytes(), out.trim()).expect("verifies");
+    assert_eq!(claims.sub, "alice");
+    assert_eq!(
+        claims.role_in(company),
+        Some(tenantry_core::auth::Role::Viewer)
+    );
+    assert!(
+        tenantry_core::auth::verify_hs256(b"another-key-another-key-another-key", out.trim())
+            .is_err()
+    );
+}
+
+pub fn tempdir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("tenantry-e2e-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn readme_lists_every_configuration_key() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let mut section = String::new();
+    let mut keys = 0;
+    for line in tenantry_core::config::DEFAULTS_TOML.lines().map(str::trim) {
+        if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = s.to_owned();
+        } else if let Some((key, _)) = line.split_once('=').filter(|_| !line.starts_with('#')) {
+            let full = format!("`{section}.{}`", key.trim());
+            assert!(readme.contains(&full), "README.md does not document {full}");
+            keys += 1;
+        }
+    }
+    assert!(keys > 15, "parsed the defaults file");
+}

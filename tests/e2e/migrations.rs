@@ -1,0 +1,250 @@
+//! The migration runner against real PostgreSQL: order, checksums, phases, atomicity.
+
+use tenantry_migrate::{MigrateError, Migration, Phase};
+use tenantry_testkit::{Schema, TestDb};
+
+use crate::support::{run, tenantry};
+
+fn m(file: &str, phase: &str, body: &str) -> Migration {
+    Migration::parse(file, &format!("-- phase: {phase}\n{body}")).unwrap()
+}
+
+async fn tables(db: &TestDb) -> Vec<String> {
+    db.client()
+        .await
+        .query(
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn migrations_apply_in_version_order_and_only_once() {
+    let db = TestDb::new(Schema::Empty).await;
+    let set = vec![
+        m("0001_a.sql", "expand", "CREATE TABLE a (id int);"),
+        m(
+            "0002_b.sql",
+            "expand",
+            "CREATE TABLE b (a_id int); INSERT INTO a VALUES (1);",
+        ),
+    ];
+    let mut c = db.client().await;
+    let r = tenantry_migrate::up(&mut c, &set, Phase::Expand)
+        .await
+        .unwrap();
+    assert_eq!(r.applied, ["0001_a.sql", "0002_b.sql"]);
+    assert_eq!(r.version, 2);
+    let again = tenantry_migrate::up(&mut c, &set, Phase::Expand)
+        .await
+        .unwrap();
+    assert!(again.applied.is_empty());
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM a", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "0002 ran once");
+}
+
+#[tokio::test]
+async fn a_pending_migration_numbered_below_an_applied_one_is_refused() {
+    let db = TestDb::new(Schema::Empty).await;
+    let mut c = db.client().await;
+    let first = vec![
+        m("0001_a.sql", "expand", "SELECT 1;"),
+        m("0003_c.sql", "expand", "SELECT 1;"),
+    ];
+    tenantry_migrate::up(&mut c, &first, Phase::Expand)
+        .await
+        .unwrap();
+    let with_gap = vec![
+        first[0].clone(),
+        m("0002_b.sql", "expand", "CREATE TABLE late (x int);"),
+        first[1].clone(),
+    ];
+    let err = tenantry_migrate::up(&mut c, &with_gap, Phase::Expand)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, MigrateError::OutOfOrder { ref file, applied_max: 3 } if file == "0002_b.sql"),
+        "{err}"
+    );
+    assert!(!tables(&db).await.contains(&"late".to_owned()));
+}
+
+#[tokio::test]
+async fn an_edited_applied_migration_stops_the_runner_naming_the_file() {
+    let db = TestDb::new(Schema::Empty).await;
+    let mut c = db.client().await;
+    tenantry_migrate::up(
+        &mut c,
+        &[m("0001_a.sql", "expand", "CREATE TABLE a (id int);")],
+        Phase::Expand,
+    )
+    .await
+    .unwrap();
+    let edited = vec![
+        m("0001_a.sql", "expand", "CREATE TABLE a (id bigint);"),
+        m("0002_b.sql", "expand", "CREATE TABLE b (id int);"),
+    ];
+    let err = tenantry_migrate::up(&mut c, &edited, Phase::Expand)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, MigrateError::Edited { ref file, .. } if file == "0001_a.sql"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("0001_a.sql"));
+    assert!(
+        !tables(&db).await.contains(&"b".to_owned()),
+        "nothing after the refusal ran"
+    );
+}
+
+#[tokio::test]
+async fn contract_steps_wait_for_the_contract_phase_and_keep_order() {
+    let db = TestDb::new(Schema::Empty).await;
+    let mut c = db.client().await;
+    let set = vec![
+        m(
+            "0001_add.sql",
+            "expand",
+            "CREATE TABLE t (old int, new int);",
+        ),
+        m(
+            "0002_drop.sql",
+            "contract",
+            "ALTER TABLE t DROP COLUMN old;",
+        ),
+        m("0003_more.sql", "expand", "CREATE TABLE u (id int);"),
+    ];
+    let r = tenantry_migrate::up(&mut c, &set, Phase::Expand)
+        .await
+        .unwrap();
+    assert_eq!(r.applied, ["0001_add.sql"]);
+    assert_eq!(r.held_back.as_deref(), Some("0002_drop.sql"));
+    assert!(
+        !tables(&db).await.contains(&"u".to_owned()),
+        "0003 waits behind the contract step"
+    );
+    let r = tenantry_migrate::up(&mut c, &set, Phase::Contract)
+        .await
+        .unwrap();
+    assert_eq!(r.applied, ["0002_drop.sql", "0003_more.sql"]);
+    let st = tenantry_migrate::status(&c, &set).await.unwrap();
+    assert!(st.pending.is_empty());
+    assert_eq!(st.applied[1].phase, Phase::Contract);
+}
+
+#[tokio::test]
+async fn a_failing_migration_leaves_nothing_behind() {
+    let db = TestDb::new(Schema::Empty).await;
+    let mut c = db.client().await;
+    let set = vec![
+        m("0001_ok.sql", "expand", "CREATE TABLE ok (id int);"),
+        m(
+            "0002_bad.sql",
+            "expand",
+            "CREATE TABLE half (id int); SELECT * FROM no_such_table;",
+        ),
+    ];
+    let err = tenantry_migrate::up(&mut c, &set, Phase::Expand)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, MigrateError::Sql { ref file, .. } if file == "0002_bad.sql"),
+        "{err}"
+    );
+    assert!(
+        !tables(&db).await.contains(&"half".to_owned()),
+        "the failed step was rolled back"
+    );
+    let st = tenantry_migrate::status(&c, &set).await.unwrap();
+    assert_eq!(st.version(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_runners_apply_each_migration_once() {
+    let db = TestDb::new(Schema::Empty).await;
+    let set = vec![
+        m(
+            "0001_a.sql",
+            "expand",
+            "CREATE TABLE a (id int); SELECT pg_sleep(0.2);",
+        ),
+        m("0002_b.sql", "expand", "INSERT INTO a VALUES (1);"),
+    ];
+    let (mut c1, mut c2) = (db.client().await, db.client().await);
+    let (r1, r2) = tokio::join!(
+        tenantry_migrate::up(&mut c1, &set, Phase::Expand),
+        tenantry_migrate::up(&mut c2, &set, Phase::Expand)
+    );
+    let (r1, r2) = (r1.unwrap(), r2.unwrap());
+    assert_eq!(r1.applied.len() + r2.applied.len(), 2);
+    let n: i64 = c1
+        .query_one("SELECT count(*) FROM a", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn migrate_status_and_up_report_per_database() {
+    let catalog = TestDb::new(Schema::Empty).await;
+    let env = [("TENANTRY_CATALOG__URL", catalog.url.clone())];
+    let (code, out, err) = run(tenantry()
+        .args(["admin", "migrate", "status"])
+        .envs(env.clone()));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("DATABASE")
+            && out.contains("catalog")
+            && out.contains("0001_shard_map.sql (expand)"),
+        "{out}"
+    );
+    let (code, out, err) = run(tenantry()
+        .args(["admin", "migrate", "up"])
+        .envs(env.clone()));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("catalog: applied 0001_shard_map.sql"), "{out}");
+    let (code, out, _) = run(tenantry()
+        .args(["admin", "migrate", "status", "--json"])
+        .envs(env.clone()));
+    assert_eq!(code, 0);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows[0]["pending"].as_array().unwrap().len(), 0, "{out}");
+    let (code, out, _) = run(tenantry()
+        .args(["admin", "migrate", "up"])
+        .envs(env.clone()));
+    assert_eq!(code, 0);
+    assert!(out.contains("catalog: up to date"), "{out}");
+    // hostile arguments
+    let (code, _, err) = run(tenantry()
+        .args(["admin", "migrate", "up", "--phase", "sideways"])
+        .envs(env.clone()));
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = run(tenantry()
+        .args([
+            "admin",
+            "migrate",
+            "up",
+            "--shard",
+            "'; DROP TABLE shards; --",
+        ])
+        .envs(env.clone()));
+    assert_eq!(code, 1);
+    assert!(err.contains("not in the catalog"), "{err}");
+    let (code, _, err) = run(tenantry().args(["admin", "migrate", "status"]).env(
+        "TENANTRY_CATALOG__URL",
+        "postgres://postgres@127.0.0.1:1/none",
+    ));
+    assert_eq!(code, 1);
+    assert!(err.contains("connecting to the catalog"), "{err}");
+}

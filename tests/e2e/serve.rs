@@ -1,0 +1,240 @@
+//! `tenantry serve` as a process: roles, readiness, auth at the edge, the error shape,
+//! graceful shutdown.
+
+use std::time::Duration;
+
+use tenantry_testkit::{Schema, TestDb};
+
+use crate::support::{SECRET, Served, http, run, tenantry, token};
+
+fn gateway(catalog: &TestDb) -> std::process::Command {
+    let mut cmd = tenantry();
+    cmd.env("TENANTRY_AUTH__JWT_SECRET", SECRET)
+        .env("TENANTRY_CATALOG__URL", &catalog.url)
+        .env("TENANTRY_GATEWAY__ENABLED", "true")
+        .env("TENANTRY_GATEWAY__LISTEN", "127.0.0.1:0")
+        .env("TENANTRY_HTTP__THREADS", "1")
+        .env("TENANTRY_SHUTDOWN__GRACE_PERIOD", "3s");
+    cmd
+}
+
+#[actix_web::test]
+async fn gateway_serves_health_and_the_shard_map_to_operators_only() {
+    let catalog = TestDb::new(Schema::Catalog).await;
+    let served = Served::start(&mut gateway(&catalog), 1);
+    let base = served.url("gateway");
+    let c = http();
+
+    let resp = c.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = c.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut resp = c.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = String::from_utf8(resp.body().await.unwrap().to_vec()).unwrap();
+    assert!(text.contains("tenantry_http_requests_total"), "{text}");
+
+    let operator = token(&["--user", "op", "--scope", "shardmap:read"]);
+    let mut resp = c
+        .get(format!("{base}/v1/shard-map/version"))
+        .bearer_auth(&operator)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["version"], 0);
+    assert_eq!(v["shards"], serde_json::json!([]));
+
+    // the auth matrix at the edge, every answer in the error shape
+    let plain = token(&["--user", "u"]);
+    let expired = {
+        use tenantry_core::auth::{Claims, mint_hs256};
+        mint_hs256(
+            SECRET.as_bytes(),
+            &Claims {
+                sub: "u".into(),
+                exp: 1,
+                iat: 0,
+                companies: Default::default(),
+                scope: "shardmap:read".into(),
+            },
+        )
+        .unwrap()
+    };
+    let forged = {
+        let (code, out, _) = run(tenantry()
+            .args(["admin", "token", "--user", "op", "--scope", "shardmap:read"])
+            .env(
+                "TENANTRY_AUTH__JWT_SECRET",
+                "some-other-key-some-other-key-some-other",
+            ));
+        assert_eq!(code, 0);
+        out.trim().to_owned()
+    };
+    for (auth, status, code) in [
+        (None, 401, "unauthorized"),
+        (Some("Basic dXNlcjpwYXNz".to_owned()), 401, "unauthorized"),
+        (Some("Bearer not.a.jwt".to_owned()), 401, "unauthorized"),
+        (Some(format!("Bearer {expired}")), 401, "unauthorized"),
+        (Some(format!("Bearer {forged}")), 401, "unauthorized"),
+        (Some(format!("Bearer {plain}")), 403, "forbidden"),
+    ] {
+        let mut req = c
+            .get(format!("{base}/v1/shard-map/version"))
+            .insert_header(("x-request-id", "req-abc.123"));
+        if let Some(a) = &auth {
+            req = req.insert_header(("authorization", a.as_str()));
+        }
+        let mut resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), status, "{auth:?}");
+        assert_eq!(resp.headers().get("x-request-id").unwrap(), "req-abc.123");
+        let e = error_of!(resp);
+        assert_eq!(e.error.code, code);
+        assert_eq!(
+            e.error.request_id, "req-abc.123",
+            "the id the client sent comes back"
+        );
+    }
+
+    // unknown route, wrong method, hostile request id: still the one shape
+    let mut resp = c.get(format!("{base}/v1/nope")).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let e = error_of!(resp);
+    assert_eq!(e.error.code, "not_found");
+    assert!(
+        !e.error.request_id.is_empty(),
+        "an id is generated when absent"
+    );
+    let mut resp = c.post(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(resp.status(), 405);
+    assert_eq!(error_of!(resp).error.code, "method_not_allowed");
+    let mut resp = c
+        .get(format!("{base}/nope"))
+        .insert_header(("x-request-id", "a b\"<script>"))
+        .send()
+        .await
+        .unwrap();
+    let e = error_of!(resp);
+    assert!(
+        !e.error.request_id.contains('<'),
+        "hostile ids are replaced: {}",
+        e.error.request_id
+    );
+}
+
+#[actix_web::test]
+async fn readyz_fails_in_the_error_shape_when_the_catalog_is_unreachable() {
+    let catalog = TestDb::new(Schema::Catalog).await;
+    let mut cmd = gateway(&catalog);
+    cmd.env(
+        "TENANTRY_CATALOG__URL",
+        "postgres://postgres@127.0.0.1:5432/tenantry_t_does_not_exist",
+    )
+    .env("TENANTRY_DATABASE__CONNECT_TIMEOUT", "500ms");
+    let served = Served::start(&mut cmd, 1);
+    let mut resp = http()
+        .get(format!("{}/readyz", served.url("gateway")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().get("retry-after").is_some());
+    let e = error_of!(resp);
+    assert_eq!(e.error.code, "not_ready");
+    assert!(e.error.message.contains("catalog"), "{}", e.error.message);
+    assert!(
+        !e.error.message.contains("does_not_exist"),
+        "no internals: {}",
+        e.error.message
+    );
+    let resp = http()
+        .get(format!("{}/healthz", served.url("gateway")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "alive even when not ready");
+}
+
+#[actix_web::test]
+async fn sigterm_stops_gracefully_with_exit_code_zero() {
+    let catalog = TestDb::new(Schema::Catalog).await;
+    let shard = TestDb::new(Schema::Shard).await;
+    shard
+        .client()
+        .await
+        .execute(
+            "INSERT INTO shard_identity (shard_id) VALUES ('shard-1')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut cmd = gateway(&catalog);
+    cmd.env("TENANTRY_API__ENABLED", "true")
+        .env("TENANTRY_API__LISTEN", "127.0.0.1:0")
+        .env("TENANTRY_SHARD__ID", "shard-1")
+        .env("TENANTRY_SHARD__URL", &shard.url);
+    let mut served = Served::start(&mut cmd, 2);
+    let api = served.url("api");
+    let resp = http().get(format!("{api}/readyz")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    served.signal("TERM");
+    let code = served.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0));
+    let logs = served.drain_logs().join("\n");
+    assert!(
+        logs.contains("shutdown requested") && logs.contains("tenantry stopped"),
+        "{logs}"
+    );
+    assert!(
+        http().get(format!("{api}/healthz")).send().await.is_err(),
+        "no longer accepting"
+    );
+}
+
+#[actix_web::test]
+async fn a_shard_node_pointed_at_another_shards_database_is_not_ready() {
+    let shard = TestDb::new(Schema::Shard).await;
+    shard
+        .client()
+        .await
+        .execute(
+            "INSERT INTO shard_identity (shard_id) VALUES ('shard-1')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut cmd = tenantry();
+    cmd.args(["--dev"])
+        .env("TENANTRY_API__ENABLED", "true")
+        .env("TENANTRY_API__LISTEN", "127.0.0.1:0")
+        .env("TENANTRY_SHARD__ID", "shard-2")
+        .env("TENANTRY_SHARD__URL", &shard.url);
+    let served = Served::start(&mut cmd, 1);
+    let mut resp = http()
+        .get(format!("{}/readyz", served.url("api")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(error_of!(resp).error.code, "not_ready");
+}
+
+#[test]
+fn serve_with_no_role_enabled_says_what_to_set() {
+    let (code, _, err) = run(tenantry().args(["--dev", "serve"]));
+    assert_eq!(code, 1);
+    assert!(err.contains("no role is enabled"), "{err}");
+}
+
+#[test]
+fn serve_reports_a_taken_port_and_exits_non_zero() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let (code, _, err) = run(tenantry()
+        .args(["--dev", "serve"])
+        .env("TENANTRY_GATEWAY__ENABLED", "true")
+        .env("TENANTRY_GATEWAY__LISTEN", format!("127.0.0.1:{port}")));
+    assert_eq!(code, 1);
+    assert!(err.contains("binding the gateway listener"), "{err}");
+}

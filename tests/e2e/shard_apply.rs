@@ -1,0 +1,244 @@
+//! `tenantry admin shard apply|list`: idempotent shard map as code.
+
+use tenantry_testkit::{Schema, TestDb};
+
+use crate::{
+    cli::tempdir,
+    support::{run, tenantry},
+};
+
+fn map(shards: &[(&str, &TestDb, &str)], extra: &str) -> String {
+    let mut s = String::from("environment = \"e2e\"\n");
+    for (id, db, endpoint) in shards {
+        s.push_str(&format!(
+            "[[shard]]\nid = \"{id}\"\ndatabase_url = \"{}\"\nendpoints = [\"{endpoint}\"]\n{extra}\n",
+            db.url
+        ));
+    }
+    s
+}
+
+async fn outbox_rows(catalog: &TestDb) -> i64 {
+    catalog
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn shard_apply_creates_migrates_and_is_idempotent() {
+    let catalog = TestDb::new(Schema::Catalog).await;
+    let (s1, s2) = (TestDb::reserve(), TestDb::reserve());
+    let dir = tempdir();
+    let file = dir.join("map.toml");
+    std::fs::write(
+        &file,
+        map(
+            &[
+                ("shard-1", &s1, "http://127.0.0.1:8101"),
+                ("shard-2", &s2, "http://127.0.0.1:8102"),
+            ],
+            "",
+        ),
+    )
+    .unwrap();
+    let cat = [("TENANTRY_CATALOG__URL", catalog.url.clone())];
+
+    let (code, out, err) = run(tenantry()
+        .args(["admin", "shard", "apply", "--create-databases"])
+        .arg(&file)
+        .envs(cat.clone()));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("shard shard-1: created database; applied 0001_identity_and_placements.sql; added to the catalog"), "{out}");
+    assert!(s1.exists().await && s2.exists().await);
+    assert_eq!(outbox_rows(&catalog).await, 2, "one outbox row per change");
+
+    let (code, out, err) = run(tenantry()
+        .args(["admin", "shard", "apply", "--create-databases"])
+        .arg(&file)
+        .envs(cat.clone()));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("shard shard-1: unchanged") && out.contains("e2e: nothing to change"),
+        "{out}"
+    );
+    assert_eq!(
+        outbox_rows(&catalog).await,
+        2,
+        "a no-op run publishes nothing"
+    );
+
+    let (code, out, _) = run(tenantry()
+        .args(["admin", "shard", "list"])
+        .envs(cat.clone()));
+    assert_eq!(code, 0);
+    assert!(out.starts_with("ID"), "{out}");
+    assert!(
+        out.contains("shard-1  active  yes        0        1       http://127.0.0.1:8101"),
+        "{out}"
+    );
+    assert!(
+        !out.contains(&s1.name) || !out.contains("postgres://"),
+        "no database URLs in the list"
+    );
+
+    // a change is applied and announced once
+    std::fs::write(
+        &file,
+        map(
+            &[
+                ("shard-1", &s1, "http://127.0.0.1:8101"),
+                ("shard-2", &s2, "http://127.0.0.1:8102"),
+            ],
+            "weight = 300",
+        ),
+    )
+    .unwrap();
+    let (code, out, _) = run(tenantry()
+        .args(["admin", "shard", "apply"])
+        .arg(&file)
+        .envs(cat.clone()));
+    assert_eq!(code, 0);
+    assert!(out.contains("updated in the catalog (weight)"), "{out}");
+    assert_eq!(outbox_rows(&catalog).await, 4);
+    let (_, json, _) = run(tenantry()
+        .args(["admin", "shard", "list", "--json"])
+        .envs(cat.clone()));
+    let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(rows[0]["version"], 2);
+
+    // a shard left out of the file is reported, never removed
+    std::fs::write(
+        &file,
+        map(&[("shard-1", &s1, "http://127.0.0.1:8101")], "weight = 300"),
+    )
+    .unwrap();
+    let (code, out, _) = run(tenantry()
+        .args(["admin", "shard", "apply"])
+        .arg(&file)
+        .envs(cat.clone()));
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("shard shard-2: in the catalog but not in"),
+        "{out}"
+    );
+    let (_, json, _) = run(tenantry()
+        .args(["admin", "shard", "list", "--json"])
+        .envs(cat));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&json)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn concurrent_applies_of_the_same_map_create_each_shard_once() {
+    let catalog = TestDb::new(Schema::Catalog).await;
+    let s1 = TestDb::new(Schema::Empty).await;
+    let dir = tempdir();
+    let file = dir.join("map.toml");
+    std::fs::write(&file, map(&[("shard-1", &s1, "http://127.0.0.1:8101")], "")).unwrap();
+    let url = catalog.url.clone();
+    let spawn = |file: std::path::PathBuf, url: String| {
+        std::thread::spawn(move || {
+            run(tenantry()
+                .args(["admin", "shard", "apply"])
+                .arg(&file)
+                .env("TENANTRY_CATALOG__URL", url))
+        })
+    };
+    let (a, b) = (spawn(file.clone(), url.clone()), spawn(file.clone(), url));
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    assert_eq!((a.0, b.0), (0, 0), "{a:?} {b:?}");
+    assert_eq!(outbox_rows(&catalog).await, 1, "{a:?} {b:?}");
+}
+
+#[tokio::test]
+async fn shard_apply_refuses_bad_maps_and_changes_nothing() {
+    let catalog = TestDb::new(Schema::Catalog).await;
+    let s1 = TestDb::new(Schema::Empty).await;
+    let missing = TestDb::reserve();
+    let dir = tempdir();
+    let cat = [("TENANTRY_CATALOG__URL", catalog.url.clone())];
+    let good = map(&[("shard-1", &s1, "http://127.0.0.1:8101")], "");
+    let huge = format!("{good}# {}\n", "x".repeat(2 << 20));
+    for (name, text, needle) in [
+        ("syntax", "environment = \n".to_owned(), "not valid"),
+        ("unknown", format!("{good}colour = \"red\"\n"), "colour"),
+        (
+            "bad-id",
+            good.replace("shard-1", "shard_1; DROP TABLE shards"),
+            "not a valid shard id",
+        ),
+        ("huge", huge, "limit"),
+        ("empty", "environment = \"x\"\n".into(), "at least one"),
+        (
+            "missing-db",
+            map(&[("shard-9", &missing, "http://127.0.0.1:1")], ""),
+            "--create-databases",
+        ),
+    ] {
+        let file = dir.join(format!("{name}.toml"));
+        std::fs::write(&file, text).unwrap();
+        let (code, out, err) = run(tenantry()
+            .args(["admin", "shard", "apply"])
+            .arg(&file)
+            .envs(cat.clone()));
+        assert_eq!(code, 1, "{name}: {out}");
+        assert!(err.contains(needle), "{name}: {err}");
+    }
+    let (code, _, err) = run(tenantry()
+        .args(["admin", "shard", "apply", "/no/such/map.toml"])
+        .envs(cat.clone()));
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read"), "{err}");
+    assert_eq!(outbox_rows(&catalog).await, 0);
+    assert!(!missing.exists().await);
+}
+
+#[tokio::test]
+async fn a_database_already_claimed_by_another_shard_is_refused() {
+    let catalog = TestDb::new(Schema::Catalog).await;
+    let s1 = TestDb::new(Schema::Empty).await;
+    let dir = tempdir();
+    let cat = [("TENANTRY_CATALOG__URL", catalog.url.clone())];
+    let file = dir.join("a.toml");
+    std::fs::write(&file, map(&[("shard-1", &s1, "http://127.0.0.1:8101")], "")).unwrap();
+    assert_eq!(
+        run(tenantry()
+            .args(["admin", "shard", "apply"])
+            .arg(&file)
+            .envs(cat.clone()))
+        .0,
+        0
+    );
+    std::fs::write(&file, map(&[("shard-7", &s1, "http://127.0.0.1:8107")], "")).unwrap();
+    let (code, _, err) = run(tenantry()
+        .args(["admin", "shard", "apply"])
+        .arg(&file)
+        .envs(cat));
+    assert_eq!(code, 1);
+    assert!(err.contains("already belongs to shard shard-1"), "{err}");
+}
+
+#[tokio::test]
+async fn shard_apply_needs_a_migrated_catalog() {
+    let catalog = TestDb::new(Schema::Empty).await;
+    let s1 = TestDb::new(Schema::Empty).await;
+    let dir = tempdir();
+    let file = dir.join("a.toml");
+    std::fs::write(&file, map(&[("shard-1", &s1, "http://127.0.0.1:8101")], "")).unwrap();
+    let (code, _, err) = run(tenantry()
+        .args(["admin", "shard", "apply"])
+        .arg(&file)
+        .env("TENANTRY_CATALOG__URL", &catalog.url));
+    assert_eq!(code, 1);
+    assert!(err.contains("migrate up"), "{err}");
+}
