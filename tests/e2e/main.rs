@@ -7,6 +7,8 @@ mod support;
 mod cli;
 mod harness;
 mod http_errors;
+mod jobs_api;
 mod migrations;
+mod queue;
 mod serve;
 mod shard_apply;

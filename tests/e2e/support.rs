@@ -57,8 +57,13 @@ pub struct Served {
 }
 
 impl Served {
-    /// Starts `tenantry serve` and waits until `roles` listeners have logged their address.
+    /// Starts `tenantry serve` and waits until `listeners` listeners have logged their address.
     pub fn start(cmd: &mut Command, listeners: usize) -> Served {
+        Served::start_until(cmd, listeners, None)
+    }
+
+    /// Like [`Served::start`], and also waits for a log line containing `marker`.
+    pub fn start_until(cmd: &mut Command, listeners: usize, marker: Option<&str>) -> Served {
         let mut child = cmd
             .arg("serve")
             .stdout(Stdio::null())
@@ -75,8 +80,9 @@ impl Served {
             }
         });
         let mut addrs = Vec::new();
-        let mut seen = Vec::new();
-        while addrs.len() < listeners {
+        let mut seen: Vec<String> = Vec::new();
+        let mut marked = marker.is_none();
+        while addrs.len() < listeners || !marked {
             let line = match rx.recv_timeout(Duration::from_secs(30)) {
                 Ok(l) => l,
                 Err(_) => panic!(
@@ -88,6 +94,9 @@ impl Served {
                 && let (Some(role), Some(listen)) = (v["role"].as_str(), v["listen"].as_str())
             {
                 addrs.push((role.to_owned(), format!("http://{listen}")));
+            }
+            if marker.is_some_and(|m| line.contains(m)) {
+                marked = true;
             }
             seen.push(line);
         }
@@ -157,4 +166,58 @@ pub fn http() -> awc::Client {
     awc::Client::builder()
         .timeout(Duration::from_secs(10))
         .finish()
+}
+
+/// A shard node: `api` and/or `threads` job slots on `shard_url`, the built-in kinds enabled,
+/// the event relay off (tests that want it turn it on with their own exchange).
+pub fn shard_node(shard_url: &str, api: bool, threads: usize) -> Command {
+    let mut cmd = tenantry();
+    cmd.env("TENANTRY_AUTH__JWT_SECRET", SECRET)
+        .env("TENANTRY_SHARD__ID", "shard-1")
+        .env("TENANTRY_SHARD__URL", shard_url)
+        .env("TENANTRY_API__ENABLED", api.to_string())
+        .env("TENANTRY_API__LISTEN", "127.0.0.1:0")
+        .env("TENANTRY_WORKER__THREADS", threads.to_string())
+        .env("TENANTRY_QUEUE__BUILTIN_KINDS", "[\"echo\", \"sleep\"]")
+        .env("TENANTRY_QUEUE__POLL_INTERVAL", "200ms")
+        .env("TENANTRY_RABBITMQ__RELAY_EVENTS", "false")
+        .env("TENANTRY_HTTP__THREADS", "1")
+        .env("TENANTRY_SHUTDOWN__GRACE_PERIOD", "3s");
+    cmd
+}
+
+/// Starts a worker-only shard node and waits until its worker runs.
+pub fn start_worker(cmd: &mut Command) -> Served {
+    Served::start_until(cmd, 0, Some("worker started"))
+}
+
+/// Records `company` as owned by the shard database at `url` (what company creation does).
+pub async fn own(db: &tenantry_testkit::TestDb, company: uuid::Uuid, state: &str) {
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO placements (company_id, state) VALUES ($1, $2)
+             ON CONFLICT (company_id) DO UPDATE SET state = excluded.state",
+            &[&company, &state],
+        )
+        .await
+        .unwrap();
+}
+
+/// Polls `sql` (one bigint) until it returns `want` or `limit` passes; returns the last value.
+pub async fn until_count(
+    db: &tenantry_testkit::TestDb,
+    sql: &str,
+    want: i64,
+    limit: Duration,
+) -> i64 {
+    let c = db.client().await;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let n: i64 = c.query_one(sql, &[]).await.unwrap().get(0);
+        if n == want || std::time::Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

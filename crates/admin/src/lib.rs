@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod jobs;
 mod migrate;
 mod shard;
 pub mod table;
@@ -17,6 +18,9 @@ pub enum AdminCommand {
     /// Shards: apply the shard map as code, list what the catalog holds.
     #[command(subcommand)]
     Shard(shard::ShardCommand),
+    /// Jobs on a shard: list, show, retry or resolve dead letters.
+    #[command(subcommand)]
+    Jobs(jobs::JobsCommand),
     /// Mint a JWT signed with the configured key (for development and tests).
     Token(token::TokenArgs),
 }
@@ -26,6 +30,7 @@ pub async fn run(cmd: AdminCommand, cfg: &Config, dev: bool) -> anyhow::Result<(
     match cmd {
         AdminCommand::Migrate(c) => migrate::run(c, cfg).await,
         AdminCommand::Shard(c) => shard::run(c, cfg).await,
+        AdminCommand::Jobs(c) => jobs::run(c, cfg).await,
         AdminCommand::Token(a) => token::run(a, cfg, dev),
     }
 }

@@ -39,6 +39,8 @@ pub struct Config {
     pub api: ApiConfig,
     pub shard: ShardConfig,
     pub worker: WorkerConfig,
+    pub queue: QueueConfig,
+    pub rabbitmq: RabbitConfig,
     pub http: HttpConfig,
     pub shutdown: ShutdownConfig,
 }
@@ -129,6 +131,64 @@ pub struct ShardConfig {
 pub struct WorkerConfig {
     /// Job slots; default 0 (no worker role).
     pub threads: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Lease of a running job; default 30s.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// Fallback poll; default 1s.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Most jobs per claim; default 100.
+    pub claim_batch: usize,
+    /// Most completions per transaction; default 500.
+    pub complete_batch: usize,
+    /// Per-company cap on processing jobs; default 32.
+    pub max_processing_per_company: i64,
+    /// Per-company cap on waiting jobs; default 10000.
+    pub max_waiting_per_company: i64,
+    /// Per-shard cap on waiting jobs; default 200000.
+    pub max_waiting_per_shard: i64,
+    /// Params size limit; default 64KiB.
+    pub max_params_size: ByteSize,
+    /// First retry delay; default 1s.
+    #[serde(with = "humantime_serde")]
+    pub retry_base: Duration,
+    /// Longest retry delay; default 10m.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Rescuer period; default 5s.
+    #[serde(with = "humantime_serde")]
+    pub rescue_interval: Duration,
+    /// Retention of finished rows; default 7d.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Pruning period; default 1m.
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+    /// Concurrent result waiters per process; default 10000.
+    pub max_waiters: usize,
+    /// Built-in kinds enabled; default none.
+    pub builtin_kinds: Vec<String>,
+    /// Cap of the sleep kind; default 60s.
+    #[serde(with = "humantime_serde")]
+    pub sleep_max: Duration,
+    /// Attempts per kind; default empty (1 each).
+    pub max_attempts: std::collections::BTreeMap<String, i32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitConfig {
+    /// AMQP URL; default amqp://guest:guest@127.0.0.1:5672/%2f (password redacted in output).
+    pub url: DatabaseUrl,
+    /// Relay the shard outbox from the worker role; default true.
+    pub relay_events: bool,
+    /// Exchange for job events; default tenantry.events.
+    pub events_exchange: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -245,6 +305,57 @@ impl Config {
             if v == 0 || v > max {
                 problems.push(format!("{key} must be between 1 and {max}, got {v}"));
             }
+        }
+        let q = &self.queue;
+        for (key, v, min, max) in [
+            ("queue.claim_batch", q.claim_batch as i64, 1, 10_000),
+            ("queue.complete_batch", q.complete_batch as i64, 1, 10_000),
+            (
+                "queue.max_processing_per_company",
+                q.max_processing_per_company,
+                1,
+                1_000_000,
+            ),
+            (
+                "queue.max_waiting_per_company",
+                q.max_waiting_per_company,
+                1,
+                100_000_000,
+            ),
+            (
+                "queue.max_waiting_per_shard",
+                q.max_waiting_per_shard,
+                1,
+                1_000_000_000,
+            ),
+            ("queue.max_waiters", q.max_waiters as i64, 0, 1_000_000),
+        ] {
+            if v < min || v > max {
+                problems.push(format!("{key} must be between {min} and {max}, got {v}"));
+            }
+        }
+        for kind in &q.builtin_kinds {
+            if kind != "echo" && kind != "sleep" {
+                problems.push(format!(
+                    "queue.builtin_kinds: unknown built-in kind {kind:?} (expected echo or sleep)"
+                ));
+            }
+        }
+        for (kind, n) in &q.max_attempts {
+            if !(1..=100).contains(n) {
+                problems.push(format!(
+                    "queue.max_attempts.{kind} must be between 1 and 100, got {n}"
+                ));
+            }
+        }
+        if q.max_params_size.bytes() < 64 || q.max_params_size.bytes() > 16 << 20 {
+            problems.push(format!(
+                "queue.max_params_size must be between 64B and 16MiB, got {}",
+                q.max_params_size
+            ));
+        }
+        if q.retry_base > q.retry_max {
+            problems.push("queue.retry_base must not exceed queue.retry_max".into());
         }
         if self.worker.threads > 1024 {
             problems.push(format!(

@@ -176,7 +176,10 @@ impl From<deadpool_postgres::PoolError> for ApiError {
 
 impl From<tokio_postgres::Error> for ApiError {
     fn from(e: tokio_postgres::Error) -> Self {
-        if e.is_closed() || e.as_db_error().is_none() {
+        // Only a lost connection means "unavailable"; anything else that is not the database
+        // speaking (a parameter that failed to serialize, say) is a bug: a 500, logged.
+        let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+        if e.is_closed() || io {
             ApiError::unavailable(
                 "database_unavailable",
                 "the database is not reachable; try again shortly",

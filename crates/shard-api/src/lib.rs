@@ -1,13 +1,18 @@
 #![doc = include_str!("../README.md")]
 
+mod fence;
+mod jobs;
+
 use std::{future::Future, pin::Pin, sync::Arc};
 
-use anyhow::Context;
+use actix_web::web;
 use deadpool_postgres::Pool;
 use tenantry_core::{
-    Config, db,
+    Config,
+    auth::JwtKey,
     http::{HttpContext, Probe, RunningServer, start_server},
 };
+use tenantry_queue::ShardQueue;
 use tokio_util::sync::CancellationToken;
 
 /// The shard database is ready when it is reachable, migrated, and is the shard this node was
@@ -45,18 +50,16 @@ impl Probe for ShardProbe {
     }
 }
 
-/// Starts the shard API listener for `shard.id`.
-pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningServer> {
-    let pool = db::pool(
-        &cfg.shard.url,
-        cfg.shard.pool_size,
-        &cfg.database,
-        "tenantry-api",
-    )
-    .context("configuring the shard pool")?;
+/// Starts the shard API listener for `shard.id`, sharing `shard` (pool, LISTEN connection,
+/// notifier, registry) with the worker role when both run in this process.
+pub fn run(
+    cfg: &Config,
+    shard: ShardQueue,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningServer> {
     let probes: Vec<Box<dyn Probe>> = vec![Box::new(ShardProbe {
         shard_id: cfg.shard.id.clone(),
-        pool: pool.clone(),
+        pool: shard.pool.clone(),
     })];
     let ctx = HttpContext {
         role: "api",
@@ -65,12 +68,22 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
         shutdown,
         body_limit: cfg.api.body_limit.as_usize(),
     };
+    let state = web::Data::new(jobs::JobsState {
+        shard,
+        sync_wait: cfg.api.sync_wait,
+        queue: cfg.queue.clone(),
+    });
+    let key = web::Data::new(JwtKey(cfg.auth.jwt_secret.clone()));
     let server = start_server(
         ctx,
         cfg.api.listen,
         &cfg.http,
         cfg.shutdown.grace_period,
-        |_| {},
+        move |c| {
+            c.app_data(state.clone())
+                .app_data(key.clone())
+                .configure(jobs::configure);
+        },
     )?;
     tracing::info!(role = "api", shard.id = %cfg.shard.id, listen = %server.addr, "shard API listening");
     Ok(server)

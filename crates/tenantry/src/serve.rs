@@ -27,13 +27,58 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     } else {
         tracing::info!(role = "gateway", "role disabled (gateway.enabled = false)");
     }
-    if cfg.api.enabled {
-        add_server("api", tenantry_shard_api::run(&cfg, shutdown.clone())?);
+    // The api and worker roles of one shard share one pool and one LISTEN connection.
+    let shard = if cfg.api.enabled || cfg.worker.threads > 0 {
+        let registry = tenantry_queue::Registry::from_config(&cfg.queue);
+        Some(tenantry_queue::ShardQueue::start(
+            &cfg,
+            registry,
+            shutdown.clone(),
+        )?)
+    } else {
+        None
+    };
+    if let (true, Some(shard)) = (cfg.api.enabled, &shard) {
+        add_server(
+            "api",
+            tenantry_shard_api::run(&cfg, shard.clone(), shutdown.clone())?,
+        );
     } else {
         tracing::info!(role = "api", "role disabled (api.enabled = false)");
     }
-    if cfg.worker.threads > 0 {
-        anyhow::bail!("worker.threads > 0: the worker role is not part of this build yet");
+    if let (true, Some(shard)) = (cfg.worker.threads > 0, &shard) {
+        roles.push("worker");
+        let opts = tenantry_queue::WorkerOptions::from_config(
+            &cfg.shard.id,
+            cfg.worker.threads,
+            &cfg.queue,
+            cfg.shutdown.grace_period,
+        );
+        let worker = tenantry_queue::Worker::new(
+            shard.pool.clone(),
+            shard.registry.clone(),
+            opts,
+            shard.listener.clone(),
+        );
+        let token = shutdown.clone();
+        tasks.spawn(async move { ("worker", worker.run(token).await) });
+        if cfg.rabbitmq.relay_events {
+            let relay = tenantry_queue::relay::run(
+                shard.pool.clone(),
+                cfg.rabbitmq.url.expose().to_owned(),
+                cfg.rabbitmq.events_exchange.clone(),
+                shutdown.clone(),
+            );
+            tasks.spawn(async move {
+                relay.await;
+                ("relay", Ok(()))
+            });
+        } else {
+            tracing::info!(
+                role = "relay",
+                "event relay disabled (rabbitmq.relay_events = false)"
+            );
+        }
     } else {
         tracing::info!(role = "worker", "role disabled (worker.threads = 0)");
     }

@@ -1,0 +1,230 @@
+//! `tenantry admin jobs list|show|retry|resolve`: the dead-letter desk.
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use tenantry_core::{Config, db};
+use tenantry_queue::{JobRecord, JobState, store};
+use tenantry_shardmap::catalog;
+use uuid::Uuid;
+
+use crate::table;
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// List a shard's jobs, newest first.
+    List(ListArgs),
+    /// Show one job in full.
+    Show(OneArgs),
+    /// Send a job in `error` back to `waiting` with fresh attempts.
+    Retry(OneArgs),
+    /// Mark a job in `error` as `error_resolved`, with a note saying why.
+    Resolve(ResolveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// The shard to list.
+    #[arg(long)]
+    shard: String,
+    /// Only jobs in this state (waiting, processing, done, error, error_resolved).
+    #[arg(long, value_parser = parse_state)]
+    state: Option<JobState>,
+    /// Only this company's jobs.
+    #[arg(long)]
+    company: Option<Uuid>,
+    /// At most this many (1-1000).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=1000))]
+    limit: i64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct OneArgs {
+    /// The job id.
+    id: Uuid,
+    /// The shard holding it (default: look on every shard).
+    #[arg(long)]
+    shard: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ResolveArgs {
+    #[command(flatten)]
+    one: OneArgs,
+    /// Why it is resolved (kept on the job).
+    #[arg(long)]
+    note: String,
+}
+
+fn parse_state(s: &str) -> Result<JobState, String> {
+    JobState::parse(s).ok_or_else(|| {
+        format!("unknown state {s:?} (waiting, processing, done, error, error_resolved)")
+    })
+}
+
+/// (shard id, client) for the shards to look at.
+async fn shard_clients(
+    cfg: &Config,
+    only: Option<&str>,
+) -> anyhow::Result<Vec<(String, tokio_postgres::Client)>> {
+    let cat = db::connect(&cfg.catalog.url, &cfg.database, "tenantry-admin")
+        .await
+        .context("connecting to the catalog")?;
+    let shards = catalog::list_shards(&cat).await.context("listing shards")?;
+    if let Some(id) = only
+        && !shards.iter().any(|s| s.id == id)
+    {
+        anyhow::bail!("shard {id:?} is not in the catalog (see `tenantry admin shard list`)");
+    }
+    let mut out = Vec::new();
+    for s in shards
+        .into_iter()
+        .filter(|s| only.is_none_or(|id| id == s.id))
+    {
+        let c = db::connect(&s.database_url, &cfg.database, "tenantry-admin")
+            .await
+            .with_context(|| format!("connecting to shard {}", s.id))?;
+        out.push((s.id, c));
+    }
+    Ok(out)
+}
+
+async fn find(
+    cfg: &Config,
+    id: Uuid,
+    shard: Option<&str>,
+) -> anyhow::Result<(String, tokio_postgres::Client, JobRecord)> {
+    for (sid, client) in shard_clients(cfg, shard).await? {
+        if let Some(job) = store::get_any(&client, id).await? {
+            return Ok((sid, client, job));
+        }
+    }
+    anyhow::bail!(
+        "no job {id} on {}",
+        shard.map_or("any shard".to_owned(), |s| format!("shard {s}"))
+    )
+}
+
+pub async fn run(cmd: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
+    match cmd {
+        JobsCommand::List(a) => {
+            let mut clients = shard_clients(cfg, Some(&a.shard)).await?;
+            let (_, client) = clients.pop().context("shard not found")?;
+            let jobs = store::list(&client, a.state, a.company, a.limit).await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?);
+            } else if jobs.is_empty() {
+                println!("no jobs match");
+            } else {
+                let rows: Vec<Vec<String>> = jobs
+                    .iter()
+                    .map(|j| {
+                        vec![
+                            j.view.id.to_string(),
+                            j.company_id.to_string(),
+                            j.view.kind.clone(),
+                            j.view.state.as_str().into(),
+                            format!("{}/{}", j.view.attempts, j.max_attempts),
+                            j.view.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                            j.view
+                                .error
+                                .clone()
+                                .unwrap_or_default()
+                                .chars()
+                                .take(60)
+                                .collect(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table::render(
+                        &[
+                            "ID", "COMPANY", "KIND", "STATE", "ATTEMPTS", "CREATED", "ERROR"
+                        ],
+                        &rows
+                    )
+                );
+            }
+        }
+        JobsCommand::Show(a) => {
+            let (shard, _, job) = find(cfg, a.id, a.shard.as_deref()).await?;
+            print_job(&shard, &job, a.json)?;
+        }
+        JobsCommand::Retry(a) => {
+            let (shard, client, job) = find(cfg, a.id, a.shard.as_deref()).await?;
+            println!(
+                "retrying job {} ({} on shard {shard}, state {}): back to waiting with fresh attempts",
+                job.view.id,
+                job.view.kind,
+                job.view.state.as_str()
+            );
+            let job = store::retry(&client, a.id).await?;
+            print_job(&shard, &job, a.json)?;
+        }
+        JobsCommand::Resolve(a) => {
+            let note = a.note.trim();
+            if note.is_empty() || note.len() > 2000 {
+                anyhow::bail!("--note must say why, in 1 to 2000 characters");
+            }
+            let (shard, client, job) = find(cfg, a.one.id, a.one.shard.as_deref()).await?;
+            println!(
+                "resolving job {} ({} on shard {shard}, state {}) as error_resolved",
+                job.view.id,
+                job.view.kind,
+                job.view.state.as_str()
+            );
+            let job = store::resolve(&client, a.one.id, note).await?;
+            print_job(&shard, &job, a.one.json)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_job(shard: &str, job: &JobRecord, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(job)?);
+        return Ok(());
+    }
+    let opt = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into())
+    };
+    let rows = vec![
+        vec!["id".into(), job.view.id.to_string()],
+        vec!["shard".into(), shard.to_owned()],
+        vec!["company".into(), job.company_id.to_string()],
+        vec!["kind".into(), job.view.kind.clone()],
+        vec!["state".into(), job.view.state.as_str().into()],
+        vec![
+            "attempts".into(),
+            format!("{}/{}", job.view.attempts, job.max_attempts),
+        ],
+        vec!["request id".into(), job.request_id.clone()],
+        vec!["user".into(), job.user_context.to_string()],
+        vec!["params".into(), job.params.to_string()],
+        vec![
+            "result".into(),
+            job.view
+                .result
+                .as_ref()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ],
+        vec![
+            "error".into(),
+            job.view.error.clone().unwrap_or_else(|| "-".into()),
+        ],
+        vec![
+            "note".into(),
+            job.resolution_note.clone().unwrap_or_else(|| "-".into()),
+        ],
+        vec!["created".into(), job.view.created_at.to_rfc3339()],
+        vec!["started".into(), opt(job.view.started_at)],
+        vec!["finished".into(), opt(job.view.finished_at)],
+    ];
+    print!("{}", table::render(&["FIELD", "VALUE"], &rows));
+    Ok(())
+}

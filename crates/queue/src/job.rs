@@ -1,0 +1,154 @@
+//! Job types: the wire shapes clients and operators see, and what a handler receives.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// A job's lifecycle: `waiting` → `processing` → `done` | `error` → `error_resolved`.
+/// `error` is the dead-letter state: an operator retries (back to `waiting`) or resolves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Waiting,
+    Processing,
+    Done,
+    Error,
+    ErrorResolved,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Waiting => "waiting",
+            JobState::Processing => "processing",
+            JobState::Done => "done",
+            JobState::Error => "error",
+            JobState::ErrorResolved => "error_resolved",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        Some(match s {
+            "waiting" => JobState::Waiting,
+            "processing" => JobState::Processing,
+            "done" => JobState::Done,
+            "error" => JobState::Error,
+            "error_resolved" => JobState::ErrorResolved,
+            _ => return None,
+        })
+    }
+
+    /// Finished: nothing more will happen without an operator.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            JobState::Done | JobState::Error | JobState::ErrorResolved
+        )
+    }
+}
+
+/// The job body of the HTTP API (`POST`/`GET …/jobs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: Uuid,
+    pub kind: String,
+    pub state: JobState,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub attempts: i32,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Everything about a job, for operators (`tenantry admin jobs show`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    #[serde(flatten)]
+    pub view: JobView,
+    pub request_id: String,
+    pub company_id: Uuid,
+    pub user_context: Value,
+    pub params: Value,
+    pub worker_id: Option<String>,
+    pub max_attempts: i32,
+    pub run_at: DateTime<Utc>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub idempotency_key: Option<String>,
+    pub resolution_note: Option<String>,
+}
+
+/// The `job.finished` event published on exchange `tenantry.events` with routing key
+/// `company.<company_id>`, so a frontend that got 202 can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobFinishedEvent {
+    /// Always `job.finished`.
+    #[serde(rename = "type")]
+    pub kind_of_event: String,
+    pub company_id: Uuid,
+    pub job_id: Uuid,
+    pub job_kind: String,
+    pub state: JobState,
+    pub request_id: String,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// Exchange that job events are published to.
+pub const EVENTS_EXCHANGE: &str = "tenantry.events";
+
+/// Routing key of a company's events.
+pub fn routing_key(company_id: Uuid) -> String {
+    format!("company.{company_id}")
+}
+
+/// A job to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub company_id: Uuid,
+    pub request_id: String,
+    pub user_context: Value,
+    pub kind: String,
+    pub params: Value,
+    pub idempotency_key: Option<String>,
+    pub max_attempts: i32,
+}
+
+/// A claimed job, as its handler sees it. `attempt` is also the lease token: completion only
+/// counts while the row still carries this worker and this attempt.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub id: Uuid,
+    pub request_id: String,
+    pub company_id: Uuid,
+    pub user_context: Value,
+    pub kind: String,
+    pub params: Value,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A handler's failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobError {
+    pub message: String,
+    /// Permanent errors skip the remaining attempts.
+    pub permanent: bool,
+}
+
+impl JobError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            permanent: false,
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            permanent: true,
+        }
+    }
+}

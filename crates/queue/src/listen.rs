@@ -1,0 +1,287 @@
+//! LISTEN/NOTIFY: one listening connection per process wakes the worker loop and every
+//! request waiting for a job's result, so thousands of waiting requests share one connection
+//! and nobody polls. Plus the [`Notifier`], which sends the "work is waiting" notification after
+//! the enqueuing transaction committed, coalescing bursts into one.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use deadpool_postgres::Pool;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::store::{CHANNEL_FINISHED, CHANNEL_WAITING};
+
+struct Inner {
+    waiters: Mutex<HashMap<Uuid, Vec<oneshot::Sender<()>>>>,
+    count: AtomicUsize,
+    max_waiters: usize,
+    /// Wakes the worker loop: there may be claimable jobs.
+    work: Notify,
+    connected: AtomicBool,
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Vec<oneshot::Sender<()>>>> {
+        // A panic while holding this lock cannot leave the map inconsistent (single inserts and
+        // removes), so a poisoned lock is still usable.
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn finished(&self, id: Uuid) {
+        if let Some(senders) = self.lock().remove(&id) {
+            self.count.fetch_sub(senders.len(), Ordering::Relaxed);
+            for s in senders {
+                let _ = s.send(());
+            }
+        }
+    }
+
+    /// Wakes everyone: after a reconnect we may have missed notifications, so every waiter
+    /// re-reads its job and the worker loop claims.
+    fn wake_all(&self) {
+        let all: Vec<_> = self.lock().drain().collect();
+        for (_, senders) in all {
+            self.count.fetch_sub(senders.len(), Ordering::Relaxed);
+            for s in senders {
+                let _ = s.send(());
+            }
+        }
+        self.work.notify_one();
+    }
+}
+
+/// The process's LISTEN connection. Cheap to clone.
+#[derive(Clone)]
+pub struct Listener {
+    inner: Arc<Inner>,
+}
+
+/// A registration for one job's completion. Register *before* reading the job's state, so a
+/// completion between the read and the wait cannot be missed.
+pub struct Waiter {
+    id: Uuid,
+    rx: Option<oneshot::Receiver<()>>,
+    inner: Arc<Inner>,
+}
+
+impl Waiter {
+    /// Waits until the job is reported finished (or the listener reconnected), or `timeout`.
+    /// Returns false on timeout. Either way, read the job again to know its state.
+    pub async fn wait(mut self, timeout: Duration) -> bool {
+        match self.rx.take() {
+            Some(rx) => matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(()))),
+            None => false,
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        let mut map = self.inner.lock();
+        if let Some(senders) = map.get_mut(&self.id) {
+            let before = senders.len();
+            senders.retain(|s| !s.is_closed());
+            self.inner
+                .count
+                .fetch_sub(before - senders.len(), Ordering::Relaxed);
+            if senders.is_empty() {
+                map.remove(&self.id);
+            }
+        }
+    }
+}
+
+impl Listener {
+    /// Starts listening on the shard database `pg` until `shutdown`; reconnects with backoff.
+    pub fn start(
+        pg: tokio_postgres::Config,
+        max_waiters: usize,
+        shutdown: CancellationToken,
+    ) -> Listener {
+        let inner = Arc::new(Inner {
+            waiters: Mutex::new(HashMap::new()),
+            count: AtomicUsize::new(0),
+            max_waiters,
+            work: Notify::new(),
+            connected: AtomicBool::new(false),
+        });
+        tokio::spawn(listen_loop(pg, inner.clone(), shutdown));
+        Listener { inner }
+    }
+
+    /// Registers interest in a job's completion; `None` when the process already has
+    /// `max_waiters` waiting requests (answer without waiting instead).
+    pub fn wait_for(&self, id: Uuid) -> Option<Waiter> {
+        if self.inner.count.load(Ordering::Relaxed) >= self.inner.max_waiters {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inner.lock().entry(id).or_default().push(tx);
+        self.inner.count.fetch_add(1, Ordering::Relaxed);
+        Some(Waiter {
+            id,
+            rx: Some(rx),
+            inner: self.inner.clone(),
+        })
+    }
+
+    /// Resolves when workers should look for jobs (a NOTIFY arrived, or a reconnect).
+    pub async fn work_available(&self) {
+        self.inner.work.notified().await
+    }
+
+    /// Wakes the worker loop from inside the process (a slot freed up).
+    pub fn wake_worker(&self) {
+        self.inner.work.notify_one()
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.inner.connected.load(Ordering::Relaxed)
+    }
+
+    pub fn waiting_requests(&self) -> usize {
+        self.inner.count.load(Ordering::Relaxed)
+    }
+}
+
+async fn listen_loop(pg: tokio_postgres::Config, inner: Arc<Inner>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        match listen_once(&pg, &inner, &shutdown).await {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "LISTEN connection lost");
+            }
+        }
+        inner.connected.store(false, Ordering::Relaxed);
+        inner.wake_all();
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn listen_once(
+    pg: &tokio_postgres::Config,
+    inner: &Arc<Inner>,
+    shutdown: &CancellationToken,
+) -> Result<(), tokio_postgres::Error> {
+    let (client, mut conn) = pg.connect(NoTls).await?;
+    // The connection must be polled for LISTEN itself to complete, so a driver task polls it
+    // and forwards notifications; the channel is bounded, so a flood slows the connection
+    // rather than growing memory.
+    let (tx, mut rx) =
+        mpsc::channel::<Result<tokio_postgres::Notification, tokio_postgres::Error>>(4096);
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if tx.send(Ok(n)).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    let _ = tx.send(Err(e)).await;
+                    break;
+                }
+                None => break,
+            }
+        }
+    });
+    let result = async {
+        client
+            .batch_execute(&format!(
+                "LISTEN {CHANNEL_WAITING}; LISTEN {CHANNEL_FINISHED}"
+            ))
+            .await?;
+        inner.connected.store(true, Ordering::Relaxed);
+        // Anything that happened before LISTEN took effect was missed: look again.
+        inner.wake_all();
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                m = rx.recv() => m,
+            };
+            match msg {
+                Some(Ok(n)) if n.channel() == CHANNEL_FINISHED => {
+                    for id in n
+                        .payload()
+                        .split(',')
+                        .filter_map(|s| Uuid::parse_str(s).ok())
+                    {
+                        inner.finished(id);
+                    }
+                }
+                Some(Ok(_)) => inner.work.notify_one(),
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            }
+        }
+    }
+    .await;
+    driver.abort();
+    drop(client);
+    result
+}
+
+/// Sends `NOTIFY tenantry_jobs_waiting` after enqueuing transactions commit. Pokes that arrive
+/// while a notification is being sent are coalesced into one more, so a burst of 1,000
+/// enqueues costs a handful of notifications, and an isolated one is sent at once.
+#[derive(Clone)]
+pub struct Notifier {
+    pending: Arc<AtomicBool>,
+    signal: Arc<Notify>,
+}
+
+impl Notifier {
+    pub fn start(pool: Pool, shutdown: CancellationToken) -> Notifier {
+        let n = Notifier {
+            pending: Arc::new(AtomicBool::new(false)),
+            signal: Arc::new(Notify::new()),
+        };
+        let (pending, signal) = (n.pending.clone(), n.signal.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = signal.notified() => {}
+                }
+                while pending.swap(false, Ordering::AcqRel) {
+                    let sent = async {
+                        let client = pool.get().await.map_err(|e| e.to_string())?;
+                        client
+                            .simple_query(&format!("NOTIFY {CHANNEL_WAITING}"))
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                    .await;
+                    if let Err(e) = sent {
+                        // Workers also poll, so a lost notification costs latency, not jobs.
+                        tracing::warn!(error = %e, "could not notify workers");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        n
+    }
+
+    /// Call after the transaction that enqueued jobs has committed.
+    pub fn poke(&self) {
+        self.pending.store(true, Ordering::Release);
+        self.signal.notify_one();
+    }
+}

@@ -1,0 +1,746 @@
+//! Every SQL statement of the queue. Each function does one thing in one round trip where it
+//! can; the comments on the tricky statements name the race they prevent.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use tokio_postgres::{GenericClient, Row, Transaction};
+use uuid::Uuid;
+
+use crate::job::{ClaimedJob, JobRecord, JobState, JobView, NewJob};
+
+/// Channel that wakes workers: "there may be claimable jobs".
+pub const CHANNEL_WAITING: &str = "tenantry_jobs_waiting";
+/// Channel that tells waiters "these jobs finished": payload is comma-separated job ids.
+pub const CHANNEL_FINISHED: &str = "tenantry_jobs_finished";
+
+/// Fairness quantum: each job a company already has waiting pushes its next job this much
+/// further back in claim order (see [`enqueue`]). One second: large against the time a bulk
+/// enqueue takes, so a burst of one company cannot get ahead of another's next job, and small
+/// against hours, so old jobs still go first.
+pub const FAIRNESS_QUANTUM_US: i64 = 1_000_000;
+
+/// Limits checked at enqueue time.
+#[derive(Debug, Clone, Copy)]
+pub struct EnqueueLimits {
+    pub max_waiting_per_company: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    #[error("company {company_id} already has {waiting} waiting jobs (the limit is {limit})")]
+    CompanyFull {
+        company_id: Uuid,
+        waiting: i64,
+        limit: i64,
+    },
+    #[error("idempotency key reused with a different request")]
+    IdempotencyConflict,
+    #[error(transparent)]
+    Db(#[from] tokio_postgres::Error),
+}
+
+/// What enqueueing did.
+#[derive(Debug, Clone)]
+pub enum Enqueued {
+    /// A new row.
+    Created(JobRecord),
+    /// The idempotency key was seen before with the same kind and params: the original job.
+    Replayed(JobRecord),
+}
+
+impl Enqueued {
+    pub fn record(&self) -> &JobRecord {
+        match self {
+            Enqueued::Created(r) | Enqueued::Replayed(r) => r,
+        }
+    }
+}
+
+const RECORD_COLUMNS: &str = "id, kind, state, result, error, attempts, created_at, started_at, \
+     finished_at, request_id, company_id, user_context, params, worker_id, max_attempts, run_at, \
+     lease_expires_at, idempotency_key, resolution_note";
+
+fn record(row: &Row) -> JobRecord {
+    let state: String = row.get(2);
+    JobRecord {
+        view: JobView {
+            id: row.get(0),
+            kind: row.get(1),
+            // The CHECK constraint allows only known states.
+            state: JobState::parse(&state).unwrap_or(JobState::Error),
+            result: row.get(3),
+            error: row.get(4),
+            attempts: row.get(5),
+            created_at: row.get(6),
+            started_at: row.get(7),
+            finished_at: row.get(8),
+        },
+        request_id: row.get(9),
+        company_id: row.get(10),
+        user_context: row.get(11),
+        params: row.get(12),
+        worker_id: row.get(13),
+        max_attempts: row.get(14),
+        run_at: row.get(15),
+        lease_expires_at: row.get(16),
+        idempotency_key: row.get(17),
+        resolution_note: row.get(18),
+    }
+}
+
+/// Waiting jobs of a company, counted no further than `limit` (so the check stays cheap for
+/// everyone below the limit).
+async fn waiting_of(
+    tx: &Transaction<'_>,
+    company: Uuid,
+    limit: i64,
+) -> Result<i64, tokio_postgres::Error> {
+    Ok(tx
+        .query_one(
+            "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE company_id = $1 AND state = 'waiting' LIMIT $2) t",
+            &[&company, &limit],
+        )
+        .await?
+        .get(0))
+}
+
+/// Inserts one job inside the caller's transaction, so the job exists exactly when the caller's
+/// write commits. After the commit, call [`crate::Notifier::poke`] to wake workers.
+///
+/// Fairness: the claim order (`priority`) is "now" pushed back by one quantum per job the
+/// company already has waiting — a start-time fair queue. A company with 10,000 waiting jobs
+/// puts its next one 10,000 s of virtual time back, so another company's single job is
+/// claimed next, not after the 10,000; within one company the order stays first in, first out.
+pub async fn enqueue(
+    tx: &Transaction<'_>,
+    job: &NewJob,
+    limits: EnqueueLimits,
+) -> Result<Enqueued, EnqueueError> {
+    if let Some(key) = &job.idempotency_key
+        && let Some(existing) = by_idempotency_key(tx, job.company_id, key).await?
+    {
+        return replay(existing, job);
+    }
+    let waiting = waiting_of(tx, job.company_id, limits.max_waiting_per_company).await?;
+    if waiting >= limits.max_waiting_per_company {
+        return Err(EnqueueError::CompanyFull {
+            company_id: job.company_id,
+            waiting,
+            limit: limits.max_waiting_per_company,
+        });
+    }
+    let id = Uuid::now_v7();
+    // ON CONFLICT DO NOTHING: two requests with the same new key race; the loser inserts
+    // nothing and replays the winner's row instead of failing with a unique violation.
+    let row = tx
+        .query_opt(
+            &format!(
+                "INSERT INTO jobs (id, request_id, company_id, user_context, kind, params,
+                                   max_attempts, idempotency_key, priority)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
+                         (extract(epoch FROM clock_timestamp()) * 1e6)::bigint + $9::bigint * {FAIRNESS_QUANTUM_US})
+                 ON CONFLICT (company_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                 RETURNING {RECORD_COLUMNS}"
+            ),
+            &[
+                &id,
+                &job.request_id,
+                &job.company_id,
+                &job.user_context,
+                &job.kind,
+                &job.params,
+                &job.max_attempts,
+                &job.idempotency_key,
+                &waiting,
+            ],
+        )
+        .await?;
+    match row {
+        Some(row) => Ok(Enqueued::Created(record(&row))),
+        None => {
+            let key = job.idempotency_key.as_deref().unwrap_or_default();
+            match by_idempotency_key(tx, job.company_id, key).await? {
+                Some(existing) => replay(existing, job),
+                None => Err(EnqueueError::IdempotencyConflict),
+            }
+        }
+    }
+}
+
+fn replay(existing: JobRecord, job: &NewJob) -> Result<Enqueued, EnqueueError> {
+    if existing.view.kind == job.kind && existing.params == job.params {
+        Ok(Enqueued::Replayed(existing))
+    } else {
+        Err(EnqueueError::IdempotencyConflict)
+    }
+}
+
+async fn by_idempotency_key(
+    tx: &Transaction<'_>,
+    company: Uuid,
+    key: &str,
+) -> Result<Option<JobRecord>, tokio_postgres::Error> {
+    Ok(tx
+        .query_opt(
+            &format!(
+                "SELECT {RECORD_COLUMNS} FROM jobs WHERE company_id = $1 AND idempotency_key = $2"
+            ),
+            &[&company, &key],
+        )
+        .await?
+        .map(|r| record(&r)))
+}
+
+/// Inserts many jobs in one statement inside the caller's transaction (no idempotency keys).
+/// The whole batch is refused if any company would go over its waiting limit, so nothing
+/// half-written remains. Returns the new ids in input order.
+pub async fn enqueue_many(
+    tx: &Transaction<'_>,
+    jobs: &[NewJob],
+    limits: EnqueueLimits,
+) -> Result<Vec<Uuid>, EnqueueError> {
+    let mut per_company: std::collections::HashMap<Uuid, (i64, i64)> = Default::default();
+    for j in jobs {
+        per_company.entry(j.company_id).or_default().1 += 1;
+    }
+    for (company, (waiting, adding)) in per_company.iter_mut() {
+        *waiting = waiting_of(tx, *company, limits.max_waiting_per_company).await?;
+        if *waiting + *adding > limits.max_waiting_per_company {
+            return Err(EnqueueError::CompanyFull {
+                company_id: *company,
+                waiting: *waiting,
+                limit: limits.max_waiting_per_company,
+            });
+        }
+    }
+    let mut seen: std::collections::HashMap<Uuid, i64> = Default::default();
+    let mut ids = Vec::with_capacity(jobs.len());
+    let rows: Vec<Value> = jobs
+        .iter()
+        .map(|j| {
+            let id = Uuid::now_v7();
+            ids.push(id);
+            let nth = seen.entry(j.company_id).or_default();
+            let offset = per_company.get(&j.company_id).map_or(0, |c| c.0) + *nth;
+            *nth += 1;
+            json!({
+                "id": id, "request_id": j.request_id, "company_id": j.company_id,
+                "user_context": j.user_context, "kind": j.kind, "params": j.params,
+                "max_attempts": j.max_attempts, "offset": offset,
+            })
+        })
+        .collect();
+    tx.execute(
+        &format!(
+            "INSERT INTO jobs (id, request_id, company_id, user_context, kind, params, max_attempts, priority)
+             SELECT x.id, x.request_id, x.company_id, x.user_context, x.kind, x.params, x.max_attempts,
+                    (extract(epoch FROM clock_timestamp()) * 1e6)::bigint + x.\"offset\" * {FAIRNESS_QUANTUM_US}
+               FROM jsonb_to_recordset($1::jsonb) AS x(id uuid, request_id text, company_id uuid,
+                    user_context jsonb, kind text, params jsonb, max_attempts int, \"offset\" bigint)"
+        ),
+        &[&Value::Array(rows)],
+    )
+    .await?;
+    Ok(ids)
+}
+
+/// Claims up to `limit` jobs for `worker_id`: marks them `processing`, counts the attempt and
+/// takes a lease of `lease`.
+///
+/// Races prevented: `FOR UPDATE SKIP LOCKED` makes concurrent claimers skip rows another
+/// claimer is taking instead of waiting for it or taking the same row twice; the `state =
+/// 'waiting'` re-check in the UPDATE would catch a row that changed between the two (it cannot:
+/// the row is locked). The per-company cap counts rows already processing plus the rows this
+/// claim takes (`row_number` per company), so one batch cannot push a company over its cap.
+///
+/// The claim commits asynchronously (`synchronous_commit = off`): a claim lost in a database
+/// crash only means the job runs again, which at-least-once delivery allows anyway, and it
+/// saves a disk flush on the path from enqueue to start.
+pub async fn claim(
+    client: &mut tokio_postgres::Client,
+    worker_id: &str,
+    limit: i64,
+    lease: Duration,
+    max_processing_per_company: i64,
+) -> Result<Vec<ClaimedJob>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL synchronous_commit = off")
+        .await?;
+    let lease_ms = lease.as_millis() as f64;
+    let rows = tx
+        .query(
+            "WITH running AS MATERIALIZED (
+                 SELECT company_id, count(*) AS n FROM jobs
+                  WHERE state = 'processing' GROUP BY company_id
+             ), candidates AS MATERIALIZED (
+                 SELECT j.id, j.company_id, j.priority FROM jobs j
+                  WHERE j.state = 'waiting' AND j.run_at <= now()
+                    AND NOT EXISTS (SELECT 1 FROM running r
+                                     WHERE r.company_id = j.company_id AND r.n >= $3)
+                  ORDER BY j.priority
+                  LIMIT $1
+                  FOR UPDATE SKIP LOCKED
+             ), chosen AS (
+                 SELECT c.id FROM (
+                     SELECT c.id, c.priority,
+                            row_number() OVER (PARTITION BY c.company_id ORDER BY c.priority)
+                              + coalesce(r.n, 0) AS slot
+                       FROM candidates c LEFT JOIN running r USING (company_id)
+                 ) c WHERE c.slot <= $3
+             )
+             UPDATE jobs j
+                SET state = 'processing', worker_id = $2, attempts = j.attempts + 1,
+                    started_at = now(), lease_expires_at = now() + $4 * interval '1 millisecond',
+                    updated_at = now()
+               FROM chosen
+              WHERE j.id = chosen.id AND j.state = 'waiting'
+          RETURNING j.id, j.request_id, j.company_id, j.user_context, j.kind, j.params,
+                    j.attempts, j.max_attempts, j.created_at, j.priority",
+            &[&limit, &worker_id, &max_processing_per_company, &lease_ms],
+        )
+        .await?;
+    tx.commit().await?;
+    let mut jobs: Vec<(i64, ClaimedJob)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get(9),
+                ClaimedJob {
+                    id: r.get(0),
+                    request_id: r.get(1),
+                    company_id: r.get(2),
+                    user_context: r.get(3),
+                    kind: r.get(4),
+                    params: r.get(5),
+                    attempt: r.get(6),
+                    max_attempts: r.get(7),
+                    created_at: r.get(8),
+                },
+            )
+        })
+        .collect();
+    jobs.sort_by_key(|(p, _)| *p);
+    Ok(jobs.into_iter().map(|(_, j)| j).collect())
+}
+
+/// One finished attempt, for [`finish`].
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub id: Uuid,
+    pub attempt: i32,
+    pub result: Result<Value, crate::job::JobError>,
+    /// For a retryable failure with attempts left: when to try again.
+    pub retry_in: Duration,
+}
+
+/// What [`finish`] did to one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    pub id: Uuid,
+    pub state: JobState,
+}
+
+/// Writes many outcomes in one transaction: `done` with the result, `waiting` again (a retry
+/// after `retry_in`) or `error`. Only rows still leased by `worker_id` at `attempt` change —
+/// a worker whose lease expired and whose job was rescued (and maybe re-claimed) cannot
+/// complete it a second time; its outcome is returned in `discarded`. Finished jobs get a
+/// `job.finished` event in the outbox and a notification on [`CHANNEL_FINISHED`], both
+/// committed with the state change.
+pub async fn finish(
+    client: &mut tokio_postgres::Client,
+    worker_id: &str,
+    outcomes: &[Outcome],
+) -> Result<(Vec<Finished>, Vec<Uuid>), tokio_postgres::Error> {
+    let input: Vec<Value> = outcomes
+        .iter()
+        .map(|o| match &o.result {
+            Ok(v) => json!({"id": o.id, "attempt": o.attempt, "ok": true, "result": v}),
+            Err(e) => json!({
+                "id": o.id, "attempt": o.attempt, "ok": false, "error": e.message,
+                "permanent": e.permanent, "retry_ms": o.retry_in.as_millis() as u64,
+            }),
+        })
+        .collect();
+    let tx = client.transaction().await?;
+    let rows = tx
+        .query(
+            "WITH input AS (
+                 SELECT * FROM jsonb_to_recordset($1::jsonb)
+                     AS x(id uuid, attempt int, ok boolean, result jsonb, error text,
+                          permanent boolean, retry_ms bigint)
+             ), updated AS (
+                 UPDATE jobs j SET
+                     state = CASE WHEN i.ok THEN 'done'
+                                  WHEN i.permanent OR j.attempts >= j.max_attempts THEN 'error'
+                                  ELSE 'waiting' END,
+                     result = CASE WHEN i.ok THEN i.result END,
+                     error = CASE WHEN i.ok THEN NULL ELSE i.error END,
+                     run_at = CASE WHEN i.ok THEN j.run_at
+                                   ELSE now() + i.retry_ms * interval '1 millisecond' END,
+                     finished_at = CASE WHEN i.ok OR i.permanent OR j.attempts >= j.max_attempts
+                                        THEN now() END,
+                     worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+                   FROM input i
+                  WHERE j.id = i.id AND j.state = 'processing' AND j.worker_id = $2
+                    AND j.attempts = i.attempt
+              RETURNING j.id, j.state, j.company_id, j.kind, j.request_id, j.finished_at
+             ), events AS (
+                 INSERT INTO outbox (events)
+                 SELECT jsonb_agg(jsonb_build_object(
+                            'type', 'job.finished', 'company_id', company_id, 'job_id', id,
+                            'job_kind', kind, 'state', state, 'request_id', request_id,
+                            'finished_at', finished_at))
+                   FROM updated WHERE state <> 'waiting'
+                 HAVING count(*) > 0
+             )
+             SELECT id, state FROM updated",
+            &[&Value::Array(input), &worker_id],
+        )
+        .await?;
+    let finished: Vec<Finished> = rows
+        .iter()
+        .map(|r| Finished {
+            id: r.get(0),
+            state: JobState::parse(r.get::<_, &str>(1)).unwrap_or(JobState::Error),
+        })
+        .collect();
+    notify_finished(
+        &tx,
+        finished
+            .iter()
+            .filter(|f| f.state.is_finished())
+            .map(|f| f.id),
+    )
+    .await?;
+    tx.commit().await?;
+    let discarded = outcomes
+        .iter()
+        .map(|o| o.id)
+        .filter(|id| !finished.iter().any(|f| f.id == *id))
+        .collect();
+    Ok((finished, discarded))
+}
+
+/// Queues notifications (delivered at commit) naming finished jobs, 200 ids per payload to
+/// stay under PostgreSQL's 8000-byte limit.
+async fn notify_finished(
+    tx: &Transaction<'_>,
+    ids: impl Iterator<Item = Uuid>,
+) -> Result<(), tokio_postgres::Error> {
+    let ids: Vec<String> = ids.map(|id| id.to_string()).collect();
+    for chunk in ids.chunks(200) {
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&CHANNEL_FINISHED, &chunk.join(",")],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Renews the leases of the jobs `worker_id` is running.
+pub async fn heartbeat(
+    client: &impl GenericClient,
+    worker_id: &str,
+    ids: &[Uuid],
+    lease: Duration,
+) -> Result<u64, tokio_postgres::Error> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    client
+        .execute(
+            "UPDATE jobs SET lease_expires_at = now() + $3 * interval '1 millisecond'
+              WHERE id = ANY($2) AND worker_id = $1 AND state = 'processing'",
+            &[&worker_id, &ids, &(lease.as_millis() as f64)],
+        )
+        .await
+}
+
+/// Returns jobs whose lease expired (their worker died or hung) to `waiting`, or to `error`
+/// when they have used their attempts; at most `limit` per call. Returns (rescued, dead).
+///
+/// Race prevented: `FOR UPDATE SKIP LOCKED` lets several rescuers run at once without
+/// rescuing a job twice, and a worker completing at this very moment either commits first
+/// (the row is no longer `processing`) or finds its lease gone and is discarded.
+pub async fn rescue_expired(
+    client: &mut tokio_postgres::Client,
+    limit: i64,
+) -> Result<(Vec<Uuid>, Vec<Uuid>), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let rows = tx
+        .query(
+            "WITH expired AS (
+                 SELECT id FROM jobs
+                  WHERE state = 'processing' AND lease_expires_at < now()
+                  LIMIT $1 FOR UPDATE SKIP LOCKED
+             ), updated AS (
+                 UPDATE jobs j SET
+                     state = CASE WHEN j.attempts >= j.max_attempts THEN 'error' ELSE 'waiting' END,
+                     error = 'lease expired: worker ' || coalesce(j.worker_id, '?') || ' stopped renewing it',
+                     finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+                     run_at = now(), worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+                   FROM expired WHERE j.id = expired.id
+              RETURNING j.id, j.state, j.company_id, j.kind, j.request_id, j.finished_at
+             ), events AS (
+                 INSERT INTO outbox (events)
+                 SELECT jsonb_agg(jsonb_build_object(
+                            'type', 'job.finished', 'company_id', company_id, 'job_id', id,
+                            'job_kind', kind, 'state', state, 'request_id', request_id,
+                            'finished_at', finished_at))
+                   FROM updated WHERE state = 'error'
+                 HAVING count(*) > 0
+             )
+             SELECT id, state FROM updated",
+            &[&limit],
+        )
+        .await?;
+    let mut rescued = Vec::new();
+    let mut dead = Vec::new();
+    for r in rows {
+        if r.get::<_, &str>(1) == "error" {
+            dead.push(r.get(0))
+        } else {
+            rescued.push(r.get(0))
+        }
+    }
+    notify_finished(&tx, dead.iter().copied()).await?;
+    tx.commit().await?;
+    Ok((rescued, dead))
+}
+
+/// Gives jobs a stopping worker still holds back to `waiting`, without counting the
+/// interrupted attempt.
+pub async fn release(
+    client: &impl GenericClient,
+    worker_id: &str,
+) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE jobs SET state = 'waiting', worker_id = NULL, lease_expires_at = NULL,
+                    attempts = greatest(attempts - 1, 0), run_at = now(), updated_at = now()
+              WHERE worker_id = $1 AND state = 'processing'",
+            &[&worker_id],
+        )
+        .await
+}
+
+/// Deletes up to `limit` finished rows older than `retention` (`done`, `error_resolved`;
+/// `error` rows stay until an operator acts) and published outbox rows as old.
+pub async fn prune(
+    client: &impl GenericClient,
+    retention: Duration,
+    limit: i64,
+) -> Result<u64, tokio_postgres::Error> {
+    let secs = retention.as_secs_f64();
+    let jobs = client
+        .execute(
+            "DELETE FROM jobs WHERE id IN (
+                 SELECT id FROM jobs
+                  WHERE state IN ('done', 'error_resolved')
+                    AND finished_at < now() - $1 * interval '1 second'
+                  LIMIT $2)",
+            &[&secs, &limit],
+        )
+        .await?;
+    let outbox = client
+        .execute(
+            "DELETE FROM outbox WHERE id IN (
+                 SELECT id FROM outbox
+                  WHERE published_at < now() - $1 * interval '1 second' LIMIT $2)",
+            &[&secs, &limit],
+        )
+        .await?;
+    Ok(jobs + outbox)
+}
+
+/// A company's job, or `None` (also for another company's job id).
+pub async fn get(
+    client: &impl GenericClient,
+    company: Uuid,
+    id: Uuid,
+) -> Result<Option<JobRecord>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            &format!("SELECT {RECORD_COLUMNS} FROM jobs WHERE id = $1 AND company_id = $2"),
+            &[&id, &company],
+        )
+        .await?
+        .map(|r| record(&r)))
+}
+
+/// Any job by id, for operators.
+pub async fn get_any(
+    client: &impl GenericClient,
+    id: Uuid,
+) -> Result<Option<JobRecord>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            &format!("SELECT {RECORD_COLUMNS} FROM jobs WHERE id = $1"),
+            &[&id],
+        )
+        .await?
+        .map(|r| record(&r)))
+}
+
+/// Jobs for operators, newest first, optionally by state and company.
+pub async fn list(
+    client: &impl GenericClient,
+    state: Option<JobState>,
+    company: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<JobRecord>, tokio_postgres::Error> {
+    let state = state.map(JobState::as_str);
+    Ok(client
+        .query(
+            &format!(
+                "SELECT {RECORD_COLUMNS} FROM jobs
+                  WHERE ($1::text IS NULL OR state = $1) AND ($2::uuid IS NULL OR company_id = $2)
+                  ORDER BY created_at DESC LIMIT $3"
+            ),
+            &[&state, &company, &limit],
+        )
+        .await?
+        .iter()
+        .map(record)
+        .collect())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error("no job {0} on this shard")]
+    NotFound(Uuid),
+    #[error("job {id} is {state}; only jobs in error can be {verb}")]
+    WrongState {
+        id: Uuid,
+        state: &'static str,
+        verb: &'static str,
+    },
+    #[error(transparent)]
+    Db(#[from] tokio_postgres::Error),
+}
+
+/// Dead letter → `waiting` with fresh attempts (operator retry).
+pub async fn retry(client: &impl GenericClient, id: Uuid) -> Result<JobRecord, OperatorError> {
+    operator_transition(
+        client,
+        id,
+        "retried",
+        "UPDATE jobs SET state = 'waiting', attempts = 0, run_at = now(), finished_at = NULL,
+                updated_at = now()
+          WHERE id = $1 AND state = 'error'",
+        None,
+    )
+    .await
+}
+
+/// Dead letter → `error_resolved` with the operator's note.
+pub async fn resolve(
+    client: &impl GenericClient,
+    id: Uuid,
+    note: &str,
+) -> Result<JobRecord, OperatorError> {
+    operator_transition(
+        client,
+        id,
+        "resolved",
+        "UPDATE jobs SET state = 'error_resolved', resolution_note = $2, updated_at = now()
+          WHERE id = $1 AND state = 'error'",
+        Some(note),
+    )
+    .await
+}
+
+async fn operator_transition(
+    client: &impl GenericClient,
+    id: Uuid,
+    verb: &'static str,
+    sql: &str,
+    note: Option<&str>,
+) -> Result<JobRecord, OperatorError> {
+    let n = match note {
+        Some(note) => client.execute(sql, &[&id, &note]).await?,
+        None => client.execute(sql, &[&id]).await?,
+    };
+    let job = get_any(client, id)
+        .await?
+        .ok_or(OperatorError::NotFound(id))?;
+    if n == 0 {
+        return Err(OperatorError::WrongState {
+            id,
+            state: job.view.state.as_str(),
+            verb,
+        });
+    }
+    if verb == "retried" {
+        client
+            .execute("SELECT pg_notify($1, '')", &[&CHANNEL_WAITING])
+            .await?;
+    }
+    Ok(job)
+}
+
+/// Waiting jobs on the shard, counted no further than `limit`.
+pub async fn waiting_total(
+    client: &impl GenericClient,
+    limit: i64,
+) -> Result<i64, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE state = 'waiting' LIMIT $1) t",
+            &[&limit],
+        )
+        .await?
+        .get(0))
+}
+
+/// Depth by state and kind, for metrics.
+pub async fn depth(
+    client: &impl GenericClient,
+) -> Result<Vec<(String, String, i64)>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT state, kind, count(*) FROM jobs GROUP BY state, kind",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// Unpublished outbox rows, oldest first, locked so concurrent relays skip them.
+pub async fn outbox_batch(
+    tx: &Transaction<'_>,
+    limit: i64,
+) -> Result<Vec<(i64, Value)>, tokio_postgres::Error> {
+    Ok(tx
+        .query(
+            "SELECT id, events FROM outbox WHERE published_at IS NULL
+              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            &[&limit],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+pub async fn outbox_mark_published(
+    tx: &Transaction<'_>,
+    ids: &[i64],
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "UPDATE outbox SET published_at = now() WHERE id = ANY($1)",
+        &[&ids],
+    )
+    .await?;
+    Ok(())
+}
+
+/// For tests and metrics: when a job became claimable vs. when it started.
+pub fn enqueue_to_start(created_at: DateTime<Utc>) -> Duration {
+    (Utc::now() - created_at).to_std().unwrap_or_default()
+}

@@ -1,0 +1,585 @@
+//! The worker role: `worker.threads` job slots claiming from one shard's queue.
+//!
+//! One loop claims jobs in batches sized to the free slots (woken by NOTIFY, polling as a
+//! fallback), each job runs in its own task with a span carrying `request.id`, `company.id`,
+//! `shard.id` and `job.id`, and outcomes go to one completer that writes them in batches. A
+//! heartbeat renews the leases of running jobs, a rescuer returns jobs of dead workers, and a
+//! pruner deletes old finished rows.
+
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use rand::Rng;
+use serde_json::Value;
+use tenantry_core::config::QueueConfig;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::{
+    job::{ClaimedJob, JobError, JobState},
+    listen::Listener,
+    metrics,
+    store::{self, Outcome},
+};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Work of one kind. Register implementations in a [`Registry`].
+pub trait Handler: Send + Sync + 'static {
+    /// Checks params at the API's edge, before anything is enqueued (400 on `Err`).
+    fn validate(&self, _params: &Value) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Runs one attempt. `Err(JobError::permanent(..))` skips remaining attempts.
+    fn run<'a>(&'a self, job: &'a ClaimedJob) -> BoxFuture<'a, Result<Value, JobError>>;
+}
+
+/// `echo`: returns its params. For diagnostics and benchmarks.
+pub struct Echo;
+
+impl Handler for Echo {
+    fn run<'a>(&'a self, job: &'a ClaimedJob) -> BoxFuture<'a, Result<Value, JobError>> {
+        Box::pin(async move { Ok(job.params.clone()) })
+    }
+}
+
+/// `sleep`: `{"ms": n}` sleeps n milliseconds (at most `max`). `{"ms": n, "fail": "message"}`
+/// fails after sleeping (retryable), for exercising retries.
+pub struct Sleep {
+    pub max: Duration,
+}
+
+impl Sleep {
+    fn ms(params: &Value) -> Option<u64> {
+        params.get("ms").and_then(Value::as_u64)
+    }
+}
+
+impl Handler for Sleep {
+    fn validate(&self, params: &Value) -> Result<(), String> {
+        let ms = Sleep::ms(params).ok_or("sleep needs {\"ms\": <non-negative integer>}")?;
+        if Duration::from_millis(ms) > self.max {
+            return Err(format!(
+                "sleep may last at most {} ms",
+                self.max.as_millis()
+            ));
+        }
+        match params.get("fail") {
+            None | Some(Value::String(_)) => Ok(()),
+            Some(_) => Err("\"fail\" must be a string".into()),
+        }
+    }
+
+    fn run<'a>(&'a self, job: &'a ClaimedJob) -> BoxFuture<'a, Result<Value, JobError>> {
+        Box::pin(async move {
+            let ms = Sleep::ms(&job.params)
+                .unwrap_or(0)
+                .min(self.max.as_millis() as u64);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            match job.params.get("fail").and_then(Value::as_str) {
+                Some(msg) => Err(JobError::retryable(msg)),
+                None => Ok(serde_json::json!({"slept_ms": ms})),
+            }
+        })
+    }
+}
+
+/// Handlers by kind, and attempts per kind. The API validates against it; workers run from it.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: HashMap<String, Arc<dyn Handler>>,
+    attempts: HashMap<String, i32>,
+}
+
+impl Registry {
+    /// The built-in kinds enabled in `queue.builtin_kinds`, with `queue.max_attempts`.
+    pub fn from_config(q: &QueueConfig) -> Registry {
+        let mut r = Registry::default();
+        for kind in &q.builtin_kinds {
+            match kind.as_str() {
+                "echo" => r.register("echo", Echo),
+                "sleep" => r.register("sleep", Sleep { max: q.sleep_max }),
+                _ => {}
+            }
+        }
+        r.attempts = q
+            .max_attempts
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        r
+    }
+
+    pub fn register(&mut self, kind: &str, handler: impl Handler) {
+        self.handlers.insert(kind.to_owned(), Arc::new(handler));
+    }
+
+    pub fn get(&self, kind: &str) -> Option<&Arc<dyn Handler>> {
+        self.handlers.get(kind)
+    }
+
+    /// Attempts for a kind (default 1).
+    pub fn max_attempts(&self, kind: &str) -> i32 {
+        self.attempts.get(kind).copied().unwrap_or(1)
+    }
+
+    pub fn kinds(&self) -> Vec<String> {
+        let mut k: Vec<_> = self.handlers.keys().cloned().collect();
+        k.sort();
+        k
+    }
+}
+
+/// Settings of one worker process.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub shard_id: String,
+    pub slots: usize,
+    pub claim_batch: usize,
+    pub complete_batch: usize,
+    pub lease: Duration,
+    pub poll_interval: Duration,
+    pub max_processing_per_company: i64,
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    pub rescue_interval: Duration,
+    pub retention: Duration,
+    pub prune_interval: Duration,
+    pub grace: Duration,
+}
+
+impl WorkerOptions {
+    pub fn from_config(shard_id: &str, slots: usize, q: &QueueConfig, grace: Duration) -> Self {
+        WorkerOptions {
+            shard_id: shard_id.to_owned(),
+            slots,
+            claim_batch: q.claim_batch,
+            complete_batch: q.complete_batch,
+            lease: q.lease,
+            poll_interval: q.poll_interval,
+            max_processing_per_company: q.max_processing_per_company,
+            retry_base: q.retry_base,
+            retry_max: q.retry_max,
+            rescue_interval: q.rescue_interval,
+            retention: q.retention,
+            prune_interval: q.prune_interval,
+            grace,
+        }
+    }
+}
+
+/// Exponential backoff with jitter: base·2^(attempt-1), capped, times a factor in [0.75, 1.25).
+pub fn backoff(attempt: i32, base: Duration, max: Duration) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.clamp(1, 31).saturating_sub(1).min(20) as u32);
+    let capped = exp.min(max);
+    capped
+        .mul_f64(rand::rng().random_range(0.75..1.25))
+        .min(max)
+}
+
+/// A worker process's slots on one shard.
+pub struct Worker {
+    pub id: String,
+    pool: Pool,
+    registry: Registry,
+    opts: WorkerOptions,
+    listener: Listener,
+}
+
+impl Worker {
+    pub fn new(pool: Pool, registry: Registry, opts: WorkerOptions, listener: Listener) -> Worker {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into());
+        let id = format!(
+            "{host}-{}-{}",
+            std::process::id(),
+            &Uuid::new_v4().simple().to_string()[..8]
+        );
+        Worker {
+            id,
+            pool,
+            registry,
+            opts,
+            listener,
+        }
+    }
+
+    /// Runs one job end to end if one is claimable: claim 1, run, record. The single step, for
+    /// tests that drive the queue deterministically.
+    pub async fn try_claim_and_run_one(&self) -> anyhow::Result<Option<(Uuid, JobState)>> {
+        let mut client = self.pool.get().await.context("shard pool")?;
+        let jobs = store::claim(
+            &mut client,
+            &self.id,
+            1,
+            self.opts.lease,
+            self.opts.max_processing_per_company,
+        )
+        .await
+        .context("claiming a job")?;
+        let Some(job) = jobs.into_iter().next() else {
+            return Ok(None);
+        };
+        let outcome = run_job(&self.registry, &self.opts, job).await;
+        let (finished, _) = store::finish(&mut client, &self.id, &[outcome])
+            .await
+            .context("recording the outcome")?;
+        Ok(finished.first().map(|f| (f.id, f.state)))
+    }
+
+    /// Runs until `shutdown`; then stops claiming, lets running jobs finish within the grace
+    /// period and returns the rest to `waiting`.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let this = Arc::new(self);
+        let slots = Arc::new(Semaphore::new(this.opts.slots));
+        let running: Arc<Mutex<HashSet<Uuid>>> = Arc::default();
+        let (out_tx, out_rx) = mpsc::channel::<Outcome>(this.opts.slots.max(1) * 2);
+        let background = CancellationToken::new();
+
+        let completer = tokio::spawn(complete_loop(this.clone(), out_rx));
+        let heartbeat = tokio::spawn(heartbeat_loop(
+            this.clone(),
+            running.clone(),
+            background.clone(),
+        ));
+        let janitor = tokio::spawn(janitor_loop(this.clone(), background.clone()));
+        tracing::info!(worker.id = %this.id, shard.id = %this.opts.shard_id, slots = this.opts.slots, kinds = ?this.registry.kinds(), "worker started");
+
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            while tasks.try_join_next().is_some() {}
+            let free = slots.available_permits().min(this.opts.claim_batch);
+            if free == 0 {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = this.listener.work_available() => {}
+                    _ = tokio::time::sleep(this.opts.poll_interval) => {}
+                }
+                continue;
+            }
+            let started = Instant::now();
+            let claimed = async {
+                let mut client = this.pool.get().await?;
+                Ok::<_, anyhow::Error>(
+                    store::claim(
+                        &mut client,
+                        &this.id,
+                        free as i64,
+                        this.opts.lease,
+                        this.opts.max_processing_per_company,
+                    )
+                    .await?,
+                )
+            }
+            .await;
+            metrics::CLAIM_SECONDS
+                .with_label_values(&[&this.opts.shard_id])
+                .observe(started.elapsed().as_secs_f64());
+            let jobs = match claimed {
+                Ok(jobs) => {
+                    failures = 0;
+                    jobs
+                }
+                Err(e) => {
+                    failures += 1;
+                    let wait = backoff(
+                        failures as i32,
+                        Duration::from_millis(100),
+                        Duration::from_secs(5),
+                    );
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        retry_in_ms = wait.as_millis() as u64,
+                        "claim failed"
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    continue;
+                }
+            };
+            let got = jobs.len();
+            for job in jobs {
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                metrics::ENQUEUE_TO_START_SECONDS
+                    .with_label_values(&[&this.opts.shard_id, &job.kind])
+                    .observe(store::enqueue_to_start(job.created_at).as_secs_f64());
+                running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(job.id);
+                let (this, running, out_tx) = (this.clone(), running.clone(), out_tx.clone());
+                tasks.spawn(async move {
+                    let id = job.id;
+                    let outcome = run_job(&this.registry, &this.opts, job).await;
+                    // Sending waits when the completer is behind: backpressure, not growth.
+                    let _ = out_tx.send(outcome).await;
+                    running
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
+                    drop(permit);
+                    this.listener.wake_worker();
+                });
+            }
+            if got < free {
+                // Nothing more claimable right now: sleep until a NOTIFY, a freed slot or the poll.
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = this.listener.work_available() => {}
+                    _ = tokio::time::sleep(this.opts.poll_interval) => {}
+                }
+            }
+        }
+
+        tracing::info!(worker.id = %this.id, running = tasks.len(), "worker stopping; letting running jobs finish");
+        let drained = tokio::time::timeout(this.opts.grace, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(worker.id = %this.id, abandoned = tasks.len(), "grace period over; releasing unfinished jobs");
+            tasks.shutdown().await;
+        }
+        drop(out_tx);
+        let _ = completer.await;
+        let released = async {
+            let client = this.pool.get().await?;
+            Ok::<_, anyhow::Error>(store::release(&**client, &this.id).await?)
+        }
+        .await;
+        match released {
+            Ok(n) if n > 0 => {
+                tracing::info!(worker.id = %this.id, jobs = n, "released unfinished jobs back to waiting")
+            }
+            Ok(_) => {}
+            // Their leases expire and the rescuer returns them.
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "could not release unfinished jobs"
+            ),
+        }
+        background.cancel();
+        let _ = tokio::join!(heartbeat, janitor);
+        tracing::info!(worker.id = %this.id, "worker stopped");
+        Ok(())
+    }
+}
+
+/// Runs one attempt in its own task (a panicking handler fails the attempt, not the worker).
+async fn run_job(registry: &Registry, opts: &WorkerOptions, job: ClaimedJob) -> Outcome {
+    let span = tracing::info_span!(
+        "job",
+        request.id = %job.request_id,
+        company.id = %job.company_id,
+        shard.id = %opts.shard_id,
+        job.id = %job.id,
+        job.kind = %job.kind,
+        job.attempt = job.attempt,
+    );
+    let (id, attempt, kind) = (job.id, job.attempt, job.kind.clone());
+    let started = Instant::now();
+    let result = match registry.get(&job.kind).cloned() {
+        None => Err(JobError::permanent(format!(
+            "no handler for kind {:?} on this worker",
+            job.kind
+        ))),
+        Some(handler) => {
+            let joined =
+                tokio::spawn(async move { handler.run(&job).await }.instrument(span.clone())).await;
+            joined.unwrap_or_else(|e| Err(JobError::retryable(format!("handler panicked: {e}"))))
+        }
+    };
+    let elapsed = started.elapsed();
+    metrics::RUN_SECONDS
+        .with_label_values(&[&opts.shard_id, &kind])
+        .observe(elapsed.as_secs_f64());
+    let _e = span.enter();
+    let retry_in = backoff(attempt, opts.retry_base, opts.retry_max);
+    match &result {
+        Ok(_) => tracing::debug!(duration_ms = elapsed.as_secs_f64() * 1e3, "job done"),
+        Err(e) => {
+            tracing::info!(duration_ms = elapsed.as_secs_f64() * 1e3, error = %e.message, permanent = e.permanent, "job attempt failed")
+        }
+    }
+    Outcome {
+        id,
+        attempt,
+        result,
+        retry_in,
+    }
+}
+
+/// Writes outcomes in batches: whatever has arrived, up to `complete_batch`, in one
+/// transaction. A failed write is retried (the outcomes are kept) until it succeeds or the
+/// leases expire and the rescuer takes over.
+async fn complete_loop(this: Arc<Worker>, mut rx: mpsc::Receiver<Outcome>) {
+    let shard = this.opts.shard_id.clone();
+    let mut batch = Vec::with_capacity(this.opts.complete_batch);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < this.opts.complete_batch {
+            match rx.try_recv() {
+                Ok(o) => batch.push(o),
+                Err(_) => break,
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            let written = async {
+                let mut client = this.pool.get().await?;
+                Ok::<_, anyhow::Error>(store::finish(&mut client, &this.id, &batch).await?)
+            }
+            .await;
+            match written {
+                Ok((finished, discarded)) => {
+                    let ok = finished
+                        .iter()
+                        .filter(|f| f.state == JobState::Done)
+                        .count() as u64;
+                    let dead = finished
+                        .iter()
+                        .filter(|f| f.state == JobState::Error)
+                        .count() as u64;
+                    let retried = finished
+                        .iter()
+                        .filter(|f| f.state == JobState::Waiting)
+                        .count() as u64;
+                    metrics::count(&shard, "completed", ok);
+                    metrics::count(&shard, "dead_lettered", dead);
+                    metrics::count(&shard, "retried", retried);
+                    metrics::count(&shard, "late_completion", discarded.len() as u64);
+                    for id in discarded {
+                        tracing::warn!(job.id = %id, worker.id = %this.id, "late completion discarded: the lease expired and the job was rescued");
+                    }
+                    if retried > 0 {
+                        this.listener.wake_worker();
+                    }
+                    break;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    let wait = backoff(attempt, Duration::from_millis(100), Duration::from_secs(5));
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        jobs = batch.len(),
+                        retry_in_ms = wait.as_millis() as u64,
+                        "recording outcomes failed"
+                    );
+                    if attempt > 20 {
+                        tracing::error!(
+                            jobs = batch.len(),
+                            "giving up on recording outcomes; the rescuer will return these jobs"
+                        );
+                        break;
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        batch.clear();
+    }
+}
+
+async fn heartbeat_loop(
+    this: Arc<Worker>,
+    running: Arc<Mutex<HashSet<Uuid>>>,
+    stop: CancellationToken,
+) {
+    let period = this.opts.lease / 3;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let ids: Vec<Uuid> = running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
+        let renewed = async {
+            let client = this.pool.get().await?;
+            Ok::<_, anyhow::Error>(
+                store::heartbeat(&**client, &this.id, &ids, this.opts.lease).await?,
+            )
+        }
+        .await;
+        if let Err(e) = renewed {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                jobs = ids.len(),
+                "lease renewal failed"
+            );
+        }
+    }
+}
+
+/// Rescues expired leases, prunes old rows and refreshes the depth gauges.
+async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
+    let shard = this.opts.shard_id.clone();
+    let mut last_prune = Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(this.opts.rescue_interval) => {}
+        }
+        let pass = async {
+            let mut client = this.pool.get().await?;
+            let (rescued, dead) = store::rescue_expired(&mut client, 1000).await?;
+            if !rescued.is_empty() || !dead.is_empty() {
+                tracing::warn!(
+                    rescued = rescued.len(),
+                    dead_lettered = dead.len(),
+                    "rescued jobs with expired leases"
+                );
+                metrics::count(&shard, "rescued", rescued.len() as u64);
+                metrics::count(&shard, "dead_lettered", dead.len() as u64);
+                this.listener.wake_worker();
+            }
+            if last_prune.elapsed() >= this.opts.prune_interval {
+                last_prune = Instant::now();
+                let mut total = 0;
+                // Small batches keep each delete short, so it never holds up claims for long.
+                loop {
+                    let n = store::prune(&**client, this.opts.retention, 1000).await?;
+                    total += n;
+                    if n < 1000 || stop.is_cancelled() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                if total > 0 {
+                    tracing::info!(rows = total, "pruned finished jobs and published events");
+                }
+            }
+            metrics::DEPTH.reset();
+            for (state, kind, n) in store::depth(&**client).await? {
+                metrics::DEPTH
+                    .with_label_values(&[&shard, &state, &kind])
+                    .set(n);
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        if let Err(e) = pass {
+            tracing::warn!(error = format!("{e:#}"), "queue maintenance failed");
+        }
+    }
+}

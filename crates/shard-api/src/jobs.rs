@@ -1,0 +1,284 @@
+//! `POST /v1/companies/{company_id}/jobs` and `GET /v1/companies/{company_id}/jobs/{job_id}`.
+
+use std::time::{Duration, Instant};
+
+use actix_web::{
+    HttpRequest, HttpResponse,
+    http::{StatusCode, header},
+    web,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tenantry_core::{
+    ApiError,
+    auth::{Caller, Role},
+    config::QueueConfig,
+    http::current_request_id,
+};
+use tenantry_queue::{
+    JobRecord, NewJob, ShardQueue, metrics,
+    store::{self, EnqueueError, EnqueueLimits, Enqueued},
+};
+use uuid::Uuid;
+
+use crate::fence;
+
+/// Longest `?wait=` a GET may ask for.
+pub const MAX_GET_WAIT: Duration = Duration::from_secs(30);
+/// Longest accepted `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY: usize = 200;
+
+pub struct JobsState {
+    pub shard: ShardQueue,
+    pub sync_wait: Duration,
+    pub queue: QueueConfig,
+}
+
+pub fn configure(c: &mut web::ServiceConfig) {
+    c.service(web::resource("/v1/companies/{company_id}/jobs").post(create))
+        .service(web::resource("/v1/companies/{company_id}/jobs/{job_id}").get(show));
+}
+
+fn parse_uuid(what: &'static str, s: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(s)
+        .map_err(|_| ApiError::bad_request("invalid_id", format!("{what} {s:?} is not a UUID")))
+}
+
+/// The caller's role in the company; 403 without saying whether the company exists.
+fn role(caller: &Caller, company: Uuid) -> Result<Role, ApiError> {
+    tracing::Span::current().record("company.id", tracing::field::display(company));
+    caller
+        .0
+        .role_in(company)
+        .ok_or_else(|| ApiError::forbidden("your token does not grant access to this company"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateJob {
+    kind: String,
+    #[serde(default = "empty_object")]
+    params: Value,
+}
+
+fn empty_object() -> Value {
+    json!({})
+}
+
+async fn create(
+    req: HttpRequest,
+    caller: Caller,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<JobsState>,
+) -> Result<HttpResponse, ApiError> {
+    let company = parse_uuid("company_id", &path)?;
+    if !role(&caller, company)?.may_write() {
+        return Err(ApiError::forbidden("viewers cannot create jobs"));
+    }
+    let input: CreateJob = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid job request: {e}")))?;
+    if !input.params.is_object() {
+        return Err(ApiError::bad_request(
+            "invalid_params",
+            "params must be a JSON object",
+        ));
+    }
+    let limit = state.queue.max_params_size.bytes();
+    if input.params.to_string().len() as u64 > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "params_too_large",
+            format!("params are larger than the limit of {limit} bytes"),
+        ));
+    }
+    let registry = &state.shard.registry;
+    let handler = registry.get(&input.kind).ok_or_else(|| {
+        ApiError::bad_request(
+            "unknown_kind",
+            format!(
+                "unknown job kind {:?}; this shard runs: {}",
+                truncate(&input.kind),
+                registry.kinds().join(", ")
+            ),
+        )
+    })?;
+    handler
+        .validate(&input.params)
+        .map_err(|e| ApiError::bad_request("invalid_params", e))?;
+    let idempotency_key = idempotency_key(&req)?;
+    let shard_id = &state.shard.shard_id;
+    if state.shard.waiting_estimate() >= state.queue.max_waiting_per_shard {
+        metrics::count(shard_id, "refused_shard", 1);
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "queue_full",
+            "this shard's job queue is full; retry later",
+        )
+        .with_retry_after(Duration::from_secs(5)));
+    }
+
+    let job = NewJob {
+        company_id: company,
+        request_id: current_request_id().unwrap_or_default(),
+        user_context: json!({"user_id": caller.0.sub, "role": caller.0.role_in(company)}),
+        max_attempts: registry.max_attempts(&input.kind),
+        kind: input.kind,
+        params: input.params,
+        idempotency_key,
+    };
+    let mut client = state.shard.pool.get().await?;
+    let tx = client.transaction().await?;
+    fence::check(&*tx, company, true).await?;
+    let limits = EnqueueLimits {
+        max_waiting_per_company: state.queue.max_waiting_per_company,
+    };
+    let enqueued = match store::enqueue(&tx, &job, limits).await {
+        Ok(e) => e,
+        Err(EnqueueError::CompanyFull { limit, .. }) => {
+            metrics::count(shard_id, "refused_company", 1);
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_jobs",
+                format!("this company already has {limit} waiting jobs; retry later"),
+            )
+            .with_retry_after(Duration::from_secs(2)));
+        }
+        Err(EnqueueError::IdempotencyConflict) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used for a different request",
+            ));
+        }
+        Err(EnqueueError::Db(e)) => return Err(e.into()),
+    };
+    tx.commit().await?;
+    drop(client);
+    if let Enqueued::Created(r) = &enqueued {
+        state.shard.notifier.poke();
+        tracing::info!(job.id = %r.view.id, job.kind = %r.view.kind, "job enqueued");
+    }
+    let record = enqueued.record().clone();
+    let record = wait_until_finished(&state, record, state.sync_wait).await?;
+    Ok(respond(company, &record))
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let Some(v) = req.headers().get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = v.to_str().ok().filter(|k| {
+        !k.is_empty()
+            && k.len() <= MAX_IDEMPOTENCY_KEY
+            && k.bytes().all(|b| (0x21..0x7f).contains(&b))
+    });
+    key.map(|k| Some(k.to_owned())).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_idempotency_key",
+            format!("Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+        )
+    })
+}
+
+/// Waits for the job to finish, up to `limit`, without polling: registers a waiter first, then
+/// reads, so a completion in between cannot be missed.
+async fn wait_until_finished(
+    state: &JobsState,
+    mut record: JobRecord,
+    limit: Duration,
+) -> Result<JobRecord, ApiError> {
+    let deadline = Instant::now() + limit;
+    while !record.view.state.is_finished() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        // Too many waiters in this process: answer now rather than queue without bound.
+        let Some(waiter) = state.shard.listener.wait_for(record.view.id) else {
+            break;
+        };
+        let client = state.shard.pool.get().await?;
+        record = store::get(&**client, record.company_id, record.view.id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("no such job"))?;
+        drop(client);
+        if record.view.state.is_finished() {
+            break;
+        }
+        waiter.wait(left).await;
+        let client = state.shard.pool.get().await?;
+        record = store::get(&**client, record.company_id, record.view.id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("no such job"))?;
+    }
+    Ok(record)
+}
+
+fn respond(company: Uuid, record: &JobRecord) -> HttpResponse {
+    if record.view.state.is_finished() {
+        HttpResponse::Ok().json(&record.view)
+    } else {
+        HttpResponse::Accepted()
+            .insert_header((
+                header::LOCATION,
+                format!("/v1/companies/{company}/jobs/{}", record.view.id),
+            ))
+            .json(&record.view)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShowQuery {
+    wait: Option<String>,
+}
+
+fn parse_wait(s: &str) -> Result<Duration, ApiError> {
+    let d = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s).map_err(|_| {
+            ApiError::bad_request(
+                "invalid_wait",
+                format!("wait {:?} is not a duration like 5s or 500ms", truncate(s)),
+            )
+        })?,
+    };
+    if d > MAX_GET_WAIT {
+        return Err(ApiError::bad_request(
+            "invalid_wait",
+            "wait may be at most 30s",
+        ));
+    }
+    Ok(d)
+}
+
+async fn show(
+    caller: Caller,
+    path: web::Path<(String, String)>,
+    query: web::Query<ShowQuery>,
+    state: web::Data<JobsState>,
+) -> Result<HttpResponse, ApiError> {
+    let (company, job) = path.into_inner();
+    let company = parse_uuid("company_id", &company)?;
+    role(&caller, company)?;
+    let job = parse_uuid("job_id", &job)?;
+    let wait = query
+        .wait
+        .as_deref()
+        .map(parse_wait)
+        .transpose()?
+        .unwrap_or_default();
+    let client = state.shard.pool.get().await?;
+    fence::check(&**client, company, false).await?;
+    let record = store::get(&**client, company, job)
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such job for this company"))?;
+    drop(client);
+    let record = wait_until_finished(&state, record, wait).await?;
+    Ok(HttpResponse::Ok().json(&record.view))
+}

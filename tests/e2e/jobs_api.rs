@@ -1,0 +1,786 @@
+//! The job API and worker processes end to end: the 3-second boundary, idempotency,
+//! backpressure, fencing, bad input, several workers, SIGKILL, graceful release, events.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tenantry_queue::{JobFinishedEvent, JobState, JobView};
+use tenantry_testkit::{Schema, TestBroker, TestDb};
+use uuid::Uuid;
+
+use crate::{
+    queue::{enqueue, job},
+    support::{Served, http, own, run, shard_node, start_worker, tenantry, token, until_count},
+};
+
+fn member_token(company: Uuid) -> String {
+    token(&["--user", "u-1", "--company", &format!("{company}:member")])
+}
+
+#[actix_web::test]
+async fn a_quick_job_answers_200_and_a_slow_one_202_then_done() {
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    own(&db, company, "owned").await;
+    let node = Served::start(&mut shard_node(&db.url, true, 2), 1);
+    let base = node.url("api");
+    let auth = member_token(company);
+    let c = http();
+
+    let mut r = c
+        .post(format!("{base}/v1/companies/{company}/jobs"))
+        .bearer_auth(&auth)
+        .send_json(&json!({"kind": "sleep", "params": {"ms": 100}}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let j: JobView = r.json().await.unwrap();
+    assert_eq!(
+        (j.state, j.result),
+        (JobState::Done, Some(json!({"slept_ms": 100})))
+    );
+
+    let mut r = c
+        .post(format!("{base}/v1/companies/{company}/jobs"))
+        .bearer_auth(&auth)
+        .send_json(&json!({"kind": "sleep", "params": {"ms": 5000}}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r
+        .headers()
+        .get("location")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let j: JobView = r.json().await.unwrap();
+    assert!(matches!(j.state, JobState::Waiting | JobState::Processing));
+    assert_eq!(location, format!("/v1/companies/{company}/jobs/{}", j.id));
+
+    let mut r = c
+        .get(format!("{base}{location}?wait=10s"))
+        .bearer_auth(&auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let done: JobView = r.json().await.unwrap();
+    assert_eq!(done.state, JobState::Done);
+    assert!(done.finished_at.is_some() && done.started_at.is_some());
+
+    // the job row carries who asked and the request id, for "what happened to request X"
+    let row = db
+        .client()
+        .await
+        .query_one(
+            "SELECT user_context, request_id FROM jobs WHERE id = $1",
+            &[&done.id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, Value>(0),
+        json!({"user_id": "u-1", "role": "member"})
+    );
+    assert!(!row.get::<_, String>(1).is_empty());
+}
+
+#[actix_web::test]
+async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
+    let db = TestDb::new(Schema::Shard).await;
+    let (company, other) = (Uuid::now_v7(), Uuid::now_v7());
+    own(&db, company, "owned").await;
+    let node = Served::start(&mut shard_node(&db.url, true, 0), 1);
+    let base = node.url("api");
+    let jobs = format!("{base}/v1/companies/{company}/jobs");
+    let member = member_token(company);
+    let viewer = token(&["--user", "v", "--company", &format!("{company}:viewer")]);
+    let c = http();
+    let big = json!({"kind": "echo", "params": {"blob": "x".repeat(70_000)}}).to_string();
+
+    // (case, url, token, body, status, error code)
+    type Case<'a> = (&'a str, String, Option<&'a str>, String, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "unknown kind",
+            jobs.clone(),
+            Some(&member),
+            r#"{"kind":"mine-bitcoin","params":{}}"#.into(),
+            400,
+            "unknown_kind",
+        ),
+        (
+            "array params",
+            jobs.clone(),
+            Some(&member),
+            r#"{"kind":"echo","params":[1,2]}"#.into(),
+            400,
+            "invalid_params",
+        ),
+        (
+            "string params",
+            jobs.clone(),
+            Some(&member),
+            r#"{"kind":"echo","params":"x"}"#.into(),
+            400,
+            "invalid_params",
+        ),
+        (
+            "bad sleep",
+            jobs.clone(),
+            Some(&member),
+            r#"{"kind":"sleep","params":{"ms":-5}}"#.into(),
+            400,
+            "invalid_params",
+        ),
+        (
+            "sleep too long",
+            jobs.clone(),
+            Some(&member),
+            r#"{"kind":"sleep","params":{"ms":99999999}}"#.into(),
+            400,
+            "invalid_params",
+        ),
+        (
+            "oversized params",
+            jobs.clone(),
+            Some(&member),
+            big,
+            413,
+            "params_too_large",
+        ),
+        (
+            "malformed json",
+            jobs.clone(),
+            Some(&member),
+            r#"{"kind": "#.into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "unknown field",
+            jobs.clone(),
+            Some(&member),
+            r#"{"kind":"echo","priority":1}"#.into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "missing kind",
+            jobs.clone(),
+            Some(&member),
+            r#"{"params":{}}"#.into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "malformed company",
+            format!("{base}/v1/companies/not-a-uuid/jobs"),
+            Some(&member),
+            r#"{"kind":"echo"}"#.into(),
+            400,
+            "invalid_id",
+        ),
+        (
+            "no token",
+            jobs.clone(),
+            None,
+            r#"{"kind":"echo"}"#.into(),
+            401,
+            "unauthorized",
+        ),
+        (
+            "viewer writes",
+            jobs.clone(),
+            Some(&viewer),
+            r#"{"kind":"echo"}"#.into(),
+            403,
+            "forbidden",
+        ),
+        (
+            "other company",
+            format!("{base}/v1/companies/{other}/jobs"),
+            Some(&member),
+            r#"{"kind":"echo"}"#.into(),
+            403,
+            "forbidden",
+        ),
+    ];
+    for (name, url, auth, body, status, code) in cases {
+        let mut req = c.post(url).content_type("application/json");
+        if let Some(a) = auth {
+            req = req.bearer_auth(a);
+        }
+        let mut r = req.send_body(body).await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{name}");
+        assert_eq!(error_of!(r).error.code, code, "{name}");
+    }
+    let mut r = c
+        .post(&jobs)
+        .bearer_auth(&member)
+        .insert_header(("idempotency-key", "has spaces in it"))
+        .send_json(&json!({"kind": "echo"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_of!(r).error.code, "invalid_idempotency_key");
+
+    for (url, status, code) in [
+        (format!("{jobs}/not-a-uuid"), 400, "invalid_id"),
+        (format!("{jobs}/{}", Uuid::now_v7()), 404, "not_found"),
+        (
+            format!("{jobs}/{}?wait=forever", Uuid::now_v7()),
+            400,
+            "invalid_wait",
+        ),
+        (
+            format!("{jobs}/{}?wait=31s", Uuid::now_v7()),
+            400,
+            "invalid_wait",
+        ),
+        (
+            format!("{jobs}/{}?color=red", Uuid::now_v7()),
+            400,
+            "invalid_query",
+        ),
+    ] {
+        let mut r = c.get(&url).bearer_auth(&member).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{url}");
+        assert_eq!(error_of!(r).error.code, code, "{url}");
+    }
+    let n: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM jobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "nothing was enqueued by bad requests");
+}
+
+#[actix_web::test]
+async fn another_companys_job_is_not_found() {
+    let db = TestDb::new(Schema::Shard).await;
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    own(&db, a, "owned").await;
+    own(&db, b, "owned").await;
+    let [id] = enqueue(&db, &[job(a, "echo", json!({}), 1)]).await[..] else {
+        panic!()
+    };
+    let node = Served::start(&mut shard_node(&db.url, true, 0), 1);
+    let both = token(&[
+        "--user",
+        "u",
+        "--company",
+        &format!("{a}:admin"),
+        "--company",
+        &format!("{b}:admin"),
+    ]);
+    let mut r = http()
+        .get(format!("{}/v1/companies/{b}/jobs/{id}", node.url("api")))
+        .bearer_auth(&both)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_of!(r).error.code, "not_found");
+    let r = http()
+        .get(format!("{}/v1/companies/{a}/jobs/{id}", node.url("api")))
+        .bearer_auth(&both)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[actix_web::test]
+async fn a_repeated_idempotency_key_returns_the_original_job() {
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    own(&db, company, "owned").await;
+    let node = Served::start(&mut shard_node(&db.url, true, 2), 1);
+    let url = format!("{}/v1/companies/{company}/jobs", node.url("api"));
+    let auth = member_token(company);
+    let post = |params: Value| {
+        http()
+            .post(&url)
+            .bearer_auth(&auth)
+            .insert_header(("idempotency-key", "order-42"))
+            .send_json(&json!({"kind": "echo", "params": params}))
+    };
+    let mut r1 = post(json!({"n": 1})).await.unwrap();
+    assert_eq!(r1.status(), 200);
+    let j1: JobView = r1.json().await.unwrap();
+    let mut r2 = post(json!({"n": 1})).await.unwrap();
+    assert_eq!(r2.status(), 200);
+    let j2: JobView = r2.json().await.unwrap();
+    assert_eq!(j1.id, j2.id, "the replay returns the original job");
+    let mut r3 = post(json!({"n": 2})).await.unwrap();
+    assert_eq!(r3.status(), 422);
+    assert_eq!(error_of!(r3).error.code, "idempotency_key_reused");
+    let n: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM jobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}
+
+#[actix_web::test]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    own(&db, company, "owned").await;
+    let mut cmd = shard_node(&db.url, true, 0);
+    cmd.env("TENANTRY_QUEUE__MAX_WAITING_PER_COMPANY", "3")
+        .env("TENANTRY_API__SYNC_WAIT", "0s");
+    let node = Served::start(&mut cmd, 1);
+    let url = format!("{}/v1/companies/{company}/jobs", node.url("api"));
+    let auth = member_token(company);
+    for _ in 0..3 {
+        let r = http()
+            .post(&url)
+            .bearer_auth(&auth)
+            .send_json(&json!({"kind": "echo"}))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    let mut r = http()
+        .post(&url)
+        .bearer_auth(&auth)
+        .send_json(&json!({"kind": "echo"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().get("retry-after").is_some());
+    assert_eq!(error_of!(r).error.code, "too_many_jobs");
+    let n: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM jobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3, "the refused request left nothing behind");
+}
+
+#[actix_web::test]
+async fn a_shard_refuses_companies_it_does_not_own() {
+    let db = TestDb::new(Schema::Shard).await;
+    let (moved, frozen, unknown) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    own(&db, moved, "moved").await;
+    own(&db, frozen, "frozen").await;
+    let node = Served::start(&mut shard_node(&db.url, true, 0), 1);
+    for (company, status, code) in [
+        (moved, 421, "tenant_not_on_shard"),
+        (unknown, 421, "tenant_not_on_shard"),
+        (frozen, 503, "tenant_frozen"),
+    ] {
+        let mut r = http()
+            .post(format!("{}/v1/companies/{company}/jobs", node.url("api")))
+            .bearer_auth(member_token(company))
+            .send_json(&json!({"kind": "echo"}))
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status);
+        if status == 503 {
+            assert!(r.headers().get("retry-after").is_some());
+        }
+        assert_eq!(error_of!(r).error.code, code);
+    }
+    let n: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM jobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn several_worker_processes_complete_thousands_of_jobs_exactly_once() {
+    let db = TestDb::new(Schema::Shard).await;
+    let companies: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+    let jobs: Vec<_> = (0..3000)
+        .map(|i| job(companies[i % 5], "echo", json!({"i": i}), 3))
+        .collect();
+    enqueue(&db, &jobs).await;
+    let mut workers: Vec<Served> = (0..3)
+        .map(|_| {
+            let mut cmd = shard_node(&db.url, false, 8);
+            cmd.env("TENANTRY_QUEUE__CLAIM_BATCH", "16");
+            start_worker(&mut cmd)
+        })
+        .collect();
+    let open = until_count(
+        &db,
+        "SELECT count(*) FROM jobs WHERE state <> 'done'",
+        0,
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_eq!(open, 0, "every job finished");
+    let c = db.client().await;
+    let r = c
+        .query_one(
+            "SELECT count(*), max(attempts), min(attempts) FROM jobs",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.get::<_, i64>(0), r.get::<_, i32>(1), r.get::<_, i32>(2)),
+        (3000, 1, 1),
+        "each ran exactly once"
+    );
+    let events: i64 = c
+        .query_one(
+            "SELECT coalesce(sum(jsonb_array_length(events)), 0)::bigint FROM outbox",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(events, 3000, "one job.finished event per job");
+    let results_ok: i64 = c
+        .query_one("SELECT count(*) FROM jobs WHERE result = params", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(results_ok, 3000);
+    for w in &mut workers {
+        w.signal("TERM");
+        assert_eq!(w.wait_exit(Duration::from_secs(10)), Some(0));
+    }
+}
+
+#[tokio::test]
+async fn a_job_of_a_worker_killed_mid_job_is_rescued_and_completed_once() {
+    let db = TestDb::new(Schema::Shard).await;
+    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "sleep", json!({"ms": 1500}), 3)]).await[..]
+    else {
+        panic!()
+    };
+    let config = |cmd: &mut std::process::Command| {
+        cmd.env("TENANTRY_QUEUE__LEASE", "2s")
+            .env("TENANTRY_QUEUE__RESCUE_INTERVAL", "300ms");
+    };
+    let mut first = shard_node(&db.url, false, 1);
+    config(&mut first);
+    let mut victim = start_worker(&mut first);
+    assert_eq!(
+        until_count(
+            &db,
+            "SELECT count(*) FROM jobs WHERE state = 'processing'",
+            1,
+            Duration::from_secs(10)
+        )
+        .await,
+        1
+    );
+    victim.signal("KILL");
+    victim.wait_exit(Duration::from_secs(5));
+    let mut second = shard_node(&db.url, false, 1);
+    config(&mut second);
+    let _rescuer = start_worker(&mut second);
+    assert_eq!(
+        until_count(
+            &db,
+            "SELECT count(*) FROM jobs WHERE state = 'done'",
+            1,
+            Duration::from_secs(20)
+        )
+        .await,
+        1
+    );
+    let r = db
+        .client()
+        .await
+        .query_one("SELECT attempts, result FROM jobs WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    assert_eq!(
+        r.get::<_, i32>(0),
+        2,
+        "the killed attempt counted, the second completed"
+    );
+    assert_eq!(r.get::<_, Value>(1), json!({"slept_ms": 1500}));
+    let events: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT coalesce(sum(jsonb_array_length(events)), 0)::bigint FROM outbox",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(events, 1, "finished once");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_releases_claimed_jobs_back_to_waiting() {
+    let db = TestDb::new(Schema::Shard).await;
+    let [id] = enqueue(
+        &db,
+        &[job(Uuid::now_v7(), "sleep", json!({"ms": 20000}), 1)],
+    )
+    .await[..] else {
+        panic!()
+    };
+    let mut cmd = shard_node(&db.url, false, 1);
+    cmd.env("TENANTRY_SHUTDOWN__GRACE_PERIOD", "300ms");
+    let mut w = start_worker(&mut cmd);
+    assert_eq!(
+        until_count(
+            &db,
+            "SELECT count(*) FROM jobs WHERE state = 'processing'",
+            1,
+            Duration::from_secs(10)
+        )
+        .await,
+        1
+    );
+    w.signal("TERM");
+    assert_eq!(w.wait_exit(Duration::from_secs(10)), Some(0));
+    let r = db
+        .client()
+        .await
+        .query_one(
+            "SELECT state, attempts, worker_id FROM jobs WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "waiting");
+    assert_eq!(
+        r.get::<_, i32>(1),
+        0,
+        "the interrupted attempt does not count"
+    );
+    assert_eq!(r.get::<_, Option<String>>(2), None);
+}
+
+#[tokio::test]
+async fn job_finished_events_reach_rabbitmq_by_company() {
+    use lapin::{options::*, types::FieldTable};
+    let db = TestDb::new(Schema::Shard).await;
+    let broker = TestBroker::new().await;
+    let (exchange, queue) = (broker.exchange("events"), broker.queue("mine"));
+    let company = Uuid::now_v7();
+    let ch = broker.conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        lapin::ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        queue.as_str().into(),
+        exchange.as_str().into(),
+        format!("company.{company}").as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let [id, _other] = enqueue(
+        &db,
+        &[
+            job(company, "echo", json!({}), 1),
+            job(Uuid::now_v7(), "echo", json!({}), 1),
+        ],
+    )
+    .await[..] else {
+        panic!()
+    };
+    let mut cmd = shard_node(&db.url, false, 2);
+    cmd.env("TENANTRY_RABBITMQ__RELAY_EVENTS", "true")
+        .env("TENANTRY_RABBITMQ__EVENTS_EXCHANGE", &exchange);
+    let _w = start_worker(&mut cmd);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let event = loop {
+        if let Some(msg) = ch
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            break serde_json::from_slice::<JobFinishedEvent>(&msg.delivery.data).unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "no event arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (event.job_id, event.company_id, event.state),
+        (id, company, JobState::Done)
+    );
+    assert_eq!(event.kind_of_event, "job.finished");
+    assert_eq!(
+        until_count(
+            &db,
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            0,
+            Duration::from_secs(10)
+        )
+        .await,
+        0
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let extra = ch
+        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap();
+    assert!(
+        extra.is_none(),
+        "only this company's events are routed to its key"
+    );
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn operators_list_show_retry_and_resolve_dead_letters() {
+    let catalog = TestDb::new(Schema::Catalog).await;
+    let shard = TestDb::new(Schema::Shard).await;
+    let dir = crate::cli::tempdir();
+    let map = dir.join("map.toml");
+    std::fs::write(&map, format!("environment = \"t\"\n[[shard]]\nid = \"s1\"\ndatabase_url = \"{}\"\nendpoints = [\"http://127.0.0.1:1\"]\n", shard.url)).unwrap();
+    let env = [("TENANTRY_CATALOG__URL", catalog.url.clone())];
+    assert_eq!(
+        run(tenantry()
+            .args(["admin", "shard", "apply"])
+            .arg(&map)
+            .envs(env.clone()))
+        .0,
+        0
+    );
+    let company = Uuid::now_v7();
+    let [id] = enqueue(&shard, &[job(company, "no-such-kind", json!({"x": 1}), 1)]).await[..]
+    else {
+        panic!()
+    };
+    let mut c = shard.client().await;
+    fail_one(&mut c).await;
+
+    let admin = |args: &[&str]| run(tenantry().arg("admin").args(args).envs(env.clone()));
+    let (code, out, err) = admin(&["jobs", "list", "--shard", "s1", "--state", "error"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&id.to_string()) && out.contains("no handler"),
+        "{out}"
+    );
+    let (code, out, _) = admin(&["jobs", "show", &id.to_string()]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("shard       s1") || out.contains("s1"),
+        "{out}"
+    );
+    let (code, out, err) = admin(&["jobs", "retry", &id.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("back to waiting"), "{out}");
+    let (code, _, err) = admin(&["jobs", "resolve", &id.to_string(), "--note", "done by hand"]);
+    assert_eq!(code, 1, "a waiting job cannot be resolved");
+    assert!(err.contains("only jobs in error"), "{err}");
+    fail_one(&mut c).await;
+    let (code, _, err) = admin(&["jobs", "resolve", &id.to_string(), "--note", "   "]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--note"), "{err}");
+    let (code, out, err) = admin(&[
+        "jobs",
+        "resolve",
+        &id.to_string(),
+        "--note",
+        "refunded by hand",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let json_start = out.find('{').unwrap();
+    let rec: Value = serde_json::from_str(&out[json_start..]).unwrap();
+    assert_eq!(rec["state"], "error_resolved");
+    assert_eq!(rec["resolution_note"], "refunded by hand");
+    // hostile arguments
+    assert_eq!(admin(&["jobs", "show", "not-a-uuid"]).0, 2);
+    assert_eq!(
+        admin(&["jobs", "list", "--shard", "s1", "--state", "exploded"]).0,
+        2
+    );
+    assert_eq!(
+        admin(&["jobs", "list", "--shard", "s1", "--limit", "100000"]).0,
+        2
+    );
+    let (code, _, err) = admin(&["jobs", "list", "--shard", "nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not in the catalog"), "{err}");
+    let (code, _, err) = admin(&["jobs", "show", &Uuid::now_v7().to_string()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no job"), "{err}");
+}
+
+/// Claims one job and records a permanent failure for it: a dead letter.
+async fn fail_one(c: &mut tokio_postgres::Client) {
+    use tenantry_queue::store;
+    let claimed = store::claim(c, "w", 1, Duration::from_secs(30), 10)
+        .await
+        .unwrap();
+    let o = store::Outcome {
+        id: claimed[0].id,
+        attempt: claimed[0].attempt,
+        result: Err(tenantry_queue::JobError::permanent("no handler")),
+        retry_in: Duration::ZERO,
+    };
+    store::finish(c, "w", &[o]).await.unwrap();
+}
+
+#[actix_web::test]
+async fn sigterm_lets_an_in_flight_request_and_its_job_finish() {
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    own(&db, company, "owned").await;
+    let mut node = Served::start(&mut shard_node(&db.url, true, 1), 1);
+    let url = format!("{}/v1/companies/{company}/jobs", node.url("api"));
+    let auth = member_token(company);
+    let in_flight = actix_web::rt::spawn(async move {
+        let mut r = http()
+            .post(url)
+            .bearer_auth(auth)
+            .send_json(&json!({"kind": "sleep", "params": {"ms": 1500}}))
+            .await
+            .unwrap();
+        (r.status(), r.json::<JobView>().await.unwrap())
+    });
+    assert_eq!(
+        until_count(
+            &db,
+            "SELECT count(*) FROM jobs WHERE state = 'processing'",
+            1,
+            Duration::from_secs(10)
+        )
+        .await,
+        1
+    );
+    node.signal("TERM");
+    let (status, job) = in_flight.await.unwrap();
+    assert_eq!(status, 200, "the request in flight was answered");
+    assert_eq!(
+        job.state,
+        JobState::Done,
+        "the running job finished within the grace period"
+    );
+    assert_eq!(node.wait_exit(Duration::from_secs(10)), Some(0));
+}

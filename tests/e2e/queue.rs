@@ -1,0 +1,354 @@
+//! The queue library against real PostgreSQL, driven step by step (no sleeps where a single
+//! step will do).
+
+use std::time::Duration;
+
+use serde_json::json;
+use tenantry_core::{Config, config::Mode, db};
+use tenantry_queue::{
+    JobError, JobState, NewJob, Registry, Worker, WorkerOptions,
+    listen::Listener,
+    store::{self, EnqueueError, EnqueueLimits, Outcome},
+};
+use tenantry_testkit::{Schema, TestDb};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub fn job(company: Uuid, kind: &str, params: serde_json::Value, attempts: i32) -> NewJob {
+    NewJob {
+        company_id: company,
+        request_id: format!("req-{}", Uuid::new_v4().simple()),
+        user_context: json!({"user_id": "tester"}),
+        kind: kind.into(),
+        params,
+        idempotency_key: None,
+        max_attempts: attempts,
+    }
+}
+
+const LIMITS: EnqueueLimits = EnqueueLimits {
+    max_waiting_per_company: 1_000_000,
+};
+
+pub async fn enqueue(db: &TestDb, jobs: &[NewJob]) -> Vec<Uuid> {
+    let mut c = db.client().await;
+    let tx = c.transaction().await.unwrap();
+    let ids = store::enqueue_many(&tx, jobs, LIMITS).await.unwrap();
+    tx.commit().await.unwrap();
+    ids
+}
+
+async fn state_of(db: &TestDb, id: Uuid) -> (String, i32) {
+    let r = db
+        .client()
+        .await
+        .query_one("SELECT state, attempts FROM jobs WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+fn worker(db: &TestDb, max_per_company: i64) -> Worker {
+    let mut cfg = Config::from_figment(tenantry_core::config::figment(None), Mode::Dev).unwrap();
+    cfg.queue.builtin_kinds = vec!["echo".into(), "sleep".into()];
+    cfg.queue.retry_base = Duration::from_millis(200);
+    cfg.queue.retry_max = Duration::from_millis(400);
+    let url = tenantry_core::secret::DatabaseUrl::new(db.url.clone());
+    let pool = db::pool(&url, 4, &cfg.database, "test").unwrap();
+    let listener = Listener::start(
+        db::pg_config(&url, &cfg.database, "test").unwrap(),
+        10,
+        CancellationToken::new(),
+    );
+    let mut opts = WorkerOptions::from_config("shard-t", 4, &cfg.queue, Duration::from_secs(1));
+    opts.max_processing_per_company = max_per_company;
+    Worker::new(pool, Registry::from_config(&cfg.queue), opts, listener)
+}
+
+#[tokio::test]
+async fn failed_attempts_back_off_then_dead_letter_with_the_error_kept() {
+    let db = TestDb::new(Schema::Shard).await;
+    let w = worker(&db, 100);
+    let [id] = enqueue(
+        &db,
+        &[job(
+            Uuid::now_v7(),
+            "sleep",
+            json!({"ms": 0, "fail": "upstream said no"}),
+            3,
+        )],
+    )
+    .await[..] else {
+        panic!()
+    };
+    assert_eq!(
+        w.try_claim_and_run_one().await.unwrap(),
+        Some((id, JobState::Waiting))
+    );
+    let row = db
+        .client()
+        .await
+        .query_one(
+            "SELECT run_at > now(), error FROM jobs WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert!(
+        row.get::<_, bool>(0),
+        "the retry is scheduled in the future"
+    );
+    assert_eq!(row.get::<_, String>(1), "upstream said no");
+    assert_eq!(
+        w.try_claim_and_run_one().await.unwrap(),
+        None,
+        "not claimable during backoff"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        w.try_claim_and_run_one().await.unwrap(),
+        Some((id, JobState::Waiting))
+    );
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(
+        w.try_claim_and_run_one().await.unwrap(),
+        Some((id, JobState::Error))
+    );
+    assert_eq!(state_of(&db, id).await, ("error".into(), 3));
+    let events: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        events, 1,
+        "one job.finished event, for the final failure only"
+    );
+}
+
+#[tokio::test]
+async fn a_permanent_error_skips_the_remaining_attempts() {
+    let db = TestDb::new(Schema::Shard).await;
+    let w = worker(&db, 100);
+    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "no-such-kind", json!({}), 5)]).await[..] else {
+        panic!()
+    };
+    assert_eq!(
+        w.try_claim_and_run_one().await.unwrap(),
+        Some((id, JobState::Error))
+    );
+    assert_eq!(state_of(&db, id).await, ("error".into(), 1));
+}
+
+#[tokio::test]
+async fn a_late_completion_after_a_rescue_is_discarded_and_the_job_completes_once() {
+    let db = TestDb::new(Schema::Shard).await;
+    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "echo", json!({"n": 1}), 3)]).await[..] else {
+        panic!()
+    };
+    let mut c = db.client().await;
+    let a = store::claim(&mut c, "worker-a", 1, Duration::from_secs(30), 100)
+        .await
+        .unwrap();
+    assert_eq!(a.len(), 1);
+    // worker-a hangs; its lease runs out
+    c.execute(
+        "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    let (rescued, dead) = store::rescue_expired(&mut c, 10).await.unwrap();
+    assert_eq!((rescued, dead), (vec![id], vec![]));
+    let b = store::claim(&mut c, "worker-b", 1, Duration::from_secs(30), 100)
+        .await
+        .unwrap();
+    assert_eq!(b[0].attempt, 2);
+    let ok = |attempt| Outcome {
+        id,
+        attempt,
+        result: Ok(json!({"by": attempt})),
+        retry_in: Duration::ZERO,
+    };
+    let (done, discarded) = store::finish(&mut c, "worker-a", &[ok(1)]).await.unwrap();
+    assert!(done.is_empty());
+    assert_eq!(discarded, vec![id], "worker-a's completion is discarded");
+    let (done, _) = store::finish(&mut c, "worker-b", &[ok(2)]).await.unwrap();
+    assert_eq!(done[0].state, JobState::Done);
+    let r = c
+        .query_one("SELECT result, attempts FROM jobs WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, serde_json::Value>(0), json!({"by": 2}));
+    assert_eq!(r.get::<_, i32>(1), 2);
+    let (done, discarded) = store::finish(&mut c, "worker-b", &[ok(2)]).await.unwrap();
+    assert!(
+        done.is_empty() && discarded == vec![id],
+        "never completed twice"
+    );
+}
+
+#[tokio::test]
+async fn an_expired_lease_on_the_last_attempt_dead_letters_the_job() {
+    let db = TestDb::new(Schema::Shard).await;
+    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "echo", json!({}), 1)]).await[..] else {
+        panic!()
+    };
+    let mut c = db.client().await;
+    store::claim(&mut c, "w", 1, Duration::from_millis(1), 100)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (rescued, dead) = store::rescue_expired(&mut c, 10).await.unwrap();
+    assert_eq!((rescued.len(), dead), (0, vec![id]));
+    let err: String = c
+        .query_one("SELECT error FROM jobs WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(err.contains("lease expired"), "{err}");
+}
+
+#[tokio::test]
+async fn a_small_company_is_not_starved_by_a_big_backlog() {
+    let db = TestDb::new(Schema::Shard).await;
+    let (big, small) = (Uuid::now_v7(), Uuid::now_v7());
+    let backlog: Vec<_> = (0..10_000)
+        .map(|i| job(big, "echo", json!({"i": i}), 1))
+        .collect();
+    enqueue(&db, &backlog).await;
+    let [mine] = enqueue(&db, &[job(small, "echo", json!({}), 1)]).await[..] else {
+        panic!()
+    };
+    let mut c = db.client().await;
+    let first = store::claim(&mut c, "w", 4, Duration::from_secs(30), 100)
+        .await
+        .unwrap();
+    assert!(
+        first.iter().any(|j| j.id == mine),
+        "the small company's job is among the first claimed: {:?}",
+        first.iter().map(|j| j.company_id).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn the_per_company_cap_bounds_concurrent_processing() {
+    let db = TestDb::new(Schema::Shard).await;
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut jobs: Vec<_> = (0..10).map(|_| job(a, "echo", json!({}), 1)).collect();
+    jobs.push(job(b, "echo", json!({}), 1));
+    enqueue(&db, &jobs).await;
+    let mut c = db.client().await;
+    let claimed = store::claim(&mut c, "w", 10, Duration::from_secs(30), 3)
+        .await
+        .unwrap();
+    let of_a = claimed.iter().filter(|j| j.company_id == a).count();
+    assert_eq!(of_a, 3, "one batch cannot exceed the cap");
+    assert!(claimed.iter().any(|j| j.company_id == b));
+    let more = store::claim(&mut c, "w", 10, Duration::from_secs(30), 3)
+        .await
+        .unwrap();
+    assert!(
+        more.is_empty(),
+        "a is at its cap and b has nothing left: {more:?}"
+    );
+}
+
+#[tokio::test]
+async fn backpressure_refuses_the_whole_batch_and_writes_nothing() {
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    let mut c = db.client().await;
+    let tx = c.transaction().await.unwrap();
+    let jobs: Vec<_> = (0..6).map(|_| job(company, "echo", json!({}), 1)).collect();
+    let err = store::enqueue_many(
+        &tx,
+        &jobs,
+        EnqueueLimits {
+            max_waiting_per_company: 5,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, EnqueueError::CompanyFull { limit: 5, .. }),
+        "{err}"
+    );
+    drop(tx);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM jobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn finished_rows_are_pruned_after_retention_but_dead_letters_stay() {
+    let db = TestDb::new(Schema::Shard).await;
+    let w = worker(&db, 100);
+    let company = Uuid::now_v7();
+    let ids = enqueue(
+        &db,
+        &[
+            job(company, "echo", json!({}), 1),
+            job(company, "no-such-kind", json!({}), 1),
+        ],
+    )
+    .await;
+    w.try_claim_and_run_one().await.unwrap();
+    w.try_claim_and_run_one().await.unwrap();
+    let c = db.client().await;
+    c.execute(
+        "UPDATE jobs SET finished_at = now() - interval '8 days'",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        store::prune(&c, Duration::from_secs(7 * 86_400), 1000)
+            .await
+            .unwrap(),
+        1
+    );
+    let left: Vec<Uuid> = c
+        .query("SELECT id FROM jobs", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        left,
+        vec![ids[1]],
+        "the error row stays until an operator acts"
+    );
+}
+
+#[test]
+fn backoff_grows_exponentially_with_jitter_and_a_ceiling() {
+    use tenantry_queue::worker::backoff;
+    let base = Duration::from_millis(100);
+    let max = Duration::from_secs(10);
+    for _ in 0..100 {
+        let b1 = backoff(1, base, max);
+        let b4 = backoff(4, base, max);
+        assert!(
+            b1 >= Duration::from_millis(75) && b1 < Duration::from_millis(125),
+            "{b1:?}"
+        );
+        assert!(
+            b4 >= Duration::from_millis(600) && b4 < Duration::from_millis(1000),
+            "{b4:?}"
+        );
+        assert!(backoff(30, base, max) <= max);
+    }
+}
+
+#[test]
+fn job_errors_say_whether_to_retry() {
+    assert!(JobError::permanent("x").permanent);
+    assert!(!JobError::retryable("x").permanent);
+}
