@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 
 .DEFAULT_GOAL := help
-.PHONY: help run test services build lint fmt clean-test-dbs
+.PHONY: help run test services build lint fmt clean-test-dbs bench-queue
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -18,6 +18,9 @@ test: services ## everything: fmt check, clippy, unit and end-to-end tests again
 
 services: ## make sure PostgreSQL and RabbitMQ are running (start or install them)
 	@bash scripts/services.sh
+
+bench-queue: ## queue throughput and latency side by side with graphile-worker (same PostgreSQL, same run)
+	@bash scripts/bench-queue.sh
 
 build: ## build the tenantry binary (release)
 	$(CARGO) build --release --bin tenantry

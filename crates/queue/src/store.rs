@@ -265,29 +265,33 @@ pub async fn claim(
     lease: Duration,
     max_processing_per_company: i64,
 ) -> Result<Vec<ClaimedJob>, tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    tx.batch_execute("SET LOCAL synchronous_commit = off")
-        .await?;
     let lease_ms = lease.as_millis() as f64;
-    let rows = tx
+    // One statement, one implicit transaction. `settings` turns off the synchronous commit for
+    // this transaction only. Processing rows are counted per company once (`running`), and
+    // each candidate the index scan visits looks its company up there through a LATERAL
+    // scalar subquery, which keeps the scan in claim order; written as an anti-join, it makes
+    // the planner sort the whole table instead.
+    let rows = client
         .query(
-            "WITH running AS MATERIALIZED (
+            "WITH settings AS MATERIALIZED (
+                 SELECT set_config('synchronous_commit', 'off', true) AS v
+             ), running AS MATERIALIZED (
                  SELECT company_id, count(*) AS n FROM jobs
                   WHERE state = 'processing' GROUP BY company_id
              ), candidates AS MATERIALIZED (
-                 SELECT j.id, j.company_id, j.priority FROM jobs j
-                  WHERE j.state = 'waiting' AND j.run_at <= now()
-                    AND NOT EXISTS (SELECT 1 FROM running r
-                                     WHERE r.company_id = j.company_id AND r.n >= $3)
+                 SELECT j.id, j.company_id, j.priority, r.n FROM jobs j,
+                        LATERAL (SELECT coalesce((SELECT x.n FROM running x
+                                                   WHERE x.company_id = j.company_id), 0) AS n) r
+                  WHERE j.state = 'waiting' AND j.run_at <= now() AND r.n < $3
+                    AND EXISTS (SELECT 1 FROM settings)
                   ORDER BY j.priority
                   LIMIT $1
-                  FOR UPDATE SKIP LOCKED
+                  FOR UPDATE OF j SKIP LOCKED
              ), chosen AS (
                  SELECT c.id FROM (
-                     SELECT c.id, c.priority,
-                            row_number() OVER (PARTITION BY c.company_id ORDER BY c.priority)
-                              + coalesce(r.n, 0) AS slot
-                       FROM candidates c LEFT JOIN running r USING (company_id)
+                     SELECT c.id,
+                            row_number() OVER (PARTITION BY c.company_id ORDER BY c.priority) + c.n AS slot
+                       FROM candidates c
                  ) c WHERE c.slot <= $3
              )
              UPDATE jobs j
@@ -301,7 +305,6 @@ pub async fn claim(
             &[&limit, &worker_id, &max_processing_per_company, &lease_ms],
         )
         .await?;
-    tx.commit().await?;
     let mut jobs: Vec<(i64, ClaimedJob)> = rows
         .iter()
         .map(|r| {
@@ -346,8 +349,8 @@ pub struct Finished {
 /// after `retry_in`) or `error`. Only rows still leased by `worker_id` at `attempt` change —
 /// a worker whose lease expired and whose job was rescued (and maybe re-claimed) cannot
 /// complete it a second time; its outcome is returned in `discarded`. Finished jobs get a
-/// `job.finished` event in the outbox and a notification on [`CHANNEL_FINISHED`], both
-/// committed with the state change.
+/// `job.finished` event in the outbox, committed with the state change, and a notification on
+/// [`CHANNEL_FINISHED`] right after the commit.
 pub async fn finish(
     client: &mut tokio_postgres::Client,
     worker_id: &str,
@@ -363,8 +366,8 @@ pub async fn finish(
             }),
         })
         .collect();
-    let tx = client.transaction().await?;
-    let rows = tx
+    // One statement: the outcomes and their events commit together, in one round trip.
+    let rows = client
         .query(
             "WITH input AS (
                  SELECT * FROM jsonb_to_recordset($1::jsonb)
@@ -406,15 +409,14 @@ pub async fn finish(
             state: JobState::parse(r.get::<_, &str>(1)).unwrap_or(JobState::Error),
         })
         .collect();
-    notify_finished(
-        &tx,
-        finished
-            .iter()
-            .filter(|f| f.state.is_finished())
-            .map(|f| f.id),
-    )
-    .await?;
-    tx.commit().await?;
+    // After the commit, not inside it: PostgreSQL holds its notification-queue lock through
+    // the commit of a notifying transaction, which would serialize every completion's disk
+    // flush. A notification lost in a crash costs a waiter its timeout, never a result.
+    let done = finished
+        .iter()
+        .filter(|f| f.state.is_finished())
+        .map(|f| f.id);
+    notify_finished(client, done).await?;
     let discarded = outcomes
         .iter()
         .map(|o| o.id)
@@ -423,19 +425,22 @@ pub async fn finish(
     Ok((finished, discarded))
 }
 
-/// Queues notifications (delivered at commit) naming finished jobs, 200 ids per payload to
-/// stay under PostgreSQL's 8000-byte limit.
+/// Notifies waiters which jobs finished, 200 ids per payload to stay under PostgreSQL's
+/// 8000-byte limit. Called after the commit that finished them.
 async fn notify_finished(
-    tx: &Transaction<'_>,
+    client: &tokio_postgres::Client,
     ids: impl Iterator<Item = Uuid>,
 ) -> Result<(), tokio_postgres::Error> {
     let ids: Vec<String> = ids.map(|id| id.to_string()).collect();
     for chunk in ids.chunks(200) {
-        tx.execute(
-            "SELECT pg_notify($1, $2)",
-            &[&CHANNEL_FINISHED, &chunk.join(",")],
-        )
-        .await?;
+        // Formatted UUIDs only (hex and dashes), so the literal needs no escaping; a simple
+        // query is one round trip where a prepared one is two.
+        client
+            .simple_query(&format!(
+                "SELECT pg_notify('{CHANNEL_FINISHED}', '{}')",
+                chunk.join(",")
+            ))
+            .await?;
     }
     Ok(())
 }
@@ -506,8 +511,8 @@ pub async fn rescue_expired(
             rescued.push(r.get(0))
         }
     }
-    notify_finished(&tx, dead.iter().copied()).await?;
     tx.commit().await?;
+    notify_finished(client, dead.iter().copied()).await?;
     Ok((rescued, dead))
 }
 

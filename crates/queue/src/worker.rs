@@ -259,7 +259,11 @@ impl Worker {
         while !shutdown.is_cancelled() {
             while tasks.try_join_next().is_some() {}
             let free = slots.available_permits().min(this.opts.claim_batch);
-            if free == 0 {
+            // Refill in strides: a claim per freed slot would cost a round trip each and walk the
+            // index entries of just-claimed rows again and again.
+            let stride = (this.opts.claim_batch.min(this.opts.slots) / 4).max(1);
+            let busy = slots.available_permits() < this.opts.slots;
+            if free == 0 || (busy && free < stride) {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = this.listener.work_available() => {}

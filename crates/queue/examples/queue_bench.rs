@@ -1,0 +1,354 @@
+//! `make bench-queue`: the queue's figures on one shard database, measured the way
+//! `../shared/bench/peers/graphile-worker-bench.sh` measures graphile-worker, so the two can
+//! stand side by side.
+//!
+//!   queue_bench ADMIN_DSN        (env: N=20000, C=10, BATCH=500, LAT_N=200, LAT_WARMUP=20)
+//!
+//! Each phase gets a fresh database (created from ADMIN_DSN, dropped at the end):
+//!  enqueue_bulk        N no-op jobs by one `enqueue_many` in one transaction; N / its time.
+//!  throughput          C tasks, each: claim 1, run, record 1 (its own transaction) — no batching.
+//!                      Window = first handler start → last outcome committed.
+//!  throughput_batched  the worker role (`Worker::run`) with BATCH slots, claims of up to BATCH
+//!                      and completions batched up to BATCH. Same window.
+//!  latency_p50/p99     idle worker (C slots, LISTEN/NOTIFY); LAT_N jobs enqueued one at a time
+//!                      (own transaction, then the after-commit NOTIFY), each after a random
+//!                      20-120 ms pause. Sample = handler start − enqueue commit acknowledged.
+//! Every job also gets its job.finished event written to the outbox, as in production.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails loudly is fine
+
+use std::{
+    collections::HashMap,
+    str::FromStr,
+    sync::{
+        LazyLock, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use rand::Rng;
+use serde_json::{Value, json};
+use tenantry_queue::{
+    ClaimedJob, Handler, JobError, Listener, NewJob, Notifier, Registry, Worker, WorkerOptions,
+    store::{self, EnqueueLimits, Outcome},
+    worker::BoxFuture,
+};
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+static STARTS: LazyLock<Mutex<HashMap<i64, tokio::sync::oneshot::Sender<Instant>>>> =
+    LazyLock::new(Default::default);
+static RAN: AtomicUsize = AtomicUsize::new(0);
+static FIRST: LazyLock<Mutex<Option<Instant>>> = LazyLock::new(Default::default);
+
+struct Noop;
+impl Handler for Noop {
+    fn run<'a>(&'a self, job: &'a ClaimedJob) -> BoxFuture<'a, Result<Value, JobError>> {
+        Box::pin(async move {
+            let now = Instant::now();
+            FIRST.lock().unwrap().get_or_insert(now);
+            RAN.fetch_add(1, Ordering::Relaxed);
+            if let Some(i) = job.params.get("lat").and_then(Value::as_i64)
+                && let Some(tx) = STARTS.lock().unwrap().remove(&i)
+            {
+                let _ = tx.send(now);
+            }
+            Ok(Value::Null)
+        })
+    }
+}
+
+fn db_url(admin: &str, name: &str) -> String {
+    let (base, q) = admin.split_once('?').map_or((admin, ""), |(b, q)| (b, q));
+    let cut = base.rfind('/').unwrap();
+    let q = if q.is_empty() {
+        String::new()
+    } else {
+        format!("?{q}")
+    };
+    format!("{}/{name}{q}", &base[..cut])
+}
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    c
+}
+
+async fn fresh_db(admin: &tokio_postgres::Client, admin_url: &str, name: &str) -> String {
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let url = db_url(admin_url, name);
+    let mut c = connect(&url).await;
+    tenantry_migrate::up(
+        &mut c,
+        &tenantry_migrate::embedded(tenantry_migrate::Target::Shard),
+        tenantry_migrate::Phase::Contract,
+    )
+    .await
+    .unwrap();
+    c.batch_execute("CHECKPOINT").await.ok();
+    url
+}
+
+fn pool(url: &str, size: usize) -> deadpool_postgres::Pool {
+    let cfg = tokio_postgres::Config::from_str(url).unwrap();
+    let mgr = deadpool_postgres::Manager::from_config(
+        cfg,
+        NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    deadpool_postgres::Pool::builder(mgr)
+        .max_size(size)
+        .build()
+        .unwrap()
+}
+
+fn jobs(n: usize, key: &str) -> Vec<NewJob> {
+    let company = Uuid::now_v7();
+    (0..n)
+        .map(|i| NewJob {
+            company_id: company,
+            request_id: format!("bench-{i}"),
+            user_context: json!({}),
+            kind: "noop".into(),
+            params: json!({ key: i }),
+            idempotency_key: None,
+            max_attempts: 1,
+        })
+        .collect()
+}
+
+const LIMITS: EnqueueLimits = EnqueueLimits {
+    max_waiting_per_company: i64::MAX,
+};
+
+async fn enqueue_all(url: &str, n: usize) -> f64 {
+    let mut c = connect(url).await;
+    let batch = jobs(n, "i");
+    let t = Instant::now();
+    let tx = c.transaction().await.unwrap();
+    store::enqueue_many(&tx, &batch, LIMITS).await.unwrap();
+    tx.commit().await.unwrap();
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+async fn until_all_done(url: &str) {
+    let c = connect(url).await;
+    loop {
+        let open: i64 = c
+            .query_one("SELECT count(*) FROM jobs WHERE state <> 'done'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if open == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn reset() {
+    RAN.store(0, Ordering::Relaxed);
+    *FIRST.lock().unwrap() = None;
+}
+
+fn opts(slots: usize, batch: usize) -> WorkerOptions {
+    WorkerOptions {
+        shard_id: "bench".into(),
+        slots,
+        claim_batch: batch,
+        complete_batch: batch,
+        lease: Duration::from_secs(60),
+        poll_interval: Duration::from_millis(500),
+        max_processing_per_company: i64::MAX,
+        retry_base: Duration::from_secs(1),
+        retry_max: Duration::from_secs(10),
+        rescue_interval: Duration::from_secs(60),
+        retention: Duration::from_secs(86_400),
+        prune_interval: Duration::from_secs(3600),
+        grace: Duration::from_secs(5),
+    }
+}
+
+async fn one_by_one(url: &str, n: usize, c: usize) -> f64 {
+    reset();
+    let mut tasks = Vec::new();
+    for w in 0..c {
+        let url = url.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut client = connect(&url).await;
+            let id = format!("bench-{w}");
+            loop {
+                let claimed = store::claim(&mut client, &id, 1, Duration::from_secs(60), i64::MAX)
+                    .await
+                    .unwrap();
+                let Some(job) = claimed.into_iter().next() else {
+                    break;
+                };
+                let result = Noop.run(&job).await;
+                let o = Outcome {
+                    id: job.id,
+                    attempt: job.attempt,
+                    result,
+                    retry_in: Duration::ZERO,
+                };
+                store::finish(&mut client, &id, &[o]).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let first = FIRST.lock().unwrap().unwrap();
+    assert_eq!(RAN.load(Ordering::Relaxed), n, "every job ran once");
+    n as f64 / first.elapsed().as_secs_f64()
+}
+
+fn registry() -> Registry {
+    let mut r = Registry::default();
+    r.register("noop", Noop);
+    r
+}
+
+async fn batched(url: &str, n: usize, batch: usize) -> f64 {
+    reset();
+    let stop = CancellationToken::new();
+    let listener = Listener::start(
+        tokio_postgres::Config::from_str(url).unwrap(),
+        10,
+        stop.clone(),
+    );
+    let worker = Worker::new(pool(url, 4), registry(), opts(batch, batch), listener);
+    let handle = tokio::spawn(worker.run(stop.clone()));
+    while RAN.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    until_all_done(url).await;
+    let first = FIRST.lock().unwrap().unwrap();
+    let rate = n as f64 / first.elapsed().as_secs_f64();
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    rate
+}
+
+async fn latency(url: &str, c: usize, samples: usize, warmup: usize) -> Vec<f64> {
+    let stop = CancellationToken::new();
+    let p = pool(url, c + 2);
+    let listener = Listener::start(
+        tokio_postgres::Config::from_str(url).unwrap(),
+        10,
+        stop.clone(),
+    );
+    let notifier = Notifier::start(p.clone(), stop.clone());
+    let worker = Worker::new(p, registry(), opts(c, c), listener);
+    let handle = tokio::spawn(worker.run(stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut producer = connect(url).await;
+    let company = Uuid::now_v7();
+    let mut out = Vec::new();
+    for i in 0..(warmup + samples) as i64 {
+        let pause = rand::rng().random_range(20..120);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        STARTS.lock().unwrap().insert(i, tx);
+        let job = NewJob {
+            company_id: company,
+            request_id: format!("lat-{i}"),
+            user_context: json!({}),
+            kind: "noop".into(),
+            params: json!({"lat": i}),
+            idempotency_key: None,
+            max_attempts: 1,
+        };
+        let t = producer.transaction().await.unwrap();
+        store::enqueue(&t, &job, LIMITS).await.unwrap();
+        t.commit().await.unwrap();
+        let ack = Instant::now();
+        notifier.poke();
+        let started = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("job never started")
+            .unwrap();
+        if i as usize >= warmup {
+            out.push(started.saturating_duration_since(ack).as_secs_f64() * 1e3);
+        }
+    }
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    out
+}
+
+fn pct(xs: &[f64], q: f64) -> f64 {
+    let mut a = xs.to_vec();
+    a.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    a[((q * a.len() as f64).ceil() as usize).max(1) - 1]
+}
+
+#[tokio::main]
+async fn main() {
+    let admin_url = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let (n, c, batch) = (env("N", 20_000), env("C", 10), env("BATCH", 500));
+    let (lat_n, warm) = (env("LAT_N", 200), env("LAT_WARMUP", 20));
+    let admin = connect(&admin_url).await;
+    let tag = std::process::id();
+    let names = [
+        format!("tqbench_{tag}_tp"),
+        format!("tqbench_{tag}_tpb"),
+        format!("tqbench_{tag}_lat"),
+    ];
+
+    eprintln!("tenantry-bench: N={n} C={c} BATCH={batch} LAT_N={lat_n}");
+    let tp = fresh_db(&admin, &admin_url, &names[0]).await;
+    let enqueue_rate = enqueue_all(&tp, n).await;
+    connect(&tp).await.batch_execute("CHECKPOINT").await.ok();
+    let plain = one_by_one(&tp, n, c).await;
+    eprintln!(
+        "tenantry-bench: one-by-one {plain:.0} jobs/s; bulk enqueue {enqueue_rate:.0} jobs/s"
+    );
+
+    let tpb = fresh_db(&admin, &admin_url, &names[1]).await;
+    enqueue_all(&tpb, n).await;
+    connect(&tpb).await.batch_execute("CHECKPOINT").await.ok();
+    let fast = batched(&tpb, n, batch).await;
+    eprintln!("tenantry-bench: batched {fast:.0} jobs/s");
+
+    let lat = fresh_db(&admin, &admin_url, &names[2]).await;
+    let samples = latency(&lat, c, lat_n, warm).await;
+    eprintln!(
+        "tenantry-bench: latency from commit ack: min {:.2} p50 {:.2} p99 {:.2} max {:.2} ms",
+        pct(&samples, 0.0),
+        pct(&samples, 0.5),
+        pct(&samples, 0.99),
+        pct(&samples, 1.0)
+    );
+    for name in &names {
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .ok();
+    }
+    println!("enqueue_bulk: {enqueue_rate:.0} jobs/s");
+    println!("throughput: {plain:.0} jobs/s");
+    println!("throughput_batched: {fast:.0} jobs/s");
+    println!("latency_p50: {:.2} ms", pct(&samples, 0.5));
+    println!("latency_p99: {:.2} ms", pct(&samples, 0.99));
+}
