@@ -21,6 +21,20 @@ pub const CHANNEL_FINISHED: &str = "tenantry_jobs_finished";
 /// against hours, so old jobs still go first.
 pub const FAIRNESS_QUANTUM_US: i64 = 1_000_000;
 
+/// The CTE that writes one outbox row holding a `job.finished` event for every row of
+/// `updated` (id, state, company_id, kind, request_id, finished_at) that finished — shared by
+/// completion and the rescuer so the event shape cannot drift. Rows going back to `waiting`
+/// (a retry) have not finished and get no event.
+const FINISHED_EVENTS: &str = "events AS (
+                 INSERT INTO outbox (events)
+                 SELECT jsonb_agg(jsonb_build_object(
+                            'type', 'job.finished', 'company_id', company_id, 'job_id', id,
+                            'job_kind', kind, 'state', state, 'request_id', request_id,
+                            'finished_at', finished_at))
+                   FROM updated WHERE state IN ('done', 'error')
+                 HAVING count(*) > 0
+             )";
+
 /// Limits checked at enqueue time.
 #[derive(Debug, Clone, Copy)]
 pub struct EnqueueLimits {
@@ -369,7 +383,8 @@ pub async fn finish(
     // One statement: the outcomes and their events commit together, in one round trip.
     let rows = client
         .query(
-            "WITH input AS (
+            &format!(
+                "WITH input AS (
                  SELECT * FROM jsonb_to_recordset($1::jsonb)
                      AS x(id uuid, attempt int, ok boolean, result jsonb, error text,
                           permanent boolean, retry_ms bigint)
@@ -389,16 +404,9 @@ pub async fn finish(
                   WHERE j.id = i.id AND j.state = 'processing' AND j.worker_id = $2
                     AND j.attempts = i.attempt
               RETURNING j.id, j.state, j.company_id, j.kind, j.request_id, j.finished_at
-             ), events AS (
-                 INSERT INTO outbox (events)
-                 SELECT jsonb_agg(jsonb_build_object(
-                            'type', 'job.finished', 'company_id', company_id, 'job_id', id,
-                            'job_kind', kind, 'state', state, 'request_id', request_id,
-                            'finished_at', finished_at))
-                   FROM updated WHERE state <> 'waiting'
-                 HAVING count(*) > 0
-             )
-             SELECT id, state FROM updated",
+             ), {FINISHED_EVENTS}
+             SELECT id, state FROM updated"
+            ),
             &[&Value::Array(input), &worker_id],
         )
         .await?;
@@ -477,7 +485,7 @@ pub async fn rescue_expired(
     let tx = client.transaction().await?;
     let rows = tx
         .query(
-            "WITH expired AS (
+            &format!("WITH expired AS (
                  SELECT id FROM jobs
                   WHERE state = 'processing' AND lease_expires_at < now()
                   LIMIT $1 FOR UPDATE SKIP LOCKED
@@ -489,16 +497,8 @@ pub async fn rescue_expired(
                      run_at = now(), worker_id = NULL, lease_expires_at = NULL, updated_at = now()
                    FROM expired WHERE j.id = expired.id
               RETURNING j.id, j.state, j.company_id, j.kind, j.request_id, j.finished_at
-             ), events AS (
-                 INSERT INTO outbox (events)
-                 SELECT jsonb_agg(jsonb_build_object(
-                            'type', 'job.finished', 'company_id', company_id, 'job_id', id,
-                            'job_kind', kind, 'state', state, 'request_id', request_id,
-                            'finished_at', finished_at))
-                   FROM updated WHERE state = 'error'
-                 HAVING count(*) > 0
-             )
-             SELECT id, state FROM updated",
+             ), {FINISHED_EVENTS}
+             SELECT id, state FROM updated"),
             &[&limit],
         )
         .await?;
