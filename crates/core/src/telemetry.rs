@@ -33,7 +33,11 @@ pub fn init(cfg: &LogConfig) {
             .try_init()
     } else {
         registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
     };
     // Already installed (several roles in one test process): keep the first.
