@@ -2,9 +2,6 @@
 //! build carries exactly the schema it was written for. File names and phase headers are
 //! checked here, so a malformed migration fails the build rather than a deploy.
 
-// A build script reports problems by panicking: that fails the build with the message.
-#![allow(clippy::unwrap_used)]
-
 use std::{env, fmt::Write as _, fs, path::Path};
 
 fn main() {
@@ -20,11 +17,17 @@ fn main() {
             .filter(|p| p.extension().is_some_and(|x| x == "sql"))
             .collect();
         files.sort();
-        writeln!(out, "pub(crate) static {konst}: &[(&str, &str)] = &[").unwrap();
+        writeln!(out, "pub(crate) static {konst}: &[(&str, &str)] = &[")
+            .expect("writing to a String");
         for f in files {
             println!("cargo:rerun-if-changed={}", f.display());
-            let name = f.file_name().unwrap().to_string_lossy().into_owned();
-            let text = fs::read_to_string(&f).unwrap();
+            let name = f
+                .file_name()
+                .expect("read_dir entries have names")
+                .to_string_lossy()
+                .into_owned();
+            let text =
+                fs::read_to_string(&f).unwrap_or_else(|e| panic!("reading {}: {e}", f.display()));
             let digits: String = name.chars().take_while(|c| c.is_ascii_digit()).collect();
             assert!(
                 digits.len() == 4 && name[4..].starts_with('_'),
@@ -40,10 +43,10 @@ fn main() {
                 "    ({name:?}, include_str!({:?})),",
                 f.display().to_string()
             )
-            .unwrap();
+            .expect("writing to a String");
         }
-        writeln!(out, "];").unwrap();
+        writeln!(out, "];").expect("writing to a String");
     }
-    let dest = Path::new(&env::var("OUT_DIR").unwrap()).join("embedded.rs");
-    fs::write(dest, out).unwrap();
+    let dest = Path::new(&env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("embedded.rs");
+    fs::write(&dest, out).unwrap_or_else(|e| panic!("writing {}: {e}", dest.display()));
 }

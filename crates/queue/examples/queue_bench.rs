@@ -14,7 +14,6 @@
 //!                      (own transaction, then the after-commit NOTIFY), each after a random
 //!                      20-120 ms pause. Sample = handler start − enqueue commit acknowledged.
 //! Every job also gets its job.finished event written to the outbox, as in production.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails loudly is fine
 
 use std::{
     collections::HashMap,
@@ -26,6 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context;
 use rand::Rng;
 use serde_json::{Value, json};
 use tenantry_queue::{
@@ -36,6 +36,11 @@ use tenantry_queue::{
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+/// A poisoned lock only means another task panicked mid-update of a plain value.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -54,10 +59,10 @@ impl Handler for Noop {
     fn run<'a>(&'a self, job: &'a ClaimedJob) -> BoxFuture<'a, Result<Value, JobError>> {
         Box::pin(async move {
             let now = Instant::now();
-            FIRST.lock().unwrap().get_or_insert(now);
+            lock(&FIRST).get_or_insert(now);
             RAN.fetch_add(1, Ordering::Relaxed);
             if let Some(i) = job.params.get("lat").and_then(Value::as_i64)
-                && let Some(tx) = STARTS.lock().unwrap().remove(&i)
+                && let Some(tx) = lock(&STARTS).remove(&i)
             {
                 let _ = tx.send(now);
             }
@@ -66,47 +71,48 @@ impl Handler for Noop {
     }
 }
 
-fn db_url(admin: &str, name: &str) -> String {
+fn db_url(admin: &str, name: &str) -> anyhow::Result<String> {
     let (base, q) = admin.split_once('?').map_or((admin, ""), |(b, q)| (b, q));
-    let cut = base.rfind('/').unwrap();
+    let cut = base.rfind('/').context("the DSN must name a database")?;
     let q = if q.is_empty() {
         String::new()
     } else {
         format!("?{q}")
     };
-    format!("{}/{name}{q}", &base[..cut])
+    Ok(format!("{}/{name}{q}", &base[..cut]))
 }
 
-async fn connect(url: &str) -> tokio_postgres::Client {
-    let (c, conn) = tokio_postgres::connect(url, NoTls).await.unwrap();
+async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (c, conn) = tokio_postgres::connect(url, NoTls).await?;
     tokio::spawn(conn);
-    c
+    Ok(c)
 }
 
-async fn fresh_db(admin: &tokio_postgres::Client, admin_url: &str, name: &str) -> String {
+async fn fresh_db(
+    admin: &tokio_postgres::Client,
+    admin_url: &str,
+    name: &str,
+) -> anyhow::Result<String> {
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await
-        .unwrap();
+        .await?;
     admin
         .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let url = db_url(admin_url, name);
-    let mut c = connect(&url).await;
+        .await?;
+    let url = db_url(admin_url, name)?;
+    let mut c = connect(&url).await?;
     tenantry_migrate::up(
         &mut c,
         &tenantry_migrate::embedded(tenantry_migrate::Target::Shard),
         tenantry_migrate::Phase::Contract,
     )
-    .await
-    .unwrap();
+    .await?;
     c.batch_execute("CHECKPOINT").await.ok();
-    url
+    Ok(url)
 }
 
-fn pool(url: &str, size: usize) -> deadpool_postgres::Pool {
-    let cfg = tokio_postgres::Config::from_str(url).unwrap();
+fn pool(url: &str, size: usize) -> anyhow::Result<deadpool_postgres::Pool> {
+    let cfg = tokio_postgres::Config::from_str(url)?;
     let mgr = deadpool_postgres::Manager::from_config(
         cfg,
         NoTls,
@@ -114,10 +120,9 @@ fn pool(url: &str, size: usize) -> deadpool_postgres::Pool {
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,
         },
     );
-    deadpool_postgres::Pool::builder(mgr)
+    Ok(deadpool_postgres::Pool::builder(mgr)
         .max_size(size)
-        .build()
-        .unwrap()
+        .build()?)
 }
 
 fn jobs(n: usize, key: &str) -> Vec<NewJob> {
@@ -139,26 +144,25 @@ const LIMITS: EnqueueLimits = EnqueueLimits {
     max_waiting_per_company: i64::MAX,
 };
 
-async fn enqueue_all(url: &str, n: usize) -> f64 {
-    let mut c = connect(url).await;
+async fn enqueue_all(url: &str, n: usize) -> anyhow::Result<f64> {
+    let mut c = connect(url).await?;
     let batch = jobs(n, "i");
     let t = Instant::now();
-    let tx = c.transaction().await.unwrap();
-    store::enqueue_many(&tx, &batch, LIMITS).await.unwrap();
-    tx.commit().await.unwrap();
-    n as f64 / t.elapsed().as_secs_f64()
+    let tx = c.transaction().await?;
+    store::enqueue_many(&tx, &batch, LIMITS).await?;
+    tx.commit().await?;
+    Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
-async fn until_all_done(url: &str) {
-    let c = connect(url).await;
+async fn until_all_done(url: &str) -> anyhow::Result<()> {
+    let c = connect(url).await?;
     loop {
         let open: i64 = c
             .query_one("SELECT count(*) FROM jobs WHERE state <> 'done'", &[])
-            .await
-            .unwrap()
+            .await?
             .get(0);
         if open == 0 {
-            return;
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -166,7 +170,7 @@ async fn until_all_done(url: &str) {
 
 fn reset() {
     RAN.store(0, Ordering::Relaxed);
-    *FIRST.lock().unwrap() = None;
+    *lock(&FIRST) = None;
 }
 
 fn opts(slots: usize, batch: usize) -> WorkerOptions {
@@ -187,18 +191,17 @@ fn opts(slots: usize, batch: usize) -> WorkerOptions {
     }
 }
 
-async fn one_by_one(url: &str, n: usize, c: usize) -> f64 {
+async fn one_by_one(url: &str, n: usize, c: usize) -> anyhow::Result<f64> {
     reset();
     let mut tasks = Vec::new();
     for w in 0..c {
         let url = url.to_owned();
         tasks.push(tokio::spawn(async move {
-            let mut client = connect(&url).await;
+            let mut client = connect(&url).await?;
             let id = format!("bench-{w}");
             loop {
-                let claimed = store::claim(&mut client, &id, 1, Duration::from_secs(60), i64::MAX)
-                    .await
-                    .unwrap();
+                let claimed =
+                    store::claim(&mut client, &id, 1, Duration::from_secs(60), i64::MAX).await?;
                 let Some(job) = claimed.into_iter().next() else {
                     break;
                 };
@@ -209,16 +212,17 @@ async fn one_by_one(url: &str, n: usize, c: usize) -> f64 {
                     result,
                     retry_in: Duration::ZERO,
                 };
-                store::finish(&mut client, &id, &[o]).await.unwrap();
+                store::finish(&mut client, &id, &[o]).await?;
             }
+            Ok::<_, anyhow::Error>(())
         }));
     }
     for t in tasks {
-        t.await.unwrap();
+        t.await??;
     }
-    let first = FIRST.lock().unwrap().unwrap();
+    let first = lock(&FIRST).context("no job ran")?;
     assert_eq!(RAN.load(Ordering::Relaxed), n, "every job ran once");
-    n as f64 / first.elapsed().as_secs_f64()
+    Ok(n as f64 / first.elapsed().as_secs_f64())
 }
 
 fn registry() -> Registry {
@@ -227,47 +231,39 @@ fn registry() -> Registry {
     r
 }
 
-async fn batched(url: &str, n: usize, batch: usize) -> f64 {
+async fn batched(url: &str, n: usize, batch: usize) -> anyhow::Result<f64> {
     reset();
     let stop = CancellationToken::new();
-    let listener = Listener::start(
-        tokio_postgres::Config::from_str(url).unwrap(),
-        10,
-        stop.clone(),
-    );
-    let worker = Worker::new(pool(url, 4), registry(), opts(batch, batch), listener);
+    let listener = Listener::start(tokio_postgres::Config::from_str(url)?, 10, stop.clone());
+    let worker = Worker::new(pool(url, 4)?, registry(), opts(batch, batch), listener);
     let handle = tokio::spawn(worker.run(stop.clone()));
     while RAN.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    until_all_done(url).await;
-    let first = FIRST.lock().unwrap().unwrap();
+    until_all_done(url).await?;
+    let first = lock(&FIRST).context("no job ran")?;
     let rate = n as f64 / first.elapsed().as_secs_f64();
     stop.cancel();
-    handle.await.unwrap().unwrap();
-    rate
+    handle.await??;
+    Ok(rate)
 }
 
-async fn latency(url: &str, c: usize, samples: usize, warmup: usize) -> Vec<f64> {
+async fn latency(url: &str, c: usize, samples: usize, warmup: usize) -> anyhow::Result<Vec<f64>> {
     let stop = CancellationToken::new();
-    let p = pool(url, c + 2);
-    let listener = Listener::start(
-        tokio_postgres::Config::from_str(url).unwrap(),
-        10,
-        stop.clone(),
-    );
+    let p = pool(url, c + 2)?;
+    let listener = Listener::start(tokio_postgres::Config::from_str(url)?, 10, stop.clone());
     let notifier = Notifier::start(p.clone(), stop.clone());
     let worker = Worker::new(p, registry(), opts(c, c), listener);
     let handle = tokio::spawn(worker.run(stop.clone()));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut producer = connect(url).await;
+    let mut producer = connect(url).await?;
     let company = Uuid::now_v7();
     let mut out = Vec::new();
     for i in 0..(warmup + samples) as i64 {
         let pause = rand::rng().random_range(20..120);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        STARTS.lock().unwrap().insert(i, tx);
+        lock(&STARTS).insert(i, tx);
         let job = NewJob {
             company_id: company,
             request_id: format!("lat-{i}"),
@@ -277,38 +273,37 @@ async fn latency(url: &str, c: usize, samples: usize, warmup: usize) -> Vec<f64>
             idempotency_key: None,
             max_attempts: 1,
         };
-        let t = producer.transaction().await.unwrap();
-        store::enqueue(&t, &job, LIMITS).await.unwrap();
-        t.commit().await.unwrap();
+        let t = producer.transaction().await?;
+        store::enqueue(&t, &job, LIMITS).await?;
+        t.commit().await?;
         let ack = Instant::now();
         notifier.poke();
         let started = tokio::time::timeout(Duration::from_secs(10), rx)
             .await
-            .expect("job never started")
-            .unwrap();
+            .expect("job never started")?;
         if i as usize >= warmup {
             out.push(started.saturating_duration_since(ack).as_secs_f64() * 1e3);
         }
     }
     stop.cancel();
-    handle.await.unwrap().unwrap();
-    out
+    handle.await??;
+    Ok(out)
 }
 
 fn pct(xs: &[f64], q: f64) -> f64 {
     let mut a = xs.to_vec();
-    a.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    a.sort_by(f64::total_cmp);
     a[((q * a.len() as f64).ceil() as usize).max(1) - 1]
 }
 
 #[tokio::main]
-async fn main() {
+async fn main() -> anyhow::Result<()> {
     let admin_url = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let (n, c, batch) = (env("N", 20_000), env("C", 10), env("BATCH", 500));
     let (lat_n, warm) = (env("LAT_N", 200), env("LAT_WARMUP", 20));
-    let admin = connect(&admin_url).await;
+    let admin = connect(&admin_url).await?;
     let tag = std::process::id();
     let names = [
         format!("tqbench_{tag}_tp"),
@@ -317,22 +312,22 @@ async fn main() {
     ];
 
     eprintln!("tenantry-bench: N={n} C={c} BATCH={batch} LAT_N={lat_n}");
-    let tp = fresh_db(&admin, &admin_url, &names[0]).await;
-    let enqueue_rate = enqueue_all(&tp, n).await;
-    connect(&tp).await.batch_execute("CHECKPOINT").await.ok();
-    let plain = one_by_one(&tp, n, c).await;
+    let tp = fresh_db(&admin, &admin_url, &names[0]).await?;
+    let enqueue_rate = enqueue_all(&tp, n).await?;
+    connect(&tp).await?.batch_execute("CHECKPOINT").await.ok();
+    let plain = one_by_one(&tp, n, c).await?;
     eprintln!(
         "tenantry-bench: one-by-one {plain:.0} jobs/s; bulk enqueue {enqueue_rate:.0} jobs/s"
     );
 
-    let tpb = fresh_db(&admin, &admin_url, &names[1]).await;
-    enqueue_all(&tpb, n).await;
-    connect(&tpb).await.batch_execute("CHECKPOINT").await.ok();
-    let fast = batched(&tpb, n, batch).await;
+    let tpb = fresh_db(&admin, &admin_url, &names[1]).await?;
+    enqueue_all(&tpb, n).await?;
+    connect(&tpb).await?.batch_execute("CHECKPOINT").await.ok();
+    let fast = batched(&tpb, n, batch).await?;
     eprintln!("tenantry-bench: batched {fast:.0} jobs/s");
 
-    let lat = fresh_db(&admin, &admin_url, &names[2]).await;
-    let samples = latency(&lat, c, lat_n, warm).await;
+    let lat = fresh_db(&admin, &admin_url, &names[2]).await?;
+    let samples = latency(&lat, c, lat_n, warm).await?;
     eprintln!(
         "tenantry-bench: latency from commit ack: min {:.2} p50 {:.2} p99 {:.2} max {:.2} ms",
         pct(&samples, 0.0),
@@ -351,4 +346,5 @@ async fn main() {
     println!("throughput_batched: {fast:.0} jobs/s");
     println!("latency_p50: {:.2} ms", pct(&samples, 0.5));
     println!("latency_p99: {:.2} ms", pct(&samples, 0.99));
+    Ok(())
 }
