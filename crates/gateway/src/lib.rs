@@ -1,6 +1,5 @@
 #![doc = include_str!("../README.md")]
 
-pub mod auth;
 mod routes;
 
 use std::sync::Arc;
@@ -37,7 +36,7 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
         shutdown,
         body_limit: cfg.gateway.body_limit.as_usize(),
     };
-    let key = web::Data::new(auth::JwtKey(cfg.auth.jwt_secret.clone()));
+    let key = web::Data::new(tenantry_core::auth::JwtKey(cfg.auth.jwt_secret.clone()));
     let catalog = web::Data::new(catalog);
     let server = start_server(
         ctx,

@@ -6,7 +6,9 @@ use serde::Serialize;
 use tenantry_core::ApiError;
 use tenantry_shardmap::catalog;
 
-use crate::{OPERATOR_SCOPE, auth::Caller};
+use tenantry_core::auth::Caller;
+
+use crate::OPERATOR_SCOPE;
 
 pub fn configure(c: &mut web::ServiceConfig) {
     c.service(web::resource("/v1/shard-map/version").get(shard_map_version));

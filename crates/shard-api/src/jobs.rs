@@ -193,11 +193,12 @@ async fn wait_until_finished(
     limit: Duration,
 ) -> Result<JobRecord, ApiError> {
     let deadline = Instant::now() + limit;
-    while !record.view.state.is_finished() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
+    if record.view.state.is_finished() || limit.is_zero() {
+        return Ok(record);
+    }
+    // Register, then read, then wait: a completion between the read and the wait still wakes
+    // us. After a wake (or the timeout) the next round reads the job once more.
+    loop {
         // Too many waiters in this process: answer now rather than queue without bound.
         let Some(waiter) = state.shard.listener.wait_for(record.view.id) else {
             break;
@@ -207,14 +208,11 @@ async fn wait_until_finished(
             .await?
             .ok_or_else(|| ApiError::not_found("no such job"))?;
         drop(client);
-        if record.view.state.is_finished() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if record.view.state.is_finished() || left.is_zero() {
             break;
         }
         waiter.wait(left).await;
-        let client = state.shard.pool.get().await?;
-        record = store::get(&**client, record.company_id, record.view.id)
-            .await?
-            .ok_or_else(|| ApiError::not_found("no such job"))?;
     }
     Ok(record)
 }

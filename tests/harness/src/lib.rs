@@ -300,21 +300,14 @@ impl TestBroker {
 
     /// Deletes every remembered exchange and queue.
     pub async fn cleanup(&self) {
-        let Ok(ch) = self.conn.create_channel().await else {
-            return;
-        };
-        let queues: Vec<_> = self.queues.lock().unwrap().drain(..).collect();
-        let exchanges: Vec<_> = self.exchanges.lock().unwrap().drain(..).collect();
-        for q in queues {
-            let _ = ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for x in exchanges {
-            let _ = ch
-                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+        let (queues, exchanges) = self.take_names();
+        delete_names(&self.conn, queues, exchanges).await;
+    }
+
+    fn take_names(&self) -> (Vec<String>, Vec<String>) {
+        let queues = self.queues.lock().unwrap().drain(..).collect();
+        let exchanges = self.exchanges.lock().unwrap().drain(..).collect();
+        (queues, exchanges)
     }
 
     /// Whether an exchange exists (a passive declare fails when it does not).
@@ -338,12 +331,13 @@ impl TestBroker {
 
 impl Drop for TestBroker {
     fn drop(&mut self) {
-        let queues: Vec<_> = self.queues.lock().unwrap().drain(..).collect();
-        let exchanges: Vec<_> = self.exchanges.lock().unwrap().drain(..).collect();
+        let (queues, exchanges) = self.take_names();
         if queues.is_empty() && exchanges.is_empty() {
             return;
         }
         let url = amqp_url();
+        // Drop runs outside any runtime guarantee: delete from a thread with its own runtime
+        // and connection.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -354,23 +348,28 @@ impl Drop for TestBroker {
                 else {
                     return;
                 };
-                let Ok(ch) = conn.create_channel().await else {
-                    return;
-                };
-                for q in queues {
-                    let _ = ch
-                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                        .await;
-                }
-                for x in exchanges {
-                    let _ = ch
-                        .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
+                delete_names(&conn, queues, exchanges).await;
                 let _ = conn.close(200, "bye".into()).await;
             });
         })
         .join();
+    }
+}
+
+/// Deletes queues, then exchanges; a name already gone is not an error.
+async fn delete_names(conn: &Connection, queues: Vec<String>, exchanges: Vec<String>) {
+    let Ok(ch) = conn.create_channel().await else {
+        return;
+    };
+    for q in queues {
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for x in exchanges {
+        let _ = ch
+            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
     }
 }
 
