@@ -5,6 +5,7 @@
 #[macro_use]
 mod support;
 mod cli;
+mod gateway;
 mod harness;
 mod http_errors;
 mod jobs_api;

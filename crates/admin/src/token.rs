@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use tenantry_core::{
     Config,
-    auth::{Claims, Role, mint_hs256, parse_company_grant},
+    auth::{Claims, Role, mint, parse_company_grant},
 };
 use uuid::Uuid;
 
@@ -52,9 +52,6 @@ pub fn run(args: TokenArgs, cfg: &Config, _dev: bool) -> anyhow::Result<()> {
         companies: args.companies.into_iter().collect(),
         scope: args.scope,
     };
-    println!(
-        "{}",
-        mint_hs256(cfg.auth.jwt_secret.expose().as_bytes(), &claims)?
-    );
+    println!("{}", mint(&cfg.auth, &claims)?);
     Ok(())
 }

@@ -9,7 +9,9 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{ApiError, secret::Secret};
+use anyhow::Context;
+
+use crate::{ApiError, config::AuthConfig};
 
 /// A caller's role in one company.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -87,17 +89,82 @@ pub enum AuthError {
     Invalid(String),
 }
 
+/// The signature algorithms Tenantry accepts, one per deployment (`auth.algorithm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JwtAlgorithm {
+    /// Shared secret (`auth.jwt_secret`).
+    HS256,
+    /// RSA public key (`auth.public_key`, PEM).
+    RS256,
+    /// P-256 ECDSA public key (`auth.public_key`, PEM).
+    ES256,
+}
+
+impl JwtAlgorithm {
+    fn jsonwebtoken(self) -> Algorithm {
+        match self {
+            JwtAlgorithm::HS256 => Algorithm::HS256,
+            JwtAlgorithm::RS256 => Algorithm::RS256,
+            JwtAlgorithm::ES256 => Algorithm::ES256,
+        }
+    }
+}
+
+/// Verifies tokens: one algorithm and one key, fixed at startup. A token signed with any
+/// other algorithm is refused (no `alg: none`, no HS256-with-the-public-key confusion).
+#[derive(Clone)]
+pub struct JwtKey {
+    algorithm: Algorithm,
+    key: DecodingKey,
+}
+
+impl JwtKey {
+    pub fn hs256(secret: &[u8]) -> Self {
+        Self {
+            algorithm: Algorithm::HS256,
+            key: DecodingKey::from_secret(secret),
+        }
+    }
+
+    /// The verification key `auth` configures: the HS256 secret, or the PEM public key file.
+    pub fn from_config(auth: &AuthConfig) -> anyhow::Result<Self> {
+        let key = match auth.algorithm {
+            JwtAlgorithm::HS256 => DecodingKey::from_secret(auth.jwt_secret.expose().as_bytes()),
+            JwtAlgorithm::RS256 => DecodingKey::from_rsa_pem(&read_pem(&auth.public_key)?)
+                .context("auth.public_key is not an RSA public key in PEM")?,
+            JwtAlgorithm::ES256 => DecodingKey::from_ec_pem(&read_pem(&auth.public_key)?)
+                .context("auth.public_key is not an EC public key in PEM")?,
+        };
+        Ok(Self {
+            algorithm: auth.algorithm.jsonwebtoken(),
+            key,
+        })
+    }
+
+    /// Checks the signature, `exp` (5 s leeway) and that `sub` is present.
+    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        let mut validation = Validation::new(self.algorithm);
+        validation.leeway = 5;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        jsonwebtoken::decode::<Claims>(token, &self.key, &validation)
+            .map(|d| d.claims)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::Invalid(e.to_string()),
+            })
+    }
+}
+
+fn read_pem(path: &str) -> anyhow::Result<Vec<u8>> {
+    if path.is_empty() {
+        anyhow::bail!("auth.public_key (a PEM file) is required for RS256 and ES256");
+    }
+    std::fs::read(path).with_context(|| format!("reading the key file {path}"))
+}
+
 /// Verifies an HS256 token's signature and expiry.
 pub fn verify_hs256(secret: &[u8], token: &str) -> Result<Claims, AuthError> {
-    let mut validation = Validation::new(Algorithm::HS256);
-    validation.leeway = 5;
-    validation.set_required_spec_claims(&["exp", "sub"]);
-    jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(secret), &validation)
-        .map(|d| d.claims)
-        .map_err(|e| match e.kind() {
-            jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-            _ => AuthError::Invalid(e.to_string()),
-        })
+    JwtKey::hs256(secret).verify(token)
 }
 
 /// Signs claims with HS256.
@@ -109,6 +176,35 @@ pub fn mint_hs256(secret: &[u8], claims: &Claims) -> anyhow::Result<String> {
     )?)
 }
 
+/// Signs claims with the configured algorithm: the HS256 secret, or for RS256/ES256 the PEM
+/// private key in `auth.private_key` (only `tenantry admin token` needs it).
+pub fn mint(auth: &AuthConfig, claims: &Claims) -> anyhow::Result<String> {
+    let key = match auth.algorithm {
+        JwtAlgorithm::HS256 => EncodingKey::from_secret(auth.jwt_secret.expose().as_bytes()),
+        alg => {
+            if auth.private_key.is_empty() {
+                anyhow::bail!(
+                    "auth.private_key (a PEM file) is required to mint {alg:?} tokens; \
+                     gateways and shards only need auth.public_key"
+                );
+            }
+            let pem = std::fs::read(&auth.private_key)
+                .with_context(|| format!("reading the key file {}", auth.private_key))?;
+            match alg {
+                JwtAlgorithm::RS256 => EncodingKey::from_rsa_pem(&pem)
+                    .context("auth.private_key is not an RSA private key in PEM")?,
+                _ => EncodingKey::from_ec_pem(&pem)
+                    .context("auth.private_key is not an EC private key in PEM (PKCS#8)")?,
+            }
+        }
+    };
+    Ok(jsonwebtoken::encode(
+        &Header::new(auth.algorithm.jsonwebtoken()),
+        claims,
+        &key,
+    )?)
+}
+
 /// Parses `UUID:role`, the company argument of `tenantry admin token`.
 pub fn parse_company_grant(s: &str) -> Result<(Uuid, Role), String> {
     let (id, role) = s
@@ -117,10 +213,6 @@ pub fn parse_company_grant(s: &str) -> Result<(Uuid, Role), String> {
     let id = Uuid::parse_str(id).map_err(|e| format!("{id:?} is not a UUID: {e}"))?;
     Ok((id, role.parse()?))
 }
-
-/// The key tokens are verified with.
-#[derive(Clone)]
-pub struct JwtKey(pub Secret);
 
 /// An authenticated caller: extracting it answers 401 for a missing, malformed, forged or
 /// expired token.
@@ -154,7 +246,7 @@ fn authenticate(req: &HttpRequest) -> Result<Caller, ApiError> {
         .map(str::trim)
         .filter(|t| !t.is_empty() && t.len() <= 8192)
         .ok_or_else(|| ApiError::unauthorized("Authorization header must be `Bearer <token>`"))?;
-    match verify_hs256(key.0.expose().as_bytes(), token) {
+    match key.verify(token) {
         Ok(claims) => Ok(Caller(claims)),
         Err(AuthError::Expired) => Err(ApiError::unauthorized("token has expired")),
         Err(AuthError::Invalid(_)) => Err(ApiError::unauthorized("token is invalid")),
@@ -209,6 +301,71 @@ mod tests {
             verify_hs256(b"k", &token),
             Err(AuthError::Expired)
         ));
+    }
+
+    fn keys(alg: JwtAlgorithm, name: &str) -> AuthConfig {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/keys");
+        AuthConfig {
+            algorithm: alg,
+            jwt_secret: crate::secret::Secret::new("k".repeat(32)),
+            public_key: format!("{dir}/{name}-public.pem"),
+            private_key: format!("{dir}/{name}-private.pem"),
+        }
+    }
+
+    fn claims() -> Claims {
+        Claims {
+            sub: "u1".into(),
+            exp: now() + 60,
+            iat: now(),
+            companies: [(Uuid::now_v7(), Role::Admin)].into(),
+            scope: String::new(),
+        }
+    }
+
+    #[test]
+    fn rs256_and_es256_tokens_verify_with_the_public_key_only_for_their_algorithm() {
+        for (alg, name) in [
+            (JwtAlgorithm::RS256, "rs256"),
+            (JwtAlgorithm::ES256, "es256"),
+        ] {
+            let auth = keys(alg, name);
+            let key = JwtKey::from_config(&auth).unwrap();
+            let token = mint(&auth, &claims()).unwrap();
+            assert_eq!(key.verify(&token).unwrap().sub, "u1", "{alg:?}");
+            // An HS256 token (even one signed with the public key's bytes) is refused.
+            let hs = mint_hs256(b"k".repeat(32).as_slice(), &claims()).unwrap();
+            assert!(
+                matches!(key.verify(&hs), Err(AuthError::Invalid(_))),
+                "{alg:?}"
+            );
+            let pem = std::fs::read(&auth.public_key).unwrap();
+            let confused = mint_hs256(&pem, &claims()).unwrap();
+            assert!(
+                matches!(key.verify(&confused), Err(AuthError::Invalid(_))),
+                "{alg:?}"
+            );
+        }
+        // A token of the other asymmetric algorithm is refused too.
+        let es = mint(&keys(JwtAlgorithm::ES256, "es256"), &claims()).unwrap();
+        let rs_key = JwtKey::from_config(&keys(JwtAlgorithm::RS256, "rs256")).unwrap();
+        assert!(rs_key.verify(&es).is_err());
+    }
+
+    #[test]
+    fn missing_or_wrong_key_files_are_clear_errors() {
+        let mut auth = keys(JwtAlgorithm::RS256, "rs256");
+        auth.public_key = "/nonexistent/key.pem".into();
+        let err = JwtKey::from_config(&auth).err().unwrap().to_string();
+        assert!(err.contains("/nonexistent/key.pem"), "{err}");
+        let mut auth = keys(JwtAlgorithm::ES256, "es256");
+        auth.public_key = auth.public_key.replace("es256", "rs256");
+        let err = format!("{:#}", JwtKey::from_config(&auth).err().unwrap());
+        assert!(err.contains("not an EC public key"), "{err}");
+        let mut auth = keys(JwtAlgorithm::ES256, "es256");
+        auth.private_key = String::new();
+        let err = mint(&auth, &claims()).unwrap_err().to_string();
+        assert!(err.contains("auth.private_key"), "{err}");
     }
 
     #[test]

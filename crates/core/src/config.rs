@@ -66,8 +66,14 @@ pub struct LogConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
+    /// `HS256` (default), `RS256` or `ES256`.
+    pub algorithm: crate::auth::JwtAlgorithm,
     /// HS256 secret for JWTs; default empty (refused without `--dev`).
     pub jwt_secret: Secret,
+    /// PEM public key file for RS256/ES256; default empty.
+    pub public_key: String,
+    /// PEM private key file, only for `admin token` with RS256/ES256; default empty.
+    pub private_key: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -99,6 +105,36 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// Request body limit; default 1MiB.
     pub body_limit: ByteSize,
+    /// Time for a shard to answer (response head); default 10s, then 504.
+    #[serde(with = "humantime_serde")]
+    pub upstream_timeout: Duration,
+    /// Time to connect to a shard endpoint before trying the next; default 1s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long a request for a frozen (moving) company is held and retried; default 2s.
+    #[serde(with = "humantime_serde")]
+    pub freeze_wait: Duration,
+    /// Requests in flight to one shard before 503; default 512.
+    pub max_in_flight_per_shard: usize,
+    /// Upstream connections per listener thread; default 256.
+    pub upstream_connections: usize,
+    /// Requests per second per company; default 100, 0 = no limit.
+    pub rate_limit: u32,
+    /// Burst above the rate; default 200.
+    pub rate_burst: u32,
+    /// Companies kept in the routing cache; default 100000.
+    pub cache_capacity: u64,
+    /// How long an unknown company is remembered as unknown; default 2s.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    /// Revalidation age of cached routes while RabbitMQ is unreachable; default 1s.
+    #[serde(with = "humantime_serde")]
+    pub disconnected_ttl: Duration,
+    /// Active health checks of shard endpoints; default 2s.
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// Bodies up to this size are kept to be replayed on 421/freeze retries; default 64KiB.
+    pub retry_buffer: ByteSize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -189,6 +225,10 @@ pub struct RabbitConfig {
     pub relay_events: bool,
     /// Exchange for job events; default tenantry.events.
     pub events_exchange: String,
+    /// Fan-out exchange for shard-map changes; default tenantry.shardmap.
+    pub shardmap_exchange: String,
+    /// Relay the catalog outbox from the gateway role; default true.
+    pub relay_shardmap: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -334,6 +374,49 @@ impl Config {
                 problems.push(format!("{key} must be between {min} and {max}, got {v}"));
             }
         }
+        let g = &self.gateway;
+        for (key, v, min, max) in [
+            (
+                "gateway.max_in_flight_per_shard",
+                g.max_in_flight_per_shard as i64,
+                1,
+                1_000_000,
+            ),
+            (
+                "gateway.upstream_connections",
+                g.upstream_connections as i64,
+                1,
+                100_000,
+            ),
+            ("gateway.rate_limit", g.rate_limit as i64, 0, 1_000_000),
+            ("gateway.rate_burst", g.rate_burst as i64, 1, 10_000_000),
+            (
+                "gateway.cache_capacity",
+                g.cache_capacity as i64,
+                1,
+                100_000_000,
+            ),
+        ] {
+            if v < min || v > max {
+                problems.push(format!("{key} must be between {min} and {max}, got {v}"));
+            }
+        }
+        if g.retry_buffer.bytes() > g.body_limit.bytes() {
+            problems.push("gateway.retry_buffer must not exceed gateway.body_limit".into());
+        }
+        if self.auth.algorithm != crate::auth::JwtAlgorithm::HS256 {
+            if self.auth.public_key.is_empty() {
+                problems.push(format!(
+                    "auth.public_key (a PEM file) must be set when auth.algorithm = {:?}",
+                    self.auth.algorithm
+                ));
+            } else if !Path::new(&self.auth.public_key).is_file() {
+                problems.push(format!(
+                    "auth.public_key: {} is not a readable file",
+                    self.auth.public_key
+                ));
+            }
+        }
         for kind in &q.builtin_kinds {
             if kind != "echo" && kind != "sleep" {
                 problems.push(format!(
@@ -417,6 +500,31 @@ impl Config {
             s(86_400),
             &mut problems,
         );
+        for (key, d, min, max) in [
+            (
+                "gateway.upstream_timeout",
+                g.upstream_timeout,
+                ms(10),
+                s(600),
+            ),
+            ("gateway.connect_timeout", g.connect_timeout, ms(10), s(60)),
+            ("gateway.freeze_wait", g.freeze_wait, ms(0), s(60)),
+            ("gateway.negative_ttl", g.negative_ttl, ms(0), s(3600)),
+            (
+                "gateway.disconnected_ttl",
+                g.disconnected_ttl,
+                ms(0),
+                s(3600),
+            ),
+            (
+                "gateway.health_interval",
+                g.health_interval,
+                ms(100),
+                s(600),
+            ),
+        ] {
+            within(key, d, min, max, &mut problems);
+        }
         within(
             "http.client_request_timeout",
             self.http.client_request_timeout,
@@ -438,6 +546,10 @@ impl Config {
     }
 
     fn apply_mode(&mut self, mode: Mode) -> Result<(), ConfigError> {
+        if self.auth.algorithm != crate::auth::JwtAlgorithm::HS256 {
+            // Asymmetric keys: nothing public to refuse; the key file was checked in validate.
+            return Ok(());
+        }
         let secret = self.auth.jwt_secret.expose();
         let problem = if secret.is_empty() {
             Some("auth.jwt_secret is not set".to_owned())

@@ -1,8 +1,15 @@
 #![doc = include_str!("../README.md")]
 
+mod bus;
+mod companies;
+pub mod forward;
+mod health;
+mod limit;
+mod metrics;
+pub mod router;
 mod routes;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use actix_web::web;
 use anyhow::Context;
@@ -12,12 +19,26 @@ use tenantry_core::{
 };
 use tokio_util::sync::CancellationToken;
 
+pub use companies::CREATE_SCOPE;
+
 /// Scope required by operator endpoints such as `GET /v1/shard-map/version`.
 pub const OPERATOR_SCOPE: &str = "shardmap:read";
 
-/// Starts the gateway listener. It stops accepting when `shutdown` fires and finishes
-/// in-flight requests within `shutdown.grace_period`.
+/// What every request handler of the gateway shares.
+pub struct Gateway {
+    pub router: Arc<router::Router>,
+    limiter: Option<limit::RateLimiter>,
+    upstream_timeout: Duration,
+    freeze_wait: Duration,
+    body_limit: usize,
+    retry_buffer: usize,
+}
+
+/// Starts the gateway: its listener, the shard-map subscription, the catalog outbox relay and
+/// the endpoint health checker. The listener stops accepting when `shutdown` fires and finishes
+/// in-flight requests within `shutdown.grace_period`; the background tasks stop with it.
 pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningServer> {
+    let g = &cfg.gateway;
     let catalog = db::pool(
         &cfg.catalog.url,
         cfg.catalog.pool_size,
@@ -33,19 +54,88 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
         role: "gateway",
         shard_id: None,
         probes: Arc::new(probes),
-        shutdown,
-        body_limit: cfg.gateway.body_limit.as_usize(),
+        shutdown: shutdown.clone(),
+        body_limit: g.body_limit.as_usize(),
     };
-    let key = web::Data::new(tenantry_core::auth::JwtKey(cfg.auth.jwt_secret.clone()));
+    let router = Arc::new(router::Router::new(catalog.clone(), g));
+    let gateway = web::Data::new(Gateway {
+        router: router.clone(),
+        limiter: limit::RateLimiter::new(g.rate_limit, g.rate_burst, g.cache_capacity),
+        upstream_timeout: g.upstream_timeout,
+        freeze_wait: g.freeze_wait,
+        body_limit: g.body_limit.as_usize(),
+        retry_buffer: g.retry_buffer.as_usize(),
+    });
+
+    // Background tasks: they end when `shutdown` fires.
+    let amqp = cfg.rabbitmq.url.expose().to_owned();
+    tokio::spawn(bus::run(
+        router.clone(),
+        amqp.clone(),
+        cfg.rabbitmq.shardmap_exchange.clone(),
+        shutdown.clone(),
+    ));
+    if cfg.rabbitmq.relay_shardmap {
+        let wake = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(tenantry_core::relay::listen(
+            cfg.catalog.url.clone(),
+            cfg.database.clone(),
+            tenantry_shardmap::catalog::OUTBOX_CHANNEL,
+            wake.clone(),
+            shutdown.clone(),
+        ));
+        let relay = tenantry_shardmap::catalog::relay(
+            catalog.clone(),
+            amqp,
+            cfg.rabbitmq.shardmap_exchange.clone(),
+            wake,
+        );
+        tokio::spawn(relay.run(shutdown.clone()));
+    }
+    let loader = router.clone();
+    tokio::spawn(async move {
+        if let Err(e) = loader.reload_shards().await {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "loading the shard table at startup"
+            );
+        }
+    });
+    health::spawn(
+        router,
+        g.health_interval,
+        g.connect_timeout,
+        shutdown.clone(),
+    )
+    .context("starting the health checker")?;
+
+    let key = web::Data::new(tenantry_core::auth::JwtKey::from_config(&cfg.auth)?);
     let catalog = web::Data::new(catalog);
+    let dbcfg = web::Data::new(cfg.database.clone());
+    let (connect_timeout, connections) = (g.connect_timeout, g.upstream_connections);
     let server = start_server(
         ctx,
-        cfg.gateway.listen,
+        g.listen,
         &cfg.http,
         cfg.shutdown.grace_period,
         move |c| {
+            // One HTTP client (and keep-alive pool per endpoint) per listener thread. Pooled
+            // connections are dropped after 3 s idle, before the shards' 5 s keep-alive ends,
+            // so a request never lands on a connection the shard is closing.
+            let client = awc::Client::builder()
+                .connector(
+                    awc::Connector::new()
+                        .timeout(connect_timeout)
+                        .limit(connections)
+                        .conn_keep_alive(Duration::from_secs(3)),
+                )
+                .disable_redirects()
+                .finish();
             c.app_data(key.clone())
                 .app_data(catalog.clone())
+                .app_data(gateway.clone())
+                .app_data(dbcfg.clone())
+                .app_data(web::Data::new(client))
                 .configure(routes::configure);
         },
     )?;

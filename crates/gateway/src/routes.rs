@@ -1,4 +1,4 @@
-//! The gateway's own routes (tenant routes are forwarded, not served here).
+//! The gateway's routes: its own endpoints, and the tenant routes it forwards.
 
 use actix_web::{HttpResponse, web};
 use deadpool_postgres::Pool;
@@ -11,7 +11,11 @@ use tenantry_core::auth::Caller;
 use crate::OPERATOR_SCOPE;
 
 pub fn configure(c: &mut web::ServiceConfig) {
-    c.service(web::resource("/v1/shard-map/version").get(shard_map_version));
+    c.service(web::resource("/v1/shard-map/version").get(shard_map_version))
+        .service(web::resource("/v1/companies").post(crate::companies::create))
+        // Everything under a company goes to its shard, path and query unchanged.
+        .service(web::resource("/v1/companies/{company}").to(crate::forward::forward))
+        .service(web::resource("/v1/companies/{company}/{tail:.*}").to(crate::forward::forward));
 }
 
 /// The public view of a shard: never its database URL.

@@ -716,35 +716,6 @@ pub async fn depth(
         .collect())
 }
 
-/// Unpublished outbox rows, oldest first, locked so concurrent relays skip them.
-pub async fn outbox_batch(
-    tx: &Transaction<'_>,
-    limit: i64,
-) -> Result<Vec<(i64, Value)>, tokio_postgres::Error> {
-    Ok(tx
-        .query(
-            "SELECT id, events FROM outbox WHERE published_at IS NULL
-              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-            &[&limit],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect())
-}
-
-pub async fn outbox_mark_published(
-    tx: &Transaction<'_>,
-    ids: &[i64],
-) -> Result<(), tokio_postgres::Error> {
-    tx.execute(
-        "UPDATE outbox SET published_at = now() WHERE id = ANY($1)",
-        &[&ids],
-    )
-    .await?;
-    Ok(())
-}
-
 /// For tests and metrics: when a job became claimable vs. when it started.
 pub fn enqueue_to_start(created_at: DateTime<Utc>) -> Duration {
     (Utc::now() - created_at).to_std().unwrap_or_default()

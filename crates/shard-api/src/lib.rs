@@ -73,7 +73,7 @@ pub fn run(
         sync_wait: cfg.api.sync_wait,
         queue: cfg.queue.clone(),
     });
-    let key = web::Data::new(JwtKey(cfg.auth.jwt_secret.clone()));
+    let key = web::Data::new(JwtKey::from_config(&cfg.auth)?);
     let server = start_server(
         ctx,
         cfg.api.listen,

@@ -171,3 +171,36 @@ pub async fn upsert_shards(
         .collect();
     Ok((changes, undeclared, version))
 }
+
+/// The catalog's outbox relay: publishes every shard-map change, in order, to the fan-out
+/// `exchange`. Several gateways each run one; `FOR UPDATE` (not SKIP LOCKED) makes a second
+/// relay wait for the first and then skip what it published, so the order holds, and a crash
+/// between publish and commit only repeats messages, which carry versions and are idempotent.
+pub fn relay(
+    pool: deadpool_postgres::Pool,
+    amqp_url: String,
+    exchange: String,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+) -> tenantry_core::relay::Relay {
+    tenantry_core::relay::Relay {
+        name: "shard-map relay",
+        pool,
+        amqp_url,
+        exchange,
+        kind: lapin::ExchangeKind::Fanout,
+        select: "SELECT id, payload FROM outbox WHERE published_at IS NULL
+                  ORDER BY id LIMIT $1 FOR UPDATE",
+        messages: |row| {
+            let payload: serde_json::Value = row.try_get(1)?;
+            Ok(vec![tenantry_core::relay::Message {
+                routing_key: String::new(),
+                body: serde_json::to_vec(&payload)?,
+            }])
+        },
+        wake,
+        poll: std::time::Duration::from_secs(1),
+    }
+}
+
+/// The channel the catalog notifies on when outbox rows commit (migration 0002).
+pub const OUTBOX_CHANNEL: &str = "tenantry_shardmap_outbox";

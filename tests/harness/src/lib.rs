@@ -11,6 +11,8 @@
 //! configuration.
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a harness failing loudly is the point
 
+pub mod proxy;
+
 use std::{str::FromStr, time::Duration};
 
 use lapin::{Connection, ConnectionProperties, options::*, types::FieldTable};

@@ -1,0 +1,165 @@
+//! The gateway's ear on RabbitMQ: its own exclusive, server-named queue bound to the
+//! shard-map fan-out exchange. Messages update the routing cache; every (re)connection drops
+//! the cache first, because messages may have been missed while away. While disconnected the
+//! gateway keeps serving, revalidating cached routes on a short TTL, and reconnects with
+//! backoff.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use lapin::{
+    Connection, ConnectionProperties, ExchangeKind,
+    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+};
+use serde_json::Value;
+use tenantry_shardmap::tenants::{TENANT_CHANGED, TenantChanged};
+use tokio_util::sync::CancellationToken;
+
+use crate::{metrics, router::Router};
+
+/// Messages kept for a gateway that is not keeping up; older ones are dropped first (the
+/// shards' fencing keeps routing correct, and a reconnect flushes the cache anyway).
+const MAX_QUEUED: i64 = 100_000;
+
+pub async fn run(router: Arc<Router>, url: String, exchange: String, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    let mut connections = 0u64;
+    while !shutdown.is_cancelled() {
+        let result = listen(&router, &url, &exchange, &shutdown, &mut connections).await;
+        router.on_disconnected();
+        match result {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                retry_in_ms = backoff.as_millis() as u64,
+                "shard-map subscription lost; serving from cache with short revalidation"
+            ),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn listen(
+    router: &Router,
+    url: &str,
+    exchange: &str,
+    shutdown: &CancellationToken,
+    connections: &mut u64,
+) -> anyhow::Result<()> {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .context("connecting to RabbitMQ")?;
+    let channel = conn.create_channel().await?;
+    tenantry_core::relay::declare_exchange(&channel, exchange, ExchangeKind::Fanout).await?;
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(MAX_QUEUED));
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .context("declaring the gateway's queue")?;
+    channel
+        .queue_bind(
+            queue.name().as_str().into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.name().as_str().into(),
+            "gateway".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    // Bound first, flushed second: every change from here on arrives as a message, and
+    // everything before is re-read from the catalog.
+    router.on_connected();
+    if let Err(e) = router.reload_shards().await {
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "reloading shards after connecting"
+        );
+    }
+    *connections += 1;
+    if *connections > 1 {
+        metrics::RECONNECTS.inc();
+    }
+    tracing::info!(exchange, queue = %queue.name(), "subscribed to shard-map changes");
+    loop {
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = conn.close(200, "shutdown".into()).await;
+                return Ok(());
+            }
+            d = consumer.next() => d,
+        };
+        let delivery = match delivery {
+            Some(d) => d.context("receiving from RabbitMQ")?,
+            None => anyhow::bail!("RabbitMQ closed the subscription"),
+        };
+        handle(router, &delivery.data).await;
+    }
+}
+
+async fn handle(router: &Router, body: &[u8]) {
+    let Ok(msg) = serde_json::from_slice::<Value>(body) else {
+        metrics::MAP_MESSAGES
+            .with_label_values(&["malformed"])
+            .inc();
+        tracing::warn!(
+            bytes = body.len(),
+            "ignoring a shard-map message that is not JSON"
+        );
+        return;
+    };
+    let kind = msg.get("type").and_then(Value::as_str).unwrap_or("");
+    match kind {
+        TENANT_CHANGED => match serde_json::from_value::<TenantChanged>(msg.clone()) {
+            Ok(change) => {
+                metrics::MAP_MESSAGES
+                    .with_label_values(&[TENANT_CHANGED])
+                    .inc();
+                tracing::debug!(company.id = %change.company_id, version = change.placement.version, "placement changed");
+                router.apply(change).await;
+            }
+            Err(e) => {
+                metrics::MAP_MESSAGES
+                    .with_label_values(&["malformed"])
+                    .inc();
+                tracing::warn!(error = %e, "ignoring a malformed tenant.changed message");
+            }
+        },
+        "shard.changed" => {
+            metrics::MAP_MESSAGES
+                .with_label_values(&["shard.changed"])
+                .inc();
+            if let Err(e) = router.reload_shards().await {
+                tracing::warn!(error = format!("{e:#}"), "reloading shards");
+            }
+        }
+        other => {
+            metrics::MAP_MESSAGES.with_label_values(&["unknown"]).inc();
+            tracing::debug!(r#type = other, "ignoring an unknown shard-map message");
+        }
+    }
+}

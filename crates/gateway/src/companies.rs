@@ -1,0 +1,106 @@
+//! `POST /v1/companies`: create a company (scope `companies:create`).
+
+use std::time::Duration;
+
+use actix_web::{HttpResponse, http::StatusCode, web};
+use serde::{Deserialize, Serialize};
+use tenantry_core::{ApiError, auth::Caller, config::DatabaseConfig};
+use tenantry_shardmap::tenants::{self, CreateError, Created};
+use uuid::Uuid;
+
+use crate::Gateway;
+
+/// The scope that allows creating companies.
+pub const CREATE_SCOPE: &str = "companies:create";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewCompany {
+    /// Client-chosen id, so a retried request cannot create a second company.
+    id: Option<Uuid>,
+    name: String,
+}
+
+#[derive(Serialize)]
+struct CompanyView {
+    id: Uuid,
+    name: String,
+    shard: String,
+}
+
+fn validate_name(name: &str) -> Result<String, ApiError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::bad_request(
+            "invalid_name",
+            "name must be 1 to 200 characters",
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "invalid_name",
+            "name must not contain control characters",
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// 201 when this call created the company, 200 when it already existed with this name (or
+/// this call finished a creation that an earlier one left half-done), 409 when the id is
+/// taken by another name.
+pub async fn create(
+    caller: Caller,
+    body: web::Json<NewCompany>,
+    gw: web::Data<Gateway>,
+    dbcfg: web::Data<DatabaseConfig>,
+) -> Result<HttpResponse, ApiError> {
+    if !caller.0.has_scope(CREATE_SCOPE) {
+        return Err(ApiError::forbidden(format!(
+            "creating companies needs the {CREATE_SCOPE} scope"
+        )));
+    }
+    let NewCompany { id, name } = body.into_inner();
+    let name = validate_name(&name)?;
+    let id = id.unwrap_or_else(Uuid::now_v7);
+    tracing::Span::current().record("company.id", tracing::field::display(id));
+    let mut client = gw.router.catalog().get().await?;
+    let created = tenants::create(&mut client, &dbcfg, id, &name)
+        .await
+        .map_err(|e| match e {
+            CreateError::NameConflict(_) | CreateError::Deleted(_) => {
+                ApiError::new(StatusCode::CONFLICT, "company_exists", e.to_string())
+            }
+            CreateError::NoShard => ApiError::unavailable(
+                "no_shard_available",
+                "no shard accepts new companies; ask an operator",
+                Duration::from_secs(30),
+            ),
+            CreateError::Shard { .. } => ApiError::unavailable(
+                "shard_unavailable",
+                "the chosen shard is not reachable; repeat the request with the same id",
+                Duration::from_secs(1),
+            )
+            .with_source(anyhow::anyhow!("{e}")),
+            CreateError::Catalog(e) => ApiError::from(e),
+        })?;
+    gw.router.forget_unknown(id).await;
+    let (status, shard) = match created {
+        Created::New { shard_id } => (StatusCode::CREATED, shard_id),
+        Created::Existing { shard_id } => (StatusCode::OK, shard_id),
+    };
+    Ok(HttpResponse::build(status).json(CompanyView { id, name, shard }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_trimmed_and_bounded() {
+        assert_eq!(validate_name("  Acme  ").unwrap(), "Acme");
+        assert!(validate_name("   ").is_err());
+        assert!(validate_name(&"x".repeat(201)).is_err());
+        assert!(validate_name(&"é".repeat(200)).is_ok());
+        assert!(validate_name("a\u{0}b").is_err());
+    }
+}

@@ -1,0 +1,548 @@
+//! Forwarding `/v1/companies/{company_id}/…` to the company's shard.
+//!
+//! Per request: authenticate (401), check the caller's role in the company (403, before the
+//! company is even looked up, so a stranger learns nothing), refuse unsafe paths (400), apply
+//! the company's rate limit (429), check the body size (413), resolve the shard (404 for an
+//! unknown company), take a slot of the shard's in-flight cap (503), then send to a healthy
+//! endpoint round-robin — another endpoint if connecting fails — and stream the answer back.
+//!
+//! Replays: a body up to `gateway.retry_buffer` is held, so the request can be sent again
+//! when the shard says the company is not there (421: reload the company from the catalog and
+//! retry once) or is frozen for a move (503 `tenant_frozen`: hold and retry until
+//! `gateway.freeze_wait`). Larger bodies are streamed once; if such a request meets a 421 the
+//! caller gets 503 with `Retry-After` and sends it again.
+
+use std::{
+    cell::Cell,
+    rc::Rc,
+    time::{Duration, Instant},
+};
+
+use actix_web::{
+    HttpRequest, HttpResponse, ResponseError,
+    error::PayloadError,
+    http::{
+        Method, StatusCode,
+        header::{self, HeaderMap, HeaderName, HeaderValue},
+    },
+    web,
+};
+use awc::error::SendRequestError;
+use bytes::{Bytes, BytesMut};
+use futures_util::{StreamExt, stream};
+use tenantry_core::{
+    ApiError,
+    auth::Caller,
+    error::ErrorBody,
+    http::{REQUEST_ID_HEADER, current_request_id},
+};
+use uuid::Uuid;
+
+use crate::{
+    Gateway, metrics,
+    router::{Resolved, ShardPool},
+};
+
+/// The response header naming the shard that answered.
+pub const SHARD_HEADER: &str = "x-tenantry-shard";
+
+/// Largest error body read from a shard to tell a freeze from other 503s.
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+pub async fn forward(
+    req: HttpRequest,
+    payload: web::Payload,
+    caller: Caller,
+    gw: web::Data<Gateway>,
+    client: web::Data<awc::Client>,
+) -> Result<HttpResponse, ApiError> {
+    let company = req
+        .match_info()
+        .get("company")
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .ok_or_else(|| {
+            ApiError::bad_request("invalid_id", "the company id in the path is not a UUID")
+        })?;
+    tracing::Span::current().record("company.id", tracing::field::display(company));
+
+    let role = caller
+        .0
+        .role_in(company)
+        .ok_or_else(|| ApiError::forbidden("your token does not grant access to this company"))?;
+    let reads_only = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !reads_only && !role.may_write() {
+        return Err(ApiError::forbidden(format!(
+            "a {role} may only read in this company"
+        )));
+    }
+    check_path(req.uri().path())?;
+
+    if let Some(limiter) = &gw.limiter
+        && let Err(wait) = limiter.check(company)
+    {
+        metrics::REFUSED.with_label_values(&["rate_limited"]).inc();
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests for this company; slow down",
+        )
+        .with_retry_after(wait));
+    }
+
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > gw.body_limit as u64) {
+        return Err(ApiError::payload_too_large(gw.body_limit));
+    }
+    let mut body = read_body(payload, gw.retry_buffer, gw.body_limit).await?;
+
+    let started = Instant::now();
+    let deadline = started + gw.freeze_wait;
+    let mut resolved = gw.router.resolve(company).await?;
+    let mut reloaded = false;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let outcome = send(&req, &client, &gw, &resolved.pool, &mut body).await;
+        let mut res = match outcome {
+            Ok(res) => res,
+            Err(e) => {
+                metrics::REQUESTS
+                    .with_label_values(&[&resolved.pool.id, e.status_code().as_str()])
+                    .inc();
+                return Err(e);
+            }
+        };
+        let status = res.status();
+        if status == StatusCode::MISDIRECTED_REQUEST {
+            // The shard does not own the company: our map is stale. Reload it and try once
+            // more, wherever the catalog now says.
+            if reloaded || !body.replayable() {
+                return Err(stale_map(&resolved));
+            }
+            reloaded = true;
+            metrics::RETRIES.with_label_values(&["misdirected"]).inc();
+            let from = resolved.pool.id.clone();
+            resolved = gw.router.reload(company).await?;
+            tracing::info!(from = %from, to = %resolved.pool.id, "shard answered 421; retrying on the reloaded route");
+            continue;
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            let bytes = res.body().limit(ERROR_BODY_LIMIT).await.unwrap_or_default();
+            let frozen = serde_json::from_slice::<ErrorBody>(&bytes)
+                .is_ok_and(|b| b.error.code == "tenant_frozen");
+            let now = Instant::now();
+            if frozen && body.replayable() && now + pause < deadline {
+                metrics::RETRIES.with_label_values(&["frozen"]).inc();
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(250));
+                resolved = gw.router.resolve(company).await?;
+                continue;
+            }
+            return Ok(respond(&resolved.pool.id, status, res.headers(), None).body(bytes));
+        }
+        let length = res
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        return Ok(respond(&resolved.pool.id, status, res.headers(), length).streaming(res));
+    }
+}
+
+fn stale_map(resolved: &Resolved) -> ApiError {
+    metrics::REQUESTS
+        .with_label_values(&[&resolved.pool.id, "503"])
+        .inc();
+    ApiError::unavailable(
+        "shard_map_stale",
+        "this company's shard changed while the request was routed; send it again",
+        Duration::from_secs(1),
+    )
+}
+
+/// The response head for the caller: the shard's status and end-to-end headers.
+fn respond(
+    shard: &str,
+    status: StatusCode,
+    upstream: &HeaderMap,
+    length: Option<u64>,
+) -> actix_web::HttpResponseBuilder {
+    metrics::REQUESTS
+        .with_label_values(&[shard, status.as_str()])
+        .inc();
+    let mut builder = HttpResponse::build(status);
+    let hop = connection_tokens(upstream);
+    for (name, value) in upstream {
+        if is_hop_by_hop(name, &hop)
+            || name == header::CONTENT_LENGTH
+            || name.as_str() == REQUEST_ID_HEADER
+        {
+            continue;
+        }
+        builder.append_header((name.clone(), value.clone()));
+    }
+    if let Ok(v) = HeaderValue::from_str(shard) {
+        builder.insert_header((HeaderName::from_static(SHARD_HEADER), v));
+    }
+    if let Some(n) = length {
+        builder.no_chunking(n);
+    }
+    builder
+}
+
+/// Sends the request to the first endpoint of `pool` that accepts a connection.
+async fn send(
+    req: &HttpRequest,
+    client: &awc::Client,
+    gw: &Gateway,
+    pool: &ShardPool,
+    body: &mut Body,
+) -> Result<
+    awc::ClientResponse<impl futures_util::Stream<Item = Result<Bytes, PayloadError>> + use<>>,
+    ApiError,
+> {
+    let Ok(_permit) = pool.in_flight.clone().try_acquire_owned() else {
+        metrics::REFUSED.with_label_values(&["shard_busy"]).inc();
+        return Err(ApiError::unavailable(
+            "shard_busy",
+            "too many requests are in flight to this company's shard; retry shortly",
+            Duration::from_secs(1),
+        ));
+    };
+    let candidates = pool.candidates();
+    if candidates.is_empty() {
+        return Err(ApiError::unavailable(
+            "shard_unavailable",
+            "this company's shard has no API endpoints",
+            Duration::from_secs(1),
+        ));
+    }
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let mut last_error = None;
+    for endpoint in candidates {
+        let upstream = build(
+            req,
+            client,
+            gw,
+            &format!("{}{path_and_query}", endpoint.base),
+        );
+        let started = Instant::now();
+        let result = match body.take() {
+            Some(Sendable::Full(bytes)) => upstream.send_body(bytes).await,
+            Some(Sendable::Stream(s)) => upstream.send_stream(s).await,
+            None => break,
+        };
+        match result {
+            Ok(res) => {
+                metrics::UPSTREAM_SECONDS
+                    .with_label_values(&[&pool.id])
+                    .observe(started.elapsed().as_secs_f64());
+                return Ok(res);
+            }
+            Err(SendRequestError::Connect(e)) => {
+                tracing::warn!(endpoint = %endpoint.base, error = %e, "cannot connect to shard endpoint");
+                endpoint.set_healthy(false);
+                metrics::RETRIES.with_label_values(&["connect"]).inc();
+                last_error = Some(e.to_string());
+                continue;
+            }
+            Err(SendRequestError::Timeout) => {
+                return Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    format!(
+                        "the company's shard did not answer within {} ms",
+                        gw.upstream_timeout.as_millis()
+                    ),
+                ));
+            }
+            Err(e) => {
+                if body.overflowed() {
+                    return Err(ApiError::payload_too_large(gw.body_limit));
+                }
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "bad_gateway",
+                    "the company's shard failed to answer",
+                )
+                .with_source(anyhow::anyhow!("{}: {e}", endpoint.base)));
+            }
+        }
+    }
+    Err(ApiError::unavailable(
+        "shard_unavailable",
+        "this company's shard is not reachable; retry shortly",
+        Duration::from_secs(1),
+    )
+    .with_source(anyhow::anyhow!(
+        "shard {}: {}",
+        pool.id,
+        last_error.unwrap_or_else(|| "request body could not be replayed".into())
+    )))
+}
+
+/// The upstream request: method, end-to-end headers, request id, trace context, forwarding
+/// headers.
+fn build(req: &HttpRequest, client: &awc::Client, gw: &Gateway, url: &str) -> awc::ClientRequest {
+    let mut upstream = client
+        .request(req.method().clone(), url)
+        .timeout(gw.upstream_timeout);
+    let hop = connection_tokens(req.headers());
+    for (name, value) in req.headers() {
+        if is_hop_by_hop(name, &hop)
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name.as_str() == REQUEST_ID_HEADER
+            || name.as_str() == "traceparent"
+            || name.as_str() == "x-forwarded-for"
+        {
+            continue;
+        }
+        upstream = upstream.append_header((name.clone(), value.clone()));
+    }
+    if let Some(id) = current_request_id() {
+        upstream = upstream.insert_header((REQUEST_ID_HEADER, id));
+    }
+    upstream = upstream.insert_header((
+        "traceparent",
+        traceparent(
+            req.headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok()),
+        ),
+    ));
+    let peer = req.peer_addr().map(|a| a.ip().to_string());
+    let forwarded_for = match (
+        req.headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok()),
+        peer,
+    ) {
+        (Some(prior), Some(peer)) => Some(format!("{prior}, {peer}")),
+        (None, Some(peer)) => Some(peer),
+        (Some(prior), None) => Some(prior.to_owned()),
+        (None, None) => None,
+    };
+    if let Some(v) = forwarded_for {
+        upstream = upstream.insert_header(("x-forwarded-for", v));
+    }
+    if let Some(host) = req.headers().get(header::HOST) {
+        upstream = upstream.insert_header(("x-forwarded-host", host.clone()));
+    }
+    upstream
+}
+
+/// The W3C trace context for the shard: the caller's trace id and flags with a new parent id
+/// (this hop), or a new trace when the caller sent none or a malformed one.
+pub fn traceparent(given: Option<&str>) -> String {
+    let span = &Uuid::new_v4().simple().to_string()[..16];
+    if let Some(tp) = given {
+        let parts: Vec<&str> = tp.trim().split('-').collect();
+        let hex = |s: &str, n: usize| {
+            s.len() == n
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        if parts.len() >= 4
+            && hex(parts[0], 2)
+            && parts[0] != "ff"
+            && hex(parts[1], 32)
+            && parts[1].bytes().any(|b| b != b'0')
+            && hex(parts[2], 16)
+            && hex(parts[3], 2)
+        {
+            return format!("00-{}-{span}-{}", parts[1], parts[3]);
+        }
+    }
+    format!("00-{}-{span}-01", Uuid::new_v4().simple())
+}
+
+/// Header names listed in `Connection`, which are hop-by-hop for this message.
+fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// RFC 9110 §7.6.1: connection-specific headers are not forwarded.
+fn is_hop_by_hop(name: &HeaderName, listed: &[String]) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    ) || listed.iter().any(|t| t == name.as_str())
+}
+
+/// Refuses paths that could be resolved to something outside the company on the shard: dot
+/// segments (plain or percent-encoded) and encoded slashes or backslashes.
+fn check_path(path: &str) -> Result<(), ApiError> {
+    let lower = path.to_ascii_lowercase();
+    let bad = lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains('\\')
+        || lower
+            .split('/')
+            .map(|seg| seg.replace("%2e", "."))
+            .any(|seg| seg == "." || seg == "..");
+    if bad {
+        return Err(ApiError::bad_request(
+            "invalid_path",
+            "the path contains dot segments or encoded separators",
+        ));
+    }
+    Ok(())
+}
+
+/// A request body: held whole when small (replayable), streamed when large.
+enum Body {
+    Held(Bytes),
+    Streaming {
+        stream: Option<BodyStream>,
+        overflow: Rc<Cell<bool>>,
+    },
+}
+
+type BodyStream = stream::LocalBoxStream<'static, Result<Bytes, PayloadError>>;
+
+enum Sendable {
+    Full(Bytes),
+    Stream(BodyStream),
+}
+
+impl Body {
+    fn replayable(&self) -> bool {
+        matches!(self, Body::Held(_))
+    }
+
+    fn take(&mut self) -> Option<Sendable> {
+        match self {
+            Body::Held(b) => Some(Sendable::Full(b.clone())),
+            Body::Streaming { stream, .. } => stream.take().map(Sendable::Stream),
+        }
+    }
+
+    fn overflowed(&self) -> bool {
+        matches!(self, Body::Streaming { overflow, .. } if overflow.get())
+    }
+}
+
+/// Reads up to `hold` bytes; a body that ends within them is held, a longer one continues as a
+/// stream that fails (and flags it) once it exceeds `limit`.
+async fn read_body(mut payload: web::Payload, hold: usize, limit: usize) -> Result<Body, ApiError> {
+    let mut prefix = BytesMut::new();
+    while prefix.len() <= hold {
+        let Some(chunk) = payload.next().await else {
+            return Ok(Body::Held(prefix.freeze()));
+        };
+        let chunk = chunk.map_err(|e| match e {
+            PayloadError::Overflow => ApiError::payload_too_large(limit),
+            other => ApiError::bad_request("invalid_body", format!("reading the body: {other}")),
+        })?;
+        prefix.extend_from_slice(&chunk);
+        if prefix.len() > limit {
+            return Err(ApiError::payload_too_large(limit));
+        }
+    }
+    let overflow = Rc::new(Cell::new(false));
+    let flag = overflow.clone();
+    let mut seen = prefix.len();
+    let tail = payload.map(move |chunk| {
+        let chunk = chunk?;
+        seen += chunk.len();
+        if seen > limit {
+            flag.set(true);
+            return Err(PayloadError::Overflow);
+        }
+        Ok(chunk)
+    });
+    let stream = stream::once(async move { Ok(prefix.freeze()) }).chain(tail);
+    Ok(Body::Streaming {
+        stream: Some(Box::pin(stream)),
+        overflow,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_keeps_the_callers_trace_and_replaces_the_parent() {
+        let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let tp = traceparent(Some(given));
+        let parts: Vec<&str> = tp.split('-').collect();
+        assert_eq!(parts[0], "00");
+        assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(parts[2], "00f067aa0ba902b7");
+        assert_eq!(parts[2].len(), 16);
+        assert_eq!(parts[3], "01");
+    }
+
+    #[test]
+    fn malformed_traceparents_start_a_new_trace() {
+        for bad in [
+            "",
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        ] {
+            let tp = traceparent(Some(bad));
+            let parts: Vec<&str> = tp.split('-').collect();
+            assert_eq!(parts.len(), 4, "{tp}");
+            assert_eq!(parts[1].len(), 32);
+            assert!(!bad.contains(parts[1]), "{bad} → {tp}");
+        }
+    }
+
+    #[test]
+    fn dot_segments_and_encoded_separators_are_refused() {
+        let c = "/v1/companies/0190a0a0-0000-7000-8000-000000000000";
+        assert!(check_path(&format!("{c}/jobs")).is_ok());
+        assert!(check_path(&format!("{c}/jobs/x.y")).is_ok());
+        for bad in [
+            format!("{c}/../../internal/x"),
+            format!("{c}/%2e%2E/internal"),
+            format!("{c}/.%2e/internal"),
+            format!("{c}/jobs%2F..%2Finternal"),
+            format!("{c}/./jobs"),
+            format!("{c}/jobs%5cx"),
+        ] {
+            assert!(check_path(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_include_those_named_in_connection() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
+        );
+        let listed = connection_tokens(&h);
+        assert!(is_hop_by_hop(
+            &HeaderName::from_static("x-secret-hop"),
+            &listed
+        ));
+        assert!(is_hop_by_hop(&header::TRANSFER_ENCODING, &listed));
+        assert!(!is_hop_by_hop(&header::AUTHORIZATION, &listed));
+    }
+}

@@ -1,0 +1,332 @@
+//! Company → shard routing: the shard table (endpoints, health, in-flight caps) and the
+//! per-company cache in front of the catalog.
+//!
+//! The cache is bounded (`gateway.cache_capacity`, least recently used evicted) and loaded
+//! lazily: a company costs memory only in gateways that served it recently. Reads are
+//! lock-free (moka); concurrent misses for one company share one catalog query. Unknown
+//! companies are remembered for `gateway.negative_ttl` in a smaller cache of their own.
+//!
+//! Freshness: shard-map messages update or evict entries whose version is older
+//! ([`Router::apply`]); on every (re)connection to RabbitMQ the whole cache is dropped, since
+//! messages may have been missed; while disconnected, entries older than
+//! `gateway.disconnected_ttl` are re-read. None of this is needed for correctness — the shards
+//! fence every request — it keeps 421s rare.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use deadpool_postgres::Pool;
+use moka::{future::Cache, notification::RemovalCause, ops::compute::Op};
+use tenantry_core::{ApiError, config::GatewayConfig};
+use tenantry_shardmap::{
+    catalog,
+    tenants::{self, Placement, TenantChanged},
+};
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use crate::metrics;
+
+/// One base URL of a shard's API pool.
+pub struct Endpoint {
+    pub base: String,
+    healthy: AtomicBool,
+}
+
+impl Endpoint {
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        let was = self.healthy.swap(healthy, Ordering::Relaxed);
+        if was != healthy {
+            tracing::info!(endpoint = %self.base, healthy, "endpoint health changed");
+        }
+    }
+}
+
+/// A shard's API pool as the gateway sees it.
+pub struct ShardPool {
+    pub id: String,
+    pub version: i64,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    next: AtomicUsize,
+    /// Requests in flight to this shard (`gateway.max_in_flight_per_shard`).
+    pub in_flight: Arc<Semaphore>,
+}
+
+impl ShardPool {
+    /// Endpoints to try, in order: healthy ones round-robin, then the unhealthy ones as a
+    /// last resort (a health check may lag behind a recovery).
+    pub fn candidates(&self) -> Vec<Arc<Endpoint>> {
+        let n = self.endpoints.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let rotated = (0..n).map(|i| self.endpoints[(start + i) % n].clone());
+        let (mut healthy, sick): (Vec<_>, Vec<_>) = rotated.partition(|e| e.healthy());
+        healthy.extend(sick);
+        healthy
+    }
+}
+
+/// A company's route, as cached.
+#[derive(Clone)]
+struct Route {
+    placement: Placement,
+    loaded: Instant,
+}
+
+/// The answer to "where does this company live".
+pub struct Resolved {
+    pub placement: Placement,
+    pub pool: Arc<ShardPool>,
+}
+
+pub struct Router {
+    catalog: Pool,
+    routes: Cache<Uuid, Route>,
+    unknown: Cache<Uuid, ()>,
+    shards: ArcSwap<HashMap<String, Arc<ShardPool>>>,
+    connected: AtomicBool,
+    disconnected_ttl: Duration,
+    max_in_flight: usize,
+}
+
+impl Router {
+    pub fn new(catalog: Pool, cfg: &GatewayConfig) -> Self {
+        let routes = Cache::builder()
+            .max_capacity(cfg.cache_capacity)
+            .eviction_listener(|_, _, cause| {
+                if cause == RemovalCause::Size {
+                    metrics::CACHE.with_label_values(&["eviction"]).inc();
+                }
+            })
+            .build();
+        let unknown = Cache::builder()
+            .max_capacity((cfg.cache_capacity / 10).max(1000))
+            .time_to_live(cfg.negative_ttl)
+            .build();
+        Self {
+            catalog,
+            routes,
+            unknown,
+            shards: ArcSwap::from_pointee(HashMap::new()),
+            connected: AtomicBool::new(false),
+            disconnected_ttl: cfg.disconnected_ttl,
+            max_in_flight: cfg.max_in_flight_per_shard,
+        }
+    }
+
+    pub fn catalog(&self) -> &Pool {
+        &self.catalog
+    }
+
+    /// Where `company` lives: from the cache, else the catalog. Unknown, provisioning and
+    /// deleted companies are 404.
+    pub async fn resolve(&self, company: Uuid) -> Result<Resolved, ApiError> {
+        if let Some(route) = self.routes.get(&company).await {
+            let stale = !self.connected.load(Ordering::Relaxed)
+                && route.loaded.elapsed() > self.disconnected_ttl;
+            if !stale {
+                metrics::CACHE.with_label_values(&["hit"]).inc();
+                return self.pool_for(company, route.placement).await;
+            }
+            self.routes.invalidate(&company).await;
+        }
+        if self.unknown.contains_key(&company) {
+            metrics::CACHE.with_label_values(&["negative_hit"]).inc();
+            return Err(unknown_company());
+        }
+        metrics::CACHE.with_label_values(&["miss"]).inc();
+        let placement = self.load(company).await?;
+        self.pool_for(company, placement).await
+    }
+
+    /// Reads `company` from the catalog, bypassing (and refreshing) the cache: after a 421.
+    pub async fn reload(&self, company: Uuid) -> Result<Resolved, ApiError> {
+        self.routes.invalidate(&company).await;
+        let placement = self.load(company).await?;
+        self.pool_for(company, placement).await
+    }
+
+    /// One catalog query per company however many requests miss at once.
+    async fn load(&self, company: Uuid) -> Result<Placement, ApiError> {
+        let catalog = &self.catalog;
+        let loaded = self
+            .routes
+            .try_get_with(company, async move {
+                let client = catalog.get().await.map_err(ApiError::from)?;
+                match tenants::lookup(&**client, company).await? {
+                    Some(placement) => Ok(Route {
+                        placement,
+                        loaded: Instant::now(),
+                    }),
+                    None => Err(unknown_company()),
+                }
+            })
+            .await;
+        match loaded {
+            Ok(route) => Ok(route.placement),
+            Err(e) if e.code() == "not_found" => {
+                self.unknown.insert(company, ()).await;
+                Err(unknown_company())
+            }
+            Err(e) => Err(shared_error(&e)),
+        }
+    }
+
+    async fn pool_for(&self, company: Uuid, placement: Placement) -> Result<Resolved, ApiError> {
+        if !placement.routable() {
+            return Err(unknown_company());
+        }
+        if let Some(pool) = self.shards.load().get(&placement.shard_id).cloned() {
+            return Ok(Resolved { placement, pool });
+        }
+        // A shard this gateway has not heard of yet: re-read the shard table once.
+        self.reload_shards().await.map_err(|e| {
+            ApiError::unavailable(
+                "catalog_unavailable",
+                "the shard map could not be read; try again shortly",
+                Duration::from_secs(1),
+            )
+            .with_source(e)
+        })?;
+        match self.shards.load().get(&placement.shard_id).cloned() {
+            Some(pool) => Ok(Resolved { placement, pool }),
+            None => Err(ApiError::unavailable(
+                "shard_unavailable",
+                format!("company {company}'s shard is not in the shard map"),
+                Duration::from_secs(1),
+            )),
+        }
+    }
+
+    /// Re-reads shards and endpoints from the catalog. A shard whose version did not change
+    /// keeps its pool object: its health state and in-flight count carry over.
+    pub async fn reload_shards(&self) -> anyhow::Result<()> {
+        let client = self.catalog.get().await?;
+        let rows = catalog::list_shards(&**client).await?;
+        let current = self.shards.load();
+        let mut next = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let pool = match current.get(&row.id) {
+                Some(p) if p.version == row.version => p.clone(),
+                _ => Arc::new(ShardPool {
+                    endpoints: row
+                        .endpoints
+                        .iter()
+                        .map(|url| {
+                            let old = current
+                                .get(&row.id)
+                                .and_then(|p| p.endpoints.iter().find(|e| &e.base == url).cloned());
+                            old.unwrap_or_else(|| {
+                                Arc::new(Endpoint {
+                                    base: url.trim_end_matches('/').to_owned(),
+                                    healthy: AtomicBool::new(true),
+                                })
+                            })
+                        })
+                        .collect(),
+                    id: row.id.clone(),
+                    version: row.version,
+                    next: AtomicUsize::new(0),
+                    in_flight: current
+                        .get(&row.id)
+                        .map(|p| p.in_flight.clone())
+                        .unwrap_or_else(|| Arc::new(Semaphore::new(self.max_in_flight))),
+                }),
+            };
+            next.insert(row.id, pool);
+        }
+        self.shards.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// Every endpoint of every shard, for the health checker.
+    pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
+        self.shards
+            .load()
+            .values()
+            .flat_map(|p| p.endpoints.iter().cloned())
+            .collect()
+    }
+
+    /// A placement-change message: newer versions replace the cached entry; absent entries
+    /// stay absent (they will be loaded fresh when needed).
+    pub async fn apply(&self, msg: TenantChanged) {
+        let company = msg.company_id;
+        self.unknown.invalidate(&company).await;
+        let placement = msg.placement;
+        let outcome = self
+            .routes
+            .entry(company)
+            .and_compute_with(|cur| async move {
+                match cur {
+                    Some(e) if e.value().placement.version < placement.version => Op::Put(Route {
+                        placement,
+                        loaded: Instant::now(),
+                    }),
+                    _ => Op::Nop,
+                }
+            })
+            .await;
+        if matches!(outcome, moka::ops::compute::CompResult::ReplacedWith(_)) {
+            metrics::CACHE.with_label_values(&["update"]).inc();
+        }
+    }
+
+    /// A company this gateway just created: forget that it was unknown.
+    pub async fn forget_unknown(&self, company: Uuid) {
+        self.unknown.invalidate(&company).await;
+    }
+
+    /// Connected to RabbitMQ (again): anything cached may have missed messages.
+    pub fn on_connected(&self) {
+        self.routes.invalidate_all();
+        self.unknown.invalidate_all();
+        metrics::CACHE.with_label_values(&["flush"]).inc();
+        self.connected.store(true, Ordering::Relaxed);
+    }
+
+    pub fn on_disconnected(&self) {
+        self.connected.store(false, Ordering::Relaxed);
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Entries in the routing cache (approximate; for tests and the memory benchmark).
+    pub async fn cached(&self) -> u64 {
+        self.routes.run_pending_tasks().await;
+        self.routes.entry_count()
+    }
+}
+
+fn unknown_company() -> ApiError {
+    ApiError::not_found("no such company")
+}
+
+/// `try_get_with` shares one error among all waiters; rebuild an owned one.
+fn shared_error(e: &Arc<ApiError>) -> ApiError {
+    tracing::warn!(error = ?e, "catalog lookup failed");
+    if e.code() == "database_unavailable" {
+        ApiError::unavailable(
+            "catalog_unavailable",
+            "the shard map could not be read; try again shortly",
+            Duration::from_secs(1),
+        )
+    } else {
+        ApiError::internal(anyhow::anyhow!("catalog lookup failed: {e}"))
+    }
+}

@@ -1,0 +1,1121 @@
+//! The gateway against real shards, a real catalog and real RabbitMQ: company creation,
+//! forwarding, the shard-map cache and its invalidation, fencing retries, limits and auth.
+
+use std::{
+    net::SocketAddr,
+    process::Command,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use serde_json::{Value, json};
+use tenantry_core::{
+    auth::{Claims, Role, mint_hs256},
+    secret::DatabaseUrl,
+};
+use tenantry_shardmap::{
+    catalog,
+    file::{ShardSpec, ShardState},
+    tenants,
+};
+use tenantry_testkit::{TestBroker, TestCluster, TestDb, amqp_url, proxy::TcpProxy};
+use uuid::Uuid;
+
+use crate::support::{SECRET, Served, http, own, shard_node, tenantry, token};
+
+const SHARD_HEADER: &str = "x-tenantry-shard";
+
+/// Shard ids of the test cluster, by index.
+fn shard_id(i: usize) -> String {
+    format!("shard-{}", i + 1)
+}
+
+/// Two shard nodes (api + 1 job slot each) registered in a catalog, and a broker prefix.
+struct Env {
+    cluster: TestCluster,
+    broker: TestBroker,
+    exchange: String,
+    nodes: Vec<Option<Served>>,
+}
+
+impl Env {
+    async fn new(shards: usize) -> Env {
+        let cluster = TestCluster::new(shards).await;
+        let broker = TestBroker::new().await;
+        let exchange = broker.exchange("shardmap");
+        let mut nodes = Vec::new();
+        let mut specs = Vec::new();
+        for (i, db) in cluster.shards.iter().enumerate() {
+            db.client()
+                .await
+                .execute(
+                    "INSERT INTO shard_identity (shard_id) VALUES ($1)",
+                    &[&shard_id(i)],
+                )
+                .await
+                .unwrap();
+            let node = Served::start(
+                shard_node(&db.url, true, 1).env("TENANTRY_SHARD__ID", shard_id(i)),
+                1,
+            );
+            specs.push(spec(&shard_id(i), &db.url, vec![node.url("api")]));
+            nodes.push(Some(node));
+        }
+        register(&cluster.catalog, &specs).await;
+        Env {
+            cluster,
+            broker,
+            exchange,
+            nodes,
+        }
+    }
+
+    /// A gateway on this catalog and exchange; `extra` env overrides.
+    fn gateway_cmd(&self, amqp: &str, extra: &[(&str, &str)]) -> Command {
+        gateway_cmd(&self.cluster.catalog.url, amqp, &self.exchange, extra)
+    }
+
+    fn gateway(&self, extra: &[(&str, &str)]) -> Served {
+        start_gateway(&mut self.gateway_cmd(&amqp_url(), extra))
+    }
+
+    fn shard(&self, i: usize) -> &TestDb {
+        &self.cluster.shards[i]
+    }
+
+    async fn jobs_on(&self, i: usize, company: Uuid) -> i64 {
+        self.shard(i)
+            .client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM jobs WHERE company_id = $1",
+                &[&company],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// What a tenant move does at its flip: the target owns the company, the source says
+    /// moved, and the catalog points at the target (with its outbox message).
+    async fn move_company(&self, company: Uuid, from: usize, to: usize) {
+        own(self.shard(to), company, "owned").await;
+        own(self.shard(from), company, "moved").await;
+        let mut c = self.cluster.catalog.client().await;
+        tenants::set_placement(&mut c, company, &shard_id(to), "active")
+            .await
+            .unwrap()
+            .expect("tenant exists");
+    }
+}
+
+fn spec(id: &str, db_url: &str, endpoints: Vec<String>) -> ShardSpec {
+    ShardSpec {
+        id: id.into(),
+        database_url: DatabaseUrl::new(db_url),
+        endpoints,
+        accepting: true,
+        weight: 100,
+        state: ShardState::Active,
+    }
+}
+
+async fn register(catalog: &TestDb, specs: &[ShardSpec]) {
+    let mut c = catalog.client().await;
+    catalog::upsert_shards(&mut c, specs).await.unwrap();
+}
+
+fn gateway_cmd(catalog_url: &str, amqp: &str, exchange: &str, extra: &[(&str, &str)]) -> Command {
+    let mut cmd = tenantry();
+    cmd.env("TENANTRY_AUTH__JWT_SECRET", SECRET)
+        .env("TENANTRY_GATEWAY__ENABLED", "true")
+        .env("TENANTRY_GATEWAY__LISTEN", "127.0.0.1:0")
+        .env("TENANTRY_GATEWAY__HEALTH_INTERVAL", "200ms")
+        .env("TENANTRY_GATEWAY__BODY_LIMIT", "512KiB")
+        .env("TENANTRY_CATALOG__URL", catalog_url)
+        .env("TENANTRY_RABBITMQ__URL", amqp)
+        .env("TENANTRY_RABBITMQ__SHARDMAP_EXCHANGE", exchange)
+        .env("TENANTRY_HTTP__THREADS", "1")
+        .env("TENANTRY_SHUTDOWN__GRACE_PERIOD", "1s");
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn start_gateway(cmd: &mut Command) -> Served {
+    Served::start_until(cmd, 1, Some("subscribed to shard-map changes"))
+}
+
+fn creator_token() -> String {
+    token(&["--user", "founder", "--scope", "companies:create"])
+}
+
+fn company_token(company: Uuid, role: &str) -> String {
+    token(&["--user", "u1", "--company", &format!("{company}:{role}")])
+}
+
+/// Creates a company through `gw`; returns (status, body).
+async fn create_company(gw: &str, id: Uuid, name: &str) -> (u16, Value) {
+    let mut r = http()
+        .post(format!("{gw}/v1/companies"))
+        .bearer_auth(creator_token())
+        .send_json(&json!({"id": id, "name": name}))
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json::<Value>().await.unwrap())
+}
+
+/// Posts an echo job through `gw`; returns (status, answering shard).
+async fn post_job(gw: &str, company: Uuid, auth: &str) -> (u16, String) {
+    let r = http()
+        .post(format!("{gw}/v1/companies/{company}/jobs"))
+        .bearer_auth(auth)
+        .send_json(&json!({"kind": "echo", "params": {"n": 1}}))
+        .await
+        .unwrap();
+    let shard = r
+        .headers()
+        .get(SHARD_HEADER)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (r.status().as_u16(), shard)
+}
+
+/// A counter from `/metrics` (0 when absent).
+async fn metric(base: &str, series: &str) -> f64 {
+    let mut r = http().get(format!("{base}/metrics")).send().await.unwrap();
+    let body = r.body().limit(4 << 20).await.unwrap();
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn until_metric(base: &str, series: &str, at_least: f64, limit: Duration) -> f64 {
+    let deadline = Instant::now() + limit;
+    loop {
+        let v = metric(base, series).await;
+        if v >= at_least || Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const TENANT_MESSAGES: &str = "tenantry_gateway_map_messages_total{type=\"tenant.changed\"}";
+const MISDIRECTED: &str = "tenantry_gateway_retries_total{reason=\"misdirected\"}";
+
+#[actix_web::test]
+async fn companies_are_created_once_under_concurrent_repeats_and_spread_over_shards() {
+    let env = Env::new(2).await;
+    let gw = env.gateway(&[]);
+    let base = gw.url("gateway");
+    let id = Uuid::now_v7();
+    let attempts = (0..8).map(|_| create_company(&base, id, "Acme"));
+    let results = futures_util::future::join_all(attempts).await;
+    let created = results.iter().filter(|(s, _)| *s == 201).count();
+    let existing = results.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!((created, existing), (1, 7), "{results:?}");
+    let shard = results[0].1["shard"].as_str().unwrap().to_owned();
+    assert!(results.iter().all(|(_, b)| b["shard"] == shard.as_str()
+        && b["id"] == id.to_string()
+        && b["name"] == "Acme"));
+    // Exactly one placement, on the chosen shard, and the catalog says active.
+    let mut placements = Vec::new();
+    for i in 0..2 {
+        let n: i64 = env
+            .shard(i)
+            .client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM placements WHERE company_id = $1 AND state = 'owned'",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        placements.push(n);
+    }
+    let on = if shard == "shard-1" { 0 } else { 1 };
+    assert_eq!(placements[on], 1);
+    assert_eq!(placements[1 - on], 0);
+    let c = env.cluster.catalog.client().await;
+    let placement = tenants::lookup(&c, id).await.unwrap().unwrap();
+    assert_eq!(
+        (placement.shard_id.as_str(), placement.state.as_str()),
+        (shard.as_str(), "active")
+    );
+
+    // The same id with another name is a conflict; the next company goes to the emptier shard.
+    let (status, body) = create_company(&base, id, "Not Acme").await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "company_exists");
+    let (status, second) = create_company(&base, Uuid::now_v7(), "Globex").await;
+    assert_eq!(status, 201);
+    assert_ne!(second["shard"], shard.as_str(), "fewest tenants wins");
+
+    // Without an id the gateway picks one.
+    let mut r = http()
+        .post(format!("{base}/v1/companies"))
+        .bearer_auth(creator_token())
+        .send_json(&json!({"name": "Initech"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let body = r.json::<Value>().await.unwrap();
+    assert!(Uuid::parse_str(body["id"].as_str().unwrap()).is_ok());
+
+    // The new company is routed to its shard, with our request id on the job row.
+    let mut r = http()
+        .post(format!("{base}/v1/companies/{id}/jobs?x=1"))
+        .bearer_auth(company_token(id, "member"))
+        .insert_header(("x-request-id", "e2e-gateway-req-1"))
+        .send_json(&json!({"kind": "echo", "params": {"hello": "world"}}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers().get(SHARD_HEADER).unwrap(), shard.as_str());
+    assert_eq!(
+        r.headers().get("x-request-id").unwrap(),
+        "e2e-gateway-req-1"
+    );
+    let job = r.json::<Value>().await.unwrap();
+    assert_eq!(job["result"], json!({"hello": "world"}));
+    let request_id: String = env
+        .shard(on)
+        .client()
+        .await
+        .query_one("SELECT request_id FROM jobs WHERE company_id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(request_id, "e2e-gateway-req-1");
+    let r = http()
+        .get(format!(
+            "{base}/v1/companies/{id}/jobs/{}",
+            job["id"].as_str().unwrap()
+        ))
+        .bearer_auth(company_token(id, "viewer"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "viewers read");
+}
+
+#[actix_web::test]
+async fn company_creation_refuses_bad_input() {
+    let env = Env::new(1).await;
+    let gw = env.gateway(&[]);
+    let base = gw.url("gateway");
+    let url = format!("{base}/v1/companies");
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("not json", "{".into(), 400, "invalid_json"),
+        ("no name", "{}".into(), 400, "invalid_json"),
+        (
+            "unknown field",
+            r#"{"name":"a","plan":"gold"}"#.into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "blank name",
+            r#"{"name":"   "}"#.into(),
+            400,
+            "invalid_name",
+        ),
+        (
+            "long name",
+            json!({"name": "x".repeat(201)}).to_string(),
+            400,
+            "invalid_name",
+        ),
+        (
+            "control chars",
+            json!({"name": "a\u{7}b"}).to_string(),
+            400,
+            "invalid_name",
+        ),
+        (
+            "id not a uuid",
+            r#"{"id":"nope","name":"a"}"#.into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "name not a string",
+            r#"{"name":42}"#.into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "oversized",
+            json!({"name": "a", "pad": "x".repeat(600 * 1024)}).to_string(),
+            413,
+            "payload_too_large",
+        ),
+    ];
+    for (what, body, status, code) in cases {
+        let mut r = http()
+            .post(&url)
+            .bearer_auth(creator_token())
+            .content_type("application/json")
+            .send_body(body)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{what}");
+        assert_eq!(error_of!(r).error.code, code, "{what}");
+    }
+    let mut r = http()
+        .post(&url)
+        .bearer_auth(creator_token())
+        .content_type("text/plain")
+        .send_body(r#"{"name":"a"}"#)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    assert_eq!(error_of!(r).error.code, "unsupported_media_type");
+    let mut r = http()
+        .post(&url)
+        .bearer_auth(token(&["--user", "u"]))
+        .send_json(&json!({"name": "a"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "missing scope");
+    assert_eq!(error_of!(r).error.code, "forbidden");
+    let r = http()
+        .post(&url)
+        .send_json(&json!({"name": "a"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let n: i64 = env
+        .cluster
+        .catalog
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM tenants", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "nothing was created by bad requests");
+}
+
+fn mint(claims: &Claims, secret: &str) -> String {
+    mint_hs256(secret.as_bytes(), claims).unwrap()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[actix_web::test]
+async fn the_edge_authenticates_and_authorizes_every_tenant_request() {
+    let env = Env::new(1).await;
+    let gw = env.gateway(&[]);
+    let base = gw.url("gateway");
+    let company = Uuid::now_v7();
+    assert_eq!(create_company(&base, company, "Acme").await.0, 201);
+    let jobs = format!("{base}/v1/companies/{company}/jobs");
+    let claims = |companies: Vec<(Uuid, Role)>, exp: u64| Claims {
+        sub: "u1".into(),
+        exp,
+        iat: now(),
+        companies: companies.into_iter().collect(),
+        scope: String::new(),
+    };
+    let valid = claims(vec![(company, Role::Member)], now() + 60);
+    let stranger = Uuid::now_v7();
+    let cases: Vec<(&str, Option<String>, u16)> = vec![
+        ("no token", None, 401),
+        ("garbage", Some("not.a.jwt".into()), 401),
+        (
+            "forged",
+            Some(mint(&valid, "another-secret-another-secret-0123456789")),
+            401,
+        ),
+        (
+            "expired",
+            Some(mint(
+                &claims(vec![(company, Role::Member)], now() - 600),
+                SECRET,
+            )),
+            401,
+        ),
+        (
+            "another company",
+            Some(mint(
+                &claims(vec![(stranger, Role::Admin)], now() + 60),
+                SECRET,
+            )),
+            403,
+        ),
+        (
+            "viewer writing",
+            Some(mint(
+                &claims(vec![(company, Role::Viewer)], now() + 60),
+                SECRET,
+            )),
+            403,
+        ),
+    ];
+    for (what, auth, status) in cases {
+        let mut req = http().post(&jobs);
+        if let Some(t) = auth {
+            req = req.bearer_auth(t);
+        }
+        let mut r = req
+            .send_json(&json!({"kind": "echo", "params": {}}))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{what}");
+        let code = error_of!(r).error.code;
+        assert_eq!(
+            code,
+            if status == 401 {
+                "unauthorized"
+            } else {
+                "forbidden"
+            },
+            "{what}"
+        );
+    }
+    // A company that does not exist answers exactly like one that exists but is not granted.
+    let mut a = http()
+        .get(format!(
+            "{base}/v1/companies/{stranger}/jobs/{}",
+            Uuid::now_v7()
+        ))
+        .bearer_auth(mint(&valid, SECRET))
+        .send()
+        .await
+        .unwrap();
+    let mut b = http()
+        .get(format!(
+            "{base}/v1/companies/{}/jobs/{}",
+            Uuid::now_v7(),
+            Uuid::now_v7()
+        ))
+        .bearer_auth(mint(&valid, SECRET))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (403, 403));
+    assert_eq!(error_of!(a).error.message, error_of!(b).error.message);
+    // The shard map is for operators.
+    let r = http()
+        .get(format!("{base}/v1/shard-map/version"))
+        .bearer_auth(mint(&valid, SECRET))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // Nothing above reached the shard.
+    assert_eq!(env.jobs_on(0, company).await, 0);
+}
+
+#[actix_web::test]
+async fn malformed_ids_unknown_companies_internal_paths_and_oversized_bodies_get_4xx() {
+    let env = Env::new(1).await;
+    let gw = env.gateway(&[]);
+    let base = gw.url("gateway");
+    let company = Uuid::now_v7();
+    assert_eq!(create_company(&base, company, "Acme").await.0, 201);
+    let unknown = Uuid::now_v7();
+    let auth = token(&[
+        "--user",
+        "u1",
+        "--company",
+        &format!("{company}:admin"),
+        "--company",
+        &format!("{unknown}:admin"),
+        "--company",
+        "00000000-0000-0000-0000-000000000000:admin",
+    ]);
+    let cases: Vec<(String, u16, &str)> = vec![
+        (
+            format!("{base}/v1/companies/not-a-uuid/jobs"),
+            400,
+            "invalid_id",
+        ),
+        (
+            format!("{base}/v1/companies/{company}x/jobs"),
+            400,
+            "invalid_id",
+        ),
+        (
+            format!("{base}/v1/companies/{unknown}/jobs"),
+            404,
+            "not_found",
+        ),
+        (format!("{base}/internal/placements"), 404, "not_found"),
+        (
+            format!("{base}/v1/companies/{company}/%2e%2e/%2e%2e/internal/placements"),
+            400,
+            "invalid_path",
+        ),
+        (
+            format!("{base}/v1/companies/{company}/jobs%2F..%2Finternal"),
+            400,
+            "invalid_path",
+        ),
+    ];
+    for (url, status, code) in cases {
+        let mut r = http()
+            .post(&url)
+            .bearer_auth(&auth)
+            .send_json(&json!({"kind": "echo", "params": {}}))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{url}");
+        assert_eq!(error_of!(r).error.code, code, "{url}");
+    }
+    // Over the gateway's body limit (512KiB here): with a length, and streamed without one.
+    let jobs = format!("{base}/v1/companies/{company}/jobs");
+    let big = json!({"kind": "echo", "params": {"pad": "x".repeat(600 * 1024)}}).to_string();
+    let mut r = http()
+        .post(&jobs)
+        .bearer_auth(&auth)
+        .content_type("application/json")
+        .send_body(big.clone())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(error_of!(r).error.code, "payload_too_large");
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = big
+        .as_bytes()
+        .chunks(16 * 1024)
+        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+        .collect();
+    let r = http()
+        .post(&jobs)
+        .bearer_auth(&auth)
+        .content_type("application/json")
+        .send_stream(futures_util::stream::iter(chunks))
+        .await;
+    // The gateway refuses mid-stream: a 413, or the connection closed on a client still sending.
+    if let Ok(mut r) = r {
+        assert_eq!(r.status(), 413);
+        assert_eq!(error_of!(r).error.code, "payload_too_large");
+    }
+    // Under the gateway's limit but over the retry buffer: streamed to the shard, which
+    // applies its own params limit.
+    let mid = json!({"kind": "echo", "params": {"pad": "x".repeat(100 * 1024)}});
+    let mut r = http()
+        .post(&jobs)
+        .bearer_auth(&auth)
+        .send_json(&mid)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(
+        error_of!(r).error.code,
+        "params_too_large",
+        "the shard answered"
+    );
+    assert_eq!(env.jobs_on(0, company).await, 0, "nothing was enqueued");
+}
+
+#[actix_web::test]
+async fn placement_changes_reach_both_gateways_through_rabbitmq() {
+    let env = Env::new(2).await;
+    let (g1, g2) = (env.gateway(&[]), env.gateway(&[]));
+    let (b1, b2) = (g1.url("gateway"), g2.url("gateway"));
+    let company = Uuid::now_v7();
+    let (_, created) = create_company(&b1, company, "Acme").await;
+    let from = if created["shard"] == "shard-1" { 0 } else { 1 };
+    let to = 1 - from;
+    let auth = company_token(company, "member");
+    for b in [&b1, &b2] {
+        assert_eq!(post_job(b, company, &auth).await, (200, shard_id(from)));
+    }
+    let before = [
+        metric(&b1, TENANT_MESSAGES).await,
+        metric(&b2, TENANT_MESSAGES).await,
+    ];
+    env.move_company(company, from, to).await;
+    for (b, seen) in [(&b1, before[0]), (&b2, before[1])] {
+        assert!(
+            until_metric(b, TENANT_MESSAGES, seen + 1.0, Duration::from_secs(5)).await > seen,
+            "{b} heard of the change"
+        );
+    }
+    for b in [&b1, &b2] {
+        assert_eq!(
+            post_job(b, company, &auth).await,
+            (200, shard_id(to)),
+            "{b}"
+        );
+        assert_eq!(
+            metric(b, MISDIRECTED).await,
+            0.0,
+            "{b} routed by the message"
+        );
+    }
+    assert_eq!(env.jobs_on(from, company).await, 2);
+    assert_eq!(env.jobs_on(to, company).await, 2);
+    env.broker.cleanup().await;
+}
+
+#[actix_web::test]
+async fn with_rabbitmq_unreachable_a_stale_route_never_writes_to_the_old_shard() {
+    let env = Env::new(2).await;
+    let rabbit: SocketAddr = "127.0.0.1:5672".parse().unwrap();
+    let proxy = TcpProxy::start(rabbit).await;
+    let amqp = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let mut gw = start_gateway(
+        &mut env.gateway_cmd(&amqp, &[("TENANTRY_GATEWAY__DISCONNECTED_TTL", "30s")]),
+    );
+    let base = gw.url("gateway");
+    let company = Uuid::now_v7();
+    let (_, created) = create_company(&base, company, "Acme").await;
+    let from = if created["shard"] == "shard-1" { 0 } else { 1 };
+    let to = 1 - from;
+    let auth = company_token(company, "member");
+    assert_eq!(post_job(&base, company, &auth).await, (200, shard_id(from)));
+
+    // RabbitMQ goes away; the company moves; the gateway's cached route is now wrong.
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.move_company(company, from, to).await;
+    assert_eq!(
+        post_job(&base, company, &auth).await,
+        (200, shard_id(to)),
+        "421 from the old shard, reload, retry on the new one"
+    );
+    assert_eq!(metric(&base, MISDIRECTED).await, 1.0);
+    assert_eq!(
+        env.jobs_on(from, company).await,
+        1,
+        "no write on the old shard"
+    );
+    assert_eq!(env.jobs_on(to, company).await, 1);
+
+    // RabbitMQ comes back: the gateway resubscribes, and messages route again.
+    proxy.restore();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut resubscribed = false;
+    while !resubscribed && Instant::now() < deadline {
+        resubscribed = gw
+            .drain_logs()
+            .iter()
+            .any(|l| l.contains("subscribed to shard-map changes"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(resubscribed, "the gateway reconnected");
+    assert_eq!(
+        metric(&base, "tenantry_gateway_bus_reconnects_total").await,
+        1.0
+    );
+    assert_eq!(post_job(&base, company, &auth).await, (200, shard_id(to)));
+    let seen = metric(&base, TENANT_MESSAGES).await;
+    env.move_company(company, to, from).await;
+    until_metric(&base, TENANT_MESSAGES, seen + 1.0, Duration::from_secs(5)).await;
+    assert_eq!(post_job(&base, company, &auth).await, (200, shard_id(from)));
+    assert_eq!(metric(&base, MISDIRECTED).await, 1.0, "no new 421");
+    gw.signal("TERM");
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    env.broker.cleanup().await;
+}
+
+#[actix_web::test]
+async fn a_stopped_shard_fails_only_its_own_companies() {
+    let mut env = Env::new(2).await;
+    let gw = env.gateway(&[("TENANTRY_GATEWAY__CONNECT_TIMEOUT", "300ms")]);
+    let base = gw.url("gateway");
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let (_, ca) = create_company(&base, a, "A").await;
+    let (_, cb) = create_company(&base, b, "B").await;
+    assert_ne!(ca["shard"], cb["shard"]);
+    let b_index = if cb["shard"] == "shard-1" { 0 } else { 1 };
+    env.nodes[b_index] = None; // killed
+    let (ta, tb) = (company_token(a, "member"), company_token(b, "member"));
+    for _ in 0..3 {
+        let started = Instant::now();
+        let mut r = http()
+            .post(format!("{base}/v1/companies/{b}/jobs"))
+            .bearer_auth(&tb)
+            .send_json(&json!({"kind": "echo", "params": {}}))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        assert!(r.headers().contains_key("retry-after"));
+        assert_eq!(error_of!(r).error.code, "shard_unavailable");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(
+            post_job(&base, a, &ta).await.0,
+            200,
+            "the other shard serves"
+        );
+    }
+}
+
+/// What the stand-in shard received: (path and query, headers, body length) per request.
+type Seen = Arc<Mutex<Vec<(String, Vec<(String, String)>, usize)>>>;
+
+/// A stand-in shard API: records what it receives; `/hang` never answers in time.
+struct FakeShard {
+    url: String,
+    seen: Seen,
+    _server: actix_web::dev::ServerHandle,
+}
+
+async fn fake_shard() -> FakeShard {
+    let seen: Seen = Default::default();
+    let record = web::Data::new(seen.clone());
+    let server = HttpServer::new(move || {
+        App::new().app_data(record.clone()).default_service(web::to(
+            |req: HttpRequest, body: web::Bytes, seen: web::Data<Seen>| async move {
+                if req.path().ends_with("/hang") {
+                    tokio::time::sleep(Duration::from_secs(20)).await;
+                }
+                let headers = req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+                    .collect();
+                let uri = req.uri().to_string();
+                seen.lock().unwrap().push((uri, headers, body.len()));
+                HttpResponse::Ok()
+                    .insert_header(("x-upstream", "yes"))
+                    .insert_header(("proxy-authenticate", "Basic"))
+                    .json(json!({"bytes": body.len()}))
+            },
+        ))
+    })
+    .workers(1)
+    .disable_signals()
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.addrs()[0];
+    let server = server.run();
+    let handle = server.handle();
+    actix_web::rt::spawn(server);
+    FakeShard {
+        url: format!("http://{addr}"),
+        seen,
+        _server: handle,
+    }
+}
+
+/// A catalog whose one shard is `fake`, with `company` placed on it.
+async fn fake_cluster(fake: &FakeShard, company: Uuid) -> TestDb {
+    let catalog = TestDb::new(tenantry_testkit::Schema::Catalog).await;
+    register(
+        &catalog,
+        &[spec(
+            "shard-1",
+            "postgres://nowhere/x",
+            vec![fake.url.clone()],
+        )],
+    )
+    .await;
+    catalog
+        .client()
+        .await
+        .execute(
+            "INSERT INTO tenants (id, name, shard_id, state) VALUES ($1, 'Fake', 'shard-1', 'active')",
+            &[&company],
+        )
+        .await
+        .unwrap();
+    catalog
+}
+
+#[actix_web::test]
+async fn forwarding_keeps_path_query_and_end_to_end_headers_and_streams_large_bodies() {
+    let fake = fake_shard().await;
+    let company = Uuid::now_v7();
+    let catalog = fake_cluster(&fake, company).await;
+    let broker = TestBroker::new().await;
+    let gw = start_gateway(&mut gateway_cmd(
+        &catalog.url,
+        &amqp_url(),
+        &broker.exchange("shardmap"),
+        &[],
+    ));
+    let base = gw.url("gateway");
+    let auth = company_token(company, "admin");
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut r = http()
+        .get(format!(
+            "{base}/v1/companies/{company}/things/a.b?q=1&r=%20x"
+        ))
+        .bearer_auth(&auth)
+        .insert_header(("x-request-id", "trace-me-1"))
+        .insert_header(("traceparent", trace))
+        .insert_header(("x-custom", "kept"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers().get("x-upstream").unwrap(), "yes");
+    assert!(
+        r.headers().get("proxy-authenticate").is_none(),
+        "hop-by-hop headers of the shard's answer are dropped"
+    );
+    assert_eq!(r.headers().get(SHARD_HEADER).unwrap(), "shard-1");
+    assert_eq!(r.headers().get("x-request-id").unwrap(), "trace-me-1");
+    let _ = r.body().await.unwrap();
+    let (uri, headers, _) = fake.seen.lock().unwrap()[0].clone();
+    assert_eq!(
+        uri,
+        format!("/v1/companies/{company}/things/a.b?q=1&r=%20x")
+    );
+    let h = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(h("x-request-id").as_deref(), Some("trace-me-1"));
+    assert_eq!(h("x-custom").as_deref(), Some("kept"));
+    assert_eq!(
+        h("authorization"),
+        Some(format!("Bearer {auth}")),
+        "the shard re-verifies"
+    );
+    assert!(h("x-forwarded-for").is_some());
+    let tp = h("traceparent").unwrap();
+    assert!(
+        tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{tp}"
+    );
+    assert!(
+        !tp.contains("00f067aa0ba902b7"),
+        "a new parent id for this hop: {tp}"
+    );
+
+    // Headers the caller names in `Connection` are for the gateway alone (awc manages its own
+    // Connection header, so this request is written by hand).
+    let addr = base.trim_start_matches("http://").to_owned();
+    let raw = format!(
+        "GET /v1/companies/{company}/hop HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {auth}\r\n\
+         Connection: close, x-hop\r\nX-Hop: dropped\r\nKeep-Alive: timeout=5\r\nX-Also: kept\r\n\r\n"
+    );
+    let answer = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(raw.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .join()
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (_, headers, _) = fake.seen.lock().unwrap()[1].clone();
+    assert!(headers.iter().any(|(k, v)| k == "x-also" && v == "kept"));
+    assert!(
+        !headers
+            .iter()
+            .any(|(k, _)| k == "x-hop" || k == "keep-alive"),
+        "{headers:?}"
+    );
+
+    // A body over the retry buffer (64KiB) is streamed through intact.
+    let body = vec![b'z'; 200 * 1024];
+    let mut r = http()
+        .put(format!("{base}/v1/companies/{company}/blob"))
+        .bearer_auth(&auth)
+        .send_body(body)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["bytes"], 200 * 1024);
+    broker.cleanup().await;
+}
+
+#[actix_web::test]
+async fn a_hanging_shard_answers_504_on_time_and_its_in_flight_cap_sheds_load() {
+    let fake = fake_shard().await;
+    let company = Uuid::now_v7();
+    let catalog = fake_cluster(&fake, company).await;
+    let broker = TestBroker::new().await;
+    let gw = start_gateway(&mut gateway_cmd(
+        &catalog.url,
+        &amqp_url(),
+        &broker.exchange("shardmap"),
+        &[
+            ("TENANTRY_GATEWAY__UPSTREAM_TIMEOUT", "700ms"),
+            ("TENANTRY_GATEWAY__MAX_IN_FLIGHT_PER_SHARD", "1"),
+        ],
+    ));
+    let base = gw.url("gateway");
+    let auth = company_token(company, "admin");
+    let hang = format!("{base}/v1/companies/{company}/hang");
+    let started = Instant::now();
+    let mut r = http().get(&hang).bearer_auth(&auth).send().await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status(), 504);
+    assert_eq!(error_of!(r).error.code, "upstream_timeout");
+    assert!(
+        took >= Duration::from_millis(650) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+
+    // While one request hangs, the shard's single slot is taken: the next is refused at once.
+    let (h2, a2) = (hang.clone(), auth.clone());
+    let hanging = actix_web::rt::spawn(async move {
+        http()
+            .get(h2)
+            .bearer_auth(a2)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let mut r = http()
+        .get(format!("{base}/v1/companies/{company}/quick"))
+        .bearer_auth(&auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(error_of!(r).error.code, "shard_busy");
+    assert!(started.elapsed() < Duration::from_millis(300));
+    assert_eq!(hanging.await.unwrap(), 504);
+    broker.cleanup().await;
+}
+
+#[actix_web::test]
+async fn a_company_over_its_rate_gets_429_and_others_do_not() {
+    let fake = fake_shard().await;
+    let company = Uuid::now_v7();
+    let catalog = fake_cluster(&fake, company).await;
+    let other = Uuid::now_v7();
+    catalog
+        .client()
+        .await
+        .execute(
+            "INSERT INTO tenants (id, name, shard_id, state) VALUES ($1, 'Other', 'shard-1', 'active')",
+            &[&other],
+        )
+        .await
+        .unwrap();
+    let broker = TestBroker::new().await;
+    let gw = start_gateway(&mut gateway_cmd(
+        &catalog.url,
+        &amqp_url(),
+        &broker.exchange("shardmap"),
+        &[
+            ("TENANTRY_GATEWAY__RATE_LIMIT", "1"),
+            ("TENANTRY_GATEWAY__RATE_BURST", "2"),
+        ],
+    ));
+    let base = gw.url("gateway");
+    let auth = company_token(company, "admin");
+    let get = |c: Uuid, auth: String| {
+        let url = format!("{base}/v1/companies/{c}/x");
+        async move { http().get(url).bearer_auth(auth).send().await.unwrap() }
+    };
+    assert_eq!(get(company, auth.clone()).await.status(), 200);
+    assert_eq!(get(company, auth.clone()).await.status(), 200);
+    let mut r = get(company, auth.clone()).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(error_of!(r).error.code, "rate_limited");
+    assert_eq!(
+        get(other, company_token(other, "viewer")).await.status(),
+        200,
+        "another company has its own budget"
+    );
+    broker.cleanup().await;
+}
+
+#[actix_web::test]
+async fn a_frozen_company_is_held_until_the_freeze_ends_or_the_wait_runs_out() {
+    let env = Env::new(1).await;
+    let gw = env.gateway(&[("TENANTRY_GATEWAY__FREEZE_WAIT", "1500ms")]);
+    let base = gw.url("gateway");
+    let company = Uuid::now_v7();
+    assert_eq!(create_company(&base, company, "Acme").await.0, 201);
+    let auth = company_token(company, "member");
+    own(env.shard(0), company, "frozen").await;
+    let (b, a) = (base.clone(), auth.clone());
+    let started = Instant::now();
+    let held = actix_web::rt::spawn(async move { post_job(&b, company, &a).await });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    own(env.shard(0), company, "owned").await;
+    assert_eq!(
+        held.await.unwrap().0,
+        200,
+        "the freeze showed up as latency"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(400));
+
+    own(env.shard(0), company, "frozen").await;
+    let started = Instant::now();
+    let mut r = http()
+        .post(format!("{base}/v1/companies/{company}/jobs"))
+        .bearer_auth(&auth)
+        .send_json(&json!({"kind": "echo", "params": {}}))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(error_of!(r).error.code, "tenant_frozen");
+    assert!(
+        took >= Duration::from_millis(1200) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    assert_eq!(
+        env.jobs_on(0, company).await,
+        1,
+        "only the first job was written"
+    );
+}
+
+#[actix_web::test]
+async fn es256_tokens_from_admin_token_are_accepted_at_the_edge_and_hs256_ones_refused() {
+    let fake = fake_shard().await;
+    let company = Uuid::now_v7();
+    let catalog = fake_cluster(&fake, company).await;
+    let broker = TestBroker::new().await;
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/keys");
+    let public = format!("{keys}/es256-public.pem");
+    let private = format!("{keys}/es256-private.pem");
+    let gw = start_gateway(&mut gateway_cmd(
+        &catalog.url,
+        &amqp_url(),
+        &broker.exchange("shardmap"),
+        &[
+            ("TENANTRY_AUTH__ALGORITHM", "ES256"),
+            ("TENANTRY_AUTH__PUBLIC_KEY", &public),
+        ],
+    ));
+    let base = gw.url("gateway");
+    let (code, es256, err) = crate::support::run(
+        tenantry()
+            .env("TENANTRY_AUTH__ALGORITHM", "ES256")
+            .env("TENANTRY_AUTH__PUBLIC_KEY", &public)
+            .env("TENANTRY_AUTH__PRIVATE_KEY", &private)
+            .args(["admin", "token", "--user", "u1", "--company"])
+            .arg(format!("{company}:viewer")),
+    );
+    assert_eq!(code, 0, "{err}");
+    let url = format!("{base}/v1/companies/{company}/x");
+    let r = http()
+        .get(&url)
+        .bearer_auth(es256.trim())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http()
+        .get(&url)
+        .bearer_auth(company_token(company, "viewer"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "an HS256 token is refused");
+    broker.cleanup().await;
+}
