@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 
 .DEFAULT_GOAL := help
-.PHONY: help run test services build lint fmt clean-test-dbs bench-queue
+.PHONY: help run test services build lint fmt clean-test-dbs bench-queue bench-gateway
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -21,6 +21,9 @@ services: ## make sure PostgreSQL and RabbitMQ are running (start or install the
 
 bench-queue: ## queue throughput and latency side by side with graphile-worker (same PostgreSQL, same run)
 	@bash scripts/bench-queue.sh
+
+bench-gateway: ## gateway vs direct vs nginx (req/s, p50/p99), map invalidation latency, memory with 1M companies
+	@bash scripts/bench-gateway.sh
 
 build: ## build the tenantry binary (release)
 	$(CARGO) build --release --bin tenantry

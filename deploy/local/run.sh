@@ -60,7 +60,11 @@ ready gateway http://127.0.0.1:8080
 ready shard-1 http://127.0.0.1:8101
 ready shard-2 http://127.0.0.1:8102
 
-TOKEN=$("$BIN" --dev admin token --user dev-operator --scope "companies:create shardmap:read" --ttl 12h)
+# A fixed demo company, so the example calls below can be pasted again after a restart
+# (creating it a second time answers 200 with the same company).
+COMPANY=01900000-0000-7000-8000-00000000d3e0
+TOKEN=$("$BIN" --dev admin token --user dev-operator --company "$COMPANY:admin" \
+  --scope "companies:create shardmap:read" --ttl 12h)
 cat <<MSG
 
 Tenantry is running:
@@ -71,7 +75,15 @@ Tenantry is running:
 A development token (valid 12 h, signed with the public dev key):
   export TOKEN=$TOKEN
 
-Try:
+Try (through the gateway):
+  # create the demo company (201; 200 when it already exists)
+  curl -s -H "Authorization: Bearer \$TOKEN" -H 'content-type: application/json' \\
+    -d '{"id":"$COMPANY","name":"Demo Company"}' http://127.0.0.1:8080/v1/companies
+  # run a job on its shard (200 with the result within 3 s, else 202 + Location)
+  curl -s -H "Authorization: Bearer \$TOKEN" -H 'content-type: application/json' \\
+    -d '{"kind":"echo","params":{"hello":"world"}}' \\
+    http://127.0.0.1:8080/v1/companies/$COMPANY/jobs
+  # the shard map the gateways route by
   curl -s -H "Authorization: Bearer \$TOKEN" http://127.0.0.1:8080/v1/shard-map/version
 
 Ctrl-C stops the cluster.

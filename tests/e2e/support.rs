@@ -85,10 +85,15 @@ impl Served {
         while addrs.len() < listeners || !marked {
             let line = match rx.recv_timeout(Duration::from_secs(30)) {
                 Ok(l) => l,
-                Err(_) => panic!(
-                    "tenantry serve did not start; its log:\n{}",
-                    seen.join("\n")
-                ),
+                Err(_) => {
+                    // Not yet a `Served`, so nothing else would stop it.
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "tenantry serve did not start; its log:\n{}",
+                        seen.join("\n")
+                    )
+                }
             };
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
                 && let (Some(role), Some(listen)) = (v["role"].as_str(), v["listen"].as_str())

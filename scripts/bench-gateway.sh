@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# bench-gateway.sh — `make bench-gateway`: the gateway's throughput and added latency beside a
+# direct call and nginx proxy_pass to the same shard API, its map-invalidation latency, and its
+# memory with a million companies in the catalog. One run, this machine, release build.
+#
+#   scripts/bench-gateway.sh
+#
+# Env: DURATION=10s per wrk run, CONNS=32 wrk connections, CHANGES=1000 placement changes,
+# TENANTS=1000000 catalog tenants, TOUCH=100000 companies touched, CACHE=20000 routing-cache
+# capacity of the measured gateway, PG=postgres://postgres@127.0.0.1:5432.
+#
+# Set-up: databases tenantry_bench_{catalog,shard_1,shard_2} (dropped first and at the end);
+# shard nodes (api only) on :9101/:9102; gateways on :9080 and :9081; nginx (installed with apt
+# if missing) on :9090 with proxy_pass and upstream keep-alive to :9101. Every process gets one
+# listener thread (nginx: worker_processes 1), and wrk one thread. The per-company rate limit is
+# off for the measured gateway (wrk sends one company's requests as fast as it can).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PG=${PG:-postgres://postgres@127.0.0.1:5432}
+DURATION=${DURATION:-10s} CONNS=${CONNS:-32} CHANGES=${CHANGES:-1000}
+TENANTS=${TENANTS:-1000000} TOUCH=${TOUCH:-100000} CACHE=${CACHE:-20000}
+SECRET=bench-secret-0123456789abcdef0123456789abcdef
+say() { echo "bench-gateway: $*" >&2; }
+
+bash scripts/services.sh
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
+if ((${#missing[@]})); then
+  say "installing ${missing[*]} with apt"
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+say "building tenantry and the benchmark helper (release)"
+cargo build --quiet --release -p tenantry --bin tenantry -p tenantry-gateway --example gateway_bench
+BIN=$ROOT/target/release/tenantry
+HELPER=$ROOT/target/release/examples/gateway_bench
+
+WORK=$(mktemp -d /tmp/bench-gateway.XXXXXX)
+PIDS=()
+drop_dbs() {
+  for db in tenantry_bench_catalog tenantry_bench_shard_1 tenantry_bench_shard_2; do
+    psql "$PG/postgres" -qAtX -c "drop database if exists $db with (force)" >/dev/null
+  done
+}
+cleanup() {
+  set +e
+  ((${#PIDS[@]})) && kill "${PIDS[@]}" 2>/dev/null && wait "${PIDS[@]}" 2>/dev/null
+  [[ -f $WORK/nginx.pid ]] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null
+  drop_dbs
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+drop_dbs
+
+cat >"$WORK/shards.toml" <<EOF
+environment = "bench"
+[[shard]]
+id = "shard-1"
+database_url = "$PG/tenantry_bench_shard_1"
+endpoints = ["http://127.0.0.1:9101"]
+[[shard]]
+id = "shard-2"
+database_url = "$PG/tenantry_bench_shard_2"
+endpoints = ["http://127.0.0.1:9102"]
+EOF
+export TENANTRY_AUTH__JWT_SECRET=$SECRET TENANTRY_CATALOG__URL=$PG/tenantry_bench_catalog
+export TENANTRY_LOG__FORMAT=json TENANTRY_HTTP__THREADS=1
+"$BIN" admin migrate up --create-databases >/dev/null
+"$BIN" admin shard apply "$WORK/shards.toml" --create-databases >/dev/null
+
+serve() { # name, env assignments...
+  local name=$1
+  shift
+  env "$@" "$BIN" serve >"$WORK/$name.log" 2>&1 &
+  PIDS+=($!)
+  eval "PID_${name//-/_}=$!"
+}
+serve shard-1 TENANTRY_API__ENABLED=true TENANTRY_API__LISTEN=127.0.0.1:9101 TENANTRY_SHARD__ID=shard-1 \
+  TENANTRY_SHARD__URL="$PG/tenantry_bench_shard_1" TENANTRY_RABBITMQ__RELAY_EVENTS=false
+serve shard-2 TENANTRY_API__ENABLED=true TENANTRY_API__LISTEN=127.0.0.1:9102 TENANTRY_SHARD__ID=shard-2 \
+  TENANTRY_SHARD__URL="$PG/tenantry_bench_shard_2" TENANTRY_RABBITMQ__RELAY_EVENTS=false
+serve gw1 TENANTRY_GATEWAY__ENABLED=true TENANTRY_GATEWAY__LISTEN=127.0.0.1:9080 \
+  TENANTRY_GATEWAY__RATE_LIMIT=0 TENANTRY_GATEWAY__CACHE_CAPACITY="$CACHE"
+serve gw2 TENANTRY_GATEWAY__ENABLED=true TENANTRY_GATEWAY__LISTEN=127.0.0.1:9081 TENANTRY_GATEWAY__RATE_LIMIT=0
+
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes 1;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log $WORK/nginx-access.log combined buffer=64k;
+  upstream shard1 { server 127.0.0.1:9101; keepalive 64; }
+  server {
+    listen 127.0.0.1:9090;
+    location / {
+      proxy_pass http://shard1;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$remote_addr;
+    }
+  }
+}
+EOF
+"$NGINX" -c "$WORK/nginx.conf" -p "$WORK"
+
+for url in http://127.0.0.1:9101 http://127.0.0.1:9102 http://127.0.0.1:9080 http://127.0.0.1:9081 http://127.0.0.1:9090; do
+  for _ in $(seq 150); do curl -fsS -o /dev/null "$url/readyz" 2>/dev/null && break; sleep 0.2; done
+  curl -fsS -o /dev/null "$url/readyz" || { say "$url not ready; logs in $WORK"; tail -n 5 "$WORK"/*.log >&2; exit 1; }
+done
+# Let the gateways subscribe to the shard map before the first company is created.
+for gw in gw1 gw2; do
+  for _ in $(seq 100); do grep -q "subscribed to shard-map changes" "$WORK/$gw.log" && break; sleep 0.1; done
+done
+
+COMPANY=$(python3 -c 'import uuid; print(uuid.uuid4())')
+CREATOR=$("$BIN" admin token --user bench --scope companies:create)
+TOKEN=$("$BIN" admin token --user bench --company "$COMPANY:admin")
+curl -fsS -o /dev/null -H "Authorization: Bearer $CREATOR" -H 'content-type: application/json' \
+  -d "{\"id\":\"$COMPANY\",\"name\":\"Bench\"}" http://127.0.0.1:9080/v1/companies
+SHARD=$(psql "$PG/tenantry_bench_catalog" -qAtX -c "select shard_id from tenants where id = '$COMPANY'")
+if [[ $SHARD != shard-1 ]]; then say "the company landed on $SHARD, expected shard-1"; exit 1; fi
+# The GET reads one job row, inserted directly (no worker runs in this benchmark).
+JOB_ID=$(python3 -c 'import uuid; print(uuid.uuid4())')
+psql "$PG/tenantry_bench_shard_1" -qAtX -c "insert into jobs (id, request_id, company_id, kind, params, state, priority)
+  values ('$JOB_ID', 'bench', '$COMPANY', 'echo', '{}', 'done', 0)" >/dev/null
+PATH_GET=/v1/companies/$COMPANY/jobs/$JOB_ID
+
+wrk_run() { # name url
+  local out
+  curl -fsS -o /dev/null -H "Authorization: Bearer $TOKEN" "$2$PATH_GET" || { say "$1: $2$PATH_GET fails"; exit 1; }
+  out=$(wrk -t1 -c"$CONNS" -d"$DURATION" --latency -H "Authorization: Bearer $TOKEN" "$2$PATH_GET")
+  echo "$out" >"$WORK/wrk-$1.txt"
+  python3 - "$1" "$WORK/wrk-$1.txt" <<'PY'
+import re, sys
+name, text = sys.argv[1], open(sys.argv[2]).read()
+def ms(v):
+    m = re.match(r'([\d.]+)(us|ms|s)', v)
+    return float(m[1]) * {'us': 0.001, 'ms': 1, 's': 1000}[m[2]]
+rps = float(re.search(r'Requests/sec:\s+([\d.]+)', text)[1])
+lat = dict(re.findall(r'^\s+(50|99)%\s+(\S+)', text, re.M))
+errors = re.search(r'Non-2xx or 3xx responses: (\d+)', text)
+print(f"{name}_rps: {rps:.0f} req/s")
+print(f"{name}_p50: {ms(lat['50']):.3f} ms")
+print(f"{name}_p99: {ms(lat['99']):.3f} ms")
+print(f"{name}_non2xx: {int(errors[1]) if errors else 0} n")
+PY
+}
+say "wrk: direct, gateway, nginx (${DURATION} each, ${CONNS} connections)"
+{
+  wrk_run direct http://127.0.0.1:9101
+  wrk_run gateway http://127.0.0.1:9080
+  wrk_run nginx http://127.0.0.1:9090
+} >"$WORK/figures.txt"
+
+# Invalidation: both shards own the company, so a stale route is answered, not corrected.
+psql "$PG/tenantry_bench_shard_2" -qAtX -c "insert into placements (company_id, state) values ('$COMPANY', 'owned')" >/dev/null
+say "invalidation: $CHANGES placement changes, two gateways"
+BENCH_JWT_SECRET=$SECRET "$HELPER" invalidation "$PG/tenantry_bench_catalog" "$COMPANY" \
+  http://127.0.0.1:9080 http://127.0.0.1:9081 --changes "$CHANGES" >>"$WORK/figures.txt"
+
+say "memory: $TENANTS tenants in the catalog, touching $TOUCH through a gateway with cache_capacity=$CACHE"
+BENCH_JWT_SECRET=$SECRET "$HELPER" memory "$PG/tenantry_bench_catalog" http://127.0.0.1:9080 "$PID_gw1" \
+  --tenants "$TENANTS" --touch "$TOUCH" >>"$WORK/figures.txt"
+evictions=$(curl -fsS http://127.0.0.1:9080/metrics | sed -n 's/^tenantry_gateway_cache_events_total{event="eviction"} //p')
+echo "memory_cache_evictions: ${evictions:-0} n" >>"$WORK/figures.txt"
+
+cat "$WORK/figures.txt"
+python3 - "$WORK/figures.txt" "$CACHE" <<'PY'
+import re, sys
+f = {m[1]: float(m[2]) for m in re.finditer(r'^(\w+): (\S+)', open(sys.argv[1]).read(), re.M)}
+cache = int(sys.argv[2])
+def row(name, a, b, c, goal=''):
+    print(f"{name:<26} {a:>12} {b:>12} {c:>12}  {goal}")
+print()
+row('figure', 'direct', 'gateway', 'nginx')
+row('requests/s', f"{f['direct_rps']:.0f}", f"{f['gateway_rps']:.0f}", f"{f['nginx_rps']:.0f}",
+    'gateway ≥ nginx: ' + ('met' if f['gateway_rps'] >= f['nginx_rps'] else 'MISSED'))
+row('p50 ms', f"{f['direct_p50']:.3f}", f"{f['gateway_p50']:.3f}", f"{f['nginx_p50']:.3f}")
+added = f['gateway_p99'] - f['direct_p99']
+row('p99 ms', f"{f['direct_p99']:.3f}", f"{f['gateway_p99']:.3f}", f"{f['nginx_p99']:.3f}",
+    f"added p99 {added:.3f} ms ≤ 1 ms: " + ('met' if added <= 1.0 else 'MISSED'))
+print()
+print(f"invalidation p50 {f['invalidation_p50']:.2f} ms, p99 {f['invalidation_p99']:.2f} ms, "
+      f"max {f['invalidation_max']:.2f} ms over {f['invalidation_changes']:.0f} changes × 2 gateways; "
+      "p99 ≤ 50 ms: " + ('met' if f['invalidation_p99'] <= 50 else 'MISSED'))
+rss = sorted((int(k.rsplit('_', 1)[1]), v) for k, v in f.items() if k.startswith('memory_rss_after_'))
+print(f"gateway RSS with {f['memory_catalog_tenants']:.0f} tenants in the catalog, cache_capacity={cache}: "
+      f"before {f['memory_rss_before']:.1f} MiB; " + ', '.join(f"after {n} touched {v:.1f} MiB" for n, v in rss)
+      + f"; {f['memory_cache_evictions']:.0f} evictions, {f['memory_touch_unrouted']:.0f} unrouted")
+PY
