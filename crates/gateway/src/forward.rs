@@ -56,13 +56,7 @@ pub async fn forward(
     gw: web::Data<Gateway>,
     client: web::Data<awc::Client>,
 ) -> Result<HttpResponse, ApiError> {
-    let company = req
-        .match_info()
-        .get("company")
-        .and_then(|s| Uuid::parse_str(s).ok())
-        .ok_or_else(|| {
-            ApiError::bad_request("invalid_id", "the company id in the path is not a UUID")
-        })?;
+    let company = company_of(req.path())?;
     tracing::Span::current().record("company.id", tracing::field::display(company));
 
     let role = caller
@@ -150,6 +144,18 @@ pub async fn forward(
             .and_then(|v| v.parse::<u64>().ok());
         return Ok(respond(&resolved.pool.id, status, res.headers(), length).streaming(res));
     }
+}
+
+/// The company id of `/v1/companies/{company_id}[/…]`.
+fn company_of(path: &str) -> Result<Uuid, ApiError> {
+    let rest = path
+        .strip_prefix("/v1/companies/")
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| ApiError::not_found(format!("no route for {path}")))?;
+    let id = rest.split('/').next().unwrap_or_default();
+    Uuid::parse_str(id).map_err(|_| {
+        ApiError::bad_request("invalid_id", "the company id in the path is not a UUID")
+    })
 }
 
 fn stale_map(resolved: &Resolved) -> ApiError {
@@ -483,6 +489,36 @@ async fn read_body(mut payload: web::Payload, hold: usize, limit: usize) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_company_id_is_the_segment_after_companies() {
+        let id = "0190a0a0-0000-7000-8000-000000000000";
+        for path in [
+            format!("/v1/companies/{id}"),
+            format!("/v1/companies/{id}/"),
+            format!("/v1/companies/{id}/jobs/x"),
+        ] {
+            assert_eq!(company_of(&path).unwrap().to_string(), id, "{path}");
+        }
+        assert_eq!(
+            company_of("/v1/companies/nope/jobs").unwrap_err().code(),
+            "invalid_id"
+        );
+        assert_eq!(
+            company_of(&format!("/v1/companies/{id}x"))
+                .unwrap_err()
+                .code(),
+            "invalid_id"
+        );
+        assert_eq!(
+            company_of("/v1/companies/").unwrap_err().code(),
+            "not_found"
+        );
+        assert_eq!(
+            company_of("/v1/companiesx").unwrap_err().code(),
+            "not_found"
+        );
+    }
 
     #[test]
     fn traceparent_keeps_the_callers_trace_and_replaces_the_parent() {

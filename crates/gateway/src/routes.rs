@@ -12,10 +12,14 @@ use crate::OPERATOR_SCOPE;
 
 pub fn configure(c: &mut web::ServiceConfig) {
     c.service(web::resource("/v1/shard-map/version").get(shard_map_version))
-        .service(web::resource("/v1/companies").post(crate::companies::create))
-        // Everything under a company goes to its shard, path and query unchanged.
-        .service(web::resource("/v1/companies/{company}").to(crate::forward::forward))
-        .service(web::resource("/v1/companies/{company}/{tail:.*}").to(crate::forward::forward));
+        .service(
+            // A static prefix and the company id parsed by hand: actix's dynamic segments match
+            // with a regex engine, which cost a sixth of the gateway's CPU under load.
+            web::scope("/v1/companies")
+                .service(web::resource("").post(crate::companies::create))
+                // Everything under a company goes to its shard, path and query unchanged.
+                .default_service(web::to(crate::forward::forward)),
+        );
 }
 
 /// The public view of a shard: never its database URL.
