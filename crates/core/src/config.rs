@@ -683,6 +683,19 @@ mod tests {
                 "shard.id",
             ),
             ("[catalog]\npool_size = 0\n", "catalog.pool_size"),
+            (
+                "[gateway]\nretry_buffer = \"2MiB\"\n",
+                "gateway.retry_buffer must not exceed",
+            ),
+            ("[gateway]\nupstream_timeout = \"1ms\"\n", "gateway.upstream_timeout"),
+            ("[gateway]\ncache_capacity = 0\n", "gateway.cache_capacity"),
+            ("[gateway]\nmax_in_flight_per_shard = 0\n", "max_in_flight_per_shard"),
+            ("[auth]\nalgorithm = \"none\"\n", "algorithm"),
+            ("[auth]\nalgorithm = \"RS256\"\n", "auth.public_key"),
+            (
+                "[auth]\nalgorithm = \"ES256\"\npublic_key = \"/nonexistent.pem\"\n",
+                "/nonexistent.pem is not a readable file",
+            ),
         ] {
             Jail::expect_with(|jail| {
                 jail.create_file("t.toml", file)?;
