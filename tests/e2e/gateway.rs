@@ -1119,3 +1119,71 @@ async fn es256_tokens_from_admin_token_are_accepted_at_the_edge_and_hs256_ones_r
     assert_eq!(r.status(), 401, "an HS256 token is refused");
     broker.cleanup().await;
 }
+
+#[actix_web::test]
+async fn repeating_a_creation_that_stopped_half_way_finishes_it() {
+    let catalog = TestDb::new(tenantry_testkit::Schema::Catalog).await;
+    let shard = TestDb::new(tenantry_testkit::Schema::Shard).await;
+    let missing = TestDb::reserve(); // a database that does not exist (yet)
+    register(
+        &catalog,
+        &[spec(
+            "shard-1",
+            &missing.url,
+            vec!["http://127.0.0.1:9".into()],
+        )],
+    )
+    .await;
+    let broker = TestBroker::new().await;
+    let gw = start_gateway(&mut gateway_cmd(
+        &catalog.url,
+        &amqp_url(),
+        &broker.exchange("shardmap"),
+        &[],
+    ));
+    let base = gw.url("gateway");
+    let id = Uuid::now_v7();
+    let (status, body) = create_company(&base, id, "Acme").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "shard_unavailable");
+    let c = catalog.client().await;
+    let placement = tenants::lookup(&c, id).await.unwrap().unwrap();
+    assert_eq!(placement.state, "provisioning");
+    // Not routable until it is active.
+    let r = http()
+        .get(format!("{base}/v1/companies/{id}/jobs/{}", Uuid::now_v7()))
+        .bearer_auth(company_token(id, "admin"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // The operator fixes the shard's address; the client repeats the same request.
+    register(
+        &catalog,
+        &[spec(
+            "shard-1",
+            &shard.url,
+            vec!["http://127.0.0.1:9".into()],
+        )],
+    )
+    .await;
+    let (status, body) = create_company(&base, id, "Acme").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["shard"], "shard-1");
+    let placement = tenants::lookup(&c, id).await.unwrap().unwrap();
+    assert_eq!(placement.state, "active");
+    let owned: i64 = shard
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM placements WHERE company_id = $1 AND state = 'owned'",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owned, 1);
+    assert!(!missing.exists().await);
+    broker.cleanup().await;
+}

@@ -687,9 +687,15 @@ mod tests {
                 "[gateway]\nretry_buffer = \"2MiB\"\n",
                 "gateway.retry_buffer must not exceed",
             ),
-            ("[gateway]\nupstream_timeout = \"1ms\"\n", "gateway.upstream_timeout"),
+            (
+                "[gateway]\nupstream_timeout = \"1ms\"\n",
+                "gateway.upstream_timeout",
+            ),
             ("[gateway]\ncache_capacity = 0\n", "gateway.cache_capacity"),
-            ("[gateway]\nmax_in_flight_per_shard = 0\n", "max_in_flight_per_shard"),
+            (
+                "[gateway]\nmax_in_flight_per_shard = 0\n",
+                "max_in_flight_per_shard",
+            ),
             ("[auth]\nalgorithm = \"none\"\n", "algorithm"),
             ("[auth]\nalgorithm = \"RS256\"\n", "auth.public_key"),
             (
