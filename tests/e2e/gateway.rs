@@ -110,6 +110,19 @@ impl Env {
     }
 }
 
+/// Whether the shard database holds an `owned` placement for `company` (0 or 1).
+async fn owned(db: &TestDb, company: Uuid) -> i64 {
+    db.client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM placements WHERE company_id = $1 AND state = 'owned'",
+            &[&company],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 fn spec(id: &str, db_url: &str, endpoints: Vec<String>) -> ShardSpec {
     ShardSpec {
         id: id.into(),
@@ -223,21 +236,7 @@ async fn companies_are_created_once_under_concurrent_repeats_and_spread_over_sha
         && b["id"] == id.to_string()
         && b["name"] == "Acme"));
     // Exactly one placement, on the chosen shard, and the catalog says active.
-    let mut placements = Vec::new();
-    for i in 0..2 {
-        let n: i64 = env
-            .shard(i)
-            .client()
-            .await
-            .query_one(
-                "SELECT count(*) FROM placements WHERE company_id = $1 AND state = 'owned'",
-                &[&id],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        placements.push(n);
-    }
+    let placements = [owned(env.shard(0), id).await, owned(env.shard(1), id).await];
     let on = if shard == "shard-1" { 0 } else { 1 };
     assert_eq!(placements[on], 1);
     assert_eq!(placements[1 - on], 0);
@@ -802,6 +801,46 @@ async fn fake_shard() -> FakeShard {
     }
 }
 
+/// A gateway in front of a stand-in shard that holds `companies` (`extra`: env overrides).
+struct FakeEnv {
+    fake: FakeShard,
+    _catalog: TestDb,
+    broker: TestBroker,
+    _gw: Served,
+    base: String,
+}
+
+async fn fake_env(companies: &[Uuid], extra: &[(&str, &str)]) -> FakeEnv {
+    let fake = fake_shard().await;
+    let catalog = fake_cluster(&fake, companies[0]).await;
+    for c in &companies[1..] {
+        catalog
+            .client()
+            .await
+            .execute(
+                "INSERT INTO tenants (id, name, shard_id, state) VALUES ($1, 'Fake', 'shard-1', 'active')",
+                &[c],
+            )
+            .await
+            .unwrap();
+    }
+    let broker = TestBroker::new().await;
+    let gw = start_gateway(&mut gateway_cmd(
+        &catalog.url,
+        &amqp_url(),
+        &broker.exchange("shardmap"),
+        extra,
+    ));
+    let base = gw.url("gateway");
+    FakeEnv {
+        fake,
+        _catalog: catalog,
+        broker,
+        _gw: gw,
+        base,
+    }
+}
+
 /// A catalog whose one shard is `fake`, with `company` placed on it.
 async fn fake_cluster(fake: &FakeShard, company: Uuid) -> TestDb {
     let catalog = TestDb::new(tenantry_testkit::Schema::Catalog).await;
@@ -828,17 +867,9 @@ async fn fake_cluster(fake: &FakeShard, company: Uuid) -> TestDb {
 
 #[actix_web::test]
 async fn forwarding_keeps_path_query_and_end_to_end_headers_and_streams_large_bodies() {
-    let fake = fake_shard().await;
     let company = Uuid::now_v7();
-    let catalog = fake_cluster(&fake, company).await;
-    let broker = TestBroker::new().await;
-    let gw = start_gateway(&mut gateway_cmd(
-        &catalog.url,
-        &amqp_url(),
-        &broker.exchange("shardmap"),
-        &[],
-    ));
-    let base = gw.url("gateway");
+    let env = fake_env(&[company], &[]).await;
+    let (fake, broker, base) = (&env.fake, &env.broker, env.base.clone());
     let auth = company_token(company, "admin");
     let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let mut r = http()
@@ -932,20 +963,16 @@ async fn forwarding_keeps_path_query_and_end_to_end_headers_and_streams_large_bo
 
 #[actix_web::test]
 async fn a_hanging_shard_answers_504_on_time_and_its_in_flight_cap_sheds_load() {
-    let fake = fake_shard().await;
     let company = Uuid::now_v7();
-    let catalog = fake_cluster(&fake, company).await;
-    let broker = TestBroker::new().await;
-    let gw = start_gateway(&mut gateway_cmd(
-        &catalog.url,
-        &amqp_url(),
-        &broker.exchange("shardmap"),
+    let env = fake_env(
+        &[company],
         &[
             ("TENANTRY_GATEWAY__UPSTREAM_TIMEOUT", "700ms"),
             ("TENANTRY_GATEWAY__MAX_IN_FLIGHT_PER_SHARD", "1"),
         ],
-    ));
-    let base = gw.url("gateway");
+    )
+    .await;
+    let (broker, base) = (&env.broker, env.base.clone());
     let auth = company_token(company, "admin");
     let hang = format!("{base}/v1/companies/{company}/hang");
     let started = Instant::now();
@@ -987,30 +1014,16 @@ async fn a_hanging_shard_answers_504_on_time_and_its_in_flight_cap_sheds_load() 
 
 #[actix_web::test]
 async fn a_company_over_its_rate_gets_429_and_others_do_not() {
-    let fake = fake_shard().await;
-    let company = Uuid::now_v7();
-    let catalog = fake_cluster(&fake, company).await;
-    let other = Uuid::now_v7();
-    catalog
-        .client()
-        .await
-        .execute(
-            "INSERT INTO tenants (id, name, shard_id, state) VALUES ($1, 'Other', 'shard-1', 'active')",
-            &[&other],
-        )
-        .await
-        .unwrap();
-    let broker = TestBroker::new().await;
-    let gw = start_gateway(&mut gateway_cmd(
-        &catalog.url,
-        &amqp_url(),
-        &broker.exchange("shardmap"),
+    let (company, other) = (Uuid::now_v7(), Uuid::now_v7());
+    let env = fake_env(
+        &[company, other],
         &[
             ("TENANTRY_GATEWAY__RATE_LIMIT", "1"),
             ("TENANTRY_GATEWAY__RATE_BURST", "2"),
         ],
-    ));
-    let base = gw.url("gateway");
+    )
+    .await;
+    let (broker, base) = (&env.broker, env.base.clone());
     let auth = company_token(company, "admin");
     let get = |c: Uuid, auth: String| {
         let url = format!("{base}/v1/companies/{c}/x");
@@ -1076,23 +1089,19 @@ async fn a_frozen_company_is_held_until_the_freeze_ends_or_the_wait_runs_out() {
 
 #[actix_web::test]
 async fn es256_tokens_from_admin_token_are_accepted_at_the_edge_and_hs256_ones_refused() {
-    let fake = fake_shard().await;
     let company = Uuid::now_v7();
-    let catalog = fake_cluster(&fake, company).await;
-    let broker = TestBroker::new().await;
     let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/keys");
     let public = format!("{keys}/es256-public.pem");
     let private = format!("{keys}/es256-private.pem");
-    let gw = start_gateway(&mut gateway_cmd(
-        &catalog.url,
-        &amqp_url(),
-        &broker.exchange("shardmap"),
+    let env = fake_env(
+        &[company],
         &[
             ("TENANTRY_AUTH__ALGORITHM", "ES256"),
             ("TENANTRY_AUTH__PUBLIC_KEY", &public),
         ],
-    ));
-    let base = gw.url("gateway");
+    )
+    .await;
+    let (broker, base) = (&env.broker, env.base.clone());
     let (code, es256, err) = crate::support::run(
         tenantry()
             .env("TENANTRY_AUTH__ALGORITHM", "ES256")
@@ -1173,17 +1182,7 @@ async fn repeating_a_creation_that_stopped_half_way_finishes_it() {
     assert_eq!(body["shard"], "shard-1");
     let placement = tenants::lookup(&c, id).await.unwrap().unwrap();
     assert_eq!(placement.state, "active");
-    let owned: i64 = shard
-        .client()
-        .await
-        .query_one(
-            "SELECT count(*) FROM placements WHERE company_id = $1 AND state = 'owned'",
-            &[&id],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(owned, 1);
+    assert_eq!(owned(&shard, id).await, 1);
     assert!(!missing.exists().await);
     broker.cleanup().await;
 }

@@ -70,23 +70,19 @@ pub async fn declare_exchange(
 impl Relay {
     /// Runs until `shutdown`, reconnecting to RabbitMQ with backoff.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(200);
-        while !shutdown.is_cancelled() {
-            match self.connected(&shutdown).await {
-                Ok(()) => return,
-                Err(e) => tracing::warn!(
-                    relay = self.name,
-                    error = format!("{e:#}"),
-                    retry_in_ms = backoff.as_millis() as u64,
-                    "relay interrupted"
-                ),
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(10));
-        }
+        let what = if self.name == "event relay" {
+            "event relay interrupted"
+        } else {
+            "shard-map relay interrupted"
+        };
+        crate::shutdown::reconnecting(
+            what,
+            &shutdown,
+            Duration::from_millis(200),
+            Duration::from_secs(10),
+            || self.connected(&shutdown),
+        )
+        .await
     }
 
     async fn connected(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
@@ -169,60 +165,50 @@ pub async fn listen(
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    while !shutdown.is_cancelled() {
-        let result = async {
-            let cfg = db::pg_config(&url, &db, "tenantry-listen")?;
-            let (client, mut conn) = cfg.connect(tokio_postgres::NoTls).await?;
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<()>>(16);
-            let driver = tokio::spawn(async move {
-                loop {
-                    let msg = std::future::poll_fn(|cx| conn.poll_message(cx)).await;
-                    let send = match msg {
-                        Some(Ok(AsyncMessage::Notification(_))) => Ok(()),
-                        Some(Ok(_)) => continue,
-                        Some(Err(e)) => Err(e.into()),
-                        None => Err(anyhow::anyhow!("connection closed")),
-                    };
-                    let failed = send.is_err();
-                    // A full channel already holds a wake-up; dropping this one loses nothing.
-                    let _ = tx.try_send(send);
-                    if failed {
-                        break;
-                    }
+    let session = || async {
+        let cfg = db::pg_config(&url, &db, "tenantry-listen")?;
+        let (client, mut conn) = cfg.connect(tokio_postgres::NoTls).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<()>>(16);
+        let driver = tokio::spawn(async move {
+            loop {
+                let msg = std::future::poll_fn(|cx| conn.poll_message(cx)).await;
+                let send = match msg {
+                    Some(Ok(AsyncMessage::Notification(_))) => Ok(()),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => Err(e.into()),
+                    None => Err(anyhow::anyhow!("connection closed")),
+                };
+                let failed = send.is_err();
+                // A full channel already holds a wake-up; dropping this one loses nothing.
+                let _ = tx.try_send(send);
+                if failed {
+                    break;
                 }
-            });
-            client
-                .batch_execute(&format!("LISTEN {}", db::quote_ident(channel)))
-                .await?;
-            wake.notify_one();
-            backoff = Duration::from_millis(100);
-            let outcome = loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break Ok(()),
-                    msg = rx.recv() => match msg {
-                        Some(Ok(())) => wake.notify_one(),
-                        Some(Err(e)) => break Err(e),
-                        None => break Err(anyhow::anyhow!("connection closed")),
-                    },
-                }
-            };
-            driver.abort();
-            outcome
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(
-                channel,
-                error = format!("{e:#}"),
-                retry_in_ms = backoff.as_millis() as u64,
-                "LISTEN connection lost"
-            );
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-    }
+        });
+        client
+            .batch_execute(&format!("LISTEN {}", db::quote_ident(channel)))
+            .await?;
+        wake.notify_one();
+        let outcome = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                msg = rx.recv() => match msg {
+                    Some(Ok(())) => wake.notify_one(),
+                    Some(Err(e)) => break Err(e),
+                    None => break Err(anyhow::anyhow!("connection closed")),
+                },
+            }
+        };
+        driver.abort();
+        outcome
+    };
+    crate::shutdown::reconnecting(
+        "LISTEN connection lost",
+        &shutdown,
+        Duration::from_millis(100),
+        Duration::from_secs(5),
+        session,
+    )
+    .await
 }

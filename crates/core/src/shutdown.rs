@@ -29,3 +29,40 @@ pub fn on_signal() -> anyhow::Result<CancellationToken> {
     });
     Ok(token)
 }
+
+/// Runs `session` again and again until it returns `Ok` (a clean stop) or `shutdown` fires.
+/// After a failed session it logs `what` with the error and waits, starting at `first` and
+/// doubling up to `max`; a session that lasted longer than `max` starts the backoff over.
+/// For the long-lived connections of the process: LISTEN, RabbitMQ subscriptions, relays.
+pub async fn reconnecting<F, Fut>(
+    what: &'static str,
+    shutdown: &CancellationToken,
+    first: std::time::Duration,
+    max: std::time::Duration,
+    mut session: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut backoff = first;
+    while !shutdown.is_cancelled() {
+        let started = std::time::Instant::now();
+        if let Err(e) = session().await {
+            if started.elapsed() > max {
+                backoff = first;
+            }
+            tracing::warn!(
+                error = format!("{e:#}"),
+                retry_in_ms = backoff.as_millis() as u64,
+                "{what}"
+            );
+        } else {
+            return;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(max);
+    }
+}

@@ -4,7 +4,13 @@
 //! gateway keeps serving, revalidating cached routes on a short TTL, and reconnects with
 //! backoff.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::Context;
 use futures_util::StreamExt;
@@ -24,25 +30,19 @@ use crate::{metrics, router::Router};
 const MAX_QUEUED: i64 = 100_000;
 
 pub async fn run(router: Arc<Router>, url: String, exchange: String, shutdown: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
-    let mut connections = 0u64;
-    while !shutdown.is_cancelled() {
-        let result = listen(&router, &url, &exchange, &shutdown, &mut connections).await;
-        router.on_disconnected();
-        match result {
-            Ok(()) => return,
-            Err(e) => tracing::warn!(
-                error = format!("{e:#}"),
-                retry_in_ms = backoff.as_millis() as u64,
-                "shard-map subscription lost; serving from cache with short revalidation"
-            ),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
+    let connections = AtomicU64::new(0);
+    tenantry_core::shutdown::reconnecting(
+        "shard-map subscription lost; serving from cache with short revalidation",
+        &shutdown,
+        Duration::from_millis(100),
+        Duration::from_secs(5),
+        || async {
+            let result = listen(&router, &url, &exchange, &shutdown, &connections).await;
+            router.on_disconnected();
+            result
+        },
+    )
+    .await
 }
 
 async fn listen(
@@ -50,7 +50,7 @@ async fn listen(
     url: &str,
     exchange: &str,
     shutdown: &CancellationToken,
-    connections: &mut u64,
+    connections: &AtomicU64,
 ) -> anyhow::Result<()> {
     let conn = Connection::connect(url, ConnectionProperties::default())
         .await
@@ -100,8 +100,7 @@ async fn listen(
             "reloading shards after connecting"
         );
     }
-    *connections += 1;
-    if *connections > 1 {
+    if connections.fetch_add(1, Ordering::Relaxed) > 0 {
         metrics::RECONNECTS.inc();
     }
     tracing::info!(exchange, queue = %queue.name(), "subscribed to shard-map changes");
