@@ -44,6 +44,9 @@ pub struct Relay {
     /// Poked when new rows may be waiting (e.g. by a LISTEN connection); `poll` is the fallback.
     pub wake: Arc<Notify>,
     pub poll: Duration,
+    /// Deletes old published rows, in a small batch; run about once a minute while idle.
+    /// `None` when something else prunes the outbox (the shard's queue janitor does).
+    pub prune: Option<&'static str>,
 }
 
 /// Declares `exchange` (durable) as `kind`: publishers and consumers both do, so neither needs
@@ -95,11 +98,19 @@ impl Relay {
             .await?;
         declare_exchange(&channel, &self.exchange, self.kind.clone()).await?;
         tracing::info!(relay = self.name, exchange = %self.exchange, "relay connected");
+        let mut pruned = std::time::Instant::now();
         loop {
             // Register interest before looking, so a poke during the batch is not lost.
             let woken = self.wake.notified();
             let published = self.publish_batch(&channel).await?;
             if published == 0 {
+                if let Some(sql) = self.prune
+                    && pruned.elapsed() > Duration::from_secs(60)
+                {
+                    pruned = std::time::Instant::now();
+                    let deleted = self.pool.get().await?.execute(sql, &[]).await?;
+                    tracing::debug!(relay = self.name, deleted, "pruned published outbox rows");
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => {
                         let _ = conn.close(200, "shutdown".into()).await;

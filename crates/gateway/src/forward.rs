@@ -100,8 +100,8 @@ pub async fn forward(
     let mut pause = Duration::from_millis(20);
     loop {
         let outcome = send(&req, &client, &gw, &resolved.pool, &mut body).await;
-        let mut res = match outcome {
-            Ok(res) => res,
+        let (mut res, permit) = match outcome {
+            Ok(sent) => sent,
             Err(e) => {
                 metrics::REQUESTS
                     .with_label_values(&[&resolved.pool.id, e.status_code().as_str()])
@@ -142,7 +142,12 @@ pub async fn forward(
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        return Ok(respond(&resolved.pool.id, status, res.headers(), length).streaming(res));
+        let mut head = respond(&resolved.pool.id, status, res.headers(), length);
+        // The shard's slot stays taken until its answer has been streamed to the caller.
+        return Ok(head.streaming(res.map(move |chunk| {
+            let _slot = &permit;
+            chunk
+        })));
     }
 }
 
@@ -199,7 +204,8 @@ fn respond(
     builder
 }
 
-/// Sends the request to the first endpoint of `pool` that accepts a connection.
+/// Sends the request to the first endpoint of `pool` that accepts a connection; returns the
+/// answer with the slot of the shard's in-flight cap it holds.
 async fn send(
     req: &HttpRequest,
     client: &awc::Client,
@@ -207,10 +213,13 @@ async fn send(
     pool: &ShardPool,
     body: &mut Body,
 ) -> Result<
-    awc::ClientResponse<impl futures_util::Stream<Item = Result<Bytes, PayloadError>> + use<>>,
+    (
+        awc::ClientResponse<impl futures_util::Stream<Item = Result<Bytes, PayloadError>> + use<>>,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
     ApiError,
 > {
-    let Ok(_permit) = pool.in_flight.clone().try_acquire_owned() else {
+    let Ok(permit) = pool.in_flight.clone().try_acquire_owned() else {
         metrics::REFUSED.with_label_values(&["shard_busy"]).inc();
         return Err(ApiError::unavailable(
             "shard_busy",
@@ -250,7 +259,7 @@ async fn send(
                 metrics::UPSTREAM_SECONDS
                     .with_label_values(&[&pool.id])
                     .observe(started.elapsed().as_secs_f64());
-                return Ok(res);
+                return Ok((res, permit));
             }
             Err(SendRequestError::Connect(e)) => {
                 tracing::warn!(endpoint = %endpoint.base, error = %e, "cannot connect to shard endpoint");

@@ -28,6 +28,8 @@ pub async fn run(pool: Pool, amqp_url: String, exchange: String, shutdown: Cance
         // Completions are batched; a 200 ms poll keeps the relay cheap and events prompt.
         wake: Arc::default(),
         poll: Duration::from_millis(200),
+        // The queue's janitor prunes the shard outbox with the finished jobs.
+        prune: None,
     }
     .run(shutdown)
     .await

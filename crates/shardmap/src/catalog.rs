@@ -199,6 +199,13 @@ pub fn relay(
         },
         wake,
         poll: std::time::Duration::from_secs(1),
+        // Published changes are kept a day (for operators), then deleted 1000 at a time.
+        prune: Some(
+            "DELETE FROM outbox WHERE id IN (
+                 SELECT id FROM outbox
+                  WHERE published_at < now() - interval '1 day'
+                  ORDER BY id LIMIT 1000)",
+        ),
     }
 }
 
