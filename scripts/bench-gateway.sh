@@ -8,7 +8,8 @@
 # Env: DURATION=10s per wrk run, CONNS=32 wrk connections for throughput, LAT_CONNS=4 for the
 # latency pass (p50/p99 under moderate load, not behind a saturated queue), CHANGES=1000 placement changes,
 # TENANTS=1000000 catalog tenants, TOUCH=100000 companies touched, CACHE=20000 routing-cache
-# capacity of the measured gateway, PG=postgres://postgres@127.0.0.1:5432.
+# capacity of the measured gateway, GATEWAY_ENV="TENANTRY_…=… …" extra settings for it,
+# PG=postgres://postgres@127.0.0.1:5432.
 #
 # Set-up: databases tenantry_bench_{catalog,shard_1,shard_2} (dropped first and at the end);
 # shard nodes (api only) on :9101/:9102; gateways on :9080 and :9081; nginx (installed with apt
@@ -84,8 +85,9 @@ serve shard-1 TENANTRY_API__ENABLED=true TENANTRY_API__LISTEN=127.0.0.1:9101 TEN
   TENANTRY_SHARD__URL="$PG/tenantry_bench_shard_1" TENANTRY_RABBITMQ__RELAY_EVENTS=false
 serve shard-2 TENANTRY_API__ENABLED=true TENANTRY_API__LISTEN=127.0.0.1:9102 TENANTRY_SHARD__ID=shard-2 \
   TENANTRY_SHARD__URL="$PG/tenantry_bench_shard_2" TENANTRY_RABBITMQ__RELAY_EVENTS=false
+# shellcheck disable=SC2086 # GATEWAY_ENV is a list of assignments
 serve gw1 TENANTRY_GATEWAY__ENABLED=true TENANTRY_GATEWAY__LISTEN=127.0.0.1:9080 \
-  TENANTRY_GATEWAY__RATE_LIMIT=0 TENANTRY_GATEWAY__CACHE_CAPACITY="$CACHE"
+  TENANTRY_GATEWAY__RATE_LIMIT=0 TENANTRY_GATEWAY__CACHE_CAPACITY="$CACHE" ${GATEWAY_ENV:-}
 serve gw2 TENANTRY_GATEWAY__ENABLED=true TENANTRY_GATEWAY__LISTEN=127.0.0.1:9081 TENANTRY_GATEWAY__RATE_LIMIT=0
 
 cat >"$WORK/nginx.conf" <<EOF
@@ -131,14 +133,20 @@ psql "$PG/tenantry_bench_shard_1" -qAtX -c "insert into jobs (id, request_id, co
   values ('$JOB_ID', 'bench', '$COMPANY', 'echo', '{}', 'done', 0)" >/dev/null
 PATH_GET=/v1/companies/$COMPANY/jobs/$JOB_ID
 
-wrk_run() { # name url connections figures
-  local out
+cpu_ticks() { # pid → user+system clock ticks so far
+  awk '{print $14 + $15}' "/proc/$1/stat"
+}
+wrk_run() { # name url connections figures [proxy pid]
+  local out before=0 after=0
   curl -fsS -o /dev/null -H "Authorization: Bearer $TOKEN" "$2$PATH_GET" || { say "$1: $2$PATH_GET fails"; exit 1; }
   out=$WORK/wrk-$1-$3.txt
+  [[ -n ${5:-} ]] && before=$(cpu_ticks "$5")
   wrk -t1 -c"$3" -d"$DURATION" --latency -H "Authorization: Bearer $TOKEN" "$2$PATH_GET" >"$out"
-  python3 - "$1" "$out" "$4" <<'PY'
+  [[ -n ${5:-} ]] && after=$(cpu_ticks "$5")
+  python3 - "$1" "$out" "$4" "$((after - before))" "$(getconf CLK_TCK)" <<'PY'
 import re, sys
 name, text, figures = sys.argv[1], open(sys.argv[2]).read(), sys.argv[3]
+ticks, hz = int(sys.argv[4]), int(sys.argv[5])
 def ms(v):
     m = re.match(r'([\d.]+)(us|ms|s)', v)
     return float(m[1]) * {'us': 0.001, 'ms': 1, 's': 1000}[m[2]]
@@ -148,6 +156,9 @@ errors = re.search(r'Non-2xx or 3xx responses: (\d+)', text)
 if figures == 'throughput':
     print(f"{name}_rps: {rps:.0f} req/s")
     print(f"{name}_non2xx: {int(errors[1]) if errors else 0} n")
+    requests = int(re.search(r'(\d+) requests in', text)[1])
+    if ticks > 0:
+        print(f"{name}_cpu_per_request: {ticks / hz / requests * 1e6:.1f} us")
 else:
     print(f"{name}_p50: {ms(lat['50']):.3f} ms")
     print(f"{name}_p99: {ms(lat['99']):.3f} ms")
@@ -155,9 +166,11 @@ PY
 }
 say "wrk: direct, gateway, nginx; throughput with $CONNS connections, latency with $LAT_CONNS (${DURATION} each)"
 {
-  for target in direct=http://127.0.0.1:9101 gateway=http://127.0.0.1:9080 nginx=http://127.0.0.1:9090; do
-    wrk_run "${target%%=*}" "${target#*=}" "$CONNS" throughput
-    wrk_run "${target%%=*}" "${target#*=}" "$LAT_CONNS" latency
+  NGINX_WORKER=$(pgrep -P "$(cat "$WORK/nginx.pid")" | head -1)
+  for target in direct=http://127.0.0.1:9101= gateway=http://127.0.0.1:9080=$PID_gw1 nginx=http://127.0.0.1:9090=$NGINX_WORKER; do
+    IFS== read -r name url pid <<<"$target"
+    wrk_run "$name" "$url" "$CONNS" throughput "$pid"
+    wrk_run "$name" "$url" "$LAT_CONNS" latency
   done
 } >"$WORK/figures.txt"
 
@@ -187,6 +200,8 @@ row('requests/s', f"{f['direct_rps']:.0f}", f"{f['gateway_rps']:.0f}", f"{f['ngi
     'gateway ≥ nginx: ' + ('met' if f['gateway_rps'] >= f['nginx_rps'] else 'MISSED'))
 row('p50 ms', f"{f['direct_p50']:.3f}", f"{f['gateway_p50']:.3f}", f"{f['nginx_p50']:.3f}")
 added = f['gateway_p99'] - f['direct_p99']
+row('proxy CPU µs/request', '-', f"{f.get('gateway_cpu_per_request', float('nan')):.1f}",
+    f"{f.get('nginx_cpu_per_request', float('nan')):.1f}")
 row('p99 ms', f"{f['direct_p99']:.3f}", f"{f['gateway_p99']:.3f}", f"{f['nginx_p99']:.3f}",
     f"added p99 {added:.3f} ms ≤ 1 ms: " + ('met' if added <= 1.0 else 'MISSED'))
 print()

@@ -250,6 +250,8 @@ async fn send(
         );
         let started = Instant::now();
         let result = match body.take() {
+            // No body: one write of the head (an empty body would be a second write).
+            Some(Sendable::Full(bytes)) if bytes.is_empty() => upstream.send().await,
             Some(Sendable::Full(bytes)) => upstream.send_body(bytes).await,
             Some(Sendable::Stream(s)) => upstream.send_stream(s).await,
             None => break,
