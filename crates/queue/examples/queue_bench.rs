@@ -2,7 +2,8 @@
 //! `../shared/bench/peers/graphile-worker-bench.sh` measures graphile-worker, so the two can
 //! stand side by side.
 //!
-//!   queue_bench ADMIN_DSN        (env: N=20000, C=10, BATCH=500, LAT_N=200, LAT_WARMUP=20)
+//!   queue_bench ADMIN_DSN        (env: N=20000, C=10, BATCH=500, LAT_N=200, LAT_WARMUP=20,
+//!                                 PHASES=tp,tpb,lat to run a subset)
 //!
 //! Each phase gets a fresh database (created from ADMIN_DSN, dropped at the end):
 //!  enqueue_bulk        N no-op jobs by one `enqueue_many` in one transaction; N / its time.
@@ -310,40 +311,47 @@ async fn main() -> anyhow::Result<()> {
         format!("tqbench_{tag}_lat"),
     ];
 
-    eprintln!("tenantry-bench: N={n} C={c} BATCH={batch} LAT_N={lat_n}");
-    let tp = fresh_db(&admin, &admin_url, &names[0]).await?;
-    let enqueue_rate = enqueue_all(&tp, n).await?;
-    connect(&tp).await?.batch_execute("CHECKPOINT").await.ok();
-    let plain = one_by_one(&tp, n, c).await?;
-    eprintln!(
-        "tenantry-bench: one-by-one {plain:.0} jobs/s; bulk enqueue {enqueue_rate:.0} jobs/s"
-    );
-
-    let tpb = fresh_db(&admin, &admin_url, &names[1]).await?;
-    enqueue_all(&tpb, n).await?;
-    connect(&tpb).await?.batch_execute("CHECKPOINT").await.ok();
-    let fast = batched(&tpb, n, batch).await?;
-    eprintln!("tenantry-bench: batched {fast:.0} jobs/s");
-
-    let lat = fresh_db(&admin, &admin_url, &names[2]).await?;
-    let samples = latency(&lat, c, lat_n, warm).await?;
-    eprintln!(
-        "tenantry-bench: latency from commit ack: min {:.2} p50 {:.2} p99 {:.2} max {:.2} ms",
-        pct(&samples, 0.0),
-        pct(&samples, 0.5),
-        pct(&samples, 0.99),
-        pct(&samples, 1.0)
-    );
+    // PHASES (default "tp,tpb,lat") runs a subset, for profiling one phase at a time.
+    let phases = std::env::var("PHASES").unwrap_or_else(|_| "tp,tpb,lat".into());
+    let run = |p: &str| phases.split(',').any(|x| x.trim() == p);
+    eprintln!("tenantry-bench: N={n} C={c} BATCH={batch} LAT_N={lat_n} PHASES={phases}");
+    if run("tp") {
+        let tp = fresh_db(&admin, &admin_url, &names[0]).await?;
+        let enqueue_rate = enqueue_all(&tp, n).await?;
+        connect(&tp).await?.batch_execute("CHECKPOINT").await.ok();
+        let plain = one_by_one(&tp, n, c).await?;
+        eprintln!(
+            "tenantry-bench: one-by-one {plain:.0} jobs/s; bulk enqueue {enqueue_rate:.0} jobs/s"
+        );
+        println!("enqueue_bulk: {enqueue_rate:.0} jobs/s");
+        println!("throughput: {plain:.0} jobs/s");
+    }
+    if run("tpb") {
+        let tpb = fresh_db(&admin, &admin_url, &names[1]).await?;
+        enqueue_all(&tpb, n).await?;
+        connect(&tpb).await?.batch_execute("CHECKPOINT").await.ok();
+        let fast = batched(&tpb, n, batch).await?;
+        eprintln!("tenantry-bench: batched {fast:.0} jobs/s");
+        println!("throughput_batched: {fast:.0} jobs/s");
+    }
+    if run("lat") {
+        let lat = fresh_db(&admin, &admin_url, &names[2]).await?;
+        let samples = latency(&lat, c, lat_n, warm).await?;
+        eprintln!(
+            "tenantry-bench: latency from commit ack: min {:.2} p50 {:.2} p99 {:.2} max {:.2} ms",
+            pct(&samples, 0.0),
+            pct(&samples, 0.5),
+            pct(&samples, 0.99),
+            pct(&samples, 1.0)
+        );
+        println!("latency_p50: {:.2} ms", pct(&samples, 0.5));
+        println!("latency_p99: {:.2} ms", pct(&samples, 0.99));
+    }
     for name in &names {
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .await
             .ok();
     }
-    println!("enqueue_bulk: {enqueue_rate:.0} jobs/s");
-    println!("throughput: {plain:.0} jobs/s");
-    println!("throughput_batched: {fast:.0} jobs/s");
-    println!("latency_p50: {:.2} ms", pct(&samples, 0.5));
-    println!("latency_p99: {:.2} ms", pct(&samples, 0.99));
     Ok(())
 }
