@@ -157,8 +157,8 @@ async fn enqueue_all(url: &str, n: usize) -> anyhow::Result<f64> {
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
-async fn until_all_done(url: &str) -> anyhow::Result<()> {
-    let c = connect(url).await?;
+/// Polls, on a connection opened before the window (as the peer's admin connection is).
+async fn until_all_done(c: &tokio_postgres::Client) -> anyhow::Result<()> {
     loop {
         // Waiting or processing rows left (through their partial indexes, not a scan of the
         // whole table every 5 ms).
@@ -236,11 +236,12 @@ async fn batched(url: &str, n: usize, batch: usize) -> anyhow::Result<f64> {
     let stop = CancellationToken::new();
     let listener = Listener::start(tokio_postgres::Config::from_str(url)?, 10, stop.clone());
     let worker = Worker::new(pool(url, 4)?, registry(), opts(batch, batch), listener);
+    let admin = connect(url).await?;
     let handle = tokio::spawn(worker.run(stop.clone()));
     while RAN.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    until_all_done(url).await?;
+    until_all_done(&admin).await?;
     let first = lock(&FIRST).context("no job ran")?;
     let rate = n as f64 / first.elapsed().as_secs_f64();
     stop.cancel();
