@@ -545,16 +545,43 @@ pub async fn finish(
     let payloads = notify_payloads(ids.iter().copied());
     let notify = client.prepared(NOTIFY_FINISHED_SQL).await?;
     // One statement: the outcomes and their events commit together.
-    let rows = pipelined(
-        client,
-        PLAN_SETTINGS,
-        FINISH_SQL,
-        &[
-            &ids, &attempts, &ok, &results, &errors, &permanent, &retry_ms, &worker_id,
-        ],
-        Some((&notify, &[&payloads])),
-    )
-    .await?;
+    let rows = if let [one] = outcomes {
+        // A single outcome (one-at-a-time workers) is an update by primary key: the planner
+        // has no other sensible plan whatever the statistics, so it needs neither the planner
+        // settings nor an explicit transaction — two protocol messages instead of five.
+        let stmt = client.prepared(FINISH_ONE_SQL).await?;
+        let pg = client.pg();
+        let params: [&(dyn ToSql + Sync); 8] = [
+            &one.id,
+            &one.attempt,
+            &ok[0],
+            &results[0],
+            &errors[0],
+            &permanent[0],
+            &retry_ms[0],
+            &worker_id,
+        ];
+        let notify_params: [&(dyn ToSql + Sync); 1] = [&payloads];
+        let (rows, after) = tokio::join!(
+            biased;
+            pg.query(&stmt, &params),
+            pg.execute(&notify, &notify_params),
+        );
+        let rows = rows?;
+        after?;
+        rows
+    } else {
+        pipelined(
+            client,
+            PLAN_SETTINGS,
+            FINISH_SQL,
+            &[
+                &ids, &attempts, &ok, &results, &errors, &permanent, &retry_ms, &worker_id,
+            ],
+            Some((&notify, &[&payloads])),
+        )
+        .await?
+    };
     let finished: Vec<Finished> = rows
         .iter()
         .map(|r| Finished {
@@ -591,6 +618,28 @@ const FINISH_SQL: &str = concat!(
              worker_id = NULL, lease_expires_at = NULL, updated_at = now()
            FROM input i
           WHERE j.id = i.id AND j.worker_id = $8::text AND j.attempts = i.attempt
+      RETURNING j.id, j.state, j.company_id, j.kind, j.request_id, j.finished_at
+     ), ",
+    finished_events!(),
+    "
+     SELECT id, state FROM updated"
+);
+
+/// [`FINISH_SQL`] for one outcome, in its own implicit transaction.
+const FINISH_ONE_SQL: &str = concat!(
+    "WITH updated AS (
+         UPDATE jobs j SET
+             state = CASE WHEN $3::bool THEN 'done'
+                          WHEN $6::bool OR j.attempts >= j.max_attempts THEN 'error'
+                          ELSE 'waiting' END,
+             result = CASE WHEN $3::bool THEN $4::jsonb END,
+             error = CASE WHEN $3::bool THEN NULL ELSE $5::text END,
+             run_at = CASE WHEN $3::bool THEN j.run_at
+                           ELSE now() + $7::int8 * interval '1 millisecond' END,
+             finished_at = CASE WHEN $3::bool OR $6::bool OR j.attempts >= j.max_attempts
+                                THEN now() END,
+             worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+          WHERE j.id = $1::uuid AND j.worker_id = $8::text AND j.attempts = $2::int4
       RETURNING j.id, j.state, j.company_id, j.kind, j.request_id, j.finished_at
      ), ",
     finished_events!(),
