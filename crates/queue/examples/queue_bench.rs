@@ -2,11 +2,14 @@
 //! `../shared/bench/peers/graphile-worker-bench.sh` measures graphile-worker, so the two can
 //! stand side by side.
 //!
-//!   queue_bench ADMIN_DSN        (env: N=20000, C=10, BATCH=500, LAT_N=200, LAT_WARMUP=20)
+//!   queue_bench ADMIN_DSN        (env: N=20000, C=10, BATCH=500, LAT_N=200, LAT_WARMUP=20,
+//!                                 PHASES=tp,tpb,lat to run a subset)
 //!
 //! Each phase gets a fresh database (created from ADMIN_DSN, dropped at the end):
 //!  enqueue_bulk        N no-op jobs by one `enqueue_many` in one transaction; N / its time.
-//!  throughput          C tasks, each: claim 1, run, record 1 (its own transaction) — no batching.
+//!  throughput          C tasks, each looping over the worker's one-job step
+//!                      (`Worker::try_claim_and_run_one`: claim 1, run, record 1 in its own
+//!                      transaction) on a pool of C connections — no batching.
 //!                      Window = first handler start → last outcome committed.
 //!  throughput_batched  the worker role (`Worker::run`) with BATCH slots, claims of up to BATCH
 //!                      and completions batched up to BATCH. Same window.
@@ -19,7 +22,7 @@ use std::{
     collections::HashMap,
     str::FromStr,
     sync::{
-        LazyLock, Mutex,
+        Arc, LazyLock, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -30,7 +33,7 @@ use rand::Rng;
 use serde_json::{Value, json};
 use tenantry_queue::{
     ClaimedJob, Handler, JobError, Listener, NewJob, Notifier, Registry, Worker, WorkerOptions,
-    store::{self, EnqueueLimits, Outcome},
+    store::{self, EnqueueLimits},
     worker::BoxFuture,
 };
 use tokio_postgres::NoTls;
@@ -154,14 +157,20 @@ async fn enqueue_all(url: &str, n: usize) -> anyhow::Result<f64> {
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
-async fn until_all_done(url: &str) -> anyhow::Result<()> {
-    let c = connect(url).await?;
+/// Polls, on a connection opened before the window (as the peer's admin connection is).
+async fn until_all_done(c: &tokio_postgres::Client) -> anyhow::Result<()> {
     loop {
-        let open: i64 = c
-            .query_one("SELECT count(*) FROM jobs WHERE state <> 'done'", &[])
+        // Waiting or processing rows left (through their partial indexes, not a scan of the
+        // whole table every 5 ms).
+        let open: bool = c
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'waiting')
+                     OR EXISTS (SELECT 1 FROM jobs WHERE state = 'processing')",
+                &[],
+            )
             .await?
             .get(0);
-        if open == 0 {
+        if !open {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -193,27 +202,16 @@ fn opts(slots: usize, batch: usize) -> WorkerOptions {
 
 async fn one_by_one(url: &str, n: usize, c: usize) -> anyhow::Result<f64> {
     reset();
+    // The worker's own one-job step (claim 1, run, record 1 in its own transaction), from C
+    // tasks at once, on a pool of C connections: production's code path, without batching.
+    let stop = CancellationToken::new();
+    let listener = Listener::start(tokio_postgres::Config::from_str(url)?, 10, stop.clone());
+    let worker = Arc::new(Worker::new(pool(url, c)?, registry(), opts(c, 1), listener));
     let mut tasks = Vec::new();
-    for w in 0..c {
-        let url = url.to_owned();
+    for _ in 0..c {
+        let worker = worker.clone();
         tasks.push(tokio::spawn(async move {
-            let mut client = connect(&url).await?;
-            let id = format!("bench-{w}");
-            loop {
-                let claimed =
-                    store::claim(&mut client, &id, 1, Duration::from_secs(60), i64::MAX).await?;
-                let Some(job) = claimed.into_iter().next() else {
-                    break;
-                };
-                let result = Noop.run(&job).await;
-                let o = Outcome {
-                    id: job.id,
-                    attempt: job.attempt,
-                    result,
-                    retry_in: Duration::ZERO,
-                };
-                store::finish(&mut client, &id, &[o]).await?;
-            }
+            while worker.try_claim_and_run_one().await?.is_some() {}
             Ok::<_, anyhow::Error>(())
         }));
     }
@@ -221,8 +219,10 @@ async fn one_by_one(url: &str, n: usize, c: usize) -> anyhow::Result<f64> {
         t.await??;
     }
     let first = lock(&FIRST).context("no job ran")?;
+    let rate = n as f64 / first.elapsed().as_secs_f64();
+    stop.cancel();
     assert_eq!(RAN.load(Ordering::Relaxed), n, "every job ran once");
-    Ok(n as f64 / first.elapsed().as_secs_f64())
+    Ok(rate)
 }
 
 fn registry() -> Registry {
@@ -236,11 +236,12 @@ async fn batched(url: &str, n: usize, batch: usize) -> anyhow::Result<f64> {
     let stop = CancellationToken::new();
     let listener = Listener::start(tokio_postgres::Config::from_str(url)?, 10, stop.clone());
     let worker = Worker::new(pool(url, 4)?, registry(), opts(batch, batch), listener);
+    let admin = connect(url).await?;
     let handle = tokio::spawn(worker.run(stop.clone()));
     while RAN.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    until_all_done(url).await?;
+    until_all_done(&admin).await?;
     let first = lock(&FIRST).context("no job ran")?;
     let rate = n as f64 / first.elapsed().as_secs_f64();
     stop.cancel();
@@ -311,40 +312,47 @@ async fn main() -> anyhow::Result<()> {
         format!("tqbench_{tag}_lat"),
     ];
 
-    eprintln!("tenantry-bench: N={n} C={c} BATCH={batch} LAT_N={lat_n}");
-    let tp = fresh_db(&admin, &admin_url, &names[0]).await?;
-    let enqueue_rate = enqueue_all(&tp, n).await?;
-    connect(&tp).await?.batch_execute("CHECKPOINT").await.ok();
-    let plain = one_by_one(&tp, n, c).await?;
-    eprintln!(
-        "tenantry-bench: one-by-one {plain:.0} jobs/s; bulk enqueue {enqueue_rate:.0} jobs/s"
-    );
-
-    let tpb = fresh_db(&admin, &admin_url, &names[1]).await?;
-    enqueue_all(&tpb, n).await?;
-    connect(&tpb).await?.batch_execute("CHECKPOINT").await.ok();
-    let fast = batched(&tpb, n, batch).await?;
-    eprintln!("tenantry-bench: batched {fast:.0} jobs/s");
-
-    let lat = fresh_db(&admin, &admin_url, &names[2]).await?;
-    let samples = latency(&lat, c, lat_n, warm).await?;
-    eprintln!(
-        "tenantry-bench: latency from commit ack: min {:.2} p50 {:.2} p99 {:.2} max {:.2} ms",
-        pct(&samples, 0.0),
-        pct(&samples, 0.5),
-        pct(&samples, 0.99),
-        pct(&samples, 1.0)
-    );
+    // PHASES (default "tp,tpb,lat") runs a subset, for profiling one phase at a time.
+    let phases = std::env::var("PHASES").unwrap_or_else(|_| "tp,tpb,lat".into());
+    let run = |p: &str| phases.split(',').any(|x| x.trim() == p);
+    eprintln!("tenantry-bench: N={n} C={c} BATCH={batch} LAT_N={lat_n} PHASES={phases}");
+    if run("tp") {
+        let tp = fresh_db(&admin, &admin_url, &names[0]).await?;
+        let enqueue_rate = enqueue_all(&tp, n).await?;
+        connect(&tp).await?.batch_execute("CHECKPOINT").await.ok();
+        let plain = one_by_one(&tp, n, c).await?;
+        eprintln!(
+            "tenantry-bench: one-by-one {plain:.0} jobs/s; bulk enqueue {enqueue_rate:.0} jobs/s"
+        );
+        println!("enqueue_bulk: {enqueue_rate:.0} jobs/s");
+        println!("throughput: {plain:.0} jobs/s");
+    }
+    if run("tpb") {
+        let tpb = fresh_db(&admin, &admin_url, &names[1]).await?;
+        enqueue_all(&tpb, n).await?;
+        connect(&tpb).await?.batch_execute("CHECKPOINT").await.ok();
+        let fast = batched(&tpb, n, batch).await?;
+        eprintln!("tenantry-bench: batched {fast:.0} jobs/s");
+        println!("throughput_batched: {fast:.0} jobs/s");
+    }
+    if run("lat") {
+        let lat = fresh_db(&admin, &admin_url, &names[2]).await?;
+        let samples = latency(&lat, c, lat_n, warm).await?;
+        eprintln!(
+            "tenantry-bench: latency from commit ack: min {:.2} p50 {:.2} p99 {:.2} max {:.2} ms",
+            pct(&samples, 0.0),
+            pct(&samples, 0.5),
+            pct(&samples, 0.99),
+            pct(&samples, 1.0)
+        );
+        println!("latency_p50: {:.2} ms", pct(&samples, 0.5));
+        println!("latency_p99: {:.2} ms", pct(&samples, 0.99));
+    }
     for name in &names {
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .await
             .ok();
     }
-    println!("enqueue_bulk: {enqueue_rate:.0} jobs/s");
-    println!("throughput: {plain:.0} jobs/s");
-    println!("throughput_batched: {fast:.0} jobs/s");
-    println!("latency_p50: {:.2} ms", pct(&samples, 0.5));
-    println!("latency_p99: {:.2} ms", pct(&samples, 0.99));
     Ok(())
 }

@@ -1,11 +1,11 @@
 //! Every SQL statement of the queue. Each function does one thing in one round trip where it
 //! can; the comments on the tricky statements name the race they prevent.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use chrono::{DateTime, Utc};
-use serde_json::{Value, json};
-use tokio_postgres::{GenericClient, Row, Transaction};
+use serde_json::Value;
+use tokio_postgres::{GenericClient, Row, Statement, Transaction, types::ToSql};
 use uuid::Uuid;
 
 use crate::job::{ClaimedJob, JobRecord, JobState, JobView, NewJob};
@@ -24,16 +24,136 @@ pub const FAIRNESS_QUANTUM_US: i64 = 1_000_000;
 /// The CTE that writes one outbox row holding a `job.finished` event for every row of
 /// `updated` (id, state, company_id, kind, request_id, finished_at) that finished — shared by
 /// completion and the rescuer so the event shape cannot drift. Rows going back to `waiting`
-/// (a retry) have not finished and get no event.
-const FINISHED_EVENTS: &str = "events AS (
+/// (a retry) have not finished and get no event. Each event is a row turned into JSON (a
+/// quarter cheaper than `jsonb_build_object`, same document). A macro so that statements can
+/// embed it in a `const`.
+macro_rules! finished_events {
+    () => {
+        "events AS (
                  INSERT INTO outbox (events)
-                 SELECT jsonb_agg(jsonb_build_object(
-                            'type', 'job.finished', 'company_id', company_id, 'job_id', id,
-                            'job_kind', kind, 'state', state, 'request_id', request_id,
-                            'finished_at', finished_at))
-                   FROM updated WHERE state IN ('done', 'error')
+                 SELECT jsonb_agg(e) FROM (
+                     SELECT 'job.finished' AS type, company_id, id AS job_id, kind AS job_kind,
+                            state, request_id, finished_at
+                       FROM updated WHERE state IN ('done', 'error')
+                 ) e
                  HAVING count(*) > 0
-             )";
+             )"
+    };
+}
+const FINISHED_EVENTS: &str = finished_events!();
+
+/// A connection the hot statements (claim, finish) run on. A pooled connection keeps each of
+/// them prepared once for its lifetime (deadpool's statement cache), so a claim or a completion
+/// costs one round trip and no parsing or planning on the server; a bare
+/// `tokio_postgres::Client` (tests, tools) prepares them on every call.
+pub trait QueueConn: Send + Sync {
+    fn pg(&self) -> &tokio_postgres::Client;
+    fn prepared(
+        &self,
+        sql: &'static str,
+    ) -> impl Future<Output = Result<Statement, tokio_postgres::Error>> + Send;
+}
+
+impl QueueConn for tokio_postgres::Client {
+    fn pg(&self) -> &tokio_postgres::Client {
+        self
+    }
+    fn prepared(
+        &self,
+        sql: &'static str,
+    ) -> impl Future<Output = Result<Statement, tokio_postgres::Error>> + Send {
+        self.prepare(sql)
+    }
+}
+
+impl QueueConn for deadpool_postgres::ClientWrapper {
+    fn pg(&self) -> &tokio_postgres::Client {
+        self
+    }
+    fn prepared(
+        &self,
+        sql: &'static str,
+    ) -> impl Future<Output = Result<Statement, tokio_postgres::Error>> + Send {
+        self.prepare_cached(sql)
+    }
+}
+
+impl QueueConn for deadpool_postgres::Object {
+    fn pg(&self) -> &tokio_postgres::Client {
+        self
+    }
+    fn prepared(
+        &self,
+        sql: &'static str,
+    ) -> impl Future<Output = Result<Statement, tokio_postgres::Error>> + Send {
+        let wrapper: &deadpool_postgres::ClientWrapper = self;
+        wrapper.prepare_cached(sql)
+    }
+}
+
+/// Planner settings for the queue's hot statements, local to their transaction.
+///
+/// The plans must not depend on the table's statistics: a queue table's distribution swings by
+/// orders of magnitude within seconds (a burst of 100,000 waiting jobs arrives just after an
+/// ANALYZE saw none), and a fresh table has no statistics at all. With a wrong estimate the
+/// planner sorts every waiting row for each claim, or joins a batch of outcomes to the table in
+/// a nested loop that rescans the batch for every row: both quadratic. Without sequential and
+/// bitmap scans, hash and merge joins, and sorts it can only walk `jobs_claimable` in claim
+/// order and reach rows by primary key, which is right at any size. JIT is off because those
+/// "disabled" paths carry a huge cost that would otherwise trigger JIT compilation (~0.3 s).
+/// The plan is generic and built once per connection (`force_generic_plan`): it no longer
+/// depends on the parameters, so re-planning the claim for every execution (a quarter of the
+/// server's CPU per job when claiming one at a time) buys nothing.
+const PLAN_SETTINGS: &str = "SELECT set_config('jit', 'off', true),
+            set_config('plan_cache_mode', 'force_generic_plan', true),
+            set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
+            set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true),
+            set_config('enable_sort', 'off', true)";
+
+/// [`PLAN_SETTINGS`] plus an asynchronous commit, for claims (see [`claim`]).
+const CLAIM_SETTINGS: &str = "SELECT set_config('jit', 'off', true),
+            set_config('plan_cache_mode', 'force_generic_plan', true),
+            set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
+            set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true),
+            set_config('enable_sort', 'off', true), set_config('synchronous_commit', 'off', true)";
+
+/// Runs `stmt` in its own transaction after `settings` (a `SELECT set_config(…, true)`), in
+/// one round trip: BEGIN, the settings, the statement and COMMIT are pipelined on the
+/// connection, and all four are queued before this future first returns, so a caller that
+/// gives up half-way cannot leave the connection inside a transaction. If the statement
+/// fails, COMMIT ends the aborted transaction as a rollback and the statement's error is
+/// returned. `after` (optional) runs after the COMMIT, in the same round trip.
+async fn pipelined(
+    conn: &impl QueueConn,
+    settings: &'static str,
+    sql: &'static str,
+    params: &[&(dyn ToSql + Sync)],
+    after: Option<(&Statement, &[&(dyn ToSql + Sync)])>,
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    let settings = conn.prepared(settings).await?;
+    let stmt = conn.prepared(sql).await?;
+    let pg = conn.pg();
+    let after = async {
+        match after {
+            Some((s, p)) => pg.execute(s, p).await.map(|_| ()),
+            None => Ok(()),
+        }
+    };
+    let (begin, set, rows, commit, after) = tokio::join!(
+        biased;
+        pg.batch_execute("BEGIN"),
+        pg.execute(&settings, &[]),
+        pg.query(&stmt, params),
+        pg.batch_execute("COMMIT"),
+        after,
+    );
+    begin?;
+    set?;
+    let rows = rows?;
+    commit?;
+    after?;
+    Ok(rows)
+}
 
 /// Limits checked at enqueue time.
 #[derive(Debug, Clone, Copy)]
@@ -230,35 +350,75 @@ pub async fn enqueue_many(
         }
     }
     let mut seen: std::collections::HashMap<Uuid, i64> = Default::default();
-    let mut ids = Vec::with_capacity(jobs.len());
-    let rows: Vec<Value> = jobs
-        .iter()
-        .map(|j| {
-            let id = Uuid::now_v7();
-            ids.push(id);
-            let nth = seen.entry(j.company_id).or_default();
-            let offset = per_company.get(&j.company_id).map_or(0, |c| c.0) + *nth;
-            *nth += 1;
-            json!({
-                "id": id, "request_id": j.request_id, "company_id": j.company_id,
-                "user_context": j.user_context, "kind": j.kind, "params": j.params,
-                "max_attempts": j.max_attempts, "offset": offset,
-            })
-        })
-        .collect();
+    let n = jobs.len();
+    let mut ids = Vec::with_capacity(n);
+    let (mut request_ids, mut companies, mut contexts, mut kinds) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut params, mut max_attempts, mut offsets) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for j in jobs {
+        ids.push(Uuid::now_v7());
+        let nth = seen.entry(j.company_id).or_default();
+        offsets.push(per_company.get(&j.company_id).map_or(0, |c| c.0) + *nth);
+        *nth += 1;
+        request_ids.push(j.request_id.as_str());
+        companies.push(j.company_id);
+        contexts.push(&j.user_context);
+        kinds.push(j.kind.as_str());
+        params.push(&j.params);
+        max_attempts.push(j.max_attempts);
+    }
+    // Typed arrays, sent in binary: no JSON document to build here and parse there.
     tx.execute(
         &format!(
             "INSERT INTO jobs (id, request_id, company_id, user_context, kind, params, max_attempts, priority)
              SELECT x.id, x.request_id, x.company_id, x.user_context, x.kind, x.params, x.max_attempts,
                     (extract(epoch FROM clock_timestamp()) * 1e6)::bigint + x.\"offset\" * {FAIRNESS_QUANTUM_US}
-               FROM jsonb_to_recordset($1::jsonb) AS x(id uuid, request_id text, company_id uuid,
-                    user_context jsonb, kind text, params jsonb, max_attempts int, \"offset\" bigint)"
+               FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::jsonb[], $5::text[], $6::jsonb[],
+                           $7::int4[], $8::int8[])
+                 AS x(id, request_id, company_id, user_context, kind, params, max_attempts, \"offset\")"
         ),
-        &[&Value::Array(rows)],
+        &[
+            &ids, &request_ids, &companies, &contexts, &kinds, &params, &max_attempts, &offsets,
+        ],
     )
     .await?;
     Ok(ids)
 }
+
+const CLAIM_SQL: &str = "WITH running AS MATERIALIZED (
+         SELECT company_id, count(*) AS n FROM jobs
+          WHERE state = 'processing' GROUP BY company_id
+     ), candidates AS MATERIALIZED (
+         SELECT j.id, j.company_id, j.priority, r.n FROM jobs j,
+                LATERAL (SELECT coalesce((SELECT x.n FROM running x
+                                           WHERE x.company_id = j.company_id), 0) AS n) r
+          WHERE j.state = 'waiting' AND j.run_at <= now() AND r.n < $3::int8
+          ORDER BY j.priority
+          LIMIT $1::int8
+          FOR UPDATE OF j SKIP LOCKED
+     ), chosen AS (
+         SELECT c.id FROM (
+             SELECT c.id,
+                    row_number() OVER (PARTITION BY c.company_id ORDER BY c.priority) + c.n AS slot
+               FROM candidates c
+         ) c WHERE c.slot <= $3::int8
+     )
+     UPDATE jobs j
+        SET state = 'processing', worker_id = $2::text, attempts = j.attempts + 1,
+            started_at = now(), lease_expires_at = now() + $4::float8 * interval '1 millisecond',
+            updated_at = now()
+       FROM chosen
+      WHERE j.id = chosen.id AND j.state = 'waiting'
+  RETURNING j.id, j.request_id, j.company_id, j.user_context, j.kind, j.params,
+            j.attempts, j.max_attempts, j.created_at, j.priority";
 
 /// Claims up to `limit` jobs for `worker_id`: marks them `processing`, counts the attempt and
 /// takes a lease of `lease`.
@@ -272,53 +432,28 @@ pub async fn enqueue_many(
 /// The claim commits asynchronously (`synchronous_commit = off`): a claim lost in a database
 /// crash only means the job runs again, which at-least-once delivery allows anyway, and it
 /// saves a disk flush on the path from enqueue to start.
+///
+/// One round trip on a pooled connection: the statement is prepared once per connection and
+/// runs pipelined with its transaction's planner settings (see [`PLAN_SETTINGS`]).
 pub async fn claim(
-    client: &mut tokio_postgres::Client,
+    client: &mut impl QueueConn,
     worker_id: &str,
     limit: i64,
     lease: Duration,
     max_processing_per_company: i64,
 ) -> Result<Vec<ClaimedJob>, tokio_postgres::Error> {
     let lease_ms = lease.as_millis() as f64;
-    // One statement, one implicit transaction. `settings` turns off the synchronous commit for
-    // this transaction only. Processing rows are counted per company once (`running`), and
-    // each candidate the index scan visits looks its company up there through a LATERAL
-    // scalar subquery, which keeps the scan in claim order; written as an anti-join, it makes
-    // the planner sort the whole table instead.
-    let rows = client
-        .query(
-            "WITH settings AS MATERIALIZED (
-                 SELECT set_config('synchronous_commit', 'off', true) AS v
-             ), running AS MATERIALIZED (
-                 SELECT company_id, count(*) AS n FROM jobs
-                  WHERE state = 'processing' GROUP BY company_id
-             ), candidates AS MATERIALIZED (
-                 SELECT j.id, j.company_id, j.priority, r.n FROM jobs j,
-                        LATERAL (SELECT coalesce((SELECT x.n FROM running x
-                                                   WHERE x.company_id = j.company_id), 0) AS n) r
-                  WHERE j.state = 'waiting' AND j.run_at <= now() AND r.n < $3
-                    AND EXISTS (SELECT 1 FROM settings)
-                  ORDER BY j.priority
-                  LIMIT $1
-                  FOR UPDATE OF j SKIP LOCKED
-             ), chosen AS (
-                 SELECT c.id FROM (
-                     SELECT c.id,
-                            row_number() OVER (PARTITION BY c.company_id ORDER BY c.priority) + c.n AS slot
-                       FROM candidates c
-                 ) c WHERE c.slot <= $3
-             )
-             UPDATE jobs j
-                SET state = 'processing', worker_id = $2, attempts = j.attempts + 1,
-                    started_at = now(), lease_expires_at = now() + $4 * interval '1 millisecond',
-                    updated_at = now()
-               FROM chosen
-              WHERE j.id = chosen.id AND j.state = 'waiting'
-          RETURNING j.id, j.request_id, j.company_id, j.user_context, j.kind, j.params,
-                    j.attempts, j.max_attempts, j.created_at, j.priority",
-            &[&limit, &worker_id, &max_processing_per_company, &lease_ms],
-        )
-        .await?;
+    // Processing rows are counted per company once (`running`), and each candidate the index
+    // scan visits looks its company up there through a LATERAL scalar subquery, which keeps the
+    // scan in claim order.
+    let rows = pipelined(
+        client,
+        CLAIM_SETTINGS,
+        CLAIM_SQL,
+        &[&limit, &worker_id, &max_processing_per_company, &lease_ms],
+        None,
+    )
+    .await?;
     let mut jobs: Vec<(i64, ClaimedJob)> = rows
         .iter()
         .map(|r| {
@@ -366,50 +501,87 @@ pub struct Finished {
 /// `job.finished` event in the outbox, committed with the state change, and a notification on
 /// [`CHANNEL_FINISHED`] right after the commit.
 pub async fn finish(
-    client: &mut tokio_postgres::Client,
+    client: &mut impl QueueConn,
     worker_id: &str,
     outcomes: &[Outcome],
 ) -> Result<(Vec<Finished>, Vec<Uuid>), tokio_postgres::Error> {
-    let input: Vec<Value> = outcomes
-        .iter()
-        .map(|o| match &o.result {
-            Ok(v) => json!({"id": o.id, "attempt": o.attempt, "ok": true, "result": v}),
-            Err(e) => json!({
-                "id": o.id, "attempt": o.attempt, "ok": false, "error": e.message,
-                "permanent": e.permanent, "retry_ms": o.retry_in.as_millis() as u64,
-            }),
-        })
-        .collect();
-    // One statement: the outcomes and their events commit together, in one round trip.
-    let rows = client
-        .query(
-            &format!(
-                "WITH input AS (
-                 SELECT * FROM jsonb_to_recordset($1::jsonb)
-                     AS x(id uuid, attempt int, ok boolean, result jsonb, error text,
-                          permanent boolean, retry_ms bigint)
-             ), updated AS (
-                 UPDATE jobs j SET
-                     state = CASE WHEN i.ok THEN 'done'
-                                  WHEN i.permanent OR j.attempts >= j.max_attempts THEN 'error'
-                                  ELSE 'waiting' END,
-                     result = CASE WHEN i.ok THEN i.result END,
-                     error = CASE WHEN i.ok THEN NULL ELSE i.error END,
-                     run_at = CASE WHEN i.ok THEN j.run_at
-                                   ELSE now() + i.retry_ms * interval '1 millisecond' END,
-                     finished_at = CASE WHEN i.ok OR i.permanent OR j.attempts >= j.max_attempts
-                                        THEN now() END,
-                     worker_id = NULL, lease_expires_at = NULL, updated_at = now()
-                   FROM input i
-                  WHERE j.id = i.id AND j.state = 'processing' AND j.worker_id = $2
-                    AND j.attempts = i.attempt
-              RETURNING j.id, j.state, j.company_id, j.kind, j.request_id, j.finished_at
-             ), {FINISHED_EVENTS}
-             SELECT id, state FROM updated"
-            ),
-            &[&Value::Array(input), &worker_id],
+    let n = outcomes.len();
+    let (mut ids, mut attempts, mut ok, mut results) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut errors, mut permanent, mut retry_ms) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for o in outcomes {
+        ids.push(o.id);
+        attempts.push(o.attempt);
+        match &o.result {
+            Ok(v) => {
+                ok.push(true);
+                results.push(Some(v));
+                errors.push(None);
+                permanent.push(false);
+            }
+            Err(e) => {
+                ok.push(false);
+                results.push(None);
+                errors.push(Some(e.message.as_str()));
+                permanent.push(e.permanent);
+            }
+        }
+        retry_ms.push(o.retry_in.as_millis() as i64);
+    }
+    // Waiters are told after the commit, not inside it: PostgreSQL holds its notification lock
+    // through the commit of a notifying transaction, which would serialize every completion's
+    // disk flush. The notification is pipelined behind the COMMIT, so it costs no round trip;
+    // it names every job of the batch, and a waiter whose job went back to `waiting` (a retry)
+    // or whose outcome was discarded just reads the job again and keeps waiting. A
+    // notification lost in a crash costs a waiter its timeout, never a result.
+    let payloads = notify_payloads(ids.iter().copied());
+    let notify = client.prepared(NOTIFY_FINISHED_SQL).await?;
+    // One statement: the outcomes and their events commit together.
+    let rows = if let [one] = outcomes {
+        // A single outcome (one-at-a-time workers) is an update by primary key: the planner
+        // has no other sensible plan whatever the statistics, so it needs neither the planner
+        // settings nor an explicit transaction — two protocol messages instead of five.
+        let stmt = client.prepared(FINISH_ONE_SQL).await?;
+        let pg = client.pg();
+        let params: [&(dyn ToSql + Sync); 8] = [
+            &one.id,
+            &one.attempt,
+            &ok[0],
+            &results[0],
+            &errors[0],
+            &permanent[0],
+            &retry_ms[0],
+            &worker_id,
+        ];
+        let notify_params: [&(dyn ToSql + Sync); 1] = [&payloads];
+        let (rows, after) = tokio::join!(
+            biased;
+            pg.query(&stmt, &params),
+            pg.execute(&notify, &notify_params),
+        );
+        let rows = rows?;
+        after?;
+        rows
+    } else {
+        pipelined(
+            client,
+            PLAN_SETTINGS,
+            FINISH_SQL,
+            &[
+                &ids, &attempts, &ok, &results, &errors, &permanent, &retry_ms, &worker_id,
+            ],
+            Some((&notify, &[&payloads])),
         )
-        .await?;
+        .await?
+    };
     let finished: Vec<Finished> = rows
         .iter()
         .map(|r| Finished {
@@ -417,20 +589,72 @@ pub async fn finish(
             state: JobState::parse(r.get::<_, &str>(1)).unwrap_or(JobState::Error),
         })
         .collect();
-    // After the commit, not inside it: PostgreSQL holds its notification-queue lock through
-    // the commit of a notifying transaction, which would serialize every completion's disk
-    // flush. A notification lost in a crash costs a waiter its timeout, never a result.
-    let done = finished
-        .iter()
-        .filter(|f| f.state.is_finished())
-        .map(|f| f.id);
-    notify_finished(client, done).await?;
-    let discarded = outcomes
-        .iter()
-        .map(|o| o.id)
-        .filter(|id| !finished.iter().any(|f| f.id == *id))
-        .collect();
+    let applied: std::collections::HashSet<Uuid> = finished.iter().map(|f| f.id).collect();
+    let discarded = ids.into_iter().filter(|id| !applied.contains(id)).collect();
     Ok((finished, discarded))
+}
+
+/// The outcomes of [`finish`], as parallel arrays. The lease fence is `worker_id` and the
+/// attempt: `worker_id` is set exactly while a row is `processing` (claim sets it; completion,
+/// the rescuer and release clear it), so a row still carrying this worker and attempt is still
+/// leased by this very attempt. (Spelling out `state = 'processing'` too would offer the
+/// planner the `jobs_processing` index as the outer side of the join, see [`PLAN_SETTINGS`].)
+const FINISH_SQL: &str = concat!(
+    "WITH input AS (
+         SELECT * FROM unnest($1::uuid[], $2::int4[], $3::bool[], $4::jsonb[], $5::text[],
+                              $6::bool[], $7::int8[])
+             AS x(id, attempt, ok, result, error, permanent, retry_ms)
+     ), updated AS (
+         UPDATE jobs j SET
+             state = CASE WHEN i.ok THEN 'done'
+                          WHEN i.permanent OR j.attempts >= j.max_attempts THEN 'error'
+                          ELSE 'waiting' END,
+             result = CASE WHEN i.ok THEN i.result END,
+             error = CASE WHEN i.ok THEN NULL ELSE i.error END,
+             run_at = CASE WHEN i.ok THEN j.run_at
+                           ELSE now() + i.retry_ms * interval '1 millisecond' END,
+             finished_at = CASE WHEN i.ok OR i.permanent OR j.attempts >= j.max_attempts
+                                THEN now() END,
+             worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+           FROM input i
+          WHERE j.id = i.id AND j.worker_id = $8::text AND j.attempts = i.attempt
+      RETURNING j.id, j.state, j.company_id, j.kind, j.request_id, j.finished_at
+     ), ",
+    finished_events!(),
+    "
+     SELECT id, state FROM updated"
+);
+
+/// [`FINISH_SQL`] for one outcome, in its own implicit transaction.
+const FINISH_ONE_SQL: &str = concat!(
+    "WITH updated AS (
+         UPDATE jobs j SET
+             state = CASE WHEN $3::bool THEN 'done'
+                          WHEN $6::bool OR j.attempts >= j.max_attempts THEN 'error'
+                          ELSE 'waiting' END,
+             result = CASE WHEN $3::bool THEN $4::jsonb END,
+             error = CASE WHEN $3::bool THEN NULL ELSE $5::text END,
+             run_at = CASE WHEN $3::bool THEN j.run_at
+                           ELSE now() + $7::int8 * interval '1 millisecond' END,
+             finished_at = CASE WHEN $3::bool OR $6::bool OR j.attempts >= j.max_attempts
+                                THEN now() END,
+             worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+          WHERE j.id = $1::uuid AND j.worker_id = $8::text AND j.attempts = $2::int4
+      RETURNING j.id, j.state, j.company_id, j.kind, j.request_id, j.finished_at
+     ), ",
+    finished_events!(),
+    "
+     SELECT id, state FROM updated"
+);
+
+/// One notification per payload on [`CHANNEL_FINISHED`].
+const NOTIFY_FINISHED_SQL: &str =
+    "SELECT pg_notify('tenantry_jobs_finished', p) FROM unnest($1::text[]) p";
+
+/// Comma-separated job ids, 200 per payload to stay under PostgreSQL's 8000-byte limit.
+fn notify_payloads(ids: impl Iterator<Item = Uuid>) -> Vec<String> {
+    let ids: Vec<String> = ids.map(|id| id.to_string()).collect();
+    ids.chunks(200).map(|c| c.join(",")).collect()
 }
 
 /// Notifies waiters which jobs finished, 200 ids per payload to stay under PostgreSQL's
@@ -439,16 +663,9 @@ async fn notify_finished(
     client: &tokio_postgres::Client,
     ids: impl Iterator<Item = Uuid>,
 ) -> Result<(), tokio_postgres::Error> {
-    let ids: Vec<String> = ids.map(|id| id.to_string()).collect();
-    for chunk in ids.chunks(200) {
-        // Formatted UUIDs only (hex and dashes), so the literal needs no escaping; a simple
-        // query is one round trip where a prepared one is two.
-        client
-            .simple_query(&format!(
-                "SELECT pg_notify('{CHANNEL_FINISHED}', '{}')",
-                chunk.join(",")
-            ))
-            .await?;
+    let payloads = notify_payloads(ids);
+    if !payloads.is_empty() {
+        client.execute(NOTIFY_FINISHED_SQL, &[&payloads]).await?;
     }
     Ok(())
 }
@@ -719,4 +936,23 @@ pub async fn depth(
 /// For tests and metrics: when a job became claimable vs. when it started.
 pub fn enqueue_to_start(created_at: DateTime<Utc>) -> Duration {
     (Utc::now() - created_at).to_std().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_finished_notification_goes_to_the_finished_channel() {
+        assert!(NOTIFY_FINISHED_SQL.contains(&format!("'{CHANNEL_FINISHED}'")));
+    }
+
+    #[test]
+    fn notification_payloads_hold_at_most_200_ids() {
+        let ids: Vec<Uuid> = (0..401).map(|_| Uuid::now_v7()).collect();
+        let p = notify_payloads(ids.iter().copied());
+        assert_eq!(p.len(), 3);
+        assert!(p.iter().all(|s| s.len() < 8000));
+        assert_eq!(p[2], ids[400].to_string());
+    }
 }

@@ -427,13 +427,20 @@ async fn run_job(registry: &Registry, opts: &WorkerOptions, job: ClaimedJob) -> 
     }
 }
 
+/// Completion batches written at once. A batch's commit waits for its disk flush; with a
+/// second batch in flight the next outcomes are written meanwhile instead of queueing behind
+/// that flush, so completion keeps up with claims. (Each outcome is in exactly one batch, so
+/// concurrent batches never touch the same row.)
+const CONCURRENT_COMPLETIONS: usize = 2;
+
 /// Writes outcomes in batches: whatever has arrived, up to `complete_batch`, in one
-/// transaction. A failed write is retried (the outcomes are kept) until it succeeds or the
-/// leases expire and the rescuer takes over.
+/// transaction, up to [`CONCURRENT_COMPLETIONS`] batches at a time. A failed write is retried
+/// (the outcomes are kept) until it succeeds or the leases expire and the rescuer takes over.
+/// Returns once every outcome received has been written (or given up on).
 async fn complete_loop(this: Arc<Worker>, mut rx: mpsc::Receiver<Outcome>) {
-    let shard = this.opts.shard_id.clone();
-    let mut batch = Vec::with_capacity(this.opts.complete_batch);
+    let mut writers = tokio::task::JoinSet::new();
     while let Some(first) = rx.recv().await {
+        let mut batch = Vec::with_capacity(this.opts.complete_batch);
         batch.push(first);
         while batch.len() < this.opts.complete_batch {
             match rx.try_recv() {
@@ -441,60 +448,68 @@ async fn complete_loop(this: Arc<Worker>, mut rx: mpsc::Receiver<Outcome>) {
                 Err(_) => break,
             }
         }
-        let mut attempt = 0;
-        loop {
-            let written = async {
-                let mut client = this.pool.get().await?;
-                Ok::<_, anyhow::Error>(store::finish(&mut client, &this.id, &batch).await?)
+        if writers.len() >= CONCURRENT_COMPLETIONS {
+            writers.join_next().await;
+        }
+        writers.spawn(write_outcomes(this.clone(), batch));
+    }
+    while writers.join_next().await.is_some() {}
+}
+
+async fn write_outcomes(this: Arc<Worker>, batch: Vec<Outcome>) {
+    let shard = &this.opts.shard_id;
+    let mut attempt = 0;
+    loop {
+        let written = async {
+            let mut client = this.pool.get().await?;
+            Ok::<_, anyhow::Error>(store::finish(&mut client, &this.id, &batch).await?)
+        }
+        .await;
+        match written {
+            Ok((finished, discarded)) => {
+                let ok = finished
+                    .iter()
+                    .filter(|f| f.state == JobState::Done)
+                    .count() as u64;
+                let dead = finished
+                    .iter()
+                    .filter(|f| f.state == JobState::Error)
+                    .count() as u64;
+                let retried = finished
+                    .iter()
+                    .filter(|f| f.state == JobState::Waiting)
+                    .count() as u64;
+                metrics::count(shard, "completed", ok);
+                metrics::count(shard, "dead_lettered", dead);
+                metrics::count(shard, "retried", retried);
+                metrics::count(shard, "late_completion", discarded.len() as u64);
+                for id in discarded {
+                    tracing::warn!(job.id = %id, worker.id = %this.id, "late completion discarded: the lease expired and the job was rescued");
+                }
+                if retried > 0 {
+                    this.listener.wake_worker();
+                }
+                return;
             }
-            .await;
-            match written {
-                Ok((finished, discarded)) => {
-                    let ok = finished
-                        .iter()
-                        .filter(|f| f.state == JobState::Done)
-                        .count() as u64;
-                    let dead = finished
-                        .iter()
-                        .filter(|f| f.state == JobState::Error)
-                        .count() as u64;
-                    let retried = finished
-                        .iter()
-                        .filter(|f| f.state == JobState::Waiting)
-                        .count() as u64;
-                    metrics::count(&shard, "completed", ok);
-                    metrics::count(&shard, "dead_lettered", dead);
-                    metrics::count(&shard, "retried", retried);
-                    metrics::count(&shard, "late_completion", discarded.len() as u64);
-                    for id in discarded {
-                        tracing::warn!(job.id = %id, worker.id = %this.id, "late completion discarded: the lease expired and the job was rescued");
-                    }
-                    if retried > 0 {
-                        this.listener.wake_worker();
-                    }
-                    break;
-                }
-                Err(e) => {
-                    attempt += 1;
-                    let wait = backoff(attempt, Duration::from_millis(100), Duration::from_secs(5));
-                    tracing::warn!(
-                        error = format!("{e:#}"),
+            Err(e) => {
+                attempt += 1;
+                let wait = backoff(attempt, Duration::from_millis(100), Duration::from_secs(5));
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    jobs = batch.len(),
+                    retry_in_ms = wait.as_millis() as u64,
+                    "recording outcomes failed"
+                );
+                if attempt > 20 {
+                    tracing::error!(
                         jobs = batch.len(),
-                        retry_in_ms = wait.as_millis() as u64,
-                        "recording outcomes failed"
+                        "giving up on recording outcomes; the rescuer will return these jobs"
                     );
-                    if attempt > 20 {
-                        tracing::error!(
-                            jobs = batch.len(),
-                            "giving up on recording outcomes; the rescuer will return these jobs"
-                        );
-                        break;
-                    }
-                    tokio::time::sleep(wait).await;
+                    return;
                 }
+                tokio::time::sleep(wait).await;
             }
         }
-        batch.clear();
     }
 }
 
