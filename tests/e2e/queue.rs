@@ -286,6 +286,45 @@ async fn backpressure_refuses_the_whole_batch_and_writes_nothing() {
 }
 
 #[tokio::test]
+async fn depth_counts_the_live_queue_and_dead_letters_by_kind_not_the_history() {
+    let db = TestDb::new(Schema::Shard).await;
+    let w = worker(&db, 100);
+    let company = Uuid::now_v7();
+    enqueue(
+        &db,
+        &[
+            job(company, "echo", json!({}), 1),
+            job(company, "no-such-kind", json!({}), 1),
+        ],
+    )
+    .await;
+    // Both run: echo is done, the unknown kind is dead-lettered.
+    w.try_claim_and_run_one().await.unwrap();
+    w.try_claim_and_run_one().await.unwrap();
+    enqueue(
+        &db,
+        &[
+            job(company, "echo", json!({}), 1),
+            job(company, "echo", json!({}), 1),
+            job(company, "sleep", json!({"ms": 1}), 1),
+        ],
+    )
+    .await;
+    let mut c = db.client().await;
+    let mut depth = store::depth(&mut c).await.unwrap();
+    depth.sort();
+    let expect = |s: &str, k: &str, n: i64| (s.to_owned(), k.to_owned(), n);
+    assert_eq!(
+        depth,
+        vec![
+            expect("error", "no-such-kind", 1),
+            expect("waiting", "echo", 2),
+            expect("waiting", "sleep", 1),
+        ]
+    );
+}
+
+#[tokio::test]
 async fn finished_rows_are_pruned_after_retention_but_dead_letters_stay() {
     let db = TestDb::new(Schema::Shard).await;
     let w = worker(&db, 100);
@@ -300,7 +339,7 @@ async fn finished_rows_are_pruned_after_retention_but_dead_letters_stay() {
     .await;
     w.try_claim_and_run_one().await.unwrap();
     w.try_claim_and_run_one().await.unwrap();
-    let c = db.client().await;
+    let mut c = db.client().await;
     c.execute(
         "UPDATE jobs SET finished_at = now() - interval '8 days'",
         &[],
@@ -308,7 +347,7 @@ async fn finished_rows_are_pruned_after_retention_but_dead_letters_stay() {
     .await
     .unwrap();
     assert_eq!(
-        store::prune(&c, Duration::from_secs(7 * 86_400), 1000)
+        store::prune(&mut c, Duration::from_secs(7 * 86_400), 1000)
             .await
             .unwrap(),
         1

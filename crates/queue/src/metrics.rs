@@ -11,7 +11,10 @@ const LATENCY: &[f64] = &[
 
 pub static DEPTH: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register(IntGaugeVec::new(
-        Opts::new("queue_jobs", "Jobs in the shard's queue by state and kind"),
+        Opts::new(
+            "queue_jobs",
+            "Jobs waiting, processing or dead-lettered (error) in the shard's queue, by kind",
+        ),
         &["shard", "state", "kind"],
     ))
 });

@@ -700,6 +700,7 @@ pub async fn rescue_expired(
     limit: i64,
 ) -> Result<(Vec<Uuid>, Vec<Uuid>), tokio_postgres::Error> {
     let tx = client.transaction().await?;
+    tx.batch_execute(INDEX_ONLY_SETTINGS).await?;
     let rows = tx
         .query(
             &format!("WITH expired AS (
@@ -752,12 +753,14 @@ pub async fn release(
 /// Deletes up to `limit` finished rows older than `retention` (`done`, `error_resolved`;
 /// `error` rows stay until an operator acts) and published outbox rows as old.
 pub async fn prune(
-    client: &impl GenericClient,
+    client: &mut tokio_postgres::Client,
     retention: Duration,
     limit: i64,
 ) -> Result<u64, tokio_postgres::Error> {
     let secs = retention.as_secs_f64();
-    let jobs = client
+    let tx = client.transaction().await?;
+    tx.batch_execute(INDEX_ONLY_SETTINGS).await?;
+    let jobs = tx
         .execute(
             "DELETE FROM jobs WHERE id IN (
                  SELECT id FROM jobs
@@ -767,7 +770,7 @@ pub async fn prune(
             &[&secs, &limit],
         )
         .await?;
-    let outbox = client
+    let outbox = tx
         .execute(
             "DELETE FROM outbox WHERE id IN (
                  SELECT id FROM outbox
@@ -775,6 +778,7 @@ pub async fn prune(
             &[&secs, &limit],
         )
         .await?;
+    tx.commit().await?;
     Ok(jobs + outbox)
 }
 
@@ -918,16 +922,33 @@ pub async fn waiting_total(
         .get(0))
 }
 
-/// Depth by state and kind, for metrics.
+/// Maintenance statements (rescue, prune, depth) walk partial indexes; without statistics (a
+/// new or just-shifted table) the planner could pick a sequential scan of every finished row
+/// instead, so inside their transactions sequential scans (and JIT) are off.
+const INDEX_ONLY_SETTINGS: &str = "SET LOCAL enable_seqscan = off; SET LOCAL jit = off";
+
+/// The queue's depth by state and kind, for metrics.
 pub async fn depth(
-    client: &impl GenericClient,
+    client: &mut tokio_postgres::Client,
 ) -> Result<Vec<(String, String, i64)>, tokio_postgres::Error> {
-    Ok(client
+    // Only the live queue and the dead letters: each arm walks its own partial index, so the
+    // cost follows the queue's depth, not the days of finished rows kept for `retention`
+    // (a GROUP BY over the whole table, every rescue interval, in every worker process, would
+    // not). Sequential scans are ruled out so a table without statistics cannot bring them back.
+    let tx = client.transaction().await?;
+    tx.batch_execute(INDEX_ONLY_SETTINGS).await?;
+    let rows = tx
         .query(
-            "SELECT state, kind, count(*) FROM jobs GROUP BY state, kind",
+            "SELECT 'waiting', kind, count(*) FROM jobs WHERE state = 'waiting' GROUP BY kind
+             UNION ALL
+             SELECT 'processing', kind, count(*) FROM jobs WHERE state = 'processing' GROUP BY kind
+             UNION ALL
+             SELECT 'error', kind, count(*) FROM jobs WHERE state = 'error' GROUP BY kind",
             &[],
         )
-        .await?
+        .await?;
+    tx.commit().await?;
+    Ok(rows
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect())

@@ -577,7 +577,7 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
                 let mut total = 0;
                 // Small batches keep each delete short, so it never holds up claims for long.
                 loop {
-                    let n = store::prune(&**client, this.opts.retention, 1000).await?;
+                    let n = store::prune(&mut client, this.opts.retention, 1000).await?;
                     total += n;
                     if n < 1000 || stop.is_cancelled() {
                         break;
@@ -589,7 +589,7 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
                 }
             }
             metrics::DEPTH.reset();
-            for (state, kind, n) in store::depth(&**client).await? {
+            for (state, kind, n) in store::depth(&mut client).await? {
                 metrics::DEPTH
                     .with_label_values(&[&shard, &state, &kind])
                     .set(n);
