@@ -1,6 +1,6 @@
 //! JWTs at the edge: the claims Tenantry reads, verification, and minting development tokens.
 
-use std::{collections::BTreeMap, fmt, str::FromStr};
+use std::{collections::BTreeMap, fmt, str::FromStr, sync::Arc};
 
 use std::future::{Ready, ready};
 
@@ -112,10 +112,26 @@ impl JwtAlgorithm {
 
 /// Verifies tokens: one algorithm and one key, fixed at startup. A token signed with any
 /// other algorithm is refused (no `alg: none`, no HS256-with-the-public-key confusion).
+///
+/// Verified tokens are remembered (by their exact text, for at most a minute, 8 MiB in all), so
+/// a client sending the same token again costs a hash lookup instead of a signature check and
+/// a JSON parse; the expiry is checked on every use all the same.
 #[derive(Clone)]
 pub struct JwtKey {
     algorithm: Algorithm,
     key: DecodingKey,
+    verified: moka::sync::Cache<String, Arc<Claims>>,
+}
+
+/// Seconds of clock skew allowed on `exp`.
+const LEEWAY: u64 = 5;
+
+fn verified_cache() -> moka::sync::Cache<String, Arc<Claims>> {
+    moka::sync::Cache::builder()
+        .weigher(|token: &String, _| u32::try_from(token.len() + 256).unwrap_or(u32::MAX))
+        .max_capacity(8 << 20)
+        .time_to_live(std::time::Duration::from_secs(60))
+        .build()
 }
 
 impl JwtKey {
@@ -123,6 +139,7 @@ impl JwtKey {
         Self {
             algorithm: Algorithm::HS256,
             key: DecodingKey::from_secret(secret),
+            verified: verified_cache(),
         }
     }
 
@@ -138,13 +155,31 @@ impl JwtKey {
         Ok(Self {
             algorithm: auth.algorithm.jsonwebtoken(),
             key,
+            verified: verified_cache(),
         })
+    }
+
+    /// [`JwtKey::verify`], remembering verified tokens.
+    pub fn verify_cached(&self, token: &str) -> Result<Arc<Claims>, AuthError> {
+        if let Some(claims) = self.verified.get(token) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(u64::MAX);
+            if claims.exp.saturating_add(LEEWAY) < now {
+                return Err(AuthError::Expired);
+            }
+            return Ok(claims);
+        }
+        let claims = Arc::new(self.verify(token)?);
+        self.verified.insert(token.to_owned(), claims.clone());
+        Ok(claims)
     }
 
     /// Checks the signature, `exp` (5 s leeway) and that `sub` is present.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let mut validation = Validation::new(self.algorithm);
-        validation.leeway = 5;
+        validation.leeway = LEEWAY;
         validation.set_required_spec_claims(&["exp", "sub"]);
         jsonwebtoken::decode::<Claims>(token, &self.key, &validation)
             .map(|d| d.claims)
@@ -217,7 +252,7 @@ pub fn parse_company_grant(s: &str) -> Result<(Uuid, Role), String> {
 /// An authenticated caller: extracting it answers 401 for a missing, malformed, forged or
 /// expired token.
 #[derive(Debug, Clone)]
-pub struct Caller(pub Claims);
+pub struct Caller(pub Arc<Claims>);
 
 impl FromRequest for Caller {
     type Error = ApiError;
@@ -246,7 +281,7 @@ fn authenticate(req: &HttpRequest) -> Result<Caller, ApiError> {
         .map(str::trim)
         .filter(|t| !t.is_empty() && t.len() <= 8192)
         .ok_or_else(|| ApiError::unauthorized("Authorization header must be `Bearer <token>`"))?;
-    match key.verify(token) {
+    match key.verify_cached(token) {
         Ok(claims) => Ok(Caller(claims)),
         Err(AuthError::Expired) => Err(ApiError::unauthorized("token has expired")),
         Err(AuthError::Invalid(_)) => Err(ApiError::unauthorized("token is invalid")),
@@ -284,6 +319,26 @@ mod tests {
         assert!(matches!(
             verify_hs256(b"other-key-other-key-other-key-xx", &token),
             Err(AuthError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn remembered_tokens_still_expire_and_forged_ones_are_never_remembered() {
+        let key = JwtKey::hs256(&b"k".repeat(32));
+        let token = mint_hs256(b"k".repeat(32).as_slice(), &claims()).unwrap();
+        let first = key.verify_cached(&token).unwrap();
+        let again = key.verify_cached(&token).unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "the second use is a cache hit");
+        let forged = mint_hs256(b"x".repeat(32).as_slice(), &claims()).unwrap();
+        assert!(key.verify_cached(&forged).is_err());
+        assert!(key.verify_cached(&forged).is_err());
+        // A remembered token past its expiry (plus leeway) is refused.
+        let mut old = claims();
+        old.exp = now() - 60;
+        key.verified.insert("old-token".into(), Arc::new(old));
+        assert!(matches!(
+            key.verify_cached("old-token"),
+            Err(AuthError::Expired)
         ));
     }
 

@@ -22,8 +22,9 @@ use actix_web::{
     HttpRequest, HttpResponse, ResponseError,
     error::PayloadError,
     http::{
-        Method, StatusCode,
+        Method, StatusCode, Uri,
         header::{self, HeaderMap, HeaderName, HeaderValue},
+        uri::PathAndQuery,
     },
     web,
 };
@@ -235,19 +236,14 @@ async fn send(
             Duration::from_secs(1),
         ));
     }
-    let path_and_query = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+    let root = PathAndQuery::from_static("/");
+    let path_and_query = req.uri().path_and_query().unwrap_or(&root);
     let mut last_error = None;
     for endpoint in candidates {
-        let upstream = build(
-            req,
-            client,
-            gw,
-            &format!("{}{path_and_query}", endpoint.base),
-        );
+        let uri = endpoint.uri(path_and_query).map_err(|e| {
+            ApiError::bad_request("invalid_path", format!("the path cannot be forwarded: {e}"))
+        })?;
+        let upstream = build(req, client, gw, uri);
         let started = Instant::now();
         let result = match body.take() {
             // No body: one write of the head (an empty body would be a second write).
@@ -307,7 +303,7 @@ async fn send(
 
 /// The upstream request: method, end-to-end headers, request id, trace context, forwarding
 /// headers.
-fn build(req: &HttpRequest, client: &awc::Client, gw: &Gateway, url: &str) -> awc::ClientRequest {
+fn build(req: &HttpRequest, client: &awc::Client, gw: &Gateway, url: Uri) -> awc::ClientRequest {
     let mut upstream = client
         .request(req.method().clone(), url)
         .timeout(gw.upstream_timeout);

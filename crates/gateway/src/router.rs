@@ -21,6 +21,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use actix_web::http::{
+    Uri,
+    uri::{Authority, PathAndQuery, Scheme},
+};
 use arc_swap::ArcSwap;
 use deadpool_postgres::Pool;
 use moka::{future::Cache, notification::RemovalCause, ops::compute::Op};
@@ -37,10 +41,44 @@ use crate::metrics;
 /// One base URL of a shard's API pool.
 pub struct Endpoint {
     pub base: String,
+    /// Scheme and authority, parsed once, when the base has no path of its own.
+    origin: Option<(Scheme, Authority)>,
     healthy: AtomicBool,
 }
 
 impl Endpoint {
+    fn new(url: &str) -> Self {
+        let base = url.trim_end_matches('/').to_owned();
+        let origin = base.parse::<Uri>().ok().and_then(|u| {
+            let bare = u.path_and_query().is_none_or(|p| p.as_str() == "/");
+            let parts = u.into_parts();
+            match (bare, parts.scheme, parts.authority) {
+                (true, Some(s), Some(a)) => Some((s, a)),
+                _ => None,
+            }
+        });
+        Self {
+            base,
+            origin,
+            healthy: AtomicBool::new(true),
+        }
+    }
+
+    /// The upstream URI for `path_and_query` at this endpoint.
+    pub fn uri(&self, path_and_query: &PathAndQuery) -> Result<Uri, String> {
+        match &self.origin {
+            Some((scheme, authority)) => Uri::builder()
+                .scheme(scheme.clone())
+                .authority(authority.clone())
+                .path_and_query(path_and_query.clone())
+                .build()
+                .map_err(|e| e.to_string()),
+            None => format!("{}{path_and_query}", self.base)
+                .parse()
+                .map_err(|e: actix_web::http::uri::InvalidUri| e.to_string()),
+        }
+    }
+
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
@@ -229,12 +267,7 @@ impl Router {
                             let old = current
                                 .get(&row.id)
                                 .and_then(|p| p.endpoints.iter().find(|e| &e.base == url).cloned());
-                            old.unwrap_or_else(|| {
-                                Arc::new(Endpoint {
-                                    base: url.trim_end_matches('/').to_owned(),
-                                    healthy: AtomicBool::new(true),
-                                })
-                            })
+                            old.unwrap_or_else(|| Arc::new(Endpoint::new(url)))
                         })
                         .collect(),
                     id: row.id.clone(),
@@ -328,5 +361,27 @@ fn shared_error(e: &Arc<ApiError>) -> ApiError {
         )
     } else {
         ApiError::internal(anyhow::anyhow!("catalog lookup failed: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_uris_keep_path_and_query_and_any_base_path() {
+        let pq = PathAndQuery::from_static("/v1/companies/x/jobs?wait=1s&a=%20b");
+        let bare = Endpoint::new("http://127.0.0.1:8101/");
+        assert!(bare.origin.is_some());
+        assert_eq!(
+            bare.uri(&pq).unwrap().to_string(),
+            "http://127.0.0.1:8101/v1/companies/x/jobs?wait=1s&a=%20b"
+        );
+        let prefixed = Endpoint::new("http://shard-1.internal:80/api");
+        assert!(prefixed.origin.is_none());
+        assert_eq!(
+            prefixed.uri(&pq).unwrap().to_string(),
+            "http://shard-1.internal:80/api/v1/companies/x/jobs?wait=1s&a=%20b"
+        );
     }
 }
