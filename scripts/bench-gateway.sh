@@ -6,7 +6,8 @@
 #   scripts/bench-gateway.sh
 #
 # Env: DURATION=10s per wrk run, CONNS=32 wrk connections for throughput, LAT_CONNS=4 for the
-# latency pass (p50/p99 under moderate load, not behind a saturated queue), CHANGES=1000 placement changes,
+# latency pass (p50/p99 under moderate load, not behind a saturated queue), ROUNDS=3 interleaved
+# rounds of direct/gateway/nginx (medians are reported), CHANGES=1000 placement changes,
 # TENANTS=1000000 catalog tenants, TOUCH=100000 companies touched, CACHE=20000 routing-cache
 # capacity of the measured gateway, GATEWAY_ENV="TENANTRY_…=… …" extra settings for it,
 # PG=postgres://postgres@127.0.0.1:5432.
@@ -20,7 +21,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
-DURATION=${DURATION:-10s} CONNS=${CONNS:-32} LAT_CONNS=${LAT_CONNS:-4} CHANGES=${CHANGES:-1000}
+DURATION=${DURATION:-10s} CONNS=${CONNS:-32} LAT_CONNS=${LAT_CONNS:-4} ROUNDS=${ROUNDS:-3} CHANGES=${CHANGES:-1000}
 TENANTS=${TENANTS:-1000000} TOUCH=${TOUCH:-100000} CACHE=${CACHE:-20000}
 SECRET=bench-secret-0123456789abcdef0123456789abcdef
 say() { echo "bench-gateway: $*" >&2; }
@@ -164,13 +165,15 @@ else:
     print(f"{name}_p99: {ms(lat['99']):.3f} ms")
 PY
 }
-say "wrk: direct, gateway, nginx; throughput with $CONNS connections, latency with $LAT_CONNS (${DURATION} each)"
+say "wrk: direct, gateway, nginx; throughput with $CONNS connections, latency with $LAT_CONNS (${DURATION} each, $ROUNDS interleaved rounds)"
 {
   NGINX_WORKER=$(pgrep -P "$(cat "$WORK/nginx.pid")" | head -1)
-  for target in direct=http://127.0.0.1:9101= gateway=http://127.0.0.1:9080=$PID_gw1 nginx=http://127.0.0.1:9090=$NGINX_WORKER; do
-    IFS== read -r name url pid <<<"$target"
-    wrk_run "$name" "$url" "$CONNS" throughput "$pid"
-    wrk_run "$name" "$url" "$LAT_CONNS" latency
+  for _ in $(seq "$ROUNDS"); do
+    for target in direct=http://127.0.0.1:9101= gateway=http://127.0.0.1:9080=$PID_gw1 nginx=http://127.0.0.1:9090=$NGINX_WORKER; do
+      IFS== read -r name url pid <<<"$target"
+      wrk_run "$name" "$url" "$CONNS" throughput "$pid"
+      wrk_run "$name" "$url" "$LAT_CONNS" latency
+    done
   done
 } >"$WORK/figures.txt"
 
@@ -188,14 +191,17 @@ echo "memory_cache_evictions: ${evictions:-0} n" >>"$WORK/figures.txt"
 
 cat "$WORK/figures.txt"
 python3 - "$WORK/figures.txt" "$CACHE" "$CONNS" "$LAT_CONNS" <<'PY'
-import re, sys
-f = {m[1]: float(m[2]) for m in re.finditer(r'^(\w+): (\S+)', open(sys.argv[1]).read(), re.M)}
+import re, statistics, sys
+runs = {}
+for m in re.finditer(r'^(\w+): (\S+)', open(sys.argv[1]).read(), re.M):
+    runs.setdefault(m[1], []).append(float(m[2]))
+f = {k: statistics.median(v) for k, v in runs.items()}
 cache = int(sys.argv[2])
 def row(name, a, b, c, goal=''):
     print(f"{name:<26} {a:>12} {b:>12} {c:>12}  {goal}")
 print()
 row('figure', 'direct', 'gateway', 'nginx')
-print(f"(requests/s with {sys.argv[3]} connections; latency with {sys.argv[4]})")
+print(f"(medians of {len(runs['gateway_rps'])} interleaved rounds; requests/s with {sys.argv[3]} connections, latency with {sys.argv[4]})")
 row('requests/s', f"{f['direct_rps']:.0f}", f"{f['gateway_rps']:.0f}", f"{f['nginx_rps']:.0f}",
     'gateway ≥ nginx: ' + ('met' if f['gateway_rps'] >= f['nginx_rps'] else 'MISSED'))
 row('p50 ms', f"{f['direct_p50']:.3f}", f"{f['gateway_p50']:.3f}", f"{f['nginx_p50']:.3f}")
