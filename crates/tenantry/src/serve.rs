@@ -27,13 +27,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     } else {
         tracing::info!(role = "gateway", "role disabled (gateway.enabled = false)");
     }
-    // The api and worker roles of one shard share one pool and one LISTEN connection.
+    // The api and worker roles of one shard share one pool and one LISTEN connection. That
+    // connection outlives the roles' drain (it stops with `background`, after them), so a
+    // request still waiting for its job during the grace period is woken when the job ends.
+    let background = tokio_util::sync::CancellationToken::new();
+    let _stop_background = background.clone().drop_guard();
     let shard = if cfg.api.enabled || cfg.worker.threads > 0 {
         let registry = tenantry_queue::Registry::from_config(&cfg.queue);
         Some(tenantry_queue::ShardQueue::start(
             &cfg,
             registry,
-            shutdown.clone(),
+            background.clone(),
         )?)
     } else {
         None
