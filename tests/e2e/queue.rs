@@ -285,12 +285,13 @@ async fn backpressure_refuses_the_whole_batch_and_writes_nothing() {
     assert_eq!(n, 0);
 }
 
-#[tokio::test]
-async fn depth_counts_the_live_queue_and_dead_letters_by_kind_not_the_history() {
+/// A shard with two finished jobs of one company: an `echo` (done) and a job of an unknown
+/// kind (dead-lettered); returns the database, the company and the two job ids.
+async fn one_done_one_dead() -> (TestDb, Uuid, Vec<Uuid>) {
     let db = TestDb::new(Schema::Shard).await;
     let w = worker(&db, 100);
     let company = Uuid::now_v7();
-    enqueue(
+    let ids = enqueue(
         &db,
         &[
             job(company, "echo", json!({}), 1),
@@ -298,9 +299,14 @@ async fn depth_counts_the_live_queue_and_dead_letters_by_kind_not_the_history() 
         ],
     )
     .await;
-    // Both run: echo is done, the unknown kind is dead-lettered.
     w.try_claim_and_run_one().await.unwrap();
     w.try_claim_and_run_one().await.unwrap();
+    (db, company, ids)
+}
+
+#[tokio::test]
+async fn depth_counts_the_live_queue_and_dead_letters_by_kind_not_the_history() {
+    let (db, company, _) = one_done_one_dead().await;
     enqueue(
         &db,
         &[
@@ -326,19 +332,7 @@ async fn depth_counts_the_live_queue_and_dead_letters_by_kind_not_the_history() 
 
 #[tokio::test]
 async fn finished_rows_are_pruned_after_retention_but_dead_letters_stay() {
-    let db = TestDb::new(Schema::Shard).await;
-    let w = worker(&db, 100);
-    let company = Uuid::now_v7();
-    let ids = enqueue(
-        &db,
-        &[
-            job(company, "echo", json!({}), 1),
-            job(company, "no-such-kind", json!({}), 1),
-        ],
-    )
-    .await;
-    w.try_claim_and_run_one().await.unwrap();
-    w.try_claim_and_run_one().await.unwrap();
+    let (db, _, ids) = one_done_one_dead().await;
     let mut c = db.client().await;
     c.execute(
         "UPDATE jobs SET finished_at = now() - interval '8 days'",
