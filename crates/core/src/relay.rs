@@ -73,13 +73,8 @@ pub async fn declare_exchange(
 impl Relay {
     /// Runs until `shutdown`, reconnecting to RabbitMQ with backoff.
     pub async fn run(self, shutdown: CancellationToken) {
-        let what = if self.name == "event relay" {
-            "event relay interrupted"
-        } else {
-            "shard-map relay interrupted"
-        };
         crate::shutdown::reconnecting(
-            what,
+            self.name,
             &shutdown,
             Duration::from_millis(200),
             Duration::from_secs(10),
@@ -215,7 +210,7 @@ pub async fn listen(
         outcome
     };
     crate::shutdown::reconnecting(
-        "LISTEN connection lost",
+        channel,
         &shutdown,
         Duration::from_millis(100),
         Duration::from_secs(5),

@@ -31,11 +31,11 @@ pub fn on_signal() -> anyhow::Result<CancellationToken> {
 }
 
 /// Runs `session` again and again until it returns `Ok` (a clean stop) or `shutdown` fires.
-/// After a failed session it logs `what` with the error and waits, starting at `first` and
+/// After a failed session it logs the error under `connection` (its name) and waits, starting at `first` and
 /// doubling up to `max`; a session that lasted longer than `max` starts the backoff over.
 /// For the long-lived connections of the process: LISTEN, RabbitMQ subscriptions, relays.
 pub async fn reconnecting<F, Fut>(
-    what: &'static str,
+    connection: &'static str,
     shutdown: &CancellationToken,
     first: std::time::Duration,
     max: std::time::Duration,
@@ -52,9 +52,10 @@ pub async fn reconnecting<F, Fut>(
                 backoff = first;
             }
             tracing::warn!(
+                connection,
                 error = format!("{e:#}"),
                 retry_in_ms = backoff.as_millis() as u64,
-                "{what}"
+                "connection lost; reconnecting"
             );
         } else {
             return;

@@ -32,13 +32,16 @@ const MAX_QUEUED: i64 = 100_000;
 pub async fn run(router: Arc<Router>, url: String, exchange: String, shutdown: CancellationToken) {
     let connections = AtomicU64::new(0);
     tenantry_core::shutdown::reconnecting(
-        "shard-map subscription lost; serving from cache with short revalidation",
+        "shard-map subscription",
         &shutdown,
         Duration::from_millis(100),
         Duration::from_secs(5),
         || async {
             let result = listen(&router, &url, &exchange, &shutdown, &connections).await;
             router.on_disconnected();
+            if result.is_err() {
+                tracing::warn!("serving routes from cache, re-read after gateway.disconnected_ttl");
+            }
             result
         },
     )
