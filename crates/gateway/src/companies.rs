@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use actix_web::{HttpResponse, http::StatusCode, web};
 use serde::{Deserialize, Serialize};
-use tenantry_core::{ApiError, auth::Caller, config::DatabaseConfig};
+use tenantry_core::{ApiError, auth::Caller};
 use tenantry_shardmap::tenants::{self, CreateError, Created};
 use uuid::Uuid;
 
@@ -52,7 +52,6 @@ pub async fn create(
     caller: Caller,
     body: web::Json<NewCompany>,
     gw: web::Data<Gateway>,
-    dbcfg: web::Data<DatabaseConfig>,
 ) -> Result<HttpResponse, ApiError> {
     if !caller.0.has_scope(CREATE_SCOPE) {
         return Err(ApiError::forbidden(format!(
@@ -64,7 +63,7 @@ pub async fn create(
     let id = id.unwrap_or_else(Uuid::now_v7);
     tracing::Span::current().record("company.id", tracing::field::display(id));
     let mut client = gw.router.catalog().get().await?;
-    let created = tenants::create(&mut client, &dbcfg, id, &name)
+    let created = tenants::create(&mut client, &gw.database, id, &name)
         .await
         .map_err(|e| match e {
             CreateError::NameConflict(_) | CreateError::Deleted(_) => {

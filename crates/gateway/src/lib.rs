@@ -32,6 +32,8 @@ pub struct Gateway {
     freeze_wait: Duration,
     body_limit: usize,
     retry_buffer: usize,
+    /// Connection settings for the one-off connections company creation opens to a shard.
+    database: tenantry_core::config::DatabaseConfig,
 }
 
 /// Starts the gateway: its listener, the shard-map subscription, the catalog outbox relay and
@@ -65,6 +67,7 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
         freeze_wait: g.freeze_wait,
         body_limit: g.body_limit.as_usize(),
         retry_buffer: g.retry_buffer.as_usize(),
+        database: cfg.database.clone(),
     });
 
     // Background tasks: they end when `shutdown` fires.
@@ -110,8 +113,6 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
     .context("starting the health checker")?;
 
     let key = web::Data::new(tenantry_core::auth::JwtKey::from_config(&cfg.auth)?);
-    let catalog = web::Data::new(catalog);
-    let dbcfg = web::Data::new(cfg.database.clone());
     let (connect_timeout, connections) = (g.connect_timeout, g.upstream_connections);
     let server = start_server(
         ctx,
@@ -132,9 +133,7 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
                 .disable_redirects()
                 .finish();
             c.app_data(key.clone())
-                .app_data(catalog.clone())
                 .app_data(gateway.clone())
-                .app_data(dbcfg.clone())
                 .app_data(web::Data::new(client))
                 .configure(routes::configure);
         },

@@ -334,16 +334,6 @@ impl Router {
     pub fn on_disconnected(&self) {
         self.connected.store(false, Ordering::Relaxed);
     }
-
-    pub fn connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
-    }
-
-    /// Entries in the routing cache (approximate; for tests and the memory benchmark).
-    pub async fn cached(&self) -> u64 {
-        self.routes.run_pending_tasks().await;
-        self.routes.entry_count()
-    }
 }
 
 fn unknown_company() -> ApiError {

@@ -1,7 +1,6 @@
 //! The gateway's routes: its own endpoints, and the tenant routes it forwards.
 
 use actix_web::{HttpResponse, web};
-use deadpool_postgres::Pool;
 use serde::Serialize;
 use tenantry_core::ApiError;
 use tenantry_shardmap::catalog;
@@ -44,14 +43,14 @@ struct MapVersion {
 /// shards, for operators checking what gateways should be routing by.
 async fn shard_map_version(
     caller: Caller,
-    pool: web::Data<Pool>,
+    gw: web::Data<crate::Gateway>,
 ) -> Result<HttpResponse, ApiError> {
     if !caller.0.has_scope(OPERATOR_SCOPE) {
         return Err(ApiError::forbidden(format!(
             "this endpoint needs the {OPERATOR_SCOPE} scope"
         )));
     }
-    let client = pool.get().await?;
+    let client = gw.router.catalog().get().await?;
     let version = catalog::map_version(&**client).await?;
     let shards = catalog::list_shards(&**client)
         .await?
