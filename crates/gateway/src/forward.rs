@@ -405,23 +405,41 @@ fn is_hop_by_hop(name: &HeaderName, listed: &[String]) -> bool {
 }
 
 /// Refuses paths that could be resolved to something outside the company on the shard: dot
-/// segments (plain or percent-encoded) and encoded slashes or backslashes.
+/// segments (plain or percent-encoded) and encoded slashes or backslashes. It runs on every
+/// request, so it reads the bytes in place instead of building lowercased copies.
 fn check_path(path: &str) -> Result<(), ApiError> {
-    let lower = path.to_ascii_lowercase();
-    let bad = lower.contains("%2f")
-        || lower.contains("%5c")
-        || lower.contains('\\')
-        || lower
-            .split('/')
-            .map(|seg| seg.replace("%2e", "."))
-            .any(|seg| seg == "." || seg == "..");
-    if bad {
+    let bytes = path.as_bytes();
+    let encoded = |i: usize, hi: u8, lo: u8| {
+        bytes.get(i) == Some(&b'%')
+            && bytes.get(i + 1) == Some(&hi)
+            && bytes
+                .get(i + 2)
+                .is_some_and(|b| b.to_ascii_lowercase() == lo)
+    };
+    let separator = path.contains('\\')
+        || (0..bytes.len()).any(|i| encoded(i, b'2', b'f') || encoded(i, b'5', b'c'));
+    if separator || path.split('/').any(is_dot_segment) {
         return Err(ApiError::bad_request(
             "invalid_path",
             "the path contains dot segments or encoded separators",
         ));
     }
     Ok(())
+}
+
+/// `.` or `..`, with any dot written as `%2e`/`%2E`.
+fn is_dot_segment(segment: &str) -> bool {
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        rest = match rest {
+            [b'.', tail @ ..] => tail,
+            [b'%', b'2', e, tail @ ..] if e.eq_ignore_ascii_case(&b'e') => tail,
+            _ => return false,
+        };
+        dots += 1;
+    }
+    dots == 1 || dots == 2
 }
 
 /// A request body: held whole when small (replayable), streamed when large.
