@@ -155,22 +155,26 @@ impl Listener {
 }
 
 async fn listen_loop(pg: tokio_postgres::Config, inner: Arc<Inner>, shutdown: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
-    while !shutdown.is_cancelled() {
-        match listen_once(&pg, &inner, &shutdown).await {
-            Ok(()) => backoff = Duration::from_millis(100),
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "LISTEN connection lost");
+    tenantry_core::shutdown::reconnecting(
+        "queue LISTEN",
+        &shutdown,
+        Duration::from_millis(100),
+        Duration::from_secs(5),
+        || async {
+            let result = listen_once(&pg, &inner, &shutdown).await;
+            inner.connected.store(false, Ordering::Relaxed);
+            // Nobody is woken by notifications now: waiters re-read, the worker polls.
+            inner.wake_all();
+            match result {
+                // Only a shutdown ends the loop; a connection that simply closed is retried.
+                Ok(()) if !shutdown.is_cancelled() => {
+                    Err(anyhow::anyhow!("the LISTEN connection closed"))
+                }
+                other => other.map_err(anyhow::Error::from),
             }
-        }
-        inner.connected.store(false, Ordering::Relaxed);
-        inner.wake_all();
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
+        },
+    )
+    .await
 }
 
 async fn listen_once(
