@@ -91,6 +91,21 @@ impl QueueConn for deadpool_postgres::Object {
     }
 }
 
+/// The planner settings of [`PLAN_SETTINGS`], followed by `$extra` (more `set_config` calls),
+/// written once so claims and completions cannot drift apart.
+macro_rules! plan_settings {
+    ($extra:literal) => {
+        concat!(
+            "SELECT set_config('jit', 'off', true),
+            set_config('plan_cache_mode', 'force_generic_plan', true),
+            set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
+            set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true),
+            set_config('enable_sort', 'off', true)",
+            $extra
+        )
+    };
+}
+
 /// Planner settings for the queue's hot statements, local to their transaction.
 ///
 /// The plans must not depend on the table's statistics: a queue table's distribution swings by
@@ -104,18 +119,10 @@ impl QueueConn for deadpool_postgres::Object {
 /// The plan is generic and built once per connection (`force_generic_plan`): it no longer
 /// depends on the parameters, so re-planning the claim for every execution (a quarter of the
 /// server's CPU per job when claiming one at a time) buys nothing.
-const PLAN_SETTINGS: &str = "SELECT set_config('jit', 'off', true),
-            set_config('plan_cache_mode', 'force_generic_plan', true),
-            set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
-            set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true),
-            set_config('enable_sort', 'off', true)";
+const PLAN_SETTINGS: &str = plan_settings!("");
 
 /// [`PLAN_SETTINGS`] plus an asynchronous commit, for claims (see [`claim`]).
-const CLAIM_SETTINGS: &str = "SELECT set_config('jit', 'off', true),
-            set_config('plan_cache_mode', 'force_generic_plan', true),
-            set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
-            set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true),
-            set_config('enable_sort', 'off', true), set_config('synchronous_commit', 'off', true)";
+const CLAIM_SETTINGS: &str = plan_settings!(", set_config('synchronous_commit', 'off', true)");
 
 /// Runs `stmt` in its own transaction after `settings` (a `SELECT set_config(…, true)`), in
 /// one round trip: BEGIN, the settings, the statement and COMMIT are pipelined on the
@@ -653,8 +660,19 @@ const NOTIFY_FINISHED_SQL: &str =
 
 /// Comma-separated job ids, 200 per payload to stay under PostgreSQL's 8000-byte limit.
 fn notify_payloads(ids: impl Iterator<Item = Uuid>) -> Vec<String> {
-    let ids: Vec<String> = ids.map(|id| id.to_string()).collect();
-    ids.chunks(200).map(|c| c.join(",")).collect()
+    const PER_PAYLOAD: usize = 200;
+    let mut payloads: Vec<String> = Vec::new();
+    for (i, id) in ids.enumerate() {
+        if i % PER_PAYLOAD == 0 {
+            payloads.push(String::with_capacity(PER_PAYLOAD * 37));
+        } else if let Some(p) = payloads.last_mut() {
+            p.push(',');
+        }
+        if let Some(p) = payloads.last_mut() {
+            p.push_str(id.hyphenated().encode_lower(&mut Uuid::encode_buffer()));
+        }
+    }
+    payloads
 }
 
 /// Notifies waiters which jobs finished, 200 ids per payload to stay under PostgreSQL's
