@@ -85,7 +85,7 @@ async fn create(
         ));
     }
     let limit = state.queue.max_params_size.bytes();
-    if input.params.to_string().len() as u64 > limit {
+    if serialized_len(&input.params) > limit {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "params_too_large",
@@ -279,4 +279,39 @@ async fn show(
     drop(client);
     let record = wait_until_finished(&state, record, wait).await?;
     Ok(HttpResponse::Ok().json(&record.view))
+}
+
+/// The length of `value` as compact JSON (what `to_string()` would produce), counted without
+/// building the string.
+fn serialized_len(value: &serde_json::Value) -> u64 {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail, and a `Value` always serializes.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serialized_len_is_the_length_of_the_compact_json() {
+        for v in [
+            serde_json::json!({}),
+            serde_json::json!({"a": [1, 2.5, "é\n\"x\""], "b": null, "c": {"d": true}}),
+            serde_json::json!({"big": "x".repeat(70_000)}),
+        ] {
+            assert_eq!(serialized_len(&v), v.to_string().len() as u64);
+        }
+    }
 }
