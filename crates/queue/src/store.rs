@@ -199,9 +199,22 @@ impl Enqueued {
     }
 }
 
-const RECORD_COLUMNS: &str = "id, kind, state, result, error, attempts, created_at, started_at, \
-     finished_at, request_id, company_id, user_context, params, worker_id, max_attempts, run_at, \
-     lease_expires_at, idempotency_key, resolution_note";
+macro_rules! record_columns {
+    () => {
+        "id, kind, state, result, error, attempts, created_at, started_at, \
+         finished_at, request_id, company_id, user_context, params, worker_id, max_attempts, \
+         run_at, lease_expires_at, idempotency_key, resolution_note"
+    };
+}
+const RECORD_COLUMNS: &str = record_columns!();
+
+/// One company's job by id: every `GET` and every wake of a waiting request runs it, so it is
+/// a constant, prepared once per pooled connection.
+const GET_SQL: &str = concat!(
+    "SELECT ",
+    record_columns!(),
+    " FROM jobs WHERE id = $1 AND company_id = $2"
+);
 
 fn record(row: &Row) -> JobRecord {
     let state: String = row.get(2);
@@ -802,15 +815,14 @@ pub async fn prune(
 
 /// A company's job, or `None` (also for another company's job id).
 pub async fn get(
-    client: &impl GenericClient,
+    conn: &impl QueueConn,
     company: Uuid,
     id: Uuid,
 ) -> Result<Option<JobRecord>, tokio_postgres::Error> {
-    Ok(client
-        .query_opt(
-            &format!("SELECT {RECORD_COLUMNS} FROM jobs WHERE id = $1 AND company_id = $2"),
-            &[&id, &company],
-        )
+    let stmt = conn.prepared(GET_SQL).await?;
+    Ok(conn
+        .pg()
+        .query_opt(&stmt, &[&id, &company])
         .await?
         .map(|r| record(&r)))
 }
