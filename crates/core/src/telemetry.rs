@@ -1,11 +1,25 @@
 //! Logging: JSON lines in production, readable text on a terminal. Span fields (`request.id`,
 //! `company.id`, `shard.id`) ride along on every line logged inside a request or a job.
+//!
+//! JSON lines are buffered (see [`sink`]): an info line reaches stderr within 100 ms, a
+//! warning or an error at once, and [`flush`] writes what is waiting when the process ends.
 
-use std::io::IsTerminal;
+mod json;
+mod sink;
+
+use std::{
+    io::IsTerminal,
+    sync::{Arc, OnceLock},
+};
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
+pub use sink::{BUFFER_LIMIT, FLUSH_INTERVAL};
+
 use crate::config::{LogConfig, LogFormat};
+
+/// The buffered stderr of the JSON format, once installed.
+static SINK: OnceLock<Arc<sink::Sink>> = OnceLock::new();
 
 /// Installs the global subscriber. A second call (tests) is a no-op.
 pub fn init(cfg: &LogConfig) {
@@ -20,26 +34,42 @@ pub fn init(cfg: &LogConfig) {
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
     let registry = tracing_subscriber::registry().with(filter);
-    let result = if json {
-        registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false)
-                    .with_writer(std::io::stderr),
-            )
+    if json {
+        let sink = Arc::new(sink::Sink::new(Box::new(std::io::stderr())));
+        if registry
+            .with(json::JsonLayer::new(sink.clone()))
             .try_init()
+            .is_ok()
+            && SINK.set(sink).is_ok()
+            && let Some(sink) = SINK.get()
+        {
+            flush_on_panic();
+            sink.start_flusher();
+        }
     } else {
-        registry
+        // Already installed (several roles in one test process): keep the first.
+        let _ = registry
             .with(
                 fmt::layer()
                     .with_ansi(std::io::stderr().is_terminal())
                     .with_writer(std::io::stderr),
             )
-            .try_init()
-    };
-    // Already installed (several roles in one test process): keep the first.
-    let _ = result;
+            .try_init();
+    }
+}
+
+/// Writes out buffered log lines. Call before the process exits.
+pub fn flush() {
+    if let Some(sink) = SINK.get() {
+        sink.flush();
+    }
+}
+
+/// A panic's own message goes straight to stderr: write the lines logged before it first.
+fn flush_on_panic() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        flush();
+        previous(info);
+    }));
 }

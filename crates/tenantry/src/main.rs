@@ -92,6 +92,8 @@ fn main() -> ExitCode {
             runtime.block_on(tenantry_admin::run(cmd, &cfg, cli.dev))
         }
     };
+    // Buffered log lines first, so the error below is the last thing printed.
+    tenantry_core::telemetry::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
