@@ -75,7 +75,9 @@ impl Visit for SpanVisitor<'_> {
         self.put(field, |out| float(out, value));
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.put(field, |out| out.push_str(if value { "true" } else { "false" }));
+        self.put(field, |out| {
+            out.push_str(if value { "true" } else { "false" })
+        });
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         self.put(field, |out| debug(out, value));
@@ -239,8 +241,7 @@ where
             line.clear();
             self.render(line, event, &ctx);
             let level = *event.metadata().level();
-            self.sink
-                .write_line(line.as_bytes(), level <= Level::WARN);
+            self.sink.write_line(line.as_bytes(), level <= Level::WARN);
         };
         LINE.with(|line| match line.try_borrow_mut() {
             Ok(mut line) => {
@@ -337,7 +338,13 @@ mod tests {
             );
             let _in = span.enter();
             tracing::Span::current().record("company.id", "c-1");
-            tracing::info!(http.status = 200u16, duration_ms = 1.5, ok = true, n = -3i64, "request");
+            tracing::info!(
+                http.status = 200u16,
+                duration_ms = 1.5,
+                ok = true,
+                n = -3i64,
+                "request"
+            );
         });
         assert_eq!(lines.len(), 1);
         let l = &lines[0];
@@ -367,7 +374,11 @@ mod tests {
             tracing::warn!(value = nasty, debug = ?nasty, nan = f64::NAN, "{nasty}");
             tracing::error!(error = %std::io::Error::other(nasty), "failed");
         });
-        assert_eq!(lines.len(), 2, "a newline in a value does not split the line");
+        assert_eq!(
+            lines.len(),
+            2,
+            "a newline in a value does not split the line"
+        );
         assert_eq!(lines[0]["value"], nasty);
         assert_eq!(lines[0]["message"], nasty);
         assert_eq!(lines[0]["debug"], format!("{nasty:?}"));

@@ -113,13 +113,21 @@ mod tests {
         sink.write_line(b"a\n", false);
         assert!(out.0.lock().unwrap().is_empty(), "an info line waits");
         sink.write_line(b"b\n", true);
-        assert_eq!(&*out.0.lock().unwrap(), b"a\nb\n", "an urgent line writes all, in order");
+        assert_eq!(
+            &*out.0.lock().unwrap(),
+            b"a\nb\n",
+            "an urgent line writes all, in order"
+        );
 
         let line = vec![b'x'; 1000];
         for _ in 0..(BUFFER_LIMIT / 1000) {
             sink.write_line(&line, false);
         }
-        assert_eq!(out.0.lock().unwrap().len(), 4, "below the limit nothing more is written");
+        assert_eq!(
+            out.0.lock().unwrap().len(),
+            4,
+            "below the limit nothing more is written"
+        );
         sink.write_line(&line, false);
         assert_eq!(
             out.0.lock().unwrap().len(),
