@@ -257,6 +257,44 @@ async fn the_per_company_cap_bounds_concurrent_processing() {
 }
 
 #[tokio::test]
+async fn one_at_a_time_claims_respect_the_per_company_cap_too() {
+    // A claim of one job takes its own statement (no batch to number per company).
+    let db = TestDb::new(Schema::Shard).await;
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut jobs: Vec<_> = (0..10).map(|_| job(a, "echo", json!({}), 1)).collect();
+    jobs.push(job(b, "echo", json!({}), 1));
+    enqueue(&db, &jobs).await;
+    let mut c = db.client().await;
+    let mut claimed = Vec::new();
+    loop {
+        let one = store::claim(&mut c, "w", 1, Duration::from_secs(30), 3)
+            .await
+            .unwrap();
+        assert!(one.len() <= 1, "a claim of one took {}", one.len());
+        match one.into_iter().next() {
+            Some(j) => claimed.push(j.company_id),
+            None => break,
+        }
+    }
+    assert_eq!(
+        claimed.iter().filter(|c| **c == a).count(),
+        3,
+        "{claimed:?}"
+    );
+    assert_eq!(
+        claimed.iter().filter(|c| **c == b).count(),
+        1,
+        "{claimed:?}"
+    );
+    let processing: i64 = c
+        .query_one("SELECT count(*) FROM jobs WHERE state = 'processing'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(processing, 4);
+}
+
+#[tokio::test]
 async fn backpressure_refuses_the_whole_batch_and_writes_nothing() {
     let db = TestDb::new(Schema::Shard).await;
     let company = Uuid::now_v7();
