@@ -176,16 +176,39 @@ async fn sigterm_stops_gracefully_with_exit_code_zero() {
         .env("TENANTRY_SHARD__URL", &shard.url);
     let mut served = Served::start(&mut cmd, 2);
     let api = served.url("api");
-    let resp = http().get(format!("{api}/readyz")).send().await.unwrap();
+    let resp = http()
+        .get(format!("{api}/readyz"))
+        .insert_header(("x-request-id", "log-me-1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     served.signal("TERM");
     let code = served.wait_exit(Duration::from_secs(10));
     assert_eq!(code, Some(0));
-    let logs = served.drain_logs().join("\n");
+    let lines = served.logs_to_end(Duration::from_secs(5));
+    let logs = lines.join("\n");
     assert!(
         logs.contains("shutdown requested") && logs.contains("tenantry stopped"),
-        "{logs}"
+        "the lines still buffered at exit are written: {logs}"
     );
+    // "What happened to request X": its line names it, with the outcome, as one JSON object.
+    let parsed: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}")))
+        .collect();
+    let line = parsed
+        .iter()
+        .find(|v| v["span"]["request.id"] == "log-me-1")
+        .unwrap_or_else(|| panic!("no line for request log-me-1: {logs}"));
+    assert_eq!(line["message"], "request");
+    assert_eq!(line["level"], "INFO");
+    assert_eq!(line["http.method"], "GET");
+    assert_eq!(line["http.path"], "/readyz");
+    assert_eq!(line["http.status"], 200);
+    assert_eq!(line["span"]["role"], "api");
+    assert_eq!(line["span"]["shard.id"], "shard-1");
+    assert!(line["duration_ms"].is_number() && line["timestamp"].is_string());
     assert!(
         http().get(format!("{api}/healthz")).send().await.is_err(),
         "no longer accepting"

@@ -147,6 +147,20 @@ impl Served {
     pub fn drain_logs(&self) -> Vec<String> {
         self.logs.try_iter().collect()
     }
+
+    /// Everything logged until the process closed its stderr (after it exited), waiting at most
+    /// `limit` for the last lines to be read.
+    pub fn logs_to_end(&self, limit: Duration) -> Vec<String> {
+        let deadline = std::time::Instant::now() + limit;
+        let mut lines = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.logs.recv_timeout(left) {
+                Ok(line) => lines.push(line),
+                Err(_) => break,
+            }
+        }
+        lines
+    }
 }
 
 impl Drop for Served {
