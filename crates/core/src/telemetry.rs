@@ -65,6 +65,22 @@ pub fn flush() {
     }
 }
 
+/// A writer whose bytes tests can read back.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct SharedWriter(pub(crate) Arc<std::sync::Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl std::io::Write for SharedWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A panic's own message goes straight to stderr: write the lines logged before it first.
 fn flush_on_panic() {
     let previous = std::panic::take_hook();

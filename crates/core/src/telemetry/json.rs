@@ -291,31 +291,17 @@ impl JsonLayer {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        io::Write,
-        sync::{Arc, Mutex},
-    };
+    use std::sync::Arc;
 
     use serde_json::{Value, json};
     use tracing_subscriber::prelude::*;
 
     use super::*;
-
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl Write for Shared {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::telemetry::SharedWriter;
 
     /// Runs `f` with the JSON layer as the thread's subscriber; returns the parsed lines.
     fn logged(f: impl FnOnce()) -> Vec<Value> {
-        let out = Shared::default();
+        let out = SharedWriter::default();
         let sink = Arc::new(Sink::new(Box::new(out.clone())));
         let subscriber = tracing_subscriber::registry().with(JsonLayer::new(sink.clone()));
         tracing::subscriber::with_default(subscriber, f);

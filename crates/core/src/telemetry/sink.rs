@@ -90,25 +90,12 @@ impl Sink {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl Write for Shared {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::telemetry::SharedWriter;
 
     #[test]
     fn lines_wait_until_flushed_unless_urgent_or_the_buffer_is_full() {
-        let out = Shared::default();
+        let out = SharedWriter::default();
         let sink = Sink::new(Box::new(out.clone()));
         sink.write_line(b"a\n", false);
         assert!(out.0.lock().unwrap().is_empty(), "an info line waits");
