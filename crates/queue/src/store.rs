@@ -54,42 +54,30 @@ pub trait QueueConn: Send + Sync {
     ) -> impl Future<Output = Result<Statement, tokio_postgres::Error>> + Send;
 }
 
-impl QueueConn for tokio_postgres::Client {
-    fn pg(&self) -> &tokio_postgres::Client {
-        self
-    }
-    fn prepared(
-        &self,
-        sql: &'static str,
-    ) -> impl Future<Output = Result<Statement, tokio_postgres::Error>> + Send {
-        self.prepare(sql)
-    }
+/// `impl QueueConn for $ty`, preparing statements with `$prepare` (`$c` is the connection).
+macro_rules! queue_conn {
+    ($ty:ty, |$c:ident, $sql:ident| $prepare:expr) => {
+        impl QueueConn for $ty {
+            fn pg(&self) -> &tokio_postgres::Client {
+                self
+            }
+            fn prepared(
+                &self,
+                $sql: &'static str,
+            ) -> impl Future<Output = Result<Statement, tokio_postgres::Error>> + Send {
+                let $c = self;
+                $prepare
+            }
+        }
+    };
 }
-
-impl QueueConn for deadpool_postgres::ClientWrapper {
-    fn pg(&self) -> &tokio_postgres::Client {
-        self
-    }
-    fn prepared(
-        &self,
-        sql: &'static str,
-    ) -> impl Future<Output = Result<Statement, tokio_postgres::Error>> + Send {
-        self.prepare_cached(sql)
-    }
-}
-
-impl QueueConn for deadpool_postgres::Object {
-    fn pg(&self) -> &tokio_postgres::Client {
-        self
-    }
-    fn prepared(
-        &self,
-        sql: &'static str,
-    ) -> impl Future<Output = Result<Statement, tokio_postgres::Error>> + Send {
-        let wrapper: &deadpool_postgres::ClientWrapper = self;
-        wrapper.prepare_cached(sql)
-    }
-}
+queue_conn!(tokio_postgres::Client, |c, sql| c.prepare(sql));
+queue_conn!(deadpool_postgres::ClientWrapper, |c, sql| c
+    .prepare_cached(sql));
+queue_conn!(deadpool_postgres::Object, |c, sql| {
+    let wrapper: &deadpool_postgres::ClientWrapper = c;
+    wrapper.prepare_cached(sql)
+});
 
 /// The planner settings of [`PLAN_SETTINGS`], followed by `$extra` (more `set_config` calls),
 /// written once so claims and completions cannot drift apart.
