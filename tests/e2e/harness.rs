@@ -8,13 +8,7 @@ async fn test_databases_are_migrated_private_and_dropped() {
     {
         let db = TestDb::new(Schema::Shard).await;
         name = db.name.clone();
-        let n: i64 = db
-            .client()
-            .await
-            .query_one("SELECT count(*) FROM placements", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n = db.scalar("SELECT count(*) FROM placements").await;
         assert_eq!(n, 0);
     }
     let left = admin_client()

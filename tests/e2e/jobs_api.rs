@@ -249,13 +249,7 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
         assert_eq!(r.status().as_u16(), status, "{url}");
         assert_eq!(error_of!(r).error.code, code, "{url}");
     }
-    let n: i64 = db
-        .client()
-        .await
-        .query_one("SELECT count(*) FROM jobs", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = db.scalar("SELECT count(*) FROM jobs").await;
     assert_eq!(n, 0, "nothing was enqueued by bad requests");
 }
 
@@ -319,13 +313,7 @@ async fn a_repeated_idempotency_key_returns_the_original_job() {
     let mut r3 = post(json!({"n": 2})).await.unwrap();
     assert_eq!(r3.status(), 422);
     assert_eq!(error_of!(r3).error.code, "idempotency_key_reused");
-    let n: i64 = db
-        .client()
-        .await
-        .query_one("SELECT count(*) FROM jobs", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = db.scalar("SELECT count(*) FROM jobs").await;
     assert_eq!(n, 1);
 }
 
@@ -358,13 +346,7 @@ async fn a_full_queue_answers_429_with_retry_after() {
     assert_eq!(r.status(), 429);
     assert!(r.headers().get("retry-after").is_some());
     assert_eq!(error_of!(r).error.code, "too_many_jobs");
-    let n: i64 = db
-        .client()
-        .await
-        .query_one("SELECT count(*) FROM jobs", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = db.scalar("SELECT count(*) FROM jobs").await;
     assert_eq!(n, 3, "the refused request left nothing behind");
 }
 
@@ -392,13 +374,7 @@ async fn a_shard_refuses_companies_it_does_not_own() {
         }
         assert_eq!(error_of!(r).error.code, code);
     }
-    let n: i64 = db
-        .client()
-        .await
-        .query_one("SELECT count(*) FROM jobs", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = db.scalar("SELECT count(*) FROM jobs").await;
     assert_eq!(n, 0);
 }
 
@@ -510,16 +486,9 @@ async fn a_job_of_a_worker_killed_mid_job_is_rescued_and_completed_once() {
         "the killed attempt counted, the second completed"
     );
     assert_eq!(r.get::<_, Value>(1), json!({"slept_ms": 1500}));
-    let events: i64 = db
-        .client()
-        .await
-        .query_one(
-            "SELECT coalesce(sum(jsonb_array_length(events)), 0)::bigint FROM outbox",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let events = db
+        .scalar("SELECT coalesce(sum(jsonb_array_length(events)), 0)::bigint FROM outbox")
+        .await;
     assert_eq!(events, 1, "finished once");
 }
 

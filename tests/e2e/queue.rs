@@ -115,13 +115,7 @@ async fn failed_attempts_back_off_then_dead_letter_with_the_error_kept() {
         Some((id, JobState::Error))
     );
     assert_eq!(state_of(&db, id).await, ("error".into(), 3));
-    let events: i64 = db
-        .client()
-        .await
-        .query_one("SELECT count(*) FROM outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let events = db.scalar("SELECT count(*) FROM outbox").await;
     assert_eq!(
         events, 1,
         "one job.finished event, for the final failure only"
@@ -233,13 +227,19 @@ async fn a_small_company_is_not_starved_by_a_big_backlog() {
     );
 }
 
-#[tokio::test]
-async fn the_per_company_cap_bounds_concurrent_processing() {
+/// Ten waiting jobs of company `a` and one of company `b`.
+async fn ten_and_one() -> (TestDb, Uuid, Uuid) {
     let db = TestDb::new(Schema::Shard).await;
     let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
     let mut jobs: Vec<_> = (0..10).map(|_| job(a, "echo", json!({}), 1)).collect();
     jobs.push(job(b, "echo", json!({}), 1));
     enqueue(&db, &jobs).await;
+    (db, a, b)
+}
+
+#[tokio::test]
+async fn the_per_company_cap_bounds_concurrent_processing() {
+    let (db, a, b) = ten_and_one().await;
     let mut c = db.client().await;
     let claimed = store::claim(&mut c, "w", 10, Duration::from_secs(30), 3)
         .await
@@ -259,11 +259,7 @@ async fn the_per_company_cap_bounds_concurrent_processing() {
 #[tokio::test]
 async fn one_at_a_time_claims_respect_the_per_company_cap_too() {
     // A claim of one job takes its own statement (no batch to number per company).
-    let db = TestDb::new(Schema::Shard).await;
-    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-    let mut jobs: Vec<_> = (0..10).map(|_| job(a, "echo", json!({}), 1)).collect();
-    jobs.push(job(b, "echo", json!({}), 1));
-    enqueue(&db, &jobs).await;
+    let (db, a, b) = ten_and_one().await;
     let mut c = db.client().await;
     let mut claimed = Vec::new();
     loop {

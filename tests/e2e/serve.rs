@@ -161,14 +161,8 @@ async fn sigterm_stops_gracefully_with_exit_code_zero() {
     let catalog = TestDb::new(Schema::Catalog).await;
     let shard = TestDb::new(Schema::Shard).await;
     shard
-        .client()
-        .await
-        .execute(
-            "INSERT INTO shard_identity (shard_id) VALUES ('shard-1')",
-            &[],
-        )
-        .await
-        .unwrap();
+        .exec("INSERT INTO shard_identity (shard_id) VALUES ('shard-1')")
+        .await;
     let mut cmd = gateway(&catalog);
     cmd.env("TENANTRY_API__ENABLED", "true")
         .env("TENANTRY_API__LISTEN", "127.0.0.1:0")
@@ -219,14 +213,8 @@ async fn sigterm_stops_gracefully_with_exit_code_zero() {
 async fn a_shard_node_pointed_at_another_shards_database_is_not_ready() {
     let shard = TestDb::new(Schema::Shard).await;
     shard
-        .client()
-        .await
-        .execute(
-            "INSERT INTO shard_identity (shard_id) VALUES ('shard-1')",
-            &[],
-        )
-        .await
-        .unwrap();
+        .exec("INSERT INTO shard_identity (shard_id) VALUES ('shard-1')")
+        .await;
     let mut cmd = tenantry();
     cmd.args(["--dev"])
         .env("TENANTRY_API__ENABLED", "true")
