@@ -227,6 +227,36 @@ async fn a_small_company_is_not_starved_by_a_big_backlog() {
     );
 }
 
+#[tokio::test]
+async fn a_pooled_transaction_keeps_the_enqueue_statements_prepared() {
+    // Each POST /jobs enqueues in a pooled connection's transaction: after the first, its
+    // statements cost one round trip each, with no parsing or planning.
+    let db = TestDb::new(Schema::Shard).await;
+    let cfg = Config::from_figment(tenantry_core::config::figment(None), Mode::Dev).unwrap();
+    let url = tenantry_core::secret::DatabaseUrl::new(db.url.clone());
+    let pool = db::pool(&url, 1, &cfg.database, "test").unwrap();
+    let mut client = pool.get().await.unwrap();
+    let company = Uuid::now_v7();
+    let mut cached = Vec::new();
+    for i in 0..3 {
+        let mut one = job(company, "echo", json!({"i": i}), 1);
+        one.idempotency_key = Some(format!("key-{i}"));
+        let tx = client.transaction().await.unwrap();
+        store::enqueue(&tx, &one, LIMITS).await.unwrap();
+        tx.commit().await.unwrap();
+        cached.push(client.statement_cache.size());
+    }
+    assert!(
+        cached[0] >= 3,
+        "key lookup, waiting count and insert are cached: {cached:?}"
+    );
+    assert!(
+        cached.windows(2).all(|w| w[0] == w[1]),
+        "and reused: {cached:?}"
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM jobs").await, 3);
+}
+
 /// Ten waiting jobs of company `a` and one of company `b`.
 async fn ten_and_one() -> (TestDb, Uuid, Uuid) {
     let db = TestDb::new(Schema::Shard).await;

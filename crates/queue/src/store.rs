@@ -20,6 +20,12 @@ pub const CHANNEL_FINISHED: &str = "tenantry_jobs_finished";
 /// enqueue takes, so a burst of one company cannot get ahead of another's next job, and small
 /// against hours, so old jobs still go first.
 pub const FAIRNESS_QUANTUM_US: i64 = 1_000_000;
+/// [`FAIRNESS_QUANTUM_US`] as SQL text, for statements that are string constants.
+macro_rules! fairness_quantum_us {
+    () => {
+        "1000000"
+    };
+}
 
 /// The CTE that writes one outbox row holding a `job.finished` event for every row of
 /// `updated` (id, state, company_id, kind, request_id, finished_at) that finished — shared by
@@ -78,6 +84,42 @@ queue_conn!(deadpool_postgres::Object, |c, sql| {
     let wrapper: &deadpool_postgres::ClientWrapper = c;
     wrapper.prepare_cached(sql)
 });
+
+/// A transaction to enqueue in (the caller's own). In a pooled connection's transaction
+/// (deadpool's) the enqueue statements stay prepared for the connection's lifetime, so each
+/// costs one round trip and no parsing or planning; a bare tokio-postgres transaction prepares
+/// them on every call.
+pub trait QueueTx: Sync {
+    fn tx(&self) -> &Transaction<'_>;
+    fn prepared(
+        &self,
+        sql: &'static str,
+    ) -> impl Future<Output = Result<Statement, tokio_postgres::Error>> + Send;
+}
+
+impl QueueTx for Transaction<'_> {
+    fn tx(&self) -> &Transaction<'_> {
+        self
+    }
+    fn prepared(
+        &self,
+        sql: &'static str,
+    ) -> impl Future<Output = Result<Statement, tokio_postgres::Error>> + Send {
+        self.prepare(sql)
+    }
+}
+
+impl QueueTx for deadpool_postgres::Transaction<'_> {
+    fn tx(&self) -> &Transaction<'_> {
+        self
+    }
+    fn prepared(
+        &self,
+        sql: &'static str,
+    ) -> impl Future<Output = Result<Statement, tokio_postgres::Error>> + Send {
+        self.prepare_cached(sql)
+    }
+}
 
 /// The planner settings of [`PLAN_SETTINGS`], followed by `$extra` (more `set_config` calls),
 /// written once so claims and completions cannot drift apart.
@@ -235,18 +277,37 @@ fn record(row: &Row) -> JobRecord {
 /// Waiting jobs of a company, counted no further than `limit` (so the check stays cheap for
 /// everyone below the limit).
 async fn waiting_of(
-    tx: &Transaction<'_>,
+    tx: &impl QueueTx,
     company: Uuid,
     limit: i64,
 ) -> Result<i64, tokio_postgres::Error> {
-    Ok(tx
-        .query_one(
-            "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE company_id = $1 AND state = 'waiting' LIMIT $2) t",
-            &[&company, &limit],
-        )
-        .await?
-        .get(0))
+    let stmt = tx.prepared(WAITING_OF_SQL).await?;
+    Ok(tx.tx().query_one(&stmt, &[&company, &limit]).await?.get(0))
 }
+
+const WAITING_OF_SQL: &str = "SELECT count(*) FROM (SELECT 1 FROM jobs
+                               WHERE company_id = $1 AND state = 'waiting' LIMIT $2) t";
+
+/// One job; `$9` is how many the company already has waiting (its fairness offset).
+/// ON CONFLICT DO NOTHING: two requests with the same new key race; the loser inserts nothing
+/// and replays the winner's row instead of failing with a unique violation.
+const ENQUEUE_SQL: &str = concat!(
+    "INSERT INTO jobs (id, request_id, company_id, user_context, kind, params,
+                       max_attempts, idempotency_key, priority)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
+             (extract(epoch FROM clock_timestamp()) * 1e6)::bigint + $9::bigint * ",
+    fairness_quantum_us!(),
+    ")
+     ON CONFLICT (company_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+     RETURNING ",
+    record_columns!()
+);
+
+const BY_IDEMPOTENCY_KEY_SQL: &str = concat!(
+    "SELECT ",
+    record_columns!(),
+    " FROM jobs WHERE company_id = $1 AND idempotency_key = $2"
+);
 
 /// Inserts one job inside the caller's transaction, so the job exists exactly when the caller's
 /// write commits. After the commit, call [`crate::Notifier::poke`] to wake workers.
@@ -256,7 +317,7 @@ async fn waiting_of(
 /// puts its next one 10,000 s of virtual time back, so another company's single job is
 /// claimed next, not after the 10,000; within one company the order stays first in, first out.
 pub async fn enqueue(
-    tx: &Transaction<'_>,
+    tx: &impl QueueTx,
     job: &NewJob,
     limits: EnqueueLimits,
 ) -> Result<Enqueued, EnqueueError> {
@@ -274,18 +335,11 @@ pub async fn enqueue(
         });
     }
     let id = Uuid::now_v7();
-    // ON CONFLICT DO NOTHING: two requests with the same new key race; the loser inserts
-    // nothing and replays the winner's row instead of failing with a unique violation.
+    let insert = tx.prepared(ENQUEUE_SQL).await?;
     let row = tx
+        .tx()
         .query_opt(
-            &format!(
-                "INSERT INTO jobs (id, request_id, company_id, user_context, kind, params,
-                                   max_attempts, idempotency_key, priority)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
-                         (extract(epoch FROM clock_timestamp()) * 1e6)::bigint + $9::bigint * {FAIRNESS_QUANTUM_US})
-                 ON CONFLICT (company_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-                 RETURNING {RECORD_COLUMNS}"
-            ),
+            &insert,
             &[
                 &id,
                 &job.request_id,
@@ -320,17 +374,14 @@ fn replay(existing: JobRecord, job: &NewJob) -> Result<Enqueued, EnqueueError> {
 }
 
 async fn by_idempotency_key(
-    tx: &Transaction<'_>,
+    tx: &impl QueueTx,
     company: Uuid,
     key: &str,
 ) -> Result<Option<JobRecord>, tokio_postgres::Error> {
+    let stmt = tx.prepared(BY_IDEMPOTENCY_KEY_SQL).await?;
     Ok(tx
-        .query_opt(
-            &format!(
-                "SELECT {RECORD_COLUMNS} FROM jobs WHERE company_id = $1 AND idempotency_key = $2"
-            ),
-            &[&company, &key],
-        )
+        .tx()
+        .query_opt(&stmt, &[&company, &key])
         .await?
         .map(|r| record(&r)))
 }
@@ -339,7 +390,7 @@ async fn by_idempotency_key(
 /// The whole batch is refused if any company would go over its waiting limit, so nothing
 /// half-written remains. Returns the new ids in input order.
 pub async fn enqueue_many(
-    tx: &Transaction<'_>,
+    tx: &impl QueueTx,
     jobs: &[NewJob],
     limits: EnqueueLimits,
 ) -> Result<Vec<Uuid>, EnqueueError> {
@@ -384,7 +435,7 @@ pub async fn enqueue_many(
         max_attempts.push(j.max_attempts);
     }
     // Typed arrays, sent in binary: no JSON document to build here and parse there.
-    tx.execute(
+    tx.tx().execute(
         &format!(
             "INSERT INTO jobs (id, request_id, company_id, user_context, kind, params, max_attempts, priority)
              SELECT x.id, x.request_id, x.company_id, x.user_context, x.kind, x.params, x.max_attempts,
@@ -1004,6 +1055,14 @@ pub fn enqueue_to_start(created_at: DateTime<Utc>) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_fairness_quantum_is_the_same_in_sql_and_rust() {
+        assert_eq!(
+            fairness_quantum_us!().parse::<i64>().unwrap(),
+            super::FAIRNESS_QUANTUM_US
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -4,20 +4,28 @@
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
+use deadpool_postgres::GenericClient;
 use tenantry_core::ApiError;
-use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
 /// Checks the company's placement. `lock` takes `FOR SHARE` on the placement row: a freeze
 /// (`FOR UPDATE` + `state = 'frozen'`) then waits for in-flight writes to commit and blocks
 /// new ones until it is done — row locks, not timing.
+///
+/// `client` is a pooled connection or its transaction: the statement stays prepared for the
+/// connection's lifetime, so every tenant-scoped request pays one round trip for it, not two
+/// and a parse.
 pub async fn check(client: &impl GenericClient, company: Uuid, lock: bool) -> Result<(), ApiError> {
     let sql = if lock {
         "SELECT state FROM placements WHERE company_id = $1 FOR SHARE"
     } else {
         "SELECT state FROM placements WHERE company_id = $1"
     };
-    let state: Option<String> = client.query_opt(sql, &[&company]).await?.map(|r| r.get(0));
+    let stmt = client.prepare_cached(sql).await?;
+    let state: Option<String> = client
+        .query_opt(&stmt, &[&company])
+        .await?
+        .map(|r| r.get(0));
     match state.as_deref() {
         Some("owned") => Ok(()),
         Some("frozen") => Err(ApiError::unavailable(

@@ -129,7 +129,7 @@ async fn create(
     };
     let mut client = state.shard.pool.get().await?;
     let tx = client.transaction().await?;
-    fence::check(&*tx, company, true).await?;
+    fence::check(&tx, company, true).await?;
     let limits = EnqueueLimits {
         max_waiting_per_company: state.queue.max_waiting_per_company,
     };
@@ -204,7 +204,7 @@ async fn wait_until_finished(
             break;
         };
         let client = state.shard.pool.get().await?;
-        record = store::get(&**client, record.company_id, record.view.id)
+        record = store::get(&client, record.company_id, record.view.id)
             .await?
             .ok_or_else(|| ApiError::not_found("no such job"))?;
         drop(client);
@@ -272,8 +272,8 @@ async fn show(
         .transpose()?
         .unwrap_or_default();
     let client = state.shard.pool.get().await?;
-    fence::check(&**client, company, false).await?;
-    let record = store::get(&**client, company, job)
+    fence::check(&client, company, false).await?;
+    let record = store::get(&client, company, job)
         .await?
         .ok_or_else(|| ApiError::not_found("no such job for this company"))?;
     drop(client);
