@@ -18,7 +18,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::store::{CHANNEL_FINISHED, CHANNEL_WAITING};
+use crate::store::{CHANNEL_FINISHED, CHANNEL_WAITING, NOTIFY_WAITING_SQL};
 
 struct Inner {
     waiters: Mutex<HashMap<Uuid, Vec<oneshot::Sender<()>>>>,
@@ -266,8 +266,12 @@ impl Notifier {
                 while pending.swap(false, Ordering::AcqRel) {
                     let sent = async {
                         let client = pool.get().await.map_err(|e| e.to_string())?;
+                        let notify = client
+                            .prepare_cached(NOTIFY_WAITING_SQL)
+                            .await
+                            .map_err(|e| e.to_string())?;
                         client
-                            .simple_query(&format!("NOTIFY {CHANNEL_WAITING}"))
+                            .execute(&notify, &[])
                             .await
                             .map_err(|e| e.to_string())
                     }
