@@ -35,13 +35,11 @@ pub fn init(cfg: &LogConfig) {
     };
     let registry = tracing_subscriber::registry().with(filter);
     if json {
-        let sink = Arc::new(sink::Sink::new(Box::new(std::io::stderr())));
+        let sink = SINK.get_or_init(|| Arc::new(sink::Sink::new(Box::new(std::io::stderr()))));
         if registry
             .with(json::JsonLayer::new(sink.clone()))
             .try_init()
             .is_ok()
-            && SINK.set(sink).is_ok()
-            && let Some(sink) = SINK.get()
         {
             flush_on_panic();
             sink.start_flusher();
@@ -65,22 +63,6 @@ pub fn flush() {
     }
 }
 
-/// A writer whose bytes tests can read back.
-#[cfg(test)]
-#[derive(Clone, Default)]
-pub(crate) struct SharedWriter(pub(crate) Arc<std::sync::Mutex<Vec<u8>>>);
-
-#[cfg(test)]
-impl std::io::Write for SharedWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A panic's own message goes straight to stderr: write the lines logged before it first.
 fn flush_on_panic() {
     let previous = std::panic::take_hook();
@@ -88,4 +70,35 @@ fn flush_on_panic() {
         flush();
         previous(info);
     }));
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    /// A writer whose bytes tests can read back.
+    #[derive(Clone, Default)]
+    pub(crate) struct SharedWriter(pub(crate) Arc<Mutex<Vec<u8>>>);
+
+    impl SharedWriter {
+        pub(crate) fn bytes(&self) -> Vec<u8> {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        }
+    }
+
+    impl std::io::Write for SharedWriter {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
 }

@@ -91,17 +91,17 @@ impl Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::SharedWriter;
+    use crate::telemetry::testing::SharedWriter;
 
     #[test]
     fn lines_wait_until_flushed_unless_urgent_or_the_buffer_is_full() {
         let out = SharedWriter::default();
         let sink = Sink::new(Box::new(out.clone()));
         sink.write_line(b"a\n", false);
-        assert!(out.0.lock().unwrap().is_empty(), "an info line waits");
+        assert!(out.bytes().is_empty(), "an info line waits");
         sink.write_line(b"b\n", true);
         assert_eq!(
-            &*out.0.lock().unwrap(),
+            &out.bytes()[..],
             b"a\nb\n",
             "an urgent line writes all, in order"
         );
@@ -111,18 +111,18 @@ mod tests {
             sink.write_line(&line, false);
         }
         assert_eq!(
-            out.0.lock().unwrap().len(),
+            out.bytes().len(),
             4,
             "below the limit nothing more is written"
         );
         sink.write_line(&line, false);
         assert_eq!(
-            out.0.lock().unwrap().len(),
+            out.bytes().len(),
             4 + 1000 * (BUFFER_LIMIT / 1000 + 1),
             "reaching the limit writes everything"
         );
         sink.write_line(b"c\n", false);
         sink.flush();
-        assert!(out.0.lock().unwrap().ends_with(b"c\n"));
+        assert!(out.bytes().ends_with(b"c\n"));
     }
 }
