@@ -162,11 +162,8 @@ impl JwtKey {
     /// [`JwtKey::verify`], remembering verified tokens.
     pub fn verify_cached(&self, token: &str) -> Result<Arc<Claims>, AuthError> {
         if let Some(claims) = self.verified.get(token) {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(u64::MAX);
-            if claims.exp.saturating_add(LEEWAY) < now {
+            // The clock jsonwebtoken checks `exp` against in `verify`.
+            if claims.exp.saturating_add(LEEWAY) < jsonwebtoken::get_current_timestamp() {
                 return Err(AuthError::Expired);
             }
             return Ok(claims);
@@ -293,10 +290,7 @@ mod tests {
     use super::*;
 
     fn now() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
+        jsonwebtoken::get_current_timestamp()
     }
 
     #[test]
