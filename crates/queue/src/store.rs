@@ -46,7 +46,6 @@ macro_rules! finished_events {
              )"
     };
 }
-const FINISHED_EVENTS: &str = finished_events!();
 
 /// A connection the hot statements (claim, finish) run on. A pooled connection keeps each of
 /// them prepared once for its lifetime (deadpool's statement cache), so a claim or a completion
@@ -60,30 +59,25 @@ pub trait QueueConn: Send + Sync {
     ) -> impl Future<Output = Result<Statement, tokio_postgres::Error>> + Send;
 }
 
-/// `impl QueueConn for $ty`, preparing statements with `$prepare` (`$c` is the connection).
-macro_rules! queue_conn {
-    ($ty:ty, |$c:ident, $sql:ident| $prepare:expr) => {
-        impl QueueConn for $ty {
-            fn pg(&self) -> &tokio_postgres::Client {
+/// `impl $tr for $ty`: `$inner()` is the connection or transaction itself, and statements
+/// are prepared with its method `$prepare` (`prepare_cached` on pooled connections).
+macro_rules! prepares {
+    ($tr:ident for $ty:ty, $inner:ident: $inner_ty:ty, $prepare:ident) => {
+        impl $tr for $ty {
+            fn $inner(&self) -> &$inner_ty {
                 self
             }
             fn prepared(
                 &self,
-                $sql: &'static str,
+                sql: &'static str,
             ) -> impl Future<Output = Result<Statement, tokio_postgres::Error>> + Send {
-                let $c = self;
-                $prepare
+                self.$prepare(sql)
             }
         }
     };
 }
-queue_conn!(tokio_postgres::Client, |c, sql| c.prepare(sql));
-queue_conn!(deadpool_postgres::ClientWrapper, |c, sql| c
-    .prepare_cached(sql));
-queue_conn!(deadpool_postgres::Object, |c, sql| {
-    let wrapper: &deadpool_postgres::ClientWrapper = c;
-    wrapper.prepare_cached(sql)
-});
+prepares!(QueueConn for tokio_postgres::Client, pg: tokio_postgres::Client, prepare);
+prepares!(QueueConn for deadpool_postgres::Object, pg: tokio_postgres::Client, prepare_cached);
 
 /// A transaction to enqueue in (the caller's own). In a pooled connection's transaction
 /// (deadpool's) the enqueue statements stay prepared for the connection's lifetime, so each
@@ -97,29 +91,8 @@ pub trait QueueTx: Sync {
     ) -> impl Future<Output = Result<Statement, tokio_postgres::Error>> + Send;
 }
 
-impl QueueTx for Transaction<'_> {
-    fn tx(&self) -> &Transaction<'_> {
-        self
-    }
-    fn prepared(
-        &self,
-        sql: &'static str,
-    ) -> impl Future<Output = Result<Statement, tokio_postgres::Error>> + Send {
-        self.prepare(sql)
-    }
-}
-
-impl QueueTx for deadpool_postgres::Transaction<'_> {
-    fn tx(&self) -> &Transaction<'_> {
-        self
-    }
-    fn prepared(
-        &self,
-        sql: &'static str,
-    ) -> impl Future<Output = Result<Statement, tokio_postgres::Error>> + Send {
-        self.prepare_cached(sql)
-    }
-}
+prepares!(QueueTx for Transaction<'_>, tx: Transaction<'_>, prepare);
+prepares!(QueueTx for deadpool_postgres::Transaction<'_>, tx: Transaction<'_>, prepare_cached);
 
 /// The planner settings of [`PLAN_SETTINGS`], followed by `$extra` (more `set_config` calls),
 /// written once so claims and completions cannot drift apart.
@@ -159,7 +132,8 @@ const CLAIM_SETTINGS: &str = plan_settings!(", set_config('synchronous_commit', 
 /// connection, and all four are queued before this future first returns, so a caller that
 /// gives up half-way cannot leave the connection inside a transaction. If the statement
 /// fails, COMMIT ends the aborted transaction as a rollback and the statement's error is
-/// returned. `after` (optional) runs after the COMMIT, in the same round trip.
+/// returned. `after` (optional) runs after the COMMIT, in the same round trip; the transaction
+/// has committed by then, so its failure is logged, not returned.
 async fn pipelined(
     conn: &impl QueueConn,
     settings: &'static str,
@@ -188,8 +162,17 @@ async fn pipelined(
     set?;
     let rows = rows?;
     commit?;
-    after?;
+    after_commit(after);
     Ok(rows)
+}
+
+/// The outcome of a statement sent after a transaction committed (the finished
+/// notification): a failure there must not turn the committed work into an error, which the
+/// caller would retry and then find discarded. Waiters that miss it hit their timeout.
+fn after_commit(result: Result<(), tokio_postgres::Error>) {
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "the notification after a committed completion failed");
+    }
 }
 
 /// Limits checked at enqueue time.
@@ -386,6 +369,18 @@ async fn by_idempotency_key(
         .map(|r| record(&r)))
 }
 
+/// Many jobs from typed arrays; `"offset"` is each job's fairness offset (see [`enqueue`]).
+const ENQUEUE_MANY_SQL: &str = concat!(
+    "INSERT INTO jobs (id, request_id, company_id, user_context, kind, params, max_attempts, priority)
+     SELECT x.id, x.request_id, x.company_id, x.user_context, x.kind, x.params, x.max_attempts,
+            (extract(epoch FROM clock_timestamp()) * 1e6)::bigint + x.\"offset\" * ",
+    fairness_quantum_us!(),
+    "
+       FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::jsonb[], $5::text[], $6::jsonb[],
+                   $7::int4[], $8::int8[])
+         AS x(id, request_id, company_id, user_context, kind, params, max_attempts, \"offset\")"
+);
+
 /// Inserts many jobs in one statement inside the caller's transaction (no idempotency keys).
 /// The whole batch is refused if any company would go over its waiting limit, so nothing
 /// half-written remains. Returns the new ids in input order.
@@ -435,20 +430,22 @@ pub async fn enqueue_many(
         max_attempts.push(j.max_attempts);
     }
     // Typed arrays, sent in binary: no JSON document to build here and parse there.
-    tx.tx().execute(
-        &format!(
-            "INSERT INTO jobs (id, request_id, company_id, user_context, kind, params, max_attempts, priority)
-             SELECT x.id, x.request_id, x.company_id, x.user_context, x.kind, x.params, x.max_attempts,
-                    (extract(epoch FROM clock_timestamp()) * 1e6)::bigint + x.\"offset\" * {FAIRNESS_QUANTUM_US}
-               FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::jsonb[], $5::text[], $6::jsonb[],
-                           $7::int4[], $8::int8[])
-                 AS x(id, request_id, company_id, user_context, kind, params, max_attempts, \"offset\")"
-        ),
-        &[
-            &ids, &request_ids, &companies, &contexts, &kinds, &params, &max_attempts, &offsets,
-        ],
-    )
-    .await?;
+    let insert = tx.prepared(ENQUEUE_MANY_SQL).await?;
+    tx.tx()
+        .execute(
+            &insert,
+            &[
+                &ids,
+                &request_ids,
+                &companies,
+                &contexts,
+                &kinds,
+                &params,
+                &max_attempts,
+                &offsets,
+            ],
+        )
+        .await?;
     Ok(ids)
 }
 
@@ -626,7 +623,7 @@ pub async fn finish(
     // it names every job of the batch, and a waiter whose job went back to `waiting` (a retry)
     // or whose outcome was discarded just reads the job again and keeps waiting. A
     // notification lost in a crash costs a waiter its timeout, never a result.
-    let payloads = notify_payloads(ids.iter().copied());
+    let payloads = notify_payloads(&ids);
     let notify = client.prepared(NOTIFY_FINISHED_SQL).await?;
     // One statement: the outcomes and their events commit together.
     let rows = if let [one] = outcomes {
@@ -652,7 +649,7 @@ pub async fn finish(
             pg.execute(&notify, &notify_params),
         );
         let rows = rows?;
-        after?;
+        after_commit(after.map(|_| ()));
         rows
     } else {
         pipelined(
@@ -750,27 +747,27 @@ pub const NOTIFY_WAITING_SQL: &str = "SELECT set_config('synchronous_commit', 'o
             pg_notify('tenantry_jobs_waiting', '')";
 
 /// Comma-separated job ids, 200 per payload to stay under PostgreSQL's 8000-byte limit.
-fn notify_payloads(ids: impl Iterator<Item = Uuid>) -> Vec<String> {
+fn notify_payloads(ids: &[Uuid]) -> Vec<String> {
     const PER_PAYLOAD: usize = 200;
-    let mut payloads: Vec<String> = Vec::new();
-    for (i, id) in ids.enumerate() {
-        if i % PER_PAYLOAD == 0 {
-            payloads.push(String::with_capacity(PER_PAYLOAD * 37));
-        } else if let Some(p) = payloads.last_mut() {
-            p.push(',');
-        }
-        if let Some(p) = payloads.last_mut() {
-            p.push_str(id.hyphenated().encode_lower(&mut Uuid::encode_buffer()));
-        }
-    }
-    payloads
+    ids.chunks(PER_PAYLOAD)
+        .map(|chunk| {
+            let mut payload = String::with_capacity(chunk.len() * 37);
+            for (i, id) in chunk.iter().enumerate() {
+                if i > 0 {
+                    payload.push(',');
+                }
+                payload.push_str(id.hyphenated().encode_lower(&mut Uuid::encode_buffer()));
+            }
+            payload
+        })
+        .collect()
 }
 
 /// Notifies waiters which jobs finished, 200 ids per payload to stay under PostgreSQL's
 /// 8000-byte limit. Called after the commit that finished them.
 async fn notify_finished(
     client: &tokio_postgres::Client,
-    ids: impl Iterator<Item = Uuid>,
+    ids: &[Uuid],
 ) -> Result<(), tokio_postgres::Error> {
     let payloads = notify_payloads(ids);
     if !payloads.is_empty() {
@@ -798,6 +795,27 @@ pub async fn heartbeat(
         .await
 }
 
+/// Expired leases back to `waiting` (or to `error` with no attempts left), with the events of
+/// those that finished; see [`rescue_expired`].
+const RESCUE_SQL: &str = concat!(
+    "WITH expired AS (
+                 SELECT id FROM jobs
+                  WHERE state = 'processing' AND lease_expires_at < now()
+                  LIMIT $1 FOR UPDATE SKIP LOCKED
+             ), updated AS (
+                 UPDATE jobs j SET
+                     state = CASE WHEN j.attempts >= j.max_attempts THEN 'error' ELSE 'waiting' END,
+                     error = 'lease expired: worker ' || coalesce(j.worker_id, '?') || ' stopped renewing it',
+                     finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+                     run_at = now(), worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+                   FROM expired WHERE j.id = expired.id
+              RETURNING j.id, j.state, j.company_id, j.kind, j.request_id, j.finished_at
+             ), ",
+    finished_events!(),
+    "
+             SELECT id, state FROM updated"
+);
+
 /// Returns jobs whose lease expired (their worker died or hung) to `waiting`, or to `error`
 /// when they have used their attempts; at most `limit` per call. Returns (rescued, dead).
 ///
@@ -810,25 +828,7 @@ pub async fn rescue_expired(
 ) -> Result<(Vec<Uuid>, Vec<Uuid>), tokio_postgres::Error> {
     let tx = client.transaction().await?;
     tx.batch_execute(INDEX_ONLY_SETTINGS).await?;
-    let rows = tx
-        .query(
-            &format!("WITH expired AS (
-                 SELECT id FROM jobs
-                  WHERE state = 'processing' AND lease_expires_at < now()
-                  LIMIT $1 FOR UPDATE SKIP LOCKED
-             ), updated AS (
-                 UPDATE jobs j SET
-                     state = CASE WHEN j.attempts >= j.max_attempts THEN 'error' ELSE 'waiting' END,
-                     error = 'lease expired: worker ' || coalesce(j.worker_id, '?') || ' stopped renewing it',
-                     finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
-                     run_at = now(), worker_id = NULL, lease_expires_at = NULL, updated_at = now()
-                   FROM expired WHERE j.id = expired.id
-              RETURNING j.id, j.state, j.company_id, j.kind, j.request_id, j.finished_at
-             ), {FINISHED_EVENTS}
-             SELECT id, state FROM updated"),
-            &[&limit],
-        )
-        .await?;
+    let rows = tx.query(RESCUE_SQL, &[&limit]).await?;
     let mut rescued = Vec::new();
     let mut dead = Vec::new();
     for r in rows {
@@ -839,7 +839,7 @@ pub async fn rescue_expired(
         }
     }
     tx.commit().await?;
-    notify_finished(client, dead.iter().copied()).await?;
+    after_commit(notify_finished(client, &dead).await);
     Ok((rescued, dead))
 }
 
@@ -1090,7 +1090,7 @@ mod tests {
     #[test]
     fn notification_payloads_hold_at_most_200_ids() {
         let ids: Vec<Uuid> = (0..401).map(|_| Uuid::now_v7()).collect();
-        let p = notify_payloads(ids.iter().copied());
+        let p = notify_payloads(&ids);
         assert_eq!(p.len(), 3);
         assert!(p.iter().all(|s| s.len() < 8000));
         assert_eq!(p[2], ids[400].to_string());
