@@ -54,7 +54,7 @@ fn worker(db: &TestDb, max_per_company: i64) -> Worker {
     cfg.queue.retry_base = Duration::from_millis(200);
     cfg.queue.retry_max = Duration::from_millis(400);
     let url = tenantry_core::secret::DatabaseUrl::new(db.url.clone());
-    let pool = db::pool(&url, 4, &cfg.database, "test").unwrap();
+    let pool = store::pool(&url, 4, &cfg.database, "test").unwrap();
     let listener = Listener::start(
         db::pg_config(&url, &cfg.database, "test").unwrap(),
         10,
@@ -318,6 +318,62 @@ async fn one_at_a_time_claims_respect_the_per_company_cap_too() {
         .unwrap()
         .get(0);
     assert_eq!(processing, 4);
+}
+
+#[tokio::test]
+async fn without_a_cap_claims_take_every_waiting_job_of_a_company() {
+    let (db, _, _) = ten_and_one().await;
+    let mut c = db.client().await;
+    let one = store::claim(&mut c, "w", 1, Duration::from_secs(30), store::UNCAPPED)
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    let rest = store::claim(&mut c, "w", 20, Duration::from_secs(30), store::UNCAPPED)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 10, "the other nine of a and b's one");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM jobs WHERE state = 'processing'")
+            .await,
+        11
+    );
+}
+
+#[tokio::test]
+async fn the_shard_pool_plans_statistics_free_and_claims_commit_asynchronously() {
+    let (db, _, _) = ten_and_one().await;
+    let cfg = Config::from_figment(tenantry_core::config::figment(None), Mode::Dev).unwrap();
+    let url = tenantry_core::secret::DatabaseUrl::new(db.url.clone());
+    let pool = store::pool(&url, 1, &cfg.database, "test").unwrap();
+    let mut c = pool.get().await.unwrap();
+    assert!(store::has_session_options(&c).await.unwrap());
+    assert!(
+        !store::has_session_options(&db.client().await)
+            .await
+            .unwrap()
+    );
+    for limit in [1, 5] {
+        // Inside an open transaction block the claim's SET LOCAL outlives the statement, so
+        // it can be read: the commit that follows a claim does not wait for a disk flush.
+        c.batch_execute("BEGIN").await.unwrap();
+        let claimed = store::claim(&mut c, "w", limit, Duration::from_secs(30), 10)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len() as i64, limit);
+        let sync: String = c
+            .query_one("SELECT current_setting('synchronous_commit')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(sync, "off", "claim of {limit}");
+        c.batch_execute("ROLLBACK").await.unwrap();
+    }
+    let sync: String = c
+        .query_one("SELECT current_setting('synchronous_commit')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sync, "on", "the session's other transactions stay durable");
 }
 
 #[tokio::test]

@@ -14,17 +14,38 @@ pub fn pg_config(
     db: &DatabaseConfig,
     application_name: &str,
 ) -> anyhow::Result<tokio_postgres::Config> {
+    pg_config_with(url, db, application_name, "")
+}
+
+/// [`pg_config`] plus `session_options` (`-c name=value …`), set on every connection at its
+/// start (in the startup packet, so they cost no round trip). Options already in the URL
+/// come first and are kept; a URL with options of its own gets no `statement_timeout`.
+pub fn pg_config_with(
+    url: &DatabaseUrl,
+    db: &DatabaseConfig,
+    application_name: &str,
+    session_options: &str,
+) -> anyhow::Result<tokio_postgres::Config> {
     let mut cfg = tokio_postgres::Config::from_str(url.expose())
         .with_context(|| format!("parsing database URL {url}"))?;
     cfg.connect_timeout(db.connect_timeout);
     if cfg.get_application_name().is_none() {
         cfg.application_name(application_name);
     }
-    if !db.statement_timeout.is_zero() && cfg.get_options().is_none() {
-        cfg.options(format!(
+    let mut options: Vec<String> = Vec::new();
+    match cfg.get_options() {
+        Some(own) => options.push(own.to_owned()),
+        None if !db.statement_timeout.is_zero() => options.push(format!(
             "-c statement_timeout={}",
             db.statement_timeout.as_millis()
-        ));
+        )),
+        None => {}
+    }
+    if !session_options.is_empty() {
+        options.push(session_options.to_owned());
+    }
+    if !options.is_empty() {
+        cfg.options(options.join(" "));
     }
     Ok(cfg)
 }
@@ -37,7 +58,18 @@ pub fn pool(
     db: &DatabaseConfig,
     application_name: &str,
 ) -> anyhow::Result<Pool> {
-    let cfg = pg_config(url, db, application_name)?;
+    pool_with(url, size, db, application_name, "")
+}
+
+/// [`pool`] whose connections start with `session_options` (see [`pg_config_with`]).
+pub fn pool_with(
+    url: &DatabaseUrl,
+    size: usize,
+    db: &DatabaseConfig,
+    application_name: &str,
+    session_options: &str,
+) -> anyhow::Result<Pool> {
+    let cfg = pg_config_with(url, db, application_name, session_options)?;
     let mgr = Manager::from_config(
         cfg,
         NoTls,
@@ -146,6 +178,27 @@ mod tests {
             "postgres://u:p@127.0.0.1:5432/postgres?sslmode=disable"
         );
         assert!(maintenance_url(&DatabaseUrl::new("postgres://h")).is_err());
+    }
+
+    #[test]
+    fn session_options_follow_the_url_and_the_statement_timeout() {
+        let db = DatabaseConfig {
+            connect_timeout: std::time::Duration::from_secs(5),
+            statement_timeout: std::time::Duration::from_secs(30),
+        };
+        let plain = DatabaseUrl::new("postgres://h/d");
+        let cfg = pg_config_with(&plain, &db, "t", "-c jit=off").unwrap();
+        assert_eq!(
+            cfg.get_options(),
+            Some("-c statement_timeout=30000 -c jit=off")
+        );
+        assert_eq!(
+            pg_config(&plain, &db, "t").unwrap().get_options(),
+            Some("-c statement_timeout=30000")
+        );
+        let own = DatabaseUrl::new("postgres://h/d?options=-c%20work_mem%3D8MB");
+        let cfg = pg_config_with(&own, &db, "t", "-c jit=off").unwrap();
+        assert_eq!(cfg.get_options(), Some("-c work_mem=8MB -c jit=off"));
     }
 
     #[test]

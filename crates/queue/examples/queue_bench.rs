@@ -114,8 +114,10 @@ async fn fresh_db(
     Ok(url)
 }
 
+/// A pool like the shard's: every connection starts with the queue's session options.
 fn pool(url: &str, size: usize) -> anyhow::Result<deadpool_postgres::Pool> {
-    let cfg = tokio_postgres::Config::from_str(url)?;
+    let mut cfg = tokio_postgres::Config::from_str(url)?;
+    cfg.options(store::SESSION_OPTIONS);
     let mgr = deadpool_postgres::Manager::from_config(
         cfg,
         NoTls,

@@ -33,7 +33,7 @@ impl ShardQueue {
         registry: Registry,
         shutdown: CancellationToken,
     ) -> anyhow::Result<ShardQueue> {
-        let pool = db::pool(
+        let pool = store::pool(
             &cfg.shard.url,
             cfg.shard.pool_size,
             &cfg.database,

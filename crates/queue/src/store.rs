@@ -94,22 +94,9 @@ pub trait QueueTx: Sync {
 prepares!(QueueTx for Transaction<'_>, tx: Transaction<'_>, prepare);
 prepares!(QueueTx for deadpool_postgres::Transaction<'_>, tx: Transaction<'_>, prepare_cached);
 
-/// The planner settings of [`PLAN_SETTINGS`], followed by `$extra` (more `set_config` calls),
-/// written once so claims and completions cannot drift apart.
-macro_rules! plan_settings {
-    ($extra:literal) => {
-        concat!(
-            "SELECT set_config('jit', 'off', true),
-            set_config('plan_cache_mode', 'force_generic_plan', true),
-            set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
-            set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true),
-            set_config('enable_sort', 'off', true)",
-            $extra
-        )
-    };
-}
-
-/// Planner settings for the queue's hot statements, local to their transaction.
+/// Planner settings for every connection the queue's statements run on, set once per
+/// connection at its start (`-c` options in the startup packet: no round trip, no
+/// transaction around each statement). [`pool`] applies them.
 ///
 /// The plans must not depend on the table's statistics: a queue table's distribution swings by
 /// orders of magnitude within seconds (a burst of 100,000 waiting jobs arrives just after an
@@ -121,27 +108,44 @@ macro_rules! plan_settings {
 /// "disabled" paths carry a huge cost that would otherwise trigger JIT compilation (~0.3 s).
 /// The plan is generic and built once per connection (`force_generic_plan`): it no longer
 /// depends on the parameters, so re-planning the claim for every execution (a quarter of the
-/// server's CPU per job when claiming one at a time) buys nothing.
-const PLAN_SETTINGS: &str = plan_settings!("");
+/// server's CPU per job when claiming one at a time) buys nothing. The shard API's statements
+/// on the same pool (lookups by key, inserts) have no other sensible plan either.
+pub const SESSION_OPTIONS: &str = "-c jit=off -c plan_cache_mode=force_generic_plan \
+     -c enable_seqscan=off -c enable_bitmapscan=off -c enable_hashjoin=off \
+     -c enable_mergejoin=off -c enable_sort=off";
 
-/// [`PLAN_SETTINGS`] plus an asynchronous commit, for claims (see [`claim`]).
-const CLAIM_SETTINGS: &str = plan_settings!(", set_config('synchronous_commit', 'off', true)");
+/// The shard pool: at most `size` connections, each started with [`SESSION_OPTIONS`].
+pub fn pool(
+    url: &tenantry_core::secret::DatabaseUrl,
+    size: usize,
+    db: &tenantry_core::config::DatabaseConfig,
+    application_name: &str,
+) -> anyhow::Result<deadpool_postgres::Pool> {
+    tenantry_core::db::pool_with(url, size, db, application_name, SESSION_OPTIONS)
+}
 
-/// Runs `stmt` in its own transaction after `settings` (a `SELECT set_config(…, true)`), in
-/// one round trip: BEGIN, the settings, the statement and COMMIT are pipelined on the
-/// connection, and all four are queued before this future first returns, so a caller that
-/// gives up half-way cannot leave the connection inside a transaction. If the statement
-/// fails, COMMIT ends the aborted transaction as a rollback and the statement's error is
-/// returned. `after` (optional) runs after the COMMIT, in the same round trip; the transaction
-/// has committed by then, so its failure is logged, not returned.
-async fn pipelined(
+/// Whether `conn` carries [`SESSION_OPTIONS`] (checked once by a starting worker, which warns
+/// otherwise: its claims would be planned from statistics).
+pub async fn has_session_options(
+    conn: &tokio_postgres::Client,
+) -> Result<bool, tokio_postgres::Error> {
+    let mode: String = conn
+        .query_one("SELECT current_setting('plan_cache_mode')", &[])
+        .await?
+        .get(0);
+    Ok(mode == "force_generic_plan")
+}
+
+/// Runs `sql` (its own implicit transaction, one round trip on a pooled connection) and, when
+/// `after` is given, that statement right behind it on the same connection, without waiting
+/// for the first to return. `after` is the notification of a committed change: its failure
+/// is logged, not returned (see [`after_commit`]).
+async fn with_notification(
     conn: &impl QueueConn,
-    settings: &'static str,
     sql: &'static str,
     params: &[&(dyn ToSql + Sync)],
     after: Option<(&Statement, &[&(dyn ToSql + Sync)])>,
 ) -> Result<Vec<Row>, tokio_postgres::Error> {
-    let settings = conn.prepared(settings).await?;
     let stmt = conn.prepared(sql).await?;
     let pg = conn.pg();
     let after = async {
@@ -150,18 +154,8 @@ async fn pipelined(
             None => Ok(()),
         }
     };
-    let (begin, set, rows, commit, after) = tokio::join!(
-        biased;
-        pg.batch_execute("BEGIN"),
-        pg.execute(&settings, &[]),
-        pg.query(&stmt, params),
-        pg.batch_execute("COMMIT"),
-        after,
-    );
-    begin?;
-    set?;
+    let (rows, after) = tokio::join!(biased; pg.query(&stmt, params), after);
     let rows = rows?;
-    commit?;
     after_commit(after);
     Ok(rows)
 }
@@ -449,9 +443,50 @@ pub async fn enqueue_many(
     Ok(ids)
 }
 
-const CLAIM_SQL: &str = "WITH running AS MATERIALIZED (
+/// No per-company cap: the cap given as `i64::MAX`. The claim statements then skip counting
+/// processing rows, which would only ever compare below it.
+pub const UNCAPPED: i64 = i64::MAX;
+/// [`UNCAPPED`] as SQL text, for statements that are string constants.
+macro_rules! uncapped {
+    () => {
+        "9223372036854775807"
+    };
+}
+
+/// The claim commits asynchronously, for its own transaction only: `set_config(…, true)`
+/// lasts until the (implicit) transaction ends, and its commit reads it. Joined into the
+/// UPDATE, so it runs whenever a row is claimed.
+macro_rules! async_commit {
+    () => {
+        "async_commit AS (SELECT set_config('synchronous_commit', 'off', true) AS off)"
+    };
+}
+
+/// What both claim statements return, in this order (see [`claim`]).
+macro_rules! claimed_columns {
+    () => {
+        "RETURNING j.id, j.request_id, j.company_id, j.user_context, j.kind, j.params,
+            j.attempts, j.max_attempts, j.created_at, j.priority"
+    };
+}
+
+/// The lease a claim takes (`$2` worker, `$4` lease in ms).
+macro_rules! take_lease {
+    () => {
+        "UPDATE jobs j
+        SET state = 'processing', worker_id = $2::text, attempts = j.attempts + 1,
+            started_at = now(), lease_expires_at = now() + $4::float8 * interval '1 millisecond',
+            updated_at = now()"
+    };
+}
+
+const CLAIM_SQL: &str = concat!(
+    "WITH running AS MATERIALIZED (
          SELECT company_id, count(*) AS n FROM jobs
-          WHERE state = 'processing' GROUP BY company_id
+          WHERE state = 'processing' AND $3::int8 <> ",
+    uncapped!(),
+    "
+          GROUP BY company_id
      ), candidates AS MATERIALIZED (
          SELECT j.id, j.company_id, j.priority, r.n FROM jobs j,
                 LATERAL (SELECT coalesce((SELECT x.n FROM running x
@@ -466,40 +501,48 @@ const CLAIM_SQL: &str = "WITH running AS MATERIALIZED (
                     row_number() OVER (PARTITION BY c.company_id ORDER BY c.priority) + c.n AS slot
                FROM candidates c
          ) c WHERE c.slot <= $3::int8
-     )
-     UPDATE jobs j
-        SET state = 'processing', worker_id = $2::text, attempts = j.attempts + 1,
-            started_at = now(), lease_expires_at = now() + $4::float8 * interval '1 millisecond',
-            updated_at = now()
-       FROM chosen
+     ), ",
+    async_commit!(),
+    "
+     ",
+    take_lease!(),
+    "
+       FROM chosen, async_commit
       WHERE j.id = chosen.id AND j.state = 'waiting'
-  RETURNING j.id, j.request_id, j.company_id, j.user_context, j.kind, j.params,
-            j.attempts, j.max_attempts, j.created_at, j.priority";
+  ",
+    claimed_columns!()
+);
 
 /// [`CLAIM_SQL`] for a single job. Without a batch there is no need to count each company's
 /// running jobs up front and number the batch's rows per company: the candidates are walked in
 /// claim order and each one's company is checked on the spot, counting at most the cap's worth
 /// of its processing rows through `jobs_processing`. A third of the server's CPU per job went
 /// to starting the batch statement's window and aggregate nodes when claiming one at a time.
-const CLAIM_ONE_SQL: &str = "WITH candidate AS (
+const CLAIM_ONE_SQL: &str = concat!(
+    "WITH candidate AS (
          SELECT j.id FROM jobs j
           WHERE j.state = 'waiting' AND j.run_at <= now()
-            AND (SELECT count(*) FROM (SELECT 1 FROM jobs p
-                                        WHERE p.state = 'processing'
-                                          AND p.company_id = j.company_id
-                                        LIMIT $3::int8) running) < $3::int8
+            AND ($3::int8 = ",
+    uncapped!(),
+    "
+                 OR (SELECT count(*) FROM (SELECT 1 FROM jobs p
+                                            WHERE p.state = 'processing'
+                                              AND p.company_id = j.company_id
+                                            LIMIT $3::int8) running) < $3::int8)
           ORDER BY j.priority
           LIMIT $1::int8
           FOR UPDATE OF j SKIP LOCKED
-     )
-     UPDATE jobs j
-        SET state = 'processing', worker_id = $2::text, attempts = j.attempts + 1,
-            started_at = now(), lease_expires_at = now() + $4::float8 * interval '1 millisecond',
-            updated_at = now()
-       FROM candidate
+     ), ",
+    async_commit!(),
+    "
+     ",
+    take_lease!(),
+    "
+       FROM candidate, async_commit
       WHERE j.id = candidate.id AND j.state = 'waiting'
-  RETURNING j.id, j.request_id, j.company_id, j.user_context, j.kind, j.params,
-            j.attempts, j.max_attempts, j.created_at, j.priority";
+  ",
+    claimed_columns!()
+);
 
 /// Claims up to `limit` jobs for `worker_id`: marks them `processing`, counts the attempt and
 /// takes a lease of `lease`.
@@ -514,8 +557,9 @@ const CLAIM_ONE_SQL: &str = "WITH candidate AS (
 /// crash only means the job runs again, which at-least-once delivery allows anyway, and it
 /// saves a disk flush on the path from enqueue to start.
 ///
-/// One round trip on a pooled connection: the statement is prepared once per connection and
-/// runs pipelined with its transaction's planner settings (see [`PLAN_SETTINGS`]).
+/// One statement in its own implicit transaction, prepared once per pooled connection: one
+/// round trip and one protocol exchange. Its plan relies on the connection's
+/// [`SESSION_OPTIONS`]. `max_processing_per_company` of `i64::MAX` means no cap.
 pub async fn claim(
     client: &mut impl QueueConn,
     worker_id: &str,
@@ -527,9 +571,8 @@ pub async fn claim(
     // Processing rows are counted per company once (`running`), and each candidate the index
     // scan visits looks its company up there through a LATERAL scalar subquery, which keeps the
     // scan in claim order.
-    let rows = pipelined(
+    let rows = with_notification(
         client,
-        CLAIM_SETTINGS,
         if limit == 1 { CLAIM_ONE_SQL } else { CLAIM_SQL },
         &[&limit, &worker_id, &max_processing_per_company, &lease_ms],
         None,
@@ -625,41 +668,37 @@ pub async fn finish(
     // notification lost in a crash costs a waiter its timeout, never a result.
     let payloads = notify_payloads(&ids);
     let notify = client.prepared(NOTIFY_FINISHED_SQL).await?;
-    // One statement: the outcomes and their events commit together.
+    // One statement in its own implicit transaction: the outcomes and their events commit
+    // together. The notification follows it on the connection without waiting for it.
+    let notify_params: [&(dyn ToSql + Sync); 1] = [&payloads];
+    let after = Some((&notify, &notify_params[..]));
     let rows = if let [one] = outcomes {
-        // A single outcome (one-at-a-time workers) is an update by primary key: the planner
-        // has no other sensible plan whatever the statistics, so it needs neither the planner
-        // settings nor an explicit transaction — two protocol messages instead of five.
-        let stmt = client.prepared(FINISH_ONE_SQL).await?;
-        let pg = client.pg();
-        let params: [&(dyn ToSql + Sync); 8] = [
-            &one.id,
-            &one.attempt,
-            &ok[0],
-            &results[0],
-            &errors[0],
-            &permanent[0],
-            &retry_ms[0],
-            &worker_id,
-        ];
-        let notify_params: [&(dyn ToSql + Sync); 1] = [&payloads];
-        let (rows, after) = tokio::join!(
-            biased;
-            pg.query(&stmt, &params),
-            pg.execute(&notify, &notify_params),
-        );
-        let rows = rows?;
-        after_commit(after.map(|_| ()));
-        rows
-    } else {
-        pipelined(
+        // A single outcome (one-at-a-time workers) is an update by primary key, without the
+        // batch statement's arrays and join.
+        with_notification(
             client,
-            PLAN_SETTINGS,
+            FINISH_ONE_SQL,
+            &[
+                &one.id,
+                &one.attempt,
+                &ok[0],
+                &results[0],
+                &errors[0],
+                &permanent[0],
+                &retry_ms[0],
+                &worker_id,
+            ],
+            after,
+        )
+        .await?
+    } else {
+        with_notification(
+            client,
             FINISH_SQL,
             &[
                 &ids, &attempts, &ok, &results, &errors, &permanent, &retry_ms, &worker_id,
             ],
-            Some((&notify, &[&payloads])),
+            after,
         )
         .await?
     };
@@ -679,7 +718,7 @@ pub async fn finish(
 /// attempt: `worker_id` is set exactly while a row is `processing` (claim sets it; completion,
 /// the rescuer and release clear it), so a row still carrying this worker and attempt is still
 /// leased by this very attempt. (Spelling out `state = 'processing'` too would offer the
-/// planner the `jobs_processing` index as the outer side of the join, see [`PLAN_SETTINGS`].)
+/// planner the `jobs_processing` index as the outer side of the join, see [`SESSION_OPTIONS`].)
 const FINISH_SQL: &str = concat!(
     "WITH input AS (
          SELECT * FROM unnest($1::uuid[], $2::int4[], $3::bool[], $4::jsonb[], $5::text[],
@@ -706,7 +745,7 @@ const FINISH_SQL: &str = concat!(
      SELECT id, state FROM updated"
 );
 
-/// [`FINISH_SQL`] for one outcome, in its own implicit transaction.
+/// [`FINISH_SQL`] for one outcome.
 const FINISH_ONE_SQL: &str = concat!(
     "WITH updated AS (
          UPDATE jobs j SET
@@ -1080,6 +1119,11 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn no_cap_is_the_same_in_sql_and_rust() {
+        assert_eq!(uncapped!().parse::<i64>().unwrap(), super::UNCAPPED);
+    }
 
     #[test]
     fn notifications_go_to_their_channels() {

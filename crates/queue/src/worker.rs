@@ -236,6 +236,21 @@ impl Worker {
         Ok(finished.first().map(|f| (f.id, f.state)))
     }
 
+    /// Warns when the pool's connections lack [`store::SESSION_OPTIONS`] (a pool not built by
+    /// [`store::pool`]): claims would then be planned from the table's statistics.
+    async fn check_session_options(&self) {
+        let Ok(client) = self.pool.get().await else {
+            return; // the claim loop reports an unreachable database
+        };
+        if let Ok(false) = store::has_session_options(&client).await {
+            tracing::warn!(
+                worker.id = %self.id,
+                "the shard pool's connections lack the queue's session options \
+                 (build it with tenantry_queue::store::pool); claims may be slow"
+            );
+        }
+    }
+
     /// Runs until `shutdown`; then stops claiming, lets running jobs finish within the grace
     /// period and returns the rest to `waiting`.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -253,6 +268,7 @@ impl Worker {
         ));
         let janitor = tokio::spawn(janitor_loop(this.clone(), background.clone()));
         tracing::info!(worker.id = %this.id, shard.id = %this.opts.shard_id, slots = this.opts.slots, kinds = ?this.registry.kinds(), "worker started");
+        this.check_session_options().await;
 
         let mut tasks = tokio::task::JoinSet::new();
         let mut failures = 0u32;
