@@ -505,3 +505,37 @@ fn job_errors_say_whether_to_retry() {
     assert!(JobError::permanent("x").permanent);
     assert!(!JobError::retryable("x").permanent);
 }
+
+#[tokio::test]
+async fn every_waiter_is_woken_when_many_jobs_finish_at_once() {
+    // The worker sends the finished notifications of concurrent completions together; none
+    // may be lost in the merge.
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    let jobs: Vec<_> = (0..40)
+        .map(|i| job(company, "echo", json!({"i": i}), 1))
+        .collect();
+    let ids = enqueue(&db, &jobs).await;
+    let url = tenantry_core::secret::DatabaseUrl::new(db.url.clone());
+    let cfg = Config::from_figment(tenantry_core::config::figment(None), Mode::Dev).unwrap();
+    let api = Listener::start(
+        db::pg_config(&url, &cfg.database, "test-api").unwrap(),
+        100,
+        CancellationToken::new(),
+    );
+    while !api.is_connected() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let waiters: Vec<_> = ids.iter().map(|id| api.wait_for(*id).unwrap()).collect();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker(&db, 100).run(stop.clone()));
+    for (id, w) in ids.iter().zip(waiters) {
+        assert!(
+            w.wait(Duration::from_secs(20)).await,
+            "job {id} finished unannounced"
+        );
+        assert_eq!(state_of(&db, *id).await.0, "done");
+    }
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}

@@ -9,7 +9,8 @@
 //!  enqueue_bulk        N no-op jobs by one `enqueue_many` in one transaction; N / its time.
 //!  throughput          C tasks, each looping over the worker's one-job step
 //!                      (`Worker::try_claim_and_run_one`: claim 1, run, record 1 in its own
-//!                      transaction) on a pool of C connections — no batching.
+//!                      transaction) on a pool of C + 2 connections (as the peer's
+//!                      maxPoolSize) — no batching.
 //!                      Window = first handler start → last outcome committed.
 //!  throughput_batched  the worker role (`Worker::run`) with BATCH slots, claims of up to BATCH
 //!                      and completions batched up to BATCH. Same window.
@@ -205,10 +206,17 @@ fn opts(slots: usize, batch: usize) -> WorkerOptions {
 async fn one_by_one(url: &str, n: usize, c: usize) -> anyhow::Result<f64> {
     reset();
     // The worker's own one-job step (claim 1, run, record 1 in its own transaction), from C
-    // tasks at once, on a pool of C connections: production's code path, without batching.
+    // tasks at once, on a pool of C + 2 connections (the peer's maxPoolSize; the two spare
+    // ones carry the worker's finished notifications): production's code path, without
+    // batching.
     let stop = CancellationToken::new();
     let listener = Listener::start(tokio_postgres::Config::from_str(url)?, 10, stop.clone());
-    let worker = Arc::new(Worker::new(pool(url, c)?, registry(), opts(c, 1), listener));
+    let worker = Arc::new(Worker::new(
+        pool(url, c + 2)?,
+        registry(),
+        opts(c, 1),
+        listener,
+    ));
     let mut tasks = Vec::new();
     for _ in 0..c {
         let worker = worker.clone();

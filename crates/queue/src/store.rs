@@ -27,23 +27,47 @@ macro_rules! fairness_quantum_us {
     };
 }
 
-/// The CTE that writes one outbox row holding a `job.finished` event for every row of
-/// `updated` (id, state, company_id, kind, request_id, finished_at) that finished — shared by
-/// completion and the rescuer so the event shape cannot drift. Rows going back to `waiting`
-/// (a retry) have not finished and get no event. Each event is a row turned into JSON (a
-/// quarter cheaper than `jsonb_build_object`, same document). A macro so that statements can
-/// embed it in a `const`.
+/// The `job.finished` events of the rows of `updated` (id, state, company_id, kind,
+/// request_id, finished_at) that finished. Rows going back to `waiting` (a retry) have not
+/// finished and get no event. Each event is a row turned into JSON (a quarter cheaper than
+/// `jsonb_build_object`, same document). Shared by completion and the rescuer so the event
+/// shape cannot drift; macros so that statements can embed them in a `const`.
+macro_rules! finished_event_rows {
+    () => {
+        "SELECT 'job.finished' AS type, company_id, id AS job_id, kind AS job_kind,
+                            state, request_id, finished_at
+                       FROM updated WHERE state IN ('done', 'error')"
+    };
+}
+
+/// The CTE that writes one outbox row holding the events of [`finished_event_rows`] as one
+/// JSON array, or no row when nothing finished.
 macro_rules! finished_events {
     () => {
-        "events AS (
+        concat!(
+            "events AS (
                  INSERT INTO outbox (events)
-                 SELECT jsonb_agg(e) FROM (
-                     SELECT 'job.finished' AS type, company_id, id AS job_id, kind AS job_kind,
-                            state, request_id, finished_at
-                       FROM updated WHERE state IN ('done', 'error')
-                 ) e
+                 SELECT jsonb_agg(e) FROM (",
+            finished_event_rows!(),
+            ") e
                  HAVING count(*) > 0
              )"
+        )
+    };
+}
+
+/// [`finished_events`] for a statement that updates at most one row: the same array of one
+/// event, without an aggregate (whose set-up was a visible share of a one-job completion).
+macro_rules! finished_event {
+    () => {
+        concat!(
+            "events AS (
+                 INSERT INTO outbox (events)
+                 SELECT jsonb_build_array(to_jsonb(e)) FROM (",
+            finished_event_rows!(),
+            ") e
+             )"
+        )
     };
 }
 
@@ -513,36 +537,47 @@ const CLAIM_SQL: &str = concat!(
     claimed_columns!()
 );
 
+/// A claim of one job whose candidates must also pass `$cap` (a predicate on `j` and `$3`).
+macro_rules! claim_one {
+    ($cap:expr) => {
+        concat!(
+            "WITH candidate AS (
+         SELECT j.id FROM jobs j
+          WHERE j.state = 'waiting' AND j.run_at <= now()
+            AND ",
+            $cap,
+            "
+          ORDER BY j.priority
+          LIMIT $1::int8
+          FOR UPDATE OF j SKIP LOCKED
+     ), ",
+            async_commit!(),
+            "
+     ",
+            take_lease!(),
+            "
+       FROM candidate, async_commit
+      WHERE j.id = candidate.id AND j.state = 'waiting'
+  ",
+            claimed_columns!()
+        )
+    };
+}
+
 /// [`CLAIM_SQL`] for a single job. Without a batch there is no need to count each company's
 /// running jobs up front and number the batch's rows per company: the candidates are walked in
 /// claim order and each one's company is checked on the spot, counting at most the cap's worth
 /// of its processing rows through `jobs_processing`. A third of the server's CPU per job went
 /// to starting the batch statement's window and aggregate nodes when claiming one at a time.
-const CLAIM_ONE_SQL: &str = concat!(
-    "WITH candidate AS (
-         SELECT j.id FROM jobs j
-          WHERE j.state = 'waiting' AND j.run_at <= now()
-            AND ($3::int8 = ",
-    uncapped!(),
-    "
-                 OR (SELECT count(*) FROM (SELECT 1 FROM jobs p
-                                            WHERE p.state = 'processing'
-                                              AND p.company_id = j.company_id
-                                            LIMIT $3::int8) running) < $3::int8)
-          ORDER BY j.priority
-          LIMIT $1::int8
-          FOR UPDATE OF j SKIP LOCKED
-     ), ",
-    async_commit!(),
-    "
-     ",
-    take_lease!(),
-    "
-       FROM candidate, async_commit
-      WHERE j.id = candidate.id AND j.state = 'waiting'
-  ",
-    claimed_columns!()
+const CLAIM_ONE_SQL: &str = claim_one!(
+    "(SELECT count(*) FROM (SELECT 1 FROM jobs p
+                                WHERE p.state = 'processing' AND p.company_id = j.company_id
+                                LIMIT $3::int8) running) < $3::int8"
 );
+
+/// [`CLAIM_ONE_SQL`] without a cap: no subquery to set up for every claim. (`$3` is still
+/// named, so both statements take the same parameters.)
+const CLAIM_ONE_UNCAPPED_SQL: &str = claim_one!(concat!("$3::int8 = ", uncapped!()));
 
 /// Claims up to `limit` jobs for `worker_id`: marks them `processing`, counts the attempt and
 /// takes a lease of `lease`.
@@ -573,7 +608,11 @@ pub async fn claim(
     // scan in claim order.
     let rows = with_notification(
         client,
-        if limit == 1 { CLAIM_ONE_SQL } else { CLAIM_SQL },
+        match (limit, max_processing_per_company) {
+            (1, UNCAPPED) => CLAIM_ONE_UNCAPPED_SQL,
+            (1, _) => CLAIM_ONE_SQL,
+            _ => CLAIM_SQL,
+        },
         &[&limit, &worker_id, &max_processing_per_company, &lease_ms],
         None,
     )
@@ -629,6 +668,25 @@ pub async fn finish(
     worker_id: &str,
     outcomes: &[Outcome],
 ) -> Result<(Vec<Finished>, Vec<Uuid>), tokio_postgres::Error> {
+    finish_with(client, worker_id, outcomes, true).await
+}
+
+/// [`finish`] without the notification: the caller sends it with [`announce_finished`] (the
+/// worker sends those of concurrent completions together, see `worker::Announcer`).
+pub async fn finish_unannounced(
+    client: &mut impl QueueConn,
+    worker_id: &str,
+    outcomes: &[Outcome],
+) -> Result<(Vec<Finished>, Vec<Uuid>), tokio_postgres::Error> {
+    finish_with(client, worker_id, outcomes, false).await
+}
+
+async fn finish_with(
+    client: &mut impl QueueConn,
+    worker_id: &str,
+    outcomes: &[Outcome],
+    announce: bool,
+) -> Result<(Vec<Finished>, Vec<Uuid>), tokio_postgres::Error> {
     let n = outcomes.len();
     let (mut ids, mut attempts, mut ok, mut results) = (
         Vec::with_capacity(n),
@@ -666,12 +724,15 @@ pub async fn finish(
     // it names every job of the batch, and a waiter whose job went back to `waiting` (a retry)
     // or whose outcome was discarded just reads the job again and keeps waiting. A
     // notification lost in a crash costs a waiter its timeout, never a result.
-    let payloads = notify_payloads(&ids);
-    let notify = client.prepared(NOTIFY_FINISHED_SQL).await?;
+    let notify = match announce {
+        true => Some(client.prepared(NOTIFY_FINISHED_SQL).await?),
+        false => None,
+    };
+    let payloads = notify_payloads(if announce { &ids } else { &[] });
     // One statement in its own implicit transaction: the outcomes and their events commit
     // together. The notification follows it on the connection without waiting for it.
     let notify_params: [&(dyn ToSql + Sync); 1] = [&payloads];
-    let after = Some((&notify, &notify_params[..]));
+    let after = notify.as_ref().map(|n| (n, &notify_params[..]));
     let rows = if let [one] = outcomes {
         // A single outcome (one-at-a-time workers) is an update by primary key, without the
         // batch statement's arrays and join.
@@ -762,7 +823,7 @@ const FINISH_ONE_SQL: &str = concat!(
           WHERE j.id = $1::uuid AND j.worker_id = $8::text AND j.attempts = $2::int4
       RETURNING j.id, j.state, j.company_id, j.kind, j.request_id, j.finished_at
      ), ",
-    finished_events!(),
+    finished_event!(),
     "
      SELECT id, state FROM updated"
 );
@@ -770,7 +831,7 @@ const FINISH_ONE_SQL: &str = concat!(
 /// One notification per payload on [`CHANNEL_FINISHED`], committed asynchronously (see
 /// [`NOTIFY_WAITING_SQL`]).
 const NOTIFY_FINISHED_SQL: &str = "SELECT set_config('synchronous_commit', 'off', true),
-            count(pg_notify('tenantry_jobs_finished', p)) FROM unnest($1::text[]) p";
+            pg_notify('tenantry_jobs_finished', p) FROM unnest($1::text[]) p";
 
 /// Wakes workers: a notification on [`CHANNEL_WAITING`], sent after the enqueuing transaction
 /// committed.
@@ -803,14 +864,15 @@ fn notify_payloads(ids: &[Uuid]) -> Vec<String> {
 }
 
 /// Notifies waiters which jobs finished, 200 ids per payload to stay under PostgreSQL's
-/// 8000-byte limit. Called after the commit that finished them.
-async fn notify_finished(
-    client: &tokio_postgres::Client,
+/// 8000-byte limit. Call it after the commit that finished them.
+pub async fn announce_finished(
+    conn: &impl QueueConn,
     ids: &[Uuid],
 ) -> Result<(), tokio_postgres::Error> {
     let payloads = notify_payloads(ids);
     if !payloads.is_empty() {
-        client.execute(NOTIFY_FINISHED_SQL, &[&payloads]).await?;
+        let notify = conn.prepared(NOTIFY_FINISHED_SQL).await?;
+        conn.pg().execute(&notify, &[&payloads]).await?;
     }
     Ok(())
 }
@@ -878,7 +940,7 @@ pub async fn rescue_expired(
         }
     }
     tx.commit().await?;
-    after_commit(notify_finished(client, &dead).await);
+    after_commit(announce_finished(client, &dead).await);
     Ok((rescued, dead))
 }
 

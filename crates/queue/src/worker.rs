@@ -19,7 +19,7 @@ use deadpool_postgres::Pool;
 use rand::Rng;
 use serde_json::Value;
 use tenantry_core::config::QueueConfig;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -194,9 +194,86 @@ pub struct Worker {
     registry: Registry,
     opts: WorkerOptions,
     listener: Listener,
+    announcer: Announcer,
+}
+
+enum Announcement {
+    Finished(Vec<Uuid>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Sends the worker's finished notifications (the ids of jobs that reached `done` or
+/// `error`) from one task, after the completions committed: whatever completions land while
+/// one notification is being sent go out together in the next, so under load concurrent
+/// slots share a notifying transaction instead of each paying for one (a statement and a
+/// transaction per job when completing one at a time), while an idle worker's single
+/// completion is sent at once. The queue holds only ids between two sends. A failed send is
+/// logged; its waiters re-read their jobs at their timeout.
+struct Announcer {
+    tx: mpsc::UnboundedSender<Announcement>,
+}
+
+impl Announcer {
+    /// Must be called inside a Tokio runtime. The task ends when the worker is dropped.
+    fn start(pool: Pool) -> Announcer {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (mut ids, mut flushed) = (Vec::new(), Vec::new());
+            while let Some(first) = rx.recv().await {
+                let mut next = Some(first);
+                while let Some(message) = next {
+                    match message {
+                        Announcement::Finished(more) => ids.extend(more),
+                        Announcement::Flush(done) => flushed.push(done),
+                    }
+                    next = rx.try_recv().ok();
+                }
+                if !ids.is_empty() {
+                    let sent = async {
+                        let client = pool.get().await?;
+                        Ok::<_, anyhow::Error>(store::announce_finished(&client, &ids).await?)
+                    }
+                    .await;
+                    if let Err(e) = sent {
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            jobs = ids.len(),
+                            "finished notification failed; waiting requests re-read at their timeout"
+                        );
+                    }
+                    ids.clear();
+                }
+                for done in flushed.drain(..) {
+                    let _ = done.send(());
+                }
+            }
+        });
+        Announcer { tx }
+    }
+
+    fn finished(&self, finished: &[store::Finished]) {
+        let ids: Vec<Uuid> = finished
+            .iter()
+            .filter(|f| matches!(f.state, JobState::Done | JobState::Error))
+            .map(|f| f.id)
+            .collect();
+        if !ids.is_empty() {
+            let _ = self.tx.send(Announcement::Finished(ids));
+        }
+    }
+
+    /// Returns once everything announced before has been sent (or given up on).
+    async fn flush(&self) {
+        let (done, sent) = oneshot::channel();
+        if self.tx.send(Announcement::Flush(done)).is_ok() {
+            let _ = sent.await;
+        }
+    }
 }
 
 impl Worker {
+    /// Must be called inside a Tokio runtime (it starts the task that sends the worker's
+    /// finished notifications).
     pub fn new(pool: Pool, registry: Registry, opts: WorkerOptions, listener: Listener) -> Worker {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into());
         let id = format!(
@@ -206,6 +283,7 @@ impl Worker {
         );
         Worker {
             id,
+            announcer: Announcer::start(pool.clone()),
             pool,
             registry,
             opts,
@@ -230,9 +308,11 @@ impl Worker {
             return Ok(None);
         };
         let outcome = run_job(&self.registry, &self.opts, job).await;
-        let (finished, _) = store::finish(&mut client, &self.id, &[outcome])
+        let (finished, _) = store::finish_unannounced(&mut client, &self.id, &[outcome])
             .await
             .context("recording the outcome")?;
+        drop(client);
+        self.announcer.finished(&finished);
         Ok(finished.first().map(|f| (f.id, f.state)))
     }
 
@@ -392,6 +472,7 @@ impl Worker {
                 "could not release unfinished jobs"
             ),
         }
+        this.announcer.flush().await;
         background.cancel();
         let _ = tokio::join!(heartbeat, janitor);
         tracing::info!(worker.id = %this.id, "worker stopped");
@@ -478,11 +559,12 @@ async fn write_outcomes(this: Arc<Worker>, batch: Vec<Outcome>) {
     loop {
         let written = async {
             let mut client = this.pool.get().await?;
-            Ok::<_, anyhow::Error>(store::finish(&mut client, &this.id, &batch).await?)
+            Ok::<_, anyhow::Error>(store::finish_unannounced(&mut client, &this.id, &batch).await?)
         }
         .await;
         match written {
             Ok((finished, discarded)) => {
+                this.announcer.finished(&finished);
                 let ok = finished
                     .iter()
                     .filter(|f| f.state == JobState::Done)
