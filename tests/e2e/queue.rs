@@ -49,8 +49,15 @@ async fn state_of(db: &TestDb, id: Uuid) -> (String, i32) {
 }
 
 fn worker(db: &TestDb, max_per_company: i64) -> Worker {
+    let mut queue = Config::from_figment(tenantry_core::config::figment(None), Mode::Dev)
+        .unwrap()
+        .queue;
+    queue.builtin_kinds = vec!["echo".into(), "sleep".into()];
+    worker_with(db, max_per_company, Registry::from_config(&queue))
+}
+
+fn worker_with(db: &TestDb, max_per_company: i64, registry: Registry) -> Worker {
     let mut cfg = Config::from_figment(tenantry_core::config::figment(None), Mode::Dev).unwrap();
-    cfg.queue.builtin_kinds = vec!["echo".into(), "sleep".into()];
     cfg.queue.retry_base = Duration::from_millis(200);
     cfg.queue.retry_max = Duration::from_millis(400);
     let url = tenantry_core::secret::DatabaseUrl::new(db.url.clone());
@@ -62,7 +69,7 @@ fn worker(db: &TestDb, max_per_company: i64) -> Worker {
     );
     let mut opts = WorkerOptions::from_config("shard-t", 4, &cfg.queue, Duration::from_secs(1));
     opts.max_processing_per_company = max_per_company;
-    Worker::new(pool, Registry::from_config(&cfg.queue), opts, listener)
+    Worker::new(pool, registry, opts, listener)
 }
 
 #[tokio::test]
@@ -538,4 +545,39 @@ async fn every_waiter_is_woken_when_many_jobs_finish_at_once() {
     }
     stop.cancel();
     running.await.unwrap().unwrap();
+}
+
+struct Panics;
+impl tenantry_queue::Handler for Panics {
+    fn run<'a>(
+        &'a self,
+        _job: &'a tenantry_queue::ClaimedJob,
+    ) -> tenantry_queue::worker::BoxFuture<'a, Result<serde_json::Value, JobError>> {
+        Box::pin(async { panic!("the handler's own bug") })
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_fails_its_attempt_not_the_worker() {
+    let db = TestDb::new(Schema::Shard).await;
+    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "panics", json!({}), 2)]).await[..] else {
+        panic!()
+    };
+    let mut registry = Registry::default();
+    registry.register("panics", Panics);
+    let w = worker_with(&db, 100, registry);
+    let ran = w.try_claim_and_run_one().await.unwrap();
+    assert_eq!(
+        ran,
+        Some((id, JobState::Waiting)),
+        "retried, like any failure"
+    );
+    let error: String = db
+        .client()
+        .await
+        .query_one("SELECT error FROM jobs WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(error, "handler panicked: the handler's own bug");
 }

@@ -504,12 +504,11 @@ macro_rules! take_lease {
     };
 }
 
+/// A capped claim of a batch (see [`claim`]).
 const CLAIM_SQL: &str = concat!(
     "WITH running AS MATERIALIZED (
          SELECT company_id, count(*) AS n FROM jobs
-          WHERE state = 'processing' AND $3::int8 <> ",
-    uncapped!(),
-    "
+          WHERE state = 'processing'
           GROUP BY company_id
      ), candidates AS MATERIALIZED (
          SELECT j.id, j.company_id, j.priority, r.n FROM jobs j,
@@ -537,7 +536,8 @@ const CLAIM_SQL: &str = concat!(
     claimed_columns!()
 );
 
-/// A claim of one job whose candidates must also pass `$cap` (a predicate on `j` and `$3`).
+/// A claim of up to `$1` jobs, each of whose candidates must also pass `$cap` (a predicate on
+/// `j` and `$3`), checked row by row: right for one job, or for any number without a cap.
 macro_rules! claim_one {
     ($cap:expr) => {
         concat!(
@@ -575,9 +575,11 @@ const CLAIM_ONE_SQL: &str = claim_one!(
                                 LIMIT $3::int8) running) < $3::int8"
 );
 
-/// [`CLAIM_ONE_SQL`] without a cap: no subquery to set up for every claim. (`$3` is still
-/// named, so both statements take the same parameters.)
-const CLAIM_ONE_UNCAPPED_SQL: &str = claim_one!(concat!("$3::int8 = ", uncapped!()));
+/// A claim without a per-company cap, of any size: the claimable rows in claim order, with
+/// no per-company count to take and no batch to number per company, and no subquery to set
+/// up for each claim. (`$3` is still named, so all claim statements take the same
+/// parameters.)
+const CLAIM_UNCAPPED_SQL: &str = claim_one!(concat!("$3::int8 = ", uncapped!()));
 
 /// Claims up to `limit` jobs for `worker_id`: marks them `processing`, counts the attempt and
 /// takes a lease of `lease`.
@@ -609,7 +611,7 @@ pub async fn claim(
     let rows = with_notification(
         client,
         match (limit, max_processing_per_company) {
-            (1, UNCAPPED) => CLAIM_ONE_UNCAPPED_SQL,
+            (_, UNCAPPED) => CLAIM_UNCAPPED_SQL,
             (1, _) => CLAIM_ONE_SQL,
             _ => CLAIM_SQL,
         },
