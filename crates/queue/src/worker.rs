@@ -354,12 +354,12 @@ impl Worker {
 
         let mut tasks = tokio::task::JoinSet::new();
         let mut failures = 0u32;
+        // Refill in strides: a claim per freed slot would cost a round trip each and walk the
+        // index entries of just-claimed rows again and again.
+        let stride = (this.opts.claim_batch.min(this.opts.slots) / 4).max(1);
         while !shutdown.is_cancelled() {
             while tasks.try_join_next().is_some() {}
             let free = slots.available_permits().min(this.opts.claim_batch);
-            // Refill in strides: a claim per freed slot would cost a round trip each and walk the
-            // index entries of just-claimed rows again and again.
-            let stride = (this.opts.claim_batch.min(this.opts.slots) / 4).max(1);
             let busy = slots.available_permits() < this.opts.slots;
             if free == 0 || (busy && free < stride) {
                 tokio::select! {
@@ -423,7 +423,8 @@ impl Worker {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(job.id);
-                let (this, running, out_tx) = (this.clone(), running.clone(), out_tx.clone());
+                let (this, running, out_tx, slots) =
+                    (this.clone(), running.clone(), out_tx.clone(), slots.clone());
                 tasks.spawn(async move {
                     let id = job.id;
                     let outcome = run_job(&this.registry, &this.opts, job).await;
@@ -434,7 +435,11 @@ impl Worker {
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&id);
                     drop(permit);
-                    this.listener.wake_worker();
+                    // The claim loop refills only a stride at a time: waking it for every
+                    // finished job would only send it back to sleep.
+                    if slots.available_permits() >= stride {
+                        this.listener.wake_worker();
+                    }
                 });
             }
             if got < free {
