@@ -367,20 +367,21 @@ async fn the_shard_pool_plans_statistics_free_and_claims_commit_asynchronously()
             .await
             .unwrap();
         assert_eq!(claimed.len() as i64, limit);
-        let sync: String = c
-            .query_one("SELECT current_setting('synchronous_commit')", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(sync, "off", "claim of {limit}");
+        assert_eq!(synchronous_commit(&c).await, "off", "claim of {limit}");
         c.batch_execute("ROLLBACK").await.unwrap();
     }
-    let sync: String = c
-        .query_one("SELECT current_setting('synchronous_commit')", &[])
+    assert_eq!(
+        synchronous_commit(&c).await,
+        "on",
+        "the session's other transactions stay durable"
+    );
+}
+
+async fn synchronous_commit(c: &tokio_postgres::Client) -> String {
+    c.query_one("SELECT current_setting('synchronous_commit')", &[])
         .await
         .unwrap()
-        .get(0);
-    assert_eq!(sync, "on", "the session's other transactions stay durable");
+        .get(0)
 }
 
 #[tokio::test]
