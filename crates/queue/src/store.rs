@@ -164,7 +164,7 @@ pub async fn has_session_options(
 /// `after` is given, that statement right behind it on the same connection, without waiting
 /// for the first to return. `after` is the notification of a committed change: its failure
 /// is logged, not returned (see [`after_commit`]).
-async fn with_notification(
+async fn single_statement(
     conn: &impl QueueConn,
     sql: &'static str,
     params: &[&(dyn ToSql + Sync)],
@@ -596,7 +596,9 @@ const CLAIM_UNCAPPED_SQL: &str = claim_one!(concat!("$3::int8 = ", uncapped!()))
 ///
 /// One statement in its own implicit transaction, prepared once per pooled connection: one
 /// round trip and one protocol exchange. Its plan relies on the connection's
-/// [`SESSION_OPTIONS`]. `max_processing_per_company` of `i64::MAX` means no cap.
+/// [`SESSION_OPTIONS`]. `max_processing_per_company` of [`UNCAPPED`] means no cap. Call it
+/// outside a transaction block: inside one, its asynchronous commit would become that
+/// transaction's.
 pub async fn claim(
     client: &mut impl QueueConn,
     worker_id: &str,
@@ -608,7 +610,7 @@ pub async fn claim(
     // Processing rows are counted per company once (`running`), and each candidate the index
     // scan visits looks its company up there through a LATERAL scalar subquery, which keeps the
     // scan in claim order.
-    let rows = with_notification(
+    let rows = single_statement(
         client,
         match (limit, max_processing_per_company) {
             (_, UNCAPPED) => CLAIM_UNCAPPED_SQL,
@@ -738,7 +740,7 @@ async fn finish_with(
     let rows = if let [one] = outcomes {
         // A single outcome (one-at-a-time workers) is an update by primary key, without the
         // batch statement's arrays and join.
-        with_notification(
+        single_statement(
             client,
             FINISH_ONE_SQL,
             &[
@@ -755,7 +757,7 @@ async fn finish_with(
         )
         .await?
     } else {
-        with_notification(
+        single_statement(
             client,
             FINISH_SQL,
             &[
