@@ -685,78 +685,75 @@ pub async fn finish_unannounced(
     finish_with(client, worker_id, outcomes, false).await
 }
 
+/// One outcome's columns as the completion statements take them: `ok`, `result`, `error`,
+/// `permanent`, `retry_ms`.
+fn outcome_columns(o: &Outcome) -> (bool, Option<&Value>, Option<&str>, bool, i64) {
+    let retry_ms = o.retry_in.as_millis() as i64;
+    match &o.result {
+        Ok(v) => (true, Some(v), None, false, retry_ms),
+        Err(e) => (false, None, Some(e.message.as_str()), e.permanent, retry_ms),
+    }
+}
+
 async fn finish_with(
     client: &mut impl QueueConn,
     worker_id: &str,
     outcomes: &[Outcome],
     announce: bool,
 ) -> Result<(Vec<Finished>, Vec<Uuid>), tokio_postgres::Error> {
-    let n = outcomes.len();
-    let (mut ids, mut attempts, mut ok, mut results) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut errors, mut permanent, mut retry_ms) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for o in outcomes {
-        ids.push(o.id);
-        attempts.push(o.attempt);
-        match &o.result {
-            Ok(v) => {
-                ok.push(true);
-                results.push(Some(v));
-                errors.push(None);
-                permanent.push(false);
-            }
-            Err(e) => {
-                ok.push(false);
-                results.push(None);
-                errors.push(Some(e.message.as_str()));
-                permanent.push(e.permanent);
-            }
-        }
-        retry_ms.push(o.retry_in.as_millis() as i64);
-    }
     // Waiters are told after the commit, not inside it: PostgreSQL holds its notification lock
     // through the commit of a notifying transaction, which would serialize every completion's
-    // disk flush. The notification is pipelined behind the COMMIT, so it costs no round trip;
-    // it names every job of the batch, and a waiter whose job went back to `waiting` (a retry)
-    // or whose outcome was discarded just reads the job again and keeps waiting. A
+    // disk flush. The notification follows the statement on the connection, without waiting
+    // for it; it names every job given, and a waiter whose job went back to `waiting` (a
+    // retry) or whose outcome was discarded just reads the job again and keeps waiting. A
     // notification lost in a crash costs a waiter its timeout, never a result.
+    let ids: Vec<Uuid> = outcomes.iter().map(|o| o.id).collect();
     let notify = match announce {
         true => Some(client.prepared(NOTIFY_FINISHED_SQL).await?),
         false => None,
     };
     let payloads = notify_payloads(if announce { &ids } else { &[] });
-    // One statement in its own implicit transaction: the outcomes and their events commit
-    // together. The notification follows it on the connection without waiting for it.
     let notify_params: [&(dyn ToSql + Sync); 1] = [&payloads];
     let after = notify.as_ref().map(|n| (n, &notify_params[..]));
+    // One statement in its own implicit transaction: the outcomes and their events commit
+    // together.
     let rows = if let [one] = outcomes {
         // A single outcome (one-at-a-time workers) is an update by primary key, without the
         // batch statement's arrays and join.
+        let (ok, result, error, permanent, retry_ms) = outcome_columns(one);
         single_statement(
             client,
             FINISH_ONE_SQL,
             &[
                 &one.id,
                 &one.attempt,
-                &ok[0],
-                &results[0],
-                &errors[0],
-                &permanent[0],
-                &retry_ms[0],
+                &ok,
+                &result,
+                &error,
+                &permanent,
+                &retry_ms,
                 &worker_id,
             ],
             after,
         )
         .await?
     } else {
+        let attempts: Vec<i32> = outcomes.iter().map(|o| o.attempt).collect();
+        let n = outcomes.len();
+        let (mut ok, mut results, mut errors, mut permanent, mut retry_ms) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (o, r, e, p, ms) in outcomes.iter().map(outcome_columns) {
+            ok.push(o);
+            results.push(r);
+            errors.push(e);
+            permanent.push(p);
+            retry_ms.push(ms);
+        }
         single_statement(
             client,
             FINISH_SQL,
@@ -774,9 +771,57 @@ async fn finish_with(
             state: JobState::parse(r.get::<_, &str>(1)).unwrap_or(JobState::Error),
         })
         .collect();
-    let applied: std::collections::HashSet<Uuid> = finished.iter().map(|f| f.id).collect();
-    let discarded = ids.into_iter().filter(|id| !applied.contains(id)).collect();
+    // Usually every outcome applied (the statement returns one row per applied outcome), and
+    // there is nothing to look up.
+    let discarded = if finished.len() == ids.len() {
+        Vec::new()
+    } else {
+        let applied: std::collections::HashSet<Uuid> = finished.iter().map(|f| f.id).collect();
+        ids.into_iter().filter(|id| !applied.contains(id)).collect()
+    };
     Ok((finished, discarded))
+}
+
+/// The `UPDATE … SET` that records one outcome, given the SQL of its parts (`ok`, `result`,
+/// `error`, `permanent`, `retry_ms`): written once for the batch and the one-outcome
+/// statements, so the two cannot drift apart.
+macro_rules! record_outcome {
+    ($ok:literal, $result:literal, $error:literal, $permanent:literal, $retry_ms:literal) => {
+        concat!(
+            "UPDATE jobs j SET
+             state = CASE WHEN ",
+            $ok,
+            " THEN 'done'
+                          WHEN ",
+            $permanent,
+            " OR j.attempts >= j.max_attempts THEN 'error'
+                          ELSE 'waiting' END,
+             result = CASE WHEN ",
+            $ok,
+            " THEN ",
+            $result,
+            " END,
+             error = CASE WHEN ",
+            $ok,
+            " THEN NULL ELSE ",
+            $error,
+            " END,
+             run_at = CASE WHEN ",
+            $ok,
+            " THEN j.run_at
+                           ELSE now() + ",
+            $retry_ms,
+            " * interval '1 millisecond' END,
+             finished_at = CASE WHEN ",
+            $ok,
+            " OR ",
+            $permanent,
+            "
+                                     OR j.attempts >= j.max_attempts
+                                THEN now() END,
+             worker_id = NULL, lease_expires_at = NULL, updated_at = now()"
+        )
+    };
 }
 
 /// The outcomes of [`finish`], as parallel arrays. The lease fence is `worker_id` and the
@@ -790,17 +835,9 @@ const FINISH_SQL: &str = concat!(
                               $6::bool[], $7::int8[])
              AS x(id, attempt, ok, result, error, permanent, retry_ms)
      ), updated AS (
-         UPDATE jobs j SET
-             state = CASE WHEN i.ok THEN 'done'
-                          WHEN i.permanent OR j.attempts >= j.max_attempts THEN 'error'
-                          ELSE 'waiting' END,
-             result = CASE WHEN i.ok THEN i.result END,
-             error = CASE WHEN i.ok THEN NULL ELSE i.error END,
-             run_at = CASE WHEN i.ok THEN j.run_at
-                           ELSE now() + i.retry_ms * interval '1 millisecond' END,
-             finished_at = CASE WHEN i.ok OR i.permanent OR j.attempts >= j.max_attempts
-                                THEN now() END,
-             worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+         ",
+    record_outcome!("i.ok", "i.result", "i.error", "i.permanent", "i.retry_ms"),
+    "
            FROM input i
           WHERE j.id = i.id AND j.worker_id = $8::text AND j.attempts = i.attempt
       RETURNING j.id, j.state, j.company_id, j.kind, j.request_id, j.finished_at
@@ -813,17 +850,9 @@ const FINISH_SQL: &str = concat!(
 /// [`FINISH_SQL`] for one outcome.
 const FINISH_ONE_SQL: &str = concat!(
     "WITH updated AS (
-         UPDATE jobs j SET
-             state = CASE WHEN $3::bool THEN 'done'
-                          WHEN $6::bool OR j.attempts >= j.max_attempts THEN 'error'
-                          ELSE 'waiting' END,
-             result = CASE WHEN $3::bool THEN $4::jsonb END,
-             error = CASE WHEN $3::bool THEN NULL ELSE $5::text END,
-             run_at = CASE WHEN $3::bool THEN j.run_at
-                           ELSE now() + $7::int8 * interval '1 millisecond' END,
-             finished_at = CASE WHEN $3::bool OR $6::bool OR j.attempts >= j.max_attempts
-                                THEN now() END,
-             worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+         ",
+    record_outcome!("$3::bool", "$4::jsonb", "$5::text", "$6::bool", "$7::int8"),
+    "
           WHERE j.id = $1::uuid AND j.worker_id = $8::text AND j.attempts = $2::int4
       RETURNING j.id, j.state, j.company_id, j.kind, j.request_id, j.finished_at
      ), ",
