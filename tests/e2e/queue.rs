@@ -48,28 +48,38 @@ async fn state_of(db: &TestDb, id: Uuid) -> (String, i32) {
     (r.get(0), r.get(1))
 }
 
+fn dev_config() -> Config {
+    Config::from_figment(tenantry_core::config::figment(None), Mode::Dev).unwrap()
+}
+
+fn url_of(db: &TestDb) -> tenantry_core::secret::DatabaseUrl {
+    tenantry_core::secret::DatabaseUrl::new(db.url.clone())
+}
+
+/// A pool like the shard's (see `store::pool`).
+fn shard_pool(db: &TestDb, size: usize) -> deadpool_postgres::Pool {
+    store::pool(&url_of(db), size, &dev_config().database, "test").unwrap()
+}
+
+/// A process's LISTEN connection, as a worker or an API node has.
+fn listener(db: &TestDb, max_waiters: usize) -> Listener {
+    let pg = db::pg_config(&url_of(db), &dev_config().database, "test").unwrap();
+    Listener::start(pg, max_waiters, CancellationToken::new())
+}
+
 fn worker(db: &TestDb, max_per_company: i64) -> Worker {
-    let mut queue = Config::from_figment(tenantry_core::config::figment(None), Mode::Dev)
-        .unwrap()
-        .queue;
+    let mut queue = dev_config().queue;
     queue.builtin_kinds = vec!["echo".into(), "sleep".into()];
     worker_with(db, max_per_company, Registry::from_config(&queue))
 }
 
 fn worker_with(db: &TestDb, max_per_company: i64, registry: Registry) -> Worker {
-    let mut cfg = Config::from_figment(tenantry_core::config::figment(None), Mode::Dev).unwrap();
-    cfg.queue.retry_base = Duration::from_millis(200);
-    cfg.queue.retry_max = Duration::from_millis(400);
-    let url = tenantry_core::secret::DatabaseUrl::new(db.url.clone());
-    let pool = store::pool(&url, 4, &cfg.database, "test").unwrap();
-    let listener = Listener::start(
-        db::pg_config(&url, &cfg.database, "test").unwrap(),
-        10,
-        CancellationToken::new(),
-    );
-    let mut opts = WorkerOptions::from_config("shard-t", 4, &cfg.queue, Duration::from_secs(1));
+    let mut queue = dev_config().queue;
+    queue.retry_base = Duration::from_millis(200);
+    queue.retry_max = Duration::from_millis(400);
+    let mut opts = WorkerOptions::from_config("shard-t", 4, &queue, Duration::from_secs(1));
     opts.max_processing_per_company = max_per_company;
-    Worker::new(pool, registry, opts, listener)
+    Worker::new(shard_pool(db, 4), registry, opts, listener(db, 10))
 }
 
 #[tokio::test]
@@ -239,9 +249,7 @@ async fn a_pooled_transaction_keeps_the_enqueue_statements_prepared() {
     // Each POST /jobs enqueues in a pooled connection's transaction: after the first, its
     // statements cost one round trip each, with no parsing or planning.
     let db = TestDb::new(Schema::Shard).await;
-    let cfg = Config::from_figment(tenantry_core::config::figment(None), Mode::Dev).unwrap();
-    let url = tenantry_core::secret::DatabaseUrl::new(db.url.clone());
-    let pool = db::pool(&url, 1, &cfg.database, "test").unwrap();
+    let pool = shard_pool(&db, 1);
     let mut client = pool.get().await.unwrap();
     let company = Uuid::now_v7();
     let mut cached = Vec::new();
@@ -349,9 +357,7 @@ async fn without_a_cap_claims_take_every_waiting_job_of_a_company() {
 #[tokio::test]
 async fn the_shard_pool_plans_statistics_free_and_claims_commit_asynchronously() {
     let (db, _, _) = ten_and_one().await;
-    let cfg = Config::from_figment(tenantry_core::config::figment(None), Mode::Dev).unwrap();
-    let url = tenantry_core::secret::DatabaseUrl::new(db.url.clone());
-    let pool = store::pool(&url, 1, &cfg.database, "test").unwrap();
+    let pool = shard_pool(&db, 1);
     let mut c = pool.get().await.unwrap();
     assert!(store::has_session_options(&c).await.unwrap());
     assert!(
@@ -524,13 +530,7 @@ async fn every_waiter_is_woken_when_many_jobs_finish_at_once() {
         .map(|i| job(company, "echo", json!({"i": i}), 1))
         .collect();
     let ids = enqueue(&db, &jobs).await;
-    let url = tenantry_core::secret::DatabaseUrl::new(db.url.clone());
-    let cfg = Config::from_figment(tenantry_core::config::figment(None), Mode::Dev).unwrap();
-    let api = Listener::start(
-        db::pg_config(&url, &cfg.database, "test-api").unwrap(),
-        100,
-        CancellationToken::new(),
-    );
+    let api = listener(&db, 100);
     while !api.is_connected() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
