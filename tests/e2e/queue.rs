@@ -202,6 +202,53 @@ async fn a_late_completion_after_a_rescue_is_discarded_and_the_job_completes_onc
 }
 
 #[tokio::test]
+async fn the_one_job_step_discards_and_counts_its_completion_when_its_lease_was_lost() {
+    let db = TestDb::new(Schema::Shard).await;
+    let mut queue = dev_config().queue;
+    queue.builtin_kinds = vec!["sleep".into()];
+    // Its own shard label: the counters are process-wide and tests run side by side.
+    let shard = format!("shard-late-{}", Uuid::new_v4().simple());
+    let opts = WorkerOptions::from_config(&shard, 1, &queue, Duration::from_secs(1));
+    let w = Worker::new(
+        shard_pool(&db, 2),
+        Registry::from_config(&queue),
+        opts,
+        listener(&db, 10),
+    );
+    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "sleep", json!({"ms": 1000}), 3)]).await[..]
+    else {
+        panic!()
+    };
+    let step = tokio::spawn(async move { w.try_claim_and_run_one().await.unwrap() });
+    let mut c = db.client().await;
+    for _ in 0..500 {
+        if state_of(&db, id).await.0 == "processing" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The step's handler is still sleeping when its lease runs out and the job is rescued.
+    c.execute(
+        "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    let (rescued, _) = store::rescue_expired(&mut c, 10).await.unwrap();
+    assert_eq!(rescued, vec![id]);
+    assert_eq!(
+        step.await.unwrap(),
+        None,
+        "the late outcome is not recorded"
+    );
+    assert_eq!(state_of(&db, id).await, ("waiting".into(), 1));
+    let late = tenantry_queue::metrics::EVENTS
+        .with_label_values(&[&shard, "late_completion"])
+        .get();
+    assert_eq!(late, 1, "the discarded completion is counted");
+}
+
+#[tokio::test]
 async fn an_expired_lease_on_the_last_attempt_dead_letters_the_job() {
     let db = TestDb::new(Schema::Shard).await;
     let [id] = enqueue(&db, &[job(Uuid::now_v7(), "echo", json!({}), 1)]).await[..] else {

@@ -310,12 +310,33 @@ impl Worker {
             return Ok(None);
         };
         let outcome = run_job(&self.registry, &self.opts, job).await;
-        let (finished, _) = store::finish_unannounced(&mut client, &self.id, &[outcome])
+        let (finished, discarded) = store::finish_unannounced(&mut client, &self.id, &[outcome])
             .await
             .context("recording the outcome")?;
         drop(client);
-        self.announcer.finished(&finished);
+        self.recorded(&finished, &discarded);
         Ok(finished.first().map(|f| (f.id, f.state)))
+    }
+
+    /// Accounts for committed outcomes: announces the finished jobs, counts them, and logs the
+    /// discarded late completions. Returns how many went back to `waiting` for a retry.
+    fn recorded(&self, finished: &[store::Finished], discarded: &[Uuid]) -> u64 {
+        self.announcer.finished(finished);
+        let count = |state| finished.iter().filter(|f| f.state == state).count() as u64;
+        let (ok, dead, retried) = (
+            count(JobState::Done),
+            count(JobState::Error),
+            count(JobState::Waiting),
+        );
+        let shard = &self.opts.shard_id;
+        metrics::count(shard, "completed", ok);
+        metrics::count(shard, "dead_lettered", dead);
+        metrics::count(shard, "retried", retried);
+        metrics::count(shard, "late_completion", discarded.len() as u64);
+        for id in discarded {
+            tracing::warn!(job.id = %id, worker.id = %self.id, "late completion discarded: the lease expired and the job was rescued");
+        }
+        retried
     }
 
     /// Warns when the pool's connections lack [`store::SESSION_OPTIONS`] (a pool not built by
@@ -578,7 +599,6 @@ async fn complete_loop(this: Arc<Worker>, mut rx: mpsc::Receiver<Outcome>) {
 }
 
 async fn write_outcomes(this: Arc<Worker>, batch: Vec<Outcome>) {
-    let shard = &this.opts.shard_id;
     let mut attempt = 0;
     loop {
         let written = async {
@@ -588,27 +608,7 @@ async fn write_outcomes(this: Arc<Worker>, batch: Vec<Outcome>) {
         .await;
         match written {
             Ok((finished, discarded)) => {
-                this.announcer.finished(&finished);
-                let ok = finished
-                    .iter()
-                    .filter(|f| f.state == JobState::Done)
-                    .count() as u64;
-                let dead = finished
-                    .iter()
-                    .filter(|f| f.state == JobState::Error)
-                    .count() as u64;
-                let retried = finished
-                    .iter()
-                    .filter(|f| f.state == JobState::Waiting)
-                    .count() as u64;
-                metrics::count(shard, "completed", ok);
-                metrics::count(shard, "dead_lettered", dead);
-                metrics::count(shard, "retried", retried);
-                metrics::count(shard, "late_completion", discarded.len() as u64);
-                for id in discarded {
-                    tracing::warn!(job.id = %id, worker.id = %this.id, "late completion discarded: the lease expired and the job was rescued");
-                }
-                if retried > 0 {
+                if this.recorded(&finished, &discarded) > 0 {
                     this.listener.wake_worker();
                 }
                 return;
