@@ -48,6 +48,17 @@ async fn state_of(db: &TestDb, id: Uuid) -> (String, i32) {
     (r.get(0), r.get(1))
 }
 
+/// Ends the lease of `id` now and runs the rescuer: (returned to waiting, dead-lettered).
+async fn expire_and_rescue(c: &mut tokio_postgres::Client, id: Uuid) -> (Vec<Uuid>, Vec<Uuid>) {
+    c.execute(
+        "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    store::rescue_expired(c, 10).await.unwrap()
+}
+
 fn dev_config() -> Config {
     Config::from_figment(tenantry_core::config::figment(None), Mode::Dev).unwrap()
 }
@@ -165,14 +176,7 @@ async fn a_late_completion_after_a_rescue_is_discarded_and_the_job_completes_onc
         .unwrap();
     assert_eq!(a.len(), 1);
     // worker-a hangs; its lease runs out
-    c.execute(
-        "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
-        &[&id],
-    )
-    .await
-    .unwrap();
-    let (rescued, dead) = store::rescue_expired(&mut c, 10).await.unwrap();
-    assert_eq!((rescued, dead), (vec![id], vec![]));
+    assert_eq!(expire_and_rescue(&mut c, id).await, (vec![id], vec![]));
     let b = store::claim(&mut c, "worker-b", 1, Duration::from_secs(30), 100)
         .await
         .unwrap();
@@ -228,14 +232,7 @@ async fn the_one_job_step_discards_and_counts_its_completion_when_its_lease_was_
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // The step's handler is still sleeping when its lease runs out and the job is rescued.
-    c.execute(
-        "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
-        &[&id],
-    )
-    .await
-    .unwrap();
-    let (rescued, _) = store::rescue_expired(&mut c, 10).await.unwrap();
-    assert_eq!(rescued, vec![id]);
+    assert_eq!(expire_and_rescue(&mut c, id).await, (vec![id], vec![]));
     assert_eq!(
         step.await.unwrap(),
         None,
