@@ -85,10 +85,15 @@ fn worker(db: &TestDb, max_per_company: i64) -> Worker {
 }
 
 fn worker_with(db: &TestDb, max_per_company: i64, registry: Registry) -> Worker {
+    worker_on(db, "shard-t", max_per_company, registry)
+}
+
+/// [`worker_with`] whose metrics carry the shard label `shard`.
+fn worker_on(db: &TestDb, shard: &str, max_per_company: i64, registry: Registry) -> Worker {
     let mut queue = dev_config().queue;
     queue.retry_base = Duration::from_millis(200);
     queue.retry_max = Duration::from_millis(400);
-    let mut opts = WorkerOptions::from_config("shard-t", 4, &queue, Duration::from_secs(1));
+    let mut opts = WorkerOptions::from_config(shard, 4, &queue, Duration::from_secs(1));
     opts.max_processing_per_company = max_per_company;
     Worker::new(shard_pool(db, 4), registry, opts, listener(db, 10))
 }
@@ -212,13 +217,7 @@ async fn the_one_job_step_discards_and_counts_its_completion_when_its_lease_was_
     queue.builtin_kinds = vec!["sleep".into()];
     // Its own shard label: the counters are process-wide and tests run side by side.
     let shard = format!("shard-late-{}", Uuid::new_v4().simple());
-    let opts = WorkerOptions::from_config(&shard, 1, &queue, Duration::from_secs(1));
-    let w = Worker::new(
-        shard_pool(&db, 2),
-        Registry::from_config(&queue),
-        opts,
-        listener(&db, 10),
-    );
+    let w = worker_on(&db, &shard, 100, Registry::from_config(&queue));
     let [id] = enqueue(&db, &[job(Uuid::now_v7(), "sleep", json!({"ms": 1000}), 3)]).await[..]
     else {
         panic!()
