@@ -756,7 +756,8 @@ async fn a_stopped_shard_fails_only_its_own_companies() {
 /// What the stand-in shard received: (path and query, headers, body length) per request.
 type Seen = Arc<Mutex<Vec<(String, Vec<(String, String)>, usize)>>>;
 
-/// A stand-in shard API: records what it receives; `/hang` never answers in time.
+/// A stand-in shard API: records what it receives; `/hang` never answers in time, `/slow`
+/// answers after 1.5 s.
 struct FakeShard {
     url: String,
     seen: Seen,
@@ -771,6 +772,9 @@ async fn fake_shard() -> FakeShard {
             |req: HttpRequest, body: web::Bytes, seen: web::Data<Seen>| async move {
                 if req.path().ends_with("/hang") {
                     tokio::time::sleep(Duration::from_secs(20)).await;
+                }
+                if req.path().ends_with("/slow") {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
                 }
                 let headers = req
                     .headers()
@@ -1009,6 +1013,32 @@ async fn a_hanging_shard_answers_504_on_time_and_its_in_flight_cap_sheds_load() 
     assert_eq!(error_of!(r).error.code, "shard_busy");
     assert!(started.elapsed() < Duration::from_millis(300));
     assert_eq!(hanging.await.unwrap(), 504);
+
+    // A long poll (`?wait=`) is given its wait on top of the upstream timeout; a wait the API
+    // would refuse (not a duration, over 30 s) is given nothing.
+    let slow = format!("{base}/v1/companies/{company}/slow");
+    let started = Instant::now();
+    let r = http()
+        .get(format!("{slow}?wait=2s"))
+        .bearer_auth(&auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "a long poll outlives gateway.upstream_timeout"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+    for query in ["", "?wait=31s", "?wait=soon"] {
+        let r = http()
+            .get(format!("{slow}{query}"))
+            .bearer_auth(&auth)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 504, "{query:?}");
+    }
     broker.cleanup().await;
 }
 

@@ -2,7 +2,13 @@
 //! error-shape safety net, `/healthz`, `/readyz`, `/metrics`, and a server that drains
 //! in-flight requests when the shutdown token fires.
 
-use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Instant};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use actix_web::{
     App, HttpRequest, HttpResponse, HttpServer, ResponseError,
@@ -20,6 +26,19 @@ use crate::{config::HttpConfig, error::ApiError, metrics};
 
 /// Header carrying the request id in and out.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Longest long poll a request may ask for with `?wait=`.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// A `?wait=` value: whole seconds (`5`) or a duration (`500ms`, `5s`); `None` if it is
+/// neither. The API refuses what is not a duration or exceeds [`MAX_WAIT`]; the gateway reads
+/// the same value to give a long poll time beyond its own upstream timeout.
+pub fn parse_wait(s: &str) -> Option<Duration> {
+    match s.parse::<u64>() {
+        Ok(secs) => Some(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(s).ok(),
+    }
+}
 
 tokio::task_local! {
     static REQUEST_ID: String;

@@ -35,7 +35,7 @@ use tenantry_core::{
     ApiError,
     auth::Caller,
     error::ErrorBody,
-    http::{REQUEST_ID_HEADER, current_request_id},
+    http::{self, REQUEST_ID_HEADER, current_request_id},
 };
 use uuid::Uuid;
 
@@ -238,12 +238,13 @@ async fn send(
     }
     let root = PathAndQuery::from_static("/");
     let path_and_query = req.uri().path_and_query().unwrap_or(&root);
+    let timeout = upstream_timeout(req, gw);
     let mut last_error = None;
     for endpoint in candidates {
         let uri = endpoint.uri(path_and_query).map_err(|e| {
             ApiError::bad_request("invalid_path", format!("the path cannot be forwarded: {e}"))
         })?;
-        let upstream = build(req, client, gw, uri);
+        let upstream = build(req, client, timeout, uri);
         let started = Instant::now();
         let result = match body.take() {
             // No body: one write of the head (an empty body would be a second write).
@@ -272,7 +273,7 @@ async fn send(
                     "upstream_timeout",
                     format!(
                         "the company's shard did not answer within {} ms",
-                        gw.upstream_timeout.as_millis()
+                        timeout.as_millis()
                     ),
                 ));
             }
@@ -301,12 +302,33 @@ async fn send(
     )))
 }
 
+/// How long the shard may take to send its response head: `gateway.upstream_timeout`, plus the
+/// long poll the request asks for with `?wait=` (at most [`http::MAX_WAIT`], as the API
+/// allows), so a long poll is not cut off at the gateway's own limit. A `wait` the API will
+/// refuse adds nothing.
+fn upstream_timeout(req: &HttpRequest, gw: &Gateway) -> Duration {
+    #[derive(serde::Deserialize)]
+    struct LongPoll {
+        wait: Option<String>,
+    }
+    let wait = web::Query::<LongPoll>::from_query(req.query_string())
+        .ok()
+        .and_then(|q| q.into_inner().wait)
+        .and_then(|w| http::parse_wait(&w))
+        .filter(|w| *w <= http::MAX_WAIT)
+        .unwrap_or_default();
+    gw.upstream_timeout + wait
+}
+
 /// The upstream request: method, end-to-end headers, request id, trace context, forwarding
 /// headers.
-fn build(req: &HttpRequest, client: &awc::Client, gw: &Gateway, url: Uri) -> awc::ClientRequest {
-    let mut upstream = client
-        .request(req.method().clone(), url)
-        .timeout(gw.upstream_timeout);
+fn build(
+    req: &HttpRequest,
+    client: &awc::Client,
+    timeout: Duration,
+    url: Uri,
+) -> awc::ClientRequest {
+    let mut upstream = client.request(req.method().clone(), url).timeout(timeout);
     let hop = connection_tokens(req.headers());
     for (name, value) in req.headers() {
         if is_hop_by_hop(name, &hop)
