@@ -151,6 +151,22 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
             "params_too_large",
         ),
         (
+            "NUL in a params value",
+            jobs.clone(),
+            Some(&member),
+            r#"{"kind":"echo","params":{"s":["a\u0000b"]}}"#.into(),
+            400,
+            "invalid_params",
+        ),
+        (
+            "NUL in a params key",
+            jobs.clone(),
+            Some(&member),
+            r#"{"kind":"echo","params":{"\u0000":1}}"#.into(),
+            400,
+            "invalid_params",
+        ),
+        (
             "malformed json",
             jobs.clone(),
             Some(&member),
@@ -216,15 +232,22 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
         assert_eq!(r.status().as_u16(), status, "{name}");
         assert_eq!(error_of!(r).error.code, code, "{name}");
     }
-    let mut r = c
-        .post(&jobs)
-        .bearer_auth(&member)
-        .insert_header(("idempotency-key", "has spaces in it"))
-        .send_json(&json!({"kind": "echo"}))
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    assert_eq!(error_of!(r).error.code, "invalid_idempotency_key");
+    let long_key = "k".repeat(201);
+    for key in ["has spaces in it", "", "tab\there", long_key.as_str()] {
+        let mut r = c
+            .post(&jobs)
+            .bearer_auth(&member)
+            .insert_header(("idempotency-key", key))
+            .send_json(&json!({"kind": "echo"}))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{key:?}");
+        assert_eq!(
+            error_of!(r).error.code,
+            "invalid_idempotency_key",
+            "{key:?}"
+        );
+    }
 
     for (url, status, code) in [
         (format!("{jobs}/not-a-uuid"), 400, "invalid_id"),
@@ -236,6 +259,16 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
         ),
         (
             format!("{jobs}/{}?wait=31s", Uuid::now_v7()),
+            400,
+            "invalid_wait",
+        ),
+        (
+            format!("{jobs}/{}?wait=-1", Uuid::now_v7()),
+            400,
+            "invalid_wait",
+        ),
+        (
+            format!("{jobs}/{}?wait=99999999999999999999999", Uuid::now_v7()),
             400,
             "invalid_wait",
         ),

@@ -173,17 +173,28 @@ impl JwtKey {
         Ok(claims)
     }
 
-    /// Checks the signature, `exp` (5 s leeway) and that `sub` is present.
+    /// Checks the signature, `exp` (5 s leeway) and that `sub` is present and plain: 1 to
+    /// [`MAX_SUB_LEN`] bytes without control characters, since it is logged and stored with
+    /// the jobs the caller creates.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let mut validation = Validation::new(self.algorithm);
         validation.leeway = LEEWAY;
         validation.set_required_spec_claims(&["exp", "sub"]);
-        jsonwebtoken::decode::<Claims>(token, &self.key, &validation)
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &validation)
             .map(|d| d.claims)
             .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
                 _ => AuthError::Invalid(e.to_string()),
-            })
+            })?;
+        if claims.sub.is_empty()
+            || claims.sub.len() > MAX_SUB_LEN
+            || claims.sub.chars().any(char::is_control)
+        {
+            return Err(AuthError::Invalid(format!(
+                "sub must be 1 to {MAX_SUB_LEN} bytes without control characters"
+            )));
+        }
+        Ok(claims)
     }
 }
 
@@ -193,6 +204,9 @@ fn read_pem(path: &str) -> anyhow::Result<Vec<u8>> {
     }
     std::fs::read(path).with_context(|| format!("reading the key file {path}"))
 }
+
+/// Longest accepted `sub` claim, in bytes.
+pub const MAX_SUB_LEN: usize = 256;
 
 /// Verifies an HS256 token's signature and expiry.
 pub fn verify_hs256(secret: &[u8], token: &str) -> Result<Claims, AuthError> {
@@ -350,6 +364,34 @@ mod tests {
             verify_hs256(b"k", &token),
             Err(AuthError::Expired)
         ));
+    }
+
+    #[test]
+    fn signed_tokens_with_an_empty_oversized_or_control_character_subject_are_refused() {
+        let long = "u".repeat(MAX_SUB_LEN + 1);
+        for sub in ["", "a\u{0}b", "line\nbreak", "esc\u{1b}[2J", long.as_str()] {
+            let claims = Claims {
+                sub: sub.into(),
+                exp: now() + 600,
+                iat: 0,
+                companies: BTreeMap::new(),
+                scope: String::new(),
+            };
+            let token = mint_hs256(b"k", &claims).unwrap();
+            assert!(
+                matches!(verify_hs256(b"k", &token), Err(AuthError::Invalid(_))),
+                "{sub:?}"
+            );
+        }
+        let fine = Claims {
+            sub: "u".repeat(MAX_SUB_LEN),
+            exp: now() + 600,
+            iat: 0,
+            companies: BTreeMap::new(),
+            scope: String::new(),
+        };
+        let token = mint_hs256(b"k", &fine).unwrap();
+        assert!(verify_hs256(b"k", &token).is_ok());
     }
 
     fn keys(alg: JwtAlgorithm, name: &str) -> AuthConfig {

@@ -129,6 +129,20 @@ pub struct ClaimedJob {
     pub created_at: DateTime<Utc>,
 }
 
+/// Whether `value` holds the character U+0000 in a string or an object key. PostgreSQL's
+/// `jsonb` and `text` cannot store it, so such a value must be refused (or replaced) before it
+/// reaches the database.
+pub fn contains_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(fields) => fields
+            .iter()
+            .any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
+    }
+}
+
 /// A handler's failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobError {

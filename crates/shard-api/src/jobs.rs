@@ -13,18 +13,18 @@ use tenantry_core::{
     ApiError,
     auth::{Caller, Role},
     config::QueueConfig,
-    http::current_request_id,
+    http::{self, current_request_id},
 };
 use tenantry_queue::{
-    JobRecord, NewJob, ShardQueue, metrics,
+    JobRecord, NewJob, ShardQueue,
+    job::contains_nul,
+    metrics,
     store::{self, EnqueueError, EnqueueLimits, Enqueued},
 };
 use uuid::Uuid;
 
 use crate::fence;
 
-/// Longest `?wait=` a GET may ask for.
-pub const MAX_GET_WAIT: Duration = Duration::from_secs(30);
 /// Longest accepted `Idempotency-Key`.
 pub const MAX_IDEMPOTENCY_KEY: usize = 200;
 
@@ -82,6 +82,12 @@ async fn create(
         return Err(ApiError::bad_request(
             "invalid_params",
             "params must be a JSON object",
+        ));
+    }
+    if contains_nul(&input.params) {
+        return Err(ApiError::bad_request(
+            "invalid_params",
+            "params must not contain the character U+0000, which a job record cannot hold",
         ));
     }
     let limit = state.queue.max_params_size.bytes();
@@ -237,19 +243,19 @@ struct ShowQuery {
 }
 
 fn parse_wait(s: &str) -> Result<Duration, ApiError> {
-    let d = match s.parse::<u64>() {
-        Ok(secs) => Duration::from_secs(secs),
-        Err(_) => humantime::parse_duration(s).map_err(|_| {
-            ApiError::bad_request(
-                "invalid_wait",
-                format!("wait {:?} is not a duration like 5s or 500ms", truncate(s)),
-            )
-        })?,
-    };
-    if d > MAX_GET_WAIT {
+    let d = http::parse_wait(s).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_wait",
+            format!("wait {:?} is not a duration like 5s or 500ms", truncate(s)),
+        )
+    })?;
+    if d > http::MAX_WAIT {
         return Err(ApiError::bad_request(
             "invalid_wait",
-            "wait may be at most 30s",
+            format!(
+                "wait may be at most {}",
+                humantime::format_duration(http::MAX_WAIT)
+            ),
         ));
     }
     Ok(d)
