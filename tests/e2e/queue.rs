@@ -601,27 +601,125 @@ impl tenantry_queue::Handler for Panics {
     }
 }
 
+/// Panics before it has a future to return.
+struct PanicsEarly;
+impl tenantry_queue::Handler for PanicsEarly {
+    fn run<'a>(
+        &'a self,
+        _job: &'a tenantry_queue::ClaimedJob,
+    ) -> tenantry_queue::worker::BoxFuture<'a, Result<serde_json::Value, JobError>> {
+        panic!("the handler's set-up bug")
+    }
+}
+
 #[tokio::test]
 async fn a_panicking_handler_fails_its_attempt_not_the_worker() {
     let db = TestDb::new(Schema::Shard).await;
-    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "panics", json!({}), 2)]).await[..] else {
-        panic!()
-    };
     let mut registry = Registry::default();
     registry.register("panics", Panics);
+    registry.register("panics_early", PanicsEarly);
     let w = worker_with(&db, 100, registry);
-    let ran = w.try_claim_and_run_one().await.unwrap();
+    for (kind, message) in [
+        ("panics", "handler panicked: the handler's own bug"),
+        ("panics_early", "handler panicked: the handler's set-up bug"),
+    ] {
+        let [id] = enqueue(&db, &[job(Uuid::now_v7(), kind, json!({}), 2)]).await[..] else {
+            panic!()
+        };
+        let ran = w.try_claim_and_run_one().await.unwrap();
+        assert_eq!(
+            ran,
+            Some((id, JobState::Waiting)),
+            "{kind}: retried, like any failure"
+        );
+        let error: String = db
+            .client()
+            .await
+            .query_one("SELECT error FROM jobs WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(error, message);
+    }
+}
+
+/// Returns what PostgreSQL cannot store: a result holding U+0000, or (`{"fail": true}`) an
+/// error message holding it and longer than a record keeps.
+struct Unstorable;
+impl tenantry_queue::Handler for Unstorable {
+    fn run<'a>(
+        &'a self,
+        job: &'a tenantry_queue::ClaimedJob,
+    ) -> tenantry_queue::worker::BoxFuture<'a, Result<serde_json::Value, JobError>> {
+        Box::pin(async move {
+            if job.params["fail"] == true {
+                Err(JobError::permanent(format!("nul\0{}", "é".repeat(5000))))
+            } else {
+                Ok(json!({"s": "a\0b"}))
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn an_outcome_postgresql_cannot_store_fails_its_own_job_not_its_completion_batch() {
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    let mut jobs = vec![
+        job(company, "unstorable", json!({}), 3),
+        job(company, "unstorable", json!({"fail": true}), 3),
+    ];
+    jobs.extend((0..6).map(|i| job(company, "echo", json!({"i": i}), 1)));
+    let ids = enqueue(&db, &jobs).await;
+    let mut registry = Registry::default();
+    registry.register("unstorable", Unstorable);
+    registry.register("echo", tenantry_queue::worker::Echo);
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker_with(&db, 100, registry).run(stop.clone()));
+    let settled = crate::support::until_count(
+        &db,
+        "SELECT count(*) FROM jobs WHERE state IN ('done', 'error')",
+        8,
+        Duration::from_secs(20),
+    )
+    .await;
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    assert_eq!(settled, 8, "every job was recorded");
+    let c = db.client().await;
+    let error_of = |id: Uuid| {
+        let c = &c;
+        async move {
+            let row = c
+                .query_one(
+                    "SELECT state, attempts, error FROM jobs WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .unwrap();
+            (
+                row.get::<_, String>(0),
+                row.get::<_, i32>(1),
+                row.get::<_, String>(2),
+            )
+        }
+    };
+    let (state, attempts, error) = error_of(ids[0]).await;
     assert_eq!(
-        ran,
-        Some((id, JobState::Waiting)),
-        "retried, like any failure"
+        (state.as_str(), attempts),
+        ("error", 1),
+        "no retry: it cannot get better"
     );
-    let error: String = db
-        .client()
-        .await
-        .query_one("SELECT error FROM jobs WHERE id = $1", &[&id])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(error, "handler panicked: the handler's own bug");
+    assert!(error.contains("U+0000"), "{error}");
+    let (state, _, error) = error_of(ids[1]).await;
+    assert_eq!(state, "error");
+    assert!(error.starts_with("nul\u{FFFD}éé"), "{error:.40}");
+    assert!(
+        error.len() <= 4096 && error.ends_with('…'),
+        "{}",
+        error.len()
+    );
+    for id in &ids[2..] {
+        assert_eq!(state_of(&db, *id).await.0, "done");
+    }
 }

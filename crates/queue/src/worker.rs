@@ -27,7 +27,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
-    job::{ClaimedJob, JobError, JobState},
+    job::{ClaimedJob, JobError, JobState, contains_nul},
     listen::Listener,
     metrics,
     store::{self, Outcome},
@@ -530,7 +530,9 @@ async fn run_job(registry: &Registry, opts: &WorkerOptions, job: ClaimedJob) -> 
             // Caught here rather than by running the handler in a task of its own: a job
             // already runs in its slot's task, and one more spawn was one more wake-up on the
             // way from claim to start.
-            let run = AssertUnwindSafe(handler.run(&job).instrument(span.clone()));
+            // `run` is called inside the caught future: a handler may panic while building
+            // its future as well as while it runs.
+            let run = AssertUnwindSafe(async { handler.run(&job).await }.instrument(span.clone()));
             match run.catch_unwind().await {
                 Ok(result) => result,
                 Err(panic) => Err(JobError::retryable(format!(
@@ -540,6 +542,7 @@ async fn run_job(registry: &Registry, opts: &WorkerOptions, job: ClaimedJob) -> 
             }
         }
     };
+    let result = storable(result);
     let elapsed = started.elapsed();
     metrics::RUN_SECONDS
         .with_label_values(&[&opts.shard_id, &kind])
@@ -557,6 +560,36 @@ async fn run_job(registry: &Registry, opts: &WorkerOptions, job: ClaimedJob) -> 
         attempt,
         result,
         retry_in,
+    }
+}
+
+/// Longest error message kept in a job's record (and its event); longer ones are cut.
+const MAX_ERROR_MESSAGE: usize = 4096;
+
+/// An outcome the job record can hold. PostgreSQL cannot store U+0000, and an outcome it refuses
+/// would fail the whole completion batch it is written in, so a result holding one fails its
+/// attempt for good instead, and an error message has it replaced. Error messages are cut to
+/// [`MAX_ERROR_MESSAGE`] bytes.
+fn storable(result: Result<Value, JobError>) -> Result<Value, JobError> {
+    match result {
+        Ok(value) if contains_nul(&value) => Err(JobError::permanent(
+            "the handler's result contains the character U+0000, which a job record cannot hold",
+        )),
+        Ok(value) => Ok(value),
+        Err(mut e) => {
+            if e.message.contains('\0') {
+                e.message = e.message.replace('\0', "\u{FFFD}");
+            }
+            if e.message.len() > MAX_ERROR_MESSAGE {
+                let mut cut = MAX_ERROR_MESSAGE - '…'.len_utf8();
+                while !e.message.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                e.message.truncate(cut);
+                e.message.push('…');
+            }
+            Err(e)
+        }
     }
 }
 
