@@ -288,6 +288,42 @@ async fn a_small_company_is_not_starved_by_a_big_backlog() {
 }
 
 #[tokio::test]
+async fn a_newcomer_is_not_queued_behind_a_backlog_that_fell_behind_the_clock() {
+    // A backlog worked off slower than one job per fairness quantum: its claim order lies hours
+    // in the past. New jobs of other companies (one by one and in bulk) must still go first.
+    let db = TestDb::new(Schema::Shard).await;
+    let (big, one, bulk) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let backlog: Vec<_> = (0..500)
+        .map(|i| job(big, "echo", json!({"i": i}), 1))
+        .collect();
+    enqueue(&db, &backlog).await;
+    db.exec("UPDATE jobs SET priority = priority - 10 * 3600 * 1000000::bigint")
+        .await;
+    let mut c = db.client().await;
+    let tx = c.transaction().await.unwrap();
+    let single = match store::enqueue(&tx, &job(one, "echo", json!({}), 1), LIMITS)
+        .await
+        .unwrap()
+    {
+        store::Enqueued::Created(r) => r.view.id,
+        other => panic!("{other:?}"),
+    };
+    tx.commit().await.unwrap();
+    let [many] = enqueue(&db, &[job(bulk, "echo", json!({}), 1)]).await[..] else {
+        panic!()
+    };
+    let first = store::claim(&mut c, "w", 4, Duration::from_secs(30), 100)
+        .await
+        .unwrap();
+    let ids: Vec<_> = first.iter().map(|j| j.id).collect();
+    assert!(
+        ids.contains(&single) && ids.contains(&many),
+        "both newcomers are among the first four claimed: {:?}",
+        first.iter().map(|j| j.company_id).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
 async fn a_pooled_transaction_keeps_the_enqueue_statements_prepared() {
     // Each POST /jobs enqueues in a pooled connection's transaction: after the first, its
     // statements cost one round trip each, with no parsing or planning.

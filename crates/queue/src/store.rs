@@ -27,6 +27,18 @@ macro_rules! fairness_quantum_us {
     };
 }
 
+/// The virtual time a new job's claim order starts from (µs): the clock, or the claim order of
+/// the oldest waiting job when the queue has fallen behind the clock. Without the second, a
+/// backlog worked off at less than one job per quantum drifts into the past, and a new job of
+/// another company, stamped "now", would queue behind all of that backlog's overdue jobs. One
+/// probe of the head of `jobs_claimable`; in a bulk insert it is evaluated once.
+macro_rules! virtual_now {
+    () => {
+        "least((extract(epoch FROM clock_timestamp()) * 1e6)::bigint,
+               (SELECT min(h.priority) FROM jobs h WHERE h.state = 'waiting'))"
+    };
+}
+
 /// The `job.finished` events of the rows of `updated` (id, state, company_id, kind,
 /// request_id, finished_at) that finished. Rows going back to `waiting` (a retry) have not
 /// finished and get no event. Each event is a row turned into JSON (a quarter cheaper than
@@ -295,8 +307,9 @@ const WAITING_OF_SQL: &str = "SELECT count(*) FROM (SELECT 1 FROM jobs
 const ENQUEUE_SQL: &str = concat!(
     "INSERT INTO jobs (id, request_id, company_id, user_context, kind, params,
                        max_attempts, idempotency_key, priority)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
-             (extract(epoch FROM clock_timestamp()) * 1e6)::bigint + $9::bigint * ",
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, ",
+    virtual_now!(),
+    " + $9::bigint * ",
     fairness_quantum_us!(),
     ")
      ON CONFLICT (company_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
@@ -313,10 +326,12 @@ const BY_IDEMPOTENCY_KEY_SQL: &str = concat!(
 /// Inserts one job inside the caller's transaction, so the job exists exactly when the caller's
 /// write commits. After the commit, call [`crate::Notifier::poke`] to wake workers.
 ///
-/// Fairness: the claim order (`priority`) is "now" pushed back by one quantum per job the
-/// company already has waiting — a start-time fair queue. A company with 10,000 waiting jobs
-/// puts its next one 10,000 s of virtual time back, so another company's single job is
-/// claimed next, not after the 10,000; within one company the order stays first in, first out.
+/// Fairness: the claim order (`priority`) is the queue's virtual time pushed back by one
+/// quantum per job the company already has waiting — a start-time fair queue. The virtual time
+/// is "now", or the claim order of the oldest waiting job if that is earlier (the queue is
+/// behind), so a new job never queues behind another company's overdue backlog. A company with
+/// 10,000 waiting jobs puts its next one 10,000 s of virtual time back, so another company's
+/// single job is claimed next, not after the 10,000.
 pub async fn enqueue(
     tx: &impl QueueTx,
     job: &NewJob,
@@ -391,7 +406,9 @@ async fn by_idempotency_key(
 const ENQUEUE_MANY_SQL: &str = concat!(
     "INSERT INTO jobs (id, request_id, company_id, user_context, kind, params, max_attempts, priority)
      SELECT x.id, x.request_id, x.company_id, x.user_context, x.kind, x.params, x.max_attempts,
-            (extract(epoch FROM clock_timestamp()) * 1e6)::bigint + x.\"offset\" * ",
+            ",
+    virtual_now!(),
+    " + x.\"offset\" * ",
     fairness_quantum_us!(),
     "
        FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::jsonb[], $5::text[], $6::jsonb[],
