@@ -90,11 +90,20 @@ fn worker_with(db: &TestDb, max_per_company: i64, registry: Registry) -> Worker 
 
 /// [`worker_with`] whose metrics carry the shard label `shard`.
 fn worker_on(db: &TestDb, shard: &str, max_per_company: i64, registry: Registry) -> Worker {
+    worker_from(db, registry, options(shard, max_per_company))
+}
+
+/// The tests' worker settings: 4 slots, short retry backoff.
+fn options(shard: &str, max_per_company: i64) -> WorkerOptions {
     let mut queue = dev_config().queue;
     queue.retry_base = Duration::from_millis(200);
     queue.retry_max = Duration::from_millis(400);
     let mut opts = WorkerOptions::from_config(shard, 4, &queue, Duration::from_secs(1));
     opts.max_processing_per_company = max_per_company;
+    opts
+}
+
+fn worker_from(db: &TestDb, registry: Registry, opts: WorkerOptions) -> Worker {
     Worker::new(shard_pool(db, 4), registry, opts, listener(db, 10))
 }
 
@@ -378,6 +387,68 @@ async fn the_per_company_cap_bounds_concurrent_processing() {
         more.is_empty(),
         "a is at its cap and b has nothing left: {more:?}"
     );
+}
+
+#[tokio::test]
+async fn a_batch_cut_short_by_the_cap_is_topped_up_at_once_not_at_the_next_poll() {
+    // A company at the head of the queue fills a claim's candidates; the cap (2) keeps two of
+    // them, and the other company's job must be claimed right after, not at the next poll
+    // (30 s here) or when the capped jobs finish (20 s).
+    let db = TestDb::new(Schema::Shard).await;
+    let (big, small) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut queue = dev_config().queue;
+    queue.builtin_kinds = vec!["echo".into(), "sleep".into()];
+    let mut opts = options("shard-t", 2);
+    opts.poll_interval = Duration::from_secs(30);
+    let wakes = listener(&db, 10);
+    let worker = Worker::new(
+        shard_pool(&db, 4),
+        Registry::from_config(&queue),
+        opts,
+        wakes.clone(),
+    );
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker.run(stop.clone()));
+    while !wakes.is_connected() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Let the idle worker find the queue empty and go to sleep until a notification.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let backlog: Vec<_> = (0..20)
+        .map(|_| job(big, "sleep", json!({"ms": 20_000}), 1))
+        .collect();
+    enqueue(&db, &backlog).await;
+    let [mine] = enqueue(&db, &[job(small, "echo", json!({}), 1)]).await[..] else {
+        panic!()
+    };
+    // Behind all of the big company's jobs in claim order, as if it had arrived later.
+    db.exec(&format!(
+        "UPDATE jobs SET priority = priority + 100 * 1000000::bigint WHERE id = '{mine}'"
+    ))
+    .await;
+    db.exec(&format!(
+        "SELECT pg_notify('{}', '')",
+        store::CHANNEL_WAITING
+    ))
+    .await;
+    let done = crate::support::until_count(
+        &db,
+        &format!("SELECT count(*) FROM jobs WHERE id = '{mine}' AND state = 'done'"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        done, 1,
+        "the small company's job ran while the big one was at its cap"
+    );
+    let processing = db
+        .scalar("SELECT count(*) FROM jobs WHERE state = 'processing'")
+        .await;
+    assert_eq!(processing, 2, "the big company stays at its cap");
+    stop.cancel();
+    running.await.unwrap().unwrap();
 }
 
 #[tokio::test]

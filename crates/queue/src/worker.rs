@@ -463,7 +463,12 @@ impl Worker {
                     }
                 });
             }
-            if got < free {
+            // A capped claim takes its batch from the first `free` claimable rows and then drops
+            // those over their company's cap, so a short batch need not mean an empty queue:
+            // claim again at once (the companies now at their cap are passed over). Only an
+            // empty claim, or a short uncapped one, means nothing more is claimable.
+            let capped = this.opts.max_processing_per_company != store::UNCAPPED;
+            if got < free && (got == 0 || !capped) {
                 // Nothing more claimable right now: sleep until a NOTIFY, a freed slot or the poll.
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
