@@ -642,6 +642,31 @@ async fn finished_rows_are_pruned_after_retention_but_dead_letters_stay() {
         vec![ids[1]],
         "the error row stays until an operator acts"
     );
+
+    // A dead letter that failed long ago but was resolved today keeps its note for the
+    // retention, counted from the resolution.
+    let week = Duration::from_secs(7 * 86_400);
+    store::resolve(&c, ids[1], "handled by hand").await.unwrap();
+    assert_eq!(store::prune(&mut c, week, 1000).await.unwrap(), 0);
+    c.execute(
+        "UPDATE jobs SET updated_at = now() - interval '8 days'",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(store::prune(&mut c, week, 1000).await.unwrap(), 1);
+
+    // Published events older than the retention go; recent and unpublished ones stay.
+    c.batch_execute(
+        "DELETE FROM outbox;
+         INSERT INTO outbox (events, published_at) VALUES
+             ('[]', now() - interval '8 days'), ('[]', NULL),
+             ('[]', now() - interval '8 days'), ('[]', now());",
+    )
+    .await
+    .unwrap();
+    assert_eq!(store::prune(&mut c, week, 1000).await.unwrap(), 2);
+    assert_eq!(db.scalar("SELECT count(*) FROM outbox").await, 2);
 }
 
 #[test]

@@ -1010,8 +1010,15 @@ pub async fn release(
         .await
 }
 
-/// Deletes up to `limit` finished rows older than `retention` (`done`, `error_resolved`;
-/// `error` rows stay until an operator acts) and published outbox rows as old.
+/// Deletes up to `limit` finished rows older than `retention` (`done` rows by when they
+/// finished, `error_resolved` rows by when they were resolved; `error` rows stay until an
+/// operator acts) and up to `limit` published outbox rows as old.
+///
+/// The outbox is pruned from its oldest rows by id (the primary key): of the first `limit`
+/// rows, those published before the cutoff go. Rows are written and published in id order, so
+/// that is where prunable rows are, and a pass reads at most `limit` rows even when nothing is
+/// old enough (a filter on `published_at` alone has no index to use and would read the whole
+/// outbox).
 pub async fn prune(
     client: &mut tokio_postgres::Client,
     retention: Duration,
@@ -1026,15 +1033,16 @@ pub async fn prune(
                  SELECT id FROM jobs
                   WHERE state IN ('done', 'error_resolved')
                     AND finished_at < now() - $1 * interval '1 second'
+                    AND (state = 'done' OR updated_at < now() - $1 * interval '1 second')
                   LIMIT $2)",
             &[&secs, &limit],
         )
         .await?;
     let outbox = tx
         .execute(
-            "DELETE FROM outbox WHERE id IN (
-                 SELECT id FROM outbox
-                  WHERE published_at < now() - $1 * interval '1 second' LIMIT $2)",
+            "WITH head AS (SELECT id, published_at FROM outbox ORDER BY id LIMIT $2)
+             DELETE FROM outbox o USING head h
+              WHERE o.id = h.id AND h.published_at < now() - $1 * interval '1 second'",
             &[&secs, &limit],
         )
         .await?;
