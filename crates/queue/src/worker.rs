@@ -437,9 +437,12 @@ impl Worker {
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     break;
                 };
-                metrics::ENQUEUE_TO_START_SECONDS
-                    .with_label_values(&[&this.opts.shard_id, &job.kind])
-                    .observe(store::enqueue_to_start(job.created_at).as_secs_f64());
+                // First attempts only: a retry's wait is its backoff, not the queue's delay.
+                if job.attempt == 1 {
+                    metrics::ENQUEUE_TO_START_SECONDS
+                        .with_label_values(&[&this.opts.shard_id, &job.kind])
+                        .observe(store::enqueue_to_start(job.created_at).as_secs_f64());
+                }
                 running
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -748,8 +751,10 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
                     tracing::info!(rows = total, "pruned finished jobs and published events");
                 }
             }
+            // Reset only once the new figures are in: a failed count keeps the last ones.
+            let depth = store::depth(&mut client).await?;
             metrics::DEPTH.reset();
-            for (state, kind, n) in store::depth(&mut client).await? {
+            for (state, kind, n) in depth {
                 metrics::DEPTH
                     .with_label_values(&[&shard, &state, &kind])
                     .set(n);
