@@ -501,6 +501,16 @@ impl Config {
             &mut problems,
         );
         for (key, d, min, max) in [
+            // A lease shorter than a second gets running jobs rescued and run again; a zero
+            // poll interval makes an idle worker claim without pause.
+            ("queue.lease", q.lease, s(1), s(86_400)),
+            ("queue.poll_interval", q.poll_interval, ms(10), s(3600)),
+            ("queue.rescue_interval", q.rescue_interval, ms(100), s(3600)),
+            ("queue.prune_interval", q.prune_interval, s(1), s(86_400)),
+            ("queue.retention", q.retention, s(60), s(3650 * 86_400)),
+            ("queue.retry_base", q.retry_base, ms(1), s(86_400)),
+            ("queue.retry_max", q.retry_max, ms(1), s(7 * 86_400)),
+            ("queue.sleep_max", q.sleep_max, ms(0), s(3600)),
             (
                 "gateway.upstream_timeout",
                 g.upstream_timeout,
@@ -683,6 +693,14 @@ mod tests {
                 "shard.id",
             ),
             ("[catalog]\npool_size = 0\n", "catalog.pool_size"),
+            ("[queue]\nlease = \"0s\"\n", "queue.lease must be between"),
+            ("[queue]\npoll_interval = \"0s\"\n", "queue.poll_interval"),
+            (
+                "[queue]\nrescue_interval = \"0s\"\n",
+                "queue.rescue_interval",
+            ),
+            ("[queue]\nprune_interval = \"0s\"\n", "queue.prune_interval"),
+            ("[queue]\nretention = \"1s\"\n", "queue.retention"),
             (
                 "[gateway]\nretry_buffer = \"2MiB\"\n",
                 "gateway.retry_buffer must not exceed",
