@@ -672,6 +672,10 @@ async fn operators_list_show_retry_and_resolve_dead_letters() {
         .0,
         0
     );
+    // A second shard whose database is down; it sorts first, so every search meets it.
+    catalog
+        .exec("INSERT INTO shards (id, database_url) VALUES ('s0', 'postgres://postgres@127.0.0.1:1/down')")
+        .await;
     let company = Uuid::now_v7();
     let [id] = enqueue(&shard, &[job(company, "no-such-kind", json!({"x": 1}), 1)]).await[..]
     else {
@@ -687,15 +691,26 @@ async fn operators_list_show_retry_and_resolve_dead_letters() {
         out.contains(&id.to_string()) && out.contains("no handler"),
         "{out}"
     );
-    let (code, out, _) = admin(&["jobs", "show", &id.to_string()]);
-    assert_eq!(code, 0);
+    let (code, out, err) = admin(&["jobs", "show", &id.to_string()]);
+    assert_eq!(
+        code, 0,
+        "the shard that is down does not hide the job: {err}"
+    );
+    assert!(err.contains("skipping shard s0"), "{err}");
     assert!(
         out.contains("shard       s1") || out.contains("s1"),
         "{out}"
     );
+    let (code, _, err) = admin(&["jobs", "show", &id.to_string(), "--shard", "s0"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("connecting to shard s0"), "{err}");
     let (code, out, err) = admin(&["jobs", "retry", &id.to_string()]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("back to waiting"), "{out}");
+    let (code, out, err) = admin(&["jobs", "retry", &id.to_string()]);
+    assert_eq!(code, 1, "a waiting job cannot be retried");
+    assert!(out.is_empty(), "nothing claims it was retried: {out}");
+    assert!(err.contains("only jobs in error"), "{err}");
     let (code, _, err) = admin(&["jobs", "resolve", &id.to_string(), "--note", "done by hand"]);
     assert_eq!(code, 1, "a waiting job cannot be resolved");
     assert!(err.contains("only jobs in error"), "{err}");
@@ -712,8 +727,7 @@ async fn operators_list_show_retry_and_resolve_dead_letters() {
         "--json",
     ]);
     assert_eq!(code, 0, "{err}");
-    let json_start = out.find('{').unwrap();
-    let rec: Value = serde_json::from_str(&out[json_start..]).unwrap();
+    let rec: Value = serde_json::from_str(&out).expect("--json prints JSON only");
     assert_eq!(rec["state"], "error_resolved");
     assert_eq!(rec["resolution_note"], "refunded by hand");
     // hostile arguments
@@ -731,7 +745,10 @@ async fn operators_list_show_retry_and_resolve_dead_letters() {
     assert!(err.contains("not in the catalog"), "{err}");
     let (code, _, err) = admin(&["jobs", "show", &Uuid::now_v7().to_string()]);
     assert_eq!(code, 1);
-    assert!(err.contains("no job"), "{err}");
+    assert!(
+        err.contains("no job") && err.contains("not reachable: s0"),
+        "{err}"
+    );
 }
 
 /// Claims one job and records a permanent failure for it: a dead letter.

@@ -65,11 +65,8 @@ fn parse_state(s: &str) -> Result<JobState, String> {
     })
 }
 
-/// (shard id, client) for the shards to look at.
-async fn shard_clients(
-    cfg: &Config,
-    only: Option<&str>,
-) -> anyhow::Result<Vec<(String, tokio_postgres::Client)>> {
+/// The catalog's shards, or just `only` (which must be one of them).
+async fn shards(cfg: &Config, only: Option<&str>) -> anyhow::Result<Vec<catalog::ShardRow>> {
     let cat = db::connect(&cfg.catalog.url, &cfg.database, "tenantry-admin")
         .await
         .context("connecting to the catalog")?;
@@ -79,40 +76,60 @@ async fn shard_clients(
     {
         anyhow::bail!("shard {id:?} is not in the catalog (see `tenantry admin shard list`)");
     }
-    let mut out = Vec::new();
-    for s in shards
+    Ok(shards
         .into_iter()
         .filter(|s| only.is_none_or(|id| id == s.id))
-    {
-        let c = db::connect(&s.database_url, &cfg.database, "tenantry-admin")
-            .await
-            .with_context(|| format!("connecting to shard {}", s.id))?;
-        out.push((s.id, c));
-    }
-    Ok(out)
+        .collect())
 }
 
+async fn connect(
+    cfg: &Config,
+    shard: &catalog::ShardRow,
+) -> anyhow::Result<tokio_postgres::Client> {
+    db::connect(&shard.database_url, &cfg.database, "tenantry-admin")
+        .await
+        .with_context(|| format!("connecting to shard {}", shard.id))
+}
+
+/// Looks for the job on `shard`, or on every shard one at a time. Without `--shard`, a shard
+/// that cannot be reached is skipped with a warning, so one shard being down does not hide a
+/// job on another; it is named if the job is not found.
 async fn find(
     cfg: &Config,
     id: Uuid,
     shard: Option<&str>,
 ) -> anyhow::Result<(String, tokio_postgres::Client, JobRecord)> {
-    for (sid, client) in shard_clients(cfg, shard).await? {
+    let mut unreachable = Vec::new();
+    for s in shards(cfg, shard).await? {
+        let client = match connect(cfg, &s).await {
+            Ok(c) => c,
+            Err(e) if shard.is_none() => {
+                eprintln!("warning: skipping shard {}: {e:#}", s.id);
+                unreachable.push(s.id);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(job) = store::get_any(&client, id).await? {
-            return Ok((sid, client, job));
+            return Ok((s.id, client, job));
         }
     }
-    anyhow::bail!(
-        "no job {id} on {}",
-        shard.map_or("any shard".to_owned(), |s| format!("shard {s}"))
-    )
+    match (shard, unreachable.is_empty()) {
+        (Some(s), _) => anyhow::bail!("no job {id} on shard {s}"),
+        (None, true) => anyhow::bail!("no job {id} on any shard"),
+        (None, false) => anyhow::bail!(
+            "no job {id} on the shards that could be reached; not reachable: {}",
+            unreachable.join(", ")
+        ),
+    }
 }
 
 pub async fn run(cmd: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
     match cmd {
         JobsCommand::List(a) => {
-            let mut clients = shard_clients(cfg, Some(&a.shard)).await?;
-            let (_, client) = clients.pop().context("shard not found")?;
+            let shard = shards(cfg, Some(&a.shard)).await?;
+            let shard = shard.first().context("shard not found")?;
+            let client = connect(cfg, shard).await?;
             let jobs = store::list(&client, a.state, a.company, a.limit).await?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&jobs)?);
@@ -155,14 +172,14 @@ pub async fn run(cmd: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
             print_job(&shard, &job, a.json)?;
         }
         JobsCommand::Retry(a) => {
-            let (shard, client, job) = find(cfg, a.id, a.shard.as_deref()).await?;
-            println!(
-                "retrying job {} ({} on shard {shard}, state {}): back to waiting with fresh attempts",
-                job.view.id,
-                job.view.kind,
-                job.view.state.as_str()
-            );
+            let (shard, client, _) = find(cfg, a.id, a.shard.as_deref()).await?;
             let job = store::retry(&client, a.id).await?;
+            if !a.json {
+                println!(
+                    "retried job {} ({} on shard {shard}): back to waiting with fresh attempts",
+                    job.view.id, job.view.kind
+                );
+            }
             print_job(&shard, &job, a.json)?;
         }
         JobsCommand::Resolve(a) => {
@@ -170,14 +187,14 @@ pub async fn run(cmd: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
             if note.is_empty() || note.len() > 2000 {
                 anyhow::bail!("--note must say why, in 1 to 2000 characters");
             }
-            let (shard, client, job) = find(cfg, a.one.id, a.one.shard.as_deref()).await?;
-            println!(
-                "resolving job {} ({} on shard {shard}, state {}) as error_resolved",
-                job.view.id,
-                job.view.kind,
-                job.view.state.as_str()
-            );
+            let (shard, client, _) = find(cfg, a.one.id, a.one.shard.as_deref()).await?;
             let job = store::resolve(&client, a.one.id, note).await?;
+            if !a.one.json {
+                println!(
+                    "resolved job {} ({} on shard {shard}) as error_resolved",
+                    job.view.id, job.view.kind
+                );
+            }
             print_job(&shard, &job, a.one.json)?;
         }
     }

@@ -1,9 +1,15 @@
 //! Plain aligned tables for operators' terminals.
 
-/// Renders rows under a header, columns padded to their widest cell.
+/// Renders rows under a header, columns padded to their widest cell. Control characters in a
+/// cell (a line break or a terminal escape in a job's error text, say) are shown escaped, so
+/// no cell can break the layout or drive the operator's terminal.
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| escape_controls(cell)).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
                 *w = (*w).max(cell.chars().count());
@@ -22,10 +28,25 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
         s.trim_end().to_owned() + "\n"
     };
     let mut out = line(header.to_vec());
-    for row in rows {
+    for row in &rows {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
     }
     out
+}
+
+fn escape_controls(cell: &str) -> String {
+    if !cell.chars().any(char::is_control) {
+        return cell.to_owned();
+    }
+    cell.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -34,5 +55,11 @@ mod tests {
     fn columns_line_up() {
         let t = super::render(&["ID", "STATE"], &[vec!["shard-1".into(), "active".into()]]);
         assert_eq!(t, "ID       STATE\nshard-1  active\n");
+    }
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        let t = super::render(&["A", "B"], &[vec!["x\ny".into(), "\u{1b}[2Jé".into()]]);
+        assert_eq!(t, "A     B\nx\\ny  \\u{1b}[2Jé\n");
     }
 }
