@@ -753,6 +753,58 @@ async fn a_stopped_shard_fails_only_its_own_companies() {
     }
 }
 
+#[actix_web::test]
+async fn a_slow_job_answers_202_with_a_location_that_long_polls_through_the_gateway() {
+    // The shard waits api.sync_wait (3 s) before its 202; the gateway's own timeout (5 s) is
+    // shorter than the long poll that follows, which it must let run its course.
+    let env = Env::new(1).await;
+    let gw = env.gateway(&[("TENANTRY_GATEWAY__UPSTREAM_TIMEOUT", "5s")]);
+    let base = gw.url("gateway");
+    let company = Uuid::now_v7();
+    assert_eq!(create_company(&base, company, "Slow").await.0, 201);
+    let auth = company_token(company, "member");
+    let mut r = http()
+        .post(format!("{base}/v1/companies/{company}/jobs"))
+        .bearer_auth(&auth)
+        .send_json(&json!({"kind": "sleep", "params": {"ms": 9000}}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r
+        .headers()
+        .get("location")
+        .expect("a 202 says where the job is")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let job: Value = r.json().await.unwrap();
+    assert_eq!(
+        location,
+        format!(
+            "/v1/companies/{company}/jobs/{}",
+            job["id"].as_str().unwrap()
+        )
+    );
+    assert!(
+        job["state"] == "waiting" || job["state"] == "processing",
+        "{job}"
+    );
+    let mut r = http()
+        .get(format!("{base}{location}?wait=15s"))
+        .bearer_auth(&auth)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "the long poll outlives gateway.upstream_timeout"
+    );
+    let job: Value = r.json().await.unwrap();
+    assert_eq!(job["state"], "done", "{job}");
+}
+
 /// What the stand-in shard received: (path and query, headers, body length) per request.
 type Seen = Arc<Mutex<Vec<(String, Vec<(String, String)>, usize)>>>;
 

@@ -357,6 +357,7 @@ async fn a_full_queue_answers_429_with_retry_after() {
     own(&db, company, "owned").await;
     let mut cmd = shard_node(&db.url, true, 0);
     cmd.env("TENANTRY_QUEUE__MAX_WAITING_PER_COMPANY", "3")
+        .env("TENANTRY_QUEUE__MAX_WAITING_PER_SHARD", "4")
         .env("TENANTRY_API__SYNC_WAIT", "0s");
     let node = Served::start(&mut cmd, 1);
     let url = format!("{}/v1/companies/{company}/jobs", node.url("api"));
@@ -381,6 +382,38 @@ async fn a_full_queue_answers_429_with_retry_after() {
     assert_eq!(error_of!(r).error.code, "too_many_jobs");
     let n = db.scalar("SELECT count(*) FROM jobs").await;
     assert_eq!(n, 3, "the refused request left nothing behind");
+
+    // The shard-wide cap (4) refuses another company once the API's count of waiting jobs,
+    // refreshed every second, has caught up with a backlog written past the API.
+    let other = Uuid::now_v7();
+    own(&db, other, "owned").await;
+    let filler: Vec<_> = (0..5)
+        .map(|_| job(Uuid::now_v7(), "echo", json!({}), 1))
+        .collect();
+    enqueue(&db, &filler).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let other_url = format!("{}/v1/companies/{other}/jobs", node.url("api"));
+    let mut accepted = 0;
+    let refused = loop {
+        let mut r = http()
+            .post(&other_url)
+            .bearer_auth(member_token(other))
+            .send_json(&json!({"kind": "echo"}))
+            .await
+            .unwrap();
+        if r.status() == 202 && accepted < 2 {
+            // Only if the count has not been refreshed yet.
+            accepted += 1;
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            continue;
+        }
+        assert_eq!(r.status(), 429);
+        assert!(r.headers().get("retry-after").is_some());
+        break error_of!(r).error.code;
+    };
+    assert_eq!(refused, "queue_full");
+    let n = db.scalar("SELECT count(*) FROM jobs").await;
+    assert_eq!(n, 8 + accepted, "the refused request left nothing behind");
 }
 
 #[actix_web::test]
