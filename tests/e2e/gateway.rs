@@ -22,7 +22,9 @@ use tenantry_shardmap::{
 use tenantry_testkit::{TestBroker, TestCluster, TestDb, amqp_url, proxy::TcpProxy};
 use uuid::Uuid;
 
-use crate::support::{SECRET, Served, http, own, shard_node, tenantry, token};
+use crate::support::{
+    SECRET, Served, http, own, shard_node, slow_job_202_then_done, tenantry, token,
+};
 
 const SHARD_HEADER: &str = "x-tenantry-shard";
 
@@ -753,56 +755,25 @@ async fn a_stopped_shard_fails_only_its_own_companies() {
     }
 }
 
+/// One shard, a gateway (`extra`: env overrides) in front of it, and a company created through
+/// it: (environment, gateway, its URL, the company, a member's token).
+async fn one_company(extra: &[(&str, &str)]) -> (Env, Served, String, Uuid, String) {
+    let env = Env::new(1).await;
+    let gw = env.gateway(extra);
+    let base = gw.url("gateway");
+    let company = Uuid::now_v7();
+    assert_eq!(create_company(&base, company, "Acme").await.0, 201);
+    let auth = company_token(company, "member");
+    (env, gw, base, company, auth)
+}
+
 #[actix_web::test]
 async fn a_slow_job_answers_202_with_a_location_that_long_polls_through_the_gateway() {
     // The shard waits api.sync_wait (3 s) before its 202; the gateway's own timeout (5 s) is
     // shorter than the long poll that follows, which it must let run its course.
-    let env = Env::new(1).await;
-    let gw = env.gateway(&[("TENANTRY_GATEWAY__UPSTREAM_TIMEOUT", "5s")]);
-    let base = gw.url("gateway");
-    let company = Uuid::now_v7();
-    assert_eq!(create_company(&base, company, "Slow").await.0, 201);
-    let auth = company_token(company, "member");
-    let mut r = http()
-        .post(format!("{base}/v1/companies/{company}/jobs"))
-        .bearer_auth(&auth)
-        .send_json(&json!({"kind": "sleep", "params": {"ms": 9000}}))
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let location = r
-        .headers()
-        .get("location")
-        .expect("a 202 says where the job is")
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let job: Value = r.json().await.unwrap();
-    assert_eq!(
-        location,
-        format!(
-            "/v1/companies/{company}/jobs/{}",
-            job["id"].as_str().unwrap()
-        )
-    );
-    assert!(
-        job["state"] == "waiting" || job["state"] == "processing",
-        "{job}"
-    );
-    let mut r = http()
-        .get(format!("{base}{location}?wait=15s"))
-        .bearer_auth(&auth)
-        .timeout(Duration::from_secs(30))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status(),
-        200,
-        "the long poll outlives gateway.upstream_timeout"
-    );
-    let job: Value = r.json().await.unwrap();
-    assert_eq!(job["state"], "done", "{job}");
+    let (_env, _gw, base, company, auth) =
+        one_company(&[("TENANTRY_GATEWAY__UPSTREAM_TIMEOUT", "5s")]).await;
+    slow_job_202_then_done(&base, company, &auth, 9000, "15s").await;
 }
 
 /// What the stand-in shard received: (path and query, headers, body length) per request.
@@ -1127,12 +1098,8 @@ async fn a_company_over_its_rate_gets_429_and_others_do_not() {
 
 #[actix_web::test]
 async fn a_frozen_company_is_held_until_the_freeze_ends_or_the_wait_runs_out() {
-    let env = Env::new(1).await;
-    let gw = env.gateway(&[("TENANTRY_GATEWAY__FREEZE_WAIT", "1500ms")]);
-    let base = gw.url("gateway");
-    let company = Uuid::now_v7();
-    assert_eq!(create_company(&base, company, "Acme").await.0, 201);
-    let auth = company_token(company, "member");
+    let (env, _gw, base, company, auth) =
+        one_company(&[("TENANTRY_GATEWAY__FREEZE_WAIT", "1500ms")]).await;
     own(env.shard(0), company, "frozen").await;
     let (b, a) = (base.clone(), auth.clone());
     let started = Instant::now();

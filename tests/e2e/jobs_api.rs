@@ -10,7 +10,10 @@ use uuid::Uuid;
 
 use crate::{
     queue::{enqueue, job},
-    support::{Served, http, own, run, shard_node, start_worker, tenantry, token, until_count},
+    support::{
+        Served, http, own, run, shard_node, slow_job_202_then_done, start_worker, tenantry, token,
+        until_count,
+    },
 };
 
 fn member_token(company: Uuid) -> String {
@@ -40,34 +43,7 @@ async fn a_quick_job_answers_200_and_a_slow_one_202_then_done() {
         (JobState::Done, Some(json!({"slept_ms": 100})))
     );
 
-    let mut r = c
-        .post(format!("{base}/v1/companies/{company}/jobs"))
-        .bearer_auth(&auth)
-        .send_json(&json!({"kind": "sleep", "params": {"ms": 5000}}))
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let location = r
-        .headers()
-        .get("location")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let j: JobView = r.json().await.unwrap();
-    assert!(matches!(j.state, JobState::Waiting | JobState::Processing));
-    assert_eq!(location, format!("/v1/companies/{company}/jobs/{}", j.id));
-
-    let mut r = c
-        .get(format!("{base}{location}?wait=10s"))
-        .bearer_auth(&auth)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let done: JobView = r.json().await.unwrap();
-    assert_eq!(done.state, JobState::Done);
-    assert!(done.finished_at.is_some() && done.started_at.is_some());
+    let done = slow_job_202_then_done(&base, company, &auth, 5000, "10s").await;
 
     // the job row carries who asked and the request id, for "what happened to request X"
     let row = db

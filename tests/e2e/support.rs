@@ -240,3 +240,46 @@ pub async fn until_count(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Posts a `sleep` job of `ms` to `base` (a shard API or a gateway) for `company`, which must
+/// outlast `api.sync_wait`: checks the `202`, its `Location` naming the job and the job still
+/// `waiting`/`processing`, then long-polls that location with `?wait=` and checks the job
+/// finished. Returns the finished job.
+pub async fn slow_job_202_then_done(
+    base: &str,
+    company: uuid::Uuid,
+    auth: &str,
+    ms: u64,
+    wait: &str,
+) -> tenantry_queue::JobView {
+    use tenantry_queue::{JobState, JobView};
+    let mut r = http()
+        .post(format!("{base}/v1/companies/{company}/jobs"))
+        .bearer_auth(auth)
+        .send_json(&serde_json::json!({"kind": "sleep", "params": {"ms": ms}}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r
+        .headers()
+        .get("location")
+        .expect("a 202 says where the job is")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let j: JobView = r.json().await.unwrap();
+    assert!(matches!(j.state, JobState::Waiting | JobState::Processing));
+    assert_eq!(location, format!("/v1/companies/{company}/jobs/{}", j.id));
+    let mut r = http()
+        .get(format!("{base}{location}?wait={wait}"))
+        .bearer_auth(auth)
+        .timeout(Duration::from_secs(40))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let done: JobView = r.json().await.unwrap();
+    assert_eq!(done.state, JobState::Done);
+    assert!(done.finished_at.is_some() && done.started_at.is_some());
+    done
+}
