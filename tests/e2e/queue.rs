@@ -333,6 +333,51 @@ async fn a_newcomer_is_not_queued_behind_a_backlog_that_fell_behind_the_clock() 
 }
 
 #[tokio::test]
+async fn a_retry_waiting_out_its_backoff_holds_back_neither_the_claim_head_nor_new_jobs() {
+    // A retry keeps its place only from the end of its backoff: until then it is not the head
+    // of the claimable index, and new jobs are stamped from the clock, not from its old place.
+    let db = TestDb::new(Schema::Shard).await;
+    let [retried] = enqueue(&db, &[job(Uuid::now_v7(), "echo", json!({}), 3)]).await[..] else {
+        panic!()
+    };
+    // Enqueued an hour ago.
+    db.exec("UPDATE jobs SET priority = priority - 3600 * 1000000::bigint")
+        .await;
+    let mut c = db.client().await;
+    let claimed = store::claim(&mut c, "w", 1, Duration::from_secs(30), 100)
+        .await
+        .unwrap();
+    let failed = Outcome {
+        id: retried,
+        attempt: claimed[0].attempt,
+        result: Err(JobError::retryable("try later")),
+        retry_in: Duration::from_secs(600),
+    };
+    store::finish(&mut c, "w", &[failed]).await.unwrap();
+    let behind_its_backoff = db
+        .scalar(&format!(
+            "SELECT count(*) FROM jobs WHERE id = '{retried}' AND state = 'waiting'
+                AND priority >= (extract(epoch FROM run_at) * 1e6)::bigint
+                AND run_at > now() + interval '9 minutes'"
+        ))
+        .await;
+    assert_eq!(behind_its_backoff, 1);
+    let [fresh] = enqueue(&db, &[job(Uuid::now_v7(), "echo", json!({}), 1)]).await[..] else {
+        panic!()
+    };
+    let from_the_clock = db
+        .scalar(&format!(
+            "SELECT count(*) FROM jobs WHERE id = '{fresh}'
+                AND priority > (extract(epoch FROM now() - interval '1 minute') * 1e6)::bigint"
+        ))
+        .await;
+    assert_eq!(
+        from_the_clock, 1,
+        "a new job is not stamped from the retry's old place"
+    );
+}
+
+#[tokio::test]
 async fn a_pooled_transaction_keeps_the_enqueue_statements_prepared() {
     // Each POST /jobs enqueues in a pooled connection's transaction: after the first, its
     // statements cost one round trip each, with no parsing or planning.

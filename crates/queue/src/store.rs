@@ -829,6 +829,13 @@ macro_rules! record_outcome {
                            ELSE now() + ",
             $retry_ms,
             " * interval '1 millisecond' END,
+             priority = CASE WHEN ",
+            $ok,
+            " THEN j.priority
+                           ELSE greatest(j.priority,
+                                         (extract(epoch FROM now() + ",
+            $retry_ms,
+            " * interval '1 millisecond') * 1e6)::bigint) END,
              finished_at = CASE WHEN ",
             $ok,
             " OR ",
