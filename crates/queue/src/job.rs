@@ -127,6 +127,9 @@ pub struct ClaimedJob {
     pub attempt: i32,
     pub max_attempts: i32,
     pub created_at: DateTime<Utc>,
+    /// When this attempt became claimable: the enqueue, the end of a retry's backoff, or the
+    /// moment an operator's retry, the rescuer or a stopping worker put it back.
+    pub ready_at: DateTime<Utc>,
 }
 
 /// Whether `value` holds the character U+0000 in a string or an object key. PostgreSQL's

@@ -507,7 +507,8 @@ macro_rules! async_commit {
 macro_rules! claimed_columns {
     () => {
         "RETURNING j.id, j.request_id, j.company_id, j.user_context, j.kind, j.params,
-            j.attempts, j.max_attempts, j.created_at, j.priority"
+            j.attempts, j.max_attempts, j.created_at, j.priority,
+            greatest(j.created_at, j.run_at)"
     };
 }
 
@@ -541,16 +542,19 @@ const CLAIM_SQL: &str = concat!(
                     row_number() OVER (PARTITION BY c.company_id ORDER BY c.priority) + c.n AS slot
                FROM candidates c
          ) c WHERE c.slot <= $3::int8
+     ), counted AS (
+         SELECT count(*) AS n FROM candidates
      ), ",
     async_commit!(),
     "
      ",
     take_lease!(),
     "
-       FROM chosen, async_commit
+       FROM chosen, async_commit, counted
       WHERE j.id = chosen.id AND j.state = 'waiting'
   ",
-    claimed_columns!()
+    claimed_columns!(),
+    ", counted.n"
 );
 
 /// A claim of up to `$1` jobs, each of whose candidates must also pass `$cap` (a predicate on
@@ -623,21 +627,44 @@ pub async fn claim(
     lease: Duration,
     max_processing_per_company: i64,
 ) -> Result<Vec<ClaimedJob>, tokio_postgres::Error> {
+    claim_batch(client, worker_id, limit, lease, max_processing_per_company)
+        .await
+        .map(|(jobs, _)| jobs)
+}
+
+/// [`claim`], also saying whether the per-company cap held back some of the batch's candidates:
+/// a capped batch is taken from the first `limit` claimable rows, so when the cap drops some of
+/// them, more may be claimable beyond (the worker then claims again at once rather than waiting
+/// for a wake-up).
+pub async fn claim_batch(
+    client: &mut impl QueueConn,
+    worker_id: &str,
+    limit: i64,
+    lease: Duration,
+    max_processing_per_company: i64,
+) -> Result<(Vec<ClaimedJob>, bool), tokio_postgres::Error> {
     let lease_ms = lease.as_millis() as f64;
     // Processing rows are counted per company once (`running`), and each candidate the index
     // scan visits looks its company up there through a LATERAL scalar subquery, which keeps the
     // scan in claim order.
+    // Only the batch statement drops candidates after choosing them (one job at a time, each
+    // candidate's company is checked before it is chosen); it also returns their number.
+    let (sql, batch) = match (limit, max_processing_per_company) {
+        (_, UNCAPPED) => (CLAIM_UNCAPPED_SQL, false),
+        (1, _) => (CLAIM_ONE_SQL, false),
+        _ => (CLAIM_SQL, true),
+    };
     let rows = single_statement(
         client,
-        match (limit, max_processing_per_company) {
-            (_, UNCAPPED) => CLAIM_UNCAPPED_SQL,
-            (1, _) => CLAIM_ONE_SQL,
-            _ => CLAIM_SQL,
-        },
+        sql,
         &[&limit, &worker_id, &max_processing_per_company, &lease_ms],
         None,
     )
     .await?;
+    let cut_by_cap = batch
+        && rows
+            .first()
+            .is_some_and(|r| r.get::<_, i64>(11) > rows.len() as i64);
     let mut jobs: Vec<(i64, ClaimedJob)> = rows
         .iter()
         .map(|r| {
@@ -653,12 +680,13 @@ pub async fn claim(
                     attempt: r.get(6),
                     max_attempts: r.get(7),
                     created_at: r.get(8),
+                    ready_at: r.get(10),
                 },
             )
         })
         .collect();
     jobs.sort_by_key(|(p, _)| *p);
-    Ok(jobs.into_iter().map(|(_, j)| j).collect())
+    Ok((jobs.into_iter().map(|(_, j)| j).collect(), cut_by_cap))
 }
 
 /// One finished attempt, for [`finish`].
@@ -1230,9 +1258,9 @@ pub async fn depth(
         .collect())
 }
 
-/// For tests and metrics: when a job became claimable vs. when it started.
-pub fn enqueue_to_start(created_at: DateTime<Utc>) -> Duration {
-    (Utc::now() - created_at).to_std().unwrap_or_default()
+/// For tests and metrics: how long a job waited from becoming claimable (`ready_at`) to now.
+pub fn enqueue_to_start(ready_at: DateTime<Utc>) -> Duration {
+    (Utc::now() - ready_at).to_std().unwrap_or_default()
 }
 
 #[cfg(test)]

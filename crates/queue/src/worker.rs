@@ -394,7 +394,7 @@ impl Worker {
             let claimed = async {
                 let mut client = this.pool.get().await?;
                 Ok::<_, anyhow::Error>(
-                    store::claim(
+                    store::claim_batch(
                         &mut client,
                         &this.id,
                         free as i64,
@@ -408,10 +408,10 @@ impl Worker {
             metrics::CLAIM_SECONDS
                 .with_label_values(&[&this.opts.shard_id])
                 .observe(started.elapsed().as_secs_f64());
-            let jobs = match claimed {
-                Ok(jobs) => {
+            let (jobs, cut_by_cap) = match claimed {
+                Ok(claimed) => {
                     failures = 0;
-                    jobs
+                    claimed
                 }
                 Err(e) => {
                     failures += 1;
@@ -437,12 +437,11 @@ impl Worker {
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     break;
                 };
-                // First attempts only: a retry's wait is its backoff, not the queue's delay.
-                if job.attempt == 1 {
-                    metrics::ENQUEUE_TO_START_SECONDS
-                        .with_label_values(&[&this.opts.shard_id, &job.kind])
-                        .observe(store::enqueue_to_start(job.created_at).as_secs_f64());
-                }
+                // From when this attempt became claimable: a retry's backoff, or the days a
+                // dead letter waited for an operator, are not the queue's delay.
+                metrics::ENQUEUE_TO_START_SECONDS
+                    .with_label_values(&[&this.opts.shard_id, &job.kind])
+                    .observe(store::enqueue_to_start(job.ready_at).as_secs_f64());
                 running
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -467,11 +466,9 @@ impl Worker {
                 });
             }
             // A capped claim takes its batch from the first `free` claimable rows and then drops
-            // those over their company's cap, so a short batch need not mean an empty queue:
-            // claim again at once (the companies now at their cap are passed over). Only an
-            // empty claim, or a short uncapped one, means nothing more is claimable.
-            let capped = this.opts.max_processing_per_company != store::UNCAPPED;
-            if got < free && (got == 0 || !capped) {
+            // those over their company's cap, so a batch cut short that way need not mean an
+            // empty queue: claim again at once (the companies now at their cap are passed over).
+            if got < free && !cut_by_cap {
                 // Nothing more claimable right now: sleep until a NOTIFY, a freed slot or the poll.
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
