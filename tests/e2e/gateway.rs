@@ -1062,6 +1062,14 @@ async fn a_hanging_shard_answers_504_on_time_and_its_in_flight_cap_sheds_load() 
             .unwrap();
         assert_eq!(r.status(), 504, "{query:?}");
     }
+    // Only reads long-poll: a write's ?wait= buys no time.
+    let r = http()
+        .post(format!("{slow}?wait=2s"))
+        .bearer_auth(&auth)
+        .send_body("{}")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
     broker.cleanup().await;
 }
 

@@ -724,21 +724,26 @@ async fn operators_list_show_retry_and_resolve_dead_letters() {
     assert_eq!(code, 1, "a waiting job cannot be resolved");
     assert!(err.contains("only jobs in error"), "{err}");
     fail_one(&mut c).await;
-    let (code, _, err) = admin(&["jobs", "resolve", &id.to_string(), "--note", "   "]);
-    assert_eq!(code, 1);
-    assert!(err.contains("--note"), "{err}");
+    let too_long = "x".repeat(2001);
+    for note in ["   ", too_long.as_str()] {
+        let (code, _, err) = admin(&["jobs", "resolve", &id.to_string(), "--note", note]);
+        assert_eq!(code, 1);
+        assert!(err.contains("--note"), "{err}");
+    }
+    // 2000 characters is the limit, not 2000 bytes.
+    let note = "é".repeat(2000);
     let (code, out, err) = admin(&[
         "jobs",
         "resolve",
         &id.to_string(),
         "--note",
-        "refunded by hand",
+        &note,
         "--json",
     ]);
     assert_eq!(code, 0, "{err}");
     let rec: Value = serde_json::from_str(&out).expect("--json prints JSON only");
     assert_eq!(rec["state"], "error_resolved");
-    assert_eq!(rec["resolution_note"], "refunded by hand");
+    assert_eq!(rec["resolution_note"], note.as_str());
     // hostile arguments
     assert_eq!(admin(&["jobs", "show", "not-a-uuid"]).0, 2);
     assert_eq!(

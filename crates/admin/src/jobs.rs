@@ -101,17 +101,22 @@ async fn find(
 ) -> anyhow::Result<(String, tokio_postgres::Client, JobRecord)> {
     let mut unreachable = Vec::new();
     for s in shards(cfg, shard).await? {
-        let client = match connect(cfg, &s).await {
-            Ok(c) => c,
+        let found = async {
+            let client = connect(cfg, &s).await?;
+            let job = store::get_any(&client, id)
+                .await
+                .with_context(|| format!("reading shard {}", s.id))?;
+            Ok::<_, anyhow::Error>(job.map(|job| (client, job)))
+        }
+        .await;
+        match found {
+            Ok(Some((client, job))) => return Ok((s.id, client, job)),
+            Ok(None) => {}
             Err(e) if shard.is_none() => {
                 eprintln!("warning: skipping shard {}: {e:#}", s.id);
                 unreachable.push(s.id);
-                continue;
             }
             Err(e) => return Err(e),
-        };
-        if let Some(job) = store::get_any(&client, id).await? {
-            return Ok((s.id, client, job));
         }
     }
     match (shard, unreachable.is_empty()) {
@@ -184,7 +189,7 @@ pub async fn run(cmd: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
         }
         JobsCommand::Resolve(a) => {
             let note = a.note.trim();
-            if note.is_empty() || note.len() > 2000 {
+            if note.is_empty() || note.chars().count() > 2000 {
                 anyhow::bail!("--note must say why, in 1 to 2000 characters");
             }
             let (shard, client, _) = find(cfg, a.one.id, a.one.shard.as_deref()).await?;

@@ -302,14 +302,17 @@ async fn send(
     )))
 }
 
-/// How long the shard may take to send its response head: `gateway.upstream_timeout`, plus the
-/// long poll the request asks for with `?wait=` (at most [`http::MAX_WAIT`], as the API
+/// How long the shard may take to send its response head: `gateway.upstream_timeout`, plus, for
+/// a GET, the long poll it asks for with `?wait=` (at most [`http::MAX_WAIT`], as the API
 /// allows), so a long poll is not cut off at the gateway's own limit. A `wait` the API will
-/// refuse adds nothing.
+/// refuse adds nothing, and only reads long-poll.
 fn upstream_timeout(req: &HttpRequest, gw: &Gateway) -> Duration {
     #[derive(serde::Deserialize)]
     struct LongPoll {
         wait: Option<String>,
+    }
+    if req.method() != Method::GET {
+        return gw.upstream_timeout;
     }
     let wait = web::Query::<LongPoll>::from_query(req.query_string())
         .ok()
