@@ -249,3 +249,27 @@ fn serve_reports_a_taken_port_and_exits_non_zero() {
     assert_eq!(code, 1);
     assert!(err.contains("binding the gateway listener"), "{err}");
 }
+
+#[actix_web::test]
+async fn a_role_stuck_at_shutdown_is_abandoned_after_the_grace_period() {
+    // The event relay's broker accepts the connection and then says nothing: the relay hangs in
+    // its connect. SIGTERM must still end the process after the grace period (1 s + 2 s), long
+    // before the relay's own 30 s broker timeout.
+    let shard = TestDb::new(Schema::Shard).await;
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let broker = format!("amqp://guest:guest@{}/%2f", silent.local_addr().unwrap());
+    let mut cmd = crate::support::shard_node(&shard.url, false, 1);
+    cmd.env("TENANTRY_RABBITMQ__RELAY_EVENTS", "true")
+        .env("TENANTRY_RABBITMQ__URL", &broker)
+        .env("TENANTRY_SHUTDOWN__GRACE_PERIOD", "1s");
+    let mut served = crate::support::start_worker(&mut cmd);
+    served.signal("TERM");
+    let code = served.wait_exit(Duration::from_secs(10));
+    assert!(code.is_some(), "the process exited");
+    let logs = served.logs_to_end(Duration::from_secs(5)).join("\n");
+    assert!(
+        logs.contains("roles did not stop within the grace period"),
+        "{logs}"
+    );
+    drop(silent);
+}

@@ -2,11 +2,18 @@
 //! changes: rows written to a database's `outbox` table in the same transaction as the change
 //! they describe are published to a RabbitMQ exchange with publisher confirms, and marked
 //! published only after every message of the row was confirmed — at least once, never lost
-//! while RabbitMQ is down (the rows wait), in `id` order.
+//! while RabbitMQ is down (the rows wait). A relay publishes the rows it can see in `id` order,
+//! but ids are taken when a row is inserted and transactions commit in their own order, so a
+//! row with a lower id can become visible (and be published) after a higher one: consumers
+//! must not rely on the order of messages, only on what each says (versions, states, times).
 //!
 //! Several relays may run against one database. How they share the rows is the `select`
 //! statement's choice: `FOR UPDATE SKIP LOCKED` lets them work side by side, `FOR UPDATE` makes a
-//! second relay wait for the first and then skip what it published, which keeps one order.
+//! second relay wait for the first and then skip what it published.
+//!
+//! A relay stops between two batches when the process shuts down, and gives up on a broker
+//! that does not accept its connection or confirm a batch within 30 s (the batch's rows stay
+//! unpublished and its transaction ends; the relay reconnects with backoff).
 
 use std::{sync::Arc, time::Duration};
 
@@ -70,6 +77,9 @@ pub async fn declare_exchange(
         .with_context(|| format!("declaring exchange {exchange}"))
 }
 
+/// Longest wait for RabbitMQ to accept a connection or confirm a batch.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Relay {
     /// Runs until `shutdown`, reconnecting to RabbitMQ with backoff.
     pub async fn run(self, shutdown: CancellationToken) {
@@ -84,9 +94,15 @@ impl Relay {
     }
 
     async fn connected(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let conn = Connection::connect(&self.amqp_url, ConnectionProperties::default())
-            .await
-            .context("connecting to RabbitMQ")?;
+        // A broker that accepts the connection but never answers must not hold the relay (and
+        // its shutdown) forever.
+        let conn = tokio::time::timeout(
+            BROKER_TIMEOUT,
+            Connection::connect(&self.amqp_url, ConnectionProperties::default()),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("RabbitMQ did not answer within {BROKER_TIMEOUT:?}"))
+        .and_then(|c| c.context("connecting to RabbitMQ"))?;
         let channel = conn.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -98,6 +114,11 @@ impl Relay {
             // Register interest before looking, so a poke during the batch is not lost.
             let woken = self.wake.notified();
             let published = self.publish_batch(&channel).await?;
+            // A backlog is published batch by batch; a shutdown stops it between two.
+            if published > 0 && shutdown.is_cancelled() {
+                let _ = conn.close(200, "shutdown".into()).await;
+                return Ok(());
+            }
             if published == 0 {
                 if let Some(sql) = self.prune
                     && pruned.elapsed() > Duration::from_secs(60)
@@ -145,12 +166,22 @@ impl Relay {
                 confirms.push(confirm);
             }
         }
-        for c in confirms {
-            match c.await? {
-                Confirmation::Nack(_) => anyhow::bail!("RabbitMQ refused a message (nack)"),
-                Confirmation::Ack(_) | Confirmation::NotRequested => {}
+        // A broker that stops confirming (a disk or memory alarm blocks publishers) fails the
+        // batch after BROKER_TIMEOUT: its rows stay unpublished, the transaction and its row
+        // locks end, and the relay reconnects.
+        let confirmed = tokio::time::timeout(BROKER_TIMEOUT, async {
+            for c in confirms {
+                match c.await? {
+                    Confirmation::Nack(_) => anyhow::bail!("RabbitMQ refused a message (nack)"),
+                    Confirmation::Ack(_) | Confirmation::NotRequested => {}
+                }
             }
-        }
+            Ok(())
+        })
+        .await;
+        confirmed.map_err(|_| {
+            anyhow::anyhow!("RabbitMQ did not confirm the batch within {BROKER_TIMEOUT:?}")
+        })??;
         tx.execute(
             "UPDATE outbox SET published_at = now() WHERE id = ANY($1)",
             &[&ids],

@@ -1,8 +1,10 @@
 //! The event relay: publishes the shard's `outbox` rows to RabbitMQ exchange
 //! `tenantry.events` (topic, durable) with publisher confirms, one message per event with
 //! routing key `company.<uuid>`, and marks a row published only after every one of its
-//! messages was confirmed — at least once, in order per relay. Several relays may run: rows
-//! are locked with SKIP LOCKED, so each is taken by one relay at a time. The mechanics are
+//! messages was confirmed — at least once. Several relays may run: rows are locked with SKIP
+//! LOCKED, so each is taken by one relay at a time. Events are not ordered (completions commit
+//! in their own order and several relays publish side by side): a consumer tells a job's latest
+//! state by its `state` and `finished_at`, or by reading the job. The mechanics are
 //! [`tenantry_core::relay`]'s.
 
 use std::{sync::Arc, time::Duration};

@@ -95,26 +95,40 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(roles = ?roles, version = tenantry_core::VERSION, "tenantry started");
 
     // A role that stops on its own (a listener that died) takes the whole process down, so a
-    // supervisor restarts it instead of leaving a half-working node.
+    // supervisor restarts it instead of leaving a half-working node. However the shutdown
+    // began (a signal or a failed role), whatever still runs gets the grace period, plus a
+    // little for bookkeeping, and is then abandoned: a stuck role never keeps the process up.
     let grace = cfg.shutdown.grace_period;
     let mut failure = None;
-    while let Some(joined) = tasks.join_next().await {
-        let (role, result) = joined.context("role task panicked")?;
-        if let Err(e) = result {
-            tracing::error!(role, error = format!("{e:#}"), "role failed; shutting down");
-            failure.get_or_insert(e);
-        } else if !shutdown.is_cancelled() {
-            tracing::error!(role, "role stopped unexpectedly; shutting down");
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => {
+                let Some(joined) = joined else { break };
+                let (role, result) = joined.context("role task panicked")?;
+                match result {
+                    Err(e) => {
+                        tracing::error!(role, error = format!("{e:#}"), "role failed; shutting down");
+                        failure.get_or_insert(e);
+                    }
+                    Ok(()) if !shutdown.is_cancelled() => {
+                        tracing::error!(role, "role stopped unexpectedly; shutting down");
+                    }
+                    Ok(()) => {}
+                }
+                shutdown.cancel();
+            }
+            _ = shutdown.cancelled() => {}
         }
-        if !shutdown.is_cancelled() {
-            shutdown.cancel();
-            // Whatever is still running gets the grace period, plus a little for bookkeeping.
+        if shutdown.is_cancelled() {
             let deadline = grace + Duration::from_secs(2);
             if tokio::time::timeout(deadline, drain(&mut tasks))
                 .await
                 .is_err()
             {
-                tracing::warn!("roles did not stop within the grace period; exiting");
+                tracing::warn!(
+                    roles = tasks.len(),
+                    "roles did not stop within the grace period; exiting without them"
+                );
             }
             break;
         }
