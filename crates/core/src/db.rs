@@ -1,6 +1,6 @@
 //! PostgreSQL connections: bounded pools with timeouts, and one-off clients for the CLI.
 
-use std::str::FromStr;
+use std::{str::FromStr, time::Duration};
 
 use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -29,6 +29,14 @@ pub fn pg_config_with(
     let mut cfg = tokio_postgres::Config::from_str(url.expose())
         .with_context(|| format!("parsing database URL {url}"))?;
     cfg.connect_timeout(db.connect_timeout);
+    // TCP keepalives (unless the URL sets its own): a connection that a NAT or a dead peer
+    // dropped without a reset is noticed within about a minute instead of the kernel's two
+    // hours, which matters most for the idle LISTEN connections that wake workers and waiters.
+    if cfg.get_keepalives() && cfg.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        cfg.keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3);
+    }
     if cfg.get_application_name().is_none() {
         cfg.application_name(application_name);
     }
@@ -199,6 +207,22 @@ mod tests {
         let own = DatabaseUrl::new("postgres://h/d?options=-c%20work_mem%3D8MB");
         let cfg = pg_config_with(&own, &db, "t", "-c jit=off").unwrap();
         assert_eq!(cfg.get_options(), Some("-c work_mem=8MB -c jit=off"));
+    }
+
+    #[test]
+    fn connections_keep_alive_unless_the_url_says_otherwise() {
+        let db = DatabaseConfig {
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::ZERO,
+        };
+        let cfg = pg_config(&DatabaseUrl::new("postgres://h/d"), &db, "t").unwrap();
+        assert!(cfg.get_keepalives());
+        assert_eq!(cfg.get_keepalives_idle(), Duration::from_secs(30));
+        let own = DatabaseUrl::new("postgres://h/d?keepalives_idle=600");
+        let cfg = pg_config(&own, &db, "t").unwrap();
+        assert_eq!(cfg.get_keepalives_idle(), Duration::from_secs(600));
+        let off = DatabaseUrl::new("postgres://h/d?keepalives=0");
+        assert!(!pg_config(&off, &db, "t").unwrap().get_keepalives());
     }
 
     #[test]

@@ -126,8 +126,12 @@ impl Listener {
             return None;
         }
         let (tx, rx) = oneshot::channel();
-        self.inner.lock().entry(id).or_default().push(tx);
+        // Counted under the lock, as removals are: a wake-up between the two cannot subtract
+        // a waiter that was not counted yet.
+        let mut waiters = self.inner.lock();
+        waiters.entry(id).or_default().push(tx);
         self.inner.count.fetch_add(1, Ordering::Relaxed);
+        drop(waiters);
         Some(Waiter {
             id,
             rx: Some(rx),
