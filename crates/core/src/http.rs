@@ -325,7 +325,8 @@ where
     .disable_signals()
     .max_connections(http.max_connections)
     .client_request_timeout(http.client_request_timeout)
-    .shutdown_timeout(grace.as_secs());
+    // Whole seconds, rounded up: a grace of 300ms must not become 0 and drop every request.
+    .shutdown_timeout(grace.as_secs() + u64::from(grace.subsec_nanos() > 0));
     if http.threads > 0 {
         server = server.workers(http.threads);
     }
