@@ -110,7 +110,14 @@ fn worker_from(db: &TestDb, registry: Registry, opts: WorkerOptions) -> Worker {
 #[tokio::test]
 async fn failed_attempts_back_off_then_dead_letter_with_the_error_kept() {
     let db = TestDb::new(Schema::Shard).await;
-    let w = worker(&db, 100);
+    // Backoffs of seconds, ended by moving run_at rather than by sleeping: no timing window.
+    let mut queue = dev_config().queue;
+    queue.builtin_kinds = vec!["sleep".into()];
+    let mut opts = options("shard-t", 100);
+    opts.retry_base = Duration::from_secs(4);
+    opts.retry_max = Duration::from_secs(60);
+    let w = worker_from(&db, Registry::from_config(&queue), opts);
+    let end_backoff = || db.exec("UPDATE jobs SET run_at = now()");
     let [id] = enqueue(
         &db,
         &[job(
@@ -127,31 +134,34 @@ async fn failed_attempts_back_off_then_dead_letter_with_the_error_kept() {
         w.try_claim_and_run_one().await.unwrap(),
         Some((id, JobState::Waiting))
     );
-    let row = db
-        .client()
-        .await
-        .query_one(
-            "SELECT run_at > now(), error FROM jobs WHERE id = $1",
-            &[&id],
-        )
-        .await
-        .unwrap();
-    assert!(
-        row.get::<_, bool>(0),
-        "the retry is scheduled in the future"
-    );
-    assert_eq!(row.get::<_, String>(1), "upstream said no");
+    let backoff_s = |c: tokio_postgres::Client| async move {
+        let row = c
+            .query_one(
+                "SELECT extract(epoch FROM run_at - now())::float8, error FROM jobs WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, f64>(0), row.get::<_, String>(1))
+    };
+    let (first, error) = backoff_s(db.client().await).await;
+    // 4 s × a jitter factor in [0.75, 1.25), less the time this took.
+    assert!((2.0..5.0).contains(&first), "first backoff {first} s");
+    assert_eq!(error, "upstream said no");
     assert_eq!(
         w.try_claim_and_run_one().await.unwrap(),
         None,
         "not claimable during backoff"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    end_backoff().await;
     assert_eq!(
         w.try_claim_and_run_one().await.unwrap(),
         Some((id, JobState::Waiting))
     );
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    let (second, _) = backoff_s(db.client().await).await;
+    // 8 s × [0.75, 1.25): exponential.
+    assert!((5.0..10.0).contains(&second), "second backoff {second} s");
+    end_backoff().await;
     assert_eq!(
         w.try_claim_and_run_one().await.unwrap(),
         Some((id, JobState::Error))
@@ -222,25 +232,28 @@ async fn a_late_completion_after_a_rescue_is_discarded_and_the_job_completes_onc
 #[tokio::test]
 async fn the_one_job_step_discards_and_counts_its_completion_when_its_lease_was_lost() {
     let db = TestDb::new(Schema::Shard).await;
-    let mut queue = dev_config().queue;
-    queue.builtin_kinds = vec!["sleep".into()];
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut registry = Registry::default();
+    registry.register("gated", Gated(gate.clone()));
     // Its own shard label: the counters are process-wide and tests run side by side.
     let shard = format!("shard-late-{}", Uuid::new_v4().simple());
-    let w = worker_on(&db, &shard, 100, Registry::from_config(&queue));
-    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "sleep", json!({"ms": 1000}), 3)]).await[..]
-    else {
+    let w = worker_on(&db, &shard, 100, registry);
+    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "gated", json!({}), 3)]).await[..] else {
         panic!()
     };
     let step = tokio::spawn(async move { w.try_claim_and_run_one().await.unwrap() });
     let mut c = db.client().await;
-    for _ in 0..500 {
-        if state_of(&db, id).await.0 == "processing" {
-            break;
-        }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while state_of(&db, id).await.0 != "processing" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the step claimed the job"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // The step's handler is still sleeping when its lease runs out and the job is rescued.
+    // The step's handler is still held when its lease runs out and the job is rescued.
     assert_eq!(expire_and_rescue(&mut c, id).await, (vec![id], vec![]));
+    gate.notify_one();
     assert_eq!(
         step.await.unwrap(),
         None,
@@ -775,6 +788,20 @@ impl tenantry_queue::Handler for Panics {
         _job: &'a tenantry_queue::ClaimedJob,
     ) -> tenantry_queue::worker::BoxFuture<'a, Result<serde_json::Value, JobError>> {
         Box::pin(async { panic!("the handler's own bug") })
+    }
+}
+
+/// Finishes (with `null`) only when its gate is opened.
+struct Gated(std::sync::Arc<tokio::sync::Notify>);
+impl tenantry_queue::Handler for Gated {
+    fn run<'a>(
+        &'a self,
+        _job: &'a tenantry_queue::ClaimedJob,
+    ) -> tenantry_queue::worker::BoxFuture<'a, Result<serde_json::Value, JobError>> {
+        Box::pin(async move {
+            self.0.notified().await;
+            Ok(serde_json::Value::Null)
+        })
     }
 }
 

@@ -3,13 +3,18 @@
 
 use std::time::Duration;
 
-use tenantry_testkit::{Schema, TestDb};
+use tenantry_testkit::{Schema, TestBroker, TestDb};
 
 use crate::support::{SECRET, Served, http, run, tenantry, token};
 
-fn gateway(catalog: &TestDb) -> std::process::Command {
+/// A gateway on `catalog`, with its own shard-map exchange on `broker` (removed with it).
+fn gateway(catalog: &TestDb, broker: &TestBroker) -> std::process::Command {
     let mut cmd = tenantry();
     cmd.env("TENANTRY_AUTH__JWT_SECRET", SECRET)
+        .env(
+            "TENANTRY_RABBITMQ__SHARDMAP_EXCHANGE",
+            broker.exchange("shardmap"),
+        )
         .env("TENANTRY_CATALOG__URL", &catalog.url)
         .env("TENANTRY_GATEWAY__ENABLED", "true")
         .env("TENANTRY_GATEWAY__LISTEN", "127.0.0.1:0")
@@ -21,7 +26,8 @@ fn gateway(catalog: &TestDb) -> std::process::Command {
 #[actix_web::test]
 async fn gateway_serves_health_and_the_shard_map_to_operators_only() {
     let catalog = TestDb::new(Schema::Catalog).await;
-    let served = Served::start(&mut gateway(&catalog), 1);
+    let broker = TestBroker::new().await;
+    let served = Served::start(&mut gateway(&catalog, &broker), 1);
     let base = served.url("gateway");
     let c = http();
 
@@ -126,7 +132,8 @@ async fn gateway_serves_health_and_the_shard_map_to_operators_only() {
 #[actix_web::test]
 async fn readyz_fails_in_the_error_shape_when_the_catalog_is_unreachable() {
     let catalog = TestDb::new(Schema::Catalog).await;
-    let mut cmd = gateway(&catalog);
+    let broker = TestBroker::new().await;
+    let mut cmd = gateway(&catalog, &broker);
     cmd.env(
         "TENANTRY_CATALOG__URL",
         "postgres://postgres@127.0.0.1:5432/tenantry_t_does_not_exist",
@@ -163,7 +170,8 @@ async fn sigterm_stops_gracefully_with_exit_code_zero() {
     shard
         .exec("INSERT INTO shard_identity (shard_id) VALUES ('shard-1')")
         .await;
-    let mut cmd = gateway(&catalog);
+    let broker = TestBroker::new().await;
+    let mut cmd = gateway(&catalog, &broker);
     cmd.env("TENANTRY_API__ENABLED", "true")
         .env("TENANTRY_API__LISTEN", "127.0.0.1:0")
         .env("TENANTRY_SHARD__ID", "shard-1")
