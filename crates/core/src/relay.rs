@@ -11,7 +11,9 @@
 //! statement's choice: `FOR UPDATE SKIP LOCKED` lets them work side by side, `FOR UPDATE` makes a
 //! second relay wait for the first and then skip what it published.
 //!
-//! A relay stops between two batches when the process shuts down, and gives up on a broker
+//! A batch is at most 100 rows and stops after the row that reaches 5,000 messages, so memory
+//! and a failed batch's re-sends stay bounded. A relay stops between two batches when the
+//! process shuts down, and gives up on a broker
 //! that does not accept its connection or confirm a batch within 30 s (the batch's rows stay
 //! unpublished and its transaction ends; the relay reconnects with backoff).
 
@@ -77,6 +79,9 @@ pub async fn declare_exchange(
         .with_context(|| format!("declaring exchange {exchange}"))
 }
 
+/// Messages published per batch, at most (plus those of the row that crosses it).
+const MAX_BATCH_MESSAGES: usize = 5_000;
+
 /// Longest wait for RabbitMQ to accept a connection or confirm a batch.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -139,7 +144,8 @@ impl Relay {
         }
     }
 
-    /// Publishes up to 100 rows; returns how many.
+    /// Publishes up to 100 rows, stopping after the row that reaches [`MAX_BATCH_MESSAGES`];
+    /// returns how many rows.
     async fn publish_batch(&self, channel: &lapin::Channel) -> anyhow::Result<usize> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -150,6 +156,11 @@ impl Relay {
         let mut confirms = Vec::new();
         let mut ids = Vec::with_capacity(rows.len());
         for row in &rows {
+            // Bounded by messages as well as rows: one row of the shard's outbox holds a whole
+            // completion batch's events. Rows left out stay unpublished for the next batch.
+            if confirms.len() >= MAX_BATCH_MESSAGES {
+                break;
+            }
             ids.push(row.try_get::<_, i64>(0)?);
             for m in (self.messages)(row)? {
                 let confirm = channel
