@@ -311,7 +311,8 @@ fn upstream_timeout(req: &HttpRequest, gw: &Gateway) -> Duration {
     struct LongPoll {
         wait: Option<String>,
     }
-    if req.method() != Method::GET {
+    // Most requests ask for no long poll: they are not parsed for one.
+    if req.method() != Method::GET || !req.query_string().contains("wait=") {
         return gw.upstream_timeout;
     }
     let wait = web::Query::<LongPoll>::from_query(req.query_string())
