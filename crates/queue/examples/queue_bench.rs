@@ -291,7 +291,7 @@ async fn latency(url: &str, c: usize, samples: usize, warmup: usize) -> anyhow::
         notifier.poke();
         let started = tokio::time::timeout(Duration::from_secs(10), rx)
             .await
-            .expect("job never started")?;
+            .map_err(|_| anyhow::anyhow!("latency job {i} did not start within 10 s"))??;
         if i as usize >= warmup {
             out.push(started.saturating_duration_since(ack).as_secs_f64() * 1e3);
         }
