@@ -1050,8 +1050,8 @@ pub async fn release(
 /// operator acts) and up to `limit` published outbox rows as old.
 ///
 /// The outbox is pruned from its oldest rows by id (the primary key): of the first `limit`
-/// rows, those published before the cutoff go. Rows are written and published in id order, so
-/// that is where prunable rows are, and a pass reads at most `limit` rows even when nothing is
+/// rows, those published before the cutoff go. Ids follow insertion (commit order may differ a
+/// little), so the oldest ids are where prunable rows are, and a pass reads at most `limit` rows even when nothing is
 /// old enough (a filter on `published_at` alone has no index to use and would read the whole
 /// outbox).
 pub async fn prune(
