@@ -23,6 +23,7 @@ pub fn job(company: Uuid, kind: &str, params: serde_json::Value, attempts: i32) 
         params,
         idempotency_key: None,
         max_attempts: attempts,
+        awaited_for: Duration::ZERO,
     }
 }
 
@@ -768,6 +769,12 @@ async fn every_waiter_is_woken_when_many_jobs_finish_at_once() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let waiters: Vec<_> = ids.iter().map(|id| api.wait_for(*id).unwrap()).collect();
+    let c = db.client().await;
+    for id in &ids {
+        store::await_job(&c, company, *id, Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
     let stop = CancellationToken::new();
     let running = tokio::spawn(worker(&db, 100).run(stop.clone()));
     for (id, w) in ids.iter().zip(waiters) {
@@ -779,6 +786,96 @@ async fn every_waiter_is_woken_when_many_jobs_finish_at_once() {
     }
     stop.cancel();
     running.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn only_jobs_a_request_may_wait_for_are_announced() {
+    // Every API process of the shard receives every finished notification, so one is sent
+    // only for a job a request may still be waiting for: marked when enqueued (the API's
+    // synchronous wait) or by a later long poll (`await_job`), and not once the mark ran out.
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    let mut jobs: Vec<_> = (0..5)
+        .map(|i| job(company, "echo", json!({"i": i}), 1))
+        .collect();
+    jobs[1].awaited_for = Duration::from_secs(60);
+    let ids = enqueue(&db, &jobs).await;
+    let (nobody, at_enqueue, long_poll, ran_out, last) = (ids[0], ids[1], ids[2], ids[3], ids[4]);
+    let api = listener(&db, 100);
+    while !api.is_connected() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut waiters: std::collections::HashMap<Uuid, _> = ids
+        .iter()
+        .map(|id| (*id, api.wait_for(*id).unwrap()))
+        .collect();
+    let mut c = db.client().await;
+    for id in [long_poll, ran_out, last] {
+        let r = store::await_job(&c, company, id, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.view.id, r.view.state), (id, JobState::Waiting));
+    }
+    c.execute(
+        "UPDATE jobs SET awaited_until = now() - interval '1 second' WHERE id = $1",
+        &[&ran_out],
+    )
+    .await
+    .unwrap();
+    // One at a time, in enqueue order: the notifications arrive in the order of the commits.
+    for id in &ids {
+        let claimed = store::claim(&mut c, "w", 1, Duration::from_secs(30), store::UNCAPPED)
+            .await
+            .unwrap();
+        assert_eq!(claimed[0].id, *id);
+        let (done, _) = store::finish(
+            &mut c,
+            "w",
+            &[Outcome {
+                id: *id,
+                attempt: 1,
+                result: Ok(json!({})),
+                retry_in: Duration::ZERO,
+            }],
+        )
+        .await
+        .unwrap();
+        assert_eq!(done[0].state, JobState::Done);
+        assert_eq!(done[0].awaited, [at_enqueue, long_poll, last].contains(id));
+    }
+    let last_waiter = waiters.remove(&last).unwrap();
+    assert!(
+        last_waiter.wait(Duration::from_secs(20)).await,
+        "the last job was announced"
+    );
+    // Everything announced before it has arrived by now.
+    for (id, heard) in [
+        (nobody, false),
+        (at_enqueue, true),
+        (long_poll, true),
+        (ran_out, false),
+    ] {
+        let waiter = waiters.remove(&id).unwrap();
+        assert_eq!(waiter.wait(Duration::ZERO).await, heard, "job {id}");
+    }
+    // A finished job is read as it is, and not marked again.
+    let mark = "SELECT awaited_until::text FROM jobs WHERE id = $1";
+    let before: String = c.query_one(mark, &[&nobody]).await.unwrap().get(0);
+    let r = store::await_job(&c, company, nobody, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.view.state, JobState::Done);
+    let after: String = c.query_one(mark, &[&nobody]).await.unwrap().get(0);
+    assert_eq!(before, after);
+    // Another company's job is not found, and not marked.
+    assert!(
+        store::await_job(&c, Uuid::now_v7(), last, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 struct Panics;

@@ -244,7 +244,7 @@ pub async fn until_count(
 /// Posts a `sleep` job of `ms` to `base` (a shard API or a gateway) for `company`, which must
 /// outlast `api.sync_wait`: checks the `202`, its `Location` naming the job and the job still
 /// `waiting`/`processing`, then long-polls that location with `?wait=` and checks the job
-/// finished. Returns the finished job.
+/// finished, the poll woken by its completion before `wait` ran out. Returns the finished job.
 pub async fn slow_job_202_then_done(
     base: &str,
     company: uuid::Uuid,
@@ -270,6 +270,7 @@ pub async fn slow_job_202_then_done(
     let j: JobView = r.json().await.unwrap();
     assert!(matches!(j.state, JobState::Waiting | JobState::Processing));
     assert_eq!(location, format!("/v1/companies/{company}/jobs/{}", j.id));
+    let polled = std::time::Instant::now();
     let mut r = http()
         .get(format!("{base}{location}?wait={wait}"))
         .bearer_auth(auth)
@@ -278,6 +279,11 @@ pub async fn slow_job_202_then_done(
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // The job outlasted the POST's wait, so only the long poll asked to hear of it.
+    assert!(
+        polled.elapsed() < tenantry_core::http::parse_wait(wait).unwrap(),
+        "the long poll was woken by the job's completion, not ended by its timeout"
+    );
     let done: JobView = r.json().await.unwrap();
     assert_eq!(done.state, JobState::Done);
     assert!(done.finished_at.is_some() && done.started_at.is_some());

@@ -142,6 +142,7 @@ fn jobs(n: usize, key: &str) -> Vec<NewJob> {
             params: json!({ key: i }),
             idempotency_key: None,
             max_attempts: 1,
+            awaited_for: Duration::ZERO,
         })
         .collect()
 }
@@ -283,6 +284,7 @@ async fn latency(url: &str, c: usize, samples: usize, warmup: usize) -> anyhow::
             params: json!({"lat": i}),
             idempotency_key: None,
             max_attempts: 1,
+            awaited_for: Duration::ZERO,
         };
         let t = producer.transaction().await?;
         store::enqueue(&t, &job, LIMITS).await?;

@@ -112,6 +112,10 @@ pub struct NewJob {
     pub params: Value,
     pub idempotency_key: Option<String>,
     pub max_attempts: i32,
+    /// How long the enqueuing caller waits for the result right after its commit (the API's
+    /// synchronous wait); zero when nobody does. A completion is announced to waiting requests
+    /// only while one may still wait (see [`crate::store::await_job`]).
+    pub awaited_for: std::time::Duration,
 }
 
 /// A claimed job, as its handler sees it. `attempt` is also the lease token: completion only

@@ -172,28 +172,14 @@ pub async fn has_session_options(
     Ok(mode == "force_generic_plan")
 }
 
-/// Runs `sql` (its own implicit transaction, one round trip on a pooled connection) and, when
-/// `after` is given, that statement right behind it on the same connection, without waiting
-/// for the first to return. `after` is the notification of a committed change: its failure
-/// is logged, not returned (see [`after_commit`]).
+/// Runs `sql` in its own implicit transaction: one round trip on a pooled connection.
 async fn single_statement(
     conn: &impl QueueConn,
     sql: &'static str,
     params: &[&(dyn ToSql + Sync)],
-    after: Option<(&Statement, &[&(dyn ToSql + Sync)])>,
 ) -> Result<Vec<Row>, tokio_postgres::Error> {
     let stmt = conn.prepared(sql).await?;
-    let pg = conn.pg();
-    let after = async {
-        match after {
-            Some((s, p)) => pg.execute(s, p).await.map(|_| ()),
-            None => Ok(()),
-        }
-    };
-    let (rows, after) = tokio::join!(biased; pg.query(&stmt, params), after);
-    let rows = rows?;
-    after_commit(after);
-    Ok(rows)
+    conn.pg().query(&stmt, params).await
 }
 
 /// The outcome of a statement sent after a transaction committed (the finished
@@ -301,13 +287,29 @@ async fn waiting_of(
 const WAITING_OF_SQL: &str = "SELECT count(*) FROM (SELECT 1 FROM jobs
                                WHERE company_id = $1 AND state = 'waiting' LIMIT $2) t";
 
-/// One job; `$9` is how many the company already has waiting (its fairness offset).
+/// How long after a waiter's own deadline its job's completion is still announced: the
+/// database's clock starts the wait a little before the waiting request does.
+const AWAIT_SLACK: Duration = Duration::from_secs(1);
+
+/// `awaited_until`, in milliseconds from the statement's `now()`, for a request that waits up
+/// to `wait` (0 when nobody waits: the row is then awaited until its own creation, which every
+/// completion is after).
+fn awaited_ms(wait: Duration) -> f64 {
+    match wait.is_zero() {
+        true => 0.0,
+        false => (wait + AWAIT_SLACK).as_millis() as f64,
+    }
+}
+
+/// One job; `$9` is how many the company already has waiting (its fairness offset), `$10` the
+/// milliseconds it is awaited for ([`awaited_ms`]).
 /// ON CONFLICT DO NOTHING: two requests with the same new key race; the loser inserts nothing
 /// and replays the winner's row instead of failing with a unique violation.
 const ENQUEUE_SQL: &str = concat!(
     "INSERT INTO jobs (id, request_id, company_id, user_context, kind, params,
-                       max_attempts, idempotency_key, priority)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, ",
+                       max_attempts, idempotency_key, awaited_until, priority)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
+             now() + $10::float8 * interval '1 millisecond', ",
     virtual_now!(),
     " + $9::bigint * ",
     fairness_quantum_us!(),
@@ -366,6 +368,7 @@ pub async fn enqueue(
                 &job.max_attempts,
                 &job.idempotency_key,
                 &waiting,
+                &awaited_ms(job.awaited_for),
             ],
         )
         .await?;
@@ -404,16 +407,18 @@ async fn by_idempotency_key(
 
 /// Many jobs from typed arrays; `"offset"` is each job's fairness offset (see [`enqueue`]).
 const ENQUEUE_MANY_SQL: &str = concat!(
-    "INSERT INTO jobs (id, request_id, company_id, user_context, kind, params, max_attempts, priority)
+    "INSERT INTO jobs (id, request_id, company_id, user_context, kind, params, max_attempts,
+                       awaited_until, priority)
      SELECT x.id, x.request_id, x.company_id, x.user_context, x.kind, x.params, x.max_attempts,
-            ",
+            now() + x.awaited_ms * interval '1 millisecond', ",
     virtual_now!(),
     " + x.\"offset\" * ",
     fairness_quantum_us!(),
     "
        FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::jsonb[], $5::text[], $6::jsonb[],
-                   $7::int4[], $8::int8[])
-         AS x(id, request_id, company_id, user_context, kind, params, max_attempts, \"offset\")"
+                   $7::int4[], $8::int8[], $9::float8[])
+         AS x(id, request_id, company_id, user_context, kind, params, max_attempts, \"offset\",
+              awaited_ms)"
 );
 
 /// Inserts many jobs in one statement inside the caller's transaction (no idempotency keys).
@@ -447,7 +452,8 @@ pub async fn enqueue_many(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
-    let (mut params, mut max_attempts, mut offsets) = (
+    let (mut params, mut max_attempts, mut offsets, mut awaited) = (
+        Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -463,6 +469,7 @@ pub async fn enqueue_many(
         kinds.push(j.kind.as_str());
         params.push(&j.params);
         max_attempts.push(j.max_attempts);
+        awaited.push(awaited_ms(j.awaited_for));
     }
     // Typed arrays, sent in binary: no JSON document to build here and parse there.
     let insert = tx.prepared(ENQUEUE_MANY_SQL).await?;
@@ -478,6 +485,7 @@ pub async fn enqueue_many(
                 &params,
                 &max_attempts,
                 &offsets,
+                &awaited,
             ],
         )
         .await?;
@@ -658,7 +666,6 @@ pub async fn claim_batch(
         client,
         sql,
         &[&limit, &worker_id, &max_processing_per_company, &lease_ms],
-        None,
     )
     .await?;
     let cut_by_cap = batch
@@ -704,30 +711,39 @@ pub struct Outcome {
 pub struct Finished {
     pub id: Uuid,
     pub state: JobState,
+    /// Whether a request may be waiting for it (see [`await_job`]): only then is a finished
+    /// job announced.
+    pub awaited: bool,
+}
+
+impl Finished {
+    /// Whether waiting requests should hear of it: it reached `done` or `error` while one may
+    /// be waiting.
+    pub fn announced(&self) -> bool {
+        self.awaited && self.state.is_finished()
+    }
 }
 
 /// Writes many outcomes in one transaction: `done` with the result, `waiting` again (a retry
 /// after `retry_in`) or `error`. Only rows still leased by `worker_id` at `attempt` change —
 /// a worker whose lease expired and whose job was rescued (and maybe re-claimed) cannot
 /// complete it a second time; its outcome is returned in `discarded`. Finished jobs get a
-/// `job.finished` event in the outbox, committed with the state change, and a notification on
-/// [`CHANNEL_FINISHED`] right after the commit.
+/// `job.finished` event in the outbox, committed with the state change, and those a request
+/// may be waiting for ([`Finished::announced`]) a notification on [`CHANNEL_FINISHED`] right
+/// after the commit.
 pub async fn finish(
     client: &mut impl QueueConn,
     worker_id: &str,
     outcomes: &[Outcome],
 ) -> Result<(Vec<Finished>, Vec<Uuid>), tokio_postgres::Error> {
-    finish_with(client, worker_id, outcomes, true).await
-}
-
-/// [`finish`] without the notification: the caller sends it with [`announce_finished`] (the
-/// worker sends those of concurrent completions together, see `worker::Announcer`).
-pub async fn finish_unannounced(
-    client: &mut impl QueueConn,
-    worker_id: &str,
-    outcomes: &[Outcome],
-) -> Result<(Vec<Finished>, Vec<Uuid>), tokio_postgres::Error> {
-    finish_with(client, worker_id, outcomes, false).await
+    let (finished, discarded) = finish_unannounced(client, worker_id, outcomes).await?;
+    let ids: Vec<Uuid> = finished
+        .iter()
+        .filter(|f| f.announced())
+        .map(|f| f.id)
+        .collect();
+    after_commit(announce_finished(client, &ids).await);
+    Ok((finished, discarded))
 }
 
 /// One outcome's columns as the completion statements take them: `ok`, `result`, `error`,
@@ -740,26 +756,20 @@ fn outcome_columns(o: &Outcome) -> (bool, Option<&Value>, Option<&str>, bool, i6
     }
 }
 
-async fn finish_with(
+/// [`finish`] without the notification: the caller sends it for the [`Finished::announced`]
+/// jobs with [`announce_finished`] (the worker sends those of concurrent completions together,
+/// see `worker::Announcer`).
+///
+/// Waiters are told after the commit, not inside it: PostgreSQL holds its notification lock
+/// through the commit of a notifying transaction, which would serialize every completion's
+/// disk flush. A waiter whose job went back to `waiting` (a retry) just keeps waiting, and a
+/// notification lost in a crash costs a waiter its timeout, never a result.
+pub async fn finish_unannounced(
     client: &mut impl QueueConn,
     worker_id: &str,
     outcomes: &[Outcome],
-    announce: bool,
 ) -> Result<(Vec<Finished>, Vec<Uuid>), tokio_postgres::Error> {
-    // Waiters are told after the commit, not inside it: PostgreSQL holds its notification lock
-    // through the commit of a notifying transaction, which would serialize every completion's
-    // disk flush. The notification follows the statement on the connection, without waiting
-    // for it; it names every job given, and a waiter whose job went back to `waiting` (a
-    // retry) or whose outcome was discarded just reads the job again and keeps waiting. A
-    // notification lost in a crash costs a waiter its timeout, never a result.
     let ids: Vec<Uuid> = outcomes.iter().map(|o| o.id).collect();
-    let notify = match announce {
-        true => Some(client.prepared(NOTIFY_FINISHED_SQL).await?),
-        false => None,
-    };
-    let payloads = notify_payloads(if announce { &ids } else { &[] });
-    let notify_params: [&(dyn ToSql + Sync); 1] = [&payloads];
-    let after = notify.as_ref().map(|n| (n, &notify_params[..]));
     // One statement in its own implicit transaction: the outcomes and their events commit
     // together.
     let rows = if let [one] = outcomes {
@@ -779,7 +789,6 @@ async fn finish_with(
                 &retry_ms,
                 &worker_id,
             ],
-            after,
         )
         .await?
     } else {
@@ -805,17 +814,10 @@ async fn finish_with(
             &[
                 &ids, &attempts, &ok, &results, &errors, &permanent, &retry_ms, &worker_id,
             ],
-            after,
         )
         .await?
     };
-    let finished: Vec<Finished> = rows
-        .iter()
-        .map(|r| Finished {
-            id: r.get(0),
-            state: JobState::parse(r.get::<_, &str>(1)).unwrap_or(JobState::Error),
-        })
-        .collect();
+    let finished: Vec<Finished> = rows.iter().map(finished).collect();
     // Usually every outcome applied (the statement returns one row per applied outcome), and
     // there is nothing to look up.
     let discarded = if finished.len() == ids.len() {
@@ -825,6 +827,30 @@ async fn finish_with(
         ids.into_iter().filter(|id| !applied.contains(id)).collect()
     };
     Ok((finished, discarded))
+}
+
+/// What the statements that finish jobs return of each row they changed (`updated`, the CTE
+/// the events are written from), and select of it in the end: id, state and whether a request
+/// may be waiting for it (its mark lies ahead of the completion's clock).
+macro_rules! updated_columns {
+    () => {
+        "RETURNING j.id, j.state, j.company_id, j.kind, j.request_id, j.finished_at,
+                 j.awaited_until > now() AS awaited"
+    };
+}
+macro_rules! finished_columns {
+    () => {
+        "SELECT id, state, awaited FROM updated"
+    };
+}
+
+/// A row of `finished_columns!`.
+fn finished(row: &Row) -> Finished {
+    Finished {
+        id: row.get(0),
+        state: JobState::parse(row.get::<_, &str>(1)).unwrap_or(JobState::Error),
+        awaited: row.get(2),
+    }
 }
 
 /// The `UPDATE … SET` that records one outcome, given the SQL of its parts (`ok`, `result`,
@@ -892,11 +918,14 @@ const FINISH_SQL: &str = concat!(
     "
            FROM input i
           WHERE j.id = i.id AND j.worker_id = $8::text AND j.attempts = i.attempt
-      RETURNING j.id, j.state, j.company_id, j.kind, j.request_id, j.finished_at
+      ",
+    updated_columns!(),
+    "
      ), ",
     finished_events!(),
     "
-     SELECT id, state FROM updated"
+     ",
+    finished_columns!()
 );
 
 /// [`FINISH_SQL`] for one outcome.
@@ -906,11 +935,14 @@ const FINISH_ONE_SQL: &str = concat!(
     record_outcome!("$3::bool", "$4::jsonb", "$5::text", "$6::bool", "$7::int8"),
     "
           WHERE j.id = $1::uuid AND j.worker_id = $8::text AND j.attempts = $2::int4
-      RETURNING j.id, j.state, j.company_id, j.kind, j.request_id, j.finished_at
+      ",
+    updated_columns!(),
+    "
      ), ",
     finished_event!(),
     "
-     SELECT id, state FROM updated"
+     ",
+    finished_columns!()
 );
 
 /// One notification per payload on [`CHANNEL_FINISHED`], committed asynchronously (see
@@ -995,11 +1027,14 @@ const RESCUE_SQL: &str = concat!(
                      finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
                      run_at = now(), worker_id = NULL, lease_expires_at = NULL, updated_at = now()
                    FROM expired WHERE j.id = expired.id
-              RETURNING j.id, j.state, j.company_id, j.kind, j.request_id, j.finished_at
+              ",
+    updated_columns!(),
+    "
              ), ",
     finished_events!(),
     "
-             SELECT id, state FROM updated"
+             ",
+    finished_columns!()
 );
 
 /// Returns jobs whose lease expired (their worker died or hung) to `waiting`, or to `error`
@@ -1015,17 +1050,18 @@ pub async fn rescue_expired(
     let tx = client.transaction().await?;
     tx.batch_execute(INDEX_ONLY_SETTINGS).await?;
     let rows = tx.query(RESCUE_SQL, &[&limit]).await?;
-    let mut rescued = Vec::new();
-    let mut dead = Vec::new();
-    for r in rows {
-        if r.get::<_, &str>(1) == "error" {
-            dead.push(r.get(0))
-        } else {
-            rescued.push(r.get(0))
+    let (mut rescued, mut dead, mut announced) = (Vec::new(), Vec::new(), Vec::new());
+    for f in rows.iter().map(finished) {
+        if f.announced() {
+            announced.push(f.id);
+        }
+        match f.state {
+            JobState::Error => dead.push(f.id),
+            _ => rescued.push(f.id),
         }
     }
     tx.commit().await?;
-    after_commit(announce_finished(client, &dead).await);
+    after_commit(announce_finished(client, &announced).await);
     Ok((rescued, dead))
 }
 
@@ -1097,6 +1133,50 @@ pub async fn get(
         .query_opt(&stmt, &[&id, &company])
         .await?
         .map(|r| record(&r)))
+}
+
+/// Marks one company's unfinished job awaited for `$3` more milliseconds and returns it.
+/// Committed asynchronously (see [`NOTIFY_WAITING_SQL`]): the mark is only news for the
+/// completion, which sees it as soon as it commits, and a crash that loses it also drops the
+/// request that was waiting.
+const AWAIT_SQL: &str = concat!(
+    "WITH ",
+    async_commit!(),
+    "
+     UPDATE jobs j
+        SET awaited_until = greatest(j.awaited_until,
+                                     now() + $3::float8 * interval '1 millisecond')
+       FROM async_commit
+      WHERE j.id = $1 AND j.company_id = $2 AND j.state IN ('waiting', 'processing')
+  RETURNING ",
+    record_columns!()
+);
+
+/// [`get`] for a request that is about to wait up to `wait` for the job to finish: an
+/// unfinished job is first marked awaited until then, so that its completion is announced on
+/// [`CHANNEL_FINISHED`] (a completion nobody is marked for sends no notification). Register
+/// the waiter before calling it, then wait only if the job returned is unfinished.
+///
+/// Race prevented: the mark and the completion both update the job's row, so one of them
+/// commits first. A completion after the mark updates the newest row version, sees the mark
+/// and announces the job; a completion before it leaves a finished row, which the mark skips
+/// and this function reads as it is. Call it outside a transaction block (its asynchronous
+/// commit would become that transaction's).
+pub async fn await_job(
+    conn: &impl QueueConn,
+    company: Uuid,
+    id: Uuid,
+    wait: Duration,
+) -> Result<Option<JobRecord>, tokio_postgres::Error> {
+    let stmt = conn.prepared(AWAIT_SQL).await?;
+    let marked = conn
+        .pg()
+        .query_opt(&stmt, &[&id, &company, &awaited_ms(wait)])
+        .await?;
+    match marked {
+        Some(row) => Ok(Some(record(&row))),
+        None => get(conn, company, id).await,
+    }
 }
 
 /// Any job by id, for operators.

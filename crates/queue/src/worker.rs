@@ -205,7 +205,7 @@ enum Announcement {
 }
 
 /// Sends the worker's finished notifications (the ids of jobs that reached `done` or
-/// `error`) from one task, after the completions committed: whatever completions land while
+/// `error` while a request may wait for them, see [`store::Finished::announced`]) from one task, after the completions committed: whatever completions land while
 /// one notification is being sent go out together in the next, so under load concurrent
 /// slots share a notifying transaction instead of each paying for one (a statement and a
 /// transaction per job when completing one at a time), while an idle worker's single
@@ -256,7 +256,7 @@ impl Announcer {
     fn finished(&self, finished: &[store::Finished]) {
         let ids: Vec<Uuid> = finished
             .iter()
-            .filter(|f| matches!(f.state, JobState::Done | JobState::Error))
+            .filter(|f| f.announced())
             .map(|f| f.id)
             .collect();
         if !ids.is_empty() {

@@ -132,6 +132,8 @@ async fn create(
         kind: input.kind,
         params: input.params,
         idempotency_key,
+        // This request waits for it right after the commit.
+        awaited_for: state.sync_wait,
     };
     let mut client = state.shard.pool.get().await?;
     let tx = client.transaction().await?;
@@ -165,8 +167,10 @@ async fn create(
         state.shard.notifier.poke();
         tracing::info!(job.id = %r.view.id, job.kind = %r.view.kind, "job enqueued");
     }
+    // A replayed job was marked awaited by the request that created it, not for this one.
+    let marked = matches!(enqueued, Enqueued::Created(_));
     let record = enqueued.record().clone();
-    let record = wait_until_finished(&state, record, state.sync_wait).await?;
+    let record = wait_until_finished(&state, record, state.sync_wait, marked).await?;
     Ok(respond(company, &record))
 }
 
@@ -192,11 +196,14 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
 }
 
 /// Waits for the job to finish, up to `limit`, without polling: registers a waiter first, then
-/// reads, so a completion in between cannot be missed.
+/// reads, so a completion in between cannot be missed. Unless `marked` (the job was enqueued
+/// awaited for this wait), that first read also marks the job awaited for `limit`, since
+/// completions nobody is marked for are not announced (see `store::await_job`).
 async fn wait_until_finished(
     state: &JobsState,
     mut record: JobRecord,
     limit: Duration,
+    mut marked: bool,
 ) -> Result<JobRecord, ApiError> {
     let deadline = Instant::now() + limit;
     if record.view.state.is_finished() || limit.is_zero() {
@@ -210,10 +217,15 @@ async fn wait_until_finished(
             break;
         };
         let client = state.shard.pool.get().await?;
-        record = store::get(&client, record.company_id, record.view.id)
-            .await?
-            .ok_or_else(|| ApiError::not_found("no such job"))?;
+        let (company, id) = (record.company_id, record.view.id);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let read = match marked {
+            true => store::get(&client, company, id).await?,
+            false => store::await_job(&client, company, id, left).await?,
+        };
+        record = read.ok_or_else(|| ApiError::not_found("no such job"))?;
         drop(client);
+        marked = true;
         let left = deadline.saturating_duration_since(Instant::now());
         if record.view.state.is_finished() || left.is_zero() {
             break;
@@ -283,7 +295,7 @@ async fn show(
         .await?
         .ok_or_else(|| ApiError::not_found("no such job for this company"))?;
     drop(client);
-    let record = wait_until_finished(&state, record, wait).await?;
+    let record = wait_until_finished(&state, record, wait, false).await?;
     Ok(HttpResponse::Ok().json(&record.view))
 }
 
