@@ -129,10 +129,26 @@ fn token_is_signed_with_the_configured_key() {
     );
 }
 
-pub fn tempdir() -> std::path::PathBuf {
+/// A fresh directory under the system's temp dir, removed with everything in it when dropped.
+pub fn tempdir() -> TempDir {
     let d = std::env::temp_dir().join(format!("tenantry-e2e-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
+}
+
+pub struct TempDir(std::path::PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[test]
