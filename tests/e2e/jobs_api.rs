@@ -821,6 +821,73 @@ async fn operators_list_show_retry_and_resolve_dead_letters() {
     );
 }
 
+#[actix_web::test]
+async fn a_long_poll_marks_its_job_again_when_the_listener_reconnects() {
+    // A long poll's mark commits asynchronously, so a database crash can lose it. The crash
+    // also drops the process's LISTEN connection, whose reconnect wakes every waiting request:
+    // its next read must mark the job again, or the completion goes unannounced and the poll
+    // sits out its whole wait.
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    own(&db, company, "owned").await;
+    let node = Served::start(&mut shard_node(&db.url, true, 1), 1);
+    let base = node.url("api");
+    let auth = member_token(company);
+    let mut r = http()
+        .post(format!("{base}/v1/companies/{company}/jobs"))
+        .bearer_auth(&auth)
+        .send_json(&json!({"kind": "sleep", "params": {"ms": 8000}}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let job: JobView = r.json().await.unwrap();
+    let poll = actix_web::rt::spawn(async move {
+        let polled = std::time::Instant::now();
+        let mut r = http()
+            .get(format!(
+                "{base}/v1/companies/{company}/jobs/{}?wait=30s",
+                job.id
+            ))
+            .bearer_auth(&auth)
+            .timeout(Duration::from_secs(40))
+            .send()
+            .await
+            .unwrap();
+        (
+            r.status(),
+            r.json::<JobView>().await.unwrap(),
+            polled.elapsed(),
+        )
+    });
+    let marked = "SELECT count(*) FROM jobs WHERE awaited_until > now() + interval '15 seconds'";
+    assert_eq!(
+        until_count(&db, marked, 1, Duration::from_secs(10)).await,
+        1
+    );
+    let c = db.client().await;
+    c.execute(
+        "UPDATE jobs SET awaited_until = now() - interval '1 second'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let dropped = c
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(dropped, 1, "the node's LISTEN connection");
+    let (status, done, elapsed) = poll.await.unwrap();
+    assert_eq!((status.as_u16(), done.state), (200, JobState::Done));
+    assert!(
+        elapsed < Duration::from_secs(25),
+        "the poll was woken by the completion ({elapsed:?}), not ended by its 30 s wait"
+    );
+}
+
 /// Claims one job and records a permanent failure for it: a dead letter.
 async fn fail_one(c: &mut tokio_postgres::Client) {
     use tenantry_queue::store;

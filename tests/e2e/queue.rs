@@ -817,6 +817,16 @@ async fn only_jobs_a_request_may_wait_for_are_announced() {
             .unwrap();
         assert_eq!((r.view.id, r.view.state), (id, JobState::Waiting));
     }
+    // A mark that already reaches further is left as it is (no write).
+    let mark = "SELECT awaited_until::text FROM jobs WHERE id = $1";
+    let long: String = c.query_one(mark, &[&last]).await.unwrap().get(0);
+    let r = store::await_job(&c, company, last, Duration::from_secs(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((r.view.id, r.view.state), (last, JobState::Waiting));
+    let still: String = c.query_one(mark, &[&last]).await.unwrap().get(0);
+    assert_eq!(long, still);
     c.execute(
         "UPDATE jobs SET awaited_until = now() - interval '1 second' WHERE id = $1",
         &[&ran_out],
@@ -860,7 +870,6 @@ async fn only_jobs_a_request_may_wait_for_are_announced() {
         assert_eq!(waiter.wait(Duration::ZERO).await, heard, "job {id}");
     }
     // A finished job is read as it is, and not marked again.
-    let mark = "SELECT awaited_until::text FROM jobs WHERE id = $1";
     let before: String = c.query_one(mark, &[&nobody]).await.unwrap().get(0);
     let r = store::await_job(&c, company, nobody, Duration::from_secs(60))
         .await

@@ -1135,10 +1135,11 @@ pub async fn get(
         .map(|r| record(&r)))
 }
 
-/// Marks one company's unfinished job awaited for `$3` more milliseconds and returns it.
-/// Committed asynchronously (see [`NOTIFY_WAITING_SQL`]): the mark is only news for the
-/// completion, which sees it as soon as it commits, and a crash that loses it also drops the
-/// request that was waiting.
+/// Marks one company's unfinished job awaited for `$3` more milliseconds and returns it; no row
+/// when the job is finished, missing, or already awaited that long (no write then). Committed
+/// asynchronously (see [`NOTIFY_WAITING_SQL`]): the completion sees the mark as soon as it
+/// commits, and a mark a database crash loses is written again by the waiter's next read (the
+/// listener's reconnect wakes every waiter).
 const AWAIT_SQL: &str = concat!(
     "WITH ",
     async_commit!(),
@@ -1148,6 +1149,7 @@ const AWAIT_SQL: &str = concat!(
                                      now() + $3::float8 * interval '1 millisecond')
        FROM async_commit
       WHERE j.id = $1 AND j.company_id = $2 AND j.state IN ('waiting', 'processing')
+        AND j.awaited_until < now() + $3::float8 * interval '1 millisecond'
   RETURNING ",
     record_columns!()
 );
@@ -1160,8 +1162,8 @@ const AWAIT_SQL: &str = concat!(
 /// Race prevented: the mark and the completion both update the job's row, so one of them
 /// commits first. A completion after the mark updates the newest row version, sees the mark
 /// and announces the job; a completion before it leaves a finished row, which the mark skips
-/// and this function reads as it is. Call it outside a transaction block (its asynchronous
-/// commit would become that transaction's).
+/// and this function reads as it is. A job already awaited long enough is only read. Call it
+/// outside a transaction block (its asynchronous commit would become that transaction's).
 pub async fn await_job(
     conn: &impl QueueConn,
     company: Uuid,

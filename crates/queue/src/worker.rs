@@ -204,13 +204,14 @@ enum Announcement {
     Flush(oneshot::Sender<()>),
 }
 
-/// Sends the worker's finished notifications (the ids of jobs that reached `done` or
-/// `error` while a request may wait for them, see [`store::Finished::announced`]) from one task, after the completions committed: whatever completions land while
-/// one notification is being sent go out together in the next, so under load concurrent
-/// slots share a notifying transaction instead of each paying for one (a statement and a
-/// transaction per job when completing one at a time), while an idle worker's single
-/// completion is sent at once. The queue holds only ids between two sends. A failed send is
-/// logged; its waiters re-read their jobs at their timeout.
+/// Sends the worker's finished notifications (the ids of jobs that reached `done` or `error`
+/// while a request may wait for them, see [`store::Finished::announced`]) from one task, after
+/// the completions committed: whatever completions land while one notification is being sent
+/// go out together in the next, so under load concurrent slots share a notifying transaction
+/// instead of each paying for one (a statement and a transaction per job when completing one
+/// at a time), while an idle worker's single completion is sent at once. The queue holds only
+/// ids between two sends. A failed send is logged; its waiters re-read their jobs at their
+/// timeout.
 struct Announcer {
     tx: mpsc::UnboundedSender<Announcement>,
 }

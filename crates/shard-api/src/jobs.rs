@@ -132,9 +132,11 @@ async fn create(
         kind: input.kind,
         params: input.params,
         idempotency_key,
-        // This request waits for it right after the commit.
+        // This request waits for it, until `sync_wait` after `started`: the mark counts from
+        // the transaction's start, which is later.
         awaited_for: state.sync_wait,
     };
+    let started = Instant::now();
     let mut client = state.shard.pool.get().await?;
     let tx = client.transaction().await?;
     fence::check(&tx, company, true).await?;
@@ -170,7 +172,8 @@ async fn create(
     // A replayed job was marked awaited by the request that created it, not for this one.
     let marked = matches!(enqueued, Enqueued::Created(_));
     let record = enqueued.record().clone();
-    let record = wait_until_finished(&state, record, state.sync_wait, marked).await?;
+    let deadline = started + state.sync_wait;
+    let record = wait_until_finished(&state, record, deadline, marked).await?;
     Ok(respond(company, &record))
 }
 
@@ -195,18 +198,20 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
     })
 }
 
-/// Waits for the job to finish, up to `limit`, without polling: registers a waiter first, then
-/// reads, so a completion in between cannot be missed. Unless `marked` (the job was enqueued
-/// awaited for this wait), that first read also marks the job awaited for `limit`, since
-/// completions nobody is marked for are not announced (see `store::await_job`).
+/// Waits for the job to finish, until `deadline`, without polling: registers a waiter first,
+/// then reads, so a completion in between cannot be missed. A read that finds the job
+/// unfinished also marks it awaited until the deadline (see `store::await_job`: completions
+/// nobody is marked for are not announced), except the first when `marked` (the job was
+/// enqueued awaited for this wait). So a mark a database crash lost is written again after the
+/// listener's reconnect, which wakes every waiter.
 async fn wait_until_finished(
     state: &JobsState,
     mut record: JobRecord,
-    limit: Duration,
-    mut marked: bool,
+    deadline: Instant,
+    marked: bool,
 ) -> Result<JobRecord, ApiError> {
-    let deadline = Instant::now() + limit;
-    if record.view.state.is_finished() || limit.is_zero() {
+    let mut mark = !marked;
+    if record.view.state.is_finished() || Instant::now() >= deadline {
         return Ok(record);
     }
     // Register, then read, then wait: a completion between the read and the wait still wakes
@@ -219,13 +224,14 @@ async fn wait_until_finished(
         let client = state.shard.pool.get().await?;
         let (company, id) = (record.company_id, record.view.id);
         let left = deadline.saturating_duration_since(Instant::now());
-        let read = match marked {
-            true => store::get(&client, company, id).await?,
-            false => store::await_job(&client, company, id, left).await?,
-        };
+        let mut read = store::get(&client, company, id).await?;
+        let unfinished = read.as_ref().is_some_and(|r| !r.view.state.is_finished());
+        if mark && unfinished && !left.is_zero() {
+            read = store::await_job(&client, company, id, left).await?;
+        }
         record = read.ok_or_else(|| ApiError::not_found("no such job"))?;
         drop(client);
-        marked = true;
+        mark = true;
         let left = deadline.saturating_duration_since(Instant::now());
         if record.view.state.is_finished() || left.is_zero() {
             break;
@@ -295,7 +301,7 @@ async fn show(
         .await?
         .ok_or_else(|| ApiError::not_found("no such job for this company"))?;
     drop(client);
-    let record = wait_until_finished(&state, record, wait, false).await?;
+    let record = wait_until_finished(&state, record, Instant::now() + wait, false).await?;
     Ok(HttpResponse::Ok().json(&record.view))
 }
 
