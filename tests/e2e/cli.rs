@@ -136,6 +136,7 @@ pub fn tempdir() -> TempDir {
     TempDir(d)
 }
 
+/// A directory of [`tempdir`]: derefs to its path, and is removed when dropped.
 pub struct TempDir(std::path::PathBuf);
 
 impl std::ops::Deref for TempDir {

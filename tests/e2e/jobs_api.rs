@@ -836,7 +836,7 @@ async fn a_long_poll_marks_its_job_again_when_the_listener_reconnects() {
     let mut r = http()
         .post(format!("{base}/v1/companies/{company}/jobs"))
         .bearer_auth(&auth)
-        .send_json(&json!({"kind": "sleep", "params": {"ms": 8000}}))
+        .send_json(&json!({"kind": "sleep", "params": {"ms": 10000}}))
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
@@ -865,12 +865,15 @@ async fn a_long_poll_marks_its_job_again_when_the_listener_reconnects() {
         1
     );
     let c = db.client().await;
-    c.execute(
-        "UPDATE jobs SET awaited_until = now() - interval '1 second'",
-        &[],
-    )
-    .await
-    .unwrap();
+    let wiped = c
+        .execute(
+            "UPDATE jobs SET awaited_until = now() - interval '1 second'
+              WHERE state IN ('waiting', 'processing')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(wiped, 1, "the job is still running when its mark is lost");
     let dropped = c
         .execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
@@ -880,6 +883,12 @@ async fn a_long_poll_marks_its_job_again_when_the_listener_reconnects() {
         .await
         .unwrap();
     assert_eq!(dropped, 1, "the node's LISTEN connection");
+    let running = "SELECT count(*) FROM jobs WHERE state = 'processing'";
+    assert_eq!(
+        db.scalar(running).await,
+        1,
+        "the job is still running when the listener reconnects"
+    );
     let (status, done, elapsed) = poll.await.unwrap();
     assert_eq!((status.as_u16(), done.state), (200, JobState::Done));
     assert!(

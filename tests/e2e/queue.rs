@@ -817,8 +817,8 @@ async fn only_jobs_a_request_may_wait_for_are_announced() {
             .unwrap();
         assert_eq!((r.view.id, r.view.state), (id, JobState::Waiting));
     }
-    // A mark that already reaches further is left as it is (no write).
-    let mark = "SELECT awaited_until::text FROM jobs WHERE id = $1";
+    // A mark that already reaches further is left as it is: no new row version.
+    let mark = "SELECT xmin::text FROM jobs WHERE id = $1";
     let long: String = c.query_one(mark, &[&last]).await.unwrap().get(0);
     let r = store::await_job(&c, company, last, Duration::from_secs(1))
         .await

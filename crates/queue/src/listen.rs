@@ -9,7 +9,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use deadpool_postgres::Pool;
@@ -18,7 +18,19 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::store::{CHANNEL_FINISHED, CHANNEL_WAITING, NOTIFY_WAITING_SQL};
+use crate::{
+    job::JobRecord,
+    store::{self, CHANNEL_FINISHED, CHANNEL_WAITING, NOTIFY_WAITING_SQL},
+};
+
+/// Why [`Listener::wait_until_finished`] could not read the job.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    #[error(transparent)]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error(transparent)]
+    Db(#[from] tokio_postgres::Error),
+}
 
 struct Inner {
     waiters: Mutex<HashMap<Uuid, Vec<oneshot::Sender<()>>>>,
@@ -155,6 +167,63 @@ impl Listener {
 
     pub fn waiting_requests(&self) -> usize {
         self.inner.count.load(Ordering::Relaxed)
+    }
+
+    /// Waits for `job` (as last read) to finish, until `deadline`, without polling, and
+    /// returns it as read last: finished, or not when the deadline came first (`None`: it no
+    /// longer exists). With the process's `max_waiters` requests already waiting it returns
+    /// what it read last at once.
+    ///
+    /// Each round registers the waiter, then reads, then waits, so a completion between the
+    /// read and the wait still wakes it. Completions nobody is marked for are not announced
+    /// ([`store::await_job`]), so the first read marks the job awaited until the deadline,
+    /// unless `enqueued_awaited` (it was enqueued with an `awaited_for` that outlasts this
+    /// wait). A later read that finds it unfinished marks it again: a mark commits
+    /// asynchronously, and when a database crash loses it, the reconnect of this LISTEN
+    /// connection wakes every waiter. Rounds after the first read plainly first, since a wake
+    /// is almost always the completion.
+    pub async fn wait_until_finished(
+        &self,
+        pool: &Pool,
+        mut job: JobRecord,
+        deadline: Instant,
+        enqueued_awaited: bool,
+    ) -> Result<Option<JobRecord>, WaitError> {
+        let (company, id) = (job.company_id, job.view.id);
+        if job.view.state.is_finished() || Instant::now() >= deadline {
+            return Ok(Some(job));
+        }
+        // After a wake, or the timeout, the next round reads the job once more.
+        let mut first = true;
+        loop {
+            let Some(waiter) = self.wait_for(id) else {
+                break;
+            };
+            let client = pool.get().await?;
+            let mark_for = deadline.saturating_duration_since(Instant::now());
+            let read = if first && !enqueued_awaited {
+                store::await_job(&client, company, id, mark_for).await?
+            } else {
+                let read = store::get(&client, company, id).await?;
+                let unfinished = read.as_ref().is_some_and(|r| !r.view.state.is_finished());
+                match !first && unfinished && !mark_for.is_zero() {
+                    true => store::await_job(&client, company, id, mark_for).await?,
+                    false => read,
+                }
+            };
+            drop(client);
+            first = false;
+            let Some(read) = read else {
+                return Ok(None);
+            };
+            job = read;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if job.view.state.is_finished() || left.is_zero() {
+                break;
+            }
+            waiter.wait(left).await;
+        }
+        Ok(Some(job))
     }
 }
 

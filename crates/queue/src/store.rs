@@ -287,8 +287,18 @@ async fn waiting_of(
 const WAITING_OF_SQL: &str = "SELECT count(*) FROM (SELECT 1 FROM jobs
                                WHERE company_id = $1 AND state = 'waiting' LIMIT $2) t";
 
-/// How long after a waiter's own deadline its job's completion is still announced: the
-/// database's clock starts the wait a little before the waiting request does.
+/// SQL for the statement's `now()` plus `$ms` milliseconds (a `float8` or `int8` expression).
+macro_rules! ms_from_now {
+    ($ms:literal) => {
+        concat!("now() + ", $ms, " * interval '1 millisecond'")
+    };
+}
+
+/// A margin on top of a waiting request's wait before its job stops being announced. Both
+/// marks are written after the request set its deadline (a POST counts its wait from before
+/// the enqueuing transaction, a long poll from before its mark), so they outlast it already;
+/// the margin absorbs drift between the API's and the database's clocks. A mark that ends too
+/// early costs a waiter its whole wait, one that ends too late only a notification.
 const AWAIT_SLACK: Duration = Duration::from_secs(1);
 
 /// `awaited_until`, in milliseconds from the statement's `now()`, for a request that waits up
@@ -309,7 +319,9 @@ const ENQUEUE_SQL: &str = concat!(
     "INSERT INTO jobs (id, request_id, company_id, user_context, kind, params,
                        max_attempts, idempotency_key, awaited_until, priority)
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
-             now() + $10::float8 * interval '1 millisecond', ",
+             ",
+    ms_from_now!("$10::float8"),
+    ", ",
     virtual_now!(),
     " + $9::bigint * ",
     fairness_quantum_us!(),
@@ -410,7 +422,9 @@ const ENQUEUE_MANY_SQL: &str = concat!(
     "INSERT INTO jobs (id, request_id, company_id, user_context, kind, params, max_attempts,
                        awaited_until, priority)
      SELECT x.id, x.request_id, x.company_id, x.user_context, x.kind, x.params, x.max_attempts,
-            now() + x.awaited_ms * interval '1 millisecond', ",
+            ",
+    ms_from_now!("x.awaited_ms"),
+    ", ",
     virtual_now!(),
     " + x.\"offset\" * ",
     fairness_quantum_us!(),
@@ -502,9 +516,10 @@ macro_rules! uncapped {
     };
 }
 
-/// The claim commits asynchronously, for its own transaction only: `set_config(…, true)`
-/// lasts until the (implicit) transaction ends, and its commit reads it. Joined into the
-/// UPDATE, so it runs whenever a row is claimed.
+/// A CTE that makes its statement commit asynchronously (the claims, and the awaited mark of
+/// [`await_job`]), for its own transaction only: `set_config(…, true)` lasts until the
+/// (implicit) transaction ends, and its commit reads it. Joined into the UPDATE, so it runs
+/// whenever a row is written.
 macro_rules! async_commit {
     () => {
         "async_commit AS (SELECT set_config('synchronous_commit', 'off', true) AS off)"
@@ -523,10 +538,13 @@ macro_rules! claimed_columns {
 /// The lease a claim takes (`$2` worker, `$4` lease in ms).
 macro_rules! take_lease {
     () => {
-        "UPDATE jobs j
+        concat!(
+            "UPDATE jobs j
         SET state = 'processing', worker_id = $2::text, attempts = j.attempts + 1,
-            started_at = now(), lease_expires_at = now() + $4::float8 * interval '1 millisecond',
-            updated_at = now()"
+            started_at = now(), lease_expires_at = ",
+            ms_from_now!("$4::float8"),
+            ", updated_at = now()"
+        )
     };
 }
 
@@ -706,10 +724,11 @@ pub struct Outcome {
     pub retry_in: Duration,
 }
 
-/// What [`finish`] did to one job.
+/// What [`finish`] (or the rescuer) did to one job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finished {
     pub id: Uuid,
+    /// Its state now: `done`, `error`, or `waiting` again for a retry.
     pub state: JobState,
     /// Whether a request may be waiting for it (see [`await_job`]): only then is a finished
     /// job announced.
@@ -722,6 +741,15 @@ impl Finished {
     pub fn announced(&self) -> bool {
         self.awaited && self.state.is_finished()
     }
+}
+
+/// The ids of the jobs among `finished` to announce ([`Finished::announced`]).
+pub fn announced_ids(finished: &[Finished]) -> Vec<Uuid> {
+    finished
+        .iter()
+        .filter(|f| f.announced())
+        .map(|f| f.id)
+        .collect()
 }
 
 /// Writes many outcomes in one transaction: `done` with the result, `waiting` again (a retry
@@ -737,12 +765,7 @@ pub async fn finish(
     outcomes: &[Outcome],
 ) -> Result<(Vec<Finished>, Vec<Uuid>), tokio_postgres::Error> {
     let (finished, discarded) = finish_unannounced(client, worker_id, outcomes).await?;
-    let ids: Vec<Uuid> = finished
-        .iter()
-        .filter(|f| f.announced())
-        .map(|f| f.id)
-        .collect();
-    after_commit(announce_finished(client, &ids).await);
+    after_commit(announce_finished(client, &announced_ids(&finished)).await);
     Ok((finished, discarded))
 }
 
@@ -880,16 +903,16 @@ macro_rules! record_outcome {
              run_at = CASE WHEN ",
             $ok,
             " THEN j.run_at
-                           ELSE now() + ",
-            $retry_ms,
-            " * interval '1 millisecond' END,
+                           ELSE ",
+            ms_from_now!($retry_ms),
+            " END,
              priority = CASE WHEN ",
             $ok,
             " THEN j.priority
                            ELSE greatest(j.priority,
-                                         (extract(epoch FROM now() + ",
-            $retry_ms,
-            " * interval '1 millisecond') * 1e6)::bigint) END,
+                                         (extract(epoch FROM ",
+            ms_from_now!($retry_ms),
+            ") * 1e6)::bigint) END,
              finished_at = CASE WHEN ",
             $ok,
             " OR ",
@@ -1006,8 +1029,11 @@ pub async fn heartbeat(
     }
     client
         .execute(
-            "UPDATE jobs SET lease_expires_at = now() + $3 * interval '1 millisecond'
-              WHERE id = ANY($2) AND worker_id = $1 AND state = 'processing'",
+            concat!(
+                "UPDATE jobs SET lease_expires_at = ",
+                ms_from_now!("$3"),
+                " WHERE id = ANY($2) AND worker_id = $1 AND state = 'processing'"
+            ),
             &[&worker_id, &ids, &(lease.as_millis() as f64)],
         )
         .await
@@ -1050,18 +1076,17 @@ pub async fn rescue_expired(
     let tx = client.transaction().await?;
     tx.batch_execute(INDEX_ONLY_SETTINGS).await?;
     let rows = tx.query(RESCUE_SQL, &[&limit]).await?;
-    let (mut rescued, mut dead, mut announced) = (Vec::new(), Vec::new(), Vec::new());
-    for f in rows.iter().map(finished) {
-        if f.announced() {
-            announced.push(f.id);
-        }
-        match f.state {
-            JobState::Error => dead.push(f.id),
-            _ => rescued.push(f.id),
-        }
-    }
+    let changed: Vec<Finished> = rows.iter().map(finished).collect();
+    let ids = |dead: bool| -> Vec<Uuid> {
+        changed
+            .iter()
+            .filter(|f| (f.state == JobState::Error) == dead)
+            .map(|f| f.id)
+            .collect()
+    };
+    let (rescued, dead) = (ids(false), ids(true));
     tx.commit().await?;
-    after_commit(announce_finished(client, &announced).await);
+    after_commit(announce_finished(client, &announced_ids(&changed)).await);
     Ok((rescued, dead))
 }
 
@@ -1145,11 +1170,14 @@ const AWAIT_SQL: &str = concat!(
     async_commit!(),
     "
      UPDATE jobs j
-        SET awaited_until = greatest(j.awaited_until,
-                                     now() + $3::float8 * interval '1 millisecond')
+        SET awaited_until = ",
+    ms_from_now!("$3::float8"),
+    "
        FROM async_commit
       WHERE j.id = $1 AND j.company_id = $2 AND j.state IN ('waiting', 'processing')
-        AND j.awaited_until < now() + $3::float8 * interval '1 millisecond'
+        AND j.awaited_until < ",
+    ms_from_now!("$3::float8"),
+    "
   RETURNING ",
     record_columns!()
 );

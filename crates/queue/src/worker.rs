@@ -255,11 +255,7 @@ impl Announcer {
     }
 
     fn finished(&self, finished: &[store::Finished]) {
-        let ids: Vec<Uuid> = finished
-            .iter()
-            .filter(|f| f.announced())
-            .map(|f| f.id)
-            .collect();
+        let ids = store::announced_ids(finished);
         if !ids.is_empty() {
             let _ = self.tx.send(Announcement::Finished(ids));
         }

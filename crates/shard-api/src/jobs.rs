@@ -16,7 +16,7 @@ use tenantry_core::{
     http::{self, current_request_id},
 };
 use tenantry_queue::{
-    JobRecord, NewJob, ShardQueue,
+    JobRecord, NewJob, ShardQueue, WaitError,
     job::contains_nul,
     metrics,
     store::{self, EnqueueError, EnqueueLimits, Enqueued},
@@ -132,8 +132,8 @@ async fn create(
         kind: input.kind,
         params: input.params,
         idempotency_key,
-        // This request waits for it, until `sync_wait` after `started`: the mark counts from
-        // the transaction's start, which is later.
+        // This request waits for it until `sync_wait` after `started`; the mark counts from
+        // the start of the enqueuing transaction, which is later, so it outlasts the wait.
         awaited_for: state.sync_wait,
     };
     let started = Instant::now();
@@ -170,10 +170,10 @@ async fn create(
         tracing::info!(job.id = %r.view.id, job.kind = %r.view.kind, "job enqueued");
     }
     // A replayed job was marked awaited by the request that created it, not for this one.
-    let marked = matches!(enqueued, Enqueued::Created(_));
+    let enqueued_awaited = matches!(enqueued, Enqueued::Created(_));
     let record = enqueued.record().clone();
     let deadline = started + state.sync_wait;
-    let record = wait_until_finished(&state, record, deadline, marked).await?;
+    let record = wait_until_finished(&state, record, deadline, enqueued_awaited).await?;
     Ok(respond(company, &record))
 }
 
@@ -198,47 +198,23 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
     })
 }
 
-/// Waits for the job to finish, until `deadline`, without polling: registers a waiter first,
-/// then reads, so a completion in between cannot be missed. A read that finds the job
-/// unfinished also marks it awaited until the deadline (see `store::await_job`: completions
-/// nobody is marked for are not announced), except the first when `marked` (the job was
-/// enqueued awaited for this wait). So a mark a database crash lost is written again after the
-/// listener's reconnect, which wakes every waiter.
+/// Waits for the job to finish, until `deadline` (see `Listener::wait_until_finished`).
 async fn wait_until_finished(
     state: &JobsState,
-    mut record: JobRecord,
+    record: JobRecord,
     deadline: Instant,
-    marked: bool,
+    enqueued_awaited: bool,
 ) -> Result<JobRecord, ApiError> {
-    let mut mark = !marked;
-    if record.view.state.is_finished() || Instant::now() >= deadline {
-        return Ok(record);
-    }
-    // Register, then read, then wait: a completion between the read and the wait still wakes
-    // us. After a wake (or the timeout) the next round reads the job once more.
-    loop {
-        // Too many waiters in this process: answer now rather than queue without bound.
-        let Some(waiter) = state.shard.listener.wait_for(record.view.id) else {
-            break;
-        };
-        let client = state.shard.pool.get().await?;
-        let (company, id) = (record.company_id, record.view.id);
-        let left = deadline.saturating_duration_since(Instant::now());
-        let mut read = store::get(&client, company, id).await?;
-        let unfinished = read.as_ref().is_some_and(|r| !r.view.state.is_finished());
-        if mark && unfinished && !left.is_zero() {
-            read = store::await_job(&client, company, id, left).await?;
-        }
-        record = read.ok_or_else(|| ApiError::not_found("no such job"))?;
-        drop(client);
-        mark = true;
-        let left = deadline.saturating_duration_since(Instant::now());
-        if record.view.state.is_finished() || left.is_zero() {
-            break;
-        }
-        waiter.wait(left).await;
-    }
-    Ok(record)
+    let shard = &state.shard;
+    shard
+        .listener
+        .wait_until_finished(&shard.pool, record, deadline, enqueued_awaited)
+        .await
+        .map_err(|e| match e {
+            WaitError::Pool(e) => ApiError::from(e),
+            WaitError::Db(e) => ApiError::from(e),
+        })?
+        .ok_or_else(|| ApiError::not_found("no such job"))
 }
 
 fn respond(company: Uuid, record: &JobRecord) -> HttpResponse {
