@@ -170,6 +170,59 @@ async fn a_failing_migration_leaves_nothing_behind() {
 }
 
 #[tokio::test]
+async fn a_step_that_cannot_get_its_lock_gives_way_and_tries_again() {
+    // A step altering a busy table must not queue every other statement on it behind a long
+    // transaction: it waits a bounded time for its lock, rolls back, and tries again later.
+    let db = TestDb::new(Schema::Empty).await;
+    let mut c = db.client().await;
+    let base = vec![m("0001_t.sql", "expand", "CREATE TABLE t (id int);")];
+    tenantry_migrate::up(&mut c, &base, Phase::Expand)
+        .await
+        .unwrap();
+    let mut set = base.clone();
+    set.push(m(
+        "0002_alter.sql",
+        "expand",
+        "ALTER TABLE t ADD COLUMN x int;",
+    ));
+    let lock = tenantry_migrate::LockWait {
+        timeout: std::time::Duration::from_millis(100),
+        tries: 3,
+        pause: std::time::Duration::from_millis(20),
+    };
+    // A long transaction that has read the table holds a lock the ALTER conflicts with.
+    let mut reader = db.client().await;
+    let long = reader.transaction().await.unwrap();
+    long.execute("SELECT * FROM t", &[]).await.unwrap();
+    let err = tenantry_migrate::up_with(&mut c, &set, Phase::Expand, lock)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, MigrateError::LockTimeout { ref file, tries: 3, .. } if file == "0002_alter.sql"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("run it again"), "{err}");
+    let st = tenantry_migrate::status(&c, &set).await.unwrap();
+    assert_eq!(st.version(), 1, "nothing of the step was applied");
+    // ... and it left no lock request behind for other sessions to queue on.
+    db.client()
+        .await
+        .execute("INSERT INTO t VALUES (1)", &[])
+        .await
+        .unwrap();
+    // The transaction ends during the tries: the step goes through.
+    let patient = tenantry_migrate::LockWait { tries: 100, ..lock };
+    let (report, ()) = tokio::join!(
+        tenantry_migrate::up_with(&mut c, &set, Phase::Expand, patient),
+        async {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            long.commit().await.unwrap();
+        }
+    );
+    assert_eq!(report.unwrap().applied, ["0002_alter.sql"]);
+}
+
+#[tokio::test]
 async fn concurrent_runners_apply_each_migration_once() {
     let db = TestDb::new(Schema::Empty).await;
     let set = vec![

@@ -1,9 +1,9 @@
 #![doc = include_str!("../README.md")]
 
-use std::{collections::BTreeMap, fmt};
+use std::{collections::BTreeMap, fmt, time::Duration};
 
 use sha2::{Digest, Sha256};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, error::SqlState};
 
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/embedded.rs"));
@@ -152,6 +152,16 @@ pub enum MigrateError {
          migrations must be applied in order: renumber it after {applied_max}"
     )]
     OutOfOrder { file: String, applied_max: i64 },
+    #[error(
+        "migration {file} could not take its locks within {timeout:?}, {tries} times: another \
+         transaction holds them (see pg_stat_activity); nothing of it was applied, run it \
+         again"
+    )]
+    LockTimeout {
+        file: String,
+        timeout: Duration,
+        tries: u32,
+    },
     #[error("migration {file} failed: {source}")]
     Sql {
         file: String,
@@ -266,19 +276,52 @@ pub struct Report {
     pub version: i64,
 }
 
+/// How long a migration may wait for a lock, and how often it tries.
+///
+/// A step that alters a busy table (the job queue) needs that table's exclusive lock; waiting
+/// for it behind a long transaction would queue every other statement on the table behind the
+/// step, stopping the service until that transaction ends. So a step waits at most `timeout`
+/// for each lock, and after a lock timeout it is rolled back and tried again after `pause`, up
+/// to `tries` times in all.
+#[derive(Debug, Clone, Copy)]
+pub struct LockWait {
+    pub timeout: Duration,
+    pub tries: u32,
+    pub pause: Duration,
+}
+
+/// What [`up`] uses: other statements on a table wait at most 2 s at a time for a step, and a
+/// step gives up after about 30 s.
+pub const LOCK_WAIT: LockWait = LockWait {
+    timeout: Duration::from_secs(2),
+    tries: 10,
+    pause: Duration::from_secs(1),
+};
+
 /// Applies pending migrations in version order, each in its own transaction together with its
 /// bookkeeping row. In the `expand` phase it stops before the first `contract` step (later
 /// steps may depend on it, so order wins over phase); in the `contract` phase it applies all.
+/// Locks are waited for as [`LOCK_WAIT`] says.
 pub async fn up(
     client: &mut Client,
     known: &[Migration],
     phase: Phase,
 ) -> Result<Report, MigrateError> {
+    up_with(client, known, phase, LOCK_WAIT).await
+}
+
+/// [`up`] with its own [`LockWait`].
+pub async fn up_with(
+    client: &mut Client,
+    known: &[Migration],
+    phase: Phase,
+    lock: LockWait,
+) -> Result<Report, MigrateError> {
     // A session lock rather than a transaction lock: it must cover several transactions.
     client
         .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
         .await?;
-    let result = up_locked(client, known, phase).await;
+    let result = up_locked(client, known, phase, lock).await;
     let unlock = client
         .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
         .await;
@@ -291,6 +334,7 @@ async fn up_locked(
     client: &mut Client,
     known: &[Migration],
     phase: Phase,
+    lock: LockWait,
 ) -> Result<Report, MigrateError> {
     ensure_table(client).await?;
     let st = status(client, known).await?;
@@ -304,26 +348,62 @@ async fn up_locked(
             report.held_back = Some(m.file.clone());
             break;
         }
-        let tx = client.transaction().await?;
-        tx.batch_execute(&m.sql)
-            .await
-            .map_err(|source| MigrateError::Sql {
-                file: m.file.clone(),
-                source,
-            })?;
-        tx.execute(
-            &format!(
-                "INSERT INTO {TABLE} (version, file, phase, checksum) VALUES ($1, $2, $3, $4)"
-            ),
-            &[&m.version, &m.file, &m.phase.as_str(), &m.checksum()],
-        )
-        .await?;
-        tx.commit().await?;
+        let mut tries = 1;
+        while let Err(e) = apply(client, m, lock.timeout).await {
+            let locked = matches!(&e, MigrateError::Sql { source, .. }
+                if source.code() == Some(&SqlState::LOCK_NOT_AVAILABLE));
+            if !locked {
+                return Err(e);
+            }
+            if tries >= lock.tries {
+                return Err(MigrateError::LockTimeout {
+                    file: m.file.clone(),
+                    timeout: lock.timeout,
+                    tries,
+                });
+            }
+            tracing::warn!(
+                migration = %m.file,
+                tries,
+                "migration waited {:?} for a lock another transaction holds; rolled back, trying again",
+                lock.timeout
+            );
+            tries += 1;
+            tokio::time::sleep(lock.pause).await;
+        }
         tracing::info!(migration = %m.file, phase = %m.phase, "applied migration");
         report.applied.push(m.file.clone());
         report.version = m.version;
     }
     Ok(report)
+}
+
+/// Applies one migration and its bookkeeping row in one transaction, waiting at most
+/// `lock_timeout` for each lock.
+async fn apply(
+    client: &mut Client,
+    m: &Migration,
+    lock_timeout: Duration,
+) -> Result<(), MigrateError> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        lock_timeout.as_millis()
+    ))
+    .await?;
+    tx.batch_execute(&m.sql)
+        .await
+        .map_err(|source| MigrateError::Sql {
+            file: m.file.clone(),
+            source,
+        })?;
+    tx.execute(
+        &format!("INSERT INTO {TABLE} (version, file, phase, checksum) VALUES ($1, $2, $3, $4)"),
+        &[&m.version, &m.file, &m.phase.as_str(), &m.checksum()],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 #[cfg(test)]
