@@ -189,14 +189,21 @@ async fn a_step_that_cannot_get_its_lock_gives_way_and_tries_again() {
         timeout: std::time::Duration::from_millis(100),
         tries: 3,
         pause: std::time::Duration::from_millis(20),
+        ..tenantry_migrate::LOCK_WAIT
     };
+    // Without a lock timeout the step would wait forever: fail instead of hanging.
+    let bounded = std::time::Duration::from_secs(20);
     // A long transaction that has read the table holds a lock the ALTER conflicts with.
     let mut reader = db.client().await;
     let long = reader.transaction().await.unwrap();
     long.execute("SELECT * FROM t", &[]).await.unwrap();
-    let err = tenantry_migrate::up_with(&mut c, &set, Phase::Expand, lock)
-        .await
-        .unwrap_err();
+    let err = tokio::time::timeout(
+        bounded,
+        tenantry_migrate::up_with(&mut c, &set, Phase::Expand, lock),
+    )
+    .await
+    .expect("the step gave up within its tries")
+    .unwrap_err();
     assert!(
         matches!(err, MigrateError::LockTimeout { ref file, tries: 3, .. } if file == "0002_alter.sql"),
         "{err}"
@@ -213,13 +220,69 @@ async fn a_step_that_cannot_get_its_lock_gives_way_and_tries_again() {
     // The transaction ends during the tries: the step goes through.
     let patient = tenantry_migrate::LockWait { tries: 100, ..lock };
     let (report, ()) = tokio::join!(
-        tenantry_migrate::up_with(&mut c, &set, Phase::Expand, patient),
+        tokio::time::timeout(
+            bounded,
+            tenantry_migrate::up_with(&mut c, &set, Phase::Expand, patient)
+        ),
         async {
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             long.commit().await.unwrap();
         }
     );
-    assert_eq!(report.unwrap().applied, ["0002_alter.sql"]);
+    assert_eq!(report.unwrap().unwrap().applied, ["0002_alter.sql"]);
+}
+
+#[tokio::test]
+async fn migrate_up_says_while_a_step_waits_for_a_lock() {
+    // Catalog step 0002 adds a trigger to `outbox`, which needs a lock that a transaction
+    // writing to the outbox holds. The operator sees the retries instead of a silent command.
+    let catalog = TestDb::new(Schema::Empty).await;
+    let mut c = catalog.client().await;
+    let all = tenantry_migrate::embedded(tenantry_migrate::Target::Catalog);
+    tenantry_migrate::up(&mut c, &all[..1], Phase::Expand)
+        .await
+        .unwrap();
+    let writer = c.transaction().await.unwrap();
+    writer
+        .execute("LOCK TABLE outbox IN ROW EXCLUSIVE MODE", &[])
+        .await
+        .unwrap();
+    let mut child = tenantry()
+        .args(["admin", "migrate", "up"])
+        .env("TENANTRY_CATALOG__URL", &catalog.url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        let _ = tx.send(first.clone());
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        (first, rest)
+    });
+    let first = tokio::time::timeout(std::time::Duration::from_secs(20), rx)
+        .await
+        .expect("a retry is reported")
+        .unwrap();
+    assert!(
+        first.contains("0002_outbox_notify.sql") && first.contains("trying again"),
+        "{first}"
+    );
+    writer.commit().await.unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let (_, rest) = reader.join().unwrap();
+    assert!(out.status.success(), "{rest:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("catalog: applied 0002_outbox_notify.sql"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test]

@@ -202,7 +202,19 @@ async fn migrate_one(
     let mut client = db::connect(url, &cfg.database, "tenantry-admin")
         .await
         .with_context(|| format!("connecting to {label}"))?;
-    let report = tenantry_migrate::up(&mut client, &tenantry_migrate::embedded(target), phase)
+    // Say so while a step waits for a lock, or the command would look hung for up to 30 s.
+    let lock = tenantry_migrate::LockWait {
+        on_retry: |file, tries, timeout| {
+            eprintln!(
+                "{file}: waited {timeout:?} for a lock another transaction holds; \
+                 rolled back, trying again (try {} follows)",
+                tries + 1
+            )
+        },
+        ..tenantry_migrate::LOCK_WAIT
+    };
+    let known = tenantry_migrate::embedded(target);
+    let report = tenantry_migrate::up_with(&mut client, &known, phase, lock)
         .await
         .with_context(|| format!("migrating {label}"))?;
     if report.applied.is_empty() {

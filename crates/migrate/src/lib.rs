@@ -282,21 +282,33 @@ pub struct Report {
 /// for it behind a long transaction would queue every other statement on the table behind the
 /// step, stopping the service until that transaction ends. So a step waits at most `timeout`
 /// for each lock, and after a lock timeout it is rolled back and tried again after `pause`, up
-/// to `tries` times in all.
+/// to `tries` times in all (at least once; a `timeout` under a millisecond counts as one, since
+/// PostgreSQL reads 0 as no limit). `on_retry` hears of each retry: the file, the tries so far
+/// and the timeout.
 #[derive(Debug, Clone, Copy)]
 pub struct LockWait {
     pub timeout: Duration,
     pub tries: u32,
     pub pause: Duration,
+    pub on_retry: fn(&str, u32, Duration),
 }
 
 /// What [`up`] uses: other statements on a table wait at most 2 s at a time for a step, and a
-/// step gives up after about 30 s.
+/// step gives up after about 30 s; retries are logged as warnings.
 pub const LOCK_WAIT: LockWait = LockWait {
     timeout: Duration::from_secs(2),
     tries: 10,
     pause: Duration::from_secs(1),
+    on_retry: log_retry,
 };
+
+fn log_retry(file: &str, tries: u32, timeout: Duration) {
+    tracing::warn!(
+        migration = %file,
+        tries,
+        "migration waited {timeout:?} for a lock another transaction holds; rolled back, trying again"
+    );
+}
 
 /// Applies pending migrations in version order, each in its own transaction together with its
 /// bookkeeping row. In the `expand` phase it stops before the first `contract` step (later
@@ -355,19 +367,14 @@ async fn up_locked(
             if !locked {
                 return Err(e);
             }
-            if tries >= lock.tries {
+            if tries >= lock.tries.max(1) {
                 return Err(MigrateError::LockTimeout {
                     file: m.file.clone(),
                     timeout: lock.timeout,
                     tries,
                 });
             }
-            tracing::warn!(
-                migration = %m.file,
-                tries,
-                "migration waited {:?} for a lock another transaction holds; rolled back, trying again",
-                lock.timeout
-            );
+            (lock.on_retry)(&m.file, tries, lock.timeout);
             tries += 1;
             tokio::time::sleep(lock.pause).await;
         }
@@ -388,7 +395,7 @@ async fn apply(
     let tx = client.transaction().await?;
     tx.batch_execute(&format!(
         "SET LOCAL lock_timeout = '{}ms'",
-        lock_timeout.as_millis()
+        lock_timeout.as_millis().max(1)
     ))
     .await?;
     tx.batch_execute(&m.sql)

@@ -201,7 +201,7 @@ impl Listener {
             };
             let client = pool.get().await?;
             let mark_for = deadline.saturating_duration_since(Instant::now());
-            let read = if first && !enqueued_awaited {
+            let read = if first && !enqueued_awaited && !mark_for.is_zero() {
                 store::await_job(&client, company, id, mark_for).await?
             } else {
                 let read = store::get(&client, company, id).await?;
