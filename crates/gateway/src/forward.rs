@@ -99,8 +99,9 @@ pub async fn forward(
     let mut resolved = gw.router.resolve(company).await?;
     let mut reloaded = false;
     let mut pause = Duration::from_millis(20);
+    let timeout = upstream_timeout(&req, &gw);
     loop {
-        let outcome = send(&req, &client, &gw, &resolved.pool, &mut body).await;
+        let outcome = send(&req, &client, &gw, &resolved.pool, &mut body, timeout).await;
         let (mut res, permit) = match outcome {
             Ok(sent) => sent,
             Err(e) => {
@@ -206,13 +207,15 @@ fn respond(
 }
 
 /// Sends the request to the first endpoint of `pool` that accepts a connection; returns the
-/// answer with the slot of the shard's in-flight cap it holds.
+/// answer with the slot of the shard's in-flight cap it holds. `timeout` is the request's
+/// [`upstream_timeout`].
 async fn send(
     req: &HttpRequest,
     client: &awc::Client,
     gw: &Gateway,
     pool: &ShardPool,
     body: &mut Body,
+    timeout: Duration,
 ) -> Result<
     (
         awc::ClientResponse<impl futures_util::Stream<Item = Result<Bytes, PayloadError>> + use<>>,
@@ -238,7 +241,6 @@ async fn send(
     }
     let root = PathAndQuery::from_static("/");
     let path_and_query = req.uri().path_and_query().unwrap_or(&root);
-    let timeout = upstream_timeout(req, gw);
     let mut last_error = None;
     for endpoint in candidates {
         let uri = endpoint.uri(path_and_query).map_err(|e| {
