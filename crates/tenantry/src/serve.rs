@@ -100,38 +100,32 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // little for bookkeeping, and is then abandoned: a stuck role never keeps the process up.
     let grace = cfg.shutdown.grace_period;
     let mut failure = None;
-    loop {
-        tokio::select! {
-            joined = tasks.join_next() => {
-                let Some(joined) = joined else { break };
-                let (role, result) = joined.context("role task panicked")?;
-                match result {
-                    Err(e) => {
-                        tracing::error!(role, error = format!("{e:#}"), "role failed; shutting down");
-                        failure.get_or_insert(e);
-                    }
-                    Ok(()) if !shutdown.is_cancelled() => {
-                        tracing::error!(role, "role stopped unexpectedly; shutting down");
-                    }
-                    Ok(()) => {}
+    tokio::select! {
+        joined = tasks.join_next() => if let Some(joined) = joined {
+            let (role, result) = joined.context("role task panicked")?;
+            match result {
+                Err(e) => {
+                    tracing::error!(role, error = format!("{e:#}"), "role failed; shutting down");
+                    failure = Some(e);
                 }
-                shutdown.cancel();
+                Ok(()) if !shutdown.is_cancelled() => {
+                    tracing::error!(role, "role stopped unexpectedly; shutting down");
+                }
+                Ok(()) => {}
             }
-            _ = shutdown.cancelled() => {}
-        }
-        if shutdown.is_cancelled() {
-            let deadline = grace + Duration::from_secs(2);
-            if tokio::time::timeout(deadline, drain(&mut tasks))
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    roles = tasks.len(),
-                    "roles did not stop within the grace period; exiting without them"
-                );
-            }
-            break;
-        }
+        },
+        _ = shutdown.cancelled() => {}
+    }
+    shutdown.cancel();
+    let deadline = grace + Duration::from_secs(2);
+    if tokio::time::timeout(deadline, drain(&mut tasks))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            roles = tasks.len(),
+            "roles did not stop within the grace period; exiting without them"
+        );
     }
     tracing::info!("tenantry stopped");
     match failure {
