@@ -32,6 +32,16 @@ pub enum WaitError {
     Db(#[from] tokio_postgres::Error),
 }
 
+/// The API answers as it does for the pool's and the database's own errors.
+impl From<WaitError> for tenantry_core::ApiError {
+    fn from(e: WaitError) -> Self {
+        match e {
+            WaitError::Pool(e) => e.into(),
+            WaitError::Db(e) => e.into(),
+        }
+    }
+}
+
 struct Inner {
     waiters: Mutex<HashMap<Uuid, Vec<oneshot::Sender<()>>>>,
     count: AtomicUsize,

@@ -16,7 +16,7 @@ use tenantry_core::{
     http::{self, current_request_id},
 };
 use tenantry_queue::{
-    JobRecord, NewJob, ShardQueue, WaitError,
+    JobRecord, NewJob, ShardQueue,
     job::contains_nul,
     metrics,
     store::{self, EnqueueError, EnqueueLimits, Enqueued},
@@ -209,11 +209,7 @@ async fn wait_until_finished(
     shard
         .listener
         .wait_until_finished(&shard.pool, record, deadline, enqueued_awaited)
-        .await
-        .map_err(|e| match e {
-            WaitError::Pool(e) => ApiError::from(e),
-            WaitError::Db(e) => ApiError::from(e),
-        })?
+        .await?
         .ok_or_else(|| ApiError::not_found("no such job"))
 }
 
