@@ -1077,14 +1077,13 @@ pub async fn rescue_expired(
     tx.batch_execute(INDEX_ONLY_SETTINGS).await?;
     let rows = tx.query(RESCUE_SQL, &[&limit]).await?;
     let changed: Vec<Finished> = rows.iter().map(finished).collect();
-    let ids = |dead: bool| -> Vec<Uuid> {
-        changed
-            .iter()
-            .filter(|f| (f.state == JobState::Error) == dead)
-            .map(|f| f.id)
-            .collect()
-    };
-    let (rescued, dead) = (ids(false), ids(true));
+    let (mut rescued, mut dead) = (Vec::new(), Vec::new());
+    for f in &changed {
+        match f.state {
+            JobState::Error => dead.push(f.id),
+            _ => rescued.push(f.id),
+        }
+    }
     tx.commit().await?;
     after_commit(announce_finished(client, &announced_ids(&changed)).await);
     Ok((rescued, dead))
