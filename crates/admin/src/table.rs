@@ -35,18 +35,15 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 fn escape_controls(cell: &str) -> String {
-    if !cell.chars().any(char::is_control) {
-        return cell.to_owned();
+    let mut out = String::with_capacity(cell.len());
+    for c in cell.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
     }
-    cell.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
+    out
 }
 
 #[cfg(test)]
