@@ -244,14 +244,12 @@ async fn the_one_job_step_discards_and_counts_its_completion_when_its_lease_was_
     };
     let step = tokio::spawn(async move { w.try_claim_and_run_one().await.unwrap() });
     let mut c = db.client().await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while state_of(&db, id).await.0 != "processing" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the step claimed the job"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let claimed = format!("SELECT count(*) FROM jobs WHERE id = '{id}' AND state = 'processing'");
+    assert_eq!(
+        crate::support::until_count(&db, &claimed, 1, Duration::from_secs(10)).await,
+        1,
+        "the step claimed the job"
+    );
     // The step's handler is still held when its lease runs out and the job is rescued.
     assert_eq!(expire_and_rescue(&mut c, id).await, (vec![id], vec![]));
     gate.notify_one();
