@@ -231,6 +231,70 @@ async fn a_late_completion_after_a_rescue_is_discarded_and_the_job_completes_onc
 }
 
 #[tokio::test]
+async fn an_operator_retry_never_hands_out_a_lease_an_old_run_still_holds() {
+    // worker-a's run of attempt 1 hangs past its lease; the job dead-letters and an operator
+    // retries it; worker-a itself claims it again. The hung run's outcome must not pass for
+    // the new run's.
+    let db = TestDb::new(Schema::Shard).await;
+    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "echo", json!({}), 2)]).await[..] else {
+        panic!()
+    };
+    let mut c = db.client().await;
+    let lease = Duration::from_secs(30);
+    let ok = |attempt| Outcome {
+        id,
+        attempt,
+        result: Ok(json!({"by": attempt})),
+        retry_in: Duration::ZERO,
+    };
+    let hung = store::claim(&mut c, "worker-a", 1, lease, 100)
+        .await
+        .unwrap()[0]
+        .attempt;
+    assert_eq!(expire_and_rescue(&mut c, id).await, (vec![id], vec![]));
+    store::claim(&mut c, "worker-a", 1, lease, 100)
+        .await
+        .unwrap();
+    assert_eq!(expire_and_rescue(&mut c, id).await, (vec![], vec![id]));
+    let retried = store::retry(&c, id).await.unwrap();
+    assert_eq!(retried.view.state, JobState::Waiting);
+    assert_eq!(
+        (retried.view.attempts, retried.max_attempts),
+        (2, 4),
+        "the count goes on, with as many attempts again as the first round had"
+    );
+    let again = store::claim(&mut c, "worker-a", 1, lease, 100)
+        .await
+        .unwrap()[0]
+        .attempt;
+    assert_eq!(again, 3);
+    let (done, discarded) = store::finish(&mut c, "worker-a", &[ok(hung)])
+        .await
+        .unwrap();
+    assert!(done.is_empty(), "the hung run's outcome is not recorded");
+    assert_eq!(discarded, vec![id]);
+    let (done, _) = store::finish(&mut c, "worker-a", &[ok(again)])
+        .await
+        .unwrap();
+    assert_eq!(done[0].state, JobState::Done);
+    let result: serde_json::Value = c
+        .query_one("SELECT result FROM jobs WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(result, json!({"by": 3}));
+    // A second retry grants the first round's two attempts again, not the grown allowance.
+    c.execute(
+        "UPDATE jobs SET state = 'error', finished_at = now() WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    let retried = store::retry(&c, id).await.unwrap();
+    assert_eq!((retried.view.attempts, retried.max_attempts), (3, 5));
+}
+
+#[tokio::test]
 async fn the_one_job_step_discards_and_counts_its_completion_when_its_lease_was_lost() {
     let db = TestDb::new(Schema::Shard).await;
     let gate = std::sync::Arc::new(tokio::sync::Notify::new());

@@ -15,7 +15,7 @@ pub enum JobsCommand {
     List(ListArgs),
     /// Show one job in full.
     Show(OneArgs),
-    /// Send a job in `error` back to `waiting` with fresh attempts.
+    /// Send a job in `error` back to `waiting` with a fresh round of attempts.
     Retry(OneArgs),
     /// Mark a job in `error` as `error_resolved`, with a note saying why.
     Resolve(ResolveArgs),
@@ -181,7 +181,7 @@ pub async fn run(cmd: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
             let job = store::retry(&client, a.id).await?;
             if !a.json {
                 println!(
-                    "retried job {} ({} on shard {shard}): back to waiting with fresh attempts",
+                    "retried job {} ({} on shard {shard}): back to waiting with a fresh round of attempts",
                     job.view.id, job.view.kind
                 );
             }

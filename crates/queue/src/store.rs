@@ -1259,13 +1259,19 @@ pub enum OperatorError {
     Db(#[from] tokio_postgres::Error),
 }
 
-/// Dead letter → `waiting` with fresh attempts (operator retry).
+/// Dead letter → `waiting` with a fresh round of attempts (operator retry): as many as its
+/// first round had (`max_attempts - retried_after`), on top of those it made. The count goes on
+/// rather than starting again at 0 because it is also the lease token (see [`finish`]): a
+/// worker whose slot still ran an old attempt, and which claimed the retried job again, would
+/// otherwise take the same (worker, attempt) lease, and the old run's outcome would be accepted
+/// as the new one's.
 pub async fn retry(client: &impl GenericClient, id: Uuid) -> Result<JobRecord, OperatorError> {
     operator_transition(
         client,
         id,
         "retried",
-        "UPDATE jobs SET state = 'waiting', attempts = 0, run_at = now(), finished_at = NULL,
+        "UPDATE jobs SET state = 'waiting', max_attempts = attempts + max_attempts - retried_after,
+                retried_after = attempts, run_at = now(), finished_at = NULL,
                 updated_at = now()
           WHERE id = $1 AND state = 'error'",
         None,
