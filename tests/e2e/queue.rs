@@ -351,6 +351,58 @@ async fn an_expired_lease_on_the_last_attempt_dead_letters_the_job() {
 }
 
 #[tokio::test]
+async fn claims_planned_on_an_empty_queue_still_reach_rows_by_primary_key_once_it_fills() {
+    // A pooled connection plans each statement once, at its first execution, from what the
+    // table looks like then. A worker that starts on an empty queue must not keep claims that
+    // walk every waiting row when a burst arrives.
+    let db = TestDb::new(Schema::Shard).await;
+    // No ANALYZE in between to replan them by luck.
+    db.exec("ALTER TABLE jobs SET (autovacuum_enabled = off)")
+        .await;
+    let pool = shard_pool(&db, 1);
+    let mut c = pool.get().await.unwrap();
+    let lease = Duration::from_secs(30);
+    // The three claim statements: any size uncapped, one job capped, a capped batch.
+    for (limit, cap) in [(10, store::UNCAPPED), (1, 5), (10, 5)] {
+        let claimed = store::claim(&mut c, "w", limit, lease, cap).await.unwrap();
+        assert!(claimed.is_empty());
+    }
+    let backlog: Vec<_> = (0..5000)
+        .map(|i| job(Uuid::now_v7(), "echo", json!({"i": i}), 1))
+        .collect();
+    enqueue(&db, &backlog).await;
+    let claims = c
+        .query(
+            "SELECT name FROM pg_prepared_statements
+              WHERE statement LIKE 'WITH %' AND statement LIKE '%SKIP LOCKED%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(claims.len(), 3, "each claim statement is prepared");
+    for row in claims {
+        let name: String = row.get(0);
+        let plan: Vec<String> = c
+            .query(&format!("EXPLAIN EXECUTE {name}(10, 'w', 5, 30000)"), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        // `jobs j` is the UPDATE's target; the candidates are read as `jobs j_1`.
+        let target: Vec<&String> = plan
+            .iter()
+            .filter(|l| l.contains(" Scan ") && l.contains(" on jobs j "))
+            .collect();
+        assert!(
+            !target.is_empty() && target.iter().all(|l| l.contains("using jobs_pkey")),
+            "the claimed rows are reached by primary key:\n{}",
+            plan.join("\n")
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_small_company_is_not_starved_by_a_big_backlog() {
     let db = TestDb::new(Schema::Shard).await;
     let (big, small) = (Uuid::now_v7(), Uuid::now_v7());
