@@ -350,20 +350,63 @@ async fn an_expired_lease_on_the_last_attempt_dead_letters_the_job() {
     assert!(err.contains("lease expired"), "{err}");
 }
 
+/// The plan of the statement prepared on `c` whose text matches `like`, run with `args`.
+async fn prepared_plan(c: &tokio_postgres::Client, like: &str, args: &str) -> Vec<String> {
+    let names = c
+        .query(
+            "SELECT name FROM pg_prepared_statements WHERE statement LIKE $1",
+            &[&like],
+        )
+        .await
+        .unwrap();
+    let [name] = &names[..] else {
+        panic!("{} prepared statements match {like}", names.len())
+    };
+    let name: String = name.get(0);
+    c.query(&format!("EXPLAIN EXECUTE {name}({args})"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Whether every scan of `table` (as `alias`) in `plan` uses `index`, and there is one.
+fn scans_use(plan: &[String], table: &str, index: &str) -> bool {
+    let on = format!(" on {table} ");
+    let scans: Vec<&String> = plan
+        .iter()
+        .filter(|l| l.contains(" Scan ") && l.contains(&on))
+        .collect();
+    !scans.is_empty() && scans.iter().all(|l| l.contains(&format!("using {index} ")))
+}
+
 #[tokio::test]
-async fn claims_planned_on_an_empty_queue_still_reach_rows_by_primary_key_once_it_fills() {
+async fn statements_planned_on_an_empty_queue_stay_right_once_it_fills() {
     // A pooled connection plans each statement once, at its first execution, from what the
-    // table looks like then. A worker that starts on an empty queue must not keep claims that
-    // walk every waiting row when a burst arrives.
+    // table looks like then. A worker or API process that starts on an empty queue must not
+    // keep plans that walk every waiting row once a burst arrives.
     let db = TestDb::new(Schema::Shard).await;
     // No ANALYZE in between to replan them by luck.
     db.exec("ALTER TABLE jobs SET (autovacuum_enabled = off)")
         .await;
     let pool = shard_pool(&db, 1);
     let mut c = pool.get().await.unwrap();
-    let lease = Duration::from_secs(30);
+    let tx = c.transaction().await.unwrap();
+    let one = job(Uuid::now_v7(), "echo", json!({}), 1);
+    store::enqueue(&tx, &one, LIMITS).await.unwrap();
+    store::enqueue_many(&tx, &[one.clone(), one], LIMITS)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
     // The three claim statements: any size uncapped, one job capped, a capped batch.
-    for (limit, cap) in [(10, store::UNCAPPED), (1, 5), (10, 5)] {
+    let lease = Duration::from_secs(30);
+    let claims = [
+        (10, store::UNCAPPED, "%$3::int8 = 9223372036854775807%"),
+        (1, 5, "%LIMIT $3::int8) running%"),
+        (10, 5, "%row_number()%"),
+    ];
+    for (limit, cap, _) in claims {
         let claimed = store::claim(&mut c, "w", limit, lease, cap).await.unwrap();
         assert!(claimed.is_empty());
     }
@@ -371,32 +414,30 @@ async fn claims_planned_on_an_empty_queue_still_reach_rows_by_primary_key_once_i
         .map(|i| job(Uuid::now_v7(), "echo", json!({"i": i}), 1))
         .collect();
     enqueue(&db, &backlog).await;
-    let claims = c
-        .query(
-            "SELECT name FROM pg_prepared_statements
-              WHERE statement LIKE 'WITH %' AND statement LIKE '%SKIP LOCKED%'",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(claims.len(), 3, "each claim statement is prepared");
-    for row in claims {
-        let name: String = row.get(0);
-        let plan: Vec<String> = c
-            .query(&format!("EXPLAIN EXECUTE {name}(10, 'w', 5, 30000)"), &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+
+    for (_, _, like) in claims {
+        let plan = prepared_plan(&c, like, "10, 'w', 5, 30000").await;
         // `jobs j` is the UPDATE's target; the candidates are read as `jobs j_1`.
-        let target: Vec<&String> = plan
-            .iter()
-            .filter(|l| l.contains(" Scan ") && l.contains(" on jobs j "))
-            .collect();
         assert!(
-            !target.is_empty() && target.iter().all(|l| l.contains("using jobs_pkey")),
+            scans_use(&plan, "jobs j", "jobs_pkey"),
             "the claimed rows are reached by primary key:\n{}",
+            plan.join("\n")
+        );
+    }
+    // One job, and many in one statement.
+    let enqueues = [
+        (
+            "INSERT INTO jobs%VALUES%",
+            "gen_random_uuid(), 'r', gen_random_uuid(), '{}', 'echo', '{}', 1, NULL, 0, 0",
+        ),
+        ("INSERT INTO jobs%unnest%", &["'{}'"; 9].join(", ")),
+    ];
+    for (like, args) in enqueues {
+        let plan = prepared_plan(&c, like, args).await;
+        assert!(
+            scans_use(&plan, "jobs h", "jobs_claimable")
+                && plan.iter().any(|l| l.contains("Limit")),
+            "an enqueue reads only the head of the claimable jobs:\n{}",
             plan.join("\n")
         );
     }

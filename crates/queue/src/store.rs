@@ -31,11 +31,16 @@ macro_rules! fairness_quantum_us {
 /// the oldest waiting job when the queue has fallen behind the clock. Without the second, a
 /// backlog worked off at less than one job per quantum drifts into the past, and a new job of
 /// another company, stamped "now", would queue behind all of that backlog's overdue jobs. One
-/// probe of the head of `jobs_claimable`; in a bulk insert it is evaluated once.
+/// probe of the head of `jobs_claimable`; in a bulk insert it is evaluated once. Spelled as
+/// `ORDER BY … LIMIT 1` rather than `min()`, which leaves the planner no other way: for `min()`
+/// it also weighs aggregating a walk of a whole index of waiting rows. The enqueue statements
+/// have not been seen to take it, but a plain `SELECT` of the same `min()`, planned on an empty
+/// queue, did: 57 ms per run once 100,000 jobs were waiting, against 0.4 ms.
 macro_rules! virtual_now {
     () => {
         "least((extract(epoch FROM clock_timestamp()) * 1e6)::bigint,
-               (SELECT min(h.priority) FROM jobs h WHERE h.state = 'waiting'))"
+               (SELECT h.priority FROM jobs h WHERE h.state = 'waiting'
+                 ORDER BY h.priority LIMIT 1))"
     };
 }
 
