@@ -49,6 +49,16 @@ async fn state_of(db: &TestDb, id: Uuid) -> (String, i32) {
     (r.get(0), r.get(1))
 }
 
+/// A successful outcome of `attempt` whose result names the attempt.
+fn ok_by(id: Uuid, attempt: i32) -> Outcome {
+    Outcome {
+        id,
+        attempt,
+        result: Ok(json!({"by": attempt})),
+        retry_in: Duration::ZERO,
+    }
+}
+
 /// Ends the lease of `id` now and runs the rescuer: (returned to waiting, dead-lettered).
 async fn expire_and_rescue(c: &mut tokio_postgres::Client, id: Uuid) -> (Vec<Uuid>, Vec<Uuid>) {
     c.execute(
@@ -206,16 +216,14 @@ async fn a_late_completion_after_a_rescue_is_discarded_and_the_job_completes_onc
         .await
         .unwrap();
     assert_eq!(b[0].attempt, 2);
-    let ok = |attempt| Outcome {
-        id,
-        attempt,
-        result: Ok(json!({"by": attempt})),
-        retry_in: Duration::ZERO,
-    };
-    let (done, discarded) = store::finish(&mut c, "worker-a", &[ok(1)]).await.unwrap();
+    let (done, discarded) = store::finish(&mut c, "worker-a", &[ok_by(id, 1)])
+        .await
+        .unwrap();
     assert!(done.is_empty());
     assert_eq!(discarded, vec![id], "worker-a's completion is discarded");
-    let (done, _) = store::finish(&mut c, "worker-b", &[ok(2)]).await.unwrap();
+    let (done, _) = store::finish(&mut c, "worker-b", &[ok_by(id, 2)])
+        .await
+        .unwrap();
     assert_eq!(done[0].state, JobState::Done);
     let r = c
         .query_one("SELECT result, attempts FROM jobs WHERE id = $1", &[&id])
@@ -223,7 +231,9 @@ async fn a_late_completion_after_a_rescue_is_discarded_and_the_job_completes_onc
         .unwrap();
     assert_eq!(r.get::<_, serde_json::Value>(0), json!({"by": 2}));
     assert_eq!(r.get::<_, i32>(1), 2);
-    let (done, discarded) = store::finish(&mut c, "worker-b", &[ok(2)]).await.unwrap();
+    let (done, discarded) = store::finish(&mut c, "worker-b", &[ok_by(id, 2)])
+        .await
+        .unwrap();
     assert!(
         done.is_empty() && discarded == vec![id],
         "never completed twice"
@@ -241,12 +251,6 @@ async fn an_operator_retry_never_hands_out_a_lease_an_old_run_still_holds() {
     };
     let mut c = db.client().await;
     let lease = Duration::from_secs(30);
-    let ok = |attempt| Outcome {
-        id,
-        attempt,
-        result: Ok(json!({"by": attempt})),
-        retry_in: Duration::ZERO,
-    };
     let hung = store::claim(&mut c, "worker-a", 1, lease, 100)
         .await
         .unwrap()[0]
@@ -268,12 +272,12 @@ async fn an_operator_retry_never_hands_out_a_lease_an_old_run_still_holds() {
         .unwrap()[0]
         .attempt;
     assert_eq!(again, 3);
-    let (done, discarded) = store::finish(&mut c, "worker-a", &[ok(hung)])
+    let (done, discarded) = store::finish(&mut c, "worker-a", &[ok_by(id, hung)])
         .await
         .unwrap();
     assert!(done.is_empty(), "the hung run's outcome is not recorded");
     assert_eq!(discarded, vec![id]);
-    let (done, _) = store::finish(&mut c, "worker-a", &[ok(again)])
+    let (done, _) = store::finish(&mut c, "worker-a", &[ok_by(id, again)])
         .await
         .unwrap();
     assert_eq!(done[0].state, JobState::Done);
