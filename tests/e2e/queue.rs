@@ -334,6 +334,71 @@ async fn the_one_job_step_discards_and_counts_its_completion_when_its_lease_was_
 }
 
 #[tokio::test]
+async fn a_running_job_keeps_its_lease_past_its_length_and_only_its_worker_renews_it() {
+    // A 2 s lease and a 5 s job: without the heartbeat the rescuer would take the job back
+    // after two seconds and it would run twice.
+    let db = TestDb::new(Schema::Shard).await;
+    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "sleep", json!({"ms": 5000}), 3)]).await[..]
+    else {
+        panic!()
+    };
+    let mut opts = options("shard-t", 100);
+    opts.lease = Duration::from_secs(2);
+    let mut queue = dev_config().queue;
+    queue.builtin_kinds = vec!["sleep".into()];
+    let stop = CancellationToken::new();
+    let running =
+        tokio::spawn(worker_from(&db, Registry::from_config(&queue), opts).run(stop.clone()));
+    let mut c = db.client().await;
+    let started = std::time::Instant::now();
+    loop {
+        let (state, attempts) = state_of(&db, id).await;
+        if state == "done" {
+            assert_eq!(attempts, 1, "the job ran once");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the job did not finish"
+        );
+        assert_eq!(
+            store::rescue_expired(&mut c, 10).await.unwrap(),
+            (vec![], vec![]),
+            "a renewed lease is never rescued ({state}, attempt {attempts})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(started.elapsed() > Duration::from_secs(5));
+    stop.cancel();
+    running.await.unwrap().unwrap();
+
+    // The renewal is fenced by worker: another worker's heartbeat moves nothing.
+    let [other] = enqueue(&db, &[job(Uuid::now_v7(), "echo", json!({}), 1)]).await[..] else {
+        panic!()
+    };
+    store::claim(&mut c, "w", 1, Duration::from_secs(30), 100)
+        .await
+        .unwrap();
+    let lease = Duration::from_secs(3600);
+    assert_eq!(
+        store::heartbeat(&c, "someone-else", &[other], lease)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(store::heartbeat(&c, "w", &[other], lease).await.unwrap(), 1);
+    let left: f64 = c
+        .query_one(
+            "SELECT extract(epoch FROM lease_expires_at - now())::float8 FROM jobs WHERE id = $1",
+            &[&other],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(left > 3000.0, "renewed to an hour: {left} s left");
+}
+
+#[tokio::test]
 async fn an_expired_lease_on_the_last_attempt_dead_letters_the_job() {
     let db = TestDb::new(Schema::Shard).await;
     let [id] = enqueue(&db, &[job(Uuid::now_v7(), "echo", json!({}), 1)]).await[..] else {
