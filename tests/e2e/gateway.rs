@@ -23,7 +23,8 @@ use tenantry_testkit::{TestBroker, TestCluster, TestDb, amqp_url, proxy::TcpProx
 use uuid::Uuid;
 
 use crate::support::{
-    SECRET, Served, http, own, shard_node, slow_job_202_then_done, tenantry, token,
+    SECRET, Served, http, metric, own, shard_node, slow_job_202_then_done, tenantry, token,
+    until_metric,
 };
 
 const SHARD_HEADER: &str = "x-tenantry-shard";
@@ -196,27 +197,6 @@ async fn post_job(gw: &str, company: Uuid, auth: &str) -> (u16, String) {
         .map(|v| v.to_str().unwrap().to_owned())
         .unwrap_or_default();
     (r.status().as_u16(), shard)
-}
-
-/// A counter from `/metrics` (0 when absent).
-async fn metric(base: &str, series: &str) -> f64 {
-    let mut r = http().get(format!("{base}/metrics")).send().await.unwrap();
-    let body = r.body().limit(4 << 20).await.unwrap();
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-async fn until_metric(base: &str, series: &str, at_least: f64, limit: Duration) -> f64 {
-    let deadline = Instant::now() + limit;
-    loop {
-        let v = metric(base, series).await;
-        if v >= at_least || Instant::now() > deadline {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Cached routes replaced by a newer placement: moves only once the route is applied (a

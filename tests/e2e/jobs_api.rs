@@ -11,8 +11,8 @@ use uuid::Uuid;
 use crate::{
     queue::{enqueue, job},
     support::{
-        Served, http, own, run, shard_node, slow_job_202_then_done, start_worker, tenantry, token,
-        until_count,
+        Served, http, metric, own, run, shard_node, slow_job_202_then_done, start_worker, tenantry,
+        token, until_count,
     },
 };
 
@@ -358,6 +358,10 @@ async fn a_full_queue_answers_429_with_retry_after() {
     assert_eq!(error_of!(r).error.code, "too_many_jobs");
     let n = db.scalar("SELECT count(*) FROM jobs").await;
     assert_eq!(n, 3, "the refused request left nothing behind");
+    let counted =
+        |event: &str| format!("tenantry_queue_events_total{{event=\"{event}\",shard=\"shard-1\"}}");
+    let base = node.url("api");
+    assert_eq!(metric(&base, &counted("refused_company")).await, 1.0);
 
     // The shard-wide cap (4) refuses other companies once the API's count of waiting jobs,
     // refreshed every second, has caught up with a backlog written past the API. Each try is a
@@ -390,6 +394,7 @@ async fn a_full_queue_answers_429_with_retry_after() {
     assert_eq!(refused, "queue_full");
     let n = db.scalar("SELECT count(*) FROM jobs").await;
     assert_eq!(n, 8 + accepted, "the refused request left nothing behind");
+    assert_eq!(metric(&base, &counted("refused_shard")).await, 1.0);
 }
 
 #[actix_web::test]
@@ -418,6 +423,36 @@ async fn a_shard_refuses_companies_it_does_not_own() {
     }
     let n = db.scalar("SELECT count(*) FROM jobs").await;
     assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn a_failed_attempt_is_logged_with_the_request_id_of_its_job() {
+    // "What happened to request X" reaches into the worker: the job's log lines carry the
+    // request id of the call that created it.
+    let db = TestDb::new(Schema::Shard).await;
+    let mut worker = start_worker(&mut shard_node(&db.url, false, 1));
+    let mut failing = job(Uuid::now_v7(), "no-such-kind", json!({}), 1);
+    failing.request_id = "log-job-1".into();
+    let [id] = enqueue(&db, &[failing]).await[..] else {
+        panic!()
+    };
+    let dead = format!("SELECT count(*) FROM jobs WHERE id = '{id}' AND state = 'error'");
+    assert_eq!(until_count(&db, &dead, 1, Duration::from_secs(10)).await, 1);
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(10)), Some(0));
+    let lines = worker.logs_to_end(Duration::from_secs(5));
+    let line = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["span"]["request.id"] == "log-job-1")
+        .unwrap_or_else(|| panic!("no line for request log-job-1:\n{}", lines.join("\n")));
+    assert_eq!(line["message"], "job attempt failed");
+    assert_eq!(line["span"]["job.id"], id.to_string());
+    assert!(
+        line["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no handler"))
+    );
 }
 
 #[tokio::test]
@@ -765,6 +800,22 @@ async fn operators_list_show_retry_and_resolve_dead_letters() {
     assert!(
         out.contains("shard       s1") || out.contains("s1"),
         "{out}"
+    );
+    let (code, out, err) = admin(&["jobs", "list", "--shard", "s1", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Value = serde_json::from_str(&out).expect("list --json prints JSON only");
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{out}");
+    assert_eq!(listed[0]["id"], id.to_string());
+    assert_eq!(listed[0]["state"], "error");
+    let (code, out, err) = admin(&["jobs", "show", &id.to_string(), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let shown: Value = serde_json::from_str(&out).expect("show --json prints JSON only");
+    assert_eq!(shown["id"], id.to_string());
+    assert_eq!(shown["company_id"], company.to_string());
+    assert!(
+        shown["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no handler"))
     );
     let (code, _, err) = admin(&["jobs", "show", &id.to_string(), "--shard", "s0"]);
     assert_eq!(code, 1);

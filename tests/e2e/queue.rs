@@ -1257,3 +1257,354 @@ async fn an_outcome_postgresql_cannot_store_fails_its_own_job_not_its_completion
         assert_eq!(state_of(&db, *id).await.0, "done");
     }
 }
+
+#[tokio::test]
+async fn a_rolled_back_enqueue_leaves_no_job_singly_or_in_bulk() {
+    // A job exists exactly when the caller's write commits.
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    let mut c = db.client().await;
+    let tx = c.transaction().await.unwrap();
+    store::enqueue(&tx, &job(company, "echo", json!({}), 1), LIMITS)
+        .await
+        .unwrap();
+    let bulk: Vec<_> = (0..3)
+        .map(|i| job(company, "echo", json!({"i": i}), 1))
+        .collect();
+    store::enqueue_many(&tx, &bulk, LIMITS).await.unwrap();
+    let count = "SELECT count(*) FROM jobs";
+    let inside: i64 = tx.query_one(count, &[]).await.unwrap().get(0);
+    assert_eq!(inside, 4);
+    assert_eq!(
+        crate::support::until_count(&db, count, 0, Duration::ZERO).await,
+        0,
+        "nobody else sees them before the commit"
+    );
+    tx.rollback().await.unwrap();
+    let after: i64 = c.query_one(count, &[]).await.unwrap().get(0);
+    assert_eq!(after, 0, "nothing is left of a rolled-back enqueue");
+}
+
+/// Counts the notifications on `channel` from now on (the client must be kept).
+async fn count_notifications(
+    db: &TestDb,
+    channel: &str,
+) -> (
+    tokio_postgres::Client,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use futures_util::StreamExt;
+    let (client, mut conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = n.clone();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(_) = m {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .unwrap();
+    (client, n)
+}
+
+/// Waits until job `id` is `done`, at most `limit`; returns how long it took.
+async fn until_done(db: &TestDb, id: Uuid, limit: Duration) -> Duration {
+    let started = std::time::Instant::now();
+    while state_of(db, id).await.0 != "done" {
+        assert!(
+            started.elapsed() < limit,
+            "job {id} not done within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn the_notifier_wakes_an_idle_worker_after_the_commit_and_coalesces_a_burst() {
+    let db = TestDb::new(Schema::Shard).await;
+    let stop = CancellationToken::new();
+    // A worker that would not poll for a minute: only the notification can wake it.
+    let mut opts = options("shard-t", 100);
+    opts.poll_interval = Duration::from_secs(60);
+    let mut queue = dev_config().queue;
+    queue.builtin_kinds = vec!["echo".into()];
+    let w = worker_from(&db, Registry::from_config(&queue), opts);
+    let running = tokio::spawn(w.run(stop.clone()));
+    let notifier = tenantry_queue::Notifier::start(shard_pool(&db, 2), stop.clone());
+    let (_listening, heard) = count_notifications(&db, store::CHANNEL_WAITING).await;
+    // Let the worker find the queue empty and go to sleep.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A bulk enqueue and a burst of pokes for it: the commit comes first, then at most a
+    // notification or two, never one per row or per poke.
+    let bulk: Vec<_> = (0..1000)
+        .map(|i| job(Uuid::now_v7(), "echo", json!({"i": i}), 1))
+        .collect();
+    let ids = enqueue(&db, &bulk).await;
+    for _ in 0..200 {
+        notifier.poke();
+    }
+    until_done(&db, ids[999], Duration::from_secs(20)).await;
+    let n = heard.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&n),
+        "{n} notifications for one bulk enqueue"
+    );
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn the_fallback_poll_runs_a_job_whose_notification_was_lost() {
+    let db = TestDb::new(Schema::Shard).await;
+    let stop = CancellationToken::new();
+    let mut opts = options("shard-t", 100);
+    opts.poll_interval = Duration::from_millis(300);
+    let mut queue = dev_config().queue;
+    queue.builtin_kinds = vec!["echo".into()];
+    let running =
+        tokio::spawn(worker_from(&db, Registry::from_config(&queue), opts).run(stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Committed, and nobody notifies.
+    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "echo", json!({}), 1)]).await[..] else {
+        panic!()
+    };
+    until_done(&db, id, Duration::from_secs(10)).await;
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}
+
+/// Counts how many of its jobs run at once.
+#[derive(Default)]
+struct Overlap {
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+struct Overlapping(std::sync::Arc<Overlap>);
+impl tenantry_queue::Handler for Overlapping {
+    fn run<'a>(
+        &'a self,
+        _job: &'a tenantry_queue::ClaimedJob,
+    ) -> tenantry_queue::worker::BoxFuture<'a, Result<serde_json::Value, JobError>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        Box::pin(async move {
+            let now = self.0.now.fetch_add(1, SeqCst) + 1;
+            self.0.most.fetch_max(now, SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.0.now.fetch_sub(1, SeqCst);
+            Ok(serde_json::Value::Null)
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_worker_runs_no_more_jobs_at_once_than_it_has_slots() {
+    // Claims are sized to the free slots: 20 waiting jobs, 3 slots, claims of up to 500.
+    let db = TestDb::new(Schema::Shard).await;
+    let jobs: Vec<_> = (0..20)
+        .map(|i| job(Uuid::now_v7(), "overlap", json!({"i": i}), 1))
+        .collect();
+    let ids = enqueue(&db, &jobs).await;
+    let overlap = std::sync::Arc::new(Overlap::default());
+    let mut registry = Registry::default();
+    registry.register("overlap", Overlapping(overlap.clone()));
+    let queue = dev_config().queue;
+    let opts = WorkerOptions::from_config("shard-t", 3, &queue, Duration::from_secs(1));
+    assert!(opts.claim_batch > 3);
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker_from(&db, registry, opts).run(stop.clone()));
+    for id in ids {
+        until_done(&db, id, Duration::from_secs(20)).await;
+    }
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    assert_eq!(
+        overlap.most.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "three slots, all busy, never more"
+    );
+}
+
+#[tokio::test]
+async fn a_stopping_worker_claims_nothing_new_while_its_running_job_finishes() {
+    let db = TestDb::new(Schema::Shard).await;
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut registry = Registry::default();
+    registry.register("gated", Gated(gate.clone()));
+    registry.register("echo", tenantry_queue::worker::Echo);
+    let mut opts = options("shard-t", 100);
+    opts.grace = Duration::from_secs(10);
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker_from(&db, registry, opts).run(stop.clone()));
+    let [held] = enqueue(&db, &[job(Uuid::now_v7(), "gated", json!({}), 1)]).await[..] else {
+        panic!()
+    };
+    db.exec(&format!("NOTIFY {}", store::CHANNEL_WAITING)).await;
+    let processing =
+        format!("SELECT count(*) FROM jobs WHERE id = '{held}' AND state = 'processing'");
+    assert_eq!(
+        crate::support::until_count(&db, &processing, 1, Duration::from_secs(10)).await,
+        1
+    );
+    stop.cancel();
+    // While the running job finishes, new work arrives and is announced.
+    let [late] = enqueue(&db, &[job(Uuid::now_v7(), "echo", json!({}), 1)]).await[..] else {
+        panic!()
+    };
+    db.exec(&format!("NOTIFY {}", store::CHANNEL_WAITING)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gate.notify_one();
+    running.await.unwrap().unwrap();
+    assert_eq!(state_of(&db, held).await, ("done".into(), 1));
+    assert_eq!(
+        state_of(&db, late).await,
+        ("waiting".into(), 0),
+        "the stopping worker never claimed it"
+    );
+}
+
+#[tokio::test]
+async fn finished_rows_are_pruned_in_batches_of_the_given_size() {
+    let db = TestDb::new(Schema::Shard).await;
+    let jobs: Vec<_> = (0..5)
+        .map(|_| job(Uuid::now_v7(), "echo", json!({}), 1))
+        .collect();
+    enqueue(&db, &jobs).await;
+    db.exec("UPDATE jobs SET state = 'done', finished_at = now() - interval '8 days'")
+        .await;
+    let mut c = db.client().await;
+    let week = Duration::from_secs(7 * 86_400);
+    let mut passes = Vec::new();
+    for _ in 0..4 {
+        passes.push(store::prune(&mut c, week, 2).await.unwrap());
+    }
+    assert_eq!(passes, [2, 2, 1, 0]);
+}
+
+#[test]
+fn built_in_kinds_are_off_unless_configured_and_attempts_are_per_kind() {
+    let mut queue = dev_config().queue;
+    assert!(
+        Registry::from_config(&queue).kinds().is_empty(),
+        "echo and sleep are diagnostics: off by default"
+    );
+    queue.builtin_kinds = vec!["echo".into(), "sleep".into()];
+    queue.max_attempts.insert("sleep".into(), 3);
+    let r = Registry::from_config(&queue);
+    assert_eq!(r.kinds(), ["echo", "sleep"]);
+    assert_eq!((r.max_attempts("sleep"), r.max_attempts("echo")), (3, 1));
+}
+
+/// Keeps what the worker hands its handler.
+struct Captures(std::sync::Arc<std::sync::Mutex<Option<tenantry_queue::ClaimedJob>>>);
+impl tenantry_queue::Handler for Captures {
+    fn run<'a>(
+        &'a self,
+        job: &'a tenantry_queue::ClaimedJob,
+    ) -> tenantry_queue::worker::BoxFuture<'a, Result<serde_json::Value, JobError>> {
+        Box::pin(async move {
+            *self.0.lock().unwrap() = Some(job.clone());
+            Ok(serde_json::Value::Null)
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_handler_gets_the_jobs_company_caller_params_and_request_id() {
+    let db = TestDb::new(Schema::Shard).await;
+    let seen = std::sync::Arc::default();
+    let mut registry = Registry::default();
+    registry.register("capture", Captures(std::sync::Arc::clone(&seen)));
+    let w = worker_with(&db, 100, registry);
+    let company = Uuid::now_v7();
+    let mut new = job(company, "capture", json!({"n": 7}), 1);
+    new.user_context = json!({"user_id": "u-1", "role": "member"});
+    let [id] = enqueue(&db, std::slice::from_ref(&new)).await[..] else {
+        panic!()
+    };
+    w.try_claim_and_run_one().await.unwrap();
+    let got = seen.lock().unwrap().take().expect("the handler ran");
+    assert_eq!(got.id, id);
+    assert_eq!(got.company_id, company);
+    assert_eq!(got.user_context, new.user_context);
+    assert_eq!(got.params, json!({"n": 7}));
+    assert_eq!(got.request_id, new.request_id);
+    assert_eq!((got.kind.as_str(), got.attempt), ("capture", 1));
+}
+
+#[tokio::test]
+async fn the_worker_counts_completions_retries_dead_letters_rescues_and_run_times() {
+    let db = TestDb::new(Schema::Shard).await;
+    // Its own shard label: the metrics are process-wide and tests run side by side.
+    let shard = format!("shard-metrics-{}", Uuid::new_v4().simple());
+    let mut registry = Registry::default();
+    registry.register("echo", tenantry_queue::worker::Echo);
+    registry.register("panics", PanicsEarly);
+    let mut opts = options(&shard, 100);
+    opts.rescue_interval = Duration::from_millis(100);
+    let company = Uuid::now_v7();
+    let ids = enqueue(
+        &db,
+        &[
+            job(company, "echo", json!({}), 1),
+            job(company, "panics", json!({}), 2),
+            job(company, "panics", json!({}), 1),
+        ],
+    )
+    .await;
+    // A job whose worker died: its lease ran out a minute ago.
+    db.exec(&format!(
+        "UPDATE jobs SET state = 'processing', worker_id = 'dead', attempts = 1,
+                lease_expires_at = now() - interval '1 minute', max_attempts = 3
+          WHERE id = '{}'",
+        ids[0]
+    ))
+    .await;
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker_from(&db, registry, opts).run(stop.clone()));
+    let event = |name: &str| {
+        tenantry_queue::metrics::EVENTS
+            .with_label_values(&[&shard, name])
+            .get()
+    };
+    let started = std::time::Instant::now();
+    while !(event("completed") == 1 && event("dead_lettered") == 2 && event("retried") == 1) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "completed {}, dead-lettered {}, retried {}, rescued {}",
+            event("completed"),
+            event("dead_lettered"),
+            event("retried"),
+            event("rescued")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    // The rescued echo job ran and completed; the panicking job with two attempts was retried
+    // once and then dead-lettered, the one with a single attempt dead-lettered at once.
+    assert_eq!(event("rescued"), 1);
+    assert_eq!(state_of(&db, ids[0]).await, ("done".into(), 2));
+    let runs = |kind: &str| {
+        tenantry_queue::metrics::RUN_SECONDS
+            .with_label_values(&[&shard, kind])
+            .get_sample_count()
+    };
+    assert_eq!((runs("echo"), runs("panics")), (1, 3));
+    let starts = tenantry_queue::metrics::ENQUEUE_TO_START_SECONDS
+        .with_label_values(&[&shard, "panics"])
+        .get_sample_count();
+    assert_eq!(starts, 3, "each attempt's start is timed");
+    let claims = tenantry_queue::metrics::CLAIM_SECONDS
+        .with_label_values(&[&shard])
+        .get_sample_count();
+    assert!(claims >= 1);
+}

@@ -289,3 +289,24 @@ pub async fn slow_job_202_then_done(
     assert!(done.finished_at.is_some() && done.started_at.is_some());
     done
 }
+
+/// A counter from `/metrics` (0 when absent).
+pub async fn metric(base: &str, series: &str) -> f64 {
+    let mut r = http().get(format!("{base}/metrics")).send().await.unwrap();
+    let body = r.body().limit(4 << 20).await.unwrap();
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+pub async fn until_metric(base: &str, series: &str, at_least: f64, limit: Duration) -> f64 {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let v = metric(base, series).await;
+        if v >= at_least || std::time::Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
