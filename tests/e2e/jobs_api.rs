@@ -9,7 +9,7 @@ use tenantry_testkit::{Schema, TestBroker, TestDb};
 use uuid::Uuid;
 
 use crate::{
-    queue::{enqueue, job},
+    queue::{enqueue, enqueue_one, job},
     support::{
         Served, http, metric, own, run, shard_node, slow_job_202_then_done, start_worker, tenantry,
         token, until_count,
@@ -268,9 +268,7 @@ async fn another_companys_job_is_not_found() {
     let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
     own(&db, a, "owned").await;
     own(&db, b, "owned").await;
-    let [id] = enqueue(&db, &[job(a, "echo", json!({}), 1)]).await[..] else {
-        panic!()
-    };
+    let id = enqueue_one(&db, job(a, "echo", json!({}), 1)).await;
     let node = Served::start(&mut shard_node(&db.url, true, 0), 1);
     let both = token(&[
         "--user",
@@ -433,9 +431,7 @@ async fn a_failed_attempt_is_logged_with_the_request_id_of_its_job() {
     let mut worker = start_worker(&mut shard_node(&db.url, false, 1));
     let mut failing = job(Uuid::now_v7(), "no-such-kind", json!({}), 1);
     failing.request_id = "log-job-1".into();
-    let [id] = enqueue(&db, &[failing]).await[..] else {
-        panic!()
-    };
+    let id = enqueue_one(&db, failing).await;
     let dead = format!("SELECT count(*) FROM jobs WHERE id = '{id}' AND state = 'error'");
     assert_eq!(until_count(&db, &dead, 1, Duration::from_secs(10)).await, 1);
     worker.signal("TERM");
@@ -516,10 +512,7 @@ async fn several_worker_processes_complete_thousands_of_jobs_exactly_once() {
 async fn a_job_of_a_worker_killed_mid_job_is_rescued_and_completed_once() {
     let db = TestDb::new(Schema::Shard).await;
     // Long enough that the kill surely lands while it runs, even on a loaded machine.
-    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "sleep", json!({"ms": 4000}), 3)]).await[..]
-    else {
-        panic!()
-    };
+    let id = enqueue_one(&db, job(Uuid::now_v7(), "sleep", json!({"ms": 4000}), 3)).await;
     let config = |cmd: &mut std::process::Command| {
         cmd.env("TENANTRY_QUEUE__LEASE", "2s")
             .env("TENANTRY_QUEUE__RESCUE_INTERVAL", "300ms");
@@ -777,10 +770,7 @@ async fn operators_list_show_retry_and_resolve_dead_letters() {
         .exec("INSERT INTO shards (id, database_url) VALUES ('s0', 'postgres://postgres@127.0.0.1:1/down')")
         .await;
     let company = Uuid::now_v7();
-    let [id] = enqueue(&shard, &[job(company, "no-such-kind", json!({"x": 1}), 1)]).await[..]
-    else {
-        panic!()
-    };
+    let id = enqueue_one(&shard, job(company, "no-such-kind", json!({"x": 1}), 1)).await;
     let mut c = shard.client().await;
     fail_one(&mut c).await;
 

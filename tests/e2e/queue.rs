@@ -39,6 +39,11 @@ pub async fn enqueue(db: &TestDb, jobs: &[NewJob]) -> Vec<Uuid> {
     ids
 }
 
+/// Enqueues one job (committed) and returns its id.
+pub async fn enqueue_one(db: &TestDb, job: NewJob) -> Uuid {
+    enqueue(db, &[job]).await[0]
+}
+
 async fn state_of(db: &TestDb, id: Uuid) -> (String, i32) {
     let r = db
         .client()
@@ -89,10 +94,15 @@ fn listener(db: &TestDb, max_waiters: usize) -> Listener {
     Listener::start(pg, max_waiters, CancellationToken::new())
 }
 
-fn worker(db: &TestDb, max_per_company: i64) -> Worker {
+/// The built-in kinds `kinds`, as a shard's configuration enables them.
+fn builtins(kinds: &[&str]) -> Registry {
     let mut queue = dev_config().queue;
-    queue.builtin_kinds = vec!["echo".into(), "sleep".into()];
-    worker_with(db, max_per_company, Registry::from_config(&queue))
+    queue.builtin_kinds = kinds.iter().map(|k| k.to_string()).collect();
+    Registry::from_config(&queue)
+}
+
+fn worker(db: &TestDb, max_per_company: i64) -> Worker {
+    worker_with(db, max_per_company, builtins(&["echo", "sleep"]))
 }
 
 fn worker_with(db: &TestDb, max_per_company: i64, registry: Registry) -> Worker {
@@ -118,16 +128,34 @@ fn worker_from(db: &TestDb, registry: Registry, opts: WorkerOptions) -> Worker {
     Worker::new(shard_pool(db, 4), registry, opts, listener(db, 10))
 }
 
+/// A worker running in the background until [`Running::stop`].
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+fn spawn_worker(w: Worker) -> Running {
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(w.run(stop.clone()));
+    Running { stop, task }
+}
+
+impl Running {
+    /// Stops the worker the way a shutdown does and waits until it has.
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 #[tokio::test]
 async fn failed_attempts_back_off_then_dead_letter_with_the_error_kept() {
     let db = TestDb::new(Schema::Shard).await;
     // Backoffs of seconds, ended by moving run_at rather than by sleeping: no timing window.
-    let mut queue = dev_config().queue;
-    queue.builtin_kinds = vec!["sleep".into()];
     let mut opts = options("shard-t", 100);
     opts.retry_base = Duration::from_secs(4);
     opts.retry_max = Duration::from_secs(60);
-    let w = worker_from(&db, Registry::from_config(&queue), opts);
+    let w = worker_from(&db, builtins(&["sleep"]), opts);
     let end_backoff = || db.exec("UPDATE jobs SET run_at = now()");
     let [id] = enqueue(
         &db,
@@ -189,9 +217,7 @@ async fn failed_attempts_back_off_then_dead_letter_with_the_error_kept() {
 async fn a_permanent_error_skips_the_remaining_attempts() {
     let db = TestDb::new(Schema::Shard).await;
     let w = worker(&db, 100);
-    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "no-such-kind", json!({}), 5)]).await[..] else {
-        panic!()
-    };
+    let id = enqueue_one(&db, job(Uuid::now_v7(), "no-such-kind", json!({}), 5)).await;
     assert_eq!(
         w.try_claim_and_run_one().await.unwrap(),
         Some((id, JobState::Error))
@@ -202,9 +228,7 @@ async fn a_permanent_error_skips_the_remaining_attempts() {
 #[tokio::test]
 async fn a_late_completion_after_a_rescue_is_discarded_and_the_job_completes_once() {
     let db = TestDb::new(Schema::Shard).await;
-    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "echo", json!({"n": 1}), 3)]).await[..] else {
-        panic!()
-    };
+    let id = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({"n": 1}), 3)).await;
     let mut c = db.client().await;
     let a = store::claim(&mut c, "worker-a", 1, Duration::from_secs(30), 100)
         .await
@@ -246,9 +270,7 @@ async fn an_operator_retry_never_hands_out_a_lease_an_old_run_still_holds() {
     // retries it; worker-a itself claims it again. The hung run's outcome must not pass for
     // the new run's.
     let db = TestDb::new(Schema::Shard).await;
-    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "echo", json!({}), 2)]).await[..] else {
-        panic!()
-    };
+    let id = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 2)).await;
     let mut c = db.client().await;
     let lease = Duration::from_secs(30);
     let hung = store::claim(&mut c, "worker-a", 1, lease, 100)
@@ -307,9 +329,7 @@ async fn the_one_job_step_discards_and_counts_its_completion_when_its_lease_was_
     // Its own shard label: the counters are process-wide and tests run side by side.
     let shard = format!("shard-late-{}", Uuid::new_v4().simple());
     let w = worker_on(&db, &shard, 100, registry);
-    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "gated", json!({}), 3)]).await[..] else {
-        panic!()
-    };
+    let id = enqueue_one(&db, job(Uuid::now_v7(), "gated", json!({}), 3)).await;
     let step = tokio::spawn(async move { w.try_claim_and_run_one().await.unwrap() });
     let mut c = db.client().await;
     let claimed = format!("SELECT count(*) FROM jobs WHERE id = '{id}' AND state = 'processing'");
@@ -338,17 +358,10 @@ async fn a_running_job_keeps_its_lease_past_its_length_and_only_its_worker_renew
     // A 2 s lease and a 5 s job: without the heartbeat the rescuer would take the job back
     // after two seconds and it would run twice.
     let db = TestDb::new(Schema::Shard).await;
-    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "sleep", json!({"ms": 5000}), 3)]).await[..]
-    else {
-        panic!()
-    };
+    let id = enqueue_one(&db, job(Uuid::now_v7(), "sleep", json!({"ms": 5000}), 3)).await;
     let mut opts = options("shard-t", 100);
     opts.lease = Duration::from_secs(2);
-    let mut queue = dev_config().queue;
-    queue.builtin_kinds = vec!["sleep".into()];
-    let stop = CancellationToken::new();
-    let running =
-        tokio::spawn(worker_from(&db, Registry::from_config(&queue), opts).run(stop.clone()));
+    let running = spawn_worker(worker_from(&db, builtins(&["sleep"]), opts));
     let mut c = db.client().await;
     let started = std::time::Instant::now();
     loop {
@@ -369,13 +382,10 @@ async fn a_running_job_keeps_its_lease_past_its_length_and_only_its_worker_renew
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(started.elapsed() > Duration::from_secs(5));
-    stop.cancel();
-    running.await.unwrap().unwrap();
+    running.stop().await;
 
     // The renewal is fenced by worker: another worker's heartbeat moves nothing.
-    let [other] = enqueue(&db, &[job(Uuid::now_v7(), "echo", json!({}), 1)]).await[..] else {
-        panic!()
-    };
+    let other = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 1)).await;
     store::claim(&mut c, "w", 1, Duration::from_secs(30), 100)
         .await
         .unwrap();
@@ -401,9 +411,7 @@ async fn a_running_job_keeps_its_lease_past_its_length_and_only_its_worker_renew
 #[tokio::test]
 async fn an_expired_lease_on_the_last_attempt_dead_letters_the_job() {
     let db = TestDb::new(Schema::Shard).await;
-    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "echo", json!({}), 1)]).await[..] else {
-        panic!()
-    };
+    let id = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 1)).await;
     let mut c = db.client().await;
     store::claim(&mut c, "w", 1, Duration::from_millis(1), 100)
         .await
@@ -520,9 +528,7 @@ async fn a_small_company_is_not_starved_by_a_big_backlog() {
         .map(|i| job(big, "echo", json!({"i": i}), 1))
         .collect();
     enqueue(&db, &backlog).await;
-    let [mine] = enqueue(&db, &[job(small, "echo", json!({}), 1)]).await[..] else {
-        panic!()
-    };
+    let mine = enqueue_one(&db, job(small, "echo", json!({}), 1)).await;
     let mut c = db.client().await;
     let first = store::claim(&mut c, "w", 4, Duration::from_secs(30), 100)
         .await
@@ -556,9 +562,7 @@ async fn a_newcomer_is_not_queued_behind_a_backlog_that_fell_behind_the_clock() 
         other => panic!("{other:?}"),
     };
     tx.commit().await.unwrap();
-    let [many] = enqueue(&db, &[job(bulk, "echo", json!({}), 1)]).await[..] else {
-        panic!()
-    };
+    let many = enqueue_one(&db, job(bulk, "echo", json!({}), 1)).await;
     let first = store::claim(&mut c, "w", 4, Duration::from_secs(30), 100)
         .await
         .unwrap();
@@ -575,9 +579,7 @@ async fn a_retry_waiting_out_its_backoff_holds_back_neither_the_claim_head_nor_n
     // A retry keeps its place only from the end of its backoff: until then it is not the head
     // of the claimable index, and new jobs are stamped from the clock, not from its old place.
     let db = TestDb::new(Schema::Shard).await;
-    let [retried] = enqueue(&db, &[job(Uuid::now_v7(), "echo", json!({}), 3)]).await[..] else {
-        panic!()
-    };
+    let retried = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 3)).await;
     // Enqueued an hour ago.
     db.exec("UPDATE jobs SET priority = priority - 3600 * 1000000::bigint")
         .await;
@@ -600,9 +602,7 @@ async fn a_retry_waiting_out_its_backoff_holds_back_neither_the_claim_head_nor_n
         ))
         .await;
     assert_eq!(behind_its_backoff, 1);
-    let [fresh] = enqueue(&db, &[job(Uuid::now_v7(), "echo", json!({}), 1)]).await[..] else {
-        panic!()
-    };
+    let fresh = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 1)).await;
     let from_the_clock = db
         .scalar(&format!(
             "SELECT count(*) FROM jobs WHERE id = '{fresh}'
@@ -679,19 +679,16 @@ async fn a_batch_cut_short_by_the_cap_is_topped_up_at_once_not_at_the_next_poll(
     // (30 s here) or when the capped jobs finish (20 s).
     let db = TestDb::new(Schema::Shard).await;
     let (big, small) = (Uuid::now_v7(), Uuid::now_v7());
-    let mut queue = dev_config().queue;
-    queue.builtin_kinds = vec!["echo".into(), "sleep".into()];
     let mut opts = options("shard-t", 2);
     opts.poll_interval = Duration::from_secs(30);
     let wakes = listener(&db, 10);
     let worker = Worker::new(
         shard_pool(&db, 4),
-        Registry::from_config(&queue),
+        builtins(&["echo", "sleep"]),
         opts,
         wakes.clone(),
     );
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(worker.run(stop.clone()));
+    let running = spawn_worker(worker);
     while !wakes.is_connected() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -702,9 +699,7 @@ async fn a_batch_cut_short_by_the_cap_is_topped_up_at_once_not_at_the_next_poll(
         .map(|_| job(big, "sleep", json!({"ms": 20_000}), 1))
         .collect();
     enqueue(&db, &backlog).await;
-    let [mine] = enqueue(&db, &[job(small, "echo", json!({}), 1)]).await[..] else {
-        panic!()
-    };
+    let mine = enqueue_one(&db, job(small, "echo", json!({}), 1)).await;
     // Behind all of the big company's jobs in claim order, as if it had arrived later.
     db.exec(&format!(
         "UPDATE jobs SET priority = priority + 100 * 1000000::bigint WHERE id = '{mine}'"
@@ -730,8 +725,7 @@ async fn a_batch_cut_short_by_the_cap_is_topped_up_at_once_not_at_the_next_poll(
         .scalar("SELECT count(*) FROM jobs WHERE state = 'processing'")
         .await;
     assert_eq!(processing, 2, "the big company stays at its cap");
-    stop.cancel();
-    running.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 #[tokio::test]
@@ -999,8 +993,7 @@ async fn every_waiter_is_woken_when_many_jobs_finish_at_once() {
             .await
             .unwrap();
     }
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(worker(&db, 100).run(stop.clone()));
+    let running = spawn_worker(worker(&db, 100));
     for (id, w) in ids.iter().zip(waiters) {
         assert!(
             w.wait(Duration::from_secs(20)).await,
@@ -1008,8 +1001,7 @@ async fn every_waiter_is_woken_when_many_jobs_finish_at_once() {
         );
         assert_eq!(state_of(&db, *id).await.0, "done");
     }
-    stop.cancel();
-    running.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 #[tokio::test]
@@ -1157,9 +1149,7 @@ async fn a_panicking_handler_fails_its_attempt_not_the_worker() {
         ("panics", "handler panicked: the handler's own bug"),
         ("panics_early", "handler panicked: the handler's set-up bug"),
     ] {
-        let [id] = enqueue(&db, &[job(Uuid::now_v7(), kind, json!({}), 2)]).await[..] else {
-            panic!()
-        };
+        let id = enqueue_one(&db, job(Uuid::now_v7(), kind, json!({}), 2)).await;
         let ran = w.try_claim_and_run_one().await.unwrap();
         assert_eq!(
             ran,
@@ -1208,8 +1198,7 @@ async fn an_outcome_postgresql_cannot_store_fails_its_own_job_not_its_completion
     let mut registry = Registry::default();
     registry.register("unstorable", Unstorable);
     registry.register("echo", tenantry_queue::worker::Echo);
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(worker_with(&db, 100, registry).run(stop.clone()));
+    let running = spawn_worker(worker_with(&db, 100, registry));
     let settled = crate::support::until_count(
         &db,
         "SELECT count(*) FROM jobs WHERE state IN ('done', 'error')",
@@ -1217,8 +1206,7 @@ async fn an_outcome_postgresql_cannot_store_fails_its_own_job_not_its_completion
         Duration::from_secs(20),
     )
     .await;
-    stop.cancel();
-    running.await.unwrap().unwrap();
+    running.stop().await;
     assert_eq!(settled, 8, "every job was recorded");
     let c = db.client().await;
     let error_of = |id: Uuid| {
@@ -1334,9 +1322,7 @@ async fn the_notifier_wakes_an_idle_worker_after_the_commit_and_coalesces_a_burs
     // A worker that would not poll for a minute: only the notification can wake it.
     let mut opts = options("shard-t", 100);
     opts.poll_interval = Duration::from_secs(60);
-    let mut queue = dev_config().queue;
-    queue.builtin_kinds = vec!["echo".into()];
-    let w = worker_from(&db, Registry::from_config(&queue), opts);
+    let w = worker_from(&db, builtins(&["echo"]), opts);
     let running = tokio::spawn(w.run(stop.clone()));
     let notifier = tenantry_queue::Notifier::start(shard_pool(&db, 2), stop.clone());
     let (_listening, heard) = count_notifications(&db, store::CHANNEL_WAITING).await;
@@ -1365,21 +1351,14 @@ async fn the_notifier_wakes_an_idle_worker_after_the_commit_and_coalesces_a_burs
 #[tokio::test]
 async fn the_fallback_poll_runs_a_job_whose_notification_was_lost() {
     let db = TestDb::new(Schema::Shard).await;
-    let stop = CancellationToken::new();
     let mut opts = options("shard-t", 100);
     opts.poll_interval = Duration::from_millis(300);
-    let mut queue = dev_config().queue;
-    queue.builtin_kinds = vec!["echo".into()];
-    let running =
-        tokio::spawn(worker_from(&db, Registry::from_config(&queue), opts).run(stop.clone()));
+    let running = spawn_worker(worker_from(&db, builtins(&["echo"]), opts));
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Committed, and nobody notifies.
-    let [id] = enqueue(&db, &[job(Uuid::now_v7(), "echo", json!({}), 1)]).await[..] else {
-        panic!()
-    };
+    let id = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 1)).await;
     until_done(&db, id, Duration::from_secs(10)).await;
-    stop.cancel();
-    running.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 /// Counts how many of its jobs run at once.
@@ -1419,13 +1398,11 @@ async fn a_worker_runs_no_more_jobs_at_once_than_it_has_slots() {
     let queue = dev_config().queue;
     let opts = WorkerOptions::from_config("shard-t", 3, &queue, Duration::from_secs(1));
     assert!(opts.claim_batch > 3);
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(worker_from(&db, registry, opts).run(stop.clone()));
+    let running = spawn_worker(worker_from(&db, registry, opts));
     for id in ids {
         until_done(&db, id, Duration::from_secs(20)).await;
     }
-    stop.cancel();
-    running.await.unwrap().unwrap();
+    running.stop().await;
     assert_eq!(
         overlap.most.load(std::sync::atomic::Ordering::SeqCst),
         3,
@@ -1444,9 +1421,7 @@ async fn a_stopping_worker_claims_nothing_new_while_its_running_job_finishes() {
     opts.grace = Duration::from_secs(10);
     let stop = CancellationToken::new();
     let running = tokio::spawn(worker_from(&db, registry, opts).run(stop.clone()));
-    let [held] = enqueue(&db, &[job(Uuid::now_v7(), "gated", json!({}), 1)]).await[..] else {
-        panic!()
-    };
+    let held = enqueue_one(&db, job(Uuid::now_v7(), "gated", json!({}), 1)).await;
     db.exec(&format!("NOTIFY {}", store::CHANNEL_WAITING)).await;
     let processing =
         format!("SELECT count(*) FROM jobs WHERE id = '{held}' AND state = 'processing'");
@@ -1456,9 +1431,7 @@ async fn a_stopping_worker_claims_nothing_new_while_its_running_job_finishes() {
     );
     stop.cancel();
     // While the running job finishes, new work arrives and is announced.
-    let [late] = enqueue(&db, &[job(Uuid::now_v7(), "echo", json!({}), 1)]).await[..] else {
-        panic!()
-    };
+    let late = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 1)).await;
     db.exec(&format!("NOTIFY {}", store::CHANNEL_WAITING)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     gate.notify_one();
@@ -1568,8 +1541,7 @@ async fn the_worker_counts_completions_retries_dead_letters_rescues_and_run_time
         ids[0]
     ))
     .await;
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(worker_from(&db, registry, opts).run(stop.clone()));
+    let running = spawn_worker(worker_from(&db, registry, opts));
     let event = |name: &str| {
         tenantry_queue::metrics::EVENTS
             .with_label_values(&[&shard, name])
@@ -1587,8 +1559,7 @@ async fn the_worker_counts_completions_retries_dead_letters_rescues_and_run_time
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.cancel();
-    running.await.unwrap().unwrap();
+    running.stop().await;
     // The rescued echo job ran and completed; the panicking job with two attempts was retried
     // once and then dead-lettered, the one with a single attempt dead-lettered at once.
     assert_eq!(event("rescued"), 1);
