@@ -265,6 +265,42 @@ async fn a_late_completion_after_a_rescue_is_discarded_and_the_job_completes_onc
 }
 
 #[tokio::test]
+async fn a_retried_dead_letter_backs_off_from_the_start_again() {
+    // Eight attempts before an operator's retry: the next failure waits the first backoff
+    // step (1 s), not the ninth (256 s).
+    let db = TestDb::new(Schema::Shard).await;
+    let id = enqueue_one(&db, job(Uuid::now_v7(), "panics", json!({}), 2)).await;
+    db.exec(&format!(
+        "UPDATE jobs SET state = 'error', attempts = 8, max_attempts = 8, finished_at = now()
+          WHERE id = '{id}'"
+    ))
+    .await;
+    let c = db.client().await;
+    store::retry(&c, id).await.unwrap();
+    let mut registry = Registry::default();
+    registry.register("panics", PanicsEarly);
+    let mut opts = options("shard-t", 100);
+    opts.retry_base = Duration::from_secs(1);
+    opts.retry_max = Duration::from_secs(3600);
+    let w = worker_from(&db, registry, opts);
+    assert_eq!(
+        w.try_claim_and_run_one().await.unwrap(),
+        Some((id, JobState::Waiting)),
+        "a retryable failure with attempts left"
+    );
+    let r = c
+        .query_one(
+            "SELECT attempts, extract(epoch FROM run_at - now())::float8 FROM jobs WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let (attempts, wait): (i32, f64) = (r.get(0), r.get(1));
+    assert_eq!(attempts, 9);
+    assert!(wait < 2.0, "backs off {wait} s");
+}
+
+#[tokio::test]
 async fn an_operator_retry_never_hands_out_a_lease_an_old_run_still_holds() {
     // worker-a's run of attempt 1 hangs past its lease; the job dead-letters and an operator
     // retries it; worker-a itself claims it again. The hung run's outcome must not pass for

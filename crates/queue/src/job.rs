@@ -130,6 +130,9 @@ pub struct ClaimedJob {
     pub params: Value,
     pub attempt: i32,
     pub max_attempts: i32,
+    /// Attempts made before an operator last sent the job back (`jobs retry`): `attempt`
+    /// counts on across such retries, and the retry backoff starts again after one.
+    pub retried_after: i32,
     pub created_at: DateTime<Utc>,
     /// When this attempt became claimable: the enqueue, the end of a retry's backoff, or the
     /// moment an operator's retry, the rescuer or a stopping worker put it back.

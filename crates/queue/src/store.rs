@@ -539,7 +539,7 @@ macro_rules! claimed_columns {
     () => {
         "RETURNING j.id, j.request_id, j.company_id, j.user_context, j.kind, j.params,
             j.attempts, j.max_attempts, j.created_at, j.priority,
-            greatest(j.created_at, j.run_at)"
+            greatest(j.created_at, j.run_at), j.retried_after"
     };
 }
 
@@ -703,7 +703,7 @@ pub async fn claim_batch(
     let cut_by_cap = batch
         && rows
             .first()
-            .is_some_and(|r| r.get::<_, i64>(11) > rows.len() as i64);
+            .is_some_and(|r| r.get::<_, i64>(12) > rows.len() as i64);
     let mut jobs: Vec<(i64, ClaimedJob)> = rows
         .iter()
         .map(|r| {
@@ -718,6 +718,7 @@ pub async fn claim_batch(
                     params: r.get(5),
                     attempt: r.get(6),
                     max_attempts: r.get(7),
+                    retried_after: r.get(11),
                     created_at: r.get(8),
                     ready_at: r.get(10),
                 },

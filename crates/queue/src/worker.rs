@@ -522,6 +522,8 @@ async fn run_job(registry: &Registry, opts: &WorkerOptions, job: ClaimedJob) -> 
         job.attempt = job.attempt,
     );
     let (id, attempt, kind) = (job.id, job.attempt, job.kind.clone());
+    // The backoff grows with the attempts of this round: an operator's retry starts a new one.
+    let round_attempt = job.attempt - job.retried_after;
     let started = Instant::now();
     let result = match registry.get(&job.kind).cloned() {
         None => Err(JobError::permanent(format!(
@@ -550,7 +552,7 @@ async fn run_job(registry: &Registry, opts: &WorkerOptions, job: ClaimedJob) -> 
         .with_label_values(&[&opts.shard_id, &kind])
         .observe(elapsed.as_secs_f64());
     let _e = span.enter();
-    let retry_in = backoff(attempt, opts.retry_base, opts.retry_max);
+    let retry_in = backoff(round_attempt, opts.retry_base, opts.retry_max);
     match &result {
         Ok(_) => tracing::debug!(duration_ms = elapsed.as_secs_f64() * 1e3, "job done"),
         Err(e) => {
