@@ -566,13 +566,7 @@ async fn a_job_of_a_worker_killed_mid_job_is_rescued_and_completed_once() {
 #[tokio::test]
 async fn graceful_shutdown_releases_claimed_jobs_back_to_waiting() {
     let db = TestDb::new(Schema::Shard).await;
-    let [id] = enqueue(
-        &db,
-        &[job(Uuid::now_v7(), "sleep", json!({"ms": 20000}), 1)],
-    )
-    .await[..] else {
-        panic!()
-    };
+    let id = enqueue_one(&db, job(Uuid::now_v7(), "sleep", json!({"ms": 20000}), 1)).await;
     let mut cmd = shard_node(&db.url, false, 1);
     cmd.env("TENANTRY_SHUTDOWN__GRACE_PERIOD", "300ms");
     let mut w = start_worker(&mut cmd);
