@@ -27,6 +27,13 @@ macro_rules! fairness_quantum_us {
     };
 }
 
+/// SQL for the timestamp `$ts` as microseconds since the epoch: the unit of claim order.
+macro_rules! epoch_us {
+    ($ts:expr) => {
+        concat!("(extract(epoch FROM ", $ts, ") * 1e6)::bigint")
+    };
+}
+
 /// The virtual time a new job's claim order starts from (µs): the clock, or the claim order of
 /// the oldest waiting job when the queue has fallen behind the clock. Without the second, a
 /// backlog worked off at less than one job per quantum drifts into the past, and a new job of
@@ -38,9 +45,13 @@ macro_rules! fairness_quantum_us {
 /// queue, did: 57 ms per run once 100,000 jobs were waiting, against 0.4 ms.
 macro_rules! virtual_now {
     () => {
-        "least((extract(epoch FROM clock_timestamp()) * 1e6)::bigint,
+        concat!(
+            "least(",
+            epoch_us!("clock_timestamp()"),
+            ",
                (SELECT h.priority FROM jobs h WHERE h.state = 'waiting'
                  ORDER BY h.priority LIMIT 1))"
+        )
     };
 }
 
@@ -924,10 +935,9 @@ macro_rules! record_outcome {
              priority = CASE WHEN ",
             $ok,
             " THEN j.priority
-                           ELSE greatest(j.priority,
-                                         (extract(epoch FROM ",
-            ms_from_now!($retry_ms),
-            ") * 1e6)::bigint) END,
+                           ELSE greatest(j.priority, ",
+            epoch_us!(ms_from_now!($retry_ms)),
+            ") END,
              finished_at = CASE WHEN ",
             $ok,
             " OR ",
