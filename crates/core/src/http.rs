@@ -30,13 +30,26 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Longest long poll a request may ask for with `?wait=`.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 
-/// A `?wait=` value: whole seconds (`5`) or a duration (`500ms`, `5s`); `None` if it is
-/// neither. The API refuses what is not a duration or exceeds [`MAX_WAIT`]; the gateway reads
-/// the same value to give a long poll time beyond its own upstream timeout.
-pub fn parse_wait(s: &str) -> Option<Duration> {
-    match s.parse::<u64>() {
-        Ok(secs) => Some(Duration::from_secs(secs)),
-        Err(_) => humantime::parse_duration(s).ok(),
+/// Why a `?wait=` value is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadWait {
+    /// Neither whole seconds nor a duration.
+    NotADuration,
+    /// Longer than [`MAX_WAIT`].
+    TooLong,
+}
+
+/// A `?wait=` value: whole seconds (`5`) or a duration (`500ms`, `5s`), at most [`MAX_WAIT`].
+/// The API refuses any other value; the gateway reads the same value, by the same rule, to
+/// give a long poll time beyond its own upstream timeout.
+pub fn parse_wait(s: &str) -> Result<Duration, BadWait> {
+    let d = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s).map_err(|_| BadWait::NotADuration)?,
+    };
+    match d <= MAX_WAIT {
+        true => Ok(d),
+        false => Err(BadWait::TooLong),
     }
 }
 

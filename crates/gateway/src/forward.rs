@@ -320,8 +320,7 @@ fn upstream_timeout(req: &HttpRequest, gw: &Gateway) -> Duration {
     let wait = web::Query::<LongPoll>::from_query(req.query_string())
         .ok()
         .and_then(|q| q.into_inner().wait)
-        .and_then(|w| http::parse_wait(&w))
-        .filter(|w| *w <= http::MAX_WAIT)
+        .and_then(|w| http::parse_wait(&w).ok())
         .unwrap_or_default();
     gw.upstream_timeout + wait
 }

@@ -233,22 +233,18 @@ struct ShowQuery {
 }
 
 fn parse_wait(s: &str) -> Result<Duration, ApiError> {
-    let d = http::parse_wait(s).ok_or_else(|| {
-        ApiError::bad_request(
-            "invalid_wait",
-            format!("wait {:?} is not a duration like 5s or 500ms", truncate(s)),
-        )
-    })?;
-    if d > http::MAX_WAIT {
-        return Err(ApiError::bad_request(
-            "invalid_wait",
-            format!(
+    http::parse_wait(s).map_err(|bad| {
+        let message = match bad {
+            http::BadWait::NotADuration => {
+                format!("wait {:?} is not a duration like 5s or 500ms", truncate(s))
+            }
+            http::BadWait::TooLong => format!(
                 "wait may be at most {}",
                 humantime::format_duration(http::MAX_WAIT)
             ),
-        ));
-    }
-    Ok(d)
+        };
+        ApiError::bad_request("invalid_wait", message)
+    })
 }
 
 async fn show(
