@@ -193,7 +193,8 @@ async fn failed_attempts_back_off_then_dead_letter_with_the_error_kept() {
         w.try_claim_and_run_one().await.unwrap(),
         Some((id, JobState::Waiting))
     );
-    let backoff_s = |c: tokio_postgres::Client| async move {
+    let c = db.client().await;
+    let backoff_s = || async {
         let row = c
             .query_one(
                 "SELECT extract(epoch FROM run_at - now())::float8, error FROM jobs WHERE id = $1",
@@ -203,7 +204,7 @@ async fn failed_attempts_back_off_then_dead_letter_with_the_error_kept() {
             .unwrap();
         (row.get::<_, f64>(0), row.get::<_, String>(1))
     };
-    let (first, error) = backoff_s(db.client().await).await;
+    let (first, error) = backoff_s().await;
     // 4 s × a jitter factor in [0.75, 1.25), less the time this took.
     assert!((2.0..5.0).contains(&first), "first backoff {first} s");
     assert_eq!(error, "upstream said no");
@@ -217,7 +218,7 @@ async fn failed_attempts_back_off_then_dead_letter_with_the_error_kept() {
         w.try_claim_and_run_one().await.unwrap(),
         Some((id, JobState::Waiting))
     );
-    let (second, _) = backoff_s(db.client().await).await;
+    let (second, _) = backoff_s().await;
     // 8 s × [0.75, 1.25): exponential.
     assert!((5.0..10.0).contains(&second), "second backoff {second} s");
     end_backoff().await;
@@ -736,19 +737,7 @@ async fn a_batch_cut_short_by_the_cap_is_topped_up_at_once_not_at_the_next_poll(
     let (big, small) = (Uuid::now_v7(), Uuid::now_v7());
     let mut opts = options("shard-t", 2);
     opts.poll_interval = Duration::from_secs(30);
-    let wakes = listener(&db, 10);
-    let worker = Worker::new(
-        shard_pool(&db, 4),
-        builtins(&["echo", "sleep"]),
-        opts,
-        wakes.clone(),
-    );
-    let running = spawn_worker(worker);
-    while !wakes.is_connected() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // Let the idle worker find the queue empty and go to sleep until a notification.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let running = idle_worker(&db, builtins(&["echo", "sleep"]), opts).await;
 
     let backlog: Vec<_> = (0..20)
         .map(|_| job(big, "sleep", json!({"ms": 20_000}), 1))
@@ -1110,18 +1099,7 @@ async fn only_jobs_a_request_may_wait_for_are_announced() {
             .await
             .unwrap();
         assert_eq!(claimed[0].id, *id);
-        let (done, _) = store::finish(
-            &mut c,
-            "w",
-            &[Outcome {
-                id: *id,
-                attempt: 1,
-                result: Ok(json!({})),
-                retry_in: Duration::ZERO,
-            }],
-        )
-        .await
-        .unwrap();
+        let (done, _) = store::finish(&mut c, "w", &[ok_by(*id, 1)]).await.unwrap();
         assert_eq!(done[0].state, JobState::Done);
         assert_eq!(done[0].awaited, [at_enqueue, long_poll, last].contains(id));
     }
