@@ -5,13 +5,14 @@
 #
 #   scripts/queue-completion-model.sh [ADMIN_DSN]   (default postgres://postgres@127.0.0.1:5432/postgres)
 #
-# Env: N=200000 processing rows per variant, ROUNDS=2 (each round runs every variant once, in
+# Env: N=200000 processing rows per variant, ROUNDS=3 (each round runs every variant once, in
 # a different order each round, so a slow phase of the machine does not favour one variant).
 #
 # It creates the scratch database queue_model_<pid> from ADMIN_DSN, applies migrations/shard,
 # and drops it at the end. For each variant it fills `jobs` with N rows that a worker holds
-# (`processing`), checkpoints, and then completes all of them from a PL/pgSQL loop in batches
-# of 500 with a COMMIT after each batch, as the worker's completer does. The variants:
+# (`processing`; ids in creation order, as UUID v7 are), checkpoints, and then completes all
+# of them from a PL/pgSQL loop in batches of 500 with a COMMIT after each batch, as the
+# worker's completer does. The variants:
 #   in_place_events   the queue's completion (store::FINISH_SQL): the row becomes `done` in
 #                     place, and the batch's job.finished events go to one outbox row
 #   in_place          the same without the events
@@ -22,7 +23,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DSN=${1:-postgres://postgres@127.0.0.1:5432/postgres}
-N=${N:-200000} ROUNDS=${ROUNDS:-2}
+N=${N:-200000} ROUNDS=${ROUNDS:-3}
 [[ $N =~ ^[1-9][0-9]*$ ]] || { echo "queue-completion-model: N must be a positive integer, got '$N'" >&2; exit 2; }
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "queue-completion-model: ROUNDS must be a positive integer, got '$ROUNDS'" >&2; exit 2; }
 DB=queue_model_$$
@@ -49,7 +50,7 @@ fill() { # table
 TRUNCATE jobs, jobs_live, jobs_finished_rows, outbox;
 INSERT INTO $1 (id, request_id, company_id, kind, params, state, worker_id, attempts, priority,
                 lease_expires_at, started_at)
-SELECT gen_random_uuid(), 'r' || g, '00000000-0000-0000-0000-000000000001', 'noop', '{}',
+SELECT ('01900000-0000-7000-8000-' || lpad(to_hex(g), 12, '0'))::uuid, 'r' || g, '00000000-0000-0000-0000-000000000001', 'noop', '{}',
        'processing', 'w', 1, g, now() + interval '1 hour', now()
   FROM generate_series(1, $N) g;
 VACUUM ANALYZE jobs; VACUUM ANALYZE jobs_live; VACUUM ANALYZE jobs_finished_rows;
