@@ -1138,9 +1138,9 @@ pub async fn release(
 ///
 /// The outbox is pruned from its oldest rows by id (the primary key): of the first `limit`
 /// rows, those published before the cutoff go. Ids follow insertion (commit order may differ a
-/// little), so the oldest ids are where prunable rows are, and a pass reads at most `limit` rows even when nothing is
-/// old enough (a filter on `published_at` alone has no index to use and would read the whole
-/// outbox).
+/// little), so the oldest ids are where prunable rows are, and a pass reads at most `limit`
+/// rows even when nothing is old enough (a filter on `published_at` alone has no index to use
+/// and would read the whole outbox).
 pub async fn prune(
     client: &mut tokio_postgres::Client,
     retention: Duration,
