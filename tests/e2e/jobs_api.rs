@@ -12,7 +12,7 @@ use crate::{
     queue::{enqueue, enqueue_one, job},
     support::{
         Served, http, metric, own, run, shard_node, slow_job_202_then_done, start_worker, tenantry,
-        token, until_count,
+        token, until_count, until_state,
     },
 };
 
@@ -432,17 +432,16 @@ async fn a_failed_attempt_is_logged_with_the_request_id_of_its_job() {
     let mut failing = job(Uuid::now_v7(), "no-such-kind", json!({}), 1);
     failing.request_id = "log-job-1".into();
     let id = enqueue_one(&db, failing).await;
-    let dead = format!("SELECT count(*) FROM jobs WHERE id = '{id}' AND state = 'error'");
-    assert_eq!(until_count(&db, &dead, 1, Duration::from_secs(10)).await, 1);
+    assert!(until_state(&db, id, "error", Duration::from_secs(10)).await);
     worker.signal("TERM");
     assert_eq!(worker.wait_exit(Duration::from_secs(10)), Some(0));
     let lines = worker.logs_to_end(Duration::from_secs(5));
     let line = lines
         .iter()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["span"]["request.id"] == "log-job-1")
-        .unwrap_or_else(|| panic!("no line for request log-job-1:\n{}", lines.join("\n")));
-    assert_eq!(line["message"], "job attempt failed");
+        .find(|v| v["message"] == "job attempt failed")
+        .unwrap_or_else(|| panic!("no failed attempt logged:\n{}", lines.join("\n")));
+    assert_eq!(line["span"]["request.id"], "log-job-1");
     assert_eq!(line["span"]["job.id"], id.to_string());
     assert!(
         line["error"]
@@ -909,15 +908,29 @@ async fn a_long_poll_marks_its_job_again_when_the_listener_reconnects() {
         .await
         .unwrap();
     assert_eq!(wiped, 1, "the job is still running when its mark is lost");
-    let dropped = c
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-              WHERE datname = current_database() AND query LIKE 'LISTEN%'",
-            &[],
-        )
+    let listening = "SELECT pid FROM pg_stat_activity
+                      WHERE datname = current_database() AND query LIKE 'LISTEN%'";
+    let old: Vec<i32> = c
+        .query(listening, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(old.len(), 1, "the node's LISTEN connection");
+    c.execute("SELECT pg_terminate_backend($1)", &[&old[0]])
         .await
         .unwrap();
-    assert_eq!(dropped, 1, "the node's LISTEN connection");
+    let reconnected = format!(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> {}",
+        old[0]
+    );
+    assert_eq!(
+        until_count(&db, &reconnected, 1, Duration::from_secs(10)).await,
+        1,
+        "the node listens again"
+    );
     let running = "SELECT count(*) FROM jobs WHERE state = 'processing'";
     assert_eq!(
         db.scalar(running).await,

@@ -217,15 +217,30 @@ async fn a_step_that_cannot_get_its_lock_gives_way_and_tries_again() {
         .execute("INSERT INTO t VALUES (1)", &[])
         .await
         .unwrap();
-    // The transaction ends during the tries: the step goes through.
-    let patient = tenantry_migrate::LockWait { tries: 100, ..lock };
+    // The transaction ends after a try timed out and before the tries run out: the step goes
+    // through.
+    static RETRIES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let patient = tenantry_migrate::LockWait {
+        tries: 100,
+        on_retry: |_, _, _| {
+            RETRIES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        },
+        ..lock
+    };
     let (report, ()) = tokio::join!(
         tokio::time::timeout(
             bounded,
             tenantry_migrate::up_with(&mut c, &set, Phase::Expand, patient)
         ),
         async {
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let deadline = tokio::time::Instant::now() + bounded;
+            while RETRIES.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the step never retried"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
             long.commit().await.unwrap();
         }
     );
@@ -255,29 +270,38 @@ async fn migrate_up_says_while_a_step_waits_for_a_lock() {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (tx, rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
         use std::io::BufRead;
-        let mut lines = std::io::BufReader::new(stderr).lines();
-        let first = lines.next().and_then(Result::ok).unwrap_or_default();
-        let _ = tx.send(first.clone());
-        let rest: Vec<String> = lines.map_while(Result::ok).collect();
-        (first, rest)
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
     });
-    let first = tokio::time::timeout(std::time::Duration::from_secs(20), rx)
-        .await
-        .expect("a retry is reported")
-        .unwrap();
-    assert!(
-        first.contains("0002_outbox_notify.sql") && first.contains("trying again"),
-        "{first}"
-    );
+    // Blocking here is fine: the lock stays held on the server whatever this task does.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut stderr_lines = Vec::new();
+    let retry = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("trying again") => break line,
+            Ok(line) => stderr_lines.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no retry reported within 20 s; stderr: {stderr_lines:?}");
+            }
+        }
+    };
+    assert!(retry.contains("0002_outbox_notify.sql"), "{retry}");
     writer.commit().await.unwrap();
     let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
         .await
         .unwrap();
-    let (_, rest) = reader.join().unwrap();
-    assert!(out.status.success(), "{rest:?}");
+    reader.join().unwrap();
+    stderr_lines.extend(rx.try_iter());
+    assert!(out.status.success(), "{stderr_lines:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("catalog: applied 0002_outbox_notify.sql"),

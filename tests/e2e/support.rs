@@ -241,6 +241,17 @@ pub async fn until_count(
     }
 }
 
+/// Waits until job `id` is in `state`, at most `limit`; whether it got there.
+pub async fn until_state(
+    db: &tenantry_testkit::TestDb,
+    id: uuid::Uuid,
+    state: &str,
+    limit: Duration,
+) -> bool {
+    let sql = format!("SELECT count(*) FROM jobs WHERE id = '{id}' AND state = '{state}'");
+    until_count(db, &sql, 1, limit).await == 1
+}
+
 /// Posts a `sleep` job of `ms` to `base` (a shard API or a gateway) for `company`, which must
 /// outlast `api.sync_wait`: checks the `202`, its `Location` naming the job and the job still
 /// `waiting`/`processing`, then long-polls that location with `?wait=` and checks the job
