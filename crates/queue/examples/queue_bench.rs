@@ -5,7 +5,7 @@
 //!   queue_bench ADMIN_DSN        (env: N=20000, C=10, BATCH=500, LAT_N=200, LAT_WARMUP=20,
 //!                                 PHASES=tp,tpb,lat to run a subset)
 //!
-//! Each phase gets a fresh database (created from ADMIN_DSN, dropped at the end):
+//! Each phase gets a fresh database (created from ADMIN_DSN, dropped at the end, also when a phase fails):
 //!  enqueue_bulk        N no-op jobs by one `enqueue_many` in one transaction; N / its time.
 //!  throughput          C tasks, each looping over the worker's one-job step
 //!                      (`Worker::try_claim_and_run_one`: claim 1, run, record 1 in its own
@@ -314,8 +314,13 @@ async fn main() -> anyhow::Result<()> {
     let admin_url = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let (n, c, batch) = (env("N", 20_000), env("C", 10), env("BATCH", 500));
-    let (lat_n, warm) = (env("LAT_N", 200), env("LAT_WARMUP", 20));
+    let sizes = Sizes {
+        n: env("N", 20_000),
+        c: env("C", 10),
+        batch: env("BATCH", 500),
+        lat_n: env("LAT_N", 200),
+        warm: env("LAT_WARMUP", 20),
+    };
     let admin = connect(&admin_url).await?;
     let tag = std::process::id();
     let names = [
@@ -326,10 +331,49 @@ async fn main() -> anyhow::Result<()> {
 
     // PHASES (default "tp,tpb,lat") runs a subset, for profiling one phase at a time.
     let phases = std::env::var("PHASES").unwrap_or_else(|_| "tp,tpb,lat".into());
+    eprintln!(
+        "tenantry-bench: N={} C={} BATCH={} LAT_N={} PHASES={phases}",
+        sizes.n, sizes.c, sizes.batch, sizes.lat_n
+    );
+    // The databases go even when a phase fails, so a failed run leaves nothing behind.
+    let result = phases_run(&admin, &admin_url, &names, &phases, sizes).await;
+    for name in &names {
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .ok();
+    }
+    result
+}
+
+/// The run's sizes, from the environment: N jobs, C slots one-by-one, BATCH, LAT_N samples
+/// after LAT_WARMUP unmeasured ones.
+#[derive(Clone, Copy)]
+struct Sizes {
+    n: usize,
+    c: usize,
+    batch: usize,
+    lat_n: usize,
+    warm: usize,
+}
+
+/// Runs the phases named in `phases` (comma-separated), each in its own fresh database.
+async fn phases_run(
+    admin: &tokio_postgres::Client,
+    admin_url: &str,
+    names: &[String; 3],
+    phases: &str,
+    Sizes {
+        n,
+        c,
+        batch,
+        lat_n,
+        warm,
+    }: Sizes,
+) -> anyhow::Result<()> {
     let run = |p: &str| phases.split(',').any(|x| x.trim() == p);
-    eprintln!("tenantry-bench: N={n} C={c} BATCH={batch} LAT_N={lat_n} PHASES={phases}");
     if run("tp") {
-        let tp = fresh_db(&admin, &admin_url, &names[0]).await?;
+        let tp = fresh_db(admin, admin_url, &names[0]).await?;
         let enqueue_rate = enqueue_all(&tp, n).await?;
         connect(&tp).await?.batch_execute("CHECKPOINT").await.ok();
         let plain = one_by_one(&tp, n, c).await?;
@@ -340,7 +384,7 @@ async fn main() -> anyhow::Result<()> {
         println!("throughput: {plain:.0} jobs/s");
     }
     if run("tpb") {
-        let tpb = fresh_db(&admin, &admin_url, &names[1]).await?;
+        let tpb = fresh_db(admin, admin_url, &names[1]).await?;
         enqueue_all(&tpb, n).await?;
         connect(&tpb).await?.batch_execute("CHECKPOINT").await.ok();
         let fast = batched(&tpb, n, batch).await?;
@@ -348,7 +392,7 @@ async fn main() -> anyhow::Result<()> {
         println!("throughput_batched: {fast:.0} jobs/s");
     }
     if run("lat") {
-        let lat = fresh_db(&admin, &admin_url, &names[2]).await?;
+        let lat = fresh_db(admin, admin_url, &names[2]).await?;
         let samples = latency(&lat, c, lat_n, warm).await?;
         eprintln!(
             "tenantry-bench: latency from commit ack: min {:.2} p50 {:.2} p99 {:.2} max {:.2} ms",
@@ -359,12 +403,6 @@ async fn main() -> anyhow::Result<()> {
         );
         println!("latency_p50: {:.2} ms", pct(&samples, 0.5));
         println!("latency_p99: {:.2} ms", pct(&samples, 0.99));
-    }
-    for name in &names {
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await
-            .ok();
     }
     Ok(())
 }
