@@ -5,7 +5,8 @@
 //!   queue_bench ADMIN_DSN        (env: N=20000, C=10, BATCH=500, LAT_N=200, LAT_WARMUP=20,
 //!                                 PHASES=tp,tpb,lat to run a subset)
 //!
-//! Each phase gets a fresh database (created from ADMIN_DSN, dropped at the end, also when a phase fails):
+//! Each phase gets a fresh database (created from ADMIN_DSN, dropped at the end, also when a
+//! phase fails):
 //!  enqueue_bulk        N no-op jobs by one `enqueue_many` in one transaction; N / its time.
 //!  throughput          C tasks, each looping over the worker's one-job step
 //!                      (`Worker::try_claim_and_run_one`: claim 1, run, record 1 in its own
