@@ -233,14 +233,12 @@ async fn a_step_that_cannot_get_its_lock_gives_way_and_tries_again() {
             tenantry_migrate::up_with(&mut c, &set, Phase::Expand, patient)
         ),
         async {
-            let deadline = tokio::time::Instant::now() + bounded;
-            while RETRIES.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the step never retried"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
+            crate::support::until(
+                bounded,
+                || "the step never retried".to_string(),
+                || RETRIES.load(std::sync::atomic::Ordering::SeqCst) > 0,
+            )
+            .await;
             long.commit().await.unwrap();
         }
     );

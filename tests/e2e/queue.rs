@@ -97,9 +97,8 @@ fn listener(db: &TestDb, max_waiters: usize) -> Listener {
 /// [`listener`], once its LISTEN is in place (and its connect-time wake-up stored).
 async fn connected_listener(db: &TestDb, max_waiters: usize) -> Listener {
     let l = listener(db, max_waiters);
-    while !l.is_connected() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let what = || "the listener did not connect within 10 s".to_string();
+    crate::support::until(Duration::from_secs(10), what, || l.is_connected()).await;
     l
 }
 
@@ -177,15 +176,14 @@ async fn idle_worker(db: &TestDb, registry: Registry, mut opts: WorkerOptions) -
     let claims = tenantry_queue::metrics::CLAIM_SECONDS.with_label_values(&[&opts.shard_id]);
     let wakes = connected_listener(db, 10).await;
     let running = spawn_worker(Worker::new(shard_pool(db, 4), registry, opts, wakes));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while claims.get_sample_count() < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the worker made {} claims in 10 s, not its two at start",
-            claims.get_sample_count()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let what = || {
+        let n = claims.get_sample_count();
+        format!("the worker made {n} claims in 10 s, not its two at start")
+    };
+    crate::support::until(Duration::from_secs(10), what, || {
+        claims.get_sample_count() >= 2
+    })
+    .await;
     running
 }
 
@@ -1455,14 +1453,11 @@ async fn a_stopping_worker_claims_nothing_new_while_its_running_job_finishes() {
     let (_listening, heard) = count_notifications(&db, store::CHANNEL_WAITING).await;
     let late = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 1)).await;
     db.exec(&format!("NOTIFY {}", store::CHANNEL_WAITING)).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while heard.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the NOTIFY never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let what = || "the NOTIFY never arrived".to_string();
+    crate::support::until(Duration::from_secs(10), what, || {
+        heard.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     gate.notify_one();
     running.join().await;

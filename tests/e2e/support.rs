@@ -223,6 +223,15 @@ pub async fn own(db: &tenantry_testkit::TestDb, company: uuid::Uuid, state: &str
         .unwrap();
 }
 
+/// Polls `done` every 5 ms until it holds; panics with `what()` if `limit` passes first.
+pub async fn until(limit: Duration, what: impl FnOnce() -> String, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{}", what());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Polls `sql` (one bigint) until it returns `want` or `limit` passes; returns the last value.
 pub async fn until_count(
     db: &tenantry_testkit::TestDb,
