@@ -47,9 +47,10 @@ pub fn parse_wait(s: &str) -> Result<Duration, BadWait> {
         Ok(secs) => Duration::from_secs(secs),
         Err(_) => humantime::parse_duration(s).map_err(|_| BadWait::NotADuration)?,
     };
-    match d <= MAX_WAIT {
-        true => Ok(d),
-        false => Err(BadWait::TooLong),
+    if d <= MAX_WAIT {
+        Ok(d)
+    } else {
+        Err(BadWait::TooLong)
     }
 }
 
