@@ -4,14 +4,16 @@
 #
 #   scripts/bench-queue.sh [ADMIN_DSN]     (default postgres://postgres@127.0.0.1:5432/postgres)
 #
-# Env: REPS=1 rounds (interleaved: tenantry, graphile, tenantry, graphile, …; medians shown),
+# Env: REPS=3 rounds (interleaved: tenantry, graphile, tenantry, graphile, …; medians shown,
+# then each round's figures: a batched round lasts well under a second, so one round's verdict
+# is mostly the machine's mood),
 # and N, C, LAT_N, LAT_WARMUP, passed to both (see the header of each for its method).
 # Tenantry's method mirrors ../shared/bench/peers/graphile-worker-bench.sh; read
 # crates/queue/examples/queue_bench.rs.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DSN=${1:-postgres://postgres@127.0.0.1:5432/postgres}
-REPS=${REPS:-1}
+REPS=${REPS:-3}
 PEERS=${PEERS:-$ROOT/../shared/bench/peers}
 [[ -x $PEERS/graphile-worker-bench.sh ]] || { echo "bench-queue: $PEERS/graphile-worker-bench.sh not found" >&2; exit 1; }
 
@@ -40,8 +42,9 @@ def figures(name):
             m = line.match(l.strip())
             if m:
                 figs.setdefault(m[1], (m[3], []))[1].append(float(m[2]))
-    return {k: (u, statistics.median(v)) for k, (u, v) in figs.items()}
-t, g = figures('tenantry'), figures('graphile')
+    return figs
+rounds = {'tenantry': figures('tenantry'), 'graphile': figures('graphile')}
+t, g = ({k: (u, statistics.median(v)) for k, (u, v) in f.items()} for f in rounds.values())
 targets = {'throughput': ('≥ 1.5× peer', lambda a, b: a >= 1.5 * b),
            'throughput_batched': ('≥ 2× peer', lambda a, b: a >= 2 * b),
            'latency_p50': ('≤ 1 ms', lambda a, b: a <= 1.0),
@@ -55,4 +58,13 @@ for k in ['enqueue_bulk', 'throughput', 'throughput_batched', 'latency_p50', 'la
     goal, ok = targets.get(k, ('', None))
     verdict = '' if ok is None else (' met' if ok(a, b) else ' MISSED')
     print(f"{k:<20} {a:>10.2f} {unit:<4}{b:>12.2f} {unit:<4}{ratio:>6.2f}×  {goal}{verdict}")
+if reps > 1:
+    print(f"\nrounds (in order; ratio = tenantry / graphile-worker of the same round):")
+    for k in ['throughput', 'throughput_batched', 'latency_p50', 'latency_p99']:
+        if k not in t or k not in g:
+            continue
+        a, b = rounds['tenantry'][k][1], rounds['graphile'][k][1]
+        pairs = ', '.join(f"{x:.{2 if x < 100 else 0}f}/{y:.{2 if y < 100 else 0}f} ({x / y:.2f}×)"
+                          for x, y in zip(a, b) if y)
+        print(f"{k:<20} {pairs}")
 PY
