@@ -59,7 +59,7 @@ for k in ['enqueue_bulk', 'throughput', 'throughput_batched', 'latency_p50', 'la
     verdict = '' if ok is None else (' met' if ok(a, b) else ' MISSED')
     print(f"{k:<20} {a:>10.2f} {unit:<4}{b:>12.2f} {unit:<4}{ratio:>6.2f}×  {goal}{verdict}")
 if reps > 1:
-    print(f"\nrounds (in order; ratio = tenantry / graphile-worker of the same round):")
+    print("\nrounds (in order; ratio = tenantry / graphile-worker of the same round):")
     for k in ['throughput', 'throughput_batched', 'latency_p50', 'latency_p99']:
         if k not in t or k not in g:
             continue
