@@ -782,6 +782,49 @@ async fn a_batch_cut_short_by_the_cap_is_topped_up_at_once_not_at_the_next_poll(
 }
 
 #[tokio::test]
+async fn a_slot_left_below_the_refill_stride_still_takes_a_job_when_one_is_announced() {
+    // Eight slots claim in strides of two when jobs finish; with seven long jobs running, the
+    // one free slot must take a new job when its NOTIFY comes, not when a long job ends (20 s)
+    // or at the next poll (30 s here).
+    let db = TestDb::new(Schema::Shard).await;
+    let mut opts = options("shard-t", 100);
+    opts.slots = 8;
+    opts.claim_batch = 100;
+    opts.poll_interval = Duration::from_secs(30);
+    let running = idle_worker(&db, builtins(&["echo", "sleep"]), opts).await;
+    let notify = format!("SELECT pg_notify('{}', '')", store::CHANNEL_WAITING);
+
+    let company = Uuid::now_v7();
+    let long: Vec<_> = (0..7)
+        .map(|_| job(company, "sleep", json!({"ms": 20_000}), 1))
+        .collect();
+    enqueue(&db, &long).await;
+    db.exec(&notify).await;
+    let started = std::time::Instant::now();
+    loop {
+        let processing = db
+            .scalar("SELECT count(*) FROM jobs WHERE state = 'processing'")
+            .await;
+        if processing == 7 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the seven long jobs did not all start within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let short = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 1)).await;
+    db.exec(&notify).await;
+    assert!(
+        crate::support::until_state(&db, short, "done", Duration::from_secs(10)).await,
+        "the free slot took the announced job while the long ones ran"
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn one_at_a_time_claims_respect_the_per_company_cap_too() {
     // A claim of one job takes its own statement (no batch to number per company).
     let (db, a, b) = ten_and_one().await;

@@ -7,7 +7,7 @@
 //! pruner deletes old finished rows.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     future::Future,
     panic::AssertUnwindSafe,
     pin::Pin,
@@ -356,7 +356,7 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let this = Arc::new(self);
         let slots = Arc::new(Semaphore::new(this.opts.slots));
-        let running: Arc<Mutex<HashSet<Uuid>>> = Arc::default();
+        let running: Arc<Mutex<InFlight>> = Arc::default();
         let (out_tx, out_rx) = mpsc::channel::<Outcome>(this.opts.slots.max(1) * 2);
         let background = CancellationToken::new();
 
@@ -373,20 +373,26 @@ impl Worker {
         let mut tasks = tokio::task::JoinSet::new();
         let mut failures = 0u32;
         // Refill in strides: a claim per freed slot would cost a round trip each and walk the
-        // index entries of just-claimed rows again and again.
+        // index entries of just-claimed rows again and again. The stride only holds back the
+        // refill that finishing jobs ask for: once the loop has slept (until a NOTIFY, a freed
+        // slot or the poll), it claims for whatever slots are free, or a slot or two below the
+        // stride would stay idle while jobs wait, for as long as the running jobs take.
         let stride = (this.opts.claim_batch.min(this.opts.slots) / 4).max(1);
+        let mut woken = false;
         while !shutdown.is_cancelled() {
             while tasks.try_join_next().is_some() {}
             let free = slots.available_permits().min(this.opts.claim_batch);
             let busy = slots.available_permits() < this.opts.slots;
-            if free == 0 || (busy && free < stride) {
+            if free == 0 || (busy && free < stride && !woken) {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = this.listener.work_available() => {}
                     _ = tokio::time::sleep(this.opts.poll_interval) => {}
                 }
+                woken = true;
                 continue;
             }
+            woken = false;
             let started = Instant::now();
             let claimed = async {
                 let mut client = this.pool.get().await?;
@@ -442,7 +448,7 @@ impl Worker {
                 running
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(job.id);
+                    .add(job.id);
                 let (this, running, out_tx, slots) =
                     (this.clone(), running.clone(), out_tx.clone(), slots.clone());
                 tasks.spawn(async move {
@@ -450,10 +456,7 @@ impl Worker {
                     let outcome = run_job(&this.registry, &this.opts, job).await;
                     // Sending waits when the completer is behind: backpressure, not growth.
                     let _ = out_tx.send(outcome).await;
-                    running
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&id);
+                    running.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
                     drop(permit);
                     // The claim loop refills only a stride at a time: waking it for every
                     // finished job would only send it back to sleep.
@@ -472,6 +475,7 @@ impl Worker {
                     _ = this.listener.work_available() => {}
                     _ = tokio::time::sleep(this.opts.poll_interval) => {}
                 }
+                woken = true;
             }
         }
 
@@ -672,23 +676,40 @@ async fn write_outcomes(this: Arc<Worker>, batch: Vec<Outcome>) {
     }
 }
 
-async fn heartbeat_loop(
-    this: Arc<Worker>,
-    running: Arc<Mutex<HashSet<Uuid>>>,
-    stop: CancellationToken,
-) {
+/// The jobs this worker's slots are running, for the heartbeat: how many runs of each. A job
+/// can run twice in one worker: its lease expired (say the heartbeat could not reach the
+/// database), the rescuer returned it to `waiting`, and this worker claimed it again while the
+/// first run was still going. The second run's lease must be renewed after the first run ends.
+#[derive(Debug, Default)]
+struct InFlight(HashMap<Uuid, usize>);
+
+impl InFlight {
+    fn add(&mut self, id: Uuid) {
+        *self.0.entry(id).or_default() += 1;
+    }
+
+    fn remove(&mut self, id: Uuid) {
+        if let Some(n) = self.0.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.0.remove(&id);
+            }
+        }
+    }
+
+    fn ids(&self) -> Vec<Uuid> {
+        self.0.keys().copied().collect()
+    }
+}
+
+async fn heartbeat_loop(this: Arc<Worker>, running: Arc<Mutex<InFlight>>, stop: CancellationToken) {
     let period = this.opts.lease / 3;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
-        let ids: Vec<Uuid> = running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .copied()
-            .collect();
+        let ids = running.lock().unwrap_or_else(|p| p.into_inner()).ids();
         if ids.is_empty() {
             continue;
         }
@@ -761,5 +782,34 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
         if let Err(e) = pass {
             tracing::warn!(error = format!("{e:#}"), "queue maintenance failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_run_twice_in_one_worker_stays_in_flight_until_both_runs_end() {
+        let (job, other) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut in_flight = InFlight::default();
+        in_flight.add(job);
+        in_flight.add(other);
+        // Rescued and claimed again by this worker while its first run goes on.
+        in_flight.add(job);
+        in_flight.remove(job);
+        let mut ids = in_flight.ids();
+        ids.sort();
+        assert_eq!(
+            ids,
+            vec![job, other],
+            "the second run's lease is still renewed"
+        );
+        in_flight.remove(job);
+        in_flight.remove(other);
+        assert!(in_flight.ids().is_empty());
+        // A removal with nothing in flight (never expected) changes nothing.
+        in_flight.remove(job);
+        assert!(in_flight.ids().is_empty());
     }
 }
