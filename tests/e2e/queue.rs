@@ -469,15 +469,71 @@ async fn a_running_job_keeps_its_lease_past_its_length_and_only_its_worker_renew
         0
     );
     assert_eq!(store::heartbeat(&c, "w", &[other], lease).await.unwrap(), 1);
-    let left: f64 = c
-        .query_one(
-            "SELECT extract(epoch FROM lease_expires_at - now())::float8 FROM jobs WHERE id = $1",
-            &[&other],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let left = lease_seconds(&c, other).await;
     assert!(left > 3000.0, "renewed to an hour: {left} s left");
+}
+
+#[tokio::test]
+async fn a_heartbeat_renews_around_a_row_another_transaction_holds_rather_than_waiting() {
+    // A batched completion locks its rows in the order its outcomes came in; a heartbeat that
+    // waited for one of them while holding another could deadlock with it.
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    let ids = enqueue(
+        &db,
+        &[
+            job(company, "echo", json!({}), 1),
+            job(company, "echo", json!({}), 1),
+        ],
+    )
+    .await;
+    let mut c = db.client().await;
+    let claimed = store::claim(&mut c, "w", 2, Duration::from_secs(30), 100)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    let (held, free) = (ids[0], ids[1]);
+    let mut other = db.client().await;
+    let tx = other.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", &[&held])
+        .await
+        .unwrap();
+
+    let lease = Duration::from_secs(3600);
+    let renewed = tokio::time::timeout(
+        Duration::from_secs(5),
+        store::heartbeat(&c, "w", &[held, free], lease),
+    )
+    .await
+    .expect("the heartbeat waited for a locked row")
+    .unwrap();
+    assert_eq!(renewed, 1, "the row nobody holds is renewed");
+    tx.commit().await.unwrap();
+    let left = lease_seconds(&c, free).await;
+    assert!(left > 3000.0, "renewed to an hour: {left} s left");
+    assert!(
+        lease_seconds(&c, held).await < 60.0,
+        "the held row kept its lease"
+    );
+    // Released, it is renewed at the next beat.
+    assert_eq!(
+        store::heartbeat(&c, "w", &[held, free], lease)
+            .await
+            .unwrap(),
+        2
+    );
+    assert!(lease_seconds(&c, held).await > 3000.0);
+}
+
+/// Seconds left on the lease of `id`.
+async fn lease_seconds(c: &tokio_postgres::Client, id: Uuid) -> f64 {
+    c.query_one(
+        "SELECT extract(epoch FROM lease_expires_at - now())::float8 FROM jobs WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 #[tokio::test]

@@ -1045,6 +1045,14 @@ pub async fn announce_finished(
 /// Renews the leases of the jobs `worker_id` is running. (`worker_id` is set exactly while a
 /// row is `processing`, so the statement need not say `state = 'processing'`, which would offer
 /// the planner a walk of every processing row; see [`SESSION_OPTIONS`].)
+///
+/// Rows another transaction holds locked are skipped, not waited for: they are being completed,
+/// rescued or released, which ends the lease anyway, and a completion that fails leaves its
+/// row to the next beat, a third of a lease later. Never waiting is what keeps the heartbeat
+/// out of deadlocks: it takes many rows in one statement, in index or heap order, while a
+/// batched completion takes its rows in the order its outcomes came in, and release in yet
+/// another; two of them each holding a row the other wants would cost one of them a second of
+/// `deadlock_timeout` and an abort.
 pub async fn heartbeat(
     client: &impl GenericClient,
     worker_id: &str,
@@ -1057,9 +1065,13 @@ pub async fn heartbeat(
     client
         .execute(
             concat!(
-                "UPDATE jobs SET lease_expires_at = ",
+                "WITH mine AS (
+                     SELECT id FROM jobs WHERE id = ANY($2) AND worker_id = $1
+                        FOR UPDATE SKIP LOCKED
+                 )
+                 UPDATE jobs j SET lease_expires_at = ",
                 ms_from_now!("$3"),
-                " WHERE id = ANY($2) AND worker_id = $1"
+                " FROM mine WHERE j.id = mine.id"
             ),
             &[&worker_id, &ids, &(lease.as_millis() as f64)],
         )
