@@ -16,7 +16,7 @@ use tenantry_core::{
     http::{self, current_request_id},
 };
 use tenantry_queue::{
-    JobRecord, NewJob, ShardQueue,
+    JobRecord, NewJob, ShardQueue, WaitError,
     job::contains_nul,
     metrics,
     store::{self, EnqueueError, EnqueueLimits, Enqueued},
@@ -173,8 +173,35 @@ async fn create(
     let enqueued_awaited = matches!(enqueued, Enqueued::Created(_));
     let record = enqueued.record().clone();
     let deadline = started + state.sync_wait;
-    let record = wait_until_finished(&state, record, deadline, enqueued_awaited).await?;
-    Ok(respond(company, &record))
+    let shard = &state.shard;
+    let waited = shard
+        .listener
+        .wait_until_finished(&shard.pool, record.clone(), deadline, enqueued_awaited)
+        .await;
+    Ok(respond(company, &after_enqueue(record, waited)?))
+}
+
+/// What a job request answers with once its job is committed, given how waiting for it went.
+/// A failure to read it again (the pool or the database) is not the request's failure: the job
+/// exists and will run, and an error would tell the client to send it again, creating a second
+/// job when it has no idempotency key. So it is logged, and the request gets the job as written
+/// (`202` with its `Location`).
+fn after_enqueue(
+    written: JobRecord,
+    waited: Result<Option<JobRecord>, WaitError>,
+) -> Result<JobRecord, ApiError> {
+    match waited {
+        Ok(Some(read)) => Ok(read),
+        Ok(None) => Err(ApiError::not_found("no such job")),
+        Err(e) => {
+            tracing::warn!(
+                job.id = %written.view.id,
+                error = %e,
+                "could not wait for the job after enqueuing it; answering with the job as written"
+            );
+            Ok(written)
+        }
+    }
 }
 
 fn truncate(s: &str) -> String {
@@ -295,6 +322,36 @@ fn serialized_len(value: &serde_json::Value) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn written() -> JobRecord {
+        serde_json::from_value(json!({
+            "id": "01900000-0000-7000-8000-0000000000aa", "kind": "echo", "state": "waiting",
+            "result": null, "error": null, "attempts": 0,
+            "created_at": "2026-12-06T20:00:00Z", "started_at": null, "finished_at": null,
+            "request_id": "r", "company_id": "01900000-0000-7000-8000-0000000000bb",
+            "user_context": {}, "params": {}, "worker_id": null, "max_attempts": 1,
+            "run_at": "2026-12-06T20:00:00Z", "lease_expires_at": null,
+            "idempotency_key": null, "resolution_note": null
+        }))
+        .expect("a job record")
+    }
+
+    #[test]
+    fn a_job_written_but_not_read_again_is_answered_as_written_not_as_an_error() {
+        let timeout = deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait);
+        let answer = after_enqueue(written(), Err(WaitError::Pool(timeout)));
+        assert_eq!(answer.ok(), Some(written()), "202 with the job, not 503");
+
+        let mut done = written();
+        done.view.state = tenantry_queue::JobState::Done;
+        let read = after_enqueue(written(), Ok(Some(done.clone())));
+        assert_eq!(read.ok(), Some(done), "what the wait read is the answer");
+        let gone = after_enqueue(written(), Ok(None));
+        assert!(
+            gone.is_err(),
+            "a job gone by the time it was read is not found"
+        );
+    }
 
     #[test]
     fn serialized_len_is_the_length_of_the_compact_json() {
