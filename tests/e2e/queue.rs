@@ -340,6 +340,51 @@ async fn a_retried_dead_letter_backs_off_from_the_start_again() {
 }
 
 #[tokio::test]
+async fn a_retried_week_old_dead_letter_does_not_pull_new_jobs_ahead_of_the_backlog() {
+    // A dead letter from a week ago, retried while its company is at its cap (so it stays
+    // waiting at the head of the queue): jobs enqueued meanwhile must still queue behind the
+    // backlog that was already waiting, not a week back with the old dead letter.
+    let db = TestDb::new(Schema::Shard).await;
+    let dead = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 1)).await;
+    db.exec(&format!(
+        "UPDATE jobs SET state = 'error', attempts = 1, finished_at = now(),
+                priority = priority - 7 * 86400 * 1000000::bigint
+          WHERE id = '{dead}'"
+    ))
+    .await;
+    let backlog = enqueue(
+        &db,
+        &(0..3)
+            .map(|i| job(Uuid::now_v7(), "echo", json!({"i": i}), 1))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let c = db.client().await;
+    let retried = store::retry(&c, dead).await.unwrap();
+    assert_eq!(retried.view.state, JobState::Waiting);
+    let newcomer = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 1)).await;
+
+    let priority = |id: Uuid| {
+        let c = &c;
+        async move {
+            c.query_one("SELECT priority FROM jobs WHERE id = $1", &[&id])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    let first_of_backlog = priority(backlog[0]).await;
+    assert!(
+        priority(newcomer).await >= first_of_backlog,
+        "the newcomer queues behind the backlog"
+    );
+    assert!(
+        priority(dead).await >= first_of_backlog - 60 * 1_000_000,
+        "the retried job's claim order starts from now, not a week back"
+    );
+}
+
+#[tokio::test]
 async fn an_operator_retry_never_hands_out_a_lease_an_old_run_still_holds() {
     // worker-a's run of attempt 1 hangs past its lease; the job dead-letters and an operator
     // retries it; worker-a itself claims it again. The hung run's outcome must not pass for

@@ -1305,18 +1305,30 @@ pub enum OperatorError {
 /// otherwise take the same (worker, attempt) lease, and the old run's outcome would be accepted
 /// as the new one's.
 pub async fn retry(client: &impl GenericClient, id: Uuid) -> Result<JobRecord, OperatorError> {
-    operator_transition(
-        client,
-        id,
-        "retried",
-        "UPDATE jobs SET state = 'waiting', max_attempts = attempts + max_attempts - retried_after,
-                retried_after = attempts, run_at = now(), finished_at = NULL,
-                updated_at = now()
-          WHERE id = $1 AND state = 'error'",
-        None,
-    )
-    .await
+    operator_transition(client, id, "retried", RETRY_SQL, &CHANNEL_WAITING).await
 }
+
+/// [`retry`]'s one statement. The job's claim order starts again from the queue's virtual
+/// time, as a new job's does: the one it had may lie days back, and as the head of the
+/// claimable rows it would pull the fairness base of every job enqueued while it waits (see
+/// `virtual_now!`) back there too, ahead of the whole backlog. Workers are notified in the
+/// same statement, so the notification goes out when the change commits, with it.
+const RETRY_SQL: &str = concat!(
+    "WITH changed AS (
+         UPDATE jobs SET state = 'waiting', max_attempts = attempts + max_attempts - retried_after,
+                retried_after = attempts, run_at = now(), finished_at = NULL,
+                priority = ",
+    virtual_now!(),
+    ", updated_at = now()
+          WHERE id = $1 AND state = 'error'
+      RETURNING ",
+    record_columns!(),
+    "
+     )
+     SELECT ",
+    record_columns!(),
+    ", pg_notify($2::text, '') FROM changed"
+);
 
 /// Dead letter → `error_resolved` with the operator's note.
 pub async fn resolve(
@@ -1324,46 +1336,45 @@ pub async fn resolve(
     id: Uuid,
     note: &str,
 ) -> Result<JobRecord, OperatorError> {
-    operator_transition(
-        client,
-        id,
-        "resolved",
-        "UPDATE jobs SET state = 'error_resolved', resolution_note = $2, updated_at = now()
-          WHERE id = $1 AND state = 'error'",
-        Some(note),
-    )
-    .await
+    operator_transition(client, id, "resolved", RESOLVE_SQL, &note).await
 }
 
+const RESOLVE_SQL: &str = concat!(
+    "UPDATE jobs SET state = 'error_resolved', resolution_note = $2, updated_at = now()
+      WHERE id = $1 AND state = 'error'
+  RETURNING ",
+    record_columns!()
+);
+
+/// Runs an operator's transition of a dead letter (`$1` the job, `$2` its other parameter):
+/// one statement that changes the row and returns it, so a change that committed is never
+/// reported as failed because a later read did not get through. A job found in another state
+/// is read again for the message; if it reached `error` in between, the transition is tried
+/// once more.
 async fn operator_transition(
     client: &impl GenericClient,
     id: Uuid,
     verb: &'static str,
     sql: &str,
-    note: Option<&str>,
+    second: &(dyn tokio_postgres::types::ToSql + Sync),
 ) -> Result<JobRecord, OperatorError> {
-    let n = match note {
-        Some(note) => client.execute(sql, &[&id, &note]).await?,
-        None => client.execute(sql, &[&id]).await?,
-    };
-    let job = get_any(client, id)
-        .await?
-        .ok_or(OperatorError::NotFound(id))?;
-    if n == 0 {
-        return Err(OperatorError::WrongState {
-            id,
-            state: job.view.state.as_str(),
-            verb,
-        });
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        if let Some(row) = client.query_opt(sql, &[&id, second]).await? {
+            return Ok(record(&row));
+        }
+        let job = get_any(client, id)
+            .await?
+            .ok_or(OperatorError::NotFound(id))?;
+        if job.view.state != JobState::Error || tries == 2 {
+            return Err(OperatorError::WrongState {
+                id,
+                state: job.view.state.as_str(),
+                verb,
+            });
+        }
     }
-    if verb == "retried" {
-        // Not NOTIFY_WAITING_SQL: `client` may be the caller's transaction, whose commit must
-        // stay synchronous.
-        client
-            .execute("SELECT pg_notify($1, '')", &[&CHANNEL_WAITING])
-            .await?;
-    }
-    Ok(job)
 }
 
 /// Waiting jobs on the shard, counted no further than `limit`.
