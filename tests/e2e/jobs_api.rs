@@ -780,6 +780,14 @@ async fn operators_list_show_retry_and_resolve_dead_letters() {
         "the shard that is down does not hide the job: {err}"
     );
     assert!(err.contains("skipping shard s0"), "{err}");
+    for field in [
+        "worker",
+        "lease expires",
+        "runnable from",
+        "idempotency key",
+    ] {
+        assert!(out.contains(field), "the table shows {field}: {out}");
+    }
     assert!(
         out.contains("shard       s1") || out.contains("s1"),
         "{out}"

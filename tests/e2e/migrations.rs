@@ -334,6 +334,25 @@ async fn concurrent_runners_apply_each_migration_once() {
 }
 
 #[tokio::test]
+async fn an_admin_command_whose_reader_stops_reading_exits_quietly() {
+    // `tenantry admin … | head -0`: the pipe is closed before the command prints (it reads the
+    // catalog first), and the command must neither panic nor report a failure.
+    let catalog = TestDb::new(Schema::Empty).await;
+    let mut child = tenantry()
+        .args(["admin", "migrate", "status"])
+        .env("TENANTRY_CATALOG__URL", &catalog.url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}
+
+#[tokio::test]
 async fn migrate_status_and_up_report_per_database() {
     let catalog = TestDb::new(Schema::Empty).await;
     let env = [("TENANTRY_CATALOG__URL", catalog.url.clone())];

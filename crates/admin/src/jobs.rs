@@ -137,9 +137,9 @@ pub async fn run(cmd: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
             let client = connect(cfg, shard).await?;
             let jobs = store::list(&client, a.state, a.company, a.limit).await?;
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&jobs)?);
+                outln!("{}", serde_json::to_string_pretty(&jobs)?);
             } else if jobs.is_empty() {
-                println!("no jobs match");
+                outln!("no jobs match");
             } else {
                 let rows: Vec<Vec<String>> = jobs
                     .iter()
@@ -161,7 +161,7 @@ pub async fn run(cmd: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
                         ]
                     })
                     .collect();
-                print!(
+                out!(
                     "{}",
                     table::render(
                         &[
@@ -180,9 +180,10 @@ pub async fn run(cmd: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
             let (shard, client, _) = find(cfg, a.id, a.shard.as_deref()).await?;
             let job = store::retry(&client, a.id).await?;
             if !a.json {
-                println!(
+                outln!(
                     "retried job {} ({} on shard {shard}): back to waiting with a fresh round of attempts",
-                    job.view.id, job.view.kind
+                    job.view.id,
+                    job.view.kind
                 );
             }
             print_job(&shard, &job, a.json)?;
@@ -195,9 +196,10 @@ pub async fn run(cmd: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
             let (shard, client, _) = find(cfg, a.one.id, a.one.shard.as_deref()).await?;
             let job = store::resolve(&client, a.one.id, note).await?;
             if !a.one.json {
-                println!(
+                outln!(
                     "resolved job {} ({} on shard {shard}) as error_resolved",
-                    job.view.id, job.view.kind
+                    job.view.id,
+                    job.view.kind
                 );
             }
             print_job(&shard, &job, a.one.json)?;
@@ -208,7 +210,7 @@ pub async fn run(cmd: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
 
 fn print_job(shard: &str, job: &JobRecord, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(job)?);
+        outln!("{}", serde_json::to_string_pretty(job)?);
         return Ok(());
     }
     let opt = |t: Option<chrono::DateTime<chrono::Utc>>| {
@@ -225,6 +227,16 @@ fn print_job(shard: &str, job: &JobRecord, json: bool) -> anyhow::Result<()> {
             format!("{}/{}", job.view.attempts, job.max_attempts),
         ],
         vec!["request id".into(), job.request_id.clone()],
+        vec![
+            "idempotency key".into(),
+            job.idempotency_key.clone().unwrap_or_else(|| "-".into()),
+        ],
+        vec![
+            "worker".into(),
+            job.worker_id.clone().unwrap_or_else(|| "-".into()),
+        ],
+        vec!["lease expires".into(), opt(job.lease_expires_at)],
+        vec!["runnable from".into(), job.run_at.to_rfc3339()],
         vec!["user".into(), job.user_context.to_string()],
         vec!["params".into(), job.params.to_string()],
         vec![
@@ -247,6 +259,6 @@ fn print_job(shard: &str, job: &JobRecord, json: bool) -> anyhow::Result<()> {
         vec!["started".into(), opt(job.view.started_at)],
         vec!["finished".into(), opt(job.view.finished_at)],
     ];
-    print!("{}", table::render(&["FIELD", "VALUE"], &rows));
+    out!("{}", table::render(&["FIELD", "VALUE"], &rows));
     Ok(())
 }

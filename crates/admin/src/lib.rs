@@ -1,5 +1,20 @@
 #![doc = include_str!("../README.md")]
 
+/// `print!` for the commands' output: a write that fails returns from the enclosing function
+/// with the error ([`StdoutClosed`] when the reader went away) instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::write_out(format_args!($($arg)*))?
+    };
+}
+
+/// `println!` the same way (see [`out!`]).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::write_out(format_args!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
 mod jobs;
 mod migrate;
 mod shard;
@@ -23,6 +38,30 @@ pub enum AdminCommand {
     Jobs(jobs::JobsCommand),
     /// Mint a JWT signed with the configured key (for development and tests).
     Token(token::TokenArgs),
+}
+
+/// Standard output was closed by whatever read it (`tenantry admin jobs list … | head`). The
+/// command stops printing; the binary exits 0 without a message, as the output's reader chose
+/// to stop, and whatever the command changed is done.
+#[derive(Debug)]
+pub struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Writes to standard output; see [`out!`].
+fn write_out(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_fmt(args) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to standard output")),
+    }
 }
 
 /// Runs an admin command. `cfg` was loaded by the binary; `dev` is the `--dev` switch.

@@ -136,7 +136,7 @@ async fn status(cfg: &Config, args: StatusArgs) -> anyhow::Result<()> {
         rows.push(row);
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
     let cells: Vec<Vec<String>> = rows
@@ -156,7 +156,7 @@ async fn status(cfg: &Config, args: StatusArgs) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    print!(
+    out!(
         "{}",
         table::render(
             &["DATABASE", "APPLIED", "LATEST", "PENDING", "PROBLEM"],
@@ -172,7 +172,7 @@ fn describe(m: &Migration) -> String {
 
 async fn up(cfg: &Config, args: UpArgs) -> anyhow::Result<()> {
     if args.create_databases && db::ensure_database(&cfg.catalog.url, &cfg.database).await? {
-        println!("catalog: created database");
+        outln!("catalog: created database");
     }
     // The catalog goes first: listing shards needs its schema.
     if args.shard.is_none() {
@@ -218,16 +218,16 @@ async fn migrate_one(
         .await
         .with_context(|| format!("migrating {label}"))?;
     if report.applied.is_empty() {
-        println!("{label}: up to date at version {}", report.version);
+        outln!("{label}: up to date at version {}", report.version);
     } else {
-        println!(
+        outln!(
             "{label}: applied {}; now at version {}",
             report.applied.join(", "),
             report.version
         );
     }
     if let Some(file) = report.held_back {
-        println!(
+        outln!(
             "{label}: {file} is a contract step and was not applied; run \
              `tenantry admin migrate up --phase contract` once every node runs the new code"
         );

@@ -55,7 +55,7 @@ async fn apply(cfg: &Config, args: ApplyArgs) -> anyhow::Result<()> {
     )
     .await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
     for s in &report.shards {
@@ -76,7 +76,7 @@ async fn apply(cfg: &Config, args: ApplyArgs) -> anyhow::Result<()> {
         if what.is_empty() {
             what.push("unchanged".into());
         }
-        println!(
+        outln!(
             "shard {}: {} (schema version {})",
             s.id,
             what.join("; "),
@@ -84,20 +84,22 @@ async fn apply(cfg: &Config, args: ApplyArgs) -> anyhow::Result<()> {
         );
     }
     for id in &report.undeclared {
-        println!(
+        outln!(
             "shard {id}: in the catalog but not in {}; left alone",
             args.file.display()
         );
     }
     if report.unchanged() {
-        println!(
+        outln!(
             "{}: nothing to change (shard map version {})",
-            file.environment, report.map_version
+            file.environment,
+            report.map_version
         );
     } else {
-        println!(
+        outln!(
             "{}: applied (shard map version {})",
-            file.environment, report.map_version
+            file.environment,
+            report.map_version
         );
     }
     Ok(())
@@ -134,7 +136,7 @@ async fn list(cfg: &Config, args: ListArgs) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
     let rows: Vec<Vec<String>> = shards
@@ -152,11 +154,11 @@ async fn list(cfg: &Config, args: ListArgs) -> anyhow::Result<()> {
         })
         .collect();
     if rows.is_empty() {
-        println!(
+        outln!(
             "no shards in the catalog; declare them in shard-map/*.toml and run `tenantry admin shard apply`"
         );
     } else {
-        print!(
+        out!(
             "{}",
             table::render(
                 &["ID", "STATE", "ACCEPTING", "TENANTS", "SCHEMA", "ENDPOINTS"],

@@ -52,6 +52,6 @@ pub fn run(args: TokenArgs, cfg: &Config, _dev: bool) -> anyhow::Result<()> {
         companies: args.companies.into_iter().collect(),
         scope: args.scope,
     };
-    println!("{}", mint(&cfg.auth, &claims)?);
+    outln!("{}", mint(&cfg.auth, &claims)?);
     Ok(())
 }

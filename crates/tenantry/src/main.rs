@@ -96,6 +96,8 @@ fn main() -> ExitCode {
     tenantry_core::telemetry::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of an admin command's output stopped reading (`… | head`): not a failure.
+        Err(e) if e.chain().any(|c| c.is::<tenantry_admin::StdoutClosed>()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
