@@ -964,6 +964,33 @@ async fn forwarding_keeps_path_query_and_end_to_end_headers_and_streams_large_bo
         "{headers:?}"
     );
 
+    // `Expect: 100-continue` is the gateway's to answer (sent on to the shard with no body to
+    // follow, it made the shard connection fail and the caller get 503), and every `Proxy-*`
+    // header is hop-by-hop.
+    let addr = base.trim_start_matches("http://").to_owned();
+    let raw = format!(
+        "GET /v1/companies/{company}/expect HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {auth}\r\n\
+         Connection: close\r\nExpect: 100-continue\r\nProxy-Foo: dropped\r\n\r\n"
+    );
+    let answer = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(raw.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .join()
+    .unwrap();
+    assert!(answer.contains("HTTP/1.1 200"), "{answer}");
+    let (_, headers, _) = fake.seen.lock().unwrap()[2].clone();
+    assert!(
+        !headers
+            .iter()
+            .any(|(k, _)| k == "expect" || k == "proxy-foo"),
+        "{headers:?}"
+    );
+
     // A body over the retry buffer (64KiB) is streamed through intact.
     let body = vec![b'z'; 200 * 1024];
     let mut r = http()
@@ -974,6 +1001,109 @@ async fn forwarding_keeps_path_query_and_end_to_end_headers_and_streams_large_bo
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["bytes"], 200 * 1024);
+    broker.cleanup().await;
+}
+
+/// An endpoint that reads each request in full and closes the connection without answering,
+/// as a shard node killed mid-request does; counts the `/v1/` requests it took in.
+fn closing_endpoint() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let counted = counted.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn);
+                let (mut first, mut length) = (String::new(), 0usize);
+                if r.read_line(&mut first).is_err() {
+                    return;
+                }
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = line.split_once(':')
+                        && k.eq_ignore_ascii_case("content-length")
+                    {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; length];
+                let _ = r.read_exact(&mut body);
+                if first
+                    .split(' ')
+                    .nth(1)
+                    .is_some_and(|p| p.starts_with("/v1/"))
+                {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (url, hits)
+}
+
+#[actix_web::test]
+async fn a_post_is_not_sent_again_after_an_endpoint_closed_the_connection_but_a_get_is() {
+    // Both endpoints of the shard take the request in and close without answering. A POST may
+    // have been acted on (a job created), so it goes to one endpoint only; a GET goes to both.
+    let company = Uuid::now_v7();
+    let (a, a_hits) = closing_endpoint();
+    let (b, b_hits) = closing_endpoint();
+    let hits = || {
+        a_hits.load(std::sync::atomic::Ordering::SeqCst)
+            + b_hits.load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let catalog = TestDb::new(tenantry_testkit::Schema::Catalog).await;
+    register(
+        &catalog,
+        &[spec("shard-1", "postgres://nowhere/x", vec![a, b])],
+    )
+    .await;
+    catalog
+        .client()
+        .await
+        .execute(
+            "INSERT INTO tenants (id, name, shard_id, state) VALUES ($1, 'Fake', 'shard-1', 'active')",
+            &[&company],
+        )
+        .await
+        .unwrap();
+    let broker = TestBroker::new().await;
+    let gw = start_gateway(&mut gateway_cmd(
+        &catalog.url,
+        &amqp_url(),
+        &broker.exchange("shardmap"),
+        &[],
+    ));
+    let base = gw.url("gateway");
+    let auth = company_token(company, "admin");
+
+    let mut r = http()
+        .post(format!("{base}/v1/companies/{company}/jobs"))
+        .bearer_auth(&auth)
+        .send_json(&json!({"kind": "echo", "params": {}}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502, "{:?}", r.body().await);
+    assert_eq!(hits(), 1, "the POST reached one endpoint only");
+
+    let r = http()
+        .get(format!(
+            "{base}/v1/companies/{company}/jobs/{}",
+            Uuid::now_v7()
+        ))
+        .bearer_auth(&auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "no endpoint answered the GET");
+    assert_eq!(hits(), 3, "the GET was tried on both endpoints");
     broker.cleanup().await;
 }
 

@@ -28,7 +28,7 @@ use actix_web::{
     },
     web,
 };
-use awc::error::SendRequestError;
+use awc::error::{ConnectError, SendRequestError};
 use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, stream};
 use tenantry_core::{
@@ -262,6 +262,22 @@ async fn send(
                     .observe(started.elapsed().as_secs_f64());
                 return Ok((res, permit));
             }
+            // The connection closed before an answer's head: the endpoint may already have
+            // received the request (awc reports a close after the request was written this way
+            // too), so only a request that may be repeated goes to the next endpoint. Another
+            // attempt at a POST could create a second job.
+            Err(SendRequestError::Connect(ConnectError::Disconnected))
+                if !req.method().is_idempotent() =>
+            {
+                tracing::warn!(endpoint = %endpoint.base, "shard endpoint closed the connection before answering; not repeating a non-idempotent request");
+                endpoint.set_healthy(false);
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "bad_gateway",
+                    "the company's shard closed the connection before answering; the request \
+                     may have been received, so it was not sent again",
+                ));
+            }
             Err(SendRequestError::Connect(e)) => {
                 tracing::warn!(endpoint = %endpoint.base, error = %e, "cannot connect to shard endpoint");
                 endpoint.set_healthy(false);
@@ -342,6 +358,9 @@ fn build(
             || name.as_str() == REQUEST_ID_HEADER
             || name.as_str() == "traceparent"
             || name.as_str() == "x-forwarded-for"
+            // The gateway's server answered the caller's `100-continue` itself; upstream it
+            // would make the shard connection wait for a continue that never comes.
+            || name == header::EXPECT
         {
             continue;
         }
@@ -417,18 +436,12 @@ fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
 
 /// RFC 9110 §7.6.1: connection-specific headers are not forwarded.
 fn is_hop_by_hop(name: &HeaderName, listed: &[String]) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    ) || listed.iter().any(|t| t == name.as_str())
+    name.as_str().starts_with("proxy-")
+        || matches!(
+            name.as_str(),
+            "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade"
+        )
+        || listed.iter().any(|t| t == name.as_str())
 }
 
 /// Refuses paths that could be resolved to something outside the company on the shard: dot
