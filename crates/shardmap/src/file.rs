@@ -149,12 +149,20 @@ impl ShardMapFile {
                 p.push(format!("shard {:?}: list at least one API endpoint", s.id));
             }
             for e in &s.endpoints {
-                if !(e.starts_with("http://") || e.starts_with("https://"))
+                if e.starts_with("https://") {
+                    // The gateway's HTTP client is built without TLS (shard APIs sit on the
+                    // private network), so such a shard could never be reached.
+                    p.push(format!(
+                        "shard {:?}: endpoint {e:?}: the gateway reaches shard APIs over plain \
+                         http:// only (it has no TLS client)",
+                        s.id
+                    ));
+                } else if !e.starts_with("http://")
                     || e.len() > 2048
                     || e.chars().any(char::is_whitespace)
                 {
                     p.push(format!(
-                        "shard {:?}: endpoint {e:?} is not an http(s) URL",
+                        "shard {:?}: endpoint {e:?} is not an http:// URL",
                         s.id
                     ));
                 }
@@ -206,7 +214,11 @@ endpoints = ["http://127.0.0.1:8101"]
             ),
             (
                 &GOOD.replace("http://127.0.0.1:8101", "ftp://x"),
-                "not an http(s) URL",
+                "not an http:// URL",
+            ),
+            (
+                &GOOD.replace("http://127.0.0.1:8101", "https://127.0.0.1:8101"),
+                "no TLS client",
             ),
             (&format!("{GOOD}weight = 0\n"), "weight"),
             (
