@@ -828,7 +828,7 @@ struct FakeEnv {
 
 async fn fake_env(companies: &[Uuid], extra: &[(&str, &str)]) -> FakeEnv {
     let fake = fake_shard().await;
-    let catalog = fake_cluster(&fake, companies[0]).await;
+    let catalog = one_shard_catalog(vec![fake.url.clone()], companies[0]).await;
     for c in &companies[1..] {
         catalog
             .client()
@@ -857,16 +857,12 @@ async fn fake_env(companies: &[Uuid], extra: &[(&str, &str)]) -> FakeEnv {
     }
 }
 
-/// A catalog whose one shard is `fake`, with `company` placed on it.
-async fn fake_cluster(fake: &FakeShard, company: Uuid) -> TestDb {
+/// A catalog whose one shard, `shard-1`, has the API `endpoints`, with `company` placed on it.
+async fn one_shard_catalog(endpoints: Vec<String>, company: Uuid) -> TestDb {
     let catalog = TestDb::new(tenantry_testkit::Schema::Catalog).await;
     register(
         &catalog,
-        &[spec(
-            "shard-1",
-            "postgres://nowhere/x",
-            vec![fake.url.clone()],
-        )],
+        &[spec("shard-1", "postgres://nowhere/x", endpoints)],
     )
     .await;
     catalog
@@ -944,16 +940,7 @@ async fn forwarding_keeps_path_query_and_end_to_end_headers_and_streams_large_bo
         "GET /v1/companies/{company}/hop HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {auth}\r\n\
          Connection: close, x-hop\r\nX-Hop: dropped\r\nKeep-Alive: timeout=5\r\nX-Also: kept\r\n\r\n"
     );
-    let answer = std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.write_all(raw.as_bytes()).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    })
-    .join()
-    .unwrap();
+    let answer = send_raw(&addr, &raw);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let (_, headers, _) = fake.seen.lock().unwrap()[1].clone();
     assert!(headers.iter().any(|(k, v)| k == "x-also" && v == "kept"));
@@ -967,21 +954,11 @@ async fn forwarding_keeps_path_query_and_end_to_end_headers_and_streams_large_bo
     // `Expect: 100-continue` is the gateway's to answer (sent on to the shard with no body to
     // follow, it made the shard connection fail and the caller get 503), and every `Proxy-*`
     // header is hop-by-hop.
-    let addr = base.trim_start_matches("http://").to_owned();
     let raw = format!(
         "GET /v1/companies/{company}/expect HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {auth}\r\n\
          Connection: close\r\nExpect: 100-continue\r\nProxy-Foo: dropped\r\n\r\n"
     );
-    let answer = std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.write_all(raw.as_bytes()).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    })
-    .join()
-    .unwrap();
+    let answer = send_raw(&addr, &raw);
     assert!(answer.contains("HTTP/1.1 200"), "{answer}");
     let (_, headers, _) = fake.seen.lock().unwrap()[2].clone();
     assert!(
@@ -1002,6 +979,22 @@ async fn forwarding_keeps_path_query_and_end_to_end_headers_and_streams_large_bo
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["bytes"], 200 * 1024);
     broker.cleanup().await;
+}
+
+/// Sends `raw` (a whole HTTP/1.1 request that asks to close the connection) to `addr` from a
+/// blocking thread and returns everything the server wrote back.
+fn send_raw(addr: &str, raw: &str) -> String {
+    let (addr, raw) = (addr.to_owned(), raw.to_owned());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(raw.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .join()
+    .unwrap()
 }
 
 /// An endpoint that reads each request in full and closes the connection without answering,
@@ -1059,21 +1052,7 @@ async fn a_post_is_not_sent_again_after_an_endpoint_closed_the_connection_but_a_
         a_hits.load(std::sync::atomic::Ordering::SeqCst)
             + b_hits.load(std::sync::atomic::Ordering::SeqCst)
     };
-    let catalog = TestDb::new(tenantry_testkit::Schema::Catalog).await;
-    register(
-        &catalog,
-        &[spec("shard-1", "postgres://nowhere/x", vec![a, b])],
-    )
-    .await;
-    catalog
-        .client()
-        .await
-        .execute(
-            "INSERT INTO tenants (id, name, shard_id, state) VALUES ($1, 'Fake', 'shard-1', 'active')",
-            &[&company],
-        )
-        .await
-        .unwrap();
+    let catalog = one_shard_catalog(vec![a, b], company).await;
     let broker = TestBroker::new().await;
     let gw = start_gateway(&mut gateway_cmd(
         &catalog.url,
