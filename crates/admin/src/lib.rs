@@ -43,16 +43,9 @@ pub enum AdminCommand {
 /// Standard output was closed by whatever read it (`tenantry admin jobs list … | head`). The
 /// command stops printing; the binary exits 0 without a message, as the output's reader chose
 /// to stop, and whatever the command changed is done.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed")]
 pub struct StdoutClosed;
-
-impl std::fmt::Display for StdoutClosed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("standard output was closed")
-    }
-}
-
-impl std::error::Error for StdoutClosed {}
 
 /// Writes to standard output; see [`out!`].
 fn write_out(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
