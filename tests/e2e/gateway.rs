@@ -1189,6 +1189,86 @@ async fn a_hanging_shard_answers_504_on_time_and_its_in_flight_cap_sheds_load() 
 }
 
 #[actix_web::test]
+async fn a_hanging_shard_ties_up_only_its_own_connections() {
+    // Two shards. The first stops answering and takes every connection the gateway may open to
+    // it; requests to the second must still go through at once.
+    let (slow_co, other_co) = (Uuid::now_v7(), Uuid::now_v7());
+    let (hanging, healthy) = (fake_shard().await, fake_shard().await);
+    let catalog = one_shard_catalog(vec![hanging.url.clone()], slow_co).await;
+    register(
+        &catalog,
+        &[spec(
+            "shard-2",
+            "postgres://nowhere/y",
+            vec![healthy.url.clone()],
+        )],
+    )
+    .await;
+    catalog
+        .client()
+        .await
+        .execute(
+            "INSERT INTO tenants (id, name, shard_id, state) VALUES ($1, 'Other', 'shard-2', 'active')",
+            &[&other_co],
+        )
+        .await
+        .unwrap();
+    let broker = TestBroker::new().await;
+    let gw = start_gateway(&mut gateway_cmd(
+        &catalog.url,
+        &amqp_url(),
+        &broker.exchange("shardmap"),
+        &[
+            ("TENANTRY_GATEWAY__UPSTREAM_CONNECTIONS", "2"),
+            ("TENANTRY_GATEWAY__MAX_IN_FLIGHT_PER_SHARD", "8"),
+            ("TENANTRY_GATEWAY__UPSTREAM_TIMEOUT", "30s"),
+        ],
+    ));
+    let base = gw.url("gateway");
+    let mut stuck = Vec::new();
+    for _ in 0..3 {
+        let (url, auth) = (
+            format!("{base}/v1/companies/{slow_co}/hang"),
+            company_token(slow_co, "admin"),
+        );
+        stuck.push(actix_web::rt::spawn(async move {
+            let _ = awc::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .finish()
+                .get(url)
+                .bearer_auth(auth)
+                .send()
+                .await;
+        }));
+    }
+    // Both of the hanging shard's connections are taken once it has two requests in hand.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hanging.seen.lock().unwrap().len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(hanging.seen.lock().unwrap().len(), 2);
+
+    let started = Instant::now();
+    let r = http()
+        .get(format!("{base}/v1/companies/{other_co}/quick"))
+        .bearer_auth(company_token(other_co, "admin"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers().get(SHARD_HEADER).unwrap(), "shard-2");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the other shard answered at once, not when a connection came free: {:?}",
+        started.elapsed()
+    );
+    for s in stuck {
+        s.abort();
+    }
+    broker.cleanup().await;
+}
+
+#[actix_web::test]
 async fn a_company_over_its_rate_gets_429_and_others_do_not() {
     let (company, other) = (Uuid::now_v7(), Uuid::now_v7());
     let env = fake_env(

@@ -116,7 +116,7 @@ pub struct GatewayConfig {
     pub freeze_wait: Duration,
     /// Requests in flight to one shard before 503; default 512.
     pub max_in_flight_per_shard: usize,
-    /// Upstream connections per listener thread; default 256.
+    /// Connections to one shard's endpoints per listener thread; default 256.
     pub upstream_connections: usize,
     /// Requests per second per company; default 100, 0 = no limit.
     pub rate_limit: u32,

@@ -42,6 +42,7 @@ use uuid::Uuid;
 use crate::{
     Gateway, metrics,
     router::{Resolved, ShardPool},
+    upstream::Upstreams,
 };
 
 /// The response header naming the shard that answered.
@@ -55,7 +56,7 @@ pub async fn forward(
     payload: web::Payload,
     caller: Caller,
     gw: web::Data<Gateway>,
-    client: web::Data<awc::Client>,
+    upstreams: web::Data<Upstreams>,
 ) -> Result<HttpResponse, ApiError> {
     let company = company_of(req.path())?;
     tracing::Span::current().record("company.id", tracing::field::display(company));
@@ -101,6 +102,7 @@ pub async fn forward(
     let mut pause = Duration::from_millis(20);
     let timeout = upstream_timeout(&req, &gw);
     loop {
+        let client = upstreams.client(&resolved.pool.id);
         let outcome = send(&req, &client, &gw, &resolved.pool, &mut body, timeout).await;
         let (mut res, permit) = match outcome {
             Ok(sent) => sent,

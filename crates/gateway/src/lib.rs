@@ -8,6 +8,7 @@ mod limit;
 mod metrics;
 pub mod router;
 mod routes;
+mod upstream;
 
 use std::{sync::Arc, time::Duration};
 
@@ -120,21 +121,12 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
         &cfg.http,
         cfg.shutdown.grace_period,
         move |c| {
-            // One HTTP client (and keep-alive pool per endpoint) per listener thread. Pooled
-            // connections are dropped after 3 s idle, before the shards' 5 s keep-alive ends,
-            // so a request never lands on a connection the shard is closing.
-            let client = awc::Client::builder()
-                .connector(
-                    awc::Connector::new()
-                        .timeout(connect_timeout)
-                        .limit(connections)
-                        .conn_keep_alive(Duration::from_secs(3)),
-                )
-                .disable_redirects()
-                .finish();
             c.app_data(key.clone())
                 .app_data(gateway.clone())
-                .app_data(web::Data::new(client))
+                .app_data(web::Data::new(upstream::Upstreams::new(
+                    connect_timeout,
+                    connections,
+                )))
                 .configure(routes::configure);
         },
     )?;
