@@ -978,6 +978,27 @@ async fn forwarding_keeps_path_query_and_end_to_end_headers_and_streams_large_bo
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["bytes"], 200 * 1024);
+
+    // A chunked body that turns malformed is the caller's fault: 400 `invalid_body`, whether it
+    // breaks within the held 64 KiB or after the gateway has begun streaming it to the shard.
+    for valid in [1024, 66 * 1024] {
+        let raw = format!(
+            "PUT /v1/companies/{company}/broken HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {auth}\r\n\
+             Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n{valid:x}\r\n{}\r\nzz\r\n\r\n",
+            "b".repeat(valid)
+        );
+        let answer = send_raw(&addr, &raw);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{valid}: {answer}");
+        assert!(answer.contains("invalid_body"), "{valid}: {answer}");
+    }
+    assert!(
+        fake.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(uri, _, _)| !uri.ends_with("/broken")),
+        "the shard's handler never saw a request whose body broke"
+    );
     broker.cleanup().await;
 }
 

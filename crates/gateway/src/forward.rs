@@ -298,8 +298,12 @@ async fn send(
                 ));
             }
             Err(e) => {
-                if body.overflowed() {
-                    return Err(ApiError::payload_too_large(gw.body_limit));
+                match body.fault() {
+                    Some(Fault::TooLarge) => {
+                        return Err(ApiError::payload_too_large(gw.body_limit));
+                    }
+                    Some(Fault::Broken) => return Err(broken_body()),
+                    None => {}
                 }
                 return Err(ApiError::new(
                     StatusCode::BAD_GATEWAY,
@@ -489,8 +493,18 @@ enum Body {
     Held(Bytes),
     Streaming {
         stream: Option<BodyStream>,
-        overflow: Rc<Cell<bool>>,
+        fault: Rc<Cell<Option<Fault>>>,
     },
+}
+
+/// Why the caller's streamed body failed while it was being forwarded: the shard's send then
+/// fails too, and the caller is told about its own body rather than given a 502.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// It grew past `gateway.body_limit`.
+    TooLarge,
+    /// The caller's connection broke or sent malformed chunked encoding.
+    Broken,
 }
 
 type BodyStream = stream::LocalBoxStream<'static, Result<Bytes, PayloadError>>;
@@ -512,9 +526,20 @@ impl Body {
         }
     }
 
-    fn overflowed(&self) -> bool {
-        matches!(self, Body::Streaming { overflow, .. } if overflow.get())
+    fn fault(&self) -> Option<Fault> {
+        match self {
+            Body::Held(_) => None,
+            Body::Streaming { fault, .. } => fault.get(),
+        }
     }
+}
+
+/// The caller's body broke off or was malformed: the request is the caller's to fix or resend.
+fn broken_body() -> ApiError {
+    ApiError::bad_request(
+        "invalid_body",
+        "the request body broke off or its chunked encoding is malformed",
+    )
 }
 
 /// Reads up to `hold` bytes; a body that ends within them is held, a longer one continues as a
@@ -527,21 +552,21 @@ async fn read_body(mut payload: web::Payload, hold: usize, limit: usize) -> Resu
         };
         let chunk = chunk.map_err(|e| match e {
             PayloadError::Overflow => ApiError::payload_too_large(limit),
-            other => ApiError::bad_request("invalid_body", format!("reading the body: {other}")),
+            other => broken_body().with_source(anyhow::anyhow!("{other}")),
         })?;
         prefix.extend_from_slice(&chunk);
         if prefix.len() > limit {
             return Err(ApiError::payload_too_large(limit));
         }
     }
-    let overflow = Rc::new(Cell::new(false));
-    let flag = overflow.clone();
+    let fault = Rc::new(Cell::new(None));
+    let flag = fault.clone();
     let mut seen = prefix.len();
     let tail = payload.map(move |chunk| {
-        let chunk = chunk?;
+        let chunk = chunk.inspect_err(|_| flag.set(Some(Fault::Broken)))?;
         seen += chunk.len();
         if seen > limit {
-            flag.set(true);
+            flag.set(Some(Fault::TooLarge));
             return Err(PayloadError::Overflow);
         }
         Ok(chunk)
@@ -549,7 +574,7 @@ async fn read_body(mut payload: web::Payload, hold: usize, limit: usize) -> Resu
     let stream = stream::once(async move { Ok(prefix.freeze()) }).chain(tail);
     Ok(Body::Streaming {
         stream: Some(Box::pin(stream)),
-        overflow,
+        fault,
     })
 }
 
