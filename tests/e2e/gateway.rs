@@ -1466,3 +1466,68 @@ async fn repeating_a_creation_that_stopped_half_way_finishes_it() {
     assert!(!missing.exists().await);
     broker.cleanup().await;
 }
+
+#[actix_web::test]
+async fn a_gateway_that_falls_behind_leaves_the_shard_map_backlog_in_the_broker() {
+    // The gateway's subscription takes at most PREFETCH unacknowledged messages; the rest stay
+    // in its queue (bounded by x-max-length) rather than piling up in the gateway's memory.
+    use lapin::{
+        BasicProperties, Connection, ConnectionProperties,
+        options::{BasicPublishOptions, QueueDeclareOptions},
+        types::FieldTable,
+    };
+    use tenantry_gateway::bus;
+    let broker = TestBroker::new().await;
+    let exchange = broker.exchange("shardmap");
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    // Subscribed and never read, as a gateway busy with something else.
+    let (queue, _consumer) = bus::subscribe(&channel, &exchange).await.unwrap();
+    let publisher = conn.create_channel().await.unwrap();
+    let extra = 100;
+    for i in 0..usize::from(bus::PREFETCH) + extra {
+        publisher
+            .basic_publish(
+                exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                json!({"type": "shard.changed", "n": i})
+                    .to_string()
+                    .as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let waiting = || async {
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count() as usize
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = waiting().await;
+    while seen != extra && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        seen = waiting().await;
+    }
+    // And it stays there: nothing more is pushed to a consumer that has not acknowledged.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        (seen, waiting().await),
+        (extra, extra),
+        "messages left in the broker"
+    );
+    let _ = conn.close(200, "done".into()).await;
+    broker.cleanup().await;
+}

@@ -15,8 +15,11 @@ use std::{
 use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::{
-    Connection, ConnectionProperties, ExchangeKind,
-    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+    Channel, Connection, ConnectionProperties, Consumer, ExchangeKind,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    },
     types::{AMQPValue, FieldTable},
 };
 use serde_json::Value;
@@ -28,6 +31,11 @@ use crate::{metrics, router::Router};
 /// Messages kept for a gateway that is not keeping up; older ones are dropped first (the
 /// shards' fencing keeps routing correct, and a reconnect flushes the cache anyway).
 const MAX_QUEUED: i64 = 100_000;
+
+/// Messages RabbitMQ hands the gateway before it has acknowledged them. The rest wait in the
+/// broker's queue, bounded by [`MAX_QUEUED`]; without the bound they would all be pushed into
+/// the client's memory, which nothing limits.
+pub const PREFETCH: u16 = 64;
 
 pub async fn run(router: Arc<Router>, url: String, exchange: String, shutdown: CancellationToken) {
     let connections = AtomicU64::new(0);
@@ -59,7 +67,44 @@ async fn listen(
         .await
         .context("connecting to RabbitMQ")?;
     let channel = conn.create_channel().await?;
-    tenantry_core::relay::declare_exchange(&channel, exchange, ExchangeKind::Fanout).await?;
+    let (queue, mut consumer) = subscribe(&channel, exchange).await?;
+    // Bound first, flushed second: every change from here on arrives as a message, and
+    // everything before is re-read from the catalog.
+    router.on_connected();
+    if let Err(e) = router.reload_shards().await {
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "reloading shards after connecting"
+        );
+    }
+    if connections.fetch_add(1, Ordering::Relaxed) > 0 {
+        metrics::RECONNECTS.inc();
+    }
+    tracing::info!(exchange, queue = %queue, "subscribed to shard-map changes");
+    loop {
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = conn.close(200, "shutdown".into()).await;
+                return Ok(());
+            }
+            d = consumer.next() => d,
+        };
+        let delivery = match delivery {
+            Some(d) => d.context("receiving from RabbitMQ")?,
+            None => anyhow::bail!("RabbitMQ closed the subscription"),
+        };
+        handle(router, &delivery.data).await;
+        delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .context("acknowledging a shard-map message")?;
+    }
+}
+
+/// Declares the gateway's own queue on `exchange` and consumes it, at most [`PREFETCH`]
+/// unacknowledged messages at a time. Returns the queue's (server-chosen) name.
+pub async fn subscribe(channel: &Channel, exchange: &str) -> anyhow::Result<(String, Consumer)> {
+    tenantry_core::relay::declare_exchange(channel, exchange, ExchangeKind::Fanout).await?;
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(MAX_QUEUED));
     let queue = channel
@@ -74,53 +119,29 @@ async fn listen(
         )
         .await
         .context("declaring the gateway's queue")?;
+    let name = queue.name().as_str().to_owned();
     channel
         .queue_bind(
-            queue.name().as_str().into(),
+            name.as_str().into(),
             exchange.into(),
             "".into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await?;
-    let mut consumer = channel
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await
+        .context("limiting unacknowledged shard-map messages")?;
+    let consumer = channel
         .basic_consume(
-            queue.name().as_str().into(),
+            name.as_str().into(),
             "gateway".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
+            BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await?;
-    // Bound first, flushed second: every change from here on arrives as a message, and
-    // everything before is re-read from the catalog.
-    router.on_connected();
-    if let Err(e) = router.reload_shards().await {
-        tracing::warn!(
-            error = format!("{e:#}"),
-            "reloading shards after connecting"
-        );
-    }
-    if connections.fetch_add(1, Ordering::Relaxed) > 0 {
-        metrics::RECONNECTS.inc();
-    }
-    tracing::info!(exchange, queue = %queue.name(), "subscribed to shard-map changes");
-    loop {
-        let delivery = tokio::select! {
-            _ = shutdown.cancelled() => {
-                let _ = conn.close(200, "shutdown".into()).await;
-                return Ok(());
-            }
-            d = consumer.next() => d,
-        };
-        let delivery = match delivery {
-            Some(d) => d.context("receiving from RabbitMQ")?,
-            None => anyhow::bail!("RabbitMQ closed the subscription"),
-        };
-        handle(router, &delivery.data).await;
-    }
+    Ok((name, consumer))
 }
 
 async fn handle(router: &Router, body: &[u8]) {

@@ -1,6 +1,6 @@
 #![doc = include_str!("../README.md")]
 
-mod bus;
+pub mod bus;
 mod companies;
 pub mod forward;
 mod health;
