@@ -785,6 +785,7 @@ async fn operators_list_show_retry_and_resolve_dead_letters() {
         "lease expires",
         "runnable from",
         "idempotency key",
+        "retried after",
     ] {
         assert!(out.contains(field), "the table shows {field}: {out}");
     }
@@ -822,6 +823,16 @@ async fn operators_list_show_retry_and_resolve_dead_letters() {
     assert_eq!(code, 1, "a waiting job cannot be resolved");
     assert!(err.contains("only jobs in error"), "{err}");
     fail_one(&mut c).await;
+    // The table and the JSON say after which attempt an operator sent the job back.
+    let (code, out, err) = admin(&["jobs", "show", &id.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("attempt 1 (jobs retry)"), "{out}");
+    let (_, out, _) = admin(&["jobs", "show", &id.to_string(), "--json"]);
+    let shown: Value = serde_json::from_str(&out).expect("show --json prints JSON only");
+    assert_eq!(
+        (shown["retried_after"].clone(), shown["attempts"].clone()),
+        (json!(1), json!(2))
+    );
     let too_long = "x".repeat(2001);
     for note in ["   ", too_long.as_str()] {
         let (code, _, err) = admin(&["jobs", "resolve", &id.to_string(), "--note", note]);

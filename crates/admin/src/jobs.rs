@@ -226,6 +226,14 @@ fn print_job(shard: &str, job: &JobRecord, json: bool) -> anyhow::Result<()> {
             "attempts".into(),
             format!("{}/{}", job.view.attempts, job.max_attempts),
         ],
+        vec![
+            "retried after".into(),
+            if job.retried_after == 0 {
+                "-".into()
+            } else {
+                format!("attempt {} (jobs retry)", job.retried_after)
+            },
+        ],
         vec!["request id".into(), job.request_id.clone()],
         vec![
             "idempotency key".into(),

@@ -77,6 +77,9 @@ pub struct JobRecord {
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub idempotency_key: Option<String>,
     pub resolution_note: Option<String>,
+    /// Attempts made before an operator last sent the job back with `jobs retry` (0 if never):
+    /// `attempts` counts on across retries.
+    pub retried_after: i32,
 }
 
 /// The `job.finished` event published on exchange `tenantry.events` with routing key

@@ -251,7 +251,7 @@ macro_rules! record_columns {
     () => {
         "id, kind, state, result, error, attempts, created_at, started_at, \
          finished_at, request_id, company_id, user_context, params, worker_id, max_attempts, \
-         run_at, lease_expires_at, idempotency_key, resolution_note"
+         run_at, lease_expires_at, idempotency_key, resolution_note, retried_after"
     };
 }
 const RECORD_COLUMNS: &str = record_columns!();
@@ -289,6 +289,7 @@ fn record(row: &Row) -> JobRecord {
         lease_expires_at: row.get(16),
         idempotency_key: row.get(17),
         resolution_note: row.get(18),
+        retried_after: row.get(19),
     }
 }
 

@@ -331,7 +331,7 @@ mod tests {
             "request_id": "r", "company_id": "01900000-0000-7000-8000-0000000000bb",
             "user_context": {}, "params": {}, "worker_id": null, "max_attempts": 1,
             "run_at": "2026-12-06T20:00:00Z", "lease_expires_at": null,
-            "idempotency_key": null, "resolution_note": null
+            "idempotency_key": null, "resolution_note": null, "retried_after": 0
         }))
         .expect("a job record")
     }
