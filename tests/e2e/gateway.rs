@@ -1531,3 +1531,59 @@ async fn a_gateway_that_falls_behind_leaves_the_shard_map_backlog_in_the_broker(
     let _ = conn.close(200, "done".into()).await;
     broker.cleanup().await;
 }
+
+#[actix_web::test]
+async fn a_company_seen_while_provisioning_is_reachable_once_active_even_without_a_message() {
+    // A request during provisioning must not leave a 404 cached for good: the activation
+    // message can pass while that lookup is in flight (and a message for a company the cache
+    // does not hold changes nothing), so here it is not sent at all.
+    let company = Uuid::now_v7();
+    let fake = fake_shard().await;
+    let catalog = one_shard_catalog(vec![fake.url.clone()], company).await;
+    let set_state = |state: &'static str| {
+        let catalog = &catalog;
+        async move {
+            catalog
+                .client()
+                .await
+                .execute(
+                    "UPDATE tenants SET state = $2 WHERE id = $1",
+                    &[&company, &state],
+                )
+                .await
+                .unwrap();
+        }
+    };
+    set_state("provisioning").await;
+    let broker = TestBroker::new().await;
+    let gw = start_gateway(&mut gateway_cmd(
+        &catalog.url,
+        &amqp_url(),
+        &broker.exchange("shardmap"),
+        &[("TENANTRY_GATEWAY__NEGATIVE_TTL", "300ms")],
+    ));
+    let url = format!("{}/v1/companies/{company}/quick", gw.url("gateway"));
+    let auth = company_token(company, "admin");
+    let status = || async {
+        http()
+            .get(&url)
+            .bearer_auth(&auth)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(status().await, 404, "provisioning is not routable yet");
+    set_state("active").await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = status().await;
+    while last != 200 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        last = status().await;
+    }
+    assert_eq!(
+        last, 200,
+        "reachable within gateway.negative_ttl of its activation"
+    );
+    broker.cleanup().await;
+}

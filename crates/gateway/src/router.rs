@@ -4,7 +4,8 @@
 //! The cache is bounded (`gateway.cache_capacity`, least recently used evicted) and loaded
 //! lazily: a company costs memory only in gateways that served it recently. Reads are
 //! lock-free (moka); concurrent misses for one company share one catalog query. Unknown
-//! companies are remembered for `gateway.negative_ttl` in a smaller cache of their own.
+//! companies, and those provisioning or deleted, are remembered for `gateway.negative_ttl` in a
+//! smaller cache of their own.
 //!
 //! Freshness: shard-map messages update or evict entries whose version is older
 //! ([`Router::apply`]); on every (re)connection to RabbitMQ the whole cache is dropped, since
@@ -205,11 +206,15 @@ impl Router {
             .try_get_with(company, async move {
                 let client = catalog.get().await.map_err(ApiError::from)?;
                 match tenants::lookup(&**client, company).await? {
-                    Some(placement) => Ok(Route {
+                    // A company not (or no longer) routable is remembered only as unknown, for
+                    // `gateway.negative_ttl`: a placement loaded while its activation message
+                    // went by (a message for an uncached company changes nothing) would
+                    // otherwise answer 404 for as long as it stayed cached.
+                    Some(placement) if placement.routable() => Ok(Route {
                         placement,
                         loaded: Instant::now(),
                     }),
-                    None => Err(unknown_company()),
+                    _ => Err(unknown_company()),
                 }
             })
             .await;
