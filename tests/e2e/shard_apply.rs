@@ -207,6 +207,25 @@ async fn shard_apply_refuses_bad_maps_and_changes_nothing() {
     assert!(err.contains("cannot read"), "{err}");
     assert_eq!(outbox_rows(&catalog).await, 0);
     assert!(!missing.exists().await);
+    // The catalog itself refuses an endpoint the gateway cannot reach, also one written by hand.
+    let c = catalog.client().await;
+    c.execute(
+        "INSERT INTO shards (id, database_url) VALUES ('s9', 'postgres://x/y')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let refused = c
+        .execute(
+            "INSERT INTO shard_endpoints (shard_id, url) VALUES ('s9', 'https://127.0.0.1:8101')",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{refused:?}").contains("shard_endpoints_plain_http"),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test]
