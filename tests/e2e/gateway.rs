@@ -764,7 +764,8 @@ async fn a_slow_job_answers_202_with_a_location_that_long_polls_through_the_gate
 /// What the stand-in shard received: (path and query, headers, body length) per request.
 type Seen = Arc<Mutex<Vec<(String, Vec<(String, String)>, usize)>>>;
 
-/// A stand-in shard API: records what it receives; `/hang` never answers in time, `/slow`
+/// A stand-in shard API: records what it receives; `/hang` never answers in time, `/stall`
+/// sends its head and a first chunk and then nothing, `/slow`
 /// answers after 1.5 s.
 struct FakeShard {
     url: String,
@@ -794,6 +795,18 @@ async fn fake_shard() -> FakeShard {
                 }
                 if req.path().ends_with("/slow") {
                     tokio::time::sleep(Duration::from_millis(1500)).await;
+                }
+                if req.path().ends_with("/stall") {
+                    // The head and a first chunk, then nothing for 20 s.
+                    use futures_util::StreamExt as _;
+                    let body = futures_util::stream::once(async {
+                        Ok::<_, actix_web::Error>(web::Bytes::from_static(b"{\"partial\":"))
+                    })
+                    .chain(futures_util::stream::once(async {
+                        tokio::time::sleep(Duration::from_secs(20)).await;
+                        Ok(web::Bytes::from_static(b"1}"))
+                    }));
+                    return HttpResponse::Ok().streaming(body);
                 }
                 HttpResponse::Ok()
                     .insert_header(("x-upstream", "yes"))
@@ -1206,6 +1219,40 @@ async fn a_hanging_shard_answers_504_on_time_and_its_in_flight_cap_sheds_load() 
         .await
         .unwrap();
     assert_eq!(r.status(), 504);
+
+    // A shard that sends its head and then stalls has its answer cut off after the upstream
+    // timeout, and gives its slot back then, not when the caller gives up.
+    let addr = base.trim_start_matches("http://").to_owned();
+    let raw = format!(
+        "GET /v1/companies/{company}/stall HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {auth}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let started = Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || send_raw(&addr, &raw)),
+    )
+    .await
+    .expect("the stalled answer ends within the upstream timeout, not after 20 s")
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("partial"), "{answer}");
+    assert!(
+        !answer.ends_with("0\r\n\r\n"),
+        "a cut-off answer has no last chunk, so the caller can tell: {answer:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
+    let r = http()
+        .get(format!("{base}/v1/companies/{company}/quick"))
+        .bearer_auth(&auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the shard's one slot is free again");
     broker.cleanup().await;
 }
 

@@ -147,12 +147,50 @@ pub async fn forward(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let mut head = respond(&resolved.pool.id, status, res.headers(), length);
-        // The shard's slot stays taken until its answer has been streamed to the caller.
-        return Ok(head.streaming(res.map(move |chunk| {
-            let _slot = &permit;
-            chunk
-        })));
+        return Ok(head.streaming(stream_answer(
+            res,
+            permit,
+            gw.upstream_timeout,
+            resolved.pool.id.clone(),
+        )));
     }
+}
+
+/// The shard's answer body for the caller. The shard's in-flight slot stays taken until it has
+/// been streamed; a shard that sends nothing for `idle` after its head has stalled, and the
+/// answer is cut off there (the caller sees a truncated body), so the slot is not held for as
+/// long as the caller is willing to wait.
+fn stream_answer(
+    res: impl futures_util::Stream<Item = Result<Bytes, PayloadError>> + 'static,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    idle: Duration,
+    shard: String,
+) -> impl futures_util::Stream<Item = Result<Bytes, PayloadError>> {
+    let request_id = current_request_id();
+    stream::unfold(Some((Box::pin(res), permit)), move |state| {
+        let (shard, request_id) = (shard.clone(), request_id.clone());
+        async move {
+            let (mut res, permit) = state?;
+            match tokio::time::timeout(idle, res.next()).await {
+                Ok(Some(chunk)) => Some((chunk, Some((res, permit)))),
+                Ok(None) => None,
+                Err(_) => {
+                    metrics::STALLED.with_label_values(&[&shard]).inc();
+                    tracing::warn!(
+                        shard.id = %shard,
+                        request.id = request_id.as_deref().unwrap_or("-"),
+                        idle_ms = idle.as_millis() as u64,
+                        "the shard stopped sending its answer; cutting it off"
+                    );
+                    let stalled = std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the shard stopped sending its answer",
+                    );
+                    Some((Err(PayloadError::Io(stalled)), None))
+                }
+            }
+        }
+    })
 }
 
 /// The company id of `/v1/companies/{company_id}[/…]`.

@@ -76,3 +76,15 @@ pub static REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["reason"],
     ))
 });
+
+/// Answers cut off because the shard sent nothing for `gateway.upstream_timeout` after its
+/// response head.
+pub static STALLED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(IntCounterVec::new(
+        Opts::new(
+            "gateway_answers_stalled_total",
+            "Answers cut off because the shard stopped sending, by shard",
+        ),
+        &["shard"],
+    ))
+});
