@@ -151,7 +151,7 @@ pub async fn forward(
             res,
             permit,
             gw.upstream_timeout,
-            resolved.pool.id.clone(),
+            resolved.pool.clone(),
         )));
     }
 }
@@ -164,30 +164,29 @@ fn stream_answer(
     res: impl futures_util::Stream<Item = Result<Bytes, PayloadError>> + 'static,
     permit: tokio::sync::OwnedSemaphorePermit,
     idle: Duration,
-    shard: String,
+    shard: std::sync::Arc<ShardPool>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, PayloadError>> {
-    let request_id = current_request_id();
-    stream::unfold(Some((Box::pin(res), permit)), move |state| {
-        let (shard, request_id) = (shard.clone(), request_id.clone());
-        async move {
-            let (mut res, permit) = state?;
-            match tokio::time::timeout(idle, res.next()).await {
-                Ok(Some(chunk)) => Some((chunk, Some((res, permit)))),
-                Ok(None) => None,
-                Err(_) => {
-                    metrics::STALLED.with_label_values(&[&shard]).inc();
-                    tracing::warn!(
-                        shard.id = %shard,
-                        request.id = request_id.as_deref().unwrap_or("-"),
-                        idle_ms = idle.as_millis() as u64,
-                        "the shard stopped sending its answer; cutting it off"
-                    );
-                    let stalled = std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "the shard stopped sending its answer",
-                    );
-                    Some((Err(PayloadError::Io(stalled)), None))
-                }
+    // The shard and request ids ride along in the state, for the one log line of a cut.
+    let state = (Box::pin(res), permit, (shard, current_request_id()));
+    stream::unfold(Some(state), move |state| async move {
+        let (mut res, permit, ids) = state?;
+        match tokio::time::timeout(idle, res.next()).await {
+            Ok(Some(chunk)) => Some((chunk, Some((res, permit, ids)))),
+            Ok(None) => None,
+            Err(_) => {
+                let (shard, request_id) = ids;
+                metrics::STALLED.with_label_values(&[&shard.id]).inc();
+                tracing::warn!(
+                    shard.id = %shard.id,
+                    request.id = request_id.as_deref().unwrap_or("-"),
+                    idle_ms = idle.as_millis() as u64,
+                    "the shard stopped sending its answer; cutting it off"
+                );
+                let stalled = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the shard stopped sending its answer",
+                );
+                Some((Err(PayloadError::Io(stalled)), None))
             }
         }
     })
