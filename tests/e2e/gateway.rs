@@ -1519,9 +1519,7 @@ async fn a_gateway_that_falls_behind_leaves_the_shard_map_backlog_in_the_broker(
     // The gateway's subscription takes at most PREFETCH unacknowledged messages; the rest stay
     // in its queue (bounded by x-max-length) rather than piling up in the gateway's memory.
     use lapin::{
-        BasicProperties, Connection, ConnectionProperties,
-        options::{BasicPublishOptions, QueueDeclareOptions},
-        types::FieldTable,
+        Connection, ConnectionProperties, options::QueueDeclareOptions, types::FieldTable,
     };
     use tenantry_gateway::bus;
     let broker = TestBroker::new().await;
@@ -1532,22 +1530,11 @@ async fn a_gateway_that_falls_behind_leaves_the_shard_map_backlog_in_the_broker(
     let channel = conn.create_channel().await.unwrap();
     // Subscribed and never read, as a gateway busy with something else.
     let (queue, _consumer) = bus::subscribe(&channel, &exchange).await.unwrap();
-    let publisher = conn.create_channel().await.unwrap();
     let extra = 100;
-    for i in 0..usize::from(bus::PREFETCH) + extra {
-        publisher
-            .basic_publish(
-                exchange.as_str().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                json!({"type": "shard.changed", "n": i})
-                    .to_string()
-                    .as_bytes(),
-                BasicProperties::default(),
-            )
-            .await
-            .unwrap();
-    }
+    let messages: Vec<Value> = (0..usize::from(bus::PREFETCH) + extra)
+        .map(|i| json!({"type": "shard.changed", "n": i}))
+        .collect();
+    publish(&exchange, &messages).await;
     let waiting = || async {
         channel
             .queue_declare(
@@ -1631,6 +1618,123 @@ async fn a_company_seen_while_provisioning_is_reachable_once_active_even_without
     assert_eq!(
         last, 200,
         "reachable within gateway.negative_ttl of its activation"
+    );
+    broker.cleanup().await;
+}
+
+/// Publishes `messages` to the fan-out `exchange`, as the catalog relay does.
+async fn publish(exchange: &str, messages: &[Value]) {
+    use lapin::{BasicProperties, Connection, ConnectionProperties, options::BasicPublishOptions};
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    for m in messages {
+        channel
+            .basic_publish(
+                exchange.into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                m.to_string().as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let _ = conn.close(200, "published".into()).await;
+}
+
+#[actix_web::test]
+async fn a_gateway_acknowledges_what_it_applied_and_so_keeps_receiving() {
+    // With a prefetch limit, a message left unacknowledged would stop delivery after PREFETCH.
+    let company = Uuid::now_v7();
+    let env = fake_env(&[company], &[]).await;
+    let exchange = env.broker.exchange("shardmap");
+    let n = 3 * usize::from(tenantry_gateway::bus::PREFETCH);
+    let messages: Vec<Value> = (0..n).map(|i| json!({"type": "noise", "n": i})).collect();
+    publish(&exchange, &messages).await;
+    let series = "tenantry_gateway_map_messages_total{type=\"unknown\"}";
+    assert_eq!(
+        until_metric(&env.base, series, n as f64, Duration::from_secs(10)).await,
+        n as f64
+    );
+    env.broker.cleanup().await;
+}
+
+#[actix_web::test]
+async fn a_shard_change_heard_while_the_catalog_is_unreachable_is_applied_once_it_is_back() {
+    // The gateway reaches the catalog through a proxy that the test cuts. A `shard.changed`
+    // that arrives meanwhile cannot be applied at once; it must be applied when the catalog
+    // returns, not acknowledged and forgotten.
+    let company = Uuid::now_v7();
+    let (old, new) = (fake_shard().await, fake_shard().await);
+    let catalog = one_shard_catalog(vec![old.url.clone()], company).await;
+    let pg: SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let proxy = TcpProxy::start(pg).await;
+    let proxied = catalog
+        .url
+        .replace("127.0.0.1:5432", &proxy.addr.to_string());
+    assert_ne!(proxied, catalog.url);
+    let broker = TestBroker::new().await;
+    let exchange = broker.exchange("shardmap");
+    let gw = start_gateway(&mut gateway_cmd(
+        &proxied,
+        &amqp_url(),
+        &exchange,
+        // No catalog relay in this gateway: the test sends the one message itself.
+        &[("TENANTRY_RABBITMQ__RELAY_SHARDMAP", "false")],
+    ));
+    let base = gw.url("gateway");
+    let auth = company_token(company, "admin");
+    let get = |path: &'static str| {
+        let (url, auth) = (
+            format!("{base}/v1/companies/{company}/{path}"),
+            auth.clone(),
+        );
+        async move {
+            http()
+                .get(url)
+                .bearer_auth(auth)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(get("before").await, 200);
+    assert_eq!(old.seen.lock().unwrap().len(), 1);
+
+    // The shard's API moves to the new endpoint while the gateway cannot read the catalog.
+    proxy.cut();
+    register(
+        &catalog,
+        &[spec(
+            "shard-1",
+            "postgres://nowhere/x",
+            vec![new.url.clone()],
+        )],
+    )
+    .await;
+    publish(
+        &exchange,
+        &[json!({"type": "shard.changed", "shard_id": "shard-1"})],
+    )
+    .await;
+    let series = "tenantry_gateway_map_messages_total{type=\"shard.changed\"}";
+    assert_eq!(
+        until_metric(&base, series, 1.0, Duration::from_secs(10)).await,
+        1.0
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.restore();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while new.seen.lock().unwrap().is_empty() && Instant::now() < deadline {
+        assert_eq!(get("after").await, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !new.seen.lock().unwrap().is_empty(),
+        "requests reach the new endpoint once the catalog is back"
     );
     broker.cleanup().await;
 }

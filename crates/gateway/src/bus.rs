@@ -71,12 +71,7 @@ async fn listen(
     // Bound first, flushed second: every change from here on arrives as a message, and
     // everything before is re-read from the catalog.
     router.on_connected();
-    if let Err(e) = router.reload_shards().await {
-        tracing::warn!(
-            error = format!("{e:#}"),
-            "reloading shards after connecting"
-        );
-    }
+    reload_shards(router, shutdown).await;
     if connections.fetch_add(1, Ordering::Relaxed) > 0 {
         metrics::RECONNECTS.inc();
     }
@@ -93,7 +88,7 @@ async fn listen(
             Some(d) => d.context("receiving from RabbitMQ")?,
             None => anyhow::bail!("RabbitMQ closed the subscription"),
         };
-        handle(router, &delivery.data).await;
+        handle(router, &delivery.data, shutdown).await;
         delivery
             .ack(BasicAckOptions::default())
             .await
@@ -144,7 +139,31 @@ pub async fn subscribe(channel: &Channel, exchange: &str) -> anyhow::Result<(Str
     Ok((name, consumer))
 }
 
-async fn handle(router: &Router, body: &[u8]) {
+/// Re-reads the shard table, trying again with backoff (100 ms, doubling to 5 s) until it
+/// succeeds or the gateway stops. A `shard.changed` is acknowledged only once applied: were a
+/// failed read just logged, the gateway would go on using the old endpoints until the next
+/// change to the shard table, however long that took. Meanwhile the messages behind it wait in
+/// the broker.
+async fn reload_shards(router: &Router, shutdown: &CancellationToken) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let Err(e) = router.reload_shards().await else {
+            return;
+        };
+        tracing::warn!(
+            error = format!("{e:#}"),
+            retry_in_ms = pause.as_millis() as u64,
+            "re-reading the shard table failed; trying again"
+        );
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn handle(router: &Router, body: &[u8], shutdown: &CancellationToken) {
     let Ok(msg) = serde_json::from_slice::<Value>(body) else {
         metrics::MAP_MESSAGES
             .with_label_values(&["malformed"])
@@ -176,9 +195,7 @@ async fn handle(router: &Router, body: &[u8]) {
             metrics::MAP_MESSAGES
                 .with_label_values(&["shard.changed"])
                 .inc();
-            if let Err(e) = router.reload_shards().await {
-                tracing::warn!(error = format!("{e:#}"), "reloading shards");
-            }
+            reload_shards(router, shutdown).await;
         }
         other => {
             metrics::MAP_MESSAGES.with_label_values(&["unknown"]).inc();
