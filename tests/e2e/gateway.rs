@@ -765,7 +765,7 @@ async fn a_slow_job_answers_202_with_a_location_that_long_polls_through_the_gate
 type Seen = Arc<Mutex<Vec<(String, Vec<(String, String)>, usize)>>>;
 
 /// A stand-in shard API: records what it receives; `/hang` never answers in time, `/stall`
-/// sends its head and a first chunk and then nothing, `/slow`
+/// (`/stall503`) sends a 200 (503) head and a first chunk and then nothing, `/slow`
 /// answers after 1.5 s.
 struct FakeShard {
     url: String,
@@ -796,7 +796,7 @@ async fn fake_shard() -> FakeShard {
                 if req.path().ends_with("/slow") {
                     tokio::time::sleep(Duration::from_millis(1500)).await;
                 }
-                if req.path().ends_with("/stall") {
+                if req.path().ends_with("/stall") || req.path().ends_with("/stall503") {
                     // The head and a first chunk, then nothing for 20 s.
                     use futures_util::StreamExt as _;
                     let body = futures_util::stream::once(async {
@@ -806,7 +806,11 @@ async fn fake_shard() -> FakeShard {
                         tokio::time::sleep(Duration::from_secs(20)).await;
                         Ok(web::Bytes::from_static(b"1}"))
                     }));
-                    return HttpResponse::Ok().streaming(body);
+                    return if req.path().ends_with("/stall503") {
+                        HttpResponse::ServiceUnavailable().streaming(body)
+                    } else {
+                        HttpResponse::Ok().streaming(body)
+                    };
                 }
                 HttpResponse::Ok()
                     .insert_header(("x-upstream", "yes"))
@@ -1246,13 +1250,36 @@ async fn a_hanging_shard_answers_504_on_time_and_its_in_flight_cap_sheds_load() 
         "{:?}",
         started.elapsed()
     );
-    let r = http()
-        .get(format!("{base}/v1/companies/{company}/quick"))
-        .bearer_auth(&auth)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "the shard's one slot is free again");
+    let quick = || async {
+        http()
+            .get(format!("{base}/v1/companies/{company}/quick"))
+            .bearer_auth(&auth)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(quick().await, 200, "the shard's one slot is free again");
+    // The same for a 503 whose body stalls (the gateway reads it to tell a frozen company):
+    // the caller gets the 503 within the upstream timeout, and the slot comes back.
+    let started = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        http()
+            .get(format!("{base}/v1/companies/{company}/stall503"))
+            .bearer_auth(&auth)
+            .send(),
+    )
+    .await
+    .expect("a stalled 503 is answered within the upstream timeout, not after 20 s")
+    .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(quick().await, 200, "the shard's one slot is free again");
     broker.cleanup().await;
 }
 

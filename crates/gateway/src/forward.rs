@@ -128,7 +128,14 @@ pub async fn forward(
             continue;
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            let bytes = res.body().limit(ERROR_BODY_LIMIT).await.unwrap_or_default();
+            // Bounded in time too: a shard that sends the head and stalls must not hold the
+            // caller, or its in-flight slot, past the upstream timeout.
+            let bytes =
+                tokio::time::timeout(gw.upstream_timeout, res.body().limit(ERROR_BODY_LIMIT))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
             let frozen = serde_json::from_slice::<ErrorBody>(&bytes)
                 .is_ok_and(|b| b.error.code == "tenant_frozen");
             let now = Instant::now();
