@@ -102,7 +102,7 @@ pub async fn forward(
     let mut pause = Duration::from_millis(20);
     let timeout = upstream_timeout(&req, &gw);
     loop {
-        let client = upstreams.client(&resolved.pool.id);
+        let client = upstreams.client(&resolved.pool.id, |id| gw.router.has_shard(id));
         let outcome = send(&req, &client, &gw, &resolved.pool, &mut body, timeout).await;
         let (mut res, permit) = match outcome {
             Ok(sent) => sent,

@@ -290,6 +290,11 @@ impl Router {
         Ok(())
     }
 
+    /// Whether `shard` is in the shard table.
+    pub fn has_shard(&self, shard: &str) -> bool {
+        self.shards.load().contains_key(shard)
+    }
+
     /// Every endpoint of every shard, for the health checker.
     pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
         self.shards

@@ -7,7 +7,9 @@
 use std::{cell::RefCell, collections::HashMap, time::Duration};
 
 /// Built per listener thread (awc's client is not `Send`); the map holds one entry per shard
-/// this thread has forwarded to, so it is bounded by the number of shards.
+/// this thread has forwarded to. Clients of shards no longer in the shard table are dropped
+/// (with their pooled connections) whenever a new one is made, so it stays bounded by the
+/// number of shards.
 pub struct Upstreams {
     connect_timeout: Duration,
     connections: usize,
@@ -23,8 +25,9 @@ impl Upstreams {
         }
     }
 
-    /// The client for `shard`, made on first use.
-    pub fn client(&self, shard: &str) -> awc::Client {
+    /// The client for `shard`, made on first use; `in_table` tells which shards are still in
+    /// the shard table.
+    pub fn client(&self, shard: &str, in_table: impl Fn(&str) -> bool) -> awc::Client {
         if let Some(client) = self.clients.borrow().get(shard) {
             return client.clone();
         }
@@ -39,9 +42,9 @@ impl Upstreams {
             )
             .disable_redirects()
             .finish();
-        self.clients
-            .borrow_mut()
-            .insert(shard.to_owned(), client.clone());
+        let mut clients = self.clients.borrow_mut();
+        clients.retain(|id, _| in_table(id));
+        clients.insert(shard.to_owned(), client.clone());
         client
     }
 }
@@ -51,11 +54,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_shard_gets_its_own_client_and_keeps_it() {
+    fn each_shard_gets_its_own_client_and_retired_shards_lose_theirs() {
         let u = Upstreams::new(Duration::from_secs(1), 4);
-        let _a = u.client("shard-1");
-        let _b = u.client("shard-2");
-        let _a_again = u.client("shard-1");
+        let all = |_: &str| true;
+        let _a = u.client("shard-1", all);
+        let _b = u.client("shard-2", all);
+        let _a_again = u.client("shard-1", all);
         assert_eq!(u.clients.borrow().len(), 2);
+        // shard-2 left the shard table: its client goes when the next one is made.
+        let _c = u.client("shard-3", |id: &str| id != "shard-2");
+        let mut left: Vec<_> = u.clients.borrow().keys().cloned().collect();
+        left.sort();
+        assert_eq!(left, ["shard-1", "shard-3"]);
     }
 }
