@@ -1765,3 +1765,50 @@ async fn a_shard_change_heard_while_the_catalog_is_unreachable_is_applied_once_i
     );
     broker.cleanup().await;
 }
+
+#[actix_web::test]
+async fn a_company_deleted_through_the_catalog_answers_404_and_returns_when_reactivated() {
+    let company = Uuid::now_v7();
+    let env = fake_env(&[company], &[("TENANTRY_GATEWAY__NEGATIVE_TTL", "300ms")]).await;
+    let url = format!("{}/v1/companies/{company}/quick", env.base);
+    let auth = company_token(company, "admin");
+    let status = || async {
+        http()
+            .get(&url)
+            .bearer_auth(&auth)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    let until = |want: u16| async move {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut last = status().await;
+        while last != want && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            last = status().await;
+        }
+        last
+    };
+    assert_eq!(status().await, 200, "cached as a route");
+    let catalog = &env._catalog;
+    let set = |state: &'static str| async move {
+        let mut c = catalog.client().await;
+        tenants::set_placement(&mut c, company, "shard-1", state)
+            .await
+            .unwrap()
+            .expect("tenant exists");
+    };
+    // The catalog's relay publishes each change; the gateway drops the cached route.
+    set("deleted").await;
+    assert_eq!(until(404).await, 404, "a deleted company is not routed");
+    assert_eq!(
+        until_metric(&env.base, ROUTE_UPDATES, 1.0, Duration::from_secs(5)).await,
+        1.0
+    );
+    let reached = env.fake.seen.lock().unwrap().len();
+    set("active").await;
+    assert_eq!(until(200).await, 200, "routed again once reactivated");
+    assert_eq!(env.fake.seen.lock().unwrap().len(), reached + 1);
+    env.broker.cleanup().await;
+}

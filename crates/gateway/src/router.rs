@@ -315,15 +315,26 @@ impl Router {
             .entry(company)
             .and_compute_with(|cur| async move {
                 match cur {
-                    Some(e) if e.value().placement.version < placement.version => Op::Put(Route {
-                        placement,
-                        loaded: Instant::now(),
-                    }),
+                    // Only routable placements are cached as routes (see `load`).
+                    Some(e) if e.value().placement.version < placement.version => {
+                        if placement.routable() {
+                            Op::Put(Route {
+                                placement,
+                                loaded: Instant::now(),
+                            })
+                        } else {
+                            Op::Remove
+                        }
+                    }
                     _ => Op::Nop,
                 }
             })
             .await;
-        if matches!(outcome, moka::ops::compute::CompResult::ReplacedWith(_)) {
+        if matches!(
+            outcome,
+            moka::ops::compute::CompResult::ReplacedWith(_)
+                | moka::ops::compute::CompResult::Removed(_)
+        ) {
             metrics::CACHE.with_label_values(&["update"]).inc();
         }
     }
