@@ -89,10 +89,15 @@ async fn listen(
             None => anyhow::bail!("RabbitMQ closed the subscription"),
         };
         handle(router, &delivery.data, shutdown).await;
-        delivery
+        let acked = delivery
             .ack(BasicAckOptions::default())
             .await
             .context("acknowledging a shard-map message")?;
+        // `false`: the channel closed or failed underneath; reconnect (and flush the cache).
+        anyhow::ensure!(
+            acked,
+            "the channel closed before a shard-map message was acknowledged"
+        );
     }
 }
 

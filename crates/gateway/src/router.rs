@@ -125,6 +125,20 @@ struct Route {
     loaded: Instant,
 }
 
+impl Route {
+    /// A route for `placement`, if it is one: only routable placements are cached as routes.
+    /// A provisioning or deleted company is remembered as unknown instead, for
+    /// `gateway.negative_ttl`: a placement loaded while its activation message went by (a
+    /// message for an uncached company changes nothing) would otherwise answer 404 for as long
+    /// as it stayed cached.
+    fn fresh(placement: Placement) -> Option<Route> {
+        placement.routable().then(|| Route {
+            placement,
+            loaded: Instant::now(),
+        })
+    }
+}
+
 /// The answer to "where does this company live".
 pub struct Resolved {
     pub placement: Placement,
@@ -136,6 +150,10 @@ pub struct Router {
     routes: Cache<Uuid, Route>,
     unknown: Cache<Uuid, ()>,
     shards: ArcSwap<HashMap<String, Arc<ShardPool>>>,
+    /// Held while the shard table is read and stored, so a read taken earlier can never be
+    /// stored over a later one (the bus, a request meeting an unknown shard and the startup
+    /// load all re-read it).
+    reloading: tokio::sync::Mutex<()>,
     connected: AtomicBool,
     disconnected_ttl: Duration,
     max_in_flight: usize,
@@ -160,6 +178,7 @@ impl Router {
             routes,
             unknown,
             shards: ArcSwap::from_pointee(HashMap::new()),
+            reloading: tokio::sync::Mutex::new(()),
             connected: AtomicBool::new(false),
             disconnected_ttl: cfg.disconnected_ttl,
             max_in_flight: cfg.max_in_flight_per_shard,
@@ -205,17 +224,10 @@ impl Router {
             .routes
             .try_get_with(company, async move {
                 let client = catalog.get().await.map_err(ApiError::from)?;
-                match tenants::lookup(&**client, company).await? {
-                    // A company not (or no longer) routable is remembered only as unknown, for
-                    // `gateway.negative_ttl`: a placement loaded while its activation message
-                    // went by (a message for an uncached company changes nothing) would
-                    // otherwise answer 404 for as long as it stayed cached.
-                    Some(placement) if placement.routable() => Ok(Route {
-                        placement,
-                        loaded: Instant::now(),
-                    }),
-                    _ => Err(unknown_company()),
-                }
+                tenants::lookup(&**client, company)
+                    .await?
+                    .and_then(Route::fresh)
+                    .ok_or_else(unknown_company)
             })
             .await;
         match loaded {
@@ -257,6 +269,7 @@ impl Router {
     /// Re-reads shards and endpoints from the catalog. A shard whose version did not change
     /// keeps its pool object: its health state and in-flight count carry over.
     pub async fn reload_shards(&self) -> anyhow::Result<()> {
+        let _one_at_a_time = self.reloading.lock().await;
         let client = self.catalog.get().await?;
         let rows = catalog::list_shards(&**client).await?;
         let current = self.shards.load();
@@ -304,8 +317,9 @@ impl Router {
             .collect()
     }
 
-    /// A placement-change message: newer versions replace the cached entry; absent entries
-    /// stay absent (they will be loaded fresh when needed).
+    /// A placement-change message: a newer version replaces the cached entry, or removes it
+    /// when the company is no longer routable; absent entries stay absent (they will be loaded
+    /// fresh when needed).
     pub async fn apply(&self, msg: TenantChanged) {
         let company = msg.company_id;
         self.unknown.invalidate(&company).await;
@@ -315,16 +329,8 @@ impl Router {
             .entry(company)
             .and_compute_with(|cur| async move {
                 match cur {
-                    // Only routable placements are cached as routes (see `load`).
                     Some(e) if e.value().placement.version < placement.version => {
-                        if placement.routable() {
-                            Op::Put(Route {
-                                placement,
-                                loaded: Instant::now(),
-                            })
-                        } else {
-                            Op::Remove
-                        }
+                        Route::fresh(placement).map_or(Op::Remove, Op::Put)
                     }
                     _ => Op::Nop,
                 }
