@@ -1026,6 +1026,7 @@ fn send_raw(addr: &str, raw: &str) -> String {
     std::thread::spawn(move || {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         s.write_all(raw.as_bytes()).unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
@@ -1274,6 +1275,15 @@ async fn a_hanging_shard_answers_504_on_time_and_its_in_flight_cap_sheds_load() 
     .expect("a stalled 503 is answered within the upstream timeout, not after 20 s")
     .unwrap();
     assert_eq!(r.status(), 503);
+    assert_eq!(
+        metric(
+            &base,
+            "tenantry_gateway_answers_stalled_total{shard=\"shard-1\"}"
+        )
+        .await,
+        1.0,
+        "the cut-off answer was counted"
+    );
     assert!(
         started.elapsed() >= Duration::from_millis(600),
         "{:?}",
@@ -1343,10 +1353,11 @@ async fn a_hanging_shard_ties_up_only_its_own_connections() {
     }
     assert_eq!(hanging.seen.lock().unwrap().len(), 2);
 
+    let other_auth = company_token(other_co, "admin");
     let started = Instant::now();
     let r = http()
         .get(format!("{base}/v1/companies/{other_co}/quick"))
-        .bearer_auth(company_token(other_co, "admin"))
+        .bearer_auth(other_auth)
         .send()
         .await
         .unwrap();
@@ -1542,7 +1553,7 @@ async fn repeating_a_creation_that_stopped_half_way_finishes_it() {
 }
 
 #[actix_web::test]
-async fn a_gateway_that_falls_behind_leaves_the_shard_map_backlog_in_the_broker() {
+async fn the_shard_map_subscription_leaves_what_it_has_not_taken_in_the_broker() {
     // The gateway's subscription takes at most PREFETCH unacknowledged messages; the rest stay
     // in its queue (bounded by x-max-length) rather than piling up in the gateway's memory.
     use lapin::{
@@ -1625,25 +1636,15 @@ async fn a_company_seen_while_provisioning_is_reachable_once_active_even_without
     ));
     let url = format!("{}/v1/companies/{company}/quick", gw.url("gateway"));
     let auth = company_token(company, "admin");
-    let status = || async {
-        http()
-            .get(&url)
-            .bearer_auth(&auth)
-            .send()
-            .await
-            .unwrap()
-            .status()
-    };
-    assert_eq!(status().await, 404, "provisioning is not routable yet");
-    set_state("active").await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut last = status().await;
-    while last != 200 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        last = status().await;
-    }
     assert_eq!(
-        last, 200,
+        until_status(&url, &auth, 404).await,
+        404,
+        "provisioning is not routable yet"
+    );
+    set_state("active").await;
+    assert_eq!(
+        until_status(&url, &auth, 200).await,
+        200,
         "reachable within gateway.negative_ttl of its activation"
     );
     broker.cleanup().await;
@@ -1696,12 +1697,20 @@ async fn a_shard_change_heard_while_the_catalog_is_unreachable_is_applied_once_i
     let company = Uuid::now_v7();
     let (old, new) = (fake_shard().await, fake_shard().await);
     let catalog = one_shard_catalog(vec![old.url.clone()], company).await;
-    let pg: SocketAddr = "127.0.0.1:5432".parse().unwrap();
-    let proxy = TcpProxy::start(pg).await;
-    let proxied = catalog
+    // postgres://user@host:port/db
+    let host_port = catalog
         .url
-        .replace("127.0.0.1:5432", &proxy.addr.to_string());
-    assert_ne!(proxied, catalog.url);
+        .split('@')
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    let pg: SocketAddr = host_port
+        .parse()
+        .expect("the test database URL names an IP:port");
+    let proxy = TcpProxy::start(pg).await;
+    let proxied = catalog.url.replace(host_port, &proxy.addr.to_string());
     let broker = TestBroker::new().await;
     let exchange = broker.exchange("shardmap");
     let gw = start_gateway(&mut gateway_cmd(
@@ -1767,48 +1776,68 @@ async fn a_shard_change_heard_while_the_catalog_is_unreachable_is_applied_once_i
 }
 
 #[actix_web::test]
-async fn a_company_deleted_through_the_catalog_answers_404_and_returns_when_reactivated() {
+async fn a_deleted_company_answers_404_and_returns_when_reactivated_even_without_a_message() {
     let company = Uuid::now_v7();
     let env = fake_env(&[company], &[("TENANTRY_GATEWAY__NEGATIVE_TTL", "300ms")]).await;
     let url = format!("{}/v1/companies/{company}/quick", env.base);
     let auth = company_token(company, "admin");
-    let status = || async {
-        http()
-            .get(&url)
-            .bearer_auth(&auth)
-            .send()
-            .await
-            .unwrap()
-            .status()
-    };
-    let until = |want: u16| async move {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut last = status().await;
-        while last != want && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            last = status().await;
-        }
-        last
-    };
-    assert_eq!(status().await, 200, "cached as a route");
-    let catalog = &env._catalog;
-    let set = |state: &'static str| async move {
-        let mut c = catalog.client().await;
-        tenants::set_placement(&mut c, company, "shard-1", state)
-            .await
-            .unwrap()
-            .expect("tenant exists");
-    };
-    // The catalog's relay publishes each change; the gateway drops the cached route.
-    set("deleted").await;
-    assert_eq!(until(404).await, 404, "a deleted company is not routed");
+    assert_eq!(
+        until_status(&url, &auth, 200).await,
+        200,
+        "cached as a route"
+    );
+    // The catalog's relay publishes the deletion; the gateway drops the cached route rather
+    // than caching the deleted placement.
+    let mut c = env._catalog.client().await;
+    tenants::set_placement(&mut c, company, "shard-1", "deleted")
+        .await
+        .unwrap()
+        .expect("tenant exists");
+    assert_eq!(
+        until_status(&url, &auth, 404).await,
+        404,
+        "a deleted company is not routed"
+    );
     assert_eq!(
         until_metric(&env.base, ROUTE_UPDATES, 1.0, Duration::from_secs(5)).await,
         1.0
     );
+    // Reactivated without a message (as when one is lost): a cached deleted placement would
+    // answer 404 until evicted; a company remembered as unknown is read again after
+    // gateway.negative_ttl.
     let reached = env.fake.seen.lock().unwrap().len();
-    set("active").await;
-    assert_eq!(until(200).await, 200, "routed again once reactivated");
+    c.execute(
+        "UPDATE tenants SET state = 'active', version = version + 1 WHERE id = $1",
+        &[&company],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        until_status(&url, &auth, 200).await,
+        200,
+        "routed again once reactivated"
+    );
     assert_eq!(env.fake.seen.lock().unwrap().len(), reached + 1);
     env.broker.cleanup().await;
+}
+
+/// GETs `url` until it answers `want` (at most 5 s); returns the last status.
+async fn until_status(url: &str, auth: &str, want: u16) -> u16 {
+    let status = || async {
+        http()
+            .get(url)
+            .bearer_auth(auth)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = status().await;
+    while last != want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        last = status().await;
+    }
+    last
 }
