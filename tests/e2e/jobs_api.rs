@@ -696,6 +696,116 @@ async fn job_finished_events_reach_rabbitmq_by_company() {
 }
 
 #[tokio::test]
+async fn a_company_queue_that_refuses_events_holds_up_only_its_own_outbox_row() {
+    // Company A's queue is full and set to reject-publish, so RabbitMQ refuses (nacks) A's
+    // event. B's event, in the next outbox row, must still go out; A's row waits and is sent
+    // once A's queue has room again.
+    use lapin::{BasicProperties, options::*, types::AMQPValue, types::FieldTable};
+    let db = TestDb::new(Schema::Shard).await;
+    let broker = TestBroker::new().await;
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let (ch, exchange, b_queue) = company_events(&broker, b).await;
+    let a_queue = broker.queue("full");
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(
+        a_queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        args,
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        a_queue.as_str().into(),
+        exchange.as_str().into(),
+        format!("company.{a}").as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    // Fill A's queue.
+    ch.basic_publish(
+        "".into(),
+        a_queue.as_str().into(),
+        BasicPublishOptions::default(),
+        b"filler",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    for company in [a, b] {
+        db.exec(&format!(
+            "INSERT INTO outbox (events) VALUES
+             (jsonb_build_array(jsonb_build_object('type', 'job.finished', 'company_id', '{company}')))"
+        ))
+        .await;
+    }
+    let unpublished = |company: Uuid| {
+        format!(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL AND events @> '[{{\"company_id\": \"{company}\"}}]'"
+        )
+    };
+    let mut cmd = shard_node(&db.url, false, 1);
+    cmd.env("TENANTRY_RABBITMQ__RELAY_EVENTS", "true")
+        .env("TENANTRY_RABBITMQ__EVENTS_EXCHANGE", &exchange);
+    let _w = start_worker(&mut cmd);
+    assert_eq!(
+        until_count(&db, &unpublished(b), 0, Duration::from_secs(10)).await,
+        0,
+        "B's event went out past A's refused one"
+    );
+    let waiting = |q: String| {
+        let ch = ch.clone();
+        async move {
+            ch.queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+        }
+    };
+    assert_eq!(waiting(b_queue.clone()).await, 1);
+    assert_eq!(
+        until_count(&db, &unpublished(a), 0, Duration::from_millis(500)).await,
+        1,
+        "A's row waits while A's queue is full"
+    );
+    // A's consumer takes the filler: the next try delivers A's event.
+    let filler = ch
+        .basic_get(a_queue.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the filler");
+    assert_eq!(filler.delivery.data, b"filler");
+    assert_eq!(
+        until_count(&db, &unpublished(a), 0, Duration::from_secs(15)).await,
+        0,
+        "A's row is published once its queue has room"
+    );
+    let event = ch
+        .basic_get(a_queue.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("A's event");
+    let event: Value = serde_json::from_slice(&event.delivery.data).unwrap();
+    assert_eq!(event["company_id"], a.to_string());
+    broker.cleanup().await;
+}
+
+#[tokio::test]
 async fn an_outbox_row_of_thousands_of_events_is_relayed_whole_with_the_rows_after_it() {
     // A relay batch stops at about 5,000 messages, after the row that crosses it: nothing of
     // that row or of the rows behind it may be lost or left unpublished.

@@ -12,12 +12,21 @@
 //! second relay wait for the first and then skip what it published.
 //!
 //! A batch is at most 100 rows and stops after the row that reaches 5,000 messages, so memory
-//! and a failed batch's re-sends stay bounded. A relay stops between two batches when the
+//! and a failed batch's re-sends stay bounded. A row with a message RabbitMQ refuses (a nack:
+//! typically a queue bound for one company is full and set to `x-overflow: reject-publish`)
+//! stays unpublished and is left out of this relay's batches for a while (1 s, doubling to
+//! 60 s), while the rows behind it go on: one full queue does not hold up every other
+//! company's events. When it is tried again its accepted messages go out again with it (at
+//! least once). A relay stops between two batches when the
 //! process shuts down, and gives up on a broker
 //! that does not accept its connection or confirm a batch within 30 s (the batch's rows stay
 //! unpublished and its transaction ends; the relay reconnects with backoff).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
@@ -46,7 +55,8 @@ pub struct Relay {
     pub amqp_url: String,
     pub exchange: String,
     pub kind: ExchangeKind,
-    /// Unpublished rows in order: `$1` is the batch size; the first column is the row id.
+    /// Unpublished rows in order: `$1` is the batch size, `$2` (`int8[]`) the ids to leave out
+    /// for now (refused rows waiting to be tried again); the first column is the row id.
     pub select: &'static str,
     /// The messages of one row.
     pub messages: fn(&Row) -> anyhow::Result<Vec<Message>>,
@@ -85,20 +95,61 @@ const MAX_BATCH_MESSAGES: usize = 5_000;
 /// Longest wait for RabbitMQ to accept a connection or confirm a batch.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Refused rows remembered at most; past it a refused row is simply tried again in the next
+/// batch (the memory stays bounded, the relay goes on).
+const MAX_HELD: usize = 10_000;
+
+/// Rows whose messages RabbitMQ refused, by id: how often, and not to be tried before when.
+#[derive(Default)]
+struct Held(Mutex<HashMap<i64, (u32, Instant)>>);
+
+impl Held {
+    /// The ids not to select now.
+    fn waiting(&self) -> Vec<i64> {
+        let now = Instant::now();
+        let held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        held.iter()
+            .filter(|(_, (_, after))| *after > now)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Records a refusal of row `id`; returns how many in a row and the wait before the next try.
+    fn refused(&self, id: i64) -> (u32, Duration) {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let times = held.get(&id).map_or(0, |(n, _)| *n) + 1;
+        let wait = Duration::from_secs(1 << (times - 1).min(6)).min(Duration::from_secs(60));
+        if held.len() < MAX_HELD || held.contains_key(&id) {
+            held.insert(id, (times, Instant::now() + wait));
+        }
+        (times, wait)
+    }
+
+    fn published(&self, ids: &[i64]) {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !held.is_empty() {
+            for id in ids {
+                held.remove(id);
+            }
+        }
+    }
+}
+
 impl Relay {
     /// Runs until `shutdown`, reconnecting to RabbitMQ with backoff.
     pub async fn run(self, shutdown: CancellationToken) {
+        let held = Held::default();
         crate::shutdown::reconnecting(
             self.name,
             &shutdown,
             Duration::from_millis(200),
             Duration::from_secs(10),
-            || self.connected(&shutdown),
+            || self.connected(&shutdown, &held),
         )
         .await
     }
 
-    async fn connected(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    async fn connected(&self, shutdown: &CancellationToken, held: &Held) -> anyhow::Result<()> {
         // A broker that accepts the connection but never answers must not hold the relay (and
         // its shutdown) forever.
         let conn = tokio::time::timeout(
@@ -118,7 +169,7 @@ impl Relay {
         loop {
             // Register interest before looking, so a poke during the batch is not lost.
             let woken = self.wake.notified();
-            let published = self.publish_batch(&channel).await?;
+            let published = self.publish_batch(&channel, held).await?;
             // A backlog is published batch by batch; a shutdown stops it between two.
             if published > 0 && shutdown.is_cancelled() {
                 let _ = conn.close(200, "shutdown".into()).await;
@@ -145,11 +196,11 @@ impl Relay {
     }
 
     /// Publishes up to 100 rows, stopping after the row that reaches [`MAX_BATCH_MESSAGES`];
-    /// returns how many rows.
-    async fn publish_batch(&self, channel: &lapin::Channel) -> anyhow::Result<usize> {
+    /// returns how many rows it marked published.
+    async fn publish_batch(&self, channel: &lapin::Channel, held: &Held) -> anyhow::Result<usize> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let rows = tx.query(self.select, &[&100i64]).await?;
+        let rows = tx.query(self.select, &[&100i64, &held.waiting()]).await?;
         if rows.is_empty() {
             return Ok(0);
         }
@@ -174,33 +225,50 @@ impl Relay {
                             .with_content_type("application/json".into()),
                     )
                     .await?;
-                confirms.push(confirm);
+                confirms.push((ids.len() - 1, confirm));
             }
         }
         // A broker that stops confirming (a disk or memory alarm blocks publishers) fails the
         // batch after BROKER_TIMEOUT: its rows stay unpublished, the transaction and its row
         // locks end, and the relay reconnects.
+        let mut refused = vec![false; ids.len()];
         let confirmed = tokio::time::timeout(BROKER_TIMEOUT, async {
-            for c in confirms {
-                match c.await? {
-                    Confirmation::Nack(_) => anyhow::bail!("RabbitMQ refused a message (nack)"),
-                    Confirmation::Ack(_) | Confirmation::NotRequested => {}
+            for (row, c) in confirms {
+                if let Confirmation::Nack(_) = c.await? {
+                    refused[row] = true;
                 }
             }
-            Ok(())
+            anyhow::Ok(())
         })
         .await;
         confirmed.map_err(|_| {
             anyhow::anyhow!("RabbitMQ did not confirm the batch within {BROKER_TIMEOUT:?}")
         })??;
+        let mut published = Vec::with_capacity(ids.len());
+        for (id, refused) in ids.iter().zip(refused) {
+            if !refused {
+                published.push(*id);
+                continue;
+            }
+            let (times, wait) = held.refused(*id);
+            tracing::warn!(
+                relay = self.name,
+                outbox.id = id,
+                times,
+                retry_in_ms = wait.as_millis() as u64,
+                "RabbitMQ refused a message of this outbox row (nack: a full queue set to \
+                 reject-publish?); it stays unpublished and is tried again later"
+            );
+        }
         tx.execute(
             "UPDATE outbox SET published_at = now() WHERE id = ANY($1)",
-            &[&ids],
+            &[&published],
         )
         .await?;
         tx.commit().await?;
-        tracing::debug!(relay = self.name, rows = ids.len(), "published");
-        Ok(ids.len())
+        held.published(&published);
+        tracing::debug!(relay = self.name, rows = published.len(), "published");
+        Ok(published.len())
     }
 }
 
@@ -259,4 +327,20 @@ pub async fn listen(
         session,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_row_waits_longer_each_time_up_to_a_minute_and_is_forgotten_once_published() {
+        let held = Held::default();
+        let waits: Vec<u64> = (0..9).map(|_| held.refused(7).1.as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(held.waiting(), [7]);
+        held.published(&[7]);
+        assert!(held.waiting().is_empty());
+        assert_eq!(held.refused(7).0, 1, "a later refusal starts again at 1 s");
+    }
 }

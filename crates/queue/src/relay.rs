@@ -24,7 +24,8 @@ pub async fn run(pool: Pool, amqp_url: String, exchange: String, shutdown: Cance
         amqp_url,
         exchange,
         kind: ExchangeKind::Topic,
-        select: "SELECT id, events FROM outbox WHERE published_at IS NULL
+        select: "SELECT id, events FROM outbox
+                  WHERE published_at IS NULL AND id <> ALL($2::int8[])
                   ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         messages,
         // Completions are batched; a 200 ms poll keeps the relay cheap and events prompt.

@@ -188,7 +188,8 @@ pub fn relay(
         amqp_url,
         exchange,
         kind: lapin::ExchangeKind::Fanout,
-        select: "SELECT id, payload FROM outbox WHERE published_at IS NULL
+        select: "SELECT id, payload FROM outbox
+                  WHERE published_at IS NULL AND id <> ALL($2::int8[])
                   ORDER BY id LIMIT $1 FOR UPDATE",
         messages: |row| {
             let payload: serde_json::Value = row.try_get(1)?;
