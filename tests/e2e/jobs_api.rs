@@ -696,10 +696,10 @@ async fn job_finished_events_reach_rabbitmq_by_company() {
 }
 
 #[tokio::test]
-async fn a_company_queue_that_refuses_events_holds_up_only_its_own_outbox_row() {
+async fn a_company_queue_that_refuses_events_holds_up_only_its_own_events() {
     // Company A's queue is full and set to reject-publish, so RabbitMQ refuses (nacks) A's
-    // event. B's event, in the next outbox row, must still go out; A's row waits and is sent
-    // once A's queue has room again.
+    // event. B's events, one in the same outbox row (as in a completion batch) and one in the
+    // next, must go out once each; A's event waits and is sent once A's queue has room again.
     use lapin::{BasicProperties, options::*, types::AMQPValue, types::FieldTable};
     let db = TestDb::new(Schema::Shard).await;
     let broker = TestBroker::new().await;
@@ -740,13 +740,17 @@ async fn a_company_queue_that_refuses_events_holds_up_only_its_own_outbox_row() 
     .unwrap()
     .await
     .unwrap();
-    for company in [a, b] {
-        db.exec(&format!(
-            "INSERT INTO outbox (events) VALUES
-             (jsonb_build_array(jsonb_build_object('type', 'job.finished', 'company_id', '{company}')))"
-        ))
-        .await;
-    }
+    let event = |company: Uuid, n: i32| {
+        format!("jsonb_build_object('type', 'job.finished', 'company_id', '{company}', 'n', {n})")
+    };
+    db.exec(&format!(
+        "INSERT INTO outbox (events) VALUES (jsonb_build_array({}, {}));
+         INSERT INTO outbox (events) VALUES (jsonb_build_array({}))",
+        event(a, 1),
+        event(b, 1),
+        event(b, 2)
+    ))
+    .await;
     let unpublished = |company: Uuid| {
         format!(
             "SELECT count(*) FROM outbox WHERE published_at IS NULL AND events @> '[{{\"company_id\": \"{company}\"}}]'"
@@ -777,12 +781,15 @@ async fn a_company_queue_that_refuses_events_holds_up_only_its_own_outbox_row() 
             .message_count()
         }
     };
-    assert_eq!(waiting(b_queue.clone()).await, 1);
+    assert_eq!(waiting(b_queue.clone()).await, 2);
+    // A's event is refused again at each try (1 s, then 2 s later) and waits in a row of its
+    // own, so B's event that shared its row is not sent again.
     assert_eq!(
-        until_count(&db, &unpublished(a), 0, Duration::from_millis(500)).await,
+        until_count(&db, &unpublished(a), 0, Duration::from_millis(3500)).await,
         1,
-        "A's row waits while A's queue is full"
+        "A's event waits while A's queue is full"
     );
+    assert_eq!(waiting(b_queue.clone()).await, 2, "B's events, once each");
     // A's consumer takes the filler: the next try delivers A's event.
     let filler = ch
         .basic_get(a_queue.as_str().into(), BasicGetOptions { no_ack: true })
@@ -793,8 +800,9 @@ async fn a_company_queue_that_refuses_events_holds_up_only_its_own_outbox_row() 
     assert_eq!(
         until_count(&db, &unpublished(a), 0, Duration::from_secs(15)).await,
         0,
-        "A's row is published once its queue has room"
+        "A's event is published once its queue has room"
     );
+    assert_eq!(waiting(b_queue.clone()).await, 2, "B's events, once each");
     let event = ch
         .basic_get(a_queue.as_str().into(), BasicGetOptions { no_ack: true })
         .await

@@ -12,12 +12,13 @@
 //! second relay wait for the first and then skip what it published.
 //!
 //! A batch is at most 100 rows and stops after the row that reaches 5,000 messages, so memory
-//! and a failed batch's re-sends stay bounded. A row with a message RabbitMQ refuses (a nack:
-//! typically a queue bound for one company is full and set to `x-overflow: reject-publish`)
-//! stays unpublished and is left out of this relay's batches for a while (1 s, doubling to
-//! 60 s), while the rows behind it go on: one full queue does not hold up every other
-//! company's events. When it is tried again its accepted messages go out again with it (at
-//! least once). A relay stops between two batches when the
+//! and a failed batch's re-sends stay bounded. A message RabbitMQ refuses (a nack: typically a
+//! queue bound for one company is full and set to `x-overflow: reject-publish`) holds up only
+//! itself, not every other company's events: with [`Relay::requeue`] the refused messages move
+//! to a new row of their own and the row they came from is marked published (so what RabbitMQ
+//! accepted is not sent again); without it the refused row stays unpublished. Either way this
+//! relay leaves the waiting row out of its batches for 1 s, doubling to 60 s, while the rows
+//! behind it go on. A relay stops between two batches when the
 //! process shuts down, and gives up on a broker
 //! that does not accept its connection or confirm a batch within 30 s (the batch's rows stay
 //! unpublished and its transaction ends; the relay reconnects with backoff).
@@ -63,6 +64,10 @@ pub struct Relay {
     /// Poked when new rows may be waiting (e.g. by a LISTEN connection); `poll` is the fallback.
     pub wake: Arc<Notify>,
     pub poll: Duration,
+    /// For an outbox whose rows hold many messages: inserts a row holding just the refused
+    /// messages (`$1`: their bodies, `text[]`) and returns its id. `None`: a refused row itself
+    /// waits to be tried again (right when a row holds one message).
+    pub requeue: Option<&'static str>,
     /// Deletes old published rows, in a small batch; run about once a minute while idle.
     /// `None` when something else prunes the outbox (the shard's queue janitor does).
     pub prune: Option<&'static str>,
@@ -104,10 +109,12 @@ const MAX_HELD: usize = 10_000;
 struct Held(Mutex<HashMap<i64, (u32, Instant)>>);
 
 impl Held {
-    /// The ids not to select now.
+    /// The ids not to select now. Entries whose wait ended long ago are dropped: their row was
+    /// published or pruned by another relay, or will start again at 1 s.
     fn waiting(&self) -> Vec<i64> {
         let now = Instant::now();
-        let held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        held.retain(|_, (_, after)| *after + Duration::from_secs(600) > now);
         held.iter()
             .filter(|(_, (_, after))| *after > now)
             .map(|(id, _)| *id)
@@ -123,6 +130,14 @@ impl Held {
             held.insert(id, (times, Instant::now() + wait));
         }
         (times, wait)
+    }
+
+    /// Row `from`'s refused messages now wait in row `to`, with its count of refusals.
+    fn moved(&self, from: i64, to: i64) {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = held.remove(&from) {
+            held.insert(to, entry);
+        }
     }
 
     fn published(&self, ids: &[i64]) {
@@ -213,7 +228,7 @@ impl Relay {
                 break;
             }
             ids.push(row.try_get::<_, i64>(0)?);
-            for m in (self.messages)(row)? {
+            for (n, m) in (self.messages)(row)?.into_iter().enumerate() {
                 let confirm = channel
                     .basic_publish(
                         self.exchange.as_str().into(),
@@ -225,17 +240,18 @@ impl Relay {
                             .with_content_type("application/json".into()),
                     )
                     .await?;
-                confirms.push((ids.len() - 1, confirm));
+                confirms.push((ids.len() - 1, n, confirm));
             }
         }
         // A broker that stops confirming (a disk or memory alarm blocks publishers) fails the
         // batch after BROKER_TIMEOUT: its rows stay unpublished, the transaction and its row
         // locks end, and the relay reconnects.
-        let mut refused = vec![false; ids.len()];
+        // By row: the positions of its messages that RabbitMQ refused.
+        let mut refused = vec![Vec::new(); ids.len()];
         let confirmed = tokio::time::timeout(BROKER_TIMEOUT, async {
-            for (row, c) in confirms {
+            for (row, n, c) in confirms {
                 if let Confirmation::Nack(_) = c.await? {
-                    refused[row] = true;
+                    refused[row].push(n);
                 }
             }
             anyhow::Ok(())
@@ -245,19 +261,35 @@ impl Relay {
             anyhow::anyhow!("RabbitMQ did not confirm the batch within {BROKER_TIMEOUT:?}")
         })??;
         let mut published = Vec::with_capacity(ids.len());
-        for (id, refused) in ids.iter().zip(refused) {
-            if !refused {
+        for ((id, row), refused) in ids.iter().zip(&rows).zip(refused) {
+            if refused.is_empty() {
                 published.push(*id);
                 continue;
             }
             let (times, wait) = held.refused(*id);
+            let waits_in = match self.requeue {
+                Some(requeue) => {
+                    let messages = (self.messages)(row)?;
+                    let bodies = refused
+                        .iter()
+                        .map(|&n| String::from_utf8(messages[n].body.clone()))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let moved: i64 = tx.query_one(requeue, &[&bodies]).await?.try_get(0)?;
+                    published.push(*id);
+                    held.moved(*id, moved);
+                    moved
+                }
+                None => *id,
+            };
             tracing::warn!(
                 relay = self.name,
                 outbox.id = id,
+                waits_in,
+                refused = refused.len(),
                 times,
                 retry_in_ms = wait.as_millis() as u64,
-                "RabbitMQ refused a message of this outbox row (nack: a full queue set to \
-                 reject-publish?); it stays unpublished and is tried again later"
+                "RabbitMQ refused messages of this outbox row (nack: a full queue set to \
+                 reject-publish?); they wait in row `waits_in` and are tried again later"
             );
         }
         tx.execute(
@@ -342,5 +374,9 @@ mod tests {
         held.published(&[7]);
         assert!(held.waiting().is_empty());
         assert_eq!(held.refused(7).0, 1, "a later refusal starts again at 1 s");
+        // Moved to a new row, the refusals count on.
+        held.moved(7, 8);
+        assert_eq!(held.waiting(), [8]);
+        assert_eq!(held.refused(8).0, 2);
     }
 }

@@ -31,6 +31,13 @@ pub async fn run(pool: Pool, amqp_url: String, exchange: String, shutdown: Cance
         // Completions are batched; a 200 ms poll keeps the relay cheap and events prompt.
         wake: Arc::default(),
         poll: Duration::from_millis(200),
+        // A row holds a whole completion batch, for many companies: refused events move to a
+        // row of their own, so the others are not sent again.
+        requeue: Some(
+            "INSERT INTO outbox (events)
+             SELECT jsonb_agg(e::jsonb ORDER BY n) FROM unnest($1::text[]) WITH ORDINALITY r(e, n)
+             RETURNING id",
+        ),
         // The queue's janitor prunes the shard outbox with the finished jobs.
         prune: None,
     }

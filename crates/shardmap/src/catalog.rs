@@ -174,8 +174,10 @@ pub async fn upsert_shards(
 
 /// The catalog's outbox relay: publishes every shard-map change, in order, to the fan-out
 /// `exchange`. Several gateways each run one; `FOR UPDATE` (not SKIP LOCKED) makes a second
-/// relay wait for the first and then skip what it published, so the order holds, and a crash
-/// between publish and commit only repeats messages, which carry versions and are idempotent.
+/// relay wait for the first and then skip what it published, so the order holds (unless
+/// RabbitMQ refuses a message, whose row then waits while later ones go out), and a crash
+/// between publish and commit only repeats messages: they carry versions, and gateways go by
+/// those, not by the order.
 pub fn relay(
     pool: deadpool_postgres::Pool,
     amqp_url: String,
@@ -200,6 +202,8 @@ pub fn relay(
         },
         wake,
         poll: std::time::Duration::from_secs(1),
+        // One message per row: a refused row itself waits.
+        requeue: None,
         // Published changes are kept a day (for operators), then deleted 1000 at a time.
         prune: Some(
             "DELETE FROM outbox WHERE id IN (
