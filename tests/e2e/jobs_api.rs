@@ -756,10 +756,15 @@ async fn a_company_queue_that_refuses_events_holds_up_only_its_own_events() {
             "SELECT count(*) FROM outbox WHERE published_at IS NULL AND events @> '[{{\"company_id\": \"{company}\"}}]'"
         )
     };
-    let mut cmd = shard_node(&db.url, false, 1);
-    cmd.env("TENANTRY_RABBITMQ__RELAY_EVENTS", "true")
-        .env("TENANTRY_RABBITMQ__EVENTS_EXCHANGE", &exchange);
-    let _w = start_worker(&mut cmd);
+    // Two worker processes, two relays: the wait before a refused event is tried again must
+    // hold for both, not just for the one RabbitMQ refused.
+    let relay = || {
+        let mut cmd = shard_node(&db.url, false, 1);
+        cmd.env("TENANTRY_RABBITMQ__RELAY_EVENTS", "true")
+            .env("TENANTRY_RABBITMQ__EVENTS_EXCHANGE", &exchange);
+        start_worker(&mut cmd)
+    };
+    let _workers = [relay(), relay()];
     assert_eq!(
         until_count(&db, &unpublished(b), 0, Duration::from_secs(10)).await,
         0,
@@ -790,6 +795,22 @@ async fn a_company_queue_that_refuses_events_holds_up_only_its_own_events() {
         "A's event waits while A's queue is full"
     );
     assert_eq!(waiting(b_queue.clone()).await, 2, "B's events, once each");
+    let (tries, rows): (i32, i64) = {
+        let c = db.client().await;
+        let r = c
+            .query_one(
+                "SELECT (SELECT max(tries) FROM outbox), (SELECT count(*) FROM outbox)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(tries >= 2, "A's event was tried again: {tries} tries");
+    assert!(
+        rows <= 6,
+        "about one try at 1 s, 2 s, 4 s…, whichever relay makes it: {rows} rows for {tries} tries"
+    );
     // A's consumer takes the filler: the next try delivers A's event.
     let filler = ch
         .basic_get(a_queue.as_str().into(), BasicGetOptions { no_ack: true })

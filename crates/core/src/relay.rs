@@ -1,7 +1,8 @@
 //! The transactional outbox relay, shared by the shard's job events and the catalog's shard-map
 //! changes: rows written to a database's `outbox` table in the same transaction as the change
 //! they describe are published to a RabbitMQ exchange with publisher confirms, and marked
-//! published only after every message of the row was confirmed — at least once, never lost
+//! published only after every message of the row was confirmed (or, for messages RabbitMQ
+//! refused, moved to a row of their own; see below) — at least once, never lost
 //! while RabbitMQ is down (the rows wait). A relay publishes the rows it can see in `id` order,
 //! but ids are taken when a row is inserted and transactions commit in their own order, so a
 //! row with a lower id can become visible (and be published) after a higher one: consumers
@@ -14,11 +15,11 @@
 //! A batch is at most 100 rows and stops after the row that reaches 5,000 messages, so memory
 //! and a failed batch's re-sends stay bounded. A message RabbitMQ refuses (a nack: typically a
 //! queue bound for one company is full and set to `x-overflow: reject-publish`) holds up only
-//! itself, not every other company's events: with [`Relay::requeue`] the refused messages move
-//! to a new row of their own and the row they came from is marked published (so what RabbitMQ
-//! accepted is not sent again); without it the refused row stays unpublished. Either way this
-//! relay leaves the waiting row out of its batches for 1 s, doubling to 60 s, while the rows
-//! behind it go on. A relay stops between two batches when the
+//! itself, not every other company's events. With [`Relay::requeue`] the refused messages of a
+//! row move together to a new row, which records when to try them again (1 s after the first
+//! refusal, doubling to 60 s, for every relay of the database), and the row they came from is
+//! marked published, so what RabbitMQ accepted is not sent again. Without it the refused row
+//! stays unpublished and this relay leaves it out of its batches for the same waits. A relay stops between two batches when the
 //! process shuts down, and gives up on a broker
 //! that does not accept its connection or confirm a batch within 30 s (the batch's rows stay
 //! unpublished and its transaction ends; the relay reconnects with backoff).
@@ -65,8 +66,9 @@ pub struct Relay {
     pub wake: Arc<Notify>,
     pub poll: Duration,
     /// For an outbox whose rows hold many messages: inserts a row holding just the refused
-    /// messages (`$1`: their bodies, `text[]`) and returns its id. `None`: a refused row itself
-    /// waits to be tried again (right when a row holds one message).
+    /// messages (`$1`: their bodies, `text[]`) of row `$2`, not to be selected before its wait
+    /// (1 s after the first refusal, doubling to 60 s), and returns its id. `None`: a refused row
+    /// itself waits, left out of this relay's batches (right when a row holds one message).
     pub requeue: Option<&'static str>,
     /// Deletes old published rows, in a small batch; run about once a minute while idle.
     /// `None` when something else prunes the outbox (the shard's queue janitor does).
@@ -100,11 +102,11 @@ const MAX_BATCH_MESSAGES: usize = 5_000;
 /// Longest wait for RabbitMQ to accept a connection or confirm a batch.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Refused rows remembered at most; past it a refused row is simply tried again in the next
-/// batch (the memory stays bounded, the relay goes on).
+/// Refused rows remembered at most; past it the one whose wait ends first is forgotten.
 const MAX_HELD: usize = 10_000;
 
-/// Rows whose messages RabbitMQ refused, by id: how often, and not to be tried before when.
+/// Rows whose messages RabbitMQ refused and that wait where they are (no [`Relay::requeue`]),
+/// by id: how often, and not to be tried before when.
 #[derive(Default)]
 struct Held(Mutex<HashMap<i64, (u32, Instant)>>);
 
@@ -126,18 +128,17 @@ impl Held {
         let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let times = held.get(&id).map_or(0, |(n, _)| *n) + 1;
         let wait = Duration::from_secs(1 << (times - 1).min(6)).min(Duration::from_secs(60));
-        if held.len() < MAX_HELD || held.contains_key(&id) {
-            held.insert(id, (times, Instant::now() + wait));
+        if held.len() >= MAX_HELD && !held.contains_key(&id) {
+            let first = held
+                .iter()
+                .min_by_key(|(_, (_, after))| *after)
+                .map(|(k, _)| *k);
+            if let Some(first) = first {
+                held.remove(&first);
+            }
         }
+        held.insert(id, (times, Instant::now() + wait));
         (times, wait)
-    }
-
-    /// Row `from`'s refused messages now wait in row `to`, with its count of refusals.
-    fn moved(&self, from: i64, to: i64) {
-        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = held.remove(&from) {
-            held.insert(to, entry);
-        }
     }
 
     fn published(&self, ids: &[i64]) {
@@ -266,7 +267,6 @@ impl Relay {
                 published.push(*id);
                 continue;
             }
-            let (times, wait) = held.refused(*id);
             let waits_in = match self.requeue {
                 Some(requeue) => {
                     let messages = (self.messages)(row)?;
@@ -274,20 +274,20 @@ impl Relay {
                         .iter()
                         .map(|&n| String::from_utf8(messages[n].body.clone()))
                         .collect::<Result<Vec<_>, _>>()?;
-                    let moved: i64 = tx.query_one(requeue, &[&bodies]).await?.try_get(0)?;
+                    let moved: i64 = tx.query_one(requeue, &[&bodies, id]).await?.try_get(0)?;
                     published.push(*id);
-                    held.moved(*id, moved);
                     moved
                 }
-                None => *id,
+                None => {
+                    held.refused(*id);
+                    *id
+                }
             };
             tracing::warn!(
                 relay = self.name,
                 outbox.id = id,
                 waits_in,
                 refused = refused.len(),
-                times,
-                retry_in_ms = wait.as_millis() as u64,
                 "RabbitMQ refused messages of this outbox row (nack: a full queue set to \
                  reject-publish?); they wait in row `waits_in` and are tried again later"
             );
@@ -374,9 +374,18 @@ mod tests {
         held.published(&[7]);
         assert!(held.waiting().is_empty());
         assert_eq!(held.refused(7).0, 1, "a later refusal starts again at 1 s");
-        // Moved to a new row, the refusals count on.
-        held.moved(7, 8);
-        assert_eq!(held.waiting(), [8]);
-        assert_eq!(held.refused(8).0, 2);
+    }
+
+    #[test]
+    fn a_full_map_forgets_the_row_whose_wait_ends_first() {
+        let held = Held::default();
+        for id in 0..MAX_HELD as i64 {
+            held.refused(id);
+        }
+        held.refused(0); // now waits 2 s, the others 1 s
+        held.refused(-1);
+        let waiting = held.waiting();
+        assert_eq!(waiting.len(), MAX_HELD);
+        assert!(waiting.contains(&-1) && waiting.contains(&0));
     }
 }

@@ -1,7 +1,8 @@
 //! The event relay: publishes the shard's `outbox` rows to RabbitMQ exchange
 //! `tenantry.events` (topic, durable) with publisher confirms, one message per event with
 //! routing key `company.<uuid>`, and marks a row published only after every one of its
-//! messages was confirmed — at least once. Several relays may run: rows are locked with SKIP
+//! messages was confirmed or, if RabbitMQ refused some, moved to a row of their own that is
+//! tried again later (`0006`) — at least once. Several relays may run: rows are locked with SKIP
 //! LOCKED, so each is taken by one relay at a time. Events are not ordered (completions commit
 //! in their own order and several relays publish side by side): a consumer tells a job's latest
 //! state by its `state` and `finished_at`, or by reading the job. The mechanics are
@@ -25,7 +26,8 @@ pub async fn run(pool: Pool, amqp_url: String, exchange: String, shutdown: Cance
         exchange,
         kind: ExchangeKind::Topic,
         select: "SELECT id, events FROM outbox
-                  WHERE published_at IS NULL AND id <> ALL($2::int8[])
+                  WHERE published_at IS NULL AND (not_before IS NULL OR not_before <= now())
+                    AND id <> ALL($2::int8[])
                   ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         messages,
         // Completions are batched; a 200 ms poll keeps the relay cheap and events prompt.
@@ -34,8 +36,12 @@ pub async fn run(pool: Pool, amqp_url: String, exchange: String, shutdown: Cance
         // A row holds a whole completion batch, for many companies: refused events move to a
         // row of their own, so the others are not sent again.
         requeue: Some(
-            "INSERT INTO outbox (events)
-             SELECT jsonb_agg(e::jsonb ORDER BY n) FROM unnest($1::text[]) WITH ORDINALITY r(e, n)
+            "INSERT INTO outbox (events, tries, not_before)
+             SELECT (SELECT jsonb_agg(e::jsonb ORDER BY n)
+                       FROM unnest($1::text[]) WITH ORDINALITY r(e, n)),
+                    o.tries + 1,
+                    now() + least(60, 2 ^ o.tries) * interval '1 second'
+               FROM outbox o WHERE o.id = $2
              RETURNING id",
         ),
         // The queue's janitor prunes the shard outbox with the finished jobs.
