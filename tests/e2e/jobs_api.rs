@@ -835,6 +835,57 @@ async fn a_company_queue_that_refuses_events_holds_up_only_its_own_events() {
 }
 
 #[tokio::test]
+async fn refused_events_wait_at_most_a_minute_however_often_they_were_refused() {
+    // The requeue statement merges a batch's refused events into one row, counts on from the
+    // most refused of their rows, and caps the wait at 60 s, also after days of refusals.
+    let db = TestDb::new(Schema::Shard).await;
+    let c = db.client().await;
+    let ids: Vec<i64> = c
+        .query(
+            "INSERT INTO outbox (events, tries) VALUES ('[]', 2), ('[]', 5000) RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let bodies = vec![r#"{"n": 1}"#.to_owned(), r#"{"n": 2}"#.to_owned()];
+    let row = c
+        .query_one(tenantry_queue::relay::REQUEUE_SQL, &[&bodies, &ids])
+        .await
+        .unwrap();
+    let (id, tries): (i64, i32) = (row.get(0), row.get(1));
+    assert_eq!(tries, 5001);
+    let r = c
+        .query_one(
+            "SELECT events, extract(epoch FROM not_before - now())::float8 FROM outbox WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, Value>(0), json!([{"n": 1}, {"n": 2}]));
+    let wait: f64 = r.get(1);
+    assert!(
+        (55.0..=61.0).contains(&wait),
+        "waits about a minute: {wait} s"
+    );
+    let first = c
+        .query_one(
+            "WITH o AS (INSERT INTO outbox (events) VALUES ('[]') RETURNING id) SELECT id FROM o",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    let row = c
+        .query_one(tenantry_queue::relay::REQUEUE_SQL, &[&bodies, &vec![first]])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(1), 1, "a first refusal");
+}
+
+#[tokio::test]
 async fn an_outbox_row_of_thousands_of_events_is_relayed_whole_with_the_rows_after_it() {
     // A relay batch stops at about 5,000 messages, after the row that crosses it: nothing of
     // that row or of the rows behind it may be lost or left unpublished.

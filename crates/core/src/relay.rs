@@ -65,10 +65,11 @@ pub struct Relay {
     /// Poked when new rows may be waiting (e.g. by a LISTEN connection); `poll` is the fallback.
     pub wake: Arc<Notify>,
     pub poll: Duration,
-    /// For an outbox whose rows hold many messages: inserts a row holding just the refused
-    /// messages (`$1`: their bodies, `text[]`) of row `$2`, not to be selected before its wait
-    /// (1 s after the first refusal, doubling to 60 s), and returns its id. `None`: a refused row
-    /// itself waits, left out of this relay's batches (right when a row holds one message).
+    /// For an outbox whose rows hold many messages: inserts one row holding just a batch's
+    /// refused messages (`$1`: their bodies, `text[]`; `$2`: the rows they came from, `int8[]`),
+    /// not to be selected before its wait (1 s after the first refusal, doubling to 60 s), and
+    /// returns its id and how often its messages were refused. `None`: a refused row itself
+    /// waits, left out of this relay's batches (right when a row holds one message).
     pub requeue: Option<&'static str>,
     /// Deletes old published rows, in a small batch; run about once a minute while idle.
     /// `None` when something else prunes the outbox (the shard's queue janitor does).
@@ -262,35 +263,55 @@ impl Relay {
             anyhow::anyhow!("RabbitMQ did not confirm the batch within {BROKER_TIMEOUT:?}")
         })??;
         let mut published = Vec::with_capacity(ids.len());
+        // With `requeue`: the batch's refused messages, and the rows they came from.
+        let (mut bodies, mut sources) = (Vec::new(), Vec::new());
         for ((id, row), refused) in ids.iter().zip(&rows).zip(refused) {
             if refused.is_empty() {
                 published.push(*id);
-                continue;
+            } else if self.requeue.is_some() {
+                let messages = (self.messages)(row)?;
+                for n in refused {
+                    bodies.push(String::from_utf8(messages[n].body.clone())?);
+                }
+                sources.push(*id);
+                published.push(*id);
+            } else {
+                let (times, wait) = held.refused(*id);
+                tracing::warn!(
+                    relay = self.name,
+                    outbox.id = id,
+                    refused = refused.len(),
+                    times,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "RabbitMQ refused messages of this outbox row (nack: a full queue set to \
+                     reject-publish?); the row waits and is tried again later"
+                );
             }
-            let waits_in = match self.requeue {
-                Some(requeue) => {
-                    let messages = (self.messages)(row)?;
-                    let bodies = refused
-                        .iter()
-                        .map(|&n| String::from_utf8(messages[n].body.clone()))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    let moved: i64 = tx.query_one(requeue, &[&bodies, id]).await?.try_get(0)?;
-                    published.push(*id);
-                    moved
-                }
-                None => {
-                    held.refused(*id);
-                    *id
-                }
-            };
-            tracing::warn!(
-                relay = self.name,
-                outbox.id = id,
-                waits_in,
-                refused = refused.len(),
-                "RabbitMQ refused messages of this outbox row (nack: a full queue set to \
-                 reject-publish?); they wait in row `waits_in` and are tried again later"
-            );
+        }
+        if let (Some(requeue), false) = (self.requeue, bodies.is_empty()) {
+            // One row for the whole batch's refused messages, so the rows waiting to be tried
+            // again grow with the batches that meet a refusal, not with every row that does.
+            let row = tx.query_one(requeue, &[&bodies, &sources]).await?;
+            let (waits_in, tries): (i64, i32) = (row.try_get(0)?, row.try_get(1)?);
+            let (refused, rows) = (bodies.len(), sources.len());
+            if tries == 1 {
+                tracing::warn!(
+                    relay = self.name,
+                    refused,
+                    rows,
+                    waits_in,
+                    "RabbitMQ refused messages (nack: a full queue set to reject-publish?); they wait in outbox row `waits_in` and are tried again later"
+                );
+            } else {
+                tracing::debug!(
+                    relay = self.name,
+                    refused,
+                    rows,
+                    waits_in,
+                    tries,
+                    "RabbitMQ refused messages again; they wait in outbox row `waits_in`"
+                );
+            }
         }
         tx.execute(
             "UPDATE outbox SET published_at = now() WHERE id = ANY($1)",

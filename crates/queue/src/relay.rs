@@ -35,21 +35,26 @@ pub async fn run(pool: Pool, amqp_url: String, exchange: String, shutdown: Cance
         poll: Duration::from_millis(200),
         // A row holds a whole completion batch, for many companies: refused events move to a
         // row of their own, so the others are not sent again.
-        requeue: Some(
-            "INSERT INTO outbox (events, tries, not_before)
-             SELECT (SELECT jsonb_agg(e::jsonb ORDER BY n)
-                       FROM unnest($1::text[]) WITH ORDINALITY r(e, n)),
-                    o.tries + 1,
-                    now() + least(60, 2 ^ o.tries) * interval '1 second'
-               FROM outbox o WHERE o.id = $2
-             RETURNING id",
-        ),
+        requeue: Some(REQUEUE_SQL),
         // The queue's janitor prunes the shard outbox with the finished jobs.
         prune: None,
     }
     .run(shutdown)
     .await
 }
+
+/// Moves a relay batch's refused events (`$1`) out of their rows (`$2`) to a row of their own:
+/// refused once more than the most refused of those rows, and not to be tried again before
+/// 1 s after the first refusal, doubling to 60 s (the exponent is capped before it is raised,
+/// so a row refused for days cannot overflow it). `clock_timestamp()`, not the transaction's
+/// start: the batch may have waited for RabbitMQ's confirms.
+pub const REQUEUE_SQL: &str = "
+    INSERT INTO outbox (events, tries, not_before)
+    SELECT (SELECT jsonb_agg(e::jsonb ORDER BY n) FROM unnest($1::text[]) WITH ORDINALITY r(e, n)),
+           o.tries + 1,
+           clock_timestamp() + least(60, 2 ^ least(o.tries, 6)) * interval '1 second'
+      FROM (SELECT max(tries) AS tries FROM outbox WHERE id = ANY($2::int8[])) o
+    RETURNING id, tries";
 
 /// One message per event of the row, routed by company.
 fn messages(row: &tokio_postgres::Row) -> anyhow::Result<Vec<Message>> {
