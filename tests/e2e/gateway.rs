@@ -23,8 +23,8 @@ use tenantry_testkit::{TestBroker, TestCluster, TestDb, amqp_url, proxy::TcpProx
 use uuid::Uuid;
 
 use crate::support::{
-    SECRET, Served, http, metric, own, shard_node, slow_job_202_then_done, tenantry, token,
-    until_metric,
+    SECRET, Served, http, metric, own, queue_depth, shard_node, slow_job_202_then_done, tenantry,
+    token, until_metric,
 };
 
 const SHARD_HEADER: &str = "x-tenantry-shard";
@@ -1556,9 +1556,7 @@ async fn repeating_a_creation_that_stopped_half_way_finishes_it() {
 async fn the_shard_map_subscription_leaves_what_it_has_not_taken_in_the_broker() {
     // The gateway's subscription takes at most PREFETCH unacknowledged messages; the rest stay
     // in its queue (bounded by x-max-length) rather than piling up in the gateway's memory.
-    use lapin::{
-        Connection, ConnectionProperties, options::QueueDeclareOptions, types::FieldTable,
-    };
+    use lapin::{Connection, ConnectionProperties};
     use tenantry_gateway::bus;
     let broker = TestBroker::new().await;
     let exchange = broker.exchange("shardmap");
@@ -1573,20 +1571,7 @@ async fn the_shard_map_subscription_leaves_what_it_has_not_taken_in_the_broker()
         .map(|i| json!({"type": "shard.changed", "n": i}))
         .collect();
     publish(&exchange, &messages).await;
-    let waiting = || async {
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .message_count() as usize
-    };
+    let waiting = || async { queue_depth(&channel, &queue).await as usize };
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut seen = waiting().await;
     while seen != extra && Instant::now() < deadline {

@@ -11,8 +11,8 @@ use uuid::Uuid;
 use crate::{
     queue::{enqueue, enqueue_one, job},
     support::{
-        Served, http, metric, own, run, shard_node, slow_job_202_then_done, start_worker, tenantry,
-        token, until_count, until_state,
+        Served, http, metric, own, queue_depth, run, shard_node, slow_job_202_then_done,
+        start_worker, tenantry, token, until_count, until_state,
     },
 };
 
@@ -770,23 +770,7 @@ async fn a_company_queue_that_refuses_events_holds_up_only_its_own_events() {
         0,
         "B's event went out past A's refused one"
     );
-    let waiting = |q: String| {
-        let ch = ch.clone();
-        async move {
-            ch.queue_declare(
-                q.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .message_count()
-        }
-    };
-    assert_eq!(waiting(b_queue.clone()).await, 2);
+    assert_eq!(queue_depth(&ch, &b_queue).await, 2);
     // A's event is refused again at each try (1 s, then 2 s later) and waits in a row of its
     // own, so B's event that shared its row is not sent again.
     assert_eq!(
@@ -794,7 +778,7 @@ async fn a_company_queue_that_refuses_events_holds_up_only_its_own_events() {
         1,
         "A's event waits while A's queue is full"
     );
-    assert_eq!(waiting(b_queue.clone()).await, 2, "B's events, once each");
+    assert_eq!(queue_depth(&ch, &b_queue).await, 2, "B's events, once each");
     let (tries, rows): (i32, i64) = {
         let c = db.client().await;
         let r = c
@@ -823,7 +807,7 @@ async fn a_company_queue_that_refuses_events_holds_up_only_its_own_events() {
         0,
         "A's event is published once its queue has room"
     );
-    assert_eq!(waiting(b_queue.clone()).await, 2, "B's events, once each");
+    assert_eq!(queue_depth(&ch, &b_queue).await, 2, "B's events, once each");
     let event = ch
         .basic_get(a_queue.as_str().into(), BasicGetOptions { no_ack: true })
         .await
@@ -917,18 +901,7 @@ async fn an_outbox_row_of_thousands_of_events_is_relayed_whole_with_the_rows_aft
         0,
         "every row was published"
     );
-    let q = ch
-        .queue_declare(
-            queue.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(q.message_count(), 6005, "every event, once");
+    assert_eq!(queue_depth(&ch, &queue).await, 6005, "every event, once");
     broker.cleanup().await;
 }
 

@@ -181,6 +181,21 @@ pub fn token(args: &[&str]) -> String {
 }
 
 /// An HTTP client for tests (awc needs an actix system: use `#[actix_web::test]`).
+/// How many messages wait in `queue` (ready, not yet delivered to a consumer).
+pub async fn queue_depth(ch: &lapin::Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
 pub fn http() -> awc::Client {
     awc::Client::builder()
         .timeout(Duration::from_secs(10))
