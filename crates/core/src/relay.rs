@@ -19,8 +19,9 @@
 //! row move together to a new row, which records when to try them again (1 s after the first
 //! refusal, doubling to 60 s, for every relay of the database), and the row they came from is
 //! marked published, so what RabbitMQ accepted is not sent again. Without it the refused row
-//! stays unpublished and this relay leaves it out of its batches for the same waits. A relay stops between two batches when the
-//! process shuts down, and gives up on a broker
+//! stays unpublished and this relay leaves it out of its batches for the same waits.
+//!
+//! A relay stops between two batches when the process shuts down, and gives up on a broker
 //! that does not accept its connection or confirm a batch within 30 s (the batch's rows stay
 //! unpublished and its transaction ends; the relay reconnects with backoff).
 
@@ -245,11 +246,11 @@ impl Relay {
                 confirms.push((ids.len() - 1, n, confirm));
             }
         }
+        // By row: the positions of its messages that RabbitMQ refused.
+        let mut refused = vec![Vec::new(); ids.len()];
         // A broker that stops confirming (a disk or memory alarm blocks publishers) fails the
         // batch after BROKER_TIMEOUT: its rows stay unpublished, the transaction and its row
         // locks end, and the relay reconnects.
-        // By row: the positions of its messages that RabbitMQ refused.
-        let mut refused = vec![Vec::new(); ids.len()];
         let confirmed = tokio::time::timeout(BROKER_TIMEOUT, async {
             for (row, n, c) in confirms {
                 if let Confirmation::Nack(_) = c.await? {

@@ -40,7 +40,31 @@ pub async fn reconnecting<F, Fut>(
     shutdown: &CancellationToken,
     first: std::time::Duration,
     max: std::time::Duration,
-    mut session: F,
+    session: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    retrying(shutdown, first, max, session, |e, backoff| {
+        tracing::warn!(
+            connection,
+            error = format!("{e:#}"),
+            retry_in_ms = backoff.as_millis() as u64,
+            "connection lost; reconnecting"
+        );
+    })
+    .await
+}
+
+/// Runs `attempt` until it returns `Ok` or `shutdown` fires. After a failure it calls `failed`
+/// with the error and the wait before the next attempt, which starts at `first` and doubles up
+/// to `max`; an attempt that lasted longer than `max` starts the backoff over.
+pub async fn retrying<F, Fut>(
+    shutdown: &CancellationToken,
+    first: std::time::Duration,
+    max: std::time::Duration,
+    mut attempt: F,
+    failed: impl Fn(&anyhow::Error, std::time::Duration),
 ) where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
@@ -48,19 +72,13 @@ pub async fn reconnecting<F, Fut>(
     let mut backoff = first;
     while !shutdown.is_cancelled() {
         let started = std::time::Instant::now();
-        if let Err(e) = session().await {
-            if started.elapsed() > max {
-                backoff = first;
-            }
-            tracing::warn!(
-                connection,
-                error = format!("{e:#}"),
-                retry_in_ms = backoff.as_millis() as u64,
-                "connection lost; reconnecting"
-            );
-        } else {
+        let Err(e) = attempt().await else {
             return;
+        };
+        if started.elapsed() > max {
+            backoff = first;
         }
+        failed(&e, backoff);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}

@@ -150,22 +150,20 @@ pub async fn subscribe(channel: &Channel, exchange: &str) -> anyhow::Result<(Str
 /// change to the shard table, however long that took. Meanwhile the messages behind it wait in
 /// the broker.
 async fn reload_shards(router: &Router, shutdown: &CancellationToken) {
-    let mut pause = Duration::from_millis(100);
-    loop {
-        let Err(e) = router.reload_shards().await else {
-            return;
-        };
-        tracing::warn!(
-            error = format!("{e:#}"),
-            retry_in_ms = pause.as_millis() as u64,
-            "re-reading the shard table failed; trying again"
-        );
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
-        }
-        pause = (pause * 2).min(Duration::from_secs(5));
-    }
+    tenantry_core::shutdown::retrying(
+        shutdown,
+        Duration::from_millis(100),
+        Duration::from_secs(5),
+        || router.reload_shards(),
+        |e, wait| {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                retry_in_ms = wait.as_millis() as u64,
+                "re-reading the shard table failed; trying again"
+            );
+        },
+    )
+    .await
 }
 
 async fn handle(router: &Router, body: &[u8], shutdown: &CancellationToken) {
