@@ -857,13 +857,7 @@ async fn fake_env(companies: &[Uuid], extra: &[(&str, &str)]) -> FakeEnv {
             .await
             .unwrap();
     }
-    let broker = TestBroker::new().await;
-    let gw = start_gateway(&mut gateway_cmd(
-        &catalog.url,
-        &amqp_url(),
-        &broker.exchange("shardmap"),
-        extra,
-    ));
+    let (broker, gw) = gateway_on(&catalog.url, extra).await;
     let base = gw.url("gateway");
     FakeEnv {
         fake,
@@ -1092,13 +1086,7 @@ async fn a_post_is_not_sent_again_after_an_endpoint_closed_the_connection_but_a_
             + b_hits.load(std::sync::atomic::Ordering::SeqCst)
     };
     let catalog = one_shard_catalog(vec![a, b], company).await;
-    let broker = TestBroker::new().await;
-    let gw = start_gateway(&mut gateway_cmd(
-        &catalog.url,
-        &amqp_url(),
-        &broker.exchange("shardmap"),
-        &[],
-    ));
+    let (broker, gw) = gateway_on(&catalog.url, &[]).await;
     let base = gw.url("gateway");
     let auth = company_token(company, "admin");
 
@@ -1318,17 +1306,15 @@ async fn a_hanging_shard_ties_up_only_its_own_connections() {
         )
         .await
         .unwrap();
-    let broker = TestBroker::new().await;
-    let gw = start_gateway(&mut gateway_cmd(
+    let (broker, gw) = gateway_on(
         &catalog.url,
-        &amqp_url(),
-        &broker.exchange("shardmap"),
         &[
             ("TENANTRY_GATEWAY__UPSTREAM_CONNECTIONS", "2"),
             ("TENANTRY_GATEWAY__MAX_IN_FLIGHT_PER_SHARD", "8"),
             ("TENANTRY_GATEWAY__UPSTREAM_TIMEOUT", "30s"),
         ],
-    ));
+    )
+    .await;
     let base = gw.url("gateway");
     let mut stuck = Vec::new();
     for _ in 0..3 {
@@ -1508,13 +1494,7 @@ async fn repeating_a_creation_that_stopped_half_way_finishes_it() {
         )],
     )
     .await;
-    let broker = TestBroker::new().await;
-    let gw = start_gateway(&mut gateway_cmd(
-        &catalog.url,
-        &amqp_url(),
-        &broker.exchange("shardmap"),
-        &[],
-    ));
+    let (broker, gw) = gateway_on(&catalog.url, &[]).await;
     let base = gw.url("gateway");
     let id = Uuid::now_v7();
     let (status, body) = create_company(&base, id, "Acme").await;
@@ -1612,13 +1592,8 @@ async fn a_company_seen_while_provisioning_is_reachable_once_active_even_without
         }
     };
     set_state("provisioning").await;
-    let broker = TestBroker::new().await;
-    let gw = start_gateway(&mut gateway_cmd(
-        &catalog.url,
-        &amqp_url(),
-        &broker.exchange("shardmap"),
-        &[("TENANTRY_GATEWAY__NEGATIVE_TTL", "300ms")],
-    ));
+    let (broker, gw) =
+        gateway_on(&catalog.url, &[("TENANTRY_GATEWAY__NEGATIVE_TTL", "300ms")]).await;
     let url = format!("{}/v1/companies/{company}/quick", gw.url("gateway"));
     let auth = company_token(company, "admin");
     assert_eq!(
@@ -1825,4 +1800,16 @@ async fn until_status(url: &str, auth: &str, want: u16) -> u16 {
         last = status().await;
     }
     last
+}
+
+/// A gateway on `catalog_url` with a shard-map exchange of its own; `extra` env overrides.
+async fn gateway_on(catalog_url: &str, extra: &[(&str, &str)]) -> (TestBroker, Served) {
+    let broker = TestBroker::new().await;
+    let gw = start_gateway(&mut gateway_cmd(
+        catalog_url,
+        &amqp_url(),
+        &broker.exchange("shardmap"),
+        extra,
+    ));
+    (broker, gw)
 }
