@@ -29,15 +29,13 @@ ROUNDS=${ROUNDS:-3} CHANGES=${CHANGES:-1000}
 TENANTS=${TENANTS:-1000000} TOUCH=${TOUCH:-100000} CACHE=${CACHE:-20000}
 SECRET=bench-secret-0123456789abcdef0123456789abcdef
 say() { echo "bench-gateway: $*" >&2; }
+source "$ROOT/scripts/lib.sh"
 
 bash scripts/services.sh
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
-if ((${#missing[@]})); then
-  say "installing ${missing[*]} with apt"
-  apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+if ((${#missing[@]})); then apt_install "${missing[@]}"; fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 say "building tenantry and the benchmark helper (release)"

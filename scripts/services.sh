@@ -6,23 +6,19 @@
 set -euo pipefail
 
 say() { echo "services: $*" >&2; }
-need_root() { [[ $(id -u) -eq 0 ]] && "$@" || sudo "$@"; }
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-pg_up() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
+# Accepting connections (pg_isready: not while starting up, recovering or shutting down); a bare
+# TCP check only where the client tools are not installed.
+pg_up() {
+  if command -v pg_isready >/dev/null; then pg_isready -q -h 127.0.0.1 -p 5432; else (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; fi
+}
 amqp_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 
 wait_for() { # name check seconds
   local i
   for ((i = 0; i < $3 * 5; i++)); do "$2" && return 0; sleep 0.2; done
   say "$1 did not come up within $3 s"; return 1
-}
-
-apt_updated=""
-apt_install() {
-  command -v apt-get >/dev/null || { say "apt-get not found: install $* yourself"; exit 1; }
-  if [[ -z $apt_updated ]]; then say "running apt-get update"; need_root apt-get update -qq; apt_updated=1; fi
-  say "installing $* with apt-get"
-  need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
 # --- PostgreSQL ---
@@ -37,19 +33,34 @@ else
     need_root sed -i -E 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/' "$hba"
   fi
   ver=$(ls /etc/postgresql | sort -V | tail -1)
-  say "starting PostgreSQL $ver (pg_ctlcluster $ver main start)"
-  need_root pg_ctlcluster --skip-systemctl-redirect "$ver" main start || true
+  # Debian's package starts the cluster it creates (where it can), before the edit above.
+  if pg_ctlcluster "$ver" main status >/dev/null 2>&1; then
+    say "PostgreSQL $ver is running: reloading it (pg_ctlcluster $ver main reload)"
+    need_root pg_ctlcluster --skip-systemctl-redirect "$ver" main reload
+  else
+    say "starting PostgreSQL $ver (pg_ctlcluster $ver main start)"
+    need_root pg_ctlcluster --skip-systemctl-redirect "$ver" main start
+  fi
   wait_for PostgreSQL pg_up 30
+fi
+# Everything here connects as postgres without a password.
+if command -v psql >/dev/null && ! psql -h 127.0.0.1 -U postgres -d postgres -qAtXw -c 'SELECT 1' >/dev/null 2>&1; then
+  say "PostgreSQL on 127.0.0.1:5432 refuses user postgres without a password. For local"
+  say "development, set the method of the 'host all all 127.0.0.1/32' line in pg_hba.conf"
+  say "(psql -c 'SHOW hba_file' as postgres tells where it is) to trust, then reload PostgreSQL."
+  exit 1
 fi
 
 # --- RabbitMQ ---
 if amqp_up; then
   say "RabbitMQ is running on 127.0.0.1:5672"
 else
-  if ! command -v rabbitmq-server >/dev/null; then
+  # /usr/sbin is not on a normal user's PATH on Debian.
+  rabbit=$(command -v rabbitmq-server || echo /usr/sbin/rabbitmq-server)
+  if [[ ! -x $rabbit ]]; then
     apt_install rabbitmq-server
   fi
   say "starting RabbitMQ (rabbitmq-server -detached)"
-  need_root rabbitmq-server -detached || true
+  need_root "$rabbit" -detached
   wait_for RabbitMQ amqp_up 60
 fi

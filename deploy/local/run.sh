@@ -9,9 +9,24 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 LOGS=$ROOT/.local/logs
 say() { echo "run: $*" >&2; }
+source scripts/lib.sh
 
 bash scripts/services.sh
-command -v curl >/dev/null || { say "installing curl"; apt-get install -y -qq curl >/dev/null; }
+command -v curl >/dev/null || apt_install curl
+command -v cargo >/dev/null || {
+  say "cargo not found: install Rust with rustup (https://rustup.rs) and a C compiler"
+  say "(apt-get install build-essential), then run make run again"
+  exit 1
+}
+
+# A node left over from an earlier run would answer in place of the new one.
+for port in 8080 8101 8102; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    say "port $port is already in use; stop what holds it first:"
+    (ss -ltnp "sport = :$port" 2>/dev/null || true) | tail -n +2 >&2
+    exit 1
+  fi
+done
 
 say "building tenantry (cargo build --bin tenantry)"
 cargo build --quiet --bin tenantry
@@ -37,8 +52,11 @@ stop() {
 trap stop EXIT
 trap 'exit 0' INT TERM
 
+# Each node runs in a session of its own, so Ctrl-C reaches only this script, which then stops
+# the nodes with one SIGTERM each: a node that got Ctrl-C's SIGINT too would take the SIGTERM
+# as a second signal and exit without draining.
 start() { # name config
-  "$BIN" --dev --config "deploy/local/$2.toml" serve >"$LOGS/$1.log" 2>&1 &
+  setsid "$BIN" --dev --config "deploy/local/$2.toml" serve >"$LOGS/$1.log" 2>&1 &
   PIDS+=($!)
   say "started $1 (pid $!), log: .local/logs/$1.log"
 }
@@ -48,10 +66,10 @@ start shard-2 shard-2
 
 ready() { # name url
   for _ in $(seq 150); do
-    curl -fsS -o /dev/null "$2/readyz" 2>/dev/null && return 0
     for pid in "${PIDS[@]}"; do
       kill -0 "$pid" 2>/dev/null || { say "a process exited during startup; last lines of the logs:"; tail -n 5 "$LOGS"/*.log >&2; exit 1; }
     done
+    curl -fsS -o /dev/null "$2/readyz" 2>/dev/null && return 0
     sleep 0.2
   done
   say "$1 not ready after 30 s; see .local/logs/$1.log"; exit 1
