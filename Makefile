@@ -34,6 +34,5 @@ lint: ## clippy with warnings as errors
 fmt: ## format the code
 	$(CARGO) fmt --all
 
-clean-test-dbs: ## drop test databases left behind by killed test runs (none are left by normal runs)
-	@psql -h 127.0.0.1 -U postgres -AtXc "select datname from pg_database where datname like 'tenantry\_t\_%' or datname like 'tenantry\_tpl\_%'" \
-	  | while read -r db; do psql -h 127.0.0.1 -U postgres -qXc "drop database if exists $$db with (force)"; echo "dropped $$db"; done
+clean-test-dbs: ## drop the databases (and test templates) that killed test or benchmark runs left behind
+	@bash scripts/clean-test-dbs.sh

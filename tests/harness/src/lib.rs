@@ -246,6 +246,28 @@ async fn template(target: Target) -> String {
             ))
             .await
             .unwrap();
+        // Templates of earlier migration sets of this kind are dropped, unless a test run of
+        // an older checkout is cloning one right now (then it stays for the next time).
+        let stale = admin
+            .query(
+                "SELECT datname FROM pg_database
+                  WHERE datname LIKE $1 AND datname <> $2 AND datname NOT LIKE '%\\_building'",
+                &[&format!("tenantry\\_tpl\\_{kind}\\_%"), &name],
+            )
+            .await
+            .unwrap();
+        for row in stale {
+            let old: String = row.get(0);
+            // (DROP DATABASE cannot share a query string with another statement.)
+            let unmarked = admin
+                .batch_execute(&format!("ALTER DATABASE {old} WITH IS_TEMPLATE false"))
+                .await;
+            if unmarked.is_ok() {
+                let _ = admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {old}"))
+                    .await;
+            }
+        }
     }
     admin
         .execute("SELECT pg_advisory_unlock(7461)", &[])
