@@ -176,13 +176,14 @@ impl From<deadpool_postgres::PoolError> for ApiError {
 
 impl From<tokio_postgres::Error> for ApiError {
     fn from(e: tokio_postgres::Error) -> Self {
-        // Only a lost connection means "unavailable"; anything else that is not the database
-        // speaking (a parameter that failed to serialize, say) is a bug: a 500, logged.
-        let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
-        if e.is_closed() || io {
+        // A lost connection, or the database refusing for a passing reason (see
+        // [`is_transient`]), means "unavailable, try again": the statement's transaction was
+        // rolled back. Anything else (a constraint the code should have checked, a parameter
+        // that failed to serialize) is a bug: a 500, logged.
+        if is_transient(&e) {
             ApiError::unavailable(
                 "database_unavailable",
-                "the database is not reachable; try again shortly",
+                "the database could not serve the request just now; try again shortly",
                 Duration::from_secs(1),
             )
             .with_source(e)
@@ -190,6 +191,28 @@ impl From<tokio_postgres::Error> for ApiError {
             ApiError::internal(e)
         }
     }
+}
+
+/// Whether `e` is a lost connection or a refusal that the same request can expect to pass on
+/// a retry: the SQLSTATE classes 08 (connection exception), 40 (transaction rollback:
+/// serialization failure, deadlock), 53 (insufficient resources: too many connections, disk
+/// full) and 57P0x (an administrator or a crash shut the server down, or it is starting up),
+/// plus 57014 (a statement or lock wait ran into `statement_timeout`), 55P03 (lock not
+/// available) and 25006 (a failover left the connection on a read-only standby).
+pub fn is_transient(e: &tokio_postgres::Error) -> bool {
+    connection_lost(e) || e.code().is_some_and(|c| transient_sqlstate(c.code()))
+}
+
+/// Whether the connection went away under `e`: a statement sent then may or may not have
+/// taken effect.
+pub fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    e.is_closed() || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+}
+
+fn transient_sqlstate(code: &str) -> bool {
+    matches!(code.get(..2), Some("08" | "40" | "53"))
+        || code.starts_with("57P")
+        || matches!(code, "57014" | "55P03" | "25006")
 }
 
 impl From<anyhow::Error> for ApiError {
@@ -203,6 +226,19 @@ mod tests {
     use actix_web::body::MessageBody;
 
     use super::*;
+
+    #[test]
+    fn passing_database_refusals_are_transient_and_bugs_are_not() {
+        for code in [
+            "08006", "08001", "40001", "40P01", "53300", "53100", "57P01", "57P03", "57014",
+            "55P03", "25006",
+        ] {
+            assert!(transient_sqlstate(code), "{code}");
+        }
+        for code in ["23505", "23514", "42P01", "22P02", "XX000", "57000", ""] {
+            assert!(!transient_sqlstate(code), "{code}");
+        }
+    }
 
     #[test]
     fn a_500_reveals_nothing_internal() {
