@@ -336,14 +336,16 @@ async fn a_full_queue_answers_429_with_retry_after() {
     let node = Served::start(&mut cmd, 1);
     let url = format!("{}/v1/companies/{company}/jobs", node.url("api"));
     let auth = member_token(company);
-    for _ in 0..3 {
-        let r = http()
-            .post(&url)
-            .bearer_auth(&auth)
-            .send_json(&json!({"kind": "echo"}))
-            .await
-            .unwrap();
+    let mut first = None;
+    for i in 0..3 {
+        let mut req = http().post(&url).bearer_auth(&auth);
+        if i == 0 {
+            req = req.insert_header(("idempotency-key", "first"));
+        }
+        let mut r = req.send_json(&json!({"kind": "echo"})).await.unwrap();
         assert_eq!(r.status(), 202);
+        let body: serde_json::Value = r.json().await.unwrap();
+        first.get_or_insert(body["id"].clone());
     }
     let mut r = http()
         .post(&url)
@@ -393,6 +395,31 @@ async fn a_full_queue_answers_429_with_retry_after() {
     let n = db.scalar("SELECT count(*) FROM jobs").await;
     assert_eq!(n, 8 + accepted, "the refused request left nothing behind");
     assert_eq!(metric(&base, &counted("refused_shard")).await, 1.0);
+
+    // While full, a request already accepted still gets its job back (its company is at its
+    // own cap too), and a company this shard does not own still gets 421, so a gateway with a
+    // stale route re-routes it instead of telling the client to wait.
+    let mut r = http()
+        .post(&url)
+        .bearer_auth(&auth)
+        .insert_header(("idempotency-key", "first"))
+        .send_json(&json!({"kind": "echo"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let replayed: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(Some(&replayed["id"]), first.as_ref());
+    let stranger = Uuid::now_v7();
+    let mut r = http()
+        .post(format!("{}/v1/companies/{stranger}/jobs", node.url("api")))
+        .bearer_auth(member_token(stranger))
+        .send_json(&json!({"kind": "echo"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 421);
+    assert_eq!(error_of!(r).error.code, "tenant_not_on_shard");
+    let n = db.scalar("SELECT count(*) FROM jobs").await;
+    assert_eq!(n, 8 + accepted, "neither wrote a job");
 }
 
 #[actix_web::test]

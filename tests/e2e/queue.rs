@@ -29,6 +29,7 @@ pub fn job(company: Uuid, kind: &str, params: serde_json::Value, attempts: i32) 
 
 const LIMITS: EnqueueLimits = EnqueueLimits {
     max_waiting_per_company: 1_000_000,
+    shard_full: false,
 };
 
 pub async fn enqueue(db: &TestDb, jobs: &[NewJob]) -> Vec<Uuid> {
@@ -1026,6 +1027,7 @@ async fn backpressure_refuses_the_whole_batch_and_writes_nothing() {
         &jobs,
         EnqueueLimits {
             max_waiting_per_company: 5,
+            shard_full: false,
         },
     )
     .await

@@ -150,6 +150,7 @@ fn jobs(n: usize, key: &str) -> Vec<NewJob> {
 
 const LIMITS: EnqueueLimits = EnqueueLimits {
     max_waiting_per_company: i64::MAX,
+    shard_full: false,
 };
 
 async fn enqueue_all(url: &str, n: usize) -> anyhow::Result<f64> {

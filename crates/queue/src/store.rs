@@ -214,6 +214,10 @@ fn after_commit(result: Result<(), tokio_postgres::Error>) {
 #[derive(Debug, Clone, Copy)]
 pub struct EnqueueLimits {
     pub max_waiting_per_company: i64,
+    /// The caller found the shard's queue full (an estimate it keeps, see
+    /// `ShardQueue::waiting_estimate`): a new job is refused with
+    /// [`EnqueueError::ShardFull`], while a replayed idempotency key still gets its job.
+    pub shard_full: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +228,8 @@ pub enum EnqueueError {
         waiting: i64,
         limit: i64,
     },
+    #[error("the shard's queue is full")]
+    ShardFull,
     #[error("idempotency key reused with a different request")]
     IdempotencyConflict,
     #[error(transparent)]
@@ -376,6 +382,9 @@ pub async fn enqueue(
     {
         return replay(existing, job);
     }
+    if limits.shard_full {
+        return Err(EnqueueError::ShardFull);
+    }
     let waiting = waiting_of(tx, job.company_id, limits.max_waiting_per_company).await?;
     if waiting >= limits.max_waiting_per_company {
         return Err(EnqueueError::CompanyFull {
@@ -463,6 +472,9 @@ pub async fn enqueue_many(
     jobs: &[NewJob],
     limits: EnqueueLimits,
 ) -> Result<Vec<Uuid>, EnqueueError> {
+    if limits.shard_full && !jobs.is_empty() {
+        return Err(EnqueueError::ShardFull);
+    }
     let mut per_company: std::collections::HashMap<Uuid, (i64, i64)> = Default::default();
     for j in jobs {
         per_company.entry(j.company_id).or_default().1 += 1;

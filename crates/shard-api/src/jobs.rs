@@ -114,15 +114,6 @@ async fn create(
         .map_err(|e| ApiError::bad_request("invalid_params", e))?;
     let idempotency_key = idempotency_key(&req)?;
     let shard_id = &state.shard.shard_id;
-    if state.shard.waiting_estimate() >= state.queue.max_waiting_per_shard {
-        metrics::count(shard_id, "refused_shard", 1);
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "queue_full",
-            "this shard's job queue is full; retry later",
-        )
-        .with_retry_after(Duration::from_secs(5)));
-    }
 
     let job = NewJob {
         company_id: company,
@@ -140,8 +131,12 @@ async fn create(
     let mut client = state.shard.pool.get().await?;
     let tx = client.transaction().await?;
     fence::check(&tx, company, true).await?;
+    // Checked after the fence (a company this shard does not own gets 421, so the gateway
+    // re-routes it) and, inside `enqueue`, after an idempotency key's replay (a request already
+    // accepted gets its job back even while the queue is full).
     let limits = EnqueueLimits {
         max_waiting_per_company: state.queue.max_waiting_per_company,
+        shard_full: state.shard.waiting_estimate() >= state.queue.max_waiting_per_shard,
     };
     let enqueued = match store::enqueue(&tx, &job, limits).await {
         Ok(e) => e,
@@ -153,6 +148,15 @@ async fn create(
                 format!("this company already has {limit} waiting jobs; retry later"),
             )
             .with_retry_after(Duration::from_secs(2)));
+        }
+        Err(EnqueueError::ShardFull) => {
+            metrics::count(shard_id, "refused_shard", 1);
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "queue_full",
+                "this shard's job queue is full; retry later",
+            )
+            .with_retry_after(Duration::from_secs(5)));
         }
         Err(EnqueueError::IdempotencyConflict) => {
             return Err(ApiError::new(
