@@ -1206,3 +1206,110 @@ async fn sigterm_lets_an_in_flight_request_and_its_job_finish() {
     );
     assert_eq!(node.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+#[actix_web::test]
+async fn a_job_whose_commit_lost_its_connection_is_answered_as_created_not_as_a_failure() {
+    // The COMMIT reaches the database, and the connection drops before its answer comes back.
+    // The job exists; a 503 would make the client send it again and create a second one.
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    own(&db, company, "owned").await;
+    let host_port = db.url.split('@').nth(1).unwrap().split('/').next().unwrap();
+    let proxy = tenantry_testkit::proxy::TcpProxy::start(host_port.parse().unwrap()).await;
+    let proxied = db.url.replace(host_port, &proxy.addr.to_string());
+    let mut cmd = shard_node(&proxied, true, 0);
+    cmd.env("TENANTRY_API__SYNC_WAIT", "0s");
+    let node = Served::start(&mut cmd, 1);
+    let url = format!("{}/v1/companies/{company}/jobs", node.url("api"));
+    let auth = member_token(company);
+
+    proxy.drop_answer_to(b"COMMIT\0");
+    let mut r = http()
+        .post(&url)
+        .bearer_auth(&auth)
+        .send_json(&json!({"kind": "echo", "params": {"n": 1}}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{:?}", r.body().await);
+    let j: JobView = r.json().await.unwrap();
+    assert_eq!(
+        r.headers().get("location").unwrap(),
+        &format!("/v1/companies/{company}/jobs/{}", j.id)
+    );
+    let ids: Vec<Uuid> = db
+        .client()
+        .await
+        .query("SELECT id FROM jobs", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, vec![j.id], "exactly the job that was answered");
+    let logs = node.logs_to_end(Duration::from_millis(500)).join("\n");
+    assert!(
+        logs.contains("the connection was lost during the commit, which took effect"),
+        "{logs}"
+    );
+}
+
+#[actix_web::test]
+async fn requests_waiting_for_their_jobs_answer_before_the_grace_period_ends() {
+    // A job request inside its sync wait and a long poll both answer with the job as it stands
+    // three quarters into the grace period (10 s) after SIGTERM, instead of being cut off
+    // when it ends.
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    own(&db, company, "owned").await;
+    let waiting = enqueue_one(&db, job(company, "echo", json!({}), 1)).await;
+    let mut cmd = shard_node(&db.url, true, 0);
+    cmd.env("TENANTRY_API__SYNC_WAIT", "20s")
+        .env("TENANTRY_SHUTDOWN__GRACE_PERIOD", "10s");
+    let mut node = Served::start(&mut cmd, 1);
+    let base = node.url("api");
+    let auth = member_token(company);
+    let c = awc::Client::builder()
+        .timeout(Duration::from_secs(40))
+        .finish();
+    let started = std::time::Instant::now();
+    let post = async {
+        let mut r = c
+            .post(format!("{base}/v1/companies/{company}/jobs"))
+            .bearer_auth(&auth)
+            .send_json(&json!({"kind": "echo"}))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        assert!(r.headers().get("location").is_some());
+        let j: JobView = r.json().await.unwrap();
+        (j, started.elapsed())
+    };
+    let poll = async {
+        let mut r = c
+            .get(format!(
+                "{base}/v1/companies/{company}/jobs/{waiting}?wait=30s"
+            ))
+            .bearer_auth(&auth)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let j: JobView = r.json().await.unwrap();
+        (j, started.elapsed())
+    };
+    let stop = async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        node.signal("TERM");
+    };
+    let ((posted, post_took), (polled, poll_took), ()) = tokio::join!(post, poll, stop);
+    assert_eq!(posted.state, JobState::Waiting);
+    assert_eq!((polled.id, polled.state), (waiting, JobState::Waiting));
+    for took in [post_took, poll_took] {
+        assert!(
+            took > Duration::from_secs(7) && took < Duration::from_millis(9500),
+            "answered {took:?} after it began: 0.7 s + 7.5 s, before the grace period ends"
+        );
+    }
+    assert_eq!(node.wait_exit(Duration::from_secs(5)), Some(0));
+    assert_eq!(db.scalar("SELECT count(*) FROM jobs").await, 2);
+}

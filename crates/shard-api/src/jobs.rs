@@ -21,6 +21,7 @@ use tenantry_queue::{
     metrics,
     store::{self, EnqueueError, EnqueueLimits, Enqueued},
 };
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::fence;
@@ -32,6 +33,20 @@ pub struct JobsState {
     pub shard: ShardQueue,
     pub sync_wait: Duration,
     pub queue: QueueConfig,
+    /// Fires when the node begins to stop: a request waiting for its job then waits at most
+    /// `stop_wait` more and answers with the job as it stands, instead of being cut off when
+    /// the grace period ends.
+    pub shutdown: CancellationToken,
+    /// Three quarters of the grace period: the rest is for the answer to go out.
+    pub stop_wait: Duration,
+}
+
+impl JobsState {
+    /// Ends `stop_wait` after the node begins to stop.
+    async fn stopping(&self) {
+        self.shutdown.cancelled().await;
+        tokio::time::sleep(self.stop_wait).await;
+    }
 }
 
 pub fn configure(c: &mut web::ServiceConfig) {
@@ -167,8 +182,12 @@ async fn create(
         }
         Err(EnqueueError::Db(e)) => return Err(e.into()),
     };
-    tx.commit().await?;
-    drop(client);
+    if let Err(e) = tx.commit().await {
+        drop(client);
+        settle_lost_commit(&state, company, &enqueued, e).await?;
+    } else {
+        drop(client);
+    }
     if let Enqueued::Created(r) = &enqueued {
         state.shard.notifier.poke();
         tracing::info!(job.id = %r.view.id, job.kind = %r.view.kind, "job enqueued");
@@ -178,11 +197,56 @@ async fn create(
     let record = enqueued.record().clone();
     let deadline = started + state.sync_wait;
     let shard = &state.shard;
-    let waited = shard
-        .listener
-        .wait_until_finished(&shard.pool, record.clone(), deadline, enqueued_awaited)
-        .await;
+    let waited = tokio::select! {
+        waited = shard
+            .listener
+            .wait_until_finished(&shard.pool, record.clone(), deadline, enqueued_awaited) => waited,
+        () = state.stopping() => {
+            tracing::info!(job.id = %record.view.id, "node stopping; answering before the job has finished");
+            Ok(Some(record.clone()))
+        }
+    };
     Ok(respond(company, &after_enqueue(record, waited)?))
+}
+
+/// The COMMIT of a job request failed. If the connection was lost on the way, the commit may
+/// have happened all the same, and an error would make the client send the request again — a
+/// second job, without an `Idempotency-Key`. So the job is looked for on another connection:
+/// found, the request goes on as committed (`Ok`); not found, or not knowable because the
+/// database is still unreachable, the failure is returned (a 503, whose retry is then right or
+/// the best that can be said). A replayed job existed before this transaction, so its request
+/// goes on whatever the commit did.
+async fn settle_lost_commit(
+    state: &JobsState,
+    company: Uuid,
+    enqueued: &Enqueued,
+    e: tokio_postgres::Error,
+) -> Result<(), ApiError> {
+    let id = enqueued.record().view.id;
+    if matches!(enqueued, Enqueued::Replayed(_)) {
+        return Ok(());
+    }
+    if !tenantry_core::error::connection_lost(&e) {
+        return Err(e.into());
+    }
+    let found = match state.shard.pool.get().await {
+        Ok(c) => store::get(&c, company, id).await.map(|r| r.is_some()),
+        Err(pool) => {
+            tracing::warn!(job.id = %id, error = %pool, "the commit's connection was lost and no other connection is available; the job may exist");
+            return Err(e.into());
+        }
+    };
+    match found {
+        Ok(true) => {
+            tracing::warn!(job.id = %id, error = %e, "the connection was lost during the commit, which took effect; answering with the job");
+            Ok(())
+        }
+        Ok(false) => Err(e.into()),
+        Err(read) => {
+            tracing::warn!(job.id = %id, error = %read, "the commit's connection was lost and the job could not be looked for; it may exist");
+            Err(e.into())
+        }
+    }
 }
 
 /// What a job request answers with once its job is committed, given how waiting for it went.
@@ -300,7 +364,10 @@ async fn show(
         .await?
         .ok_or_else(|| ApiError::not_found("no such job for this company"))?;
     drop(client);
-    let record = wait_until_finished(&state, record, Instant::now() + wait, false).await?;
+    let record = tokio::select! {
+        waited = wait_until_finished(&state, record.clone(), Instant::now() + wait, false) => waited?,
+        () = state.stopping() => record,
+    };
     Ok(HttpResponse::Ok().json(&record.view))
 }
 

@@ -65,13 +65,15 @@ pub fn run(
         role: "api",
         shard_id: Some(cfg.shard.id.clone()),
         probes: Arc::new(probes),
-        shutdown,
+        shutdown: shutdown.clone(),
         body_limit: cfg.api.body_limit.as_usize(),
     };
     let state = web::Data::new(jobs::JobsState {
         shard,
         sync_wait: cfg.api.sync_wait,
         queue: cfg.queue.clone(),
+        shutdown,
+        stop_wait: cfg.shutdown.grace_period * 3 / 4,
     });
     let key = web::Data::new(JwtKey::from_config(&cfg.auth)?);
     let server = start_server(

@@ -5,20 +5,26 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::watch,
 };
+
+/// A pattern that, once seen going to the server, ends its connection without the answer.
+type Trap = Arc<Mutex<Option<Vec<u8>>>>;
 
 pub struct TcpProxy {
     pub addr: SocketAddr,
     open: Arc<AtomicBool>,
     cuts: watch::Sender<u64>,
+    trap: Trap,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -36,7 +42,8 @@ impl TcpProxy {
         let addr = std_listener.local_addr().expect("proxy address");
         let open = Arc::new(AtomicBool::new(true));
         let (cuts, _) = watch::channel(0u64);
-        let (gate, kill) = (open.clone(), cuts.subscribe());
+        let trap: Trap = Arc::default();
+        let (gate, kill, armed) = (open.clone(), cuts.subscribe(), trap.clone());
         runtime.spawn(async move {
             let listener = TcpListener::from_std(std_listener).expect("proxy listener");
             loop {
@@ -49,12 +56,62 @@ impl TcpProxy {
                 }
                 let mut kill = kill.clone();
                 kill.mark_unchanged();
+                let armed = armed.clone();
                 tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(target).await else {
                         return;
                     };
+                    let (mut from_client, mut to_client) = client.split();
+                    let (mut from_server, mut to_server) = server.split();
+                    let held = AtomicBool::new(false);
+                    let upstream = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match from_client.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            let sprung = {
+                                let mut trap = armed.lock().unwrap_or_else(|p| p.into_inner());
+                                let hit = trap.as_ref().is_some_and(|pat| {
+                                    buf[..n].windows(pat.len()).any(|w| w == pat.as_slice())
+                                });
+                                if hit {
+                                    *trap = None;
+                                }
+                                hit
+                            };
+                            if sprung {
+                                // Nothing the server says from here on reaches the client;
+                                // give the server time to act on what it got, then hang up.
+                                held.store(true, Ordering::SeqCst);
+                                let _ = to_server.write_all(&buf[..n]).await;
+                                tokio::time::sleep(Duration::from_millis(300)).await;
+                                return;
+                            }
+                            if to_server.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let downstream = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match from_server.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if held.load(Ordering::SeqCst) {
+                                std::future::pending::<()>().await;
+                            }
+                            if to_client.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = upstream => {}
+                        _ = downstream => {}
                         _ = kill.changed() => {}
                     }
                 });
@@ -64,6 +121,7 @@ impl TcpProxy {
             addr,
             open,
             cuts,
+            trap,
             runtime: Some(runtime),
         }
     }
@@ -72,6 +130,13 @@ impl TcpProxy {
     pub fn cut(&self) {
         self.open.store(false, Ordering::SeqCst);
         self.cuts.send_modify(|n| *n += 1);
+    }
+
+    /// The next time `pattern` goes to the server on any connection, that connection is
+    /// dropped 300 ms later without the client seeing the server's answer: "the request went
+    /// out and the connection was lost". Once only.
+    pub fn drop_answer_to(&self, pattern: &[u8]) {
+        *self.trap.lock().unwrap_or_else(|p| p.into_inner()) = Some(pattern.to_vec());
     }
 
     pub fn restore(&self) {
