@@ -1813,3 +1813,53 @@ async fn gateway_on(catalog_url: &str, extra: &[(&str, &str)]) -> (TestBroker, S
     ));
     (broker, gw)
 }
+
+#[actix_web::test]
+async fn a_request_cut_off_by_the_end_of_the_grace_period_still_leaves_a_line_under_its_id() {
+    // The gateway stops while a request waits on a shard that never answers: when the grace
+    // period ends the request is dropped unanswered, and "what happened to request X" must
+    // still find a line.
+    let company = Uuid::now_v7();
+    let hanging = fake_shard().await;
+    let catalog = one_shard_catalog(vec![hanging.url.clone()], company).await;
+    let (broker, mut gw) = gateway_on(
+        &catalog.url,
+        &[
+            ("TENANTRY_GATEWAY__UPSTREAM_TIMEOUT", "30s"),
+            ("TENANTRY_SHUTDOWN__GRACE_PERIOD", "1s"),
+        ],
+    )
+    .await;
+    let (url, auth) = (
+        format!("{}/v1/companies/{company}/hang", gw.url("gateway")),
+        company_token(company, "admin"),
+    );
+    let cut = actix_web::rt::spawn(async move {
+        awc::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .finish()
+            .get(url)
+            .bearer_auth(auth)
+            .insert_header(("x-request-id", "cut-at-stop-1"))
+            .send()
+            .await
+            .is_err()
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hanging.seen.lock().unwrap().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(hanging.seen.lock().unwrap().len(), 1);
+    gw.signal("TERM");
+    assert_eq!(gw.wait_exit(Duration::from_secs(8)), Some(0));
+    assert!(cut.await.unwrap(), "the request got no answer");
+    let lines = gw.logs_to_end(Duration::from_secs(2));
+    let line = lines
+        .iter()
+        .find(|l| l.contains("request abandoned"))
+        .unwrap_or_else(|| panic!("no line for the cut-off request: {lines:#?}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["span"]["request.id"], "cut-at-stop-1");
+    assert_eq!(v["http.path"], format!("/v1/companies/{company}/hang"));
+    broker.cleanup().await;
+}

@@ -147,16 +147,28 @@ async fn request_context(
     let method = req.method().to_string();
     let path = req.path().to_owned();
 
+    // Dropped unfinished (the client went away, or the grace period ended), the request still
+    // leaves a line under its id.
+    let mut unfinished = Unfinished {
+        span: Some(span.clone()),
+        method: &method,
+        path: &path,
+        started,
+    };
     let res = REQUEST_ID
         .scope(request_id.clone(), next.call(req).instrument(span.clone()))
         .await;
+    unfinished.span = None;
     let mut res = match res {
         Ok(res) => res.map_into_boxed_body(),
         Err(e) => return Err(e),
     };
     if res.status().is_client_error() || res.status().is_server_error() {
         res = REQUEST_ID
-            .scope(request_id.clone(), async { ensure_error_shape(res) })
+            .scope(
+                request_id.clone(),
+                async { ensure_error_shape(res) }.instrument(span.clone()),
+            )
             .await;
     }
     if let Ok(v) = header::HeaderValue::from_str(&request_id) {
@@ -179,6 +191,29 @@ async fn request_context(
         tracing::info!(http.method = %method, http.path = %path, http.status = status, duration_ms, "request");
     }
     Ok(res)
+}
+
+/// Logs a request whose handling was dropped before it produced an answer.
+struct Unfinished<'a> {
+    /// `None` once the request has its answer.
+    span: Option<tracing::Span>,
+    method: &'a str,
+    path: &'a str,
+    started: Instant,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(span) = self.span.take() {
+            let _enter = span.enter();
+            tracing::warn!(
+                http.method = %self.method,
+                http.path = %self.path,
+                duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+                "request abandoned before its answer (the client went away or the server stopped)"
+            );
+        }
+    }
 }
 
 /// Turns any error response that is not already in the JSON error shape (framework errors such
@@ -216,7 +251,13 @@ fn ensure_error_shape(res: ServiceResponse<BoxBody>) -> ServiceResponse<BoxBody>
             "bad_request",
             detail.unwrap_or_else(|| s.canonical_reason().unwrap_or("bad request").into()),
         ),
-        s => ApiError::new(s, "internal", "internal error"),
+        s => {
+            let e = ApiError::new(s, "internal", "internal error");
+            match detail {
+                Some(d) => e.with_source(anyhow::anyhow!(d)),
+                None => e,
+            }
+        }
     };
     let (req, _) = res.into_parts();
     ServiceResponse::new(req, err.error_response())

@@ -102,7 +102,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut failure = None;
     tokio::select! {
         joined = tasks.join_next() => if let Some(joined) = joined {
-            let (role, result) = joined.context("role task panicked")?;
+            // A role that panicked fails like a role that returned an error: the others
+            // still get their drain.
+            let (role, result) = match joined {
+                Ok(r) => r,
+                Err(e) => ("a role", Err(anyhow::anyhow!("role task panicked: {e}"))),
+            };
             match result {
                 Err(e) => {
                     tracing::error!(role, error = format!("{e:#}"), "role failed; shutting down");
@@ -136,8 +141,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
 async fn drain(tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>) {
     while let Some(joined) = tasks.join_next().await {
-        if let Ok((role, Err(e))) = joined {
-            tracing::error!(role, error = format!("{e:#}"), "role failed while stopping");
+        match joined {
+            Ok((role, Err(e))) => {
+                tracing::error!(role, error = format!("{e:#}"), "role failed while stopping");
+            }
+            Err(e) => tracing::error!(error = %e, "role task panicked while stopping"),
+            Ok((_, Ok(()))) => {}
         }
     }
 }
