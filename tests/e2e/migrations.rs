@@ -404,4 +404,63 @@ async fn migrate_status_and_up_report_per_database() {
     ));
     assert_eq!(code, 1);
     assert!(err.contains("connecting to the catalog"), "{err}");
+    // A database error names the database's own message, not just "db error".
+    catalog
+        .exec("ALTER TABLE tenantry_schema_migrations RENAME COLUMN checksum TO sum")
+        .await;
+    let (_, out, err) = run(tenantry()
+        .args(["admin", "migrate", "status"])
+        .envs(env.clone()));
+    assert!(
+        out.contains("column \"checksum\" does not exist"),
+        "{out}{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_runner_waits_for_another_past_its_statement_timeout_and_is_not_cut_off() {
+    // The runner's connection carries a statement_timeout (as `database.statement_timeout`
+    // gives every connection). Waiting for another runner's lock, and a step that runs longer,
+    // must outlast it; the connection's own setting is back afterwards.
+    let db = TestDb::new(Schema::Empty).await;
+    let mut cfg: tokio_postgres::Config = db.url.parse().unwrap();
+    cfg.options("-c statement_timeout=300");
+    let (mut c, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let other = db.client().await;
+    other
+        .execute("SELECT pg_advisory_lock(x'74656e616e747279'::int8)", &[])
+        .await
+        .unwrap();
+    static TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let lock = tenantry_migrate::LockWait {
+        on_busy: || TOLD.store(true, std::sync::atomic::Ordering::SeqCst),
+        ..tenantry_migrate::LOCK_WAIT
+    };
+    let set = vec![m(
+        "0001_slow.sql",
+        "expand",
+        "CREATE TABLE t (id int); SELECT pg_sleep(0.6);",
+    )];
+    let (report, ()) = tokio::join!(
+        tenantry_migrate::up_with(&mut c, &set, Phase::Expand, lock),
+        async {
+            tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+            other
+                .execute("SELECT pg_advisory_unlock(x'74656e616e747279'::int8)", &[])
+                .await
+                .unwrap();
+        }
+    );
+    assert_eq!(report.unwrap().applied, ["0001_slow.sql"]);
+    assert!(
+        TOLD.load(std::sync::atomic::Ordering::SeqCst),
+        "the wait was told"
+    );
+    let timeout: String = c
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(timeout, "300ms");
 }

@@ -122,14 +122,17 @@ async fn status(cfg: &Config, args: StatusArgs) -> anyhow::Result<()> {
                     applied: 0,
                     latest,
                     pending: vec![],
-                    problem: Some(e.to_string()),
+                    problem: Some(tenantry_core::error::chain(&e)),
                 },
                 Ok(st) => StatusRow {
                     database: d.label,
                     applied: st.version(),
                     latest,
                     pending: st.pending.iter().map(describe).collect(),
-                    problem: st.check(&known).err().map(|e| e.to_string()),
+                    problem: st
+                        .check(&known)
+                        .err()
+                        .map(|e| tenantry_core::error::chain(&e)),
                 },
             },
         };
@@ -209,6 +212,12 @@ async fn migrate_one(
                 "{file}: waited {timeout:?} for a lock another transaction holds; \
                  rolled back, trying again (try {} follows)",
                 tries + 1
+            )
+        },
+        on_busy: || {
+            eprintln!(
+                "another migration runner holds this database's migration lock; waiting for it \
+                 to finish"
             )
         },
         ..tenantry_migrate::LOCK_WAIT

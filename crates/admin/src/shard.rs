@@ -118,9 +118,9 @@ async fn list(cfg: &Config, args: ListArgs) -> anyhow::Result<()> {
         let v = match db::connect(&s.database_url, &cfg.database, "tenantry-admin").await {
             Ok(c) => match tenantry_migrate::status(&c, &known).await {
                 Ok(st) => st.version().to_string(),
-                Err(e) => format!("error: {e}"),
+                Err(e) => format!("error: {}", tenantry_core::error::chain(&e)),
             },
-            Err(_) => "unreachable".to_owned(),
+            Err(e) => format!("unreachable: {e:#}"),
         };
         versions.push(v);
     }

@@ -193,6 +193,22 @@ impl From<tokio_postgres::Error> for ApiError {
     }
 }
 
+/// `e` and its causes on one line, each cause that its predecessors' text does not already
+/// show: tokio-postgres's own text is only "db error", the database's message is its cause.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let t = cause.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        next = cause.source();
+    }
+    text
+}
+
 /// Whether `e` is a lost connection or a refusal that the same request can expect to pass on
 /// a retry: the SQLSTATE classes 08 (connection exception), 40 (transaction rollback:
 /// serialization failure, deadlock), 53 (insufficient resources: too many connections, disk
@@ -226,6 +242,23 @@ mod tests {
     use actix_web::body::MessageBody;
 
     use super::*;
+
+    #[test]
+    fn a_chain_shows_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("inner detail")]
+        struct Inner;
+        #[derive(Debug, thiserror::Error)]
+        #[error("db error")]
+        struct Middle(#[source] Inner);
+        #[derive(Debug, thiserror::Error)]
+        #[error("bookkeeping failed: {0}")]
+        struct Outer(#[source] Middle);
+        assert_eq!(
+            chain(&Outer(Middle(Inner))),
+            "bookkeeping failed: db error: inner detail"
+        );
+    }
 
     #[test]
     fn passing_database_refusals_are_transient_and_bugs_are_not() {

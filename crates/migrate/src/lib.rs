@@ -284,13 +284,15 @@ pub struct Report {
 /// for each lock, and after a lock timeout it is rolled back and tried again after `pause`, up
 /// to `tries` times in all (at least once; a `timeout` under a millisecond counts as one, since
 /// PostgreSQL reads 0 as no limit). `on_retry` hears of each retry: the file, the tries so far
-/// and the timeout.
+/// and the timeout. `on_busy` hears once that another runner holds the migration lock and this
+/// one waits for it (as long as that takes).
 #[derive(Debug, Clone, Copy)]
 pub struct LockWait {
     pub timeout: Duration,
     pub tries: u32,
     pub pause: Duration,
     pub on_retry: fn(&str, u32, Duration),
+    pub on_busy: fn(),
 }
 
 /// What [`up`] uses: other statements on a table wait at most 2 s at a time for a step, and a
@@ -300,7 +302,12 @@ pub const LOCK_WAIT: LockWait = LockWait {
     tries: 10,
     pause: Duration::from_secs(1),
     on_retry: log_retry,
+    on_busy: log_busy,
 };
+
+fn log_busy() {
+    tracing::warn!("another migration runner holds this database's migration lock; waiting for it");
+}
 
 fn log_retry(file: &str, tries: u32, timeout: Duration) {
     tracing::warn!(
@@ -329,10 +336,37 @@ pub async fn up_with(
     phase: Phase,
     lock: LockWait,
 ) -> Result<Report, MigrateError> {
-    // A session lock rather than a transaction lock: it must cover several transactions.
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
-        .await?;
+    // No statement_timeout for the runner (a connection's default, `database.statement_timeout`,
+    // would cut off a long step, or the wait for another runner, after 30 s); each step's locks
+    // are bounded by `lock` instead. RESET puts the connection's own default back.
+    client.batch_execute("SET statement_timeout = 0").await?;
+    let result = locked(client, known, phase, lock).await;
+    let reset = client.batch_execute("RESET statement_timeout").await;
+    let report = result?;
+    reset?;
+    Ok(report)
+}
+
+async fn locked(
+    client: &mut Client,
+    known: &[Migration],
+    phase: Phase,
+    lock: LockWait,
+) -> Result<Report, MigrateError> {
+    // A session lock rather than a transaction lock: it must cover several transactions. Tried
+    // rather than waited for, so the operator hears why the command is waiting.
+    let mut told = false;
+    while !client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
+        .await?
+        .get::<_, bool>(0)
+    {
+        if !told {
+            (lock.on_busy)();
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let result = up_locked(client, known, phase, lock).await;
     let unlock = client
         .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
