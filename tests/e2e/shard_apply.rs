@@ -205,6 +205,29 @@ async fn shard_apply_refuses_bad_maps_and_changes_nothing() {
         .envs(cat.clone()));
     assert_eq!(code, 1);
     assert!(err.contains("cannot read"), "{err}");
+    // A pipe reports no size up front: the read itself stops at the limit.
+    let mut piped = tenantry()
+        .args(["admin", "shard", "apply", "/dev/stdin"])
+        .envs(cat.clone())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = piped.stdin.take().unwrap();
+    let feed = format!("{good}# {}\n", "x".repeat(64 << 20));
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        stdin.write_all(feed.as_bytes()).is_ok()
+    });
+    let out = piped.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("over the limit"), "{err}");
+    assert!(
+        !writer.join().unwrap(),
+        "the command stopped reading at the limit; the rest of 64 MiB met a closed pipe"
+    );
     assert_eq!(outbox_rows(&catalog).await, 0);
     assert!(!missing.exists().await);
     // The catalog itself refuses an endpoint the gateway cannot reach, also one written by hand.

@@ -85,7 +85,12 @@ pub async fn upsert_shards(
     let existing = list_shards(&tx).await?;
     let mut changes = Vec::new();
     for spec in specs {
-        let mut endpoints = spec.endpoints.clone();
+        // As the gateway reads them: `http://a/` and `http://a` are one endpoint.
+        let mut endpoints: Vec<String> = spec
+            .endpoints
+            .iter()
+            .map(|e| e.trim_end_matches('/').to_owned())
+            .collect();
         endpoints.sort();
         endpoints.dedup();
         let change = match existing.iter().find(|s| s.id == spec.id) {

@@ -1,6 +1,6 @@
 //! The shard map as code: `shard-map/<environment>.toml`.
 
-use std::{collections::BTreeSet, path::Path};
+use std::{collections::BTreeSet, io::Read, path::Path};
 
 use serde::{Deserialize, Serialize};
 use tenantry_core::{config::validate_shard_id, secret::DatabaseUrl};
@@ -69,12 +69,38 @@ pub enum FileError {
         path: String,
         source: std::io::Error,
     },
-    #[error("shard map {path} is {size} bytes; the limit is {MAX_FILE_BYTES}")]
+    #[error("shard map {path} is over the limit of {MAX_FILE_BYTES} bytes (at least {size})")]
     TooLarge { path: String, size: u64 },
     #[error("shard map {path} is not valid: {message}")]
     Parse { path: String, message: String },
     #[error("shard map {path} is not valid:\n  - {}", .problems.join("\n  - "))]
     Invalid { path: String, problems: Vec<String> },
+}
+
+/// The host and port of an endpoint (what follows `http://`, up to its path): a host, and a
+/// port that is a number when given. No user info: it would be sent to no one.
+fn check_authority(rest: &str) -> Result<(), &'static str> {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err("user info is not allowed");
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((h, tail)) => (h, tail.strip_prefix(':')),
+            None => return Err("an IPv6 host is missing its ']'"),
+        },
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() {
+        return Err("it names no host");
+    }
+    if port.is_some_and(|p| p.parse::<u16>().is_err()) {
+        return Err("its port is not a number from 0 to 65535");
+    }
+    Ok(())
 }
 
 impl ShardMapFile {
@@ -90,10 +116,24 @@ impl ShardMapFile {
                 size: meta.len(),
             });
         }
-        let text = std::fs::read_to_string(path).map_err(|source| FileError::Io {
+        // The size check above cannot see into a pipe, /dev/stdin or a /proc file (they report
+        // 0 bytes): the read itself stops one byte past the limit.
+        let mut text = String::new();
+        let io = |source| FileError::Io {
             path: p.clone(),
             source,
-        })?;
+        };
+        std::fs::File::open(path)
+            .map_err(io)?
+            .take(MAX_FILE_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(io)?;
+        if text.len() as u64 > MAX_FILE_BYTES {
+            return Err(FileError::TooLarge {
+                path: p,
+                size: text.len() as u64,
+            });
+        }
         Self::parse(&p, &text)
     }
 
@@ -165,6 +205,8 @@ impl ShardMapFile {
                         "shard {:?}: endpoint {e:?} is not an http:// URL",
                         s.id
                     ));
+                } else if let Err(why) = check_authority(&e["http://".len()..]) {
+                    p.push(format!("shard {:?}: endpoint {e:?}: {why}", s.id));
                 }
             }
             if !(1..=10_000).contains(&s.weight) {
@@ -220,6 +262,26 @@ endpoints = ["http://127.0.0.1:8101"]
                 &GOOD.replace("http://127.0.0.1:8101", "https://127.0.0.1:8101"),
                 "no TLS client",
             ),
+            (
+                &GOOD.replace("http://127.0.0.1:8101", "http://"),
+                "names no host",
+            ),
+            (
+                &GOOD.replace("http://127.0.0.1:8101", "http://127.0.0.1:api"),
+                "port is not a number",
+            ),
+            (
+                &GOOD.replace("http://127.0.0.1:8101", "http://127.0.0.1:70000/x"),
+                "port is not a number",
+            ),
+            (
+                &GOOD.replace("http://127.0.0.1:8101", "http://user:pw@127.0.0.1:8101"),
+                "user info",
+            ),
+            (
+                &GOOD.replace("http://127.0.0.1:8101", "http://[::1:8101"),
+                "missing its ']'",
+            ),
             (&format!("{GOOD}weight = 0\n"), "weight"),
             (
                 &format!("{GOOD}{}", GOOD.replace("environment = \"test\"", "")),
@@ -228,6 +290,15 @@ endpoints = ["http://127.0.0.1:8101"]
         ] {
             let err = ShardMapFile::parse("t", text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}\n=> {err}");
+        }
+        for fine in [
+            "http://127.0.0.1:8101/",
+            "http://shard-1.internal",
+            "http://[::1]:8101",
+            "http://[::1]",
+        ] {
+            let text = GOOD.replace("http://127.0.0.1:8101", fine);
+            assert!(ShardMapFile::parse("t", &text).is_ok(), "{fine}");
         }
     }
 }
