@@ -290,3 +290,45 @@ async fn shard_apply_needs_a_migrated_catalog() {
     assert_eq!(code, 1);
     assert!(err.contains("migrate up"), "{err}");
 }
+
+#[tokio::test]
+async fn a_map_for_another_environment_is_refused_before_anything_changes() {
+    // The catalog records the environment of its first apply; a staging map applied to it by
+    // mistake (a catalog URL left pointing at production, say) changes nothing.
+    let catalog = TestDb::new(Schema::Catalog).await;
+    let (s1, staging_db) = (TestDb::new(Schema::Empty).await, TestDb::reserve());
+    let dir = tempdir();
+    let cat = [("TENANTRY_CATALOG__URL", catalog.url.clone())];
+    let apply = |name: &str, text: String| {
+        let file = dir.join(name);
+        std::fs::write(&file, text).unwrap();
+        run(tenantry()
+            .args(["admin", "shard", "apply", "--create-databases"])
+            .arg(&file)
+            .envs(cat.clone()))
+    };
+    let (code, _, err) = apply(
+        "e2e.toml",
+        map(&[("shard-1", &s1, "http://127.0.0.1:8101")], ""),
+    );
+    assert_eq!(code, 0, "{err}");
+    let before = outbox_rows(&catalog).await;
+    let staging = map(&[("shard-1", &staging_db, "http://10.0.0.9:8101")], "")
+        .replace("environment = \"e2e\"", "environment = \"staging\"");
+    let (code, out, err) = apply("staging.toml", staging);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("serves environment \"e2e\"") && err.contains("for \"staging\""),
+        "{err}"
+    );
+    assert_eq!(outbox_rows(&catalog).await, before);
+    assert!(!staging_db.exists().await, "no database was created");
+    let url: String = catalog
+        .client()
+        .await
+        .query_one("SELECT database_url FROM shards WHERE id = 'shard-1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(url, s1.url, "the shard still points at its own database");
+}

@@ -65,6 +65,7 @@ pub async fn apply(
             "the catalog at {catalog_url} has no schema yet; run `tenantry admin migrate up` first"
         );
     }
+    claim_environment(&cat, catalog_url, &file.environment).await?;
 
     let mut outcomes = Vec::new();
     for spec in &file.shards {
@@ -112,6 +113,36 @@ pub async fn apply(
         undeclared,
         map_version,
     })
+}
+
+/// Records the environment the catalog serves on its first apply, or checks that the file is
+/// for that environment, before anything else is touched.
+async fn claim_environment(
+    cat: &tokio_postgres::Client,
+    catalog_url: &DatabaseUrl,
+    environment: &str,
+) -> anyhow::Result<()> {
+    let missing = "the catalog has no environment record (catalog migration 0004); run \
+                   `tenantry admin migrate up` first";
+    cat.execute(
+        "INSERT INTO catalog_environment (environment) VALUES ($1)
+         ON CONFLICT (singleton) DO NOTHING",
+        &[&environment],
+    )
+    .await
+    .context(missing)?;
+    let recorded: String = cat
+        .query_one("SELECT environment FROM catalog_environment", &[])
+        .await
+        .context(missing)?
+        .get(0);
+    if recorded != environment {
+        anyhow::bail!(
+            "the catalog at {catalog_url} serves environment {recorded:?}, and this shard map \
+             is for {environment:?}: nothing was changed (check the catalog URL, or the file)"
+        );
+    }
+    Ok(())
 }
 
 /// Records which shard a database is, or checks that it already is that shard.
