@@ -1863,3 +1863,43 @@ async fn a_request_cut_off_by_the_end_of_the_grace_period_still_leaves_a_line_un
     assert_eq!(v["http.path"], format!("/v1/companies/{company}/hang"));
     broker.cleanup().await;
 }
+
+#[actix_web::test]
+async fn a_caller_too_slow_to_send_its_body_gets_408_not_504() {
+    // The caller sends part of a large body and stops. The time runs out while the gateway
+    // still waits for the caller, not for the shard: 408 request_timeout, not 504.
+    let company = Uuid::now_v7();
+    let env = fake_env(&[company], &[("TENANTRY_GATEWAY__UPSTREAM_TIMEOUT", "1s")]).await;
+    let addr = env.base.trim_start_matches("http://").to_owned();
+    let auth = company_token(company, "admin");
+    let head = format!(
+        "PUT /v1/companies/{company}/echo HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {auth}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        200 * 1024
+    );
+    let started = Instant::now();
+    let answer = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        // More than the 64 KiB the gateway holds, so it streams; then nothing more.
+        s.write_all(&vec![b'a'; 100 * 1024]).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .join()
+    .unwrap();
+    let took = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    env.broker.cleanup().await;
+}

@@ -331,6 +331,18 @@ async fn send(
                 last_error = Some(e.to_string());
                 continue;
             }
+            // The time ran out while the caller was still sending its body: the caller is
+            // slow, not the shard.
+            Err(SendRequestError::Timeout) if body.still_arriving() => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                        "the request body did not arrive within {} ms",
+                        timeout.as_millis()
+                    ),
+                ));
+            }
             Err(SendRequestError::Timeout) => {
                 return Err(ApiError::new(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -538,6 +550,8 @@ enum Body {
     Streaming {
         stream: Option<BodyStream>,
         fault: Rc<Cell<Option<Fault>>>,
+        /// The caller's last byte has been read.
+        ended: Rc<Cell<bool>>,
     },
 }
 
@@ -574,6 +588,14 @@ impl Body {
         match self {
             Body::Held(_) => None,
             Body::Streaming { fault, .. } => fault.get(),
+        }
+    }
+
+    /// A streamed body whose caller is still sending (no fault, no end yet).
+    fn still_arriving(&self) -> bool {
+        match self {
+            Body::Held(_) => false,
+            Body::Streaming { fault, ended, .. } => fault.get().is_none() && !ended.get(),
         }
     }
 }
@@ -615,10 +637,18 @@ async fn read_body(mut payload: web::Payload, hold: usize, limit: usize) -> Resu
         }
         Ok(chunk)
     });
-    let stream = stream::once(async move { Ok(prefix.freeze()) }).chain(tail);
+    let ended = Rc::new(Cell::new(false));
+    let end = ended.clone();
+    let stream = stream::once(async move { Ok(prefix.freeze()) })
+        .chain(tail)
+        .chain(stream::poll_fn(move |_| {
+            end.set(true);
+            std::task::Poll::Ready(None)
+        }));
     Ok(Body::Streaming {
         stream: Some(Box::pin(stream)),
         fault,
+        ended,
     })
 }
 
