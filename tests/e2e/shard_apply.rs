@@ -332,3 +332,74 @@ async fn a_map_for_another_environment_is_refused_before_anything_changes() {
         .get(0);
     assert_eq!(url, s1.url, "the shard still points at its own database");
 }
+
+#[tokio::test]
+async fn a_shard_whose_database_is_down_can_still_be_taken_out_of_placement() {
+    let catalog = TestDb::new(Schema::Catalog).await;
+    let s1 = TestDb::new(Schema::Empty).await;
+    let host_port = s1.url.split('@').nth(1).unwrap().split('/').next().unwrap();
+    let proxy = tenantry_testkit::proxy::TcpProxy::start(host_port.parse().unwrap()).await;
+    let through = s1.url.replace(host_port, &proxy.addr.to_string());
+    let dir = tempdir();
+    let cat = [("TENANTRY_CATALOG__URL", catalog.url.clone())];
+    let file = dir.join("map.toml");
+    let declare = |accepting: bool| {
+        let text = format!(
+            "environment = \"e2e\"\n[[shard]]\nid = \"shard-1\"\ndatabase_url = \"{through}\"\n\
+             endpoints = [\"http://127.0.0.1:8101\"]\naccepting = {accepting}\n"
+        );
+        std::fs::write(&file, text).unwrap();
+    };
+    let apply = |extra: &[&str]| {
+        run(tenantry()
+            .args(["admin", "shard", "apply"])
+            .args(extra)
+            .arg(&file)
+            .envs(cat.clone()))
+    };
+    declare(true);
+    let (code, _, err) = apply(&[]);
+    assert_eq!(code, 0, "{err}");
+
+    proxy.cut();
+    declare(false);
+    let (code, _, err) = apply(&[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--skip-unreachable"), "{err}");
+    assert!(
+        !err.contains("--create-databases"),
+        "not a missing database: {err}"
+    );
+    let accepting = || async {
+        catalog
+            .client()
+            .await
+            .query_one("SELECT accepting FROM shards WHERE id = 'shard-1'", &[])
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    };
+    assert!(accepting().await, "nothing changed");
+
+    let (code, out, err) = apply(&["--skip-unreachable"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("shard shard-1: database unreachable, skipped"),
+        "{out}"
+    );
+    assert!(err.contains("warning: shard shard-1"), "{err}");
+    assert!(!accepting().await, "the catalog fields were applied");
+
+    // A shard new to the catalog is never skipped: nothing would vouch for its database.
+    let fresh = TestDb::reserve();
+    let text = format!(
+        "environment = \"e2e\"\n[[shard]]\nid = \"shard-2\"\n\
+         database_url = \"postgres://postgres@{}/{}\"\nendpoints = [\"http://127.0.0.1:8102\"]\n",
+        proxy.addr,
+        fresh.url.rsplit('/').next().unwrap()
+    );
+    std::fs::write(&file, text).unwrap();
+    let (code, _, err) = apply(&["--skip-unreachable"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("must be reachable"), "{err}");
+}

@@ -24,6 +24,10 @@ pub struct ApplyArgs {
     /// Create shard databases that do not exist yet.
     #[arg(long)]
     create_databases: bool,
+    /// Apply the catalog fields (accepting, state, weight, endpoints) of a shard already in
+    /// the catalog whose database cannot be reached, without migrating or checking it.
+    #[arg(long)]
+    skip_unreachable: bool,
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
@@ -51,6 +55,7 @@ async fn apply(cfg: &Config, args: ApplyArgs) -> anyhow::Result<()> {
         &file,
         ApplyOptions {
             create_databases: args.create_databases,
+            skip_unreachable: args.skip_unreachable,
         },
     )
     .await?;
@@ -60,6 +65,13 @@ async fn apply(cfg: &Config, args: ApplyArgs) -> anyhow::Result<()> {
     }
     for s in &report.shards {
         let mut what = Vec::new();
+        if let Some(why) = &s.skipped {
+            eprintln!(
+                "warning: shard {}: its database was not migrated or checked: {why}",
+                s.id
+            );
+            what.push("database unreachable, skipped".to_owned());
+        }
         if s.database_created {
             what.push("created database".to_owned());
         }
@@ -76,12 +88,16 @@ async fn apply(cfg: &Config, args: ApplyArgs) -> anyhow::Result<()> {
         if what.is_empty() {
             what.push("unchanged".into());
         }
-        outln!(
-            "shard {}: {} (schema version {})",
-            s.id,
-            what.join("; "),
-            s.schema_version
-        );
+        if s.skipped.is_some() {
+            outln!("shard {}: {}", s.id, what.join("; "));
+        } else {
+            outln!(
+                "shard {}: {} (schema version {})",
+                s.id,
+                what.join("; "),
+                s.schema_version
+            );
+        }
     }
     for id in &report.undeclared {
         outln!(

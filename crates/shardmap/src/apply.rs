@@ -16,6 +16,10 @@ use crate::{
 pub struct ApplyOptions {
     /// Create shard databases that do not exist yet.
     pub create_databases: bool,
+    /// A shard already in the catalog with the same database URL whose database cannot be
+    /// reached is not migrated or checked, and its catalog fields are applied all the same
+    /// (so a dead shard can be taken out of placement with `accepting = false`).
+    pub skip_unreachable: bool,
 }
 
 /// What happened to one declared shard.
@@ -25,6 +29,9 @@ pub struct ShardOutcome {
     pub database_created: bool,
     pub migrations_applied: Vec<String>,
     pub schema_version: i64,
+    /// Why its database was not migrated or checked (`skip_unreachable`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
     #[serde(flatten)]
     pub catalog: Change,
 }
@@ -67,23 +74,53 @@ pub async fn apply(
     }
     claim_environment(&cat, catalog_url, &file.environment).await?;
 
+    let known = catalog::list_shards(&cat)
+        .await
+        .context("reading the catalog's shards")?;
     let mut outcomes = Vec::new();
     for spec in &file.shards {
-        let database_created = if opts.create_databases {
-            db::ensure_database(&spec.database_url, dbcfg)
+        let reached = async {
+            let created = if opts.create_databases {
+                db::ensure_database(&spec.database_url, dbcfg)
+                    .await
+                    .with_context(|| format!("creating the database of shard {}", spec.id))?
+            } else {
+                false
+            };
+            let client = db::connect(&spec.database_url, dbcfg, "tenantry-admin")
                 .await
-                .with_context(|| format!("creating the database of shard {}", spec.id))?
-        } else {
-            false
+                .with_context(|| format!("connecting to shard {}", spec.id))?;
+            anyhow::Ok((created, client))
+        }
+        .await;
+        let (database_created, mut client) = match reached {
+            Ok(r) => r,
+            Err(e) if missing_database(&e) => {
+                return Err(e.context("pass --create-databases to create missing databases"));
+            }
+            Err(e) => {
+                let same = known
+                    .iter()
+                    .any(|k| k.id == spec.id && k.database_url == spec.database_url);
+                if !(opts.skip_unreachable && same) {
+                    let hint = if same {
+                        "pass --skip-unreachable to apply its catalog fields without it"
+                    } else {
+                        "a shard new to the catalog, or with a new database_url, must be reachable"
+                    };
+                    return Err(e.context(hint));
+                }
+                outcomes.push(ShardOutcome {
+                    id: spec.id.clone(),
+                    database_created: false,
+                    migrations_applied: vec![],
+                    schema_version: 0,
+                    skipped: Some(format!("{e:#}")),
+                    catalog: Change::Unchanged,
+                });
+                continue;
+            }
         };
-        let mut client = db::connect(&spec.database_url, dbcfg, "tenantry-admin")
-            .await
-            .with_context(|| {
-                format!(
-                    "connecting to shard {} (pass --create-databases to create missing databases)",
-                    spec.id
-                )
-            })?;
         let report = tenantry_migrate::up(
             &mut client,
             &tenantry_migrate::embedded(Target::Shard),
@@ -97,6 +134,7 @@ pub async fn apply(
             database_created,
             migrations_applied: report.applied,
             schema_version: report.version,
+            skipped: None,
             catalog: Change::Unchanged,
         });
     }
@@ -113,6 +151,13 @@ pub async fn apply(
         undeclared,
         map_version,
     })
+}
+
+/// Whether connecting failed because the database does not exist (SQLSTATE 3D000).
+fn missing_database(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+        .any(|p| p.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME))
 }
 
 /// Records the environment the catalog serves on its first apply, or checks that the file is
