@@ -1,6 +1,7 @@
 //! `tenantry admin shard apply|list`: idempotent shard map as code.
 
 use tenantry_testkit::{Schema, TestDb};
+use uuid::Uuid;
 
 use crate::{
     cli::tempdir,
@@ -402,4 +403,75 @@ async fn a_shard_whose_database_is_down_can_still_be_taken_out_of_placement() {
     let (code, _, err) = apply(&["--skip-unreachable"]);
     assert_eq!(code, 1);
     assert!(err.contains("must be reachable"), "{err}");
+}
+
+#[tokio::test]
+async fn a_shard_with_companies_cannot_be_pointed_at_a_database_that_is_not_its_own() {
+    // A typo in database_url, with --create-databases, would create, migrate and claim an empty
+    // database, and the shard's companies would find nothing there.
+    let catalog = TestDb::new(Schema::Catalog).await;
+    let (s1, elsewhere, typo) = (
+        TestDb::new(Schema::Empty).await,
+        TestDb::new(Schema::Empty).await,
+        TestDb::reserve(),
+    );
+    let dir = tempdir();
+    let cat = [("TENANTRY_CATALOG__URL", catalog.url.clone())];
+    let apply = |db: &TestDb| {
+        let file = dir.join("map.toml");
+        std::fs::write(&file, map(&[("shard-1", db, "http://127.0.0.1:8101")], "")).unwrap();
+        run(tenantry()
+            .args(["admin", "shard", "apply", "--create-databases"])
+            .arg(&file)
+            .envs(cat.clone()))
+    };
+    let (code, _, err) = apply(&s1);
+    assert_eq!(code, 0, "{err}");
+    catalog
+        .exec(&format!(
+            "INSERT INTO tenants (id, name, shard_id, state) VALUES ('{}', 'Acme', 'shard-1', 'active')",
+            Uuid::now_v7()
+        ))
+        .await;
+    let url_of = || async {
+        catalog
+            .client()
+            .await
+            .query_one("SELECT database_url FROM shards WHERE id = 'shard-1'", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    for target in [&typo, &elsewhere] {
+        let (code, out, err) = apply(target);
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            err.contains("is not shard shard-1's (it records no shard)"),
+            "{err}"
+        );
+        assert_eq!(url_of().await, s1.url);
+    }
+    assert!(!typo.exists().await, "no database was created for the typo");
+    assert_eq!(
+        elsewhere
+            .scalar("SELECT count(*) FROM pg_tables WHERE tablename = 'shard_identity'")
+            .await,
+        0,
+        "nothing was written to the wrong database"
+    );
+    // The shard's own database, restored at the new place, is accepted.
+    let mut c = elsewhere.client().await;
+    tenantry_migrate::up(
+        &mut c,
+        &tenantry_migrate::embedded(tenantry_migrate::Target::Shard),
+        tenantry_migrate::Phase::Expand,
+    )
+    .await
+    .unwrap();
+    elsewhere
+        .exec("INSERT INTO shard_identity (shard_id) VALUES ('shard-1')")
+        .await;
+    let (code, _, err) = apply(&elsewhere);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(url_of().await, elsewhere.url);
 }

@@ -79,8 +79,12 @@ pub async fn apply(
         .context("reading the catalog's shards")?;
     let mut outcomes = Vec::new();
     for spec in &file.shards {
+        // A shard with companies whose database moves must find its own data at the new URL.
+        let moving = known
+            .iter()
+            .find(|k| k.id == spec.id && k.database_url != spec.database_url && k.tenants > 0);
         let reached = async {
-            let created = if opts.create_databases {
+            let created = if opts.create_databases && moving.is_none() {
                 db::ensure_database(&spec.database_url, dbcfg)
                     .await
                     .with_context(|| format!("creating the database of shard {}", spec.id))?
@@ -96,6 +100,9 @@ pub async fn apply(
         let (database_created, mut client) = match reached {
             Ok(r) => r,
             Err(e) if missing_database(&e) => {
+                if let Some(k) = moving {
+                    return Err(not_its_database(&spec.id, k.tenants, None));
+                }
                 return Err(e.context("pass --create-databases to create missing databases"));
             }
             Err(e) => {
@@ -121,6 +128,9 @@ pub async fn apply(
                 continue;
             }
         };
+        if let Some(k) = moving {
+            check_moved_database(&client, &spec.id, k.tenants).await?;
+        }
         let report = tenantry_migrate::up(
             &mut client,
             &tenantry_migrate::embedded(Target::Shard),
@@ -151,6 +161,37 @@ pub async fn apply(
         undeclared,
         map_version,
     })
+}
+
+/// Before anything is written to it: the new database of a shard that has companies must
+/// already be that shard's (restored or copied from its old database). A fresh or mistyped
+/// database would be claimed, and the companies' requests would find nothing there.
+async fn check_moved_database(
+    client: &tokio_postgres::Client,
+    shard_id: &str,
+    tenants: i64,
+) -> anyhow::Result<()> {
+    let owner: Option<String> = match client
+        .query_opt("SELECT shard_id FROM shard_identity", &[])
+        .await
+    {
+        Ok(row) => row.map(|r| r.get(0)),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => None,
+        Err(e) => return Err(e).context("reading the new database's shard identity"),
+    };
+    if owner.as_deref() != Some(shard_id) {
+        return Err(not_its_database(shard_id, tenants, owner.as_deref()));
+    }
+    Ok(())
+}
+
+fn not_its_database(shard_id: &str, tenants: i64, owner: Option<&str>) -> anyhow::Error {
+    anyhow::anyhow!(
+        "shard {shard_id} has {tenants} companies and its database_url changes, but the \
+         database at the new URL is not shard {shard_id}'s (it records {}): restore or copy the \
+         shard's database there first, or check the URL for a typo; the catalog was not changed",
+        owner.map_or_else(|| "no shard".to_owned(), |o| format!("shard {o}"))
+    )
 }
 
 /// Whether connecting failed because the database does not exist (SQLSTATE 3D000).
