@@ -208,6 +208,21 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
         assert_eq!(r.status().as_u16(), status, "{name}");
         assert_eq!(error_of!(r).error.code, code, "{name}");
     }
+    for ct in [
+        "application/x-www-form-urlencoded",
+        "text/plain",
+        "application/jsonx",
+    ] {
+        let mut r = c
+            .post(&jobs)
+            .bearer_auth(&member)
+            .content_type(ct)
+            .send_body(r#"{"kind":"echo"}"#)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 415, "{ct}");
+        assert_eq!(error_of!(r).error.code, "unsupported_media_type", "{ct}");
+    }
     let long_key = "k".repeat(201);
     for key in ["has spaces in it", "", "tab\there", long_key.as_str()] {
         let mut r = c
@@ -293,6 +308,20 @@ async fn another_companys_job_is_not_found() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // HEAD answers as GET does, without the body.
+    for (company, status) in [(a, 200), (b, 404)] {
+        let mut r = http()
+            .head(format!(
+                "{}/v1/companies/{company}/jobs/{id}",
+                node.url("api")
+            ))
+            .bearer_auth(&both)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status);
+        assert!(r.body().await.unwrap().is_empty());
+    }
 }
 
 #[actix_web::test]

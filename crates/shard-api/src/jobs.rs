@@ -51,7 +51,11 @@ impl JobsState {
 
 pub fn configure(c: &mut web::ServiceConfig) {
     c.service(web::resource("/v1/companies/{company_id}/jobs").post(create))
-        .service(web::resource("/v1/companies/{company_id}/jobs/{job_id}").get(show));
+        .service(
+            web::resource("/v1/companies/{company_id}/jobs/{job_id}")
+                .get(show)
+                .head(show),
+        );
 }
 
 fn parse_uuid(what: &'static str, s: &str) -> Result<Uuid, ApiError> {
@@ -90,6 +94,25 @@ async fn create(
     let company = parse_uuid("company_id", &path)?;
     if !role(&caller, company)?.may_write() {
         return Err(ApiError::forbidden("viewers cannot create jobs"));
+    }
+    // Without a Content-Type the body is read as JSON; with another one (curl's `-d` sends
+    // a form type), the client is told rather than guessed for.
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        let essence = ct
+            .to_str()
+            .unwrap_or_default()
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        if essence != "application/json" && !essence.ends_with("+json") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the job request as application/json",
+            ));
+        }
     }
     let input: CreateJob = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid job request: {e}")))?;
