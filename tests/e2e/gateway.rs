@@ -1903,3 +1903,76 @@ async fn a_caller_too_slow_to_send_its_body_gets_408_not_504() {
     assert!(took < Duration::from_secs(4), "{took:?}");
     env.broker.cleanup().await;
 }
+
+#[actix_web::test]
+async fn company_creations_stuck_on_a_silent_shard_leave_routing_its_catalog_connections() {
+    // The only shard's database accepts connections and never answers. Creations must give
+    // up on their own, and while they hang they must not take every catalog connection:
+    // routing (a cache miss reads the catalog) keeps working.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let catalog = TestDb::new(tenantry_testkit::Schema::Catalog).await;
+    register(
+        &catalog,
+        &[spec(
+            "shard-1",
+            &format!(
+                "postgres://postgres@{}/silent",
+                silent.local_addr().unwrap()
+            ),
+            vec!["http://127.0.0.1:9".into()],
+        )],
+    )
+    .await;
+    let (broker, gw) = gateway_on(
+        &catalog.url,
+        &[
+            ("TENANTRY_CATALOG__POOL_SIZE", "2"),
+            ("TENANTRY_DATABASE__CONNECT_TIMEOUT", "2s"),
+        ],
+    )
+    .await;
+    let base = gw.url("gateway");
+    let started = Instant::now();
+    let creations: Vec<_> = (0..3)
+        .map(|i| {
+            let base = base.clone();
+            actix_web::rt::spawn(async move {
+                let mut r = awc::Client::builder()
+                    .timeout(Duration::from_secs(30))
+                    .finish()
+                    .post(format!("{base}/v1/companies"))
+                    .bearer_auth(creator_token())
+                    .send_json(&json!({"name": format!("Stuck {i}")}))
+                    .await
+                    .unwrap();
+                let code = r.json::<Value>().await.unwrap()["error"]["code"].clone();
+                (r.status().as_u16(), code, started.elapsed())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stranger = Uuid::now_v7();
+    let asked = Instant::now();
+    let mut r = http()
+        .get(format!("{base}/v1/companies/{stranger}/jobs"))
+        .bearer_auth(company_token(stranger, "admin"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "{:?}", r.body().await);
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    for c in creations {
+        let (status, code, took) = c.await.unwrap();
+        assert_eq!(status, 503, "{code}");
+        assert!(
+            code == "shard_unavailable" || code == "creations_busy",
+            "{code}"
+        );
+        assert!(took < Duration::from_secs(12), "{took:?}");
+    }
+    broker.cleanup().await;
+}

@@ -102,9 +102,17 @@ pub async fn connect(
     application_name: &str,
 ) -> anyhow::Result<tokio_postgres::Client> {
     let cfg = pg_config(url, db, application_name)?;
-    let (client, conn) = cfg
-        .connect(NoTls)
+    // tokio-postgres's connect_timeout covers the TCP connect only; a server that accepts and
+    // then says nothing would hold the startup handshake for ever.
+    let (client, conn) = tokio::time::timeout(db.connect_timeout, cfg.connect(NoTls))
         .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the server did not complete the connection within {:?}",
+                db.connect_timeout
+            )
+        })
+        .and_then(|r| r.map_err(anyhow::Error::from))
         .with_context(|| format!("connecting to {url}"))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {

@@ -48,6 +48,9 @@ fn validate_name(name: &str) -> Result<String, ApiError> {
 /// 201 when this call created the company, 200 when it already existed with this name (or
 /// this call finished a creation that an earlier one left half-done), 409 when the id is
 /// taken by another name.
+/// How long a creation waits for its turn (see `Gateway::creations`) before 503.
+const CREATION_WAIT: Duration = Duration::from_secs(5);
+
 pub async fn create(
     caller: Caller,
     body: web::Json<NewCompany>,
@@ -62,6 +65,17 @@ pub async fn create(
     let name = validate_name(&name)?;
     let id = id.unwrap_or_else(Uuid::now_v7);
     tracing::Span::current().record("company.id", tracing::field::display(id));
+    let busy = || {
+        ApiError::unavailable(
+            "creations_busy",
+            "too many companies are being created at once; repeat the request with the same id",
+            Duration::from_secs(1),
+        )
+    };
+    let _creating = tokio::time::timeout(CREATION_WAIT, gw.creations.clone().acquire_owned())
+        .await
+        .map_err(|_| busy())?
+        .map_err(|_| busy())?;
     let mut client = gw.router.catalog().get().await?;
     let created = tenants::create(&mut client, &gw.database, id, &name)
         .await

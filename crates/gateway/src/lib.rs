@@ -35,6 +35,9 @@ pub struct Gateway {
     retry_buffer: usize,
     /// Connection settings for the one-off connections company creation opens to a shard.
     database: tenantry_core::config::DatabaseConfig,
+    /// Company creations at once: each holds a catalog connection while it reaches the shard,
+    /// so at most half the catalog pool, and routing always keeps the other half.
+    creations: Arc<tokio::sync::Semaphore>,
 }
 
 /// Starts the gateway: its listener, the shard-map subscription, the catalog outbox relay and
@@ -69,6 +72,9 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
         body_limit: g.body_limit.as_usize(),
         retry_buffer: g.retry_buffer.as_usize(),
         database: cfg.database.clone(),
+        creations: Arc::new(tokio::sync::Semaphore::new(
+            (cfg.catalog.pool_size / 2).max(1),
+        )),
     });
 
     // Background tasks: they end when `shutdown` fires.
