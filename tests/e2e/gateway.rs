@@ -1901,6 +1901,48 @@ async fn a_caller_too_slow_to_send_its_body_gets_408_not_504() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("request_timeout"), "{answer}");
     assert!(took < Duration::from_secs(4), "{took:?}");
+
+    // The same for a caller that stalls within the first 64 KiB, which the gateway reads
+    // before it involves a shard.
+    let head = format!(
+        "PUT /v1/companies/{company}/echo HTTP/1.1\r\nHost: {addr2}\r\nAuthorization: Bearer {auth}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: 1000\r\n\r\nonly this much",
+        addr2 = env.base.trim_start_matches("http://"),
+    );
+    let addr = env.base.trim_start_matches("http://").to_owned();
+    let started = Instant::now();
+    let answer = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .join()
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        env.fake
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(uri, _, _)| !uri.ends_with("/echo")),
+        "the shard never saw either request"
+    );
     env.broker.cleanup().await;
 }
 

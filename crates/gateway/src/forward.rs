@@ -93,7 +93,14 @@ pub async fn forward(
     if declared.is_some_and(|n| n > gw.body_limit as u64) {
         return Err(ApiError::payload_too_large(gw.body_limit));
     }
-    let mut body = read_body(payload, gw.retry_buffer, gw.body_limit).await?;
+    // The held part of the body is read before any shard is involved: a caller that trickles
+    // it gets the same bound, and answer, as one whose streamed body stalls (see `send`).
+    let mut body = tokio::time::timeout(
+        gw.upstream_timeout,
+        read_body(payload, gw.retry_buffer, gw.body_limit),
+    )
+    .await
+    .map_err(|_| body_timeout(gw.upstream_timeout))??;
 
     let started = Instant::now();
     let deadline = started + gw.freeze_wait;
@@ -334,14 +341,7 @@ async fn send(
             // The time ran out while the caller was still sending its body: the caller is
             // slow, not the shard.
             Err(SendRequestError::Timeout) if body.still_arriving() => {
-                return Err(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request_timeout",
-                    format!(
-                        "the request body did not arrive within {} ms",
-                        timeout.as_millis()
-                    ),
-                ));
+                return Err(body_timeout(timeout));
             }
             Err(SendRequestError::Timeout) => {
                 return Err(ApiError::new(
@@ -598,6 +598,18 @@ impl Body {
             Body::Streaming { fault, ended, .. } => fault.get().is_none() && !ended.get(),
         }
     }
+}
+
+/// The caller's body did not arrive in time.
+fn body_timeout(limit: Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        format!(
+            "the request body did not arrive within {} ms",
+            limit.as_millis()
+        ),
+    )
 }
 
 /// The caller's body broke off or was malformed: the request is the caller's to fix or resend.
