@@ -415,6 +415,9 @@ impl Config {
                     "auth.public_key: {} is not a readable file",
                     self.auth.public_key
                 ));
+            } else if let Err(e) = crate::auth::JwtKey::from_config(&self.auth) {
+                // A file that is not the key `serve` needs: say so here, not at start-up.
+                problems.push(format!("{}: {e:#}", self.auth.public_key));
             }
         }
         for kind in &q.builtin_kinds {
@@ -720,8 +723,13 @@ mod tests {
                 "[auth]\nalgorithm = \"ES256\"\npublic_key = \"/nonexistent.pem\"\n",
                 "/nonexistent.pem is not a readable file",
             ),
+            (
+                "[auth]\nalgorithm = \"ES256\"\npublic_key = \"not-a-key.pem\"\n",
+                "not-a-key.pem: auth.public_key is not an EC public key in PEM",
+            ),
         ] {
             Jail::expect_with(|jail| {
+                jail.create_file("not-a-key.pem", "hello, I am not a key\n")?;
                 jail.create_file("t.toml", file)?;
                 let err = load_in_jail(jail, Some("t.toml"), Mode::Dev)
                     .unwrap_err()
