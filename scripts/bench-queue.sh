@@ -22,7 +22,14 @@ echo "bench-queue: building the benchmark (release)" >&2
 cargo build --quiet --release --example queue_bench -p tenantry-queue
 BIN=$ROOT/target/release/examples/queue_bench
 OUT=$(mktemp -d /tmp/bench-queue.XXXXXX)
-trap 'rm -rf "$OUT"' EXIT
+# A round stopped by Ctrl-C cannot drop its databases itself: drop whatever tqbench_* is left.
+cleanup() {
+  rm -rf "$OUT"
+  psql "$DSN" -qAtX -c "SELECT datname FROM pg_database WHERE datname LIKE 'tqbench\_%'" 2>/dev/null |
+    while read -r db; do psql "$DSN" -qX -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 for r in $(seq "$REPS"); do
   echo "bench-queue: round $r/$REPS: tenantry" >&2
