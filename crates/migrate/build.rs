@@ -17,6 +17,7 @@ fn main() {
             .filter(|p| p.extension().is_some_and(|x| x == "sql"))
             .collect();
         files.sort();
+        let mut versions = std::collections::BTreeSet::new();
         writeln!(out, "pub(crate) static {konst}: &[(&str, &str)] = &[")
             .expect("writing to a String");
         for f in files {
@@ -32,6 +33,10 @@ fn main() {
             assert!(
                 digits.len() == 4 && name[4..].starts_with('_'),
                 "{set}/{name}: migration files are named NNNN_description.sql"
+            );
+            assert!(
+                versions.insert(digits.clone()),
+                "{set}/{name}: another migration already has number {digits}"
             );
             let first = text.lines().next().unwrap_or("");
             assert!(
