@@ -1657,20 +1657,7 @@ async fn a_shard_change_heard_while_the_catalog_is_unreachable_is_applied_once_i
     let company = Uuid::now_v7();
     let (old, new) = (fake_shard().await, fake_shard().await);
     let catalog = one_shard_catalog(vec![old.url.clone()], company).await;
-    // postgres://user@host:port/db
-    let host_port = catalog
-        .url
-        .split('@')
-        .nth(1)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap();
-    let pg: SocketAddr = host_port
-        .parse()
-        .expect("the test database URL names an IP:port");
-    let proxy = TcpProxy::start(pg).await;
-    let proxied = catalog.url.replace(host_port, &proxy.addr.to_string());
+    let (proxy, proxied) = TcpProxy::in_front_of(&catalog.url).await;
     let broker = TestBroker::new().await;
     let exchange = broker.exchange("shardmap");
     let gw = start_gateway(&mut gateway_cmd(
@@ -1866,74 +1853,28 @@ async fn a_request_cut_off_by_the_end_of_the_grace_period_still_leaves_a_line_un
 
 #[actix_web::test]
 async fn a_caller_too_slow_to_send_its_body_gets_408_not_504() {
-    // The caller sends part of a large body and stops. The time runs out while the gateway
-    // still waits for the caller, not for the shard: 408 request_timeout, not 504.
+    // The caller sends part of its body and stops. The time runs out while the gateway still
+    // waits for the caller, not for the shard: 408 request_timeout, not 504, whether it
+    // stalls within the first 64 KiB (which the gateway reads before it involves a shard) or
+    // after them (while the gateway streams the body to the shard).
     let company = Uuid::now_v7();
     let env = fake_env(&[company], &[("TENANTRY_GATEWAY__UPSTREAM_TIMEOUT", "1s")]).await;
     let addr = env.base.trim_start_matches("http://").to_owned();
     let auth = company_token(company, "admin");
-    let head = format!(
-        "PUT /v1/companies/{company}/echo HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {auth}\r\n\
-         Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-        200 * 1024
-    );
-    let started = Instant::now();
-    let answer = std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(head.as_bytes()).unwrap();
-        // More than the 64 KiB the gateway holds, so it streams; then nothing more.
-        s.write_all(&vec![b'a'; 100 * 1024]).unwrap();
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = s.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&buf[..n]);
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    })
-    .join()
-    .unwrap();
-    let took = started.elapsed();
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(answer.contains("request_timeout"), "{answer}");
-    assert!(took < Duration::from_secs(4), "{took:?}");
-
-    // The same for a caller that stalls within the first 64 KiB, which the gateway reads
-    // before it involves a shard.
-    let head = format!(
-        "PUT /v1/companies/{company}/echo HTTP/1.1\r\nHost: {addr2}\r\nAuthorization: Bearer {auth}\r\n\
-         Content-Type: application/octet-stream\r\nContent-Length: 1000\r\n\r\nonly this much",
-        addr2 = env.base.trim_start_matches("http://"),
-    );
-    let addr = env.base.trim_start_matches("http://").to_owned();
-    let started = Instant::now();
-    let answer = std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(head.as_bytes()).unwrap();
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = s.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&buf[..n]);
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    })
-    .join()
-    .unwrap();
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "{:?}",
-        started.elapsed()
-    );
+    for (declared, sent) in [(200 * 1024, 100 * 1024), (1000, 13)] {
+        let mut request = format!(
+            "PUT /v1/companies/{company}/echo HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {auth}\r\n\
+             Content-Type: application/octet-stream\r\nContent-Length: {declared}\r\n\r\n"
+        )
+        .into_bytes();
+        request.extend(std::iter::repeat_n(b'a', sent));
+        let started = Instant::now();
+        let answer = send_and_stall(&addr, request);
+        let took = started.elapsed();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{sent}: {answer}");
+        assert!(answer.contains("request_timeout"), "{sent}: {answer}");
+        assert!(took < Duration::from_secs(4), "{sent}: {took:?}");
+    }
     assert!(
         env.fake
             .seen
@@ -1944,6 +1885,29 @@ async fn a_caller_too_slow_to_send_its_body_gets_408_not_504() {
         "the shard never saw either request"
     );
     env.broker.cleanup().await;
+}
+
+/// Writes `request` (a head and part of its body) to `addr`, sends nothing more, and returns
+/// what the server wrote back before it closed the connection (or 5 s passed).
+fn send_and_stall(addr: &str, request: Vec<u8>) -> String {
+    let addr = addr.to_owned();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&request).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .join()
+    .unwrap()
 }
 
 #[actix_web::test]

@@ -1243,9 +1243,7 @@ async fn a_job_whose_commit_lost_its_connection_is_answered_as_created_not_as_a_
     let db = TestDb::new(Schema::Shard).await;
     let company = Uuid::now_v7();
     own(&db, company, "owned").await;
-    let host_port = db.url.split('@').nth(1).unwrap().split('/').next().unwrap();
-    let proxy = tenantry_testkit::proxy::TcpProxy::start(host_port.parse().unwrap()).await;
-    let proxied = db.url.replace(host_port, &proxy.addr.to_string());
+    let (proxy, proxied) = tenantry_testkit::proxy::TcpProxy::in_front_of(&db.url).await;
     let mut cmd = shard_node(&proxied, true, 0);
     cmd.env("TENANTRY_API__SYNC_WAIT", "0s");
     let node = Served::start(&mut cmd, 1);

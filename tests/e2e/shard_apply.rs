@@ -338,9 +338,7 @@ async fn a_map_for_another_environment_is_refused_before_anything_changes() {
 async fn a_shard_whose_database_is_down_can_still_be_taken_out_of_placement() {
     let catalog = TestDb::new(Schema::Catalog).await;
     let s1 = TestDb::new(Schema::Empty).await;
-    let host_port = s1.url.split('@').nth(1).unwrap().split('/').next().unwrap();
-    let proxy = tenantry_testkit::proxy::TcpProxy::start(host_port.parse().unwrap()).await;
-    let through = s1.url.replace(host_port, &proxy.addr.to_string());
+    let (proxy, through) = tenantry_testkit::proxy::TcpProxy::in_front_of(&s1.url).await;
     let dir = tempdir();
     let cat = [("TENANTRY_CATALOG__URL", catalog.url.clone())];
     let file = dir.join("map.toml");

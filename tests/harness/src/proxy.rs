@@ -126,6 +126,22 @@ impl TcpProxy {
         }
     }
 
+    /// A proxy in front of the server of the database URL `url` (`postgres://user@ip:port/db`),
+    /// and the same URL through it.
+    pub async fn in_front_of(url: &str) -> (TcpProxy, String) {
+        let host_port = url
+            .split('@')
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .expect("a database URL with user@host:port/db");
+        let target: SocketAddr = host_port
+            .parse()
+            .expect("the test database URL names an IP:port");
+        let proxy = TcpProxy::start(target).await;
+        let through = url.replace(host_port, &proxy.addr.to_string());
+        (proxy, through)
+    }
+
     /// Drops every connection and refuses new ones until [`TcpProxy::restore`].
     pub fn cut(&self) {
         self.open.store(false, Ordering::SeqCst);
