@@ -26,7 +26,34 @@ pub async fn check(client: &impl GenericClient, company: Uuid, lock: bool) -> Re
         .query_opt(&stmt, &[&company])
         .await?
         .map(|r| r.get(0));
-    match state.as_deref() {
+    verdict(state.as_deref())
+}
+
+/// [`check`] with the lock, inside the transaction that will write, returning that
+/// transaction's id (`pg_current_xact_id()`, which the row lock assigns anyway): should the
+/// connection be lost during the COMMIT, `pg_xact_status` on another connection tells whether
+/// the write took effect.
+pub async fn check_for_write(
+    tx: &impl GenericClient,
+    company: Uuid,
+) -> Result<Option<String>, ApiError> {
+    let stmt = tx
+        .prepare_cached(
+            "SELECT state, pg_current_xact_id()::text FROM placements
+              WHERE company_id = $1 FOR SHARE",
+        )
+        .await?;
+    let row = tx.query_opt(&stmt, &[&company]).await?;
+    let (state, xid) = match row {
+        Some(r) => (Some(r.get::<_, String>(0)), Some(r.get::<_, String>(1))),
+        None => (None, None),
+    };
+    verdict(state.as_deref())?;
+    Ok(xid)
+}
+
+fn verdict(state: Option<&str>) -> Result<(), ApiError> {
+    match state {
         Some("owned") => Ok(()),
         Some("frozen") => Err(ApiError::unavailable(
             "tenant_frozen",

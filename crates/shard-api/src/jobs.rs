@@ -168,7 +168,7 @@ async fn create(
     let started = Instant::now();
     let mut client = state.shard.pool.get().await?;
     let tx = client.transaction().await?;
-    fence::check(&tx, company, true).await?;
+    let xid = fence::check_for_write(&tx, company).await?;
     // Checked after the fence (a company this shard does not own gets 421, so the gateway
     // re-routes it) and, inside `enqueue`, after an idempotency key's replay (a request already
     // accepted gets its job back even while the queue is full).
@@ -207,7 +207,7 @@ async fn create(
     };
     if let Err(e) = tx.commit().await {
         drop(client);
-        settle_lost_commit(&state, company, &enqueued, e).await?;
+        settle_lost_commit(&state, xid.as_deref(), &enqueued, e).await?;
     } else {
         drop(client);
     }
@@ -234,14 +234,16 @@ async fn create(
 
 /// The COMMIT of a job request failed. If the connection was lost on the way, the commit may
 /// have happened all the same, and an error would make the client send the request again — a
-/// second job, without an `Idempotency-Key`. So the job is looked for on another connection:
-/// found, the request goes on as committed (`Ok`); not found, or not knowable because the
-/// database is still unreachable, the failure is returned (a 503, whose retry is then right or
-/// the best that can be said). A replayed job existed before this transaction, so its request
-/// goes on whatever the commit did.
+/// second job, without an `Idempotency-Key`. So the transaction's fate is asked of the
+/// database on another connection (`pg_xact_status` of the id the fence read): committed, the
+/// request goes on as committed (`Ok`); aborted, the failure is returned (a 503, whose retry is
+/// right); still in progress (the COMMIT is still running on the server), asked again until
+/// `SETTLE_WAIT` has passed. When the fate stays unknown, the failure is returned and the
+/// uncertainty logged. A replayed job existed before this transaction, so its request goes on
+/// whatever the commit did.
 async fn settle_lost_commit(
     state: &JobsState,
-    company: Uuid,
+    xid: Option<&str>,
     enqueued: &Enqueued,
     e: tokio_postgres::Error,
 ) -> Result<(), ApiError> {
@@ -252,25 +254,44 @@ async fn settle_lost_commit(
     if !tenantry_core::error::connection_lost(&e) {
         return Err(e.into());
     }
-    let found = match state.shard.pool.get().await {
-        Ok(c) => store::get(&c, company, id).await.map(|r| r.is_some()),
-        Err(pool) => {
-            tracing::warn!(job.id = %id, error = %pool, "the commit's connection was lost and no other connection is available; the job may exist");
-            return Err(e.into());
-        }
+    let Some(xid) = xid else {
+        return Err(e.into());
     };
-    match found {
-        Ok(true) => {
-            tracing::warn!(job.id = %id, error = %e, "the connection was lost during the commit, which took effect; answering with the job");
-            Ok(())
-        }
-        Ok(false) => Err(e.into()),
-        Err(read) => {
-            tracing::warn!(job.id = %id, error = %read, "the commit's connection was lost and the job could not be looked for; it may exist");
-            Err(e.into())
+    let deadline = Instant::now() + SETTLE_WAIT;
+    loop {
+        let status = match state.shard.pool.get().await {
+            Ok(c) => c
+                .query_one("SELECT pg_xact_status($1::text::xid8)", &[&xid])
+                .await
+                .map(|r| r.get::<_, Option<String>>(0)),
+            Err(pool) => {
+                tracing::warn!(job.id = %id, error = %pool, "the commit's connection was lost and no other connection is available; the job may exist");
+                return Err(e.into());
+            }
+        };
+        match status.as_ref().map(Option::as_deref) {
+            Ok(Some("committed")) => {
+                tracing::warn!(job.id = %id, error = %e, "the connection was lost during the commit, which took effect; answering with the job");
+                return Ok(());
+            }
+            Ok(Some("aborted")) => return Err(e.into()),
+            Ok(Some(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(other) => {
+                tracing::warn!(job.id = %id, status = ?other, "the commit's connection was lost and its outcome is still unknown; the job may exist");
+                return Err(e.into());
+            }
+            Err(read) => {
+                tracing::warn!(job.id = %id, error = %read, "the commit's connection was lost and its outcome could not be read; the job may exist");
+                return Err(e.into());
+            }
         }
     }
 }
+
+/// How long a request whose COMMIT lost its connection waits for the outcome to be known.
+const SETTLE_WAIT: Duration = Duration::from_secs(5);
 
 /// What a job request answers with once its job is committed, given how waiting for it went.
 /// A failure to read it again (the pool or the database) is not the request's failure: the job

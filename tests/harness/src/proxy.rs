@@ -17,8 +17,16 @@ use tokio::{
     sync::watch,
 };
 
-/// A pattern that, once seen going to the server, ends its connection without the answer.
-type Trap = Arc<Mutex<Option<Vec<u8>>>>;
+/// A pattern that, once seen going to the server, ends its connection without the answer,
+/// and how long the bytes holding it are held back from the server.
+type Trap = Arc<Mutex<Option<(Vec<u8>, Duration)>>>;
+
+/// How a proxied connection's forwarding ended.
+enum End {
+    Closed,
+    /// The trap's pattern went by: these bytes are still to reach the server, after the delay.
+    Trapped(Vec<u8>, Duration),
+}
 
 pub struct TcpProxy {
     pub addr: SocketAddr,
@@ -63,34 +71,29 @@ impl TcpProxy {
                     };
                     let (mut from_client, mut to_client) = client.split();
                     let (mut from_server, mut to_server) = server.split();
-                    let held = AtomicBool::new(false);
                     let upstream = async {
                         let mut buf = vec![0u8; 64 * 1024];
                         loop {
                             let n = match from_client.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
+                                Ok(0) | Err(_) => return End::Closed,
                                 Ok(n) => n,
                             };
                             let sprung = {
                                 let mut trap = armed.lock().unwrap_or_else(|p| p.into_inner());
-                                let hit = trap.as_ref().is_some_and(|pat| {
+                                let hit = trap.as_ref().is_some_and(|(pat, _)| {
                                     buf[..n].windows(pat.len()).any(|w| w == pat.as_slice())
                                 });
                                 if hit {
-                                    *trap = None;
+                                    trap.take().map(|(_, delay)| delay)
+                                } else {
+                                    None
                                 }
-                                hit
                             };
-                            if sprung {
-                                // Nothing the server says from here on reaches the client;
-                                // give the server time to act on what it got, then hang up.
-                                held.store(true, Ordering::SeqCst);
-                                let _ = to_server.write_all(&buf[..n]).await;
-                                tokio::time::sleep(Duration::from_millis(300)).await;
-                                return;
+                            if let Some(delay) = sprung {
+                                return End::Trapped(buf[..n].to_vec(), delay);
                             }
                             if to_server.write_all(&buf[..n]).await.is_err() {
-                                return;
+                                return End::Closed;
                             }
                         }
                     };
@@ -101,18 +104,23 @@ impl TcpProxy {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => n,
                             };
-                            if held.load(Ordering::SeqCst) {
-                                std::future::pending::<()>().await;
-                            }
                             if to_client.write_all(&buf[..n]).await.is_err() {
                                 return;
                             }
                         }
                     };
-                    tokio::select! {
-                        _ = upstream => {}
-                        _ = downstream => {}
-                        _ = kill.changed() => {}
+                    let end = tokio::select! {
+                        end = upstream => end,
+                        _ = downstream => End::Closed,
+                        _ = kill.changed() => End::Closed,
+                    };
+                    if let End::Trapped(bytes, delay) = end {
+                        // The client loses the connection now; the server gets what was sent
+                        // later, acts on it, and nothing it answers goes anywhere.
+                        drop(client);
+                        tokio::time::sleep(delay).await;
+                        let _ = server.write_all(&bytes).await;
+                        tokio::time::sleep(Duration::from_millis(300)).await;
                     }
                 });
             }
@@ -148,11 +156,12 @@ impl TcpProxy {
         self.cuts.send_modify(|n| *n += 1);
     }
 
-    /// The next time `pattern` goes to the server on any connection, that connection is
-    /// dropped 300 ms later without the client seeing the server's answer: "the request went
-    /// out and the connection was lost". Once only.
-    pub fn drop_answer_to(&self, pattern: &[u8]) {
-        *self.trap.lock().unwrap_or_else(|p| p.into_inner()) = Some(pattern.to_vec());
+    /// The next time `pattern` goes to the server on any connection, the client's side of that
+    /// connection is closed at once, and the bytes holding the pattern reach the server `delay`
+    /// later, whose answer goes nowhere: "the request went out and the connection was lost",
+    /// with the server acting on it before or after the client notices. Once only.
+    pub fn drop_answer_to(&self, pattern: &[u8], delay: Duration) {
+        *self.trap.lock().unwrap_or_else(|p| p.into_inner()) = Some((pattern.to_vec(), delay));
     }
 
     pub fn restore(&self) {
