@@ -34,7 +34,8 @@ else
   fi
   ver=$(ls /etc/postgresql | sort -V | tail -1)
   # Debian's package starts the cluster it creates (where it can), before the edit above.
-  if pg_ctlcluster "$ver" main status >/dev/null 2>&1; then
+  # (pg_lsclusters works for any user; pg_ctlcluster status wants the cluster's owner.)
+  if [[ $(pg_lsclusters -h 2>/dev/null | awk -v v="$ver" '$1 == v && $2 == "main" {print $4}') == online ]]; then
     say "PostgreSQL $ver is running: reloading it (pg_ctlcluster $ver main reload)"
     need_root pg_ctlcluster --skip-systemctl-redirect "$ver" main reload
   else
