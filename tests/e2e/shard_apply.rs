@@ -332,6 +332,30 @@ async fn a_map_for_another_environment_is_refused_before_anything_changes() {
         .unwrap()
         .get(0);
     assert_eq!(url, s1.url, "the shard still points at its own database");
+
+    // A catalog from before the environment record (shards, no record): the staging map,
+    // whose databases differ, does not get to claim it; the catalog's own map does.
+    catalog.exec("DELETE FROM catalog_environment").await;
+    let staging = map(&[("shard-1", &staging_db, "http://10.0.0.9:8101")], "")
+        .replace("environment = \"e2e\"", "environment = \"staging\"");
+    let (code, out, err) = apply("staging.toml", staging);
+    assert_eq!(code, 1, "{out}");
+    assert!(err.contains("no environment recorded yet"), "{err}");
+    let (code, _, err) = apply(
+        "e2e.toml",
+        map(&[("shard-1", &s1, "http://127.0.0.1:8101")], ""),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        catalog
+            .client()
+            .await
+            .query_one("SELECT environment FROM catalog_environment", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0),
+        "e2e"
+    );
 }
 
 #[tokio::test]
@@ -425,12 +449,16 @@ async fn a_shard_with_companies_cannot_be_pointed_at_a_database_that_is_not_its_
     };
     let (code, _, err) = apply(&s1);
     assert_eq!(code, 0, "{err}");
+    let acme = Uuid::now_v7();
     catalog
         .exec(&format!(
-            "INSERT INTO tenants (id, name, shard_id, state) VALUES ('{}', 'Acme', 'shard-1', 'active')",
-            Uuid::now_v7()
+            "INSERT INTO tenants (id, name, shard_id, state) VALUES ('{acme}', 'Acme', 'shard-1', 'active')"
         ))
         .await;
+    s1.exec(&format!(
+        "INSERT INTO placements (company_id, state) VALUES ('{acme}', 'owned')"
+    ))
+    .await;
     let url_of = || async {
         catalog
             .client()
@@ -457,7 +485,7 @@ async fn a_shard_with_companies_cannot_be_pointed_at_a_database_that_is_not_its_
         0,
         "nothing was written to the wrong database"
     );
-    // The shard's own database, restored at the new place, is accepted.
+    // Another environment's shard-1 says it is shard-1 too, but does not hold its companies.
     let mut c = elsewhere.client().await;
     tenantry_migrate::up(
         &mut c,
@@ -470,6 +498,29 @@ async fn a_shard_with_companies_cannot_be_pointed_at_a_database_that_is_not_its_
         .exec("INSERT INTO shard_identity (shard_id) VALUES ('shard-1')")
         .await;
     let (code, _, err) = apply(&elsewhere);
+    assert_eq!(code, 1);
+    assert!(err.contains("holds only 0 of 1 of them"), "{err}");
+    assert_eq!(url_of().await, s1.url);
+    // The shard's own database, restored at the new place, is accepted.
+    elsewhere
+        .exec(&format!(
+            "INSERT INTO placements (company_id, state) VALUES ('{acme}', 'owned')"
+        ))
+        .await;
+    let (code, _, err) = apply(&elsewhere);
     assert_eq!(code, 0, "{err}");
     assert_eq!(url_of().await, elsewhere.url);
+
+    // Its database gone at its URL, a shard with companies gets no empty one in its place.
+    let lost = TestDb::reserve();
+    catalog
+        .exec(&format!(
+            "UPDATE shards SET database_url = '{}' WHERE id = 'shard-1'",
+            lost.url
+        ))
+        .await;
+    let (code, _, err) = apply(&lost);
+    assert_eq!(code, 1);
+    assert!(err.contains("it is never created empty"), "{err}");
+    assert!(!lost.exists().await);
 }

@@ -72,11 +72,10 @@ pub async fn apply(
             "the catalog at {catalog_url} has no schema yet; run `tenantry admin migrate up` first"
         );
     }
-    claim_environment(&cat, catalog_url, &file.environment).await?;
-
     let known = catalog::list_shards(&cat)
         .await
         .context("reading the catalog's shards")?;
+    claim_environment(&cat, catalog_url, file, &known).await?;
     let mut outcomes = Vec::new();
     for spec in &file.shards {
         // A shard with companies whose database moves must find its own data at the new URL.
@@ -84,7 +83,9 @@ pub async fn apply(
             .iter()
             .find(|k| k.id == spec.id && k.database_url != spec.database_url && k.tenants > 0);
         let reached = async {
-            let created = if opts.create_databases && moving.is_none() {
+            // A shard with companies never gets an empty database: its own must be restored.
+            let has_companies = known.iter().any(|k| k.id == spec.id && k.tenants > 0);
+            let created = if opts.create_databases && !has_companies {
                 db::ensure_database(&spec.database_url, dbcfg)
                     .await
                     .with_context(|| format!("creating the database of shard {}", spec.id))?
@@ -102,6 +103,13 @@ pub async fn apply(
             Err(e) if missing_database(&e) => {
                 if let Some(k) = moving {
                     return Err(not_its_database(&spec.id, k.tenants, None));
+                }
+                if let Some(k) = known.iter().find(|k| k.id == spec.id && k.tenants > 0) {
+                    return Err(e.context(format!(
+                        "the database of shard {}, which has {} companies, does not exist: \
+                         restore it (it is never created empty)",
+                        spec.id, k.tenants
+                    )));
                 }
                 return Err(e.context("pass --create-databases to create missing databases"));
             }
@@ -129,7 +137,7 @@ pub async fn apply(
             }
         };
         if let Some(k) = moving {
-            check_moved_database(&client, &spec.id, k.tenants).await?;
+            check_moved_database(&cat, &client, &spec.id, k.tenants).await?;
         }
         let report = tenantry_migrate::up(
             &mut client,
@@ -167,6 +175,7 @@ pub async fn apply(
 /// already be that shard's (restored or copied from its old database). A fresh or mistyped
 /// database would be claimed, and the companies' requests would find nothing there.
 async fn check_moved_database(
+    cat: &tokio_postgres::Client,
     client: &tokio_postgres::Client,
     shard_id: &str,
     tenants: i64,
@@ -181,6 +190,36 @@ async fn check_moved_database(
     };
     if owner.as_deref() != Some(shard_id) {
         return Err(not_its_database(shard_id, tenants, owner.as_deref()));
+    }
+    // Another environment's database for a shard of the same id says the same: it must also
+    // hold this shard's companies (a sample of up to 100 of them, the newest).
+    let sample: Vec<uuid::Uuid> = cat
+        .query(
+            "SELECT id FROM tenants WHERE shard_id = $1 AND state <> 'deleted'
+              ORDER BY id DESC LIMIT 100",
+            &[&shard_id],
+        )
+        .await
+        .context("reading the shard's companies")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let held: i64 = client
+        .query_one(
+            "SELECT count(*) FROM placements WHERE company_id = ANY($1)",
+            &[&sample],
+        )
+        .await
+        .context("reading the new database's placements")?
+        .get(0);
+    if held < sample.len() as i64 {
+        anyhow::bail!(
+            "shard {shard_id} has {tenants} companies and its database_url changes, but the \
+             database at the new URL holds only {held} of {} of them (another environment's \
+             shard {shard_id}?): restore or copy the shard's own database there first; the \
+             catalog was not changed",
+            sample.len()
+        );
     }
     Ok(())
 }
@@ -206,10 +245,42 @@ fn missing_database(e: &anyhow::Error) -> bool {
 async fn claim_environment(
     cat: &tokio_postgres::Client,
     catalog_url: &DatabaseUrl,
-    environment: &str,
+    file: &ShardMapFile,
+    known: &[catalog::ShardRow],
 ) -> anyhow::Result<()> {
+    let environment = file.environment.as_str();
     let missing = "the catalog has no environment record (catalog migration 0004); run \
                    `tenantry admin migrate up` first";
+    let recorded: Option<String> = cat
+        .query_opt("SELECT environment FROM catalog_environment", &[])
+        .await
+        .context(missing)?
+        .map(|r| r.get(0));
+    // A catalog from before the record (it has shards, no environment yet) is claimed only by
+    // a file that agrees with it on every shard both name: a file for another environment
+    // would not (its databases are elsewhere).
+    if recorded.is_none() {
+        let differing: Vec<&str> = file
+            .shards
+            .iter()
+            .filter(|f| {
+                known
+                    .iter()
+                    .any(|k| k.id == f.id && k.database_url != f.database_url)
+            })
+            .map(|f| f.id.as_str())
+            .collect();
+        if !differing.is_empty() {
+            anyhow::bail!(
+                "the catalog at {catalog_url} has no environment recorded yet, and this shard \
+                 map ({environment:?}) gives other databases for shard(s) {}: is it this \
+                 catalog's map? Apply its own map first, or record the environment by hand \
+                 (INSERT INTO catalog_environment (environment) VALUES ('…')); nothing was \
+                 changed",
+                differing.join(", ")
+            );
+        }
+    }
     cat.execute(
         "INSERT INTO catalog_environment (environment) VALUES ($1)
          ON CONFLICT (singleton) DO NOTHING",
