@@ -392,7 +392,8 @@ fn upstream_timeout(req: &HttpRequest, gw: &Gateway) -> Duration {
         wait: Option<String>,
     }
     // Most requests ask for no long poll: they are not parsed for one.
-    if req.method() != Method::GET || !req.query_string().contains("wait=") {
+    let reads = matches!(*req.method(), Method::GET | Method::HEAD);
+    if !reads || !req.query_string().contains("wait=") {
         return gw.upstream_timeout;
     }
     let wait = web::Query::<LongPoll>::from_query(req.query_string())

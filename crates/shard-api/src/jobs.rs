@@ -1,6 +1,9 @@
 //! `POST /v1/companies/{company_id}/jobs` and `GET /v1/companies/{company_id}/jobs/{job_id}`.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{Arc, OnceLock},
+    time::{Duration, Instant},
+};
 
 use actix_web::{
     HttpRequest, HttpResponse,
@@ -39,13 +42,17 @@ pub struct JobsState {
     pub shutdown: CancellationToken,
     /// Three quarters of the grace period: the rest is for the answer to go out.
     pub stop_wait: Duration,
+    /// When the node began to stop (set by the first to see `shutdown` fire; `run` watches
+    /// for it, so a request that reaches its wait late still ends in time).
+    pub stopped_at: Arc<OnceLock<Instant>>,
 }
 
 impl JobsState {
-    /// Ends `stop_wait` after the node begins to stop.
+    /// Ends `stop_wait` after the node began to stop.
     async fn stopping(&self) {
         self.shutdown.cancelled().await;
-        tokio::time::sleep(self.stop_wait).await;
+        let at = *self.stopped_at.get_or_init(Instant::now);
+        tokio::time::sleep_until((at + self.stop_wait).into()).await;
     }
 }
 

@@ -68,12 +68,21 @@ pub fn run(
         shutdown: shutdown.clone(),
         body_limit: cfg.api.body_limit.as_usize(),
     };
+    let stopped_at = Arc::new(std::sync::OnceLock::new());
+    tokio::spawn({
+        let (shutdown, stopped_at) = (shutdown.clone(), stopped_at.clone());
+        async move {
+            shutdown.cancelled().await;
+            stopped_at.get_or_init(std::time::Instant::now);
+        }
+    });
     let state = web::Data::new(jobs::JobsState {
         shard,
         sync_wait: cfg.api.sync_wait,
         queue: cfg.queue.clone(),
         shutdown,
         stop_wait: cfg.shutdown.grace_period * 3 / 4,
+        stopped_at,
     });
     let key = web::Data::new(JwtKey::from_config(&cfg.auth)?);
     let server = start_server(
