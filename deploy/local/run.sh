@@ -41,16 +41,19 @@ say "applying shard-map/local.toml"
 
 mkdir -p "$LOGS"
 PIDS=()
+# The nodes are signalled before anything is printed (a terminal that is gone makes `echo`
+# fail), and a second Ctrl-C while they drain kills them rather than leave them running.
 stop() {
-  trap - INT TERM EXIT
+  trap - EXIT
+  trap 'kill -KILL "${PIDS[@]}" 2>/dev/null; exit 130' INT TERM HUP
   if ((${#PIDS[@]})); then
-    say "stopping the local cluster"
     kill -TERM "${PIDS[@]}" 2>/dev/null || true
+    say "stopping the local cluster (Ctrl-C again to kill it at once)" || true
     wait "${PIDS[@]}" 2>/dev/null || true
   fi
 }
 trap stop EXIT
-trap 'exit 0' INT TERM
+trap 'exit 0' INT TERM HUP
 
 # Each node runs in a session of its own, so Ctrl-C reaches only this script, which then stops
 # the nodes with one SIGTERM each: a node that got Ctrl-C's SIGINT too would take the SIGTERM

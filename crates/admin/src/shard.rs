@@ -136,7 +136,10 @@ async fn list(cfg: &Config, args: ListArgs) -> anyhow::Result<()> {
                 Ok(st) => st.version().to_string(),
                 Err(e) => format!("error: {}", tenantry_core::error::chain(&e)),
             },
-            Err(e) => format!("unreachable: {e:#}"),
+            Err(e) => {
+                eprintln!("warning: shard {}: {e:#}", s.id);
+                "unreachable".to_owned()
+            }
         };
         versions.push(v);
     }

@@ -103,15 +103,13 @@ pub async fn connect(
 ) -> anyhow::Result<tokio_postgres::Client> {
     let cfg = pg_config(url, db, application_name)?;
     // tokio-postgres's connect_timeout covers the TCP connect only; a server that accepts and
-    // then says nothing would hold the startup handshake for ever.
-    let (client, conn) = tokio::time::timeout(db.connect_timeout, cfg.connect(NoTls))
+    // then says nothing would hold the startup handshake for ever. Each host of a multi-host
+    // URL gets its own share, as it is tried in turn.
+    let hosts = u32::try_from(cfg.get_hosts().len().max(1)).unwrap_or(u32::MAX);
+    let limit = db.connect_timeout.saturating_mul(hosts);
+    let (client, conn) = tokio::time::timeout(limit, cfg.connect(NoTls))
         .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "the server did not complete the connection within {:?}",
-                db.connect_timeout
-            )
-        })
+        .map_err(|_| anyhow::anyhow!("the server did not complete the connection within {limit:?}"))
         .and_then(|r| r.map_err(anyhow::Error::from))
         .with_context(|| format!("connecting to {url}"))?;
     tokio::spawn(async move {

@@ -553,6 +553,9 @@ enum Body {
         fault: Rc<Cell<Option<Fault>>>,
         /// The caller's last byte has been read.
         ended: Rc<Cell<bool>>,
+        /// The shard's side asked for more and the caller had nothing yet: while this holds,
+        /// the caller is the one being waited for (otherwise the shard is not reading).
+        starved: Rc<Cell<bool>>,
     },
 }
 
@@ -592,11 +595,17 @@ impl Body {
         }
     }
 
-    /// A streamed body whose caller is still sending (no fault, no end yet).
+    /// A streamed body that is waiting for its caller: no fault, no end yet, and the last
+    /// read of it found nothing to pass on.
     fn still_arriving(&self) -> bool {
         match self {
             Body::Held(_) => false,
-            Body::Streaming { fault, ended, .. } => fault.get().is_none() && !ended.get(),
+            Body::Streaming {
+                fault,
+                ended,
+                starved,
+                ..
+            } => fault.get().is_none() && !ended.get() && starved.get(),
         }
     }
 }
@@ -651,9 +660,16 @@ async fn read_body(mut payload: web::Payload, hold: usize, limit: usize) -> Resu
         Ok(chunk)
     });
     let ended = Rc::new(Cell::new(false));
-    let end = ended.clone();
+    let starved = Rc::new(Cell::new(false));
+    let (end, hungry) = (ended.clone(), starved.clone());
+    let mut tail = Box::pin(tail);
+    let watched = stream::poll_fn(move |cx| {
+        let polled = futures_util::Stream::poll_next(tail.as_mut(), cx);
+        hungry.set(polled.is_pending());
+        polled
+    });
     let stream = stream::once(async move { Ok(prefix.freeze()) })
-        .chain(tail)
+        .chain(watched)
         .chain(stream::poll_fn(move |_| {
             end.set(true);
             std::task::Poll::Ready(None)
@@ -662,6 +678,7 @@ async fn read_body(mut payload: web::Payload, hold: usize, limit: usize) -> Resu
         stream: Some(Box::pin(stream)),
         fault,
         ended,
+        starved,
     })
 }
 

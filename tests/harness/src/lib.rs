@@ -246,12 +246,15 @@ async fn template(target: Target) -> String {
             ))
             .await
             .unwrap();
-        // Templates of earlier migration sets of this kind are dropped, unless a test run of
-        // an older checkout is cloning one right now (then it stays for the next time).
+        // Templates of earlier migration sets of this kind are dropped, but for the newest of
+        // them (a checkout one migration behind may be testing against it on this server
+        // right now), and unless one is being cloned at this moment (then it stays for the
+        // next time).
         let stale = admin
             .query(
                 "SELECT datname FROM pg_database
-                  WHERE datname LIKE $1 AND datname <> $2 AND datname NOT LIKE '%\\_building'",
+                  WHERE datname LIKE $1 AND datname <> $2 AND datname NOT LIKE '%\\_building'
+                  ORDER BY oid DESC OFFSET 1",
                 &[&format!("tenantry\\_tpl\\_{kind}\\_%"), &name],
             )
             .await
