@@ -1358,3 +1358,41 @@ async fn requests_waiting_for_their_jobs_answer_before_the_grace_period_ends() {
     assert_eq!(node.wait_exit(Duration::from_secs(5)), Some(0));
     assert_eq!(db.scalar("SELECT count(*) FROM jobs").await, 2);
 }
+
+#[actix_web::test]
+async fn a_result_over_the_size_limit_fails_its_own_job_and_no_other() {
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    own(&db, company, "owned").await;
+    let mut cmd = shard_node(&db.url, true, 2);
+    cmd.env("TENANTRY_QUEUE__MAX_RESULT_SIZE", "100B");
+    let node = Served::start(&mut cmd, 1);
+    let url = format!("{}/v1/companies/{company}/jobs", node.url("api"));
+    let auth = member_token(company);
+    let post = |params: Value| {
+        let (url, auth) = (url.clone(), auth.clone());
+        async move {
+            let mut r = http()
+                .post(url)
+                .bearer_auth(auth)
+                .send_json(&json!({"kind": "echo", "params": params}))
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<JobView>().await.unwrap()
+        }
+    };
+    let (big, small) = tokio::join!(
+        post(json!({"blob": "x".repeat(200)})),
+        post(json!({"n": 1}))
+    );
+    assert_eq!(big.state, JobState::Error);
+    let message = big.error.unwrap_or_default();
+    assert!(
+        message.contains("over queue.max_result_size (100 bytes)"),
+        "{message}"
+    );
+    assert_eq!(big.attempts, 1, "a permanent error: no retry");
+    assert_eq!(small.state, JobState::Done);
+    assert_eq!(small.result, Some(json!({"n": 1})));
+}

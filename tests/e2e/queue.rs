@@ -1153,15 +1153,16 @@ fn backoff_grows_exponentially_with_jitter_and_a_ceiling() {
     for _ in 0..100 {
         let b1 = backoff(1, base, max);
         let b4 = backoff(4, base, max);
+        // Never below the base, even with the jitter: [base, 1.25 base] for the first retry.
+        assert!(b1 >= base && b1 <= Duration::from_millis(125), "{b1:?}");
+        // 800 ms doubled three times from 100 ms: [0.9375, 1.25] of it.
         assert!(
-            b1 >= Duration::from_millis(75) && b1 < Duration::from_millis(125),
-            "{b1:?}"
-        );
-        assert!(
-            b4 >= Duration::from_millis(600) && b4 < Duration::from_millis(1000),
+            b4 >= Duration::from_millis(750) && b4 <= Duration::from_millis(1000),
             "{b4:?}"
         );
-        assert!(backoff(30, base, max) <= max);
+        // At the cap: spread over [0.75, 1] of it.
+        let top = backoff(30, base, max);
+        assert!(top >= max.mul_f64(0.75) && top <= max, "{top:?}");
     }
 }
 
@@ -1747,4 +1748,38 @@ async fn the_worker_counts_completions_retries_dead_letters_rescues_and_run_time
         .with_label_values(&[&shard])
         .get_sample_count();
     assert!(claims >= 1);
+}
+
+#[tokio::test]
+async fn a_listen_connection_to_a_server_that_never_answers_is_given_up_and_tried_again() {
+    // A server (or a paused pooler) that accepts TCP and then says nothing must not hold the
+    // LISTEN session's connect for ever: it is given up after connect_timeout and tried again,
+    // so waiters and workers are not left without wake-ups until the process restarts.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming().flatten() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(conn);
+        }
+    });
+    let mut pg = tokio_postgres::Config::new();
+    pg.host("127.0.0.1")
+        .port(addr.port())
+        .user("postgres")
+        .dbname("nowhere")
+        .connect_timeout(Duration::from_millis(300));
+    let stop = CancellationToken::new();
+    let listener = Listener::start(pg, 10, stop.clone());
+    crate::support::until(
+        Duration::from_secs(10),
+        || "the LISTEN session never tried a second connection".into(),
+        || accepted.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+    )
+    .await;
+    assert!(!listener.is_connected());
+    stop.cancel();
 }

@@ -190,6 +190,8 @@ pub struct QueueConfig {
     pub max_waiting_per_shard: i64,
     /// Params size limit; default 64KiB.
     pub max_params_size: ByteSize,
+    /// Result size limit; default 1MiB.
+    pub max_result_size: ByteSize,
     /// First retry delay; default 1s.
     #[serde(with = "humantime_serde")]
     pub retry_base: Duration,
@@ -438,6 +440,12 @@ impl Config {
             problems.push(format!(
                 "queue.max_params_size must be between 64B and 16MiB, got {}",
                 q.max_params_size
+            ));
+        }
+        if q.max_result_size.bytes() < 64 || q.max_result_size.bytes() > 16 << 20 {
+            problems.push(format!(
+                "queue.max_result_size must be between 64B and 16MiB, got {}",
+                q.max_result_size
             ));
         }
         if q.retry_base > q.retry_max {

@@ -102,15 +102,8 @@ pub async fn connect(
     application_name: &str,
 ) -> anyhow::Result<tokio_postgres::Client> {
     let cfg = pg_config(url, db, application_name)?;
-    // tokio-postgres's connect_timeout covers the TCP connect only; a server that accepts and
-    // then says nothing would hold the startup handshake for ever. Each host of a multi-host
-    // URL gets its own share, as it is tried in turn.
-    let hosts = u32::try_from(cfg.get_hosts().len().max(1)).unwrap_or(u32::MAX);
-    let limit = db.connect_timeout.saturating_mul(hosts);
-    let (client, conn) = tokio::time::timeout(limit, cfg.connect(NoTls))
+    let (client, conn) = connect_raw(&cfg)
         .await
-        .map_err(|_| anyhow::anyhow!("the server did not complete the connection within {limit:?}"))
-        .and_then(|r| r.map_err(anyhow::Error::from))
         .with_context(|| format!("connecting to {url}"))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
@@ -118,6 +111,29 @@ pub async fn connect(
         }
     });
     Ok(client)
+}
+
+/// Connects with `cfg` and hands back the connection for the caller to drive (a LISTEN
+/// session reads its notifications from it). tokio-postgres's connect_timeout covers the TCP
+/// connect only; a server that accepts and then says nothing would hold the startup handshake
+/// for ever, so the whole connection is bounded too: by that timeout (5 s when unset) once per
+/// host of the URL, as they are tried in turn.
+pub async fn connect_raw(
+    cfg: &tokio_postgres::Config,
+) -> anyhow::Result<(
+    tokio_postgres::Client,
+    tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+)> {
+    let per_host = cfg
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(Duration::from_secs(5));
+    let hosts = u32::try_from(cfg.get_hosts().len().max(1)).unwrap_or(u32::MAX);
+    let limit = per_host.saturating_mul(hosts);
+    match tokio::time::timeout(limit, cfg.connect(NoTls)).await {
+        Ok(connected) => Ok(connected?),
+        Err(_) => anyhow::bail!("the server did not complete the connection within {limit:?}"),
+    }
 }
 
 /// The database name in a URL, and the same URL pointing at the `postgres` maintenance

@@ -337,7 +337,7 @@ pub async fn listen(
 ) {
     let session = || async {
         let cfg = db::pg_config(&url, &db, "tenantry-listen")?;
-        let (client, mut conn) = cfg.connect(tokio_postgres::NoTls).await?;
+        let (client, mut conn) = db::connect_raw(&cfg).await?;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<()>>(16);
         let driver = tokio::spawn(async move {
             loop {
@@ -356,9 +356,12 @@ pub async fn listen(
                 }
             }
         });
-        client
-            .batch_execute(&format!("LISTEN {}", db::quote_ident(channel)))
-            .await?;
+        tokio::time::timeout(
+            db.connect_timeout,
+            client.batch_execute(&format!("LISTEN {}", db::quote_ident(channel))),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("LISTEN got no answer within {:?}", db.connect_timeout))??;
         wake.notify_one();
         let outcome = loop {
             tokio::select! {

@@ -203,6 +203,7 @@ fn opts(slots: usize, batch: usize) -> WorkerOptions {
         retention: Duration::from_secs(86_400),
         prune_interval: Duration::from_secs(3600),
         grace: Duration::from_secs(5),
+        max_result_size: 1 << 20,
     }
 }
 

@@ -142,6 +142,25 @@ pub struct ClaimedJob {
     pub ready_at: DateTime<Utc>,
 }
 
+/// The length of `value` as compact JSON (what `to_string()` would produce), counted without
+/// building the string: for the size limits on params and results.
+pub fn json_len(value: &Value) -> u64 {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail, and a `Value` always serializes.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
 /// Whether `value` holds the character U+0000 in a string or an object key. PostgreSQL's
 /// `jsonb` and `text` cannot store it, so such a value must be refused (or replaced) before it
 /// reaches the database.
@@ -176,6 +195,22 @@ impl JobError {
         Self {
             message: message.into(),
             permanent: true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_len_is_the_length_of_the_compact_json() {
+        for v in [
+            serde_json::json!({}),
+            serde_json::json!({"a": [1, 2.5, "é\n\"x\""], "b": null, "c": {"d": true}}),
+            serde_json::json!({"big": "x".repeat(70_000)}),
+        ] {
+            assert_eq!(json_len(&v), v.to_string().len() as u64);
         }
     }
 }

@@ -14,7 +14,7 @@ use std::{
 
 use deadpool_postgres::Pool;
 use tokio::sync::{Notify, mpsc, oneshot};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -253,7 +253,7 @@ async fn listen_loop(pg: tokio_postgres::Config, inner: Arc<Inner>, shutdown: Ca
                 Ok(()) if !shutdown.is_cancelled() => {
                     Err(anyhow::anyhow!("the LISTEN connection closed"))
                 }
-                other => other.map_err(anyhow::Error::from),
+                other => other,
             }
         },
     )
@@ -264,8 +264,8 @@ async fn listen_once(
     pg: &tokio_postgres::Config,
     inner: &Arc<Inner>,
     shutdown: &CancellationToken,
-) -> Result<(), tokio_postgres::Error> {
-    let (client, mut conn) = pg.connect(NoTls).await?;
+) -> anyhow::Result<()> {
+    let (client, mut conn) = tenantry_core::db::connect_raw(pg).await?;
     // The connection must be polled for LISTEN itself to complete, so a driver task polls it
     // and forwards notifications; the channel is bounded, so a flood slows the connection
     // rather than growing memory.
@@ -289,11 +289,18 @@ async fn listen_once(
         }
     });
     let result = async {
-        client
-            .batch_execute(&format!(
+        let limit = pg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(5));
+        tokio::time::timeout(
+            limit,
+            client.batch_execute(&format!(
                 "LISTEN {CHANNEL_WAITING}; LISTEN {CHANNEL_FINISHED}"
-            ))
-            .await?;
+            )),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("LISTEN got no answer within {limit:?}"))??;
         inner.connected.store(true, Ordering::Relaxed);
         // Anything that happened before LISTEN took effect was missed: look again.
         inner.wake_all();
@@ -313,7 +320,7 @@ async fn listen_once(
                     }
                 }
                 Some(Ok(_)) => inner.work.notify_one(),
-                Some(Err(e)) => return Err(e),
+                Some(Err(e)) => return Err(e.into()),
                 None => return Ok(()),
             }
         }

@@ -1281,20 +1281,36 @@ pub async fn list(
     company: Option<Uuid>,
     limit: i64,
 ) -> Result<Vec<JobRecord>, tokio_postgres::Error> {
-    let state = state.map(JobState::as_str);
-    Ok(client
-        .query(
-            &format!(
-                "SELECT {RECORD_COLUMNS} FROM jobs
-                  WHERE ($1::text IS NULL OR state = $1) AND ($2::uuid IS NULL OR company_id = $2)
-                  ORDER BY created_at DESC LIMIT $3"
-            ),
-            &[&state, &company, &limit],
-        )
-        .await?
-        .iter()
-        .map(record)
-        .collect())
+    // Dead letters through their own index (`jobs_dead`, which the literal state lets the
+    // planner use); anything else newest first along the primary key (UUID v7 ids are in
+    // creation order), which stops after `limit` matches instead of sorting the whole table,
+    // seven days of finished jobs and more.
+    let rows = if state == Some(JobState::Error) {
+        client
+            .query(
+                &format!(
+                    "SELECT {RECORD_COLUMNS} FROM jobs
+                      WHERE state = 'error' AND ($1::uuid IS NULL OR company_id = $1)
+                      ORDER BY created_at DESC LIMIT $2"
+                ),
+                &[&company, &limit],
+            )
+            .await?
+    } else {
+        let state = state.map(JobState::as_str);
+        client
+            .query(
+                &format!(
+                    "SELECT {RECORD_COLUMNS} FROM jobs
+                      WHERE ($1::text IS NULL OR state = $1)
+                        AND ($2::uuid IS NULL OR company_id = $2)
+                      ORDER BY id DESC LIMIT $3"
+                ),
+                &[&state, &company, &limit],
+            )
+            .await?
+    };
+    Ok(rows.iter().map(record).collect())
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -27,7 +27,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
-    job::{ClaimedJob, JobError, JobState, contains_nul},
+    job::{ClaimedJob, JobError, JobState, contains_nul, json_len},
     listen::Listener,
     metrics,
     store::{self, Outcome},
@@ -158,6 +158,8 @@ pub struct WorkerOptions {
     pub retention: Duration,
     pub prune_interval: Duration,
     pub grace: Duration,
+    /// Largest result, as compact JSON, that a job may record (`queue.max_result_size`).
+    pub max_result_size: u64,
 }
 
 impl WorkerOptions {
@@ -176,17 +178,24 @@ impl WorkerOptions {
             retention: q.retention,
             prune_interval: q.prune_interval,
             grace,
+            max_result_size: q.max_result_size.bytes(),
         }
     }
 }
 
-/// Exponential backoff with jitter: base·2^(attempt-1), capped, times a factor in [0.75, 1.25).
+/// Exponential backoff with jitter: d = base·2^(attempt-1), capped at `max`, then a random
+/// delay between max(base, ¾·hi) and hi = min(1¼·d, max). It is always between `base` and
+/// `max`, even the first retry is spread (over [base, 1¼·base]), and retries of jobs that
+/// failed together spread below the cap (over [¾·max, max]) instead of piling up on it.
 pub fn backoff(attempt: i32, base: Duration, max: Duration) -> Duration {
+    let base = base.min(max);
     let exp = base.saturating_mul(1u32 << attempt.clamp(1, 31).saturating_sub(1).min(20) as u32);
-    let capped = exp.min(max);
-    capped
-        .mul_f64(rand::rng().random_range(0.75..1.25))
-        .min(max)
+    let hi = exp.min(max).mul_f64(1.25).min(max);
+    let lo = hi.mul_f64(0.75).max(base);
+    if hi <= lo {
+        return lo;
+    }
+    lo + (hi - lo).mul_f64(rand::rng().random_range(0.0..=1.0))
 }
 
 /// A worker process's slots on one shard.
@@ -393,24 +402,24 @@ impl Worker {
                 continue;
             }
             woken = false;
-            let started = Instant::now();
             let claimed = async {
                 let mut client = this.pool.get().await?;
-                Ok::<_, anyhow::Error>(
-                    store::claim_batch(
-                        &mut client,
-                        &this.id,
-                        free as i64,
-                        this.opts.lease,
-                        this.opts.max_processing_per_company,
-                    )
-                    .await?,
+                // The claim statement's own time, not the wait for a connection.
+                let started = Instant::now();
+                let claimed = store::claim_batch(
+                    &mut client,
+                    &this.id,
+                    free as i64,
+                    this.opts.lease,
+                    this.opts.max_processing_per_company,
                 )
+                .await?;
+                metrics::CLAIM_SECONDS
+                    .with_label_values(&[&this.opts.shard_id])
+                    .observe(started.elapsed().as_secs_f64());
+                Ok::<_, anyhow::Error>(claimed)
             }
             .await;
-            metrics::CLAIM_SECONDS
-                .with_label_values(&[&this.opts.shard_id])
-                .observe(started.elapsed().as_secs_f64());
             let (jobs, cut_by_cap) = match claimed {
                 Ok(claimed) => {
                     failures = 0;
@@ -475,6 +484,9 @@ impl Worker {
                     _ = this.listener.work_available() => {}
                     _ = tokio::time::sleep(this.opts.poll_interval) => {}
                 }
+                woken = true;
+            } else if cut_by_cap {
+                // Claim again for the slots still free, also when they are fewer than a stride.
                 woken = true;
             }
         }
@@ -550,7 +562,7 @@ async fn run_job(registry: &Registry, opts: &WorkerOptions, job: ClaimedJob) -> 
             }
         }
     };
-    let result = storable(result);
+    let result = storable(result, opts.max_result_size);
     let elapsed = started.elapsed();
     metrics::RUN_SECONDS
         .with_label_values(&[&opts.shard_id, &kind])
@@ -578,11 +590,17 @@ const MAX_ERROR_MESSAGE: usize = 4096;
 /// would fail the whole completion batch it is written in, so a result holding one fails its
 /// attempt for good instead, and an error message has it replaced. Error messages are cut to
 /// [`MAX_ERROR_MESSAGE`] bytes.
-fn storable(result: Result<Value, JobError>) -> Result<Value, JobError> {
+fn storable(result: Result<Value, JobError>, max_len: u64) -> Result<Value, JobError> {
     match result {
         Ok(value) if contains_nul(&value) => Err(JobError::permanent(
             "the handler's result contains the character U+0000, which a job record cannot hold",
         )),
+        // Refused here, it fails its own job; written, it could fail the whole completion
+        // batch (a jsonb value or a statement's parameters have size limits).
+        Ok(value) if json_len(&value) > max_len => Err(JobError::permanent(format!(
+            "the handler's result is {} bytes as JSON, over queue.max_result_size ({max_len} bytes)",
+            json_len(&value)
+        ))),
         Ok(value) => Ok(value),
         Err(mut e) => {
             if e.message.contains('\0') {
@@ -755,11 +773,21 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
             if last_prune.elapsed() >= this.opts.prune_interval {
                 last_prune = Instant::now();
                 let mut total = 0;
-                // Small batches keep each delete short, so it never holds up claims for long.
+                // Small batches keep each delete short, so it never holds up claims for long;
+                // and a pass stops after one rescue interval, so a large backlog of prunable
+                // rows (after retention was lowered, say) does not hold up the rescue: the
+                // next pass goes on with it.
+                let budget = Instant::now() + this.opts.rescue_interval;
                 loop {
                     let n = store::prune(&mut client, this.opts.retention, 1000).await?;
                     total += n;
                     if n < 1000 || stop.is_cancelled() {
+                        break;
+                    }
+                    if Instant::now() >= budget {
+                        last_prune = Instant::now()
+                            .checked_sub(this.opts.prune_interval)
+                            .unwrap_or(last_prune);
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
