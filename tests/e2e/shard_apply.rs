@@ -459,6 +459,14 @@ async fn a_shard_with_companies_cannot_be_pointed_at_a_database_that_is_not_its_
         "INSERT INTO placements (company_id, state) VALUES ('{acme}', 'owned')"
     ))
     .await;
+    // A creation that stopped before its placement was written: not a company the shard's
+    // database must hold.
+    catalog
+        .exec(&format!(
+            "INSERT INTO tenants (id, name, shard_id, state) VALUES ('{}', 'Half', 'shard-1', 'provisioning')",
+            Uuid::now_v7()
+        ))
+        .await;
     let url_of = || async {
         catalog
             .client()

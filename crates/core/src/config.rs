@@ -448,6 +448,15 @@ impl Config {
                 q.max_result_size
             ));
         }
+        // A completion batch sends its results as one parameter, which PostgreSQL caps at 1 GB.
+        let batch_bytes = (q.complete_batch as u64).saturating_mul(q.max_result_size.bytes());
+        if batch_bytes > 512 << 20 {
+            problems.push(format!(
+                "queue.complete_batch ({}) times queue.max_result_size ({}) must not exceed \
+                 512MiB, or one completion batch could be too large to write",
+                q.complete_batch, q.max_result_size
+            ));
+        }
         if q.retry_base > q.retry_max {
             problems.push("queue.retry_base must not exceed queue.retry_max".into());
         }
@@ -730,6 +739,10 @@ mod tests {
             (
                 "[auth]\nalgorithm = \"ES256\"\npublic_key = \"/nonexistent.pem\"\n",
                 "/nonexistent.pem is not a readable file",
+            ),
+            (
+                "[queue]\ncomplete_batch = 1000\nmax_result_size = \"1MiB\"\n",
+                "must not exceed 512MiB",
             ),
             (
                 "[auth]\nalgorithm = \"ES256\"\npublic_key = \"not-a-key.pem\"\n",

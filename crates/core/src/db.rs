@@ -78,6 +78,9 @@ pub fn pool_with(
     session_options: &str,
 ) -> anyhow::Result<Pool> {
     let cfg = pg_config_with(url, db, application_name, session_options)?;
+    // As in `connect_raw`: each host of a multi-host URL gets its own connect_timeout.
+    let hosts = u32::try_from(cfg.get_hosts().len().max(1)).unwrap_or(u32::MAX);
+    let create_timeout = db.connect_timeout.saturating_mul(hosts);
     let mgr = Manager::from_config(
         cfg,
         NoTls,
@@ -88,7 +91,7 @@ pub fn pool_with(
     Pool::builder(mgr)
         .max_size(size)
         .wait_timeout(Some(db.connect_timeout))
-        .create_timeout(Some(db.connect_timeout))
+        .create_timeout(Some(create_timeout))
         .recycle_timeout(Some(db.connect_timeout))
         .runtime(Runtime::Tokio1)
         .build()

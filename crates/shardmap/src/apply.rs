@@ -192,10 +192,11 @@ async fn check_moved_database(
         return Err(not_its_database(shard_id, tenants, owner.as_deref()));
     }
     // Another environment's database for a shard of the same id says the same: it must also
-    // hold this shard's companies (a sample of up to 100 of them, the newest).
+    // hold this shard's companies (a sample of up to 100 of them, the newest; a company still
+    // `provisioning` may have no placement yet).
     let sample: Vec<uuid::Uuid> = cat
         .query(
-            "SELECT id FROM tenants WHERE shard_id = $1 AND state <> 'deleted'
+            "SELECT id FROM tenants WHERE shard_id = $1 AND state NOT IN ('deleted', 'provisioning')
               ORDER BY id DESC LIMIT 100",
             &[&shard_id],
         )
