@@ -1396,3 +1396,63 @@ async fn a_result_over_the_size_limit_fails_its_own_job_and_no_other() {
     assert_eq!(small.state, JobState::Done);
     assert_eq!(small.result, Some(json!({"n": 1})));
 }
+
+#[actix_web::test]
+async fn a_request_that_reaches_its_wait_after_the_stop_began_still_answers_in_time() {
+    // A job request is held at its fence by a lock on its company's placement (as a freeze
+    // would hold it) when SIGTERM arrives; the lock goes 3 s later, the job is written and the
+    // request waits for it. It must still answer before the grace period (10 s) ends: three
+    // quarters into it counted from the stop, not from when the request began to wait.
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    own(&db, company, "owned").await;
+    let mut cmd = shard_node(&db.url, true, 0);
+    cmd.env("TENANTRY_API__SYNC_WAIT", "20s")
+        .env("TENANTRY_SHUTDOWN__GRACE_PERIOD", "10s");
+    let node = Served::start(&mut cmd, 1);
+    let base = node.url("api");
+    let auth = member_token(company);
+    let mut holder = db.client().await;
+    let lock = holder.transaction().await.unwrap();
+    lock.execute(
+        "SELECT 1 FROM placements WHERE company_id = $1 FOR UPDATE",
+        &[&company],
+    )
+    .await
+    .unwrap();
+    let c = awc::Client::builder()
+        .timeout(Duration::from_secs(40))
+        .finish();
+    let post = async {
+        let mut r = c
+            .post(format!("{base}/v1/companies/{company}/jobs"))
+            .bearer_auth(&auth)
+            .send_json(&json!({"kind": "echo"}))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{:?}", r.body().await);
+        std::time::Instant::now()
+    };
+    let stop = async {
+        // The request is at its fence once PostgreSQL shows it waiting for the lock.
+        until_count(
+            &db,
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE wait_event_type = 'Lock' AND query LIKE '%placements%'",
+            1,
+            Duration::from_secs(20),
+        )
+        .await;
+        node.signal("TERM");
+        let termed = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        lock.commit().await.unwrap();
+        termed
+    };
+    let (answered, termed) = tokio::join!(post, stop);
+    let after = answered - termed;
+    assert!(
+        after > Duration::from_secs(7) && after < Duration::from_millis(9800),
+        "answered {after:?} after SIGTERM: 7.5 s, before the grace period (10 s) ends"
+    );
+}
