@@ -1195,6 +1195,14 @@ async fn a_hanging_shard_answers_504_on_time_and_its_in_flight_cap_sheds_load() 
         "a long poll outlives gateway.upstream_timeout"
     );
     assert!(started.elapsed() >= Duration::from_millis(1400));
+    // So does a HEAD long poll.
+    let r = http()
+        .head(format!("{slow}?wait=2s"))
+        .bearer_auth(&auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "a HEAD long poll outlives it too");
     for query in ["", "?wait=31s", "?wait=soon"] {
         let r = http()
             .get(format!("{slow}{query}"))

@@ -3,10 +3,14 @@
 //! in-flight requests when the shutdown token fires.
 
 use std::{
+    collections::HashMap,
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc, LazyLock, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -144,21 +148,23 @@ async fn request_context(
         shard.id = shard.as_deref(),
         company.id = tracing::field::Empty,
     );
-    let method = req.method().to_string();
-    let path = req.path().to_owned();
 
-    // Dropped unfinished (the client went away, or the grace period ended), the request still
-    // leaves a line under its id.
-    let mut unfinished = Unfinished {
-        span: Some(span.clone()),
-        method: &method,
-        path: &path,
+    // Dropped unfinished (the grace period ended), the request still leaves a line under its
+    // id: written by whichever comes first, the drop of its handling or the listener's end.
+    let unfinished = Unfinished::register(InFlight {
+        role,
+        span: span.clone(),
+        method: req.method().to_string(),
+        path: req.path().to_owned(),
         started,
-    };
+    });
     let res = REQUEST_ID
         .scope(request_id.clone(), next.call(req).instrument(span.clone()))
         .await;
-    unfinished.span = None;
+    let Some(InFlight { method, path, .. }) = unfinished.answered() else {
+        // The listener's end logged it as abandoned meanwhile; its answer goes nowhere.
+        return res.map(ServiceResponse::map_into_boxed_body);
+    };
     let mut res = match res {
         Ok(res) => res.map_into_boxed_body(),
         Err(e) => return Err(e),
@@ -193,25 +199,83 @@ async fn request_context(
     Ok(res)
 }
 
-/// Logs a request whose handling was dropped before it produced an answer.
-struct Unfinished<'a> {
-    /// `None` once the request has its answer.
-    span: Option<tracing::Span>,
-    method: &'a str,
-    path: &'a str,
+/// A request whose answer is not out yet.
+struct InFlight {
+    role: &'static str,
+    span: tracing::Span,
+    method: String,
+    path: String,
     started: Instant,
 }
 
-impl Drop for Unfinished<'_> {
+impl InFlight {
+    fn abandoned(&self) {
+        let _enter = self.span.enter();
+        tracing::warn!(
+            http.method = %self.method,
+            http.path = %self.path,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            "request abandoned before its answer (the server stopped)"
+        );
+    }
+}
+
+/// Every request of this process whose answer is not out yet, by a number of its own, in
+/// shards so that listener threads rarely wait for each other.
+static IN_FLIGHT: LazyLock<[Mutex<HashMap<u64, InFlight>>; 16]> =
+    LazyLock::new(|| std::array::from_fn(|_| Mutex::default()));
+static NEXT_REQUEST: AtomicU64 = AtomicU64::new(0);
+
+fn in_flight(n: u64) -> std::sync::MutexGuard<'static, HashMap<u64, InFlight>> {
+    IN_FLIGHT[(n % 16) as usize]
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// A request's entry in [`IN_FLIGHT`]: removed when the request has its answer; if its handling
+/// is dropped first, the entry is logged as abandoned. A forced stop may drop handlers only
+/// after the process has begun to exit, so [`log_abandoned`] also logs whatever a stopped
+/// listener left behind; the entry goes to whichever takes it first, so the line appears once.
+struct Unfinished(u64);
+
+impl Unfinished {
+    fn register(entry: InFlight) -> Unfinished {
+        let n = NEXT_REQUEST.fetch_add(1, Ordering::Relaxed);
+        in_flight(n).insert(n, entry);
+        Unfinished(n)
+    }
+
+    /// The request has its answer: its entry back, unless the listener's end took it.
+    fn answered(self) -> Option<InFlight> {
+        let entry = in_flight(self.0).remove(&self.0);
+        std::mem::forget(self);
+        entry
+    }
+}
+
+impl Drop for Unfinished {
     fn drop(&mut self) {
-        if let Some(span) = self.span.take() {
-            let _enter = span.enter();
-            tracing::warn!(
-                http.method = %self.method,
-                http.path = %self.path,
-                duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
-                "request abandoned before its answer (the client went away or the server stopped)"
-            );
+        let entry = in_flight(self.0).remove(&self.0);
+        if let Some(entry) = entry {
+            entry.abandoned();
+        }
+    }
+}
+
+/// Logs the requests of `role` still without an answer: called when its listener has stopped.
+fn log_abandoned(role: &str) {
+    for shard in IN_FLIGHT.iter() {
+        let left: Vec<InFlight> = {
+            let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let ids: Vec<u64> = map
+                .iter()
+                .filter(|(_, e)| e.role == role)
+                .map(|(n, _)| *n)
+                .collect();
+            ids.iter().filter_map(|n| map.remove(n)).collect()
+        };
+        for entry in &left {
+            entry.abandoned();
         }
     }
 }
@@ -406,6 +470,7 @@ where
         running
             .await
             .with_context(|| format!("{role} listener failed"))?;
+        log_abandoned(role);
         tracing::info!(role, "listener stopped");
         Ok(())
     });
