@@ -78,14 +78,15 @@ pub async fn apply(
     claim_environment(&cat, catalog_url, file, &known).await?;
     let mut outcomes = Vec::new();
     for spec in &file.shards {
-        // A shard with companies whose database moves must find its own data at the new URL.
-        let moving = known
-            .iter()
-            .find(|k| k.id == spec.id && k.database_url != spec.database_url && k.tenants > 0);
+        // What the catalog has for this shard: how many companies (a shard with companies never
+        // gets an empty database, its own must be restored) and whether its database moves (it
+        // must then find its own data at the new URL).
+        let current = known.iter().find(|k| k.id == spec.id);
+        let companies = current.map_or(0, |k| k.tenants);
+        let same_url = current.is_some_and(|k| k.database_url == spec.database_url);
+        let moving = companies > 0 && !same_url;
         let reached = async {
-            // A shard with companies never gets an empty database: its own must be restored.
-            let has_companies = known.iter().any(|k| k.id == spec.id && k.tenants > 0);
-            let created = if opts.create_databases && !has_companies {
+            let created = if opts.create_databases && companies == 0 {
                 db::ensure_database(&spec.database_url, dbcfg)
                     .await
                     .with_context(|| format!("creating the database of shard {}", spec.id))?
@@ -101,24 +102,21 @@ pub async fn apply(
         let (database_created, mut client) = match reached {
             Ok(r) => r,
             Err(e) if missing_database(&e) => {
-                if let Some(k) = moving {
-                    return Err(not_its_database(&spec.id, k.tenants, None));
+                if moving {
+                    return Err(not_its_database(&spec.id, companies, None));
                 }
-                if let Some(k) = known.iter().find(|k| k.id == spec.id && k.tenants > 0) {
+                if companies > 0 {
                     return Err(e.context(format!(
-                        "the database of shard {}, which has {} companies, does not exist: \
-                         restore it (it is never created empty)",
-                        spec.id, k.tenants
+                        "the database of shard {}, which has {companies} companies, does not \
+                         exist: restore it (it is never created empty)",
+                        spec.id
                     )));
                 }
                 return Err(e.context("pass --create-databases to create missing databases"));
             }
             Err(e) => {
-                let same = known
-                    .iter()
-                    .any(|k| k.id == spec.id && k.database_url == spec.database_url);
-                if !(opts.skip_unreachable && same) {
-                    let hint = if same {
+                if !(opts.skip_unreachable && same_url) {
+                    let hint = if same_url {
                         "pass --skip-unreachable to apply its catalog fields without it"
                     } else {
                         "a shard new to the catalog, or with a new database_url, must be reachable"
@@ -136,8 +134,8 @@ pub async fn apply(
                 continue;
             }
         };
-        if let Some(k) = moving {
-            check_moved_database(&cat, &client, &spec.id, k.tenants).await?;
+        if moving {
+            check_moved_database(&cat, &client, &spec.id, companies).await?;
         }
         let report = tenantry_migrate::up(
             &mut client,
