@@ -78,9 +78,7 @@ pub fn pool_with(
     session_options: &str,
 ) -> anyhow::Result<Pool> {
     let cfg = pg_config_with(url, db, application_name, session_options)?;
-    // As in `connect_raw`: each host of a multi-host URL gets its own connect_timeout.
-    let hosts = u32::try_from(cfg.get_hosts().len().max(1)).unwrap_or(u32::MAX);
-    let create_timeout = db.connect_timeout.saturating_mul(hosts);
+    let (_, create_timeout) = connect_limits(&cfg);
     let mgr = Manager::from_config(
         cfg,
         NoTls,
@@ -119,24 +117,29 @@ pub async fn connect(
 /// Connects with `cfg` and hands back the connection for the caller to drive (a LISTEN
 /// session reads its notifications from it). tokio-postgres's connect_timeout covers the TCP
 /// connect only; a server that accepts and then says nothing would hold the startup handshake
-/// for ever, so the whole connection is bounded too: by that timeout (5 s when unset) once per
-/// host of the URL, as they are tried in turn.
+/// for ever, so the whole connection is bounded too (see [`connect_limits`]).
 pub async fn connect_raw(
     cfg: &tokio_postgres::Config,
 ) -> anyhow::Result<(
     tokio_postgres::Client,
     tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
 )> {
+    let (_, limit) = connect_limits(cfg);
+    match tokio::time::timeout(limit, cfg.connect(NoTls)).await {
+        Ok(connected) => Ok(connected?),
+        Err(_) => anyhow::bail!("the server did not complete the connection within {limit:?}"),
+    }
+}
+
+/// `cfg`'s connect timeout (5 s when unset), and the bound for a whole connection: that timeout
+/// once per host of a multi-host URL, as they are tried in turn.
+pub fn connect_limits(cfg: &tokio_postgres::Config) -> (Duration, Duration) {
     let per_host = cfg
         .get_connect_timeout()
         .copied()
         .unwrap_or(Duration::from_secs(5));
     let hosts = u32::try_from(cfg.get_hosts().len().max(1)).unwrap_or(u32::MAX);
-    let limit = per_host.saturating_mul(hosts);
-    match tokio::time::timeout(limit, cfg.connect(NoTls)).await {
-        Ok(connected) => Ok(connected?),
-        Err(_) => anyhow::bail!("the server did not complete the connection within {limit:?}"),
-    }
+    (per_host, per_host.saturating_mul(hosts))
 }
 
 /// The database name in a URL, and the same URL pointing at the `postgres` maintenance

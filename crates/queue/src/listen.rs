@@ -289,10 +289,7 @@ async fn listen_once(
         }
     });
     let result = async {
-        let limit = pg
-            .get_connect_timeout()
-            .copied()
-            .unwrap_or(Duration::from_secs(5));
+        let (limit, _) = tenantry_core::db::connect_limits(pg);
         tokio::time::timeout(
             limit,
             client.batch_execute(&format!(
