@@ -650,14 +650,11 @@ async fn statements_planned_on_an_empty_queue_stay_right_once_it_fills() {
         .await
         .unwrap();
     tx.rollback().await.unwrap();
-    // The three claim statements: any size uncapped, one job capped, a capped batch.
+    // The two claim statements: uncapped, and capped (one job or a batch).
     let lease = Duration::from_secs(30);
-    let claims = [
-        (10, store::UNCAPPED, "%$3::int8 = 9223372036854775807%"),
-        (1, 5, "%LIMIT $3::int8) running%"),
-        (10, 5, "%row_number()%"),
-    ];
-    for (limit, cap, _) in claims {
+    let uncapped = "%$3::int8 = 9223372036854775807%";
+    let capped = "%row_number()%";
+    for (limit, cap) in [(10, store::UNCAPPED), (1, 5), (10, 5)] {
         let claimed = store::claim(&mut c, "w", limit, lease, cap).await.unwrap();
         assert!(claimed.is_empty());
     }
@@ -666,15 +663,28 @@ async fn statements_planned_on_an_empty_queue_stay_right_once_it_fills() {
         .collect();
     enqueue(&db, &backlog).await;
 
-    for (_, _, like) in claims {
-        let plan = prepared_plan(&c, like, "10, 'w', 5, 30000").await;
-        // `jobs j` is the UPDATE's target; the candidates are read as `jobs j_1`.
+    let window = format!("{}", 10 + store::CLAIM_WINDOW);
+    let plans = [
+        (uncapped, "10, 'w', 5, 30000".to_string()),
+        (capped, format!("10, 'w', 5, 30000, {}, {window}", i64::MIN)),
+    ];
+    for (like, args) in &plans {
+        let plan = prepared_plan(&c, like, args).await;
+        // `jobs j` is the UPDATE's target; the uncapped claim reads its candidates as
+        // `jobs j_1`, the capped one locks its own by `jobs k`.
         assert!(
             scans_use(&plan, "jobs j", "jobs_pkey"),
             "the claimed rows are reached by primary key:\n{}",
             plan.join("\n")
         );
     }
+    let plan = prepared_plan(&c, capped, &plans[1].1).await;
+    assert!(
+        scans_use(&plan, "jobs k", "jobs_pkey") && scans_use(&plan, "jobs v", "jobs_claimable"),
+        "a capped claim locks its candidates by primary key, and reads its window and cursor \
+         from the head of the claimable rows:\n{}",
+        plan.join("\n")
+    );
     // One job, and many in one statement.
     let enqueues = [
         (
@@ -865,6 +875,109 @@ async fn a_batch_cut_short_by_the_cap_is_topped_up_at_once_not_at_the_next_poll(
     // Behind all of the big company's jobs in claim order, as if it had arrived later.
     db.exec(&format!(
         "UPDATE jobs SET priority = priority + 100 * 1000000::bigint WHERE id = '{mine}'"
+    ))
+    .await;
+    db.exec(&format!(
+        "SELECT pg_notify('{}', '')",
+        store::CHANNEL_WAITING
+    ))
+    .await;
+    assert!(
+        crate::support::until_state(&db, mine, "done", Duration::from_secs(10)).await,
+        "the small company's job ran while the big one was at its cap"
+    );
+    let processing = db
+        .scalar("SELECT count(*) FROM jobs WHERE state = 'processing'")
+        .await;
+    assert_eq!(processing, 2, "the big company stays at its cap");
+    running.stop().await;
+}
+
+/// The shared buffers (pages) the prepared statement matching `like` touches when run with
+/// `args`, in a transaction that is rolled back.
+async fn pages_touched(c: &mut tokio_postgres::Client, like: &str, args: &str) -> u64 {
+    let name: String = c
+        .query_one(
+            "SELECT name FROM pg_prepared_statements WHERE statement LIKE $1",
+            &[&like],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let tx = c.transaction().await.unwrap();
+    let plan: serde_json::Value = tx
+        .query_one(
+            &format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE {name}({args})"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    tx.rollback().await.unwrap();
+    let top = &plan[0]["Plan"];
+    ["Shared Hit Blocks", "Shared Read Blocks"]
+        .iter()
+        .map(|k| top[*k].as_u64().unwrap())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_company_at_its_cap_costs_a_claim_a_bounded_look_not_a_walk_of_its_backlog() {
+    // With free slots and one company at its cap, every claim used to walk all of that
+    // company's waiting rows to find nothing, and each of its finished jobs set off another.
+    let db = TestDb::new(Schema::Shard).await;
+    let big = Uuid::now_v7();
+    let backlog: Vec<_> = (0..20_000)
+        .map(|i| job(big, "echo", json!({"i": i}), 1))
+        .collect();
+    enqueue(&db, &backlog).await;
+    db.exec("VACUUM ANALYZE jobs").await;
+    let pool = shard_pool(&db, 1);
+    let mut c = pool.get().await.unwrap();
+    let lease = Duration::from_secs(30);
+    let first = store::claim(&mut c, "w", 10, lease, 2).await.unwrap();
+    assert_eq!(first.len(), 2, "the cap lets two start");
+    let more = store::claim_batch(&mut c, "w", 10, lease, 2, None)
+        .await
+        .unwrap();
+    assert!(more.jobs.is_empty(), "the company is at its cap");
+    assert!(
+        more.next_after.is_some(),
+        "the claim says that rows lie beyond its window"
+    );
+    let args = format!(
+        "10, 'w', 2, 30000, {}, {}",
+        i64::MIN,
+        10 + store::CLAIM_WINDOW
+    );
+    let pages = pages_touched(&mut c, "%row_number()%", &args).await;
+    // The window's 1,010 rows lie on about 40 pages; the backlog on about 800.
+    assert!(
+        pages < 200,
+        "a capped claim touched {pages} pages: it walked the backlog"
+    );
+}
+
+#[tokio::test]
+async fn a_job_behind_a_capped_backlog_larger_than_a_claims_window_is_still_claimed() {
+    // The window bounds each claim; the worker looks past it from a cursor that moves on at
+    // each wake-up, so a job of another company far back in claim order (a retry that came
+    // due behind a backlog) still starts while the big company stays at its cap.
+    let db = TestDb::new(Schema::Shard).await;
+    let (big, small) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut opts = options("shard-t", 2);
+    opts.slots = 4;
+    opts.poll_interval = Duration::from_millis(100);
+    let running = idle_worker(&db, builtins(&["echo", "sleep"]), opts).await;
+    let backlog: Vec<_> = (0..3 * store::CLAIM_WINDOW)
+        .map(|_| job(big, "sleep", json!({"ms": 20_000}), 1))
+        .collect();
+    enqueue(&db, &backlog).await;
+    let mine = enqueue_one(&db, job(small, "echo", json!({}), 1)).await;
+    // Behind every one of the big company's jobs (a second each) in claim order.
+    db.exec(&format!(
+        "UPDATE jobs SET priority = priority + {} * 1000000::bigint WHERE id = '{mine}'",
+        4 * store::CLAIM_WINDOW
     ))
     .await;
     db.exec(&format!(

@@ -580,20 +580,55 @@ macro_rules! take_lease {
     };
 }
 
-/// A capped claim of a batch (see [`claim`]).
+/// How many claimable rows past the batch's own size a capped claim looks at, in claim order,
+/// before it gives up for this time (see [`claim_batch`]).
+pub const CLAIM_WINDOW: i64 = 1000;
+
+/// A capped claim (see [`claim`]): of the claimable rows after claim order `$5`, it looks at
+/// the first `$6` (the window) and takes up to `$1` of them whose company is below its cap,
+/// locking them one by one in claim order.
+///
+/// Walking the claimable rows until `$1` pass the cap, as this statement did before the window,
+/// costs a walk of every waiting row when none passes: a company at its cap with a backlog of
+/// 10,000 jobs made every claim of a worker with free slots walk those 10,000 rows (6 ms), and
+/// each of that company's finished jobs sets off such a claim. The window bounds that work; the
+/// rows beyond it are reached by later claims from a cursor (`next_after`, see [`Claim`]).
+///
+/// The window is read without locks, and only the rows chosen from it are locked (a lock per
+/// row looked at would write to each of those rows): each is locked by primary key, skipping
+/// rows another claimer holds, and kept only if its newest version is still `waiting` (a
+/// claimer that committed after this statement's snapshot was taken has moved it on). The
+/// state is checked outside the locking subquery, whose `OFFSET 0` keeps the planner from
+/// moving the check into it: that check would imply the predicate of the partial indexes over
+/// waiting rows, and on a table without statistics the planner then walks one of those whole
+/// indexes for each row instead of looking the row up by primary key.
+///
+/// The per-company cap counts rows already processing plus the rows this claim takes
+/// (`row_number` per company), so one batch cannot push a company over its cap. Returns one row
+/// even when it claims nothing (the job's columns then NULL), for the count of candidates and
+/// the cursor: when the claim comes up short, the claim order of the window's last row, if the
+/// window was full (more rows lie beyond it).
 const CLAIM_SQL: &str = concat!(
     "WITH running AS MATERIALIZED (
          SELECT company_id, count(*) AS n FROM jobs
           WHERE state = 'processing'
           GROUP BY company_id
      ), candidates AS MATERIALIZED (
-         SELECT j.id, j.company_id, j.priority, r.n FROM jobs j,
-                LATERAL (SELECT coalesce((SELECT x.n FROM running x
-                                           WHERE x.company_id = j.company_id), 0) AS n) r
-          WHERE j.state = 'waiting' AND j.run_at <= now() AND r.n < $3::int8
-          ORDER BY j.priority
+         SELECT s.id, s.company_id, s.priority, s.n
+           FROM (SELECT w.id, w.company_id, w.priority, r.n
+                   FROM (SELECT v.id, v.company_id, v.priority, v.run_at FROM jobs v
+                          WHERE v.state = 'waiting' AND v.priority > $5::int8
+                          ORDER BY v.priority
+                          LIMIT $6::int8) w,
+                        LATERAL (SELECT coalesce((SELECT x.n FROM running x
+                                                   WHERE x.company_id = w.company_id), 0) AS n) r
+                  WHERE w.run_at <= now() AND r.n < $3::int8) s,
+                LATERAL (SELECT k.state FROM jobs k
+                          WHERE k.id = s.id
+                          FOR UPDATE OF k SKIP LOCKED OFFSET 0) l
+          WHERE l.state = 'waiting'
+          ORDER BY s.priority
           LIMIT $1::int8
-          FOR UPDATE OF j SKIP LOCKED
      ), chosen AS (
          SELECT c.id FROM (
              SELECT c.id,
@@ -604,61 +639,48 @@ const CLAIM_SQL: &str = concat!(
          SELECT count(*) AS n FROM candidates
      ), ",
     async_commit!(),
-    "
+    ", claimed AS (
      ",
     take_lease!(),
     "
-       FROM chosen, async_commit, counted
+       FROM chosen, async_commit
       WHERE j.id = chosen.id
   ",
     claimed_columns!(),
-    ", counted.n"
+    "
+     ), next AS (
+         SELECT CASE WHEN (SELECT count(*) FROM claimed) < $1::int8 THEN
+                     (SELECT v.priority FROM jobs v
+                       WHERE v.state = 'waiting' AND v.priority > $5::int8
+                       ORDER BY v.priority
+                      OFFSET $6::int8 - 1 LIMIT 1) END AS after
+     )
+     SELECT claimed.*, counted.n, next.after FROM next CROSS JOIN counted LEFT JOIN claimed ON true"
 );
 
-/// A claim of up to `$1` jobs, each of whose candidates must also pass `$cap` (a predicate on
-/// `j` and `$3`), checked row by row: right for one job, or for any number without a cap.
-macro_rules! claim_one {
-    ($cap:expr) => {
-        concat!(
-            "WITH candidate AS (
+/// A claim without a per-company cap, of any size: the claimable rows in claim order, with
+/// no per-company count to take and no batch to number per company. (`$3` is still named, so
+/// both claim statements take their first four parameters alike.)
+const CLAIM_UNCAPPED_SQL: &str = concat!(
+    "WITH candidate AS (
          SELECT j.id FROM jobs j
-          WHERE j.state = 'waiting' AND j.run_at <= now()
-            AND ",
-            $cap,
-            "
+          WHERE j.state = 'waiting' AND j.run_at <= now() AND $3::int8 = ",
+    uncapped!(),
+    "
           ORDER BY j.priority
           LIMIT $1::int8
           FOR UPDATE OF j SKIP LOCKED
      ), ",
-            async_commit!(),
-            "
+    async_commit!(),
+    "
      ",
-            take_lease!(),
-            "
+    take_lease!(),
+    "
        FROM candidate, async_commit
       WHERE j.id = candidate.id
   ",
-            claimed_columns!()
-        )
-    };
-}
-
-/// [`CLAIM_SQL`] for a single job. Without a batch there is no need to count each company's
-/// running jobs up front and number the batch's rows per company: the candidates are walked in
-/// claim order and each one's company is checked on the spot, counting at most the cap's worth
-/// of its processing rows through `jobs_processing`. A third of the server's CPU per job went
-/// to starting the batch statement's window and aggregate nodes when claiming one at a time.
-const CLAIM_ONE_SQL: &str = claim_one!(
-    "(SELECT count(*) FROM (SELECT 1 FROM jobs p
-                                WHERE p.state = 'processing' AND p.company_id = j.company_id
-                                LIMIT $3::int8) running) < $3::int8"
+    claimed_columns!()
 );
-
-/// A claim without a per-company cap, of any size: the claimable rows in claim order, with
-/// no per-company count to take and no batch to number per company, and no subquery to set
-/// up for each claim. (`$3` is still named, so all claim statements take the same
-/// parameters.)
-const CLAIM_UNCAPPED_SQL: &str = claim_one!(concat!("$3::int8 = ", uncapped!()));
 
 /// Claims up to `limit` jobs for `worker_id`: marks them `processing`, counts the attempt and
 /// takes a lease of `lease`.
@@ -672,8 +694,10 @@ const CLAIM_UNCAPPED_SQL: &str = claim_one!(concat!("$3::int8 = ", uncapped!()))
 /// key, and it does so when it builds the connection's plan on a nearly empty queue: such a
 /// claim took 165 ms once 100,000 jobs were waiting, against 1 ms by primary key.
 ///
-/// The per-company cap counts rows already processing plus the rows this claim takes
-/// (`row_number` per company), so one batch cannot push a company over its cap.
+/// With a per-company cap, a claim looks at a window of [`CLAIM_WINDOW`] rows past `limit` in
+/// claim order, so a company at its cap with a large backlog costs each claim a bounded walk
+/// (see [`CLAIM_SQL`]); this function claims from the head of the queue, [`claim_batch`] from
+/// anywhere.
 ///
 /// The claim commits asynchronously (`synchronous_commit = off`): a claim lost in a database
 /// crash only means the job runs again, which at-least-once delivery allows anyway, and it
@@ -691,43 +715,72 @@ pub async fn claim(
     lease: Duration,
     max_processing_per_company: i64,
 ) -> Result<Vec<ClaimedJob>, tokio_postgres::Error> {
-    claim_batch(client, worker_id, limit, lease, max_processing_per_company)
-        .await
-        .map(|(jobs, _)| jobs)
+    claim_batch(
+        client,
+        worker_id,
+        limit,
+        lease,
+        max_processing_per_company,
+        None,
+    )
+    .await
+    .map(|claim| claim.jobs)
 }
 
-/// [`claim`], also saying whether the per-company cap held back some of the batch's candidates:
-/// a capped batch is taken from the first `limit` claimable rows, so when the cap drops some of
-/// them, more may be claimable beyond (the worker then claims again at once rather than waiting
-/// for a wake-up).
+/// What [`claim_batch`] did.
+#[derive(Debug, Default)]
+pub struct Claim {
+    /// The claimed jobs, in claim order.
+    pub jobs: Vec<ClaimedJob>,
+    /// The per-company cap held back some of the batch's candidates: a capped batch is taken
+    /// from the first `limit` claimable rows that pass the cap as it stood, and then cut where
+    /// the batch itself fills a company's cap, so more may be claimable (the worker then claims
+    /// again at once rather than waiting for a wake-up).
+    pub cut_by_cap: bool,
+    /// The claim came up short and its window was full: claimable rows may lie beyond it, past
+    /// this claim order (pass it as `after` to look there).
+    pub next_after: Option<i64>,
+}
+
+/// [`claim`] of the rows after claim order `after` (`None`: from the head of the queue),
+/// saying what else may be claimable (see [`Claim`]). Without a per-company cap there is no
+/// window: every claimable row can be taken, so a claim short of `limit` means none is left.
 pub async fn claim_batch(
     client: &mut impl QueueConn,
     worker_id: &str,
     limit: i64,
     lease: Duration,
     max_processing_per_company: i64,
-) -> Result<(Vec<ClaimedJob>, bool), tokio_postgres::Error> {
+    after: Option<i64>,
+) -> Result<Claim, tokio_postgres::Error> {
     let lease_ms = lease.as_millis() as f64;
-    // Processing rows are counted per company once (`running`), and each candidate the index
-    // scan visits looks its company up there through a LATERAL scalar subquery, which keeps the
-    // scan in claim order.
-    // Only the batch statement drops candidates after choosing them (one job at a time, each
-    // candidate's company is checked before it is chosen); it also returns their number.
-    let (sql, batch) = match (limit, max_processing_per_company) {
-        (_, UNCAPPED) => (CLAIM_UNCAPPED_SQL, false),
-        (1, _) => (CLAIM_ONE_SQL, false),
-        _ => (CLAIM_SQL, true),
+    let params: [&(dyn ToSql + Sync); 4] =
+        [&limit, &worker_id, &max_processing_per_company, &lease_ms];
+    let mut claim = Claim::default();
+    let rows = if max_processing_per_company == UNCAPPED {
+        single_statement(client, CLAIM_UNCAPPED_SQL, &params).await?
+    } else {
+        let after = after.unwrap_or(i64::MIN);
+        let window = limit.saturating_add(CLAIM_WINDOW);
+        let rows = single_statement(
+            client,
+            CLAIM_SQL,
+            &[params[0], params[1], params[2], params[3], &after, &window],
+        )
+        .await?;
+        // One row even when nothing was claimed, its job columns NULL.
+        let claimed = rows
+            .iter()
+            .filter(|r| r.get::<_, Option<Uuid>>(0).is_some())
+            .count();
+        if let Some(first) = rows.first() {
+            claim.cut_by_cap = first.get::<_, i64>(12) > claimed as i64;
+            claim.next_after = first.get(13);
+        }
+        rows.into_iter()
+            .filter(|r| r.get::<_, Option<Uuid>>(0).is_some())
+            .collect()
     };
-    let rows = single_statement(
-        client,
-        sql,
-        &[&limit, &worker_id, &max_processing_per_company, &lease_ms],
-    )
-    .await?;
-    let cut_by_cap = batch
-        && rows
-            .first()
-            .is_some_and(|r| r.get::<_, i64>(12) > rows.len() as i64);
     let mut jobs: Vec<(i64, ClaimedJob)> = rows
         .iter()
         .map(|r| {
@@ -750,7 +803,8 @@ pub async fn claim_batch(
         })
         .collect();
     jobs.sort_by_key(|(p, _)| *p);
-    Ok((jobs.into_iter().map(|(_, j)| j).collect(), cut_by_cap))
+    claim.jobs = jobs.into_iter().map(|(_, j)| j).collect();
+    Ok(claim)
 }
 
 /// One finished attempt, for [`finish`].

@@ -388,6 +388,14 @@ impl Worker {
         // stride would stay idle while jobs wait, for as long as the running jobs take.
         let stride = (this.opts.claim_batch.min(this.opts.slots) / 4).max(1);
         let mut woken = false;
+        // A capped claim looks at a bounded window of the queue's head (see
+        // `store::CLAIM_SQL`). When that window was full and gave too few jobs (companies at
+        // their cap fill it), the loop also looks once past it, from `after`, which moves on
+        // through the queue from one such look to the next and starts over at its end: rows
+        // far back in claim order are reached within a few wake-ups, and no claim walks the
+        // whole backlog of a company at its cap.
+        let mut after: Option<i64> = None;
+        let mut look_further = false;
         while !shutdown.is_cancelled() {
             while tasks.try_join_next().is_some() {}
             let free = slots.available_permits().min(this.opts.claim_batch);
@@ -402,6 +410,8 @@ impl Worker {
                 continue;
             }
             woken = false;
+            let from = if look_further { after } else { None };
+            look_further = false;
             let claimed = async {
                 let mut client = this.pool.get().await?;
                 // The claim statement's own time, not the wait for a connection.
@@ -412,6 +422,7 @@ impl Worker {
                     free as i64,
                     this.opts.lease,
                     this.opts.max_processing_per_company,
+                    from,
                 )
                 .await?;
                 metrics::CLAIM_SECONDS
@@ -420,7 +431,11 @@ impl Worker {
                 Ok::<_, anyhow::Error>(claimed)
             }
             .await;
-            let (jobs, cut_by_cap) = match claimed {
+            let store::Claim {
+                jobs,
+                cut_by_cap,
+                next_after,
+            } = match claimed {
                 Ok(claimed) => {
                     failures = 0;
                     claimed
@@ -445,6 +460,15 @@ impl Worker {
                 }
             };
             let got = jobs.len();
+            if from.is_some() {
+                // `None`: that look reached the end of the queue; the next starts over.
+                after = next_after;
+            } else if got < free && !cut_by_cap {
+                // A full window: look past it (from where the last look stopped, if that lies
+                // beyond). Not full: the claim saw every waiting row.
+                after = next_after.map(|head| after.map_or(head, |a| a.max(head)));
+                look_further = after.is_some();
+            }
             for job in jobs {
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     break;
@@ -477,7 +501,10 @@ impl Worker {
             // A capped claim takes its batch from the first `free` claimable rows and then drops
             // those over their company's cap, so a batch cut short that way need not mean an
             // empty queue: claim again at once (the companies now at their cap are passed over).
-            if got < free && !cut_by_cap {
+            if look_further {
+                // Look past the window at once, also for fewer slots than a stride.
+                woken = true;
+            } else if got < free && !cut_by_cap {
                 // Nothing more claimable right now: sleep until a NOTIFY, a freed slot or the poll.
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
