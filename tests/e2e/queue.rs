@@ -679,10 +679,22 @@ async fn statements_planned_on_an_empty_queue_stay_right_once_it_fills() {
         );
     }
     let plan = prepared_plan(&c, capped, &plans[1].1).await;
+    // The candidates in claim order, locked as they are taken: a sort between the window and
+    // the LIMIT would lock every row of the window that passes the cap.
+    let candidates: Vec<&String> = plan
+        .iter()
+        .skip_while(|l| !l.contains("CTE candidates"))
+        .skip(1)
+        .take_while(|l| !l.contains("CTE "))
+        .collect();
     assert!(
-        scans_use(&plan, "jobs k", "jobs_pkey") && scans_use(&plan, "jobs v", "jobs_claimable"),
-        "a capped claim locks its candidates by primary key, and reads its window and cursor \
-         from the head of the claimable rows:\n{}",
+        scans_use(&plan, "jobs k", "jobs_pkey")
+            && scans_use(&plan, "jobs v", "jobs_claimable")
+            && scans_use(&plan, "jobs t", "jobs_claimable")
+            && !candidates.is_empty()
+            && !candidates.iter().any(|l| l.contains("Sort")),
+        "a capped claim reads its window and cursor from the head of the claimable rows, in \
+         claim order, and locks its candidates by primary key:\n{}",
         plan.join("\n")
     );
     // One job, and many in one statement.
@@ -959,27 +971,65 @@ async fn a_company_at_its_cap_costs_a_claim_a_bounded_look_not_a_walk_of_its_bac
 }
 
 #[tokio::test]
+async fn a_look_past_the_window_takes_in_the_rows_that_share_its_last_claim_order() {
+    // Claim orders are not unique (a bulk enqueue gives each company's first job the same
+    // one): a row sharing the window's last claim order but lying past it must not be skipped
+    // by the look that starts there.
+    let db = TestDb::new(Schema::Shard).await;
+    let (big, small) = (Uuid::now_v7(), Uuid::now_v7());
+    let backlog: Vec<_> = (0..2 * store::CLAIM_WINDOW)
+        .map(|_| job(big, "echo", json!({}), 1))
+        .collect();
+    enqueue(&db, &backlog).await;
+    let mut c = db.client().await;
+    let lease = Duration::from_secs(30);
+    assert_eq!(
+        store::claim(&mut c, "w", 2, lease, 2).await.unwrap().len(),
+        2
+    );
+    let head = store::claim_batch(&mut c, "w", 10, lease, 2, None)
+        .await
+        .unwrap();
+    assert!(head.jobs.is_empty(), "the big company is at its cap");
+    let last = head.next_after.expect("the window was full");
+    let mine = enqueue_one(&db, job(small, "echo", json!({}), 1)).await;
+    db.exec(&format!(
+        "UPDATE jobs SET priority = {last} WHERE id = '{mine}'"
+    ))
+    .await;
+    let look = store::claim_batch(&mut c, "w", 10, lease, 2, Some(last))
+        .await
+        .unwrap();
+    assert_eq!(
+        look.jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![mine],
+        "the look from the window's last claim order takes the row that shares it"
+    );
+}
+
+#[tokio::test]
 async fn a_job_behind_a_capped_backlog_larger_than_a_claims_window_is_still_claimed() {
     // The window bounds each claim; the worker looks past it from a cursor that moves on at
     // each wake-up, so a job of another company far back in claim order (a retry that came
     // due behind a backlog) still starts while the big company stays at its cap.
     let db = TestDb::new(Schema::Shard).await;
     let (big, small) = (Uuid::now_v7(), Uuid::now_v7());
-    let mut opts = options("shard-t", 2);
-    opts.slots = 4;
-    opts.poll_interval = Duration::from_millis(100);
-    let running = idle_worker(&db, builtins(&["echo", "sleep"]), opts).await;
     let backlog: Vec<_> = (0..3 * store::CLAIM_WINDOW)
         .map(|_| job(big, "sleep", json!({"ms": 20_000}), 1))
         .collect();
     enqueue(&db, &backlog).await;
     let mine = enqueue_one(&db, job(small, "echo", json!({}), 1)).await;
-    // Behind every one of the big company's jobs (a second each) in claim order.
+    // Behind every one of the big company's jobs (a second each) in claim order, before any
+    // worker could claim it from the head.
     db.exec(&format!(
         "UPDATE jobs SET priority = priority + {} * 1000000::bigint WHERE id = '{mine}'",
         4 * store::CLAIM_WINDOW
     ))
     .await;
+    let mut opts = options("shard-t", 2);
+    opts.slots = 4;
+    opts.poll_interval = Duration::from_millis(100);
+    let running = idle_worker(&db, builtins(&["echo", "sleep"]), opts).await;
     db.exec(&format!(
         "SELECT pg_notify('{}', '')",
         store::CHANNEL_WAITING

@@ -584,21 +584,24 @@ macro_rules! take_lease {
 /// before it gives up for this time (see [`claim_batch`]).
 pub const CLAIM_WINDOW: i64 = 1000;
 
-/// A capped claim (see [`claim`]): of the claimable rows after claim order `$5`, it looks at
-/// the first `$6` (the window) and takes up to `$1` of them whose company is below its cap,
-/// locking them one by one in claim order.
+/// A capped claim (see [`claim`]): of the waiting rows from claim order `$5` on, it looks at
+/// the first `$6` (the window) and takes up to `$1` of them that are due and whose company is
+/// below its cap, locking them one by one in claim order.
 ///
 /// Walking the claimable rows until `$1` pass the cap, as this statement did before the window,
 /// costs a walk of every waiting row when none passes: a company at its cap with a backlog of
 /// 10,000 jobs made every claim of a worker with free slots walk those 10,000 rows (6 ms), and
 /// each of that company's finished jobs sets off such a claim. The window bounds that work; the
-/// rows beyond it are reached by later claims from a cursor (`next_after`, see [`Claim`]).
+/// rows beyond it are reached by later claims from a cursor (`next_after`, see [`Claim`]), which
+/// starts at the claim order of the window's last row: several rows may share one (a bulk
+/// enqueue gives each company's first job the same), so that one is looked at again.
 ///
 /// The window is read without locks, and only the rows chosen from it are locked (a lock per
 /// row looked at would write to each of those rows): each is locked by primary key, skipping
-/// rows another claimer holds, and kept only if its newest version is still `waiting` (a
-/// claimer that committed after this statement's snapshot was taken has moved it on). The
-/// state is checked outside the locking subquery, whose `OFFSET 0` keeps the planner from
+/// rows another claimer holds, and kept only if its newest version is still `waiting` and due
+/// (a claimer that committed after this statement's snapshot was taken may have run it, and
+/// a retry may have put it back with a later `run_at`). The state is checked outside the
+/// locking subquery, whose `OFFSET 0` keeps the planner from
 /// moving the check into it: that check would imply the predicate of the partial indexes over
 /// waiting rows, and on a table without statistics the planner then walks one of those whole
 /// indexes for each row instead of looking the row up by primary key.
@@ -617,16 +620,16 @@ const CLAIM_SQL: &str = concat!(
          SELECT s.id, s.company_id, s.priority, s.n
            FROM (SELECT w.id, w.company_id, w.priority, r.n
                    FROM (SELECT v.id, v.company_id, v.priority, v.run_at FROM jobs v
-                          WHERE v.state = 'waiting' AND v.priority > $5::int8
+                          WHERE v.state = 'waiting' AND v.priority >= $5::int8
                           ORDER BY v.priority
                           LIMIT $6::int8) w,
                         LATERAL (SELECT coalesce((SELECT x.n FROM running x
                                                    WHERE x.company_id = w.company_id), 0) AS n) r
                   WHERE w.run_at <= now() AND r.n < $3::int8) s,
-                LATERAL (SELECT k.state FROM jobs k
+                LATERAL (SELECT k.state, k.run_at FROM jobs k
                           WHERE k.id = s.id
                           FOR UPDATE OF k SKIP LOCKED OFFSET 0) l
-          WHERE l.state = 'waiting'
+          WHERE l.state = 'waiting' AND l.run_at <= now()
           ORDER BY s.priority
           LIMIT $1::int8
      ), chosen AS (
@@ -650,9 +653,9 @@ const CLAIM_SQL: &str = concat!(
     "
      ), next AS (
          SELECT CASE WHEN (SELECT count(*) FROM claimed) < $1::int8 THEN
-                     (SELECT v.priority FROM jobs v
-                       WHERE v.state = 'waiting' AND v.priority > $5::int8
-                       ORDER BY v.priority
+                     (SELECT t.priority FROM jobs t
+                       WHERE t.state = 'waiting' AND t.priority >= $5::int8
+                       ORDER BY t.priority
                       OFFSET $6::int8 - 1 LIMIT 1) END AS after
      )
      SELECT claimed.*, counted.n, next.after FROM next CROSS JOIN counted LEFT JOIN claimed ON true"
@@ -737,12 +740,12 @@ pub struct Claim {
     /// the batch itself fills a company's cap, so more may be claimable (the worker then claims
     /// again at once rather than waiting for a wake-up).
     pub cut_by_cap: bool,
-    /// The claim came up short and its window was full: claimable rows may lie beyond it, past
-    /// this claim order (pass it as `after` to look there).
+    /// The claim came up short and its window was full: claimable rows may lie beyond it, from
+    /// this claim order on (pass it as `from` to look there).
     pub next_after: Option<i64>,
 }
 
-/// [`claim`] of the rows after claim order `after` (`None`: from the head of the queue),
+/// [`claim`] of the rows from claim order `from` on (`None`: from the head of the queue),
 /// saying what else may be claimable (see [`Claim`]). Without a per-company cap there is no
 /// window: every claimable row can be taken, so a claim short of `limit` means none is left.
 pub async fn claim_batch(
@@ -751,7 +754,7 @@ pub async fn claim_batch(
     limit: i64,
     lease: Duration,
     max_processing_per_company: i64,
-    after: Option<i64>,
+    from: Option<i64>,
 ) -> Result<Claim, tokio_postgres::Error> {
     let lease_ms = lease.as_millis() as f64;
     let params: [&(dyn ToSql + Sync); 4] =
@@ -760,12 +763,12 @@ pub async fn claim_batch(
     let rows = if max_processing_per_company == UNCAPPED {
         single_statement(client, CLAIM_UNCAPPED_SQL, &params).await?
     } else {
-        let after = after.unwrap_or(i64::MIN);
+        let from = from.unwrap_or(i64::MIN);
         let window = limit.saturating_add(CLAIM_WINDOW);
         let rows = single_statement(
             client,
             CLAIM_SQL,
-            &[params[0], params[1], params[2], params[3], &after, &window],
+            &[params[0], params[1], params[2], params[3], &from, &window],
         )
         .await?;
         // One row even when nothing was claimed, its job columns NULL.

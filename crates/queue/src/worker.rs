@@ -391,9 +391,9 @@ impl Worker {
         // A capped claim looks at a bounded window of the queue's head (see
         // `store::CLAIM_SQL`). When that window was full and gave too few jobs (companies at
         // their cap fill it), the loop also looks once past it, from `after`, which moves on
-        // through the queue from one such look to the next and starts over at its end: rows
-        // far back in claim order are reached within a few wake-ups, and no claim walks the
-        // whole backlog of a company at its cap.
+        // through the queue from one such look to the next and starts over at its end: a row
+        // far back in claim order is reached within (rows ahead of it) / CLAIM_WINDOW
+        // wake-ups, and no claim walks the whole backlog of a company at its cap.
         let mut after: Option<i64> = None;
         let mut look_further = false;
         while !shutdown.is_cancelled() {
@@ -461,8 +461,16 @@ impl Worker {
             };
             let got = jobs.len();
             if from.is_some() {
-                // `None`: that look reached the end of the queue; the next starts over.
-                after = next_after;
+                // `None`: that look reached the end of the queue; the next starts over. A window
+                // that did not get past its first claim order (all its rows share it) is left
+                // behind, or the cursor would stay there.
+                after = next_after.map(|p| {
+                    if Some(p) == from {
+                        p.saturating_add(1)
+                    } else {
+                        p
+                    }
+                });
             } else if got < free && !cut_by_cap {
                 // A full window: look past it (from where the last look stopped, if that lies
                 // beyond). Not full: the claim saw every waiting row.
