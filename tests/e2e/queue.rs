@@ -957,17 +957,23 @@ async fn a_company_at_its_cap_costs_a_claim_a_bounded_look_not_a_walk_of_its_bac
         more.next_after.is_some(),
         "the claim says that rows lie beyond its window"
     );
-    let args = format!(
-        "10, 'w', 2, 30000, {}, {}",
-        i64::MIN,
-        10 + store::CLAIM_WINDOW
-    );
-    let pages = pages_touched(&mut c, "%row_number()%", &args).await;
-    // The window's 1,010 rows lie on about 40 pages; the backlog on about 800.
     assert!(
-        pages < 200,
-        "a capped claim touched {pages} pages: it walked the backlog"
+        store::claim(&mut c, "w", 1, lease, 2)
+            .await
+            .unwrap()
+            .is_empty()
     );
+    // A batch, and one job.
+    for limit in [10, 1] {
+        let window = limit + store::CLAIM_WINDOW;
+        let args = format!("{limit}, 'w', 2, 30000, {}, {window}", i64::MIN);
+        let pages = pages_touched(&mut c, "%row_number()%", &args).await;
+        // A window's rows lie on about 40 pages; the backlog on about 800.
+        assert!(
+            pages < 200,
+            "a capped claim of {limit} touched {pages} pages: it walked the backlog"
+        );
+    }
 }
 
 #[tokio::test]

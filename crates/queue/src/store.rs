@@ -606,6 +606,11 @@ pub const CLAIM_WINDOW: i64 = 1000;
 /// waiting rows, and on a table without statistics the planner then walks one of those whole
 /// indexes for each row instead of looking the row up by primary key.
 ///
+/// It serves one-job claims too. A one-job variant that checked each candidate's company on
+/// the spot (a probe of `jobs_processing` per row, as the one-job claim did before the window)
+/// took 4 ms against this statement's 0.7 ms when the window held 1,001 rows of a company at its
+/// cap, for 10-20 % fewer claims per second (pgbench, 4 clients) when the head was claimable.
+///
 /// The per-company cap counts rows already processing plus the rows this claim takes
 /// (`row_number` per company), so one batch cannot push a company over its cap. Returns one row
 /// even when it claims nothing (the job's columns then NULL), for the count of candidates and
