@@ -1491,6 +1491,41 @@ impl tenantry_queue::Handler for PanicsEarly {
 }
 
 #[tokio::test]
+async fn a_finished_job_keeps_its_lease_until_its_outcome_is_written() {
+    // The database refuses the outcome of a job that ran fine for longer than a lease (here a
+    // trigger; in life a failover or a completer far behind). Its lease must still be renewed
+    // meanwhile: otherwise the rescuer dead-letters the job as "lease expired" and the outcome,
+    // once the database takes it, is discarded as late.
+    let db = TestDb::new(Schema::Shard).await;
+    db.exec(
+        "CREATE FUNCTION refuse_done() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN RAISE EXCEPTION 'not now'; END $$;
+         CREATE TRIGGER refuse_done BEFORE UPDATE ON jobs
+             FOR EACH ROW WHEN (NEW.state = 'done') EXECUTE FUNCTION refuse_done();",
+    )
+    .await;
+    let mut opts = options("shard-t", 100);
+    opts.lease = Duration::from_millis(1500);
+    opts.rescue_interval = Duration::from_millis(200);
+    let running = spawn_worker(worker_from(&db, builtins(&["echo"]), opts));
+    let id = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 1)).await;
+    // Two and a half leases with the outcome refused.
+    tokio::time::sleep(Duration::from_millis(3750)).await;
+    assert_eq!(
+        state_of(&db, id).await.0,
+        "processing",
+        "the job is still leased"
+    );
+    db.exec("DROP TRIGGER refuse_done ON jobs").await;
+    assert!(
+        crate::support::until_state(&db, id, "done", Duration::from_secs(10)).await,
+        "the outcome was written once the database took it: {:?}",
+        state_of(&db, id).await
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn a_panicking_handler_fails_its_attempt_not_the_worker() {
     let db = TestDb::new(Schema::Shard).await;
     let mut registry = Registry::default();

@@ -369,7 +369,7 @@ impl Worker {
         let (out_tx, out_rx) = mpsc::channel::<Outcome>(this.opts.slots.max(1) * 2);
         let background = CancellationToken::new();
 
-        let completer = tokio::spawn(complete_loop(this.clone(), out_rx));
+        let completer = tokio::spawn(complete_loop(this.clone(), out_rx, running.clone()));
         let heartbeat = tokio::spawn(heartbeat_loop(
             this.clone(),
             running.clone(),
@@ -496,8 +496,12 @@ impl Worker {
                     let id = job.id;
                     let outcome = run_job(&this.registry, &this.opts, job).await;
                     // Sending waits when the completer is behind: backpressure, not growth.
-                    let _ = out_tx.send(outcome).await;
-                    running.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+                    // The heartbeat keeps renewing the job's lease until the completer has
+                    // written its outcome (or given up on it): a completion held up longer
+                    // than a lease would otherwise find the job rescued and be discarded.
+                    if out_tx.send(outcome).await.is_err() {
+                        running.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+                    }
                     drop(permit);
                     // The claim loop refills only a stride at a time: waking it for every
                     // finished job would only send it back to sleep.
@@ -673,7 +677,11 @@ const CONCURRENT_COMPLETIONS: usize = 2;
 /// transaction, up to [`CONCURRENT_COMPLETIONS`] batches at a time. A failed write is retried
 /// (the outcomes are kept) until it succeeds or the leases expire and the rescuer takes over.
 /// Returns once every outcome received has been written (or given up on).
-async fn complete_loop(this: Arc<Worker>, mut rx: mpsc::Receiver<Outcome>) {
+async fn complete_loop(
+    this: Arc<Worker>,
+    mut rx: mpsc::Receiver<Outcome>,
+    running: Arc<Mutex<InFlight>>,
+) {
     let mut writers = tokio::task::JoinSet::new();
     while let Some(first) = rx.recv().await {
         let mut batch = Vec::with_capacity(this.opts.complete_batch);
@@ -687,17 +695,27 @@ async fn complete_loop(this: Arc<Worker>, mut rx: mpsc::Receiver<Outcome>) {
         if writers.len() >= CONCURRENT_COMPLETIONS {
             writers.join_next().await;
         }
-        writers.spawn(write_outcomes(this.clone(), batch));
+        writers.spawn(write_outcomes(this.clone(), batch, running.clone()));
     }
     while writers.join_next().await.is_some() {}
 }
 
-async fn write_outcomes(this: Arc<Worker>, batch: Vec<Outcome>) {
+/// Writes one batch of outcomes, trying again with backoff; then takes its jobs out of the
+/// heartbeat's set (written, or given up on: the rescuer returns those).
+async fn write_outcomes(this: Arc<Worker>, batch: Vec<Outcome>, running: Arc<Mutex<InFlight>>) {
+    try_write_outcomes(&this, &batch).await;
+    let mut running = running.lock().unwrap_or_else(|p| p.into_inner());
+    for o in &batch {
+        running.remove(o.id);
+    }
+}
+
+async fn try_write_outcomes(this: &Worker, batch: &[Outcome]) {
     let mut attempt = 0;
     loop {
         let written = async {
             let mut client = this.pool.get().await?;
-            Ok::<_, anyhow::Error>(store::finish_unannounced(&mut client, &this.id, &batch).await?)
+            Ok::<_, anyhow::Error>(store::finish_unannounced(&mut client, &this.id, batch).await?)
         }
         .await;
         match written {
@@ -729,7 +747,8 @@ async fn write_outcomes(this: Arc<Worker>, batch: Vec<Outcome>) {
     }
 }
 
-/// The jobs this worker's slots are running, for the heartbeat: how many runs of each. A job
+/// The jobs this worker holds leases for, for the heartbeat: those its slots are running and
+/// those whose outcome the completer has not written yet, with how many runs of each. A job
 /// can run twice in one worker: its lease expired (say the heartbeat could not reach the
 /// database), the rescuer returned it to `waiting`, and this worker claimed it again while the
 /// first run was still going. The second run's lease must be renewed after the first run ends.
