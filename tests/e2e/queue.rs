@@ -963,7 +963,21 @@ async fn a_company_at_its_cap_costs_a_claim_a_bounded_look_not_a_walk_of_its_bac
             .unwrap()
             .is_empty()
     );
-    // A batch, and one job.
+    // A batch, and one job: one statement (a one-job statement that checked each row's
+    // company on the spot cost several times as much here, a probe per row).
+    let statements = c
+        .query_one(
+            // (Spelled so that this query does not match itself.)
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%SKIP' || ' LOCKED%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(
+        statements, 1,
+        "capped claims of one and of ten share a statement"
+    );
     for limit in [10, 1] {
         let window = limit + store::CLAIM_WINDOW;
         let args = format!("{limit}, 'w', 2, 30000, {}, {window}", i64::MIN);

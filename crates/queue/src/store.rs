@@ -580,8 +580,9 @@ macro_rules! take_lease {
     };
 }
 
-/// How many claimable rows past the batch's own size a capped claim looks at, in claim order,
-/// before it gives up for this time (see [`claim_batch`]).
+/// How many waiting rows past the batch's own size a capped claim looks at, in claim order
+/// (due or not, whatever their company), before it gives up for this time (see
+/// [`claim_batch`]).
 pub const CLAIM_WINDOW: i64 = 1000;
 
 /// A capped claim (see [`claim`]): of the waiting rows from claim order `$5` on, it looks at
@@ -695,8 +696,11 @@ const CLAIM_UNCAPPED_SQL: &str = concat!(
 ///
 /// Races prevented: `FOR UPDATE SKIP LOCKED` makes concurrent claimers skip rows another
 /// claimer is taking instead of waiting for it or taking the same row twice; the lock is taken
-/// on the row's newest version after re-checking `state = 'waiting'` there, and held until the
-/// UPDATE (same statement) has written it, so nothing can change the row in between. The
+/// on the row's newest version, which must still be `waiting` (and due) — the uncapped claim
+/// re-checks its conditions there before locking, the capped one right after (a row another
+/// worker has claimed since may be locked for the rest of this statement, which only delays
+/// that worker's heartbeat or completion) — and held until the UPDATE (same statement) has
+/// written it, so nothing can change the row in between. The
 /// UPDATE therefore does not repeat `state = 'waiting'`: that condition would let the planner
 /// reach the locked rows by walking a whole partial index of waiting rows instead of by primary
 /// key, and it does so when it builds the connection's plan on a nearly empty queue: such a
@@ -746,7 +750,8 @@ pub struct Claim {
     /// again at once rather than waiting for a wake-up).
     pub cut_by_cap: bool,
     /// The claim came up short and its window was full: claimable rows may lie beyond it, from
-    /// this claim order on (pass it as `from` to look there).
+    /// this claim order on (pass it as `from` to look there). Also set when the cap cut the
+    /// batch short ([`Claim::cut_by_cap`]): rows of the window may then be left unexamined.
     pub next_after: Option<i64>,
 }
 

@@ -300,7 +300,9 @@ impl Worker {
     }
 
     /// Runs one job end to end if one is claimable: claim 1, run, record. The single step, for
-    /// tests that drive the queue deterministically.
+    /// tests that drive the queue deterministically. With a per-company cap it looks only at
+    /// the window of the queue's head (see `store::CLAIM_WINDOW`): a job further back gives
+    /// `None` while the companies ahead of it are at their cap.
     pub async fn try_claim_and_run_one(&self) -> anyhow::Result<Option<(Uuid, JobState)>> {
         let mut client = self.pool.get().await.context("shard pool")?;
         let jobs = store::claim(
@@ -392,8 +394,9 @@ impl Worker {
         // `store::CLAIM_SQL`). When that window was full and gave too few jobs (companies at
         // their cap fill it), the loop also looks once past it, from `after`, which moves on
         // through the queue from one such look to the next and starts over at its end: a row
-        // far back in claim order is reached within (rows ahead of it) / CLAIM_WINDOW
-        // wake-ups, and no claim walks the whole backlog of a company at its cap.
+        // far back in claim order is reached within a lap of the cursor, (waiting rows) /
+        // CLAIM_WINDOW wake-ups, and no claim walks the whole backlog of a company at its
+        // cap. A look that found work stays where it is for the next one.
         let mut after: Option<i64> = None;
         let mut look_further = false;
         while !shutdown.is_cancelled() {
@@ -460,10 +463,10 @@ impl Worker {
                 }
             };
             let got = jobs.len();
-            if from.is_some() {
-                // `None`: that look reached the end of the queue; the next starts over. A window
-                // that did not get past its first claim order (all its rows share it) is left
-                // behind, or the cursor would stay there.
+            if from.is_some() && got < free && !cut_by_cap {
+                // The look saw its whole window. `None`: it reached the end of the queue; the
+                // next starts over. A window that did not get past its first claim order (all
+                // its rows share it) is left behind, or the cursor would stay there.
                 after = next_after.map(|p| {
                     if Some(p) == from {
                         p.saturating_add(1)
@@ -471,6 +474,9 @@ impl Worker {
                         p
                     }
                 });
+            } else if from.is_some() {
+                // The look found as much as it could take, and rows of its window may not
+                // have been looked at: the next look starts at the same place.
             } else if got < free && !cut_by_cap {
                 // A full window: look past it (from where the last look stopped, if that lies
                 // beyond). Not full: the claim saw every waiting row.
