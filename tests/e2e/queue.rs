@@ -873,22 +873,41 @@ async fn a_batch_cut_short_by_the_cap_is_topped_up_at_once_not_at_the_next_poll(
     // A company at the head of the queue fills a claim's candidates; the cap (2) keeps two of
     // them, and the other company's job must be claimed right after, not at the next poll
     // (30 s here) or when the capped jobs finish (20 s).
+    small_job_behind_a_capped_backlog(20, 100, Duration::from_secs(30)).await;
+}
+
+/// A worker with four slots, a per-company cap of 2 and `poll`, gone idle; then a big
+/// company's `backlog` of long jobs (20 s), a small company's one job `behind` seconds of claim
+/// order after the head (pushed back in the transaction that enqueues it, so no claim can take
+/// it from the head first), and a NOTIFY. The small job must run within 10 s while the big
+/// company stays at its cap.
+async fn small_job_behind_a_capped_backlog(backlog: i64, behind: i64, poll: Duration) {
     let db = TestDb::new(Schema::Shard).await;
     let (big, small) = (Uuid::now_v7(), Uuid::now_v7());
     let mut opts = options("shard-t", 2);
-    opts.poll_interval = Duration::from_secs(30);
+    opts.slots = 4;
+    opts.poll_interval = poll;
     let running = idle_worker(&db, builtins(&["echo", "sleep"]), opts).await;
 
-    let backlog: Vec<_> = (0..20)
+    let backlog: Vec<_> = (0..backlog)
         .map(|_| job(big, "sleep", json!({"ms": 20_000}), 1))
         .collect();
     enqueue(&db, &backlog).await;
-    let mine = enqueue_one(&db, job(small, "echo", json!({}), 1)).await;
-    // Behind all of the big company's jobs in claim order, as if it had arrived later.
-    db.exec(&format!(
-        "UPDATE jobs SET priority = priority + 100 * 1000000::bigint WHERE id = '{mine}'"
-    ))
-    .await;
+    let mut c = db.client().await;
+    let tx = c.transaction().await.unwrap();
+    let mine = store::enqueue(&tx, &job(small, "echo", json!({}), 1), LIMITS)
+        .await
+        .unwrap()
+        .record()
+        .view
+        .id;
+    tx.execute(
+        "UPDATE jobs SET priority = priority + $2 * 1000000::bigint WHERE id = $1",
+        &[&mine, &behind],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
     db.exec(&format!(
         "SELECT pg_notify('{}', '')",
         store::CHANNEL_WAITING
@@ -1030,40 +1049,11 @@ async fn a_look_past_the_window_takes_in_the_rows_that_share_its_last_claim_orde
 #[tokio::test]
 async fn a_job_behind_a_capped_backlog_larger_than_a_claims_window_is_still_claimed() {
     // The window bounds each claim; the worker looks past it from a cursor that moves on at
-    // each wake-up, so a job of another company far back in claim order (a retry that came
-    // due behind a backlog) still starts while the big company stays at its cap.
-    let db = TestDb::new(Schema::Shard).await;
-    let (big, small) = (Uuid::now_v7(), Uuid::now_v7());
-    let backlog: Vec<_> = (0..3 * store::CLAIM_WINDOW)
-        .map(|_| job(big, "sleep", json!({"ms": 20_000}), 1))
-        .collect();
-    enqueue(&db, &backlog).await;
-    let mine = enqueue_one(&db, job(small, "echo", json!({}), 1)).await;
-    // Behind every one of the big company's jobs (a second each) in claim order, before any
-    // worker could claim it from the head.
-    db.exec(&format!(
-        "UPDATE jobs SET priority = priority + {} * 1000000::bigint WHERE id = '{mine}'",
-        4 * store::CLAIM_WINDOW
-    ))
-    .await;
-    let mut opts = options("shard-t", 2);
-    opts.slots = 4;
-    opts.poll_interval = Duration::from_millis(100);
-    let running = idle_worker(&db, builtins(&["echo", "sleep"]), opts).await;
-    db.exec(&format!(
-        "SELECT pg_notify('{}', '')",
-        store::CHANNEL_WAITING
-    ))
-    .await;
-    assert!(
-        crate::support::until_state(&db, mine, "done", Duration::from_secs(10)).await,
-        "the small company's job ran while the big one was at its cap"
-    );
-    let processing = db
-        .scalar("SELECT count(*) FROM jobs WHERE state = 'processing'")
-        .await;
-    assert_eq!(processing, 2, "the big company stays at its cap");
-    running.stop().await;
+    // each wake-up (the poll, 100 ms here), so a job of another company far back in claim
+    // order (a retry that came due behind a backlog) still starts while the big company stays
+    // at its cap.
+    let backlog = 3 * store::CLAIM_WINDOW;
+    small_job_behind_a_capped_backlog(backlog, backlog + 100, Duration::from_millis(100)).await;
 }
 
 #[tokio::test]
