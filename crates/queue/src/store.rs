@@ -602,10 +602,10 @@ pub const CLAIM_WINDOW: i64 = 1000;
 /// rows another claimer holds, and kept only if its newest version is still `waiting` and due
 /// (a claimer that committed after this statement's snapshot was taken may have run it, and
 /// a retry may have put it back with a later `run_at`). The state is checked outside the
-/// locking subquery, whose `OFFSET 0` keeps the planner from
-/// moving the check into it: that check would imply the predicate of the partial indexes over
-/// waiting rows, and on a table without statistics the planner then walks one of those whole
-/// indexes for each row instead of looking the row up by primary key.
+/// locking subquery, whose `OFFSET 0` keeps the planner from moving the check into it: that
+/// check would imply the predicate of the partial indexes over waiting rows, and on a table
+/// without statistics the planner then walks one of those whole indexes for each row instead
+/// of looking the row up by primary key.
 ///
 /// It serves one-job claims too. A one-job variant that checked each candidate's company on
 /// the spot (a probe of `jobs_processing` per row, as the one-job claim did before the window)
