@@ -1495,6 +1495,67 @@ impl tenantry_queue::Handler for PanicsEarly {
 }
 
 #[tokio::test]
+async fn operator_listings_show_the_newest_jobs_first_and_stop_at_the_limit() {
+    // `tenantry admin jobs list` reads through these: newest first along the primary key (UUID
+    // v7, creation order), dead letters newest first by creation time.
+    let db = TestDb::new(Schema::Shard).await;
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let company = if i % 2 == 0 { a } else { b };
+        ids.push(enqueue_one(&db, job(company, "echo", json!({"i": i}), 1)).await);
+    }
+    let c = db.client().await;
+    let listed = |rows: Vec<tenantry_queue::JobRecord>| -> Vec<Uuid> {
+        rows.iter().map(|r| r.view.id).collect()
+    };
+    let newest: Vec<Uuid> = ids.iter().rev().take(3).copied().collect();
+    assert_eq!(
+        listed(store::list(&c, None, None, 3).await.unwrap()),
+        newest
+    );
+    let of_b: Vec<Uuid> = ids.iter().rev().step_by(2).copied().collect();
+    assert_eq!(
+        listed(store::list(&c, None, Some(b), 10).await.unwrap()),
+        of_b,
+        "the company's jobs only, newest first"
+    );
+    assert_eq!(
+        listed(
+            store::list(&c, Some(JobState::Waiting), Some(a), 2)
+                .await
+                .unwrap()
+        ),
+        vec![ids[4], ids[2]]
+    );
+    // Three dead letters, created an hour, two hours and three hours ago: newest first.
+    for (n, id) in ids.iter().take(3).enumerate() {
+        db.exec(&format!(
+            "UPDATE jobs SET state = 'error', error = 'x', finished_at = now(),
+                    created_at = now() - interval '{} hours' WHERE id = '{id}'",
+            3 - n
+        ))
+        .await;
+    }
+    assert_eq!(
+        listed(
+            store::list(&c, Some(JobState::Error), None, 2)
+                .await
+                .unwrap()
+        ),
+        vec![ids[2], ids[1]]
+    );
+    assert_eq!(
+        listed(
+            store::list(&c, Some(JobState::Error), Some(a), 10)
+                .await
+                .unwrap()
+        ),
+        vec![ids[2], ids[0]]
+    );
+}
+
+#[tokio::test]
 async fn a_finished_job_keeps_its_lease_until_its_outcome_is_written() {
     // The database refuses the outcome of a job that ran fine for longer than a lease (here a
     // trigger; in life a failover or a completer far behind). Its lease must still be renewed
@@ -1956,6 +2017,41 @@ async fn the_worker_counts_completions_retries_dead_letters_rescues_and_run_time
         .with_label_values(&[&shard])
         .get_sample_count();
     assert!(claims >= 1);
+}
+
+/// Listens on a local port, accepts connections and never says anything; returns the port.
+fn silent_server() -> u16 {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming().flatten() {
+            held.push(conn);
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_connection_to_several_silent_hosts_is_given_up_once_each_has_had_its_timeout() {
+    // tokio-postgres's connect_timeout covers the TCP connect only, and hosts are tried in
+    // turn: the whole connection is bounded by the timeout once per host, not for ever (and not
+    // by a single host's share, which would cut off a URL's later hosts).
+    let (one, two) = (silent_server(), silent_server());
+    let url = tenantry_core::secret::DatabaseUrl::new(format!(
+        "postgres://postgres@127.0.0.1:{one},127.0.0.1:{two}/nowhere"
+    ));
+    let mut config = dev_config().database;
+    config.connect_timeout = Duration::from_millis(300);
+    let started = std::time::Instant::now();
+    let err = db::connect(&url, &config, "test").await.unwrap_err();
+    let err = format!("{err:#}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "gave up after {:?}",
+        started.elapsed()
+    );
+    assert!(err.contains("within 600ms"), "{err}");
 }
 
 #[tokio::test]
