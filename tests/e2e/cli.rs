@@ -29,12 +29,15 @@ fn config_check_prints_the_effective_config_with_secrets_redacted() {
 #[test]
 fn config_check_names_the_bad_key_and_exits_non_zero() {
     let dir = tempdir();
+    let padding = "# padding\n".repeat(200_000);
     for (text, needle) in [
         ("[gateway]\nenabeld = true\n", "enabeld"),
         ("[api]\nsync_wait = \"soon\"\n", "sync_wait"),
         ("[gateway\n", "TOML"),
         ("[api]\nbody_limit = \"1 parsec\"\n", "body_limit"),
         ("[worker]\nthreads = 100000\n", "worker.threads"),
+        // A wrong path to something large (a log, a dump) is not read into memory.
+        (padding.as_str(), "at most 1 MiB"),
     ] {
         let file = dir.join("bad.toml");
         std::fs::write(&file, text).unwrap();
@@ -85,6 +88,19 @@ fn token_rejects_malformed_arguments() {
         vec!["--user", "u", "--ttl", "forever"],
         vec!["--user", "u", "--ttl", "400d"],
         vec!["--company", "0190a000-0000-7000-8000-000000000000:admin"],
+        // A token every listener would refuse (`sub` with a control character, blank).
+        vec!["--user", "op\u{1b}[2J"],
+        vec!["--user", "  "],
+        vec!["--user", "u", "--scope", "companies:create\nshardmap:read"],
+        // The same company twice: the second grant would silently replace the first.
+        vec![
+            "--user",
+            "u",
+            "--company",
+            "0190a000-0000-7000-8000-000000000000:admin",
+            "--company",
+            "0190a000-0000-7000-8000-000000000000:viewer",
+        ],
     ] {
         let (code, out, err) = run(tenantry()
             .args(["admin", "token"])
@@ -97,8 +113,15 @@ fn token_rejects_malformed_arguments() {
     let (code, _, err) = run(tenantry()
         .args(["admin", "token", "--user", &long])
         .env("TENANTRY_AUTH__JWT_SECRET", SECRET));
-    assert_eq!(code, 1);
+    assert_eq!(code, 2);
     assert!(err.contains("--user"), "{err}");
+    let (code, _, err) = run(tenantry()
+        .args(["admin", "token", "--user", "u"])
+        .args(["--company", "0190a000-0000-7000-8000-000000000000:admin"])
+        .args(["--company", "0190a000-0000-7000-8000-000000000000:viewer"])
+        .env("TENANTRY_AUTH__JWT_SECRET", SECRET));
+    assert_eq!(code, 2);
+    assert!(err.contains("more than once"), "{err}");
 }
 
 #[test]

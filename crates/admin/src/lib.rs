@@ -47,6 +47,12 @@ pub enum AdminCommand {
 #[error("standard output was closed")]
 pub struct StdoutClosed;
 
+/// A command line whose arguments parse one by one but not together (the same company granted
+/// twice, say): the binary exits 2, as for any other bad command line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
 /// Writes to standard output; see [`out!`].
 fn write_out(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
     use std::io::Write as _;

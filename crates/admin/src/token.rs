@@ -6,24 +6,40 @@ use anyhow::Context;
 use clap::Args;
 use tenantry_core::{
     Config,
-    auth::{Claims, Role, mint, parse_company_grant},
+    auth::{Claims, Role, check_sub, mint, parse_company_grant},
 };
 use uuid::Uuid;
 
 #[derive(Debug, Args)]
 pub struct TokenArgs {
-    /// The user id (`sub`).
-    #[arg(long)]
+    /// The user id (`sub`): 1 to 256 bytes, not blank, without control characters.
+    #[arg(long, value_parser = parse_user)]
     user: String,
     /// A company and the user's role there, `UUID:admin|member|viewer`; repeatable.
     #[arg(long = "company", value_parser = parse_company_grant)]
     companies: Vec<(Uuid, Role)>,
-    /// Space-separated scopes, e.g. "companies:create shardmap:read".
-    #[arg(long, default_value = "")]
+    /// Space-separated scopes, e.g. "companies:create shardmap:read" (at most 1000 bytes,
+    /// without control characters).
+    #[arg(long, default_value = "", value_parser = parse_scope)]
     scope: String,
     /// Lifetime, e.g. 1h, 30m, 7d (at most 30d).
     #[arg(long, default_value = "1h", value_parser = humantime_duration)]
     ttl: Duration,
+}
+
+fn parse_user(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err("--user must not be blank".into());
+    }
+    check_sub(s).map_err(|e| format!("--user: {e}"))?;
+    Ok(s.to_owned())
+}
+
+fn parse_scope(s: &str) -> Result<String, String> {
+    if s.len() > 1000 || s.chars().any(char::is_control) {
+        return Err("--scope must be at most 1000 bytes without control characters".into());
+    }
+    Ok(s.to_owned())
 }
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
@@ -38,8 +54,14 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn run(args: TokenArgs, cfg: &Config, _dev: bool) -> anyhow::Result<()> {
-    if args.user.trim().is_empty() || args.user.len() > 200 {
-        anyhow::bail!("--user must be 1 to 200 characters");
+    // Each company once: a second grant for the same company would silently replace the first.
+    let mut companies = std::collections::BTreeMap::new();
+    for (id, role) in args.companies {
+        if companies.insert(id, role).is_some() {
+            return Err(
+                crate::UsageError(format!("--company {id} is given more than once")).into(),
+            );
+        }
     }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -49,7 +71,7 @@ pub fn run(args: TokenArgs, cfg: &Config, _dev: bool) -> anyhow::Result<()> {
         sub: args.user,
         iat: now,
         exp: now + args.ttl.as_secs(),
-        companies: args.companies.into_iter().collect(),
+        companies,
         scope: args.scope,
     };
     outln!("{}", mint(&cfg.auth, &claims)?);

@@ -186,16 +186,21 @@ impl JwtKey {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
                 _ => AuthError::Invalid(e.to_string()),
             })?;
-        if claims.sub.is_empty()
-            || claims.sub.len() > MAX_SUB_LEN
-            || claims.sub.chars().any(char::is_control)
-        {
-            return Err(AuthError::Invalid(format!(
-                "sub must be 1 to {MAX_SUB_LEN} bytes without control characters"
-            )));
-        }
+        check_sub(&claims.sub).map_err(AuthError::Invalid)?;
         Ok(claims)
     }
+}
+
+/// Whether `sub` is one a token may carry: 1 to [`MAX_SUB_LEN`] bytes without control
+/// characters (it is logged and stored with the jobs the caller creates). Minting checks it
+/// too, so no token is made that every listener would refuse.
+pub fn check_sub(sub: &str) -> Result<(), String> {
+    if sub.is_empty() || sub.len() > MAX_SUB_LEN || sub.chars().any(char::is_control) {
+        return Err(format!(
+            "sub must be 1 to {MAX_SUB_LEN} bytes without control characters"
+        ));
+    }
+    Ok(())
 }
 
 fn read_pem(path: &str) -> anyhow::Result<Vec<u8>> {

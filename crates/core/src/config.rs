@@ -266,6 +266,8 @@ pub enum Mode {
 pub enum ConfigError {
     #[error("configuration file {0} does not exist")]
     MissingFile(String),
+    #[error("configuration file {0} is {1} bytes; at most 1 MiB")]
+    TooLarge(String, u64),
     #[error("{0}")]
     Parse(Box<figment::Error>),
     #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
@@ -277,6 +279,9 @@ pub enum ConfigError {
     )]
     Insecure(String),
 }
+
+/// The largest configuration file read (1 MiB; a real one is a few kilobytes).
+pub const MAX_CONFIG_FILE: u64 = 1 << 20;
 
 impl From<figment::Error> for ConfigError {
     fn from(e: figment::Error) -> Self {
@@ -296,10 +301,16 @@ pub fn figment(file: Option<&Path>) -> Figment {
 impl Config {
     /// Loads, validates and (in [`Mode::Strict`]) refuses insecure settings.
     pub fn load(file: Option<&Path>, mode: Mode) -> Result<Config, ConfigError> {
-        if let Some(path) = file
-            && !path.is_file()
-        {
-            return Err(ConfigError::MissingFile(path.display().to_string()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::MissingFile(path.display().to_string()));
+            }
+            // figment reads the whole file: a wrong path (a log, a dump) must not be read into
+            // memory to find out.
+            let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            if len > MAX_CONFIG_FILE {
+                return Err(ConfigError::TooLarge(path.display().to_string(), len));
+            }
         }
         Self::from_figment(figment(file), mode)
     }

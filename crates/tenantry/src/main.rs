@@ -98,6 +98,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // The reader of an admin command's output stopped reading (`… | head`): not a failure.
         Err(e) if e.chain().any(|c| c.is::<tenantry_admin::StdoutClosed>()) => ExitCode::SUCCESS,
+        Err(e) if e.chain().any(|c| c.is::<tenantry_admin::UsageError>()) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
