@@ -167,6 +167,46 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
             "invalid_json",
         ),
         (
+            "kind not a string",
+            jobs.clone(),
+            Some(&member),
+            r#"{"kind":1}"#.into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "kind of half a megabyte",
+            jobs.clone(),
+            Some(&member),
+            json!({"kind": "k".repeat(500_000)}).to_string(),
+            400,
+            "unknown_kind",
+        ),
+        (
+            "kind that clears a terminal",
+            jobs.clone(),
+            Some(&member),
+            r#"{"kind":"\u001b[2J"}"#.into(),
+            400,
+            "unknown_kind",
+        ),
+        (
+            "kind given twice",
+            jobs.clone(),
+            Some(&member),
+            r#"{"kind":"echo","kind":"sleep"}"#.into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "body over api.body_limit",
+            jobs.clone(),
+            Some(&member),
+            json!({"kind": "echo", "params": {"blob": "x".repeat(2 << 20)}}).to_string(),
+            413,
+            "payload_too_large",
+        ),
+        (
             "malformed company",
             format!("{base}/v1/companies/not-a-uuid/jobs"),
             Some(&member),
@@ -206,7 +246,13 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
         }
         let mut r = req.send_body(body).await.unwrap();
         assert_eq!(r.status().as_u16(), status, "{name}");
-        assert_eq!(error_of!(r).error.code, code, "{name}");
+        let error = error_of!(r).error;
+        assert_eq!(error.code, code, "{name}");
+        assert!(
+            error.message.len() < 500 && !error.message.contains('\u{1b}'),
+            "{name}: the answer does not echo the input back whole or raw: {}",
+            error.message
+        );
     }
     for ct in [
         "application/x-www-form-urlencoded",
@@ -240,8 +286,40 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
         );
     }
 
+    // One request, two keys: which would a retry repeat?
+    let mut r = c
+        .post(&jobs)
+        .bearer_auth(&member)
+        .append_header(("idempotency-key", "a"))
+        .append_header(("idempotency-key", "b"))
+        .send_json(&json!({"kind": "echo"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_of!(r).error.code, "invalid_idempotency_key");
+    // Headers beyond what the listener takes are refused before any handler runs.
+    let huge = format!("Bearer {}", "x".repeat(64 * 1024));
+    let r = c
+        .post(&jobs)
+        .insert_header(("authorization", huge))
+        .send_json(&json!({"kind": "echo"}))
+        .await;
+    if let Ok(r) = r {
+        assert!(
+            r.status().is_client_error(),
+            "a 64 KiB header: {}",
+            r.status()
+        );
+    }
+
     for (url, status, code) in [
         (format!("{jobs}/not-a-uuid"), 400, "invalid_id"),
+        (format!("{jobs}/%00"), 400, "invalid_id"),
+        (
+            format!("{jobs}/{}?wait=1s&wait=30s", Uuid::now_v7()),
+            400,
+            "invalid_query",
+        ),
         (format!("{jobs}/{}", Uuid::now_v7()), 404, "not_found"),
         (
             format!("{jobs}/{}?wait=forever", Uuid::now_v7()),
@@ -272,6 +350,8 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
         let mut r = c.get(&url).bearer_auth(&member).send().await.unwrap();
         assert_eq!(r.status().as_u16(), status, "{url}");
         assert_eq!(error_of!(r).error.code, code, "{url}");
+        let r = c.head(&url).bearer_auth(&member).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "HEAD {url}");
     }
     let n = db.scalar("SELECT count(*) FROM jobs").await;
     assert_eq!(n, 0, "nothing was enqueued by bad requests");
@@ -1085,6 +1165,42 @@ async fn operators_list_show_retry_and_resolve_dead_letters() {
     let (code, _, err) = admin(&["jobs", "list", "--shard", "nope"]);
     assert_eq!(code, 1);
     assert!(err.contains("not in the catalog"), "{err}");
+    // Repeated or conflicting flags, malformed ids, stray arguments: the command line is
+    // refused (exit 2) before anything is read or changed.
+    for args in [
+        &["jobs", "list", "--shard", "s1", "--shard", "s0"][..],
+        &["jobs", "list", "--shard", "s1", "--json", "--json"],
+        &["jobs", "list", "--shard", "s1", "--company", "x"],
+        &["jobs", "retry", "not-a-uuid"],
+        &["jobs", "resolve", "not-a-uuid", "--note", "n"],
+        &["shard", "list", "extra"],
+    ] {
+        let (code, out, err) = admin(args);
+        assert_eq!(code, 2, "{args:?}: {out} {err}");
+        assert!(out.is_empty(), "{args:?}: {out}");
+    }
+    let (code, _, err) = admin(&["migrate", "status", "--shard", "'; DROP TABLE shards; --"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not in the catalog"), "{err}");
+    assert_eq!(admin(&["shard", "list"]).0, 0, "the catalog is intact");
+    // A note that would drive the operator's terminal is kept as written and shown escaped.
+    let other = enqueue_one(&shard, job(company, "no-such-kind", json!({}), 1)).await;
+    fail_one(&mut c).await;
+    let note = "\u{1b}[2J\u{1b}]0;owned\u{7}";
+    let (code, _, err) = admin(&["jobs", "resolve", &other.to_string(), "--note", note]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = admin(&["jobs", "show", &other.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !out.contains('\u{1b}') && !out.contains('\u{7}') && out.contains("\\u{1b}[2J"),
+        "{out:?}"
+    );
+    let (_, out, _) = admin(&["jobs", "show", &other.to_string(), "--json"]);
+    let shown: Value = serde_json::from_str(&out).expect("show --json prints JSON only");
+    assert_eq!(
+        shown["resolution_note"], note,
+        "the note is kept as written"
+    );
     let (code, _, err) = admin(&["jobs", "show", &Uuid::now_v7().to_string()]);
     assert_eq!(code, 1);
     assert!(

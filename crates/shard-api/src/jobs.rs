@@ -328,9 +328,17 @@ fn truncate(s: &str) -> String {
 }
 
 fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
-    let Some(v) = req.headers().get("idempotency-key") else {
+    let mut values = req.headers().get_all("idempotency-key");
+    let Some(v) = values.next() else {
         return Ok(None);
     };
+    // Two keys for one request: which one a retry would repeat is anyone's guess.
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            "Idempotency-Key must be sent once",
+        ));
+    }
     let key = v.to_str().ok().filter(|k| {
         !k.is_empty()
             && k.len() <= MAX_IDEMPOTENCY_KEY
