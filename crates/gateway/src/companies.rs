@@ -36,13 +36,31 @@ fn validate_name(name: &str) -> Result<String, ApiError> {
             "name must be 1 to 200 characters",
         ));
     }
-    if name.chars().any(char::is_control) {
+    if name.chars().any(|c| c.is_control() || invisible(c)) {
         return Err(ApiError::bad_request(
             "invalid_name",
-            "name must not contain control characters",
+            "name must not contain control characters or invisible formatting characters \
+             (zero-width, bidirectional overrides)",
         ));
     }
     Ok(name.to_owned())
+}
+
+/// Characters that show nothing themselves but change what a name looks like: the zero-width
+/// space and word joiners, bidirectional marks, embeddings, overrides and isolates (a
+/// right-to-left override makes "Acme\u{202e}gpj.exe" read "Acmeexe.jpg"), the byte-order mark
+/// and the soft hyphen. A name made of them, or hiding one, would look like another company's
+/// in any list. The zero-width (non-)joiners stay allowed: Persian and Indic names and emoji
+/// sequences need them.
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00ad}'
+        | '\u{200b}'
+        | '\u{200e}'..='\u{200f}'
+        | '\u{202a}'..='\u{202e}'
+        | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{2069}'
+        | '\u{feff}')
 }
 
 /// 201 when this call created the company, 200 when it already existed with this name (or
@@ -115,5 +133,18 @@ mod tests {
         assert!(validate_name(&"x".repeat(201)).is_err());
         assert!(validate_name(&"é".repeat(200)).is_ok());
         assert!(validate_name("a\u{0}b").is_err());
+        for hidden in [
+            "\u{200b}",
+            "Acme\u{202e}gpj.exe",
+            "\u{feff}Acme",
+            "Ac\u{2066}me",
+        ] {
+            assert!(validate_name(hidden).is_err(), "{hidden:?}");
+        }
+        assert!(validate_name("Zoë & Søn ГмбХ 株式会社").is_ok());
+        assert!(
+            validate_name("می\u{200c}خواهم").is_ok(),
+            "Persian needs ZWNJ"
+        );
     }
 }
