@@ -155,8 +155,12 @@ impl ShardMapFile {
 
     fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        if self.environment.trim().is_empty() {
-            p.push("environment must not be empty".into());
+        // As the catalog records it (at most 200 characters), and printed in messages.
+        if self.environment.trim().is_empty()
+            || self.environment.chars().count() > 200
+            || self.environment.chars().any(char::is_control)
+        {
+            p.push("environment must be 1 to 200 characters without control characters".into());
         }
         if self.shards.is_empty() {
             p.push("declare at least one [[shard]]".into());
@@ -242,8 +246,18 @@ endpoints = ["http://127.0.0.1:8101"]
 
     #[test]
     fn hostile_files_are_refused_with_the_reason() {
+        let long_environment = GOOD.replacen(
+            "environment = \"test\"",
+            &format!("environment = \"{}\"", "e".repeat(201)),
+            1,
+        );
+        let nul_environment =
+            GOOD.replacen("environment = \"test\"", "environment = \"a\\u0000b\"", 1);
+        assert_ne!(long_environment, GOOD);
         for (text, needle) in [
             ("environment = \"x\"\n", "at least one"),
+            (long_environment.as_str(), "environment must be 1 to 200"),
+            (nul_environment.as_str(), "environment must be 1 to 200"),
             ("this is not toml", "not valid"),
             (&format!("{GOOD}color = \"blue\"\n"), "color"),
             (
