@@ -707,13 +707,21 @@ async fn complete_loop(
 }
 
 /// Writes one batch of outcomes, trying again with backoff; then takes its jobs out of the
-/// heartbeat's set (written, or given up on: the rescuer returns those).
+/// heartbeat's set (written, or given up on: the rescuer returns those). The set is left
+/// however the task ends, also by a panic or an abort: a job kept there would have its lease
+/// renewed for as long as the worker lives, and never be rescued.
 async fn write_outcomes(this: Arc<Worker>, batch: Vec<Outcome>, running: Arc<Mutex<InFlight>>) {
-    try_write_outcomes(&this, &batch).await;
-    let mut running = running.lock().unwrap_or_else(|p| p.into_inner());
-    for o in &batch {
-        running.remove(o.id);
+    struct Leave<'a>(&'a Mutex<InFlight>, &'a [Outcome]);
+    impl Drop for Leave<'_> {
+        fn drop(&mut self) {
+            let mut running = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            for o in self.1 {
+                running.remove(o.id);
+            }
+        }
     }
+    let _leave = Leave(&running, &batch);
+    try_write_outcomes(&this, &batch).await;
 }
 
 async fn try_write_outcomes(this: &Worker, batch: &[Outcome]) {
