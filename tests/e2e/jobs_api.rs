@@ -1135,7 +1135,7 @@ async fn operators_list_show_retry_and_resolve_dead_letters() {
     let too_long = "x".repeat(2001);
     for note in ["   ", too_long.as_str()] {
         let (code, _, err) = admin(&["jobs", "resolve", &id.to_string(), "--note", note]);
-        assert_eq!(code, 1);
+        assert_eq!(code, 2, "a bad command line");
         assert!(err.contains("--note"), "{err}");
     }
     // 2000 characters is the limit, not 2000 bytes.

@@ -191,7 +191,10 @@ pub async fn run(cmd: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
         JobsCommand::Resolve(a) => {
             let note = a.note.trim();
             if note.is_empty() || note.chars().count() > 2000 {
-                anyhow::bail!("--note must say why, in 1 to 2000 characters");
+                return Err(crate::UsageError(
+                    "--note must say why, in 1 to 2000 characters".into(),
+                )
+                .into());
             }
             let (shard, client, _) = find(cfg, a.one.id, a.one.shard.as_deref()).await?;
             let job = store::resolve(&client, a.one.id, note).await?;

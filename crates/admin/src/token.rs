@@ -54,13 +54,17 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn run(args: TokenArgs, cfg: &Config, _dev: bool) -> anyhow::Result<()> {
-    // Each company once: a second grant for the same company would silently replace the first.
+    // Each company one role: a second, other grant would silently replace the first.
     let mut companies = std::collections::BTreeMap::new();
     for (id, role) in args.companies {
-        if companies.insert(id, role).is_some() {
-            return Err(
-                crate::UsageError(format!("--company {id} is given more than once")).into(),
-            );
+        if companies
+            .insert(id, role)
+            .is_some_and(|before| before != role)
+        {
+            return Err(crate::UsageError(format!(
+                "--company {id} is given more than once, with different roles"
+            ))
+            .into());
         }
     }
     let now = SystemTime::now()
