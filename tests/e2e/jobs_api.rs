@@ -202,7 +202,7 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
             "body over api.body_limit",
             jobs.clone(),
             Some(&member),
-            json!({"kind": "echo", "params": {"blob": "x".repeat(2 << 20)}}).to_string(),
+            json!({"kind": "echo", "params": {"blob": "x".repeat((1 << 20) + 1024)}}).to_string(),
             413,
             "payload_too_large",
         ),
@@ -297,17 +297,18 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
         .unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_of!(r).error.code, "invalid_idempotency_key");
-    // Headers beyond what the listener takes are refused before any handler runs.
-    let huge = format!("Bearer {}", "x".repeat(64 * 1024));
+    // A request head beyond what the listener takes (128 KiB) is refused before any handler
+    // runs, even with a valid token: a 4xx or a closed connection, and no job (counted below).
     let r = c
         .post(&jobs)
-        .insert_header(("authorization", huge))
+        .bearer_auth(&member)
+        .insert_header(("x-junk", "x".repeat(200 * 1024)))
         .send_json(&json!({"kind": "echo"}))
         .await;
     if let Ok(r) = r {
         assert!(
             r.status().is_client_error(),
-            "a 64 KiB header: {}",
+            "a 200 KiB header: {}",
             r.status()
         );
     }
@@ -426,6 +427,17 @@ async fn a_repeated_idempotency_key_returns_the_original_job() {
     assert_eq!(r2.status(), 200);
     let j2: JobView = r2.json().await.unwrap();
     assert_eq!(j1.id, j2.id, "the replay returns the original job");
+    // The same key twice in one request (a proxy repeating it) is that one key.
+    let mut twice = http()
+        .post(&url)
+        .bearer_auth(&auth)
+        .append_header(("idempotency-key", "order-42"))
+        .append_header(("idempotency-key", "order-42"))
+        .send_json(&json!({"kind": "echo", "params": {"n": 1}}))
+        .await
+        .unwrap();
+    assert_eq!(twice.status(), 200);
+    assert_eq!(twice.json::<JobView>().await.unwrap().id, j1.id);
     let mut r3 = post(json!({"n": 2})).await.unwrap();
     assert_eq!(r3.status(), 422);
     assert_eq!(error_of!(r3).error.code, "idempotency_key_reused");

@@ -332,11 +332,12 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
     let Some(v) = values.next() else {
         return Ok(None);
     };
-    // Two keys for one request: which one a retry would repeat is anyone's guess.
-    if values.next().is_some() {
+    // Two different keys for one request: which one a retry would repeat is anyone's guess.
+    // (The same key twice, as a proxy may repeat it, is one key.)
+    if values.any(|other| other != v) {
         return Err(ApiError::bad_request(
             "invalid_idempotency_key",
-            "Idempotency-Key must be sent once",
+            "Idempotency-Key must be sent once (or repeated with the same value)",
         ));
     }
     let key = v.to_str().ok().filter(|k| {
