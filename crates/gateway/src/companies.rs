@@ -60,7 +60,16 @@ fn invisible(c: char) -> bool {
         | '\u{202a}'..='\u{202e}'
         | '\u{2060}'..='\u{2064}'
         | '\u{2066}'..='\u{2069}'
-        | '\u{feff}')
+        | '\u{feff}'
+        // The Arabic letter mark, a combining grapheme joiner and a Mongolian vowel separator,
+        // and the Hangul fillers, which render as blanks.
+        | '\u{061c}'
+        | '\u{034f}'
+        | '\u{180e}'
+        | '\u{115f}'
+        | '\u{1160}'
+        | '\u{3164}'
+        | '\u{ffa0}')
 }
 
 /// 201 when this call created the company, 200 when it already existed with this name (or
@@ -138,6 +147,8 @@ mod tests {
             "Acme\u{202e}gpj.exe",
             "\u{feff}Acme",
             "Ac\u{2066}me",
+            "\u{3164}",
+            "A\u{061c}cme",
         ] {
             assert!(validate_name(hidden).is_err(), "{hidden:?}");
         }
