@@ -1570,12 +1570,12 @@ async fn a_finished_job_keeps_its_lease_until_its_outcome_is_written() {
     )
     .await;
     let mut opts = options("shard-t", 100);
-    opts.lease = Duration::from_millis(1500);
+    opts.lease = Duration::from_secs(2);
     opts.rescue_interval = Duration::from_millis(200);
     let running = spawn_worker(worker_from(&db, builtins(&["echo"]), opts));
     let id = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 1)).await;
     // Two and a half leases with the outcome refused.
-    tokio::time::sleep(Duration::from_millis(3750)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
         state_of(&db, id).await.0,
         "processing",

@@ -748,7 +748,7 @@ async fn try_write_outcomes(this: &Worker, batch: &[Outcome]) {
                     retry_in_ms = wait.as_millis() as u64,
                     "recording outcomes failed"
                 );
-                if attempt > 20 {
+                if attempt >= 20 {
                     tracing::error!(
                         jobs = batch.len(),
                         "giving up on recording outcomes; the rescuer will return these jobs"
