@@ -321,6 +321,18 @@ async fn company_creation_refuses_bad_input() {
             "invalid_name",
         ),
         (
+            "a right-to-left override",
+            json!({"name": "Acme\u{202e}gpj.exe"}).to_string(),
+            400,
+            "invalid_name",
+        ),
+        (
+            "nothing visible",
+            json!({"name": "\u{200b}\u{3164}"}).to_string(),
+            400,
+            "invalid_name",
+        ),
+        (
             "id not a uuid",
             r#"{"id":"nope","name":"a"}"#.into(),
             400,
@@ -383,6 +395,35 @@ async fn company_creation_refuses_bad_input() {
         .unwrap()
         .get(0);
     assert_eq!(n, 0, "nothing was created by bad requests");
+    // A company created before such names were refused, and left half-way, can still be
+    // finished under its name; its name is not given to another id.
+    let old = Uuid::now_v7();
+    let hidden = "Old\u{00ad}Timer";
+    env.cluster
+        .catalog
+        .client()
+        .await
+        .execute(
+            "INSERT INTO tenants (id, name, shard_id, state) VALUES ($1, $2, 'shard-1', 'provisioning')",
+            &[&old, &hidden],
+        )
+        .await
+        .unwrap();
+    let r = http()
+        .post(&url)
+        .bearer_auth(creator_token())
+        .send_json(&json!({"id": old, "name": hidden}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the old creation is finished");
+    let mut r = http()
+        .post(&url)
+        .bearer_auth(creator_token())
+        .send_json(&json!({"id": Uuid::now_v7(), "name": hidden}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_of!(r).error.code, "invalid_name");
 }
 
 fn mint(claims: &Claims, secret: &str) -> String {
