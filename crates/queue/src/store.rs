@@ -782,17 +782,18 @@ pub async fn claim_batch(
         )
         .await?;
         // One row even when nothing was claimed, its job columns NULL.
-        let claimed = rows
-            .iter()
-            .filter(|r| r.get::<_, Option<Uuid>>(0).is_some())
-            .count();
         if let Some(first) = rows.first() {
-            claim.cut_by_cap = first.get::<_, i64>(12) > claimed as i64;
             claim.next_after = first.get(13);
+            let candidates: i64 = first.get(12);
+            let claimed: Vec<Row> = rows
+                .into_iter()
+                .filter(|r| r.get::<_, Option<Uuid>>(0).is_some())
+                .collect();
+            claim.cut_by_cap = candidates > claimed.len() as i64;
+            claimed
+        } else {
+            rows
         }
-        rows.into_iter()
-            .filter(|r| r.get::<_, Option<Uuid>>(0).is_some())
-            .collect()
     };
     let mut jobs: Vec<(i64, ClaimedJob)> = rows
         .iter()

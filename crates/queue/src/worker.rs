@@ -463,25 +463,24 @@ impl Worker {
                 }
             };
             let got = jobs.len();
-            if from.is_some() && got < free && !cut_by_cap {
-                // The look saw its whole window. `None`: it reached the end of the queue; the
-                // next starts over. A window that did not get past its first claim order (all
-                // its rows share it) is left behind, or the cursor would stay there.
-                after = next_after.map(|p| {
-                    if Some(p) == from {
-                        p.saturating_add(1)
-                    } else {
-                        p
-                    }
-                });
-            } else if from.is_some() {
-                // The look found as much as it could take, and rows of its window may not
-                // have been looked at: the next look starts at the same place.
-            } else if got < free && !cut_by_cap {
-                // A full window: look past it (from where the last look stopped, if that lies
-                // beyond). Not full: the claim saw every waiting row.
-                after = next_after.map(|head| after.map_or(head, |a| a.max(head)));
-                look_further = after.is_some();
+            // Whether the claim saw its whole window: it neither filled the free slots nor was
+            // cut short by the cap (which leaves rows of its window unexamined).
+            let saw_all = got < free && !cut_by_cap;
+            match from {
+                // A look past the head that saw its whole window moves the cursor on. `None`:
+                // it reached the end of the queue; the next starts over. A window that did not
+                // get past its first claim order (all its rows share it) is left behind, or the
+                // cursor would stay there. A look that found work stays where it is.
+                Some(start) if saw_all => {
+                    after = next_after.map(|p| if p == start { p.saturating_add(1) } else { p });
+                }
+                // The head's window was full: look past it (from where the last look stopped,
+                // if that lies beyond). Not full: the claim saw every waiting row.
+                None if saw_all => {
+                    after = next_after.map(|head| after.map_or(head, |a| a.max(head)));
+                    look_further = after.is_some();
+                }
+                _ => {}
             }
             for job in jobs {
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
