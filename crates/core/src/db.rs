@@ -78,7 +78,7 @@ pub fn pool_with(
     session_options: &str,
 ) -> anyhow::Result<Pool> {
     let cfg = pg_config_with(url, db, application_name, session_options)?;
-    let (_, create_timeout) = connect_limits(&cfg);
+    let create_timeout = connect_limit(&cfg);
     let mgr = Manager::from_config(
         cfg,
         NoTls,
@@ -117,29 +117,47 @@ pub async fn connect(
 /// Connects with `cfg` and hands back the connection for the caller to drive (a LISTEN
 /// session reads its notifications from it). tokio-postgres's connect_timeout covers the TCP
 /// connect only; a server that accepts and then says nothing would hold the startup handshake
-/// for ever, so the whole connection is bounded too (see [`connect_limits`]).
+/// for ever, so the whole connection is bounded too (see [`connect_limit`]).
 pub async fn connect_raw(
     cfg: &tokio_postgres::Config,
 ) -> anyhow::Result<(
     tokio_postgres::Client,
     tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
 )> {
-    let (_, limit) = connect_limits(cfg);
+    let limit = connect_limit(cfg);
     match tokio::time::timeout(limit, cfg.connect(NoTls)).await {
         Ok(connected) => Ok(connected?),
         Err(_) => anyhow::bail!("the server did not complete the connection within {limit:?}"),
     }
 }
 
-/// `cfg`'s connect timeout (5 s when unset), and the bound for a whole connection: that timeout
-/// once per host of a multi-host URL, as they are tried in turn.
-pub fn connect_limits(cfg: &tokio_postgres::Config) -> (Duration, Duration) {
-    let per_host = cfg
-        .get_connect_timeout()
+/// `cfg`'s connect timeout, 5 s when unset.
+fn connect_timeout(cfg: &tokio_postgres::Config) -> Duration {
+    cfg.get_connect_timeout()
         .copied()
-        .unwrap_or(Duration::from_secs(5));
+        .unwrap_or(Duration::from_secs(5))
+}
+
+/// The bound for a whole connection: `cfg`'s connect timeout once per host of a multi-host URL,
+/// as they are tried in turn.
+pub fn connect_limit(cfg: &tokio_postgres::Config) -> Duration {
     let hosts = u32::try_from(cfg.get_hosts().len().max(1)).unwrap_or(u32::MAX);
-    (per_host, per_host.saturating_mul(hosts))
+    connect_timeout(cfg).saturating_mul(hosts)
+}
+
+/// Runs `LISTEN` statements (`sql`) on a connection made with `cfg`, bounded by its connect
+/// timeout: a server that took the connection and then stopped answering would otherwise hold
+/// a LISTEN session that never hears anything.
+pub async fn listen(
+    client: &tokio_postgres::Client,
+    cfg: &tokio_postgres::Config,
+    sql: &str,
+) -> anyhow::Result<()> {
+    let limit = connect_timeout(cfg);
+    tokio::time::timeout(limit, client.batch_execute(sql))
+        .await
+        .map_err(|_| anyhow::anyhow!("LISTEN got no answer within {limit:?}"))??;
+    Ok(())
 }
 
 /// The database name in a URL, and the same URL pointing at the `postgres` maintenance

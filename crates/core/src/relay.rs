@@ -356,12 +356,12 @@ pub async fn listen(
                 }
             }
         });
-        tokio::time::timeout(
-            db.connect_timeout,
-            client.batch_execute(&format!("LISTEN {}", db::quote_ident(channel))),
+        db::listen(
+            &client,
+            &cfg,
+            &format!("LISTEN {}", db::quote_ident(channel)),
         )
-        .await
-        .map_err(|_| anyhow::anyhow!("LISTEN got no answer within {:?}", db.connect_timeout))??;
+        .await?;
         wake.notify_one();
         let outcome = loop {
             tokio::select! {

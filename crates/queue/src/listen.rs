@@ -289,15 +289,12 @@ async fn listen_once(
         }
     });
     let result = async {
-        let (limit, _) = tenantry_core::db::connect_limits(pg);
-        tokio::time::timeout(
-            limit,
-            client.batch_execute(&format!(
-                "LISTEN {CHANNEL_WAITING}; LISTEN {CHANNEL_FINISHED}"
-            )),
+        tenantry_core::db::listen(
+            &client,
+            pg,
+            &format!("LISTEN {CHANNEL_WAITING}; LISTEN {CHANNEL_FINISHED}"),
         )
-        .await
-        .map_err(|_| anyhow::anyhow!("LISTEN got no answer within {limit:?}"))??;
+        .await?;
         inner.connected.store(true, Ordering::Relaxed);
         // Anything that happened before LISTEN took effect was missed: look again.
         inner.wake_all();
