@@ -54,9 +54,18 @@ pub struct OneArgs {
 pub struct ResolveArgs {
     #[command(flatten)]
     one: OneArgs,
-    /// Why it is resolved (kept on the job).
-    #[arg(long)]
+    /// Why it is resolved (kept on the job): 1 to 2000 characters.
+    #[arg(long, value_parser = parse_note)]
     note: String,
+}
+
+/// The note, trimmed: 1 to 2000 characters.
+fn parse_note(s: &str) -> Result<String, String> {
+    let note = s.trim();
+    if note.is_empty() || note.chars().count() > 2000 {
+        return Err("--note must say why, in 1 to 2000 characters".into());
+    }
+    Ok(note.to_owned())
 }
 
 fn parse_state(s: &str) -> Result<JobState, String> {
@@ -189,13 +198,7 @@ pub async fn run(cmd: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
             print_job(&shard, &job, a.json)?;
         }
         JobsCommand::Resolve(a) => {
-            let note = a.note.trim();
-            if note.is_empty() || note.chars().count() > 2000 {
-                return Err(crate::UsageError(
-                    "--note must say why, in 1 to 2000 characters".into(),
-                )
-                .into());
-            }
+            let note = a.note.as_str();
             let (shard, client, _) = find(cfg, a.one.id, a.one.shard.as_deref()).await?;
             let job = store::resolve(&client, a.one.id, note).await?;
             if !a.one.json {
