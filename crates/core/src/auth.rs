@@ -192,8 +192,8 @@ impl JwtKey {
 }
 
 /// Whether `sub` is one a token may carry: 1 to [`MAX_SUB_LEN`] bytes without control
-/// characters (it is logged and stored with the jobs the caller creates). Minting checks it
-/// too, so no token is made that every listener would refuse.
+/// characters (it is logged and stored with the jobs the caller creates). `tenantry admin
+/// token` checks its `--user` with it too, so it mints no token every listener would refuse.
 pub fn check_sub(sub: &str) -> Result<(), String> {
     if sub.is_empty() || sub.len() > MAX_SUB_LEN || sub.chars().any(char::is_control) {
         return Err(format!(

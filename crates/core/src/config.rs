@@ -447,17 +447,13 @@ impl Config {
                 ));
             }
         }
-        if q.max_params_size.bytes() < 64 || q.max_params_size.bytes() > 16 << 20 {
-            problems.push(format!(
-                "queue.max_params_size must be between 64B and 16MiB, got {}",
-                q.max_params_size
-            ));
-        }
-        if q.max_result_size.bytes() < 64 || q.max_result_size.bytes() > 16 << 20 {
-            problems.push(format!(
-                "queue.max_result_size must be between 64B and 16MiB, got {}",
-                q.max_result_size
-            ));
+        for (key, size) in [
+            ("queue.max_params_size", q.max_params_size),
+            ("queue.max_result_size", q.max_result_size),
+        ] {
+            if size.bytes() < 64 || size.bytes() > 16 << 20 {
+                problems.push(format!("{key} must be between 64B and 16MiB, got {size}"));
+            }
         }
         // A completion batch sends its results as one parameter, which PostgreSQL caps at 1 GB.
         let batch_bytes = (q.complete_batch as u64).saturating_mul(q.max_result_size.bytes());
