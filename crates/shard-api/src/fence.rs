@@ -8,20 +8,15 @@ use deadpool_postgres::GenericClient;
 use tenantry_core::ApiError;
 use uuid::Uuid;
 
-/// Checks the company's placement. `lock` takes `FOR SHARE` on the placement row: a freeze
-/// (`FOR UPDATE` + `state = 'frozen'`) then waits for in-flight writes to commit and blocks
-/// new ones until it is done — row locks, not timing.
+/// Checks the company's placement for a read (writes take [`check_for_write`], which locks it).
 ///
 /// `client` is a pooled connection or its transaction: the statement stays prepared for the
 /// connection's lifetime, so every tenant-scoped request pays one round trip for it, not two
 /// and a parse.
-pub async fn check(client: &impl GenericClient, company: Uuid, lock: bool) -> Result<(), ApiError> {
-    let sql = if lock {
-        "SELECT state FROM placements WHERE company_id = $1 FOR SHARE"
-    } else {
-        "SELECT state FROM placements WHERE company_id = $1"
-    };
-    let stmt = client.prepare_cached(sql).await?;
+pub async fn check(client: &impl GenericClient, company: Uuid) -> Result<(), ApiError> {
+    let stmt = client
+        .prepare_cached("SELECT state FROM placements WHERE company_id = $1")
+        .await?;
     let state: Option<String> = client
         .query_opt(&stmt, &[&company])
         .await?
@@ -29,7 +24,9 @@ pub async fn check(client: &impl GenericClient, company: Uuid, lock: bool) -> Re
     verdict(state.as_deref())
 }
 
-/// [`check`] with the lock, inside the transaction that will write, returning that
+/// [`check`] with the lock, inside the transaction that will write: `FOR SHARE` on the
+/// placement row, so a freeze (`FOR UPDATE` + `state = 'frozen'`) waits for in-flight writes to
+/// commit and blocks new ones until it is done (row locks, not timing). Returns that
 /// transaction's id (`pg_current_xact_id()`, which the row lock assigns anyway): should the
 /// connection be lost during the COMMIT, `pg_xact_status` on another connection tells whether
 /// the write took effect.

@@ -419,7 +419,7 @@ async fn show(
         .transpose()?
         .unwrap_or_default();
     let client = state.shard.pool.get().await?;
-    fence::check(&client, company, false).await?;
+    fence::check(&client, company).await?;
     let record = store::get(&client, company, job)
         .await?
         .ok_or_else(|| ApiError::not_found("no such job for this company"))?;
