@@ -1,9 +1,6 @@
 //! `POST /v1/companies/{company_id}/jobs` and `GET /v1/companies/{company_id}/jobs/{job_id}`.
 
-use std::{
-    sync::{Arc, OnceLock},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use actix_web::{
     HttpRequest, HttpResponse,
@@ -36,23 +33,16 @@ pub struct JobsState {
     pub shard: ShardQueue,
     pub sync_wait: Duration,
     pub queue: QueueConfig,
-    /// Fires when the node begins to stop: a request waiting for its job then waits at most
-    /// `stop_wait` more and answers with the job as it stands, instead of being cut off when
-    /// the grace period ends.
-    pub shutdown: CancellationToken,
-    /// Three quarters of the grace period: the rest is for the answer to go out.
-    pub stop_wait: Duration,
-    /// When the node began to stop (set by the first to see `shutdown` fire; `run` watches
-    /// for it, so a request that reaches its wait late still ends in time).
-    pub stopped_at: Arc<OnceLock<Instant>>,
+    /// Fires three quarters into the grace period after the node began to stop: a request
+    /// waiting for its job then answers with the job as it stands, instead of being cut off
+    /// when the grace period ends (counted from the stop, so a request that reaches its wait
+    /// late still ends in time).
+    pub answer_now: CancellationToken,
 }
 
 impl JobsState {
-    /// Ends `stop_wait` after the node began to stop.
     async fn stopping(&self) {
-        self.shutdown.cancelled().await;
-        let at = *self.stopped_at.get_or_init(Instant::now);
-        tokio::time::sleep_until((at + self.stop_wait).into()).await;
+        self.answer_now.cancelled().await;
     }
 }
 

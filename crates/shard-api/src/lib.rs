@@ -68,21 +68,23 @@ pub fn run(
         shutdown: shutdown.clone(),
         body_limit: cfg.api.body_limit.as_usize(),
     };
-    let stopped_at = Arc::new(std::sync::OnceLock::new());
+    // Three quarters into the grace period, counted from the stop: the rest is for the
+    // answers to go out.
+    let answer_now = CancellationToken::new();
     tokio::spawn({
-        let (shutdown, stopped_at) = (shutdown.clone(), stopped_at.clone());
+        let (shutdown, answer_now) = (shutdown.clone(), answer_now.clone());
+        let wait = cfg.shutdown.grace_period * 3 / 4;
         async move {
             shutdown.cancelled().await;
-            stopped_at.get_or_init(std::time::Instant::now);
+            tokio::time::sleep(wait).await;
+            answer_now.cancel();
         }
     });
     let state = web::Data::new(jobs::JobsState {
         shard,
         sync_wait: cfg.api.sync_wait,
         queue: cfg.queue.clone(),
-        shutdown,
-        stop_wait: cfg.shutdown.grace_period * 3 / 4,
-        stopped_at,
+        answer_now,
     });
     let key = web::Data::new(JwtKey::from_config(&cfg.auth)?);
     let server = start_server(
