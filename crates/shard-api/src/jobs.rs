@@ -164,14 +164,22 @@ async fn create(
     };
     let started = Instant::now();
     let mut client = state.shard.pool.get().await?;
+    // A full shard is refused after the fence (a company this shard does not own gets 421, so
+    // the gateway re-routes it) and, inside `enqueue`, after an idempotency key's replay (a
+    // request already accepted gets its job back even while the queue is full). Without a key
+    // there is nothing to replay, and the refusal takes no transaction or row lock: those are
+    // the shard's to spare while it is overloaded.
+    let shard_full = state.shard.waiting_estimate() >= state.queue.max_waiting_per_shard;
+    if shard_full && job.idempotency_key.is_none() {
+        fence::check(&client, company).await?;
+        metrics::count(shard_id, "refused_shard", 1);
+        return Err(queue_full());
+    }
     let tx = client.transaction().await?;
     let xid = fence::check_for_write(&tx, company).await?;
-    // Checked after the fence (a company this shard does not own gets 421, so the gateway
-    // re-routes it) and, inside `enqueue`, after an idempotency key's replay (a request already
-    // accepted gets its job back even while the queue is full).
     let limits = EnqueueLimits {
         max_waiting_per_company: state.queue.max_waiting_per_company,
-        shard_full: state.shard.waiting_estimate() >= state.queue.max_waiting_per_shard,
+        shard_full,
     };
     let enqueued = match store::enqueue(&tx, &job, limits).await {
         Ok(e) => e,
@@ -186,12 +194,7 @@ async fn create(
         }
         Err(EnqueueError::ShardFull) => {
             metrics::count(shard_id, "refused_shard", 1);
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "queue_full",
-                "this shard's job queue is full; retry later",
-            )
-            .with_retry_after(Duration::from_secs(5)));
+            return Err(queue_full());
         }
         Err(EnqueueError::IdempotencyConflict) => {
             return Err(ApiError::new(
@@ -311,6 +314,15 @@ fn after_enqueue(
             Ok(written)
         }
     }
+}
+
+fn queue_full() -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "queue_full",
+        "this shard's job queue is full; retry later",
+    )
+    .with_retry_after(Duration::from_secs(5))
 }
 
 fn truncate(s: &str) -> String {
