@@ -551,10 +551,9 @@ enum Body {
     Streaming {
         stream: Option<BodyStream>,
         fault: Rc<Cell<Option<Fault>>>,
-        /// The caller's last byte has been read.
-        ended: Rc<Cell<bool>>,
         /// The shard's side asked for more and the caller had nothing yet: while this holds,
-        /// the caller is the one being waited for (otherwise the shard is not reading).
+        /// the caller is the one being waited for (otherwise the shard is not reading). Any
+        /// answer from the caller's side, a chunk, an error or its end, clears it.
         starved: Rc<Cell<bool>>,
     },
 }
@@ -595,17 +594,12 @@ impl Body {
         }
     }
 
-    /// A streamed body that is waiting for its caller: no fault, no end yet, and the last
-    /// read of it found nothing to pass on.
+    /// A streamed body that is waiting for its caller: no fault, and the last read of it
+    /// found nothing to pass on (not even its end).
     fn still_arriving(&self) -> bool {
         match self {
             Body::Held(_) => false,
-            Body::Streaming {
-                fault,
-                ended,
-                starved,
-                ..
-            } => fault.get().is_none() && !ended.get() && starved.get(),
+            Body::Streaming { fault, starved, .. } => fault.get().is_none() && starved.get(),
         }
     }
 }
@@ -659,25 +653,18 @@ async fn read_body(mut payload: web::Payload, hold: usize, limit: usize) -> Resu
         }
         Ok(chunk)
     });
-    let ended = Rc::new(Cell::new(false));
     let starved = Rc::new(Cell::new(false));
-    let (end, hungry) = (ended.clone(), starved.clone());
+    let hungry = starved.clone();
     let mut tail = Box::pin(tail);
     let watched = stream::poll_fn(move |cx| {
         let polled = futures_util::Stream::poll_next(tail.as_mut(), cx);
         hungry.set(polled.is_pending());
         polled
     });
-    let stream = stream::once(async move { Ok(prefix.freeze()) })
-        .chain(watched)
-        .chain(stream::poll_fn(move |_| {
-            end.set(true);
-            std::task::Poll::Ready(None)
-        }));
+    let stream = stream::once(async move { Ok(prefix.freeze()) }).chain(watched);
     Ok(Body::Streaming {
         stream: Some(Box::pin(stream)),
         fault,
-        ended,
         starved,
     })
 }
