@@ -1493,31 +1493,39 @@ async fn es256_tokens_from_admin_token_are_accepted_at_the_edge_and_hs256_ones_r
     let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/keys");
     let public = format!("{keys}/es256-public.pem");
     let private = format!("{keys}/es256-private.pem");
+    // As behind an identity provider: tokens must name this API and come from this issuer.
+    let (audience, issuer) = (
+        r#"["https://api.tenantry.test"]"#,
+        "https://login.tenantry.test/",
+    );
     let env = fake_env(
         &[company],
         &[
             ("TENANTRY_AUTH__ALGORITHM", "ES256"),
             ("TENANTRY_AUTH__PUBLIC_KEY", &public),
+            ("TENANTRY_AUTH__AUDIENCE", audience),
+            ("TENANTRY_AUTH__ISSUER", issuer),
         ],
     )
     .await;
     let (broker, base) = (&env.broker, env.base.clone());
-    let (code, es256, err) = crate::support::run(
-        tenantry()
-            .env("TENANTRY_AUTH__ALGORITHM", "ES256")
-            .env("TENANTRY_AUTH__PUBLIC_KEY", &public)
-            .env("TENANTRY_AUTH__PRIVATE_KEY", &private)
-            .args(["admin", "token", "--user", "u1", "--company"])
-            .arg(format!("{company}:viewer")),
-    );
-    assert_eq!(code, 0, "{err}");
+    let token = |audience: &str, issuer: &str| {
+        let (code, token, err) = crate::support::run(
+            tenantry()
+                .env("TENANTRY_AUTH__ALGORITHM", "ES256")
+                .env("TENANTRY_AUTH__PUBLIC_KEY", &public)
+                .env("TENANTRY_AUTH__PRIVATE_KEY", &private)
+                .env("TENANTRY_AUTH__AUDIENCE", audience)
+                .env("TENANTRY_AUTH__ISSUER", issuer)
+                .args(["admin", "token", "--user", "u1", "--company"])
+                .arg(format!("{company}:viewer")),
+        );
+        assert_eq!(code, 0, "{err}");
+        token.trim().to_owned()
+    };
+    let es256 = token(audience, issuer);
     let url = format!("{base}/v1/companies/{company}/x");
-    let r = http()
-        .get(&url)
-        .bearer_auth(es256.trim())
-        .send()
-        .await
-        .unwrap();
+    let r = http().get(&url).bearer_auth(&es256).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let r = http()
         .get(&url)
@@ -1526,6 +1534,26 @@ async fn es256_tokens_from_admin_token_are_accepted_at_the_edge_and_hs256_ones_r
         .await
         .unwrap();
     assert_eq!(r.status(), 401, "an HS256 token is refused");
+    // Signed with the right key, but for another audience or by another issuer.
+    for (aud, iss, why) in [
+        (
+            r#"["https://other.test"]"#,
+            issuer,
+            "aud is not an audience",
+        ),
+        ("[]", issuer, "no aud claim"),
+        (audience, "https://evil.test/", "iss is not the issuer"),
+    ] {
+        let mut r = http()
+            .get(&url)
+            .bearer_auth(token(aud, iss))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{why}");
+        let message = error_of!(r).error.message;
+        assert!(message.contains(why), "{message}");
+    }
     broker.cleanup().await;
 }
 

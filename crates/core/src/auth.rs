@@ -118,12 +118,35 @@ impl JwtAlgorithm {
 /// a JSON parse; the expiry is checked on every use all the same.
 #[derive(Clone)]
 pub struct JwtKey {
-    algorithm: Algorithm,
     key: DecodingKey,
+    validation: Validation,
     verified: moka::sync::Cache<String, Arc<Claims>>,
 }
 
-/// Seconds of clock skew allowed on `exp`.
+/// What a token must satisfy besides its signature: `exp` and `sub` present, `exp` and (when
+/// present) `nbf` with [`LEEWAY`], and `aud` / `iss` where `auth.audience` / `auth.issuer` ask
+/// for them. jsonwebtoken refuses every token with an `aud` unless audiences are set, so with
+/// none configured `aud` is not checked at all: identity providers always put one there.
+fn validation(algorithm: Algorithm, audience: &[String], issuer: &str) -> Validation {
+    let mut v = Validation::new(algorithm);
+    v.leeway = LEEWAY;
+    v.validate_nbf = true;
+    let mut required = vec!["exp", "sub"];
+    if audience.is_empty() {
+        v.validate_aud = false;
+    } else {
+        v.set_audience(audience);
+        required.push("aud");
+    }
+    if !issuer.is_empty() {
+        v.set_issuer(&[issuer]);
+        required.push("iss");
+    }
+    v.set_required_spec_claims(&required);
+    v
+}
+
+/// Seconds of clock skew allowed on `exp` and `nbf`.
 const LEEWAY: u64 = 5;
 
 fn verified_cache() -> moka::sync::Cache<String, Arc<Claims>> {
@@ -137,8 +160,8 @@ fn verified_cache() -> moka::sync::Cache<String, Arc<Claims>> {
 impl JwtKey {
     pub fn hs256(secret: &[u8]) -> Self {
         Self {
-            algorithm: Algorithm::HS256,
             key: DecodingKey::from_secret(secret),
+            validation: validation(Algorithm::HS256, &[], ""),
             verified: verified_cache(),
         }
     }
@@ -153,8 +176,8 @@ impl JwtKey {
                 .context("auth.public_key is not an EC public key in PEM")?,
         };
         Ok(Self {
-            algorithm: auth.algorithm.jsonwebtoken(),
             key,
+            validation: validation(auth.algorithm.jsonwebtoken(), &auth.audience, &auth.issuer),
             verified: verified_cache(),
         })
     }
@@ -173,18 +196,27 @@ impl JwtKey {
         Ok(claims)
     }
 
-    /// Checks the signature, `exp` (5 s leeway) and that `sub` is present and plain: 1 to
-    /// [`MAX_SUB_LEN`] bytes without control characters, since it is logged and stored with
-    /// the jobs the caller creates.
+    /// Checks the signature, `exp` and `nbf` (5 s leeway), `aud` and `iss` where configured,
+    /// and that `sub` is present and plain: 1 to [`MAX_SUB_LEN`] bytes without control
+    /// characters, since it is logged and stored with the jobs the caller creates.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
-        let mut validation = Validation::new(self.algorithm);
-        validation.leeway = LEEWAY;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &validation)
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map(|d| d.claims)
-            .map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-                _ => AuthError::Invalid(e.to_string()),
+            .map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind as K;
+                // Fixed phrases: the library's own text can quote the token's contents.
+                AuthError::Invalid(match e.kind() {
+                    K::ExpiredSignature => return AuthError::Expired,
+                    K::InvalidAudience => "its aud is not an audience this service accepts".into(),
+                    K::InvalidIssuer => "its iss is not the issuer this service accepts".into(),
+                    K::ImmatureSignature => "it is not valid yet (nbf)".into(),
+                    K::MissingRequiredClaim(c) => format!("it has no {c} claim"),
+                    K::InvalidSignature => "its signature does not verify".into(),
+                    K::InvalidAlgorithm => {
+                        "it is signed with another algorithm than this service accepts".into()
+                    }
+                    _ => "it is not a well-formed JWT with the claims this service reads".into(),
+                })
             })?;
         check_sub(&claims.sub).map_err(AuthError::Invalid)?;
         Ok(claims)
@@ -249,9 +281,24 @@ pub fn mint(auth: &AuthConfig, claims: &Claims) -> anyhow::Result<String> {
             }
         }
     };
+    /// The claims with the audience and issuer the verifiers are configured to ask for.
+    #[derive(Serialize)]
+    struct Minted<'a> {
+        #[serde(flatten)]
+        claims: &'a Claims,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        aud: Option<&'a str>,
+        #[serde(skip_serializing_if = "str::is_empty")]
+        iss: &'a str,
+    }
+    let minted = Minted {
+        claims,
+        aud: auth.audience.first().map(String::as_str),
+        iss: &auth.issuer,
+    };
     Ok(jsonwebtoken::encode(
         &Header::new(auth.algorithm.jsonwebtoken()),
-        claims,
+        &minted,
         &key,
     )?)
 }
@@ -300,7 +347,9 @@ fn authenticate(req: &HttpRequest) -> Result<Caller, ApiError> {
     match key.verify_cached(token) {
         Ok(claims) => Ok(Caller(claims)),
         Err(AuthError::Expired) => Err(ApiError::unauthorized("token has expired")),
-        Err(AuthError::Invalid(_)) => Err(ApiError::unauthorized("token is invalid")),
+        Err(AuthError::Invalid(why)) => {
+            Err(ApiError::unauthorized(format!("token is invalid: {why}")))
+        }
     }
 }
 
@@ -406,7 +455,97 @@ mod tests {
             jwt_secret: crate::secret::Secret::new("k".repeat(32)),
             public_key: format!("{dir}/{name}-public.pem"),
             private_key: format!("{dir}/{name}-private.pem"),
+            audience: Vec::new(),
+            issuer: String::new(),
         }
+    }
+
+    /// An HS256 token with exactly these claims (the key of [`keys`]).
+    fn token_with(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(&b"k".repeat(32)),
+        )
+        .unwrap()
+    }
+
+    fn refusal(key: &JwtKey, token: &str) -> String {
+        match key.verify(token) {
+            Err(AuthError::Invalid(why)) => why,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn audience_and_issuer_are_checked_only_where_configured() {
+        let exp = now() + 60;
+        // An identity provider's token carries `aud` and `iss`: without `auth.audience` and
+        // `auth.issuer` neither is looked at (jsonwebtoken alone would refuse every such token).
+        let idp = token_with(serde_json::json!({
+            "sub": "auth0|u1", "exp": exp, "aud": ["https://api.example", "other"],
+            "iss": "https://login.example/"
+        }));
+        let open = JwtKey::from_config(&keys(JwtAlgorithm::HS256, "rs256")).unwrap();
+        assert_eq!(open.verify(&idp).unwrap().sub, "auth0|u1");
+        let mut auth = keys(JwtAlgorithm::HS256, "rs256");
+        auth.audience = vec!["https://api.example".into()];
+        auth.issuer = "https://login.example/".into();
+        let strict = JwtKey::from_config(&auth).unwrap();
+        assert_eq!(strict.verify(&idp).unwrap().sub, "auth0|u1");
+        let single = token_with(serde_json::json!({
+            "sub": "u", "exp": exp, "aud": "https://api.example", "iss": "https://login.example/"
+        }));
+        assert!(strict.verify(&single).is_ok(), "aud as one string");
+        let cases = [
+            (
+                serde_json::json!({"sub": "u", "exp": exp, "aud": "https://evil.example",
+                                   "iss": "https://login.example/"}),
+                "aud is not an audience",
+            ),
+            (
+                serde_json::json!({"sub": "u", "exp": exp, "iss": "https://login.example/"}),
+                "no aud claim",
+            ),
+            (
+                serde_json::json!({"sub": "u", "exp": exp, "aud": "https://api.example",
+                                   "iss": "https://evil.example/"}),
+                "iss is not the issuer",
+            ),
+            (
+                serde_json::json!({"sub": "u", "exp": exp, "aud": "https://api.example"}),
+                "no iss claim",
+            ),
+        ];
+        for (claims, phrase) in cases {
+            let why = refusal(&strict, &token_with(claims.clone()));
+            assert!(why.contains(phrase), "{claims}: {why}");
+        }
+        // What `tenantry admin token` mints with this configuration passes it.
+        let minted = mint(&auth, &claims()).unwrap();
+        assert_eq!(strict.verify(&minted).unwrap().sub, "u1");
+        // A token minted without them (another deployment's `admin token`) does not.
+        let bare = refusal(&strict, &mint_hs256(&b"k".repeat(32), &claims()).unwrap());
+        assert!(bare.starts_with("it has no "), "{bare}");
+    }
+
+    #[test]
+    fn a_token_not_valid_yet_is_refused_and_the_reason_never_quotes_the_token() {
+        let key = JwtKey::hs256(&b"k".repeat(32));
+        let later =
+            token_with(serde_json::json!({"sub": "u", "exp": now() + 600, "nbf": now() + 300}));
+        assert!(refusal(&key, &later).contains("not valid yet"));
+        let soon =
+            token_with(serde_json::json!({"sub": "u", "exp": now() + 600, "nbf": now() + 2}));
+        assert!(key.verify(&soon).is_ok(), "within the leeway");
+        // A claim of the wrong type: serde's text would quote it.
+        let odd = token_with(serde_json::json!({"sub": "u", "exp": now() + 600,
+                                                "scope": "\u{1b}[2Jsecret-ish"}));
+        assert!(key.verify(&odd).is_ok());
+        let bad = token_with(serde_json::json!({"sub": "u", "exp": now() + 600,
+                                                "companies": "\u{1b}[2Jquoted"}));
+        let why = refusal(&key, &bad);
+        assert!(!why.contains("quoted"), "{why}");
     }
 
     fn claims() -> Claims {

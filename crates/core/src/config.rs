@@ -74,6 +74,10 @@ pub struct AuthConfig {
     pub public_key: String,
     /// PEM private key file, only for `admin token` with RS256/ES256; default empty.
     pub private_key: String,
+    /// Audiences a token's `aud` must name one of; empty (default): `aud` is not checked.
+    pub audience: Vec<String>,
+    /// The `iss` a token must carry; empty (default): not checked.
+    pub issuer: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -358,6 +362,20 @@ impl Config {
             if v == 0 || v > max {
                 problems.push(format!("{key} must be between 1 and {max}, got {v}"));
             }
+        }
+        let plain =
+            |v: &str| !v.trim().is_empty() && v.len() <= 1000 && !v.chars().any(char::is_control);
+        if self.auth.audience.len() > 100 || !self.auth.audience.iter().all(|a| plain(a)) {
+            problems.push(
+                "auth.audience must be at most 100 entries, each 1 to 1000 bytes without control \
+                 characters"
+                    .into(),
+            );
+        }
+        if !self.auth.issuer.is_empty() && !plain(&self.auth.issuer) {
+            problems.push(
+                "auth.issuer must be empty or 1 to 1000 bytes without control characters".into(),
+            );
         }
         let q = &self.queue;
         for (key, v, min, max) in [
@@ -720,6 +738,9 @@ mod tests {
                 "shard.id",
             ),
             ("[catalog]\npool_size = 0\n", "catalog.pool_size"),
+            ("[auth]\naudience = [\"\"]\n", "auth.audience"),
+            ("[auth]\naudience = [\"api\\u001b\"]\n", "auth.audience"),
+            ("[auth]\nissuer = \"https://x\\n\"\n", "auth.issuer"),
             ("[queue]\nlease = \"0s\"\n", "queue.lease must be between"),
             ("[queue]\npoll_interval = \"0s\"\n", "queue.poll_interval"),
             (
