@@ -363,6 +363,15 @@ impl Config {
                 problems.push(format!("{key} must be between 1 and {max}, got {v}"));
             }
         }
+        // Half the catalog pool (at least one connection) serves company creations: with one
+        // connection in all, a creation would take the one routing needs.
+        if self.gateway.enabled && self.catalog.pool_size == 1 {
+            problems.push(
+                "catalog.pool_size must be at least 2 when gateway.enabled (company creations \
+                 hold up to half of the pool; routing needs the rest)"
+                    .into(),
+            );
+        }
         let plain =
             |v: &str| !v.trim().is_empty() && v.len() <= 1000 && !v.chars().any(char::is_control);
         if self.auth.audience.len() > 100 || !self.auth.audience.iter().all(|a| plain(a)) {
@@ -738,6 +747,10 @@ mod tests {
                 "shard.id",
             ),
             ("[catalog]\npool_size = 0\n", "catalog.pool_size"),
+            (
+                "[gateway]\nenabled = true\n[catalog]\npool_size = 1\n",
+                "catalog.pool_size must be at least 2 when gateway.enabled",
+            ),
             ("[auth]\naudience = [\"\"]\n", "auth.audience"),
             ("[auth]\naudience = [\"api\\u001b\"]\n", "auth.audience"),
             ("[auth]\nissuer = \"https://x\\n\"\n", "auth.issuer"),

@@ -36,7 +36,8 @@ pub struct Gateway {
     /// Connection settings for the one-off connections company creation opens to a shard.
     database: tenantry_core::config::DatabaseConfig,
     /// Company creations at once: each holds a catalog connection while it reaches the shard,
-    /// so at most half the catalog pool, and routing always keeps the other half.
+    /// so at most half the catalog pool (which has at least two), and routing, the shard-map
+    /// relay and the readiness probe always keep the other half.
     creations: Arc<tokio::sync::Semaphore>,
 }
 
