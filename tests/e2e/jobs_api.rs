@@ -844,6 +844,91 @@ async fn job_finished_events_reach_rabbitmq_by_company() {
 }
 
 #[tokio::test]
+async fn while_rabbitmq_blocks_publishers_the_relay_holds_no_transaction_and_still_stops() {
+    // A memory or disk alarm makes RabbitMQ send `connection.blocked`, after which a publish
+    // does not return. The relay used to publish inside its batch's transaction, so it held
+    // that transaction (row locks, vacuum's horizon) for as long as the alarm lasted, and a
+    // SIGTERM waited out the grace period. It must wait outside any transaction, publish once
+    // the alarm clears, and stop promptly meanwhile.
+    let db = TestDb::new(Schema::Shard).await;
+    let broker = TestBroker::new().await;
+    let company = Uuid::now_v7();
+    let (ch, exchange, queue) = company_events(&broker, company).await;
+    let (alarm, url) =
+        tenantry_testkit::alarm::AlarmProxy::in_front_of(&tenantry_testkit::amqp_url()).await;
+    let node = || {
+        let mut cmd = shard_node(&db.url, false, 1);
+        cmd.env("TENANTRY_RABBITMQ__RELAY_EVENTS", "true")
+            .env("TENANTRY_RABBITMQ__URL", &url)
+            .env("TENANTRY_RABBITMQ__EVENTS_EXCHANGE", &exchange)
+            .env("TENANTRY_SHUTDOWN__GRACE_PERIOD", "1s");
+        start_worker(&mut cmd)
+    };
+    let event = |n: i32| {
+        format!(
+            "INSERT INTO outbox (events) VALUES (jsonb_build_array(jsonb_build_object(
+                 'type', 'job.finished', 'company_id', '{company}', 'n', {n})))"
+        )
+    };
+    let unpublished = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
+    // Transactions of the node's connections open for over half a second.
+    let held = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND xact_start IS NOT NULL
+            AND xact_start < now() - interval '500 ms' AND pid <> pg_backend_pid()",
+        db.name
+    );
+    let mut served = node();
+    db.exec(&event(1)).await;
+    assert_eq!(
+        until_count(&db, unpublished, 0, Duration::from_secs(10)).await,
+        0
+    );
+    assert_eq!(queue_depth(&ch, &queue).await, 1);
+
+    alarm.raise();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    db.exec(&event(2)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        until_count(&db, unpublished, 1, Duration::from_secs(1)).await,
+        1
+    );
+    assert_eq!(
+        until_count(&db, &held, 0, Duration::from_secs(1)).await,
+        0,
+        "no transaction is held open while publishers are blocked"
+    );
+    alarm.clear();
+    assert_eq!(
+        until_count(&db, unpublished, 0, Duration::from_secs(10)).await,
+        0,
+        "published once the alarm clears"
+    );
+    assert_eq!(queue_depth(&ch, &queue).await, 2);
+
+    // Blocked again, with an event waiting: SIGTERM stops the node within its grace period.
+    alarm.raise();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    db.exec(&event(3)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    served.signal("TERM");
+    let code = served.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "the node stopped cleanly");
+    let logs = served.logs_to_end(Duration::from_secs(5)).join("\n");
+    assert!(logs.contains("RabbitMQ is blocking publishers"), "{logs}");
+    assert!(
+        !logs.contains("roles did not stop within the grace period"),
+        "{logs}"
+    );
+    assert_eq!(
+        until_count(&db, unpublished, 1, Duration::from_secs(1)).await,
+        1
+    );
+    drop(alarm);
+    broker.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_company_queue_that_refuses_events_holds_up_only_its_own_events() {
     // Company A's queue is full and set to reject-publish, so RabbitMQ refuses (nacks) A's
     // event. B's events, one in the same outbox row (as in a completion batch) and one in the

@@ -21,9 +21,14 @@
 //! marked published, so what RabbitMQ accepted is not sent again. Without it the refused row
 //! stays unpublished and this relay leaves it out of its batches for the same waits.
 //!
-//! A relay stops between two batches when the process shuts down, and gives up on a broker
-//! that does not accept its connection or confirm a batch within 30 s (the batch's rows stay
-//! unpublished and its transaction ends; the relay reconnects with backoff).
+//! A relay stops between two batches when the process shuts down, or abandons the batch it is
+//! in (whose rows stay unpublished, to be sent again) when the broker holds it up. It gives up
+//! on a broker that does not accept its connection, or publish and confirm a batch, within
+//! 30 s: the batch's rows stay unpublished, its transaction ends, and the relay reconnects with
+//! backoff. While RabbitMQ blocks publishers (`connection.blocked`: a memory or disk alarm,
+//! which can last hours) the relay opens no transaction and waits for the alarm to clear: a
+//! publish would not return until then, and the transaction around it would hold its row locks
+//! and keep vacuum from the database's churned tables.
 
 use std::{
     collections::HashMap,
@@ -101,8 +106,21 @@ pub async fn declare_exchange(
 /// Messages published per batch, at most (plus those of the row that crosses it).
 const MAX_BATCH_MESSAGES: usize = 5_000;
 
-/// Longest wait for RabbitMQ to accept a connection or confirm a batch.
+/// Longest wait for RabbitMQ to accept a connection, or to take and confirm a batch.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a shutdown lets a batch under way finish before abandoning it.
+const BATCH_AT_SHUTDOWN: Duration = Duration::from_secs(1);
+
+/// How often a relay looks whether RabbitMQ still blocks publishers.
+const BLOCKED_POLL: Duration = Duration::from_millis(200);
+
+/// Closes the connection at shutdown, waiting at most a second: a broker blocking publishers
+/// (or gone) may never answer. The relay's run ends well either way.
+async fn close(conn: Connection) -> anyhow::Result<()> {
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(200, "shutdown".into())).await;
+    Ok(())
+}
 
 /// Refused rows remembered at most; past it the one whose wait ends first is forgotten.
 const MAX_HELD: usize = 10_000;
@@ -170,28 +188,62 @@ impl Relay {
     async fn connected(&self, shutdown: &CancellationToken, held: &Held) -> anyhow::Result<()> {
         // A broker that accepts the connection but never answers must not hold the relay (and
         // its shutdown) forever.
-        let conn = tokio::time::timeout(
-            BROKER_TIMEOUT,
-            Connection::connect(&self.amqp_url, ConnectionProperties::default()),
-        )
+        let (conn, channel) = tokio::time::timeout(BROKER_TIMEOUT, async {
+            let conn = Connection::connect(&self.amqp_url, ConnectionProperties::default())
+                .await
+                .context("connecting to RabbitMQ")?;
+            let channel = conn.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            declare_exchange(&channel, &self.exchange, self.kind.clone()).await?;
+            anyhow::Ok((conn, channel))
+        })
         .await
-        .map_err(|_| anyhow::anyhow!("RabbitMQ did not answer within {BROKER_TIMEOUT:?}"))
-        .and_then(|c| c.context("connecting to RabbitMQ"))?;
-        let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        declare_exchange(&channel, &self.exchange, self.kind.clone()).await?;
+        .map_err(|_| anyhow::anyhow!("RabbitMQ did not answer within {BROKER_TIMEOUT:?}"))??;
         tracing::info!(relay = self.name, exchange = %self.exchange, "relay connected");
         let mut pruned = std::time::Instant::now();
         loop {
+            if conn.status().blocked() {
+                tracing::warn!(
+                    relay = self.name,
+                    "RabbitMQ is blocking publishers (a memory or disk alarm); the relay waits \
+                     for the alarm to clear"
+                );
+                while conn.status().blocked() && conn.status().connected() {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return close(conn).await,
+                        _ = tokio::time::sleep(BLOCKED_POLL) => {}
+                    }
+                }
+                tracing::info!(relay = self.name, "RabbitMQ accepts publishers again");
+            }
             // Register interest before looking, so a poke during the batch is not lost.
             let woken = self.wake.notified();
-            let published = self.publish_batch(&channel, held).await?;
+            // Bounded as a whole: a publish does not return while RabbitMQ blocks publishers,
+            // and an alarm raised after the check above would otherwise hold this batch's
+            // transaction for as long as it lasts; abandoning the batch rolls it back. A
+            // shutdown lets a batch under way finish for a moment (it usually takes
+            // milliseconds): its rows would otherwise be sent again by the next relay.
+            let batch = tokio::time::timeout(BROKER_TIMEOUT, self.publish_batch(&channel, held));
+            tokio::pin!(batch);
+            let batch = tokio::select! {
+                batch = &mut batch => batch,
+                _ = shutdown.cancelled() => {
+                    match tokio::time::timeout(BATCH_AT_SHUTDOWN, &mut batch).await {
+                        Ok(batch) => batch,
+                        Err(_) => return close(conn).await,
+                    }
+                }
+            };
+            let published = batch.map_err(|_| {
+                anyhow::anyhow!(
+                    "RabbitMQ did not take and confirm a batch within {BROKER_TIMEOUT:?}"
+                )
+            })??;
             // A backlog is published batch by batch; a shutdown stops it between two.
             if published > 0 && shutdown.is_cancelled() {
-                let _ = conn.close(200, "shutdown".into()).await;
-                return Ok(());
+                return close(conn).await;
             }
             if published == 0 {
                 if let Some(sql) = self.prune
@@ -202,10 +254,7 @@ impl Relay {
                     tracing::debug!(relay = self.name, deleted, "pruned published outbox rows");
                 }
                 tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        let _ = conn.close(200, "shutdown".into()).await;
-                        return Ok(());
-                    }
+                    _ = shutdown.cancelled() => return close(conn).await,
                     _ = woken => {}
                     _ = tokio::time::sleep(self.poll) => {}
                 }
@@ -246,23 +295,14 @@ impl Relay {
                 confirms.push((ids.len() - 1, n, confirm));
             }
         }
-        // By row: the positions of its messages that RabbitMQ refused.
+        // By row: the positions of its messages that RabbitMQ refused. (A broker that stops
+        // confirming fails the batch after BROKER_TIMEOUT, see `connected`.)
         let mut refused = vec![Vec::new(); ids.len()];
-        // A broker that stops confirming (a disk or memory alarm blocks publishers) fails the
-        // batch after BROKER_TIMEOUT: its rows stay unpublished, the transaction and its row
-        // locks end, and the relay reconnects.
-        let confirmed = tokio::time::timeout(BROKER_TIMEOUT, async {
-            for (row, n, c) in confirms {
-                if let Confirmation::Nack(_) = c.await? {
-                    refused[row].push(n);
-                }
+        for (row, n, c) in confirms {
+            if let Confirmation::Nack(_) = c.await? {
+                refused[row].push(n);
             }
-            anyhow::Ok(())
-        })
-        .await;
-        confirmed.map_err(|_| {
-            anyhow::anyhow!("RabbitMQ did not confirm the batch within {BROKER_TIMEOUT:?}")
-        })??;
+        }
         let mut published = Vec::with_capacity(ids.len());
         // With `requeue`: the batch's refused messages, and the rows they came from.
         let (mut bodies, mut sources) = (Vec::new(), Vec::new());

@@ -11,6 +11,7 @@
 //! configuration.
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a harness failing loudly is the point
 
+pub mod alarm;
 pub mod proxy;
 
 use std::{str::FromStr, time::Duration};
