@@ -37,6 +37,9 @@ const MAX_QUEUED: i64 = 100_000;
 /// the client's memory, which nothing limits.
 pub const PREFETCH: u16 = 64;
 
+/// Longest wait for RabbitMQ to accept the connection and the subscription.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub async fn run(router: Arc<Router>, url: String, exchange: String, shutdown: CancellationToken) {
     let connections = AtomicU64::new(0);
     tenantry_core::shutdown::reconnecting(
@@ -63,11 +66,18 @@ async fn listen(
     shutdown: &CancellationToken,
     connections: &AtomicU64,
 ) -> anyhow::Result<()> {
-    let conn = Connection::connect(url, ConnectionProperties::default())
-        .await
-        .context("connecting to RabbitMQ")?;
-    let channel = conn.create_channel().await?;
-    let (queue, mut consumer) = subscribe(&channel, exchange).await?;
+    // A broker that accepts the connection but never finishes the handshake must not hold the
+    // subscription (and its reconnects) for good.
+    let (conn, _channel, queue, mut consumer) = tokio::time::timeout(BROKER_TIMEOUT, async {
+        let conn = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .context("connecting to RabbitMQ")?;
+        let channel = conn.create_channel().await?;
+        let (queue, consumer) = subscribe(&channel, exchange).await?;
+        anyhow::Ok((conn, channel, queue, consumer))
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("RabbitMQ did not answer within {BROKER_TIMEOUT:?}"))??;
     // Bound first, flushed second: every change from here on arrives as a message, and
     // everything before is re-read from the catalog.
     router.on_connected();
@@ -79,7 +89,11 @@ async fn listen(
     loop {
         let delivery = tokio::select! {
             _ = shutdown.cancelled() => {
-                let _ = conn.close(200, "shutdown".into()).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    conn.close(200, "shutdown".into()),
+                )
+                .await;
                 return Ok(());
             }
             d = consumer.next() => d,
