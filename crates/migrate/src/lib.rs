@@ -130,6 +130,11 @@ pub struct Applied {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
+    #[error(
+        "PostgreSQL {found} is too old: Tenantry needs {MIN_SERVER_VERSION_TEXT} or later \
+         (its migrations use column compression, new in 14); nothing was applied"
+    )]
+    ServerTooOld { found: String },
     #[error("migration {file} is malformed: {reason}")]
     BadFile { file: String, reason: String },
     #[error(
@@ -329,7 +334,18 @@ pub async fn up(
     up_with(client, known, phase, LOCK_WAIT).await
 }
 
-/// [`up`] with its own [`LockWait`].
+/// The oldest PostgreSQL the migrations run on (`server_version_num`), and its name.
+pub const MIN_SERVER_VERSION: i32 = 140000;
+const MIN_SERVER_VERSION_TEXT: &str = "PostgreSQL 14";
+
+/// Whether a server of `server_version_num` can take the migrations: shard step 0003 sets a
+/// column's compression, which PostgreSQL 13 cannot even parse.
+pub fn server_supported(server_version_num: i32) -> bool {
+    server_version_num >= MIN_SERVER_VERSION
+}
+
+/// [`up`] with its own [`LockWait`]. Refuses a server older than [`MIN_SERVER_VERSION`]
+/// before touching anything.
 pub async fn up_with(
     client: &mut Client,
     known: &[Migration],
@@ -339,6 +355,17 @@ pub async fn up_with(
     // No statement_timeout for the runner (a connection's default, `database.statement_timeout`,
     // would cut off a long step, or the wait for another runner, after 30 s); each step's locks
     // are bounded by `lock` instead. RESET puts the connection's own default back.
+    let version = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
+            &[],
+        )
+        .await?;
+    if !server_supported(version.get(0)) {
+        return Err(MigrateError::ServerTooOld {
+            found: version.get(1),
+        });
+    }
     client.batch_execute("SET statement_timeout = 0").await?;
     let result = locked(client, known, phase, lock).await;
     let reset = client.batch_execute("RESET statement_timeout").await;
@@ -459,6 +486,21 @@ mod tests {
         assert!(Migration::parse("one_a.sql", "-- phase: expand\n").is_err());
         assert!(Migration::parse("0001_a.sql", "select 1").is_err());
         assert!(Migration::parse("0001_a.txt", "-- phase: expand\n").is_err());
+    }
+
+    #[test]
+    fn servers_before_14_are_refused_with_the_version_they_run() {
+        assert!(!server_supported(130_016));
+        assert!(server_supported(140_000));
+        assert!(server_supported(150_020));
+        let e = MigrateError::ServerTooOld {
+            found: "13.16".into(),
+        }
+        .to_string();
+        assert!(
+            e.contains("13.16") && e.contains("PostgreSQL 14 or later"),
+            "{e}"
+        );
     }
 
     #[test]
