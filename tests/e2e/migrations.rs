@@ -353,6 +353,68 @@ async fn an_admin_command_whose_reader_stops_reading_exits_quietly() {
 }
 
 #[tokio::test]
+async fn migrate_up_whose_reader_stops_reading_still_migrates_every_shard() {
+    // `migrate up | head -1`: the output stops after the catalog's line. It used to end the
+    // command there, leaving every shard unmigrated and exiting 0.
+    let catalog = TestDb::new(Schema::Catalog).await;
+    let shards = [
+        TestDb::new(Schema::Empty).await,
+        TestDb::new(Schema::Empty).await,
+    ];
+    catalog
+        .exec(&format!(
+            "INSERT INTO shards (id, database_url) VALUES ('shard-a', '{}'), ('shard-b', '{}')",
+            shards[0].url, shards[1].url
+        ))
+        .await;
+    let mut child = tenantry()
+        .args(["admin", "migrate", "up"])
+        .env("TENANTRY_CATALOG__URL", &catalog.url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let latest = tenantry_migrate::embedded(tenantry_migrate::Target::Shard).len() as i64;
+    for shard in &shards {
+        let applied: i64 = shard
+            .client()
+            .await
+            .query_one("SELECT count(*) FROM tenantry_schema_migrations", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(applied, latest, "{}", shard.name);
+    }
+    // `shard list 2>&1 | head -1`-like: a warning for a shard it cannot reach meets a closed
+    // standard error. The warning is lost; the exit code is the command's, not a panic's 101.
+    catalog
+        .exec(
+            "INSERT INTO shards (id, database_url) VALUES ('shard-c', 'postgres://postgres@127.0.0.1:1/none')",
+        )
+        .await;
+    let mut child = tenantry()
+        .args(["admin", "shard", "list"])
+        .env("TENANTRY_CATALOG__URL", &catalog.url)
+        .env("TENANTRY_DATABASE__CONNECT_TIMEOUT", "1s")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let out = child.wait_with_output().unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{listed}");
+    assert!(
+        listed.contains("shard-c") && listed.contains("unreachable"),
+        "{listed}"
+    );
+}
+
+#[tokio::test]
 async fn migrate_status_and_up_report_per_database() {
     let catalog = TestDb::new(Schema::Empty).await;
     let env = [("TENANTRY_CATALOG__URL", catalog.url.clone())];

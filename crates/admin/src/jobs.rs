@@ -122,7 +122,7 @@ async fn find(
             Ok(Some((client, job))) => return Ok((s.id, client, job)),
             Ok(None) => {}
             Err(e) if shard.is_none() => {
-                eprintln!("warning: skipping shard {}: {e:#}", s.id);
+                errln!("warning: skipping shard {}: {e:#}", s.id);
                 unreachable.push(s.id);
             }
             Err(e) => return Err(e),

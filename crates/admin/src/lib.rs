@@ -15,6 +15,23 @@ macro_rules! outln {
     };
 }
 
+/// `println!` for a command that goes on working after it prints (`migrate up`): a reader that
+/// went away ends the output, not the work (see [`write_note`]).
+macro_rules! note {
+    ($($arg:tt)*) => {
+        $crate::write_note(format_args!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
+/// `eprintln!` that never panics: a closed standard error (`… 2>&1 | head -1`) loses the
+/// line instead of turning the command's exit code into a panic's 101.
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::write_err(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod jobs;
 mod migrate;
 mod shard;
@@ -61,6 +78,22 @@ fn write_out(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
         Err(e) => Err(anyhow::Error::new(e).context("writing to standard output")),
     }
+}
+
+/// Writes to standard output for a command whose work outlasts its output: once the reader has
+/// gone, the rest is dropped and the command carries on (it would otherwise stop half-way,
+/// say with the catalog migrated and every shard not, and still exit 0).
+fn write_note(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    match write_out(args) {
+        Err(e) if e.is::<StdoutClosed>() => Ok(()),
+        other => other,
+    }
+}
+
+/// Writes to standard error, dropping the text if it cannot (see [`errln!`]).
+pub fn write_err(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = std::io::stderr().lock().write_fmt(args);
 }
 
 /// Runs an admin command. `cfg` was loaded by the binary; `dev` is the `--dev` switch.

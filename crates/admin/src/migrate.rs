@@ -175,7 +175,7 @@ fn describe(m: &Migration) -> String {
 
 async fn up(cfg: &Config, args: UpArgs) -> anyhow::Result<()> {
     if args.create_databases && db::ensure_database(&cfg.catalog.url, &cfg.database).await? {
-        outln!("catalog: created database");
+        note!("catalog: created database");
     }
     // The catalog goes first: listing shards needs its schema.
     if args.shard.is_none() {
@@ -208,14 +208,14 @@ async fn migrate_one(
     // Say so while a step waits for a lock, or the command would look hung for up to 30 s.
     let lock = tenantry_migrate::LockWait {
         on_retry: |file, tries, timeout| {
-            eprintln!(
+            errln!(
                 "{file}: waited {timeout:?} for a lock another transaction holds; \
                  rolled back, trying again (try {} follows)",
                 tries + 1
             )
         },
         on_busy: || {
-            eprintln!(
+            errln!(
                 "another migration runner holds this database's migration lock; waiting for it \
                  to finish"
             )
@@ -227,16 +227,16 @@ async fn migrate_one(
         .await
         .with_context(|| format!("migrating {label}"))?;
     if report.applied.is_empty() {
-        outln!("{label}: up to date at version {}", report.version);
+        note!("{label}: up to date at version {}", report.version);
     } else {
-        outln!(
+        note!(
             "{label}: applied {}; now at version {}",
             report.applied.join(", "),
             report.version
         );
     }
     if let Some(file) = report.held_back {
-        outln!(
+        note!(
             "{label}: {file} is a contract step and was not applied; run \
              `tenantry admin migrate up --phase contract` once every node runs the new code"
         );

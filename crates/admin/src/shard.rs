@@ -66,7 +66,7 @@ async fn apply(cfg: &Config, args: ApplyArgs) -> anyhow::Result<()> {
     for s in &report.shards {
         let mut what = Vec::new();
         if let Some(why) = &s.skipped {
-            eprintln!(
+            errln!(
                 "warning: shard {}: its database was not migrated or checked: {why}",
                 s.id
             );
@@ -137,7 +137,7 @@ async fn list(cfg: &Config, args: ListArgs) -> anyhow::Result<()> {
                 Err(e) => format!("error: {}", tenantry_core::error::chain(&e)),
             },
             Err(e) => {
-                eprintln!("warning: shard {}: {e:#}", s.id);
+                errln!("warning: shard {}: {e:#}", s.id);
                 "unreachable".to_owned()
             }
         };

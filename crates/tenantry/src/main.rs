@@ -67,14 +67,14 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            tenantry_admin::errln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     let result = match cli.command {
         Command::Config(ConfigCommand::Check) => {
             print!("{}", cfg.to_redacted_toml());
-            eprintln!("configuration is valid");
+            tenantry_admin::errln!("configuration is valid");
             Ok(())
         }
         Command::Serve => {
@@ -99,17 +99,17 @@ fn main() -> ExitCode {
         // The reader of an admin command's output stopped reading (`… | head`): not a failure.
         Err(e) if e.chain().any(|c| c.is::<tenantry_admin::StdoutClosed>()) => ExitCode::SUCCESS,
         Err(e) if e.chain().any(|c| c.is::<tenantry_admin::UsageError>()) => {
-            eprintln!("error: {e:#}");
+            tenantry_admin::errln!("error: {e:#}");
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            tenantry_admin::errln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
 fn fail_config(e: &ConfigError) -> ExitCode {
-    eprintln!("error: {e}");
+    tenantry_admin::errln!("error: {e}");
     ExitCode::from(2)
 }
