@@ -30,6 +30,48 @@ async fn outbox_rows(catalog: &TestDb) -> i64 {
 }
 
 #[tokio::test]
+async fn a_second_apply_changes_nothing_whatever_order_the_catalog_sorts_endpoints_in() {
+    // A catalog under a linguistic collation (en_US, the official Docker image's default)
+    // sorts `http://10.0.0.1:8101` before `http://10.0.0.18:8101`; bytes sort it after. The
+    // comparison used the catalog's order against the file's byte order, so every run
+    // "updated" the endpoints, bumped the map's version and republished it to every gateway.
+    let catalog = TestDb::new(Schema::Catalog).await;
+    catalog
+        .exec(r#"ALTER TABLE shard_endpoints ALTER COLUMN url TYPE text COLLATE "en-US-x-icu""#)
+        .await;
+    let shard = TestDb::reserve();
+    let dir = tempdir();
+    let file = dir.join("map.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "environment = \"e2e\"\n[[shard]]\nid = \"shard-1\"\ndatabase_url = \"{}\"\n\
+             endpoints = [\"http://10.0.0.1:8101\", \"http://10.0.0.18:8101\", \
+             \"http://api-1:80\", \"http://api-10:80\"]\n",
+            shard.url
+        ),
+    )
+    .unwrap();
+    let cat = [("TENANTRY_CATALOG__URL", catalog.url.clone())];
+    let apply = || {
+        run(tenantry()
+            .args(["admin", "shard", "apply", "--create-databases"])
+            .arg(&file)
+            .envs(cat.clone()))
+    };
+    let (code, _, err) = apply();
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = apply();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("e2e: nothing to change"), "{out}");
+    assert_eq!(
+        outbox_rows(&catalog).await,
+        1,
+        "a no-op run publishes nothing"
+    );
+}
+
+#[tokio::test]
 async fn shard_apply_creates_migrates_and_is_idempotent() {
     let catalog = TestDb::new(Schema::Catalog).await;
     let (s1, s2) = (TestDb::reserve(), TestDb::reserve());

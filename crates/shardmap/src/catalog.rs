@@ -20,14 +20,15 @@ pub struct ShardRow {
     pub tenants: i64,
 }
 
-/// All shards with their endpoints and tenant counts, by id.
+/// All shards with their endpoints (in byte order, as `apply` sorts a file's: the catalog's own
+/// collation may be a linguistic one) and tenant counts, by id.
 pub async fn list_shards(
     client: &impl GenericClient,
 ) -> Result<Vec<ShardRow>, tokio_postgres::Error> {
     let rows = client
         .query(
             "SELECT s.id, s.database_url, s.state, s.accepting, s.weight, s.version,
-                    coalesce((SELECT array_agg(e.url ORDER BY e.url) FROM shard_endpoints e
+                    coalesce((SELECT array_agg(e.url ORDER BY e.url COLLATE \"C\") FROM shard_endpoints e
                               WHERE e.shard_id = s.id), '{}') AS endpoints,
                     (SELECT count(*) FROM tenants t
                       WHERE t.shard_id = s.id AND t.state <> 'deleted') AS tenants
