@@ -691,9 +691,13 @@ async fn with_rabbitmq_unreachable_a_stale_route_never_writes_to_the_old_shard()
     let rabbit: SocketAddr = "127.0.0.1:5672".parse().unwrap();
     let proxy = TcpProxy::start(rabbit).await;
     let amqp = format!("amqp://guest:guest@{}/%2f", proxy.addr);
-    let mut gw = start_gateway(
-        &mut env.gateway_cmd(&amqp, &[("TENANTRY_GATEWAY__DISCONNECTED_TTL", "30s")]),
-    );
+    let mut gw = start_gateway(&mut env.gateway_cmd(
+        &amqp,
+        &[
+            ("TENANTRY_GATEWAY__DISCONNECTED_TTL", "30s"),
+            ("TENANTRY_GATEWAY__RETRY_BUFFER", "1KiB"),
+        ],
+    ));
     let base = gw.url("gateway");
     let company = Uuid::now_v7();
     let (_, created) = create_company(&base, company, "Acme").await;
@@ -744,6 +748,34 @@ async fn with_rabbitmq_unreachable_a_stale_route_never_writes_to_the_old_shard()
     );
     assert_eq!(post_job(&base, company, &auth).await, (200, shard_id(from)));
     assert_eq!(metric(&base, MISDIRECTED).await, 1.0, "no new 421");
+
+    // Stale again, with a body too large to hold for a retry: the 421 cannot be retried on
+    // the spot, but the stale route must go, or every retry the 503 invites meets it again.
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.move_company(company, from, to).await;
+    let big = || async {
+        http()
+            .post(format!("{base}/v1/companies/{company}/jobs"))
+            .bearer_auth(&auth)
+            .send_json(&json!({"kind": "echo", "params": {"pad": "x".repeat(4096)}}))
+            .await
+            .unwrap()
+    };
+    let mut r = big().await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(error_of!(r).error.code, "shard_map_stale");
+    let r = big().await;
+    assert_eq!(r.status(), 200, "the retry goes where the catalog says");
+    assert_eq!(
+        r.headers().get(SHARD_HEADER).unwrap(),
+        shard_id(to).as_str()
+    );
+    assert_eq!(
+        env.jobs_on(from, company).await,
+        2,
+        "no write on the old shard"
+    );
     gw.signal("TERM");
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
     env.broker.cleanup().await;

@@ -123,8 +123,15 @@ pub async fn forward(
         let status = res.status();
         if status == StatusCode::MISDIRECTED_REQUEST {
             // The shard does not own the company: our map is stale. Reload it and try once
-            // more, wherever the catalog now says.
-            if reloaded || !body.replayable() {
+            // more, wherever the catalog now says. The shard's slot is not needed for that.
+            drop((res, permit));
+            if reloaded {
+                return Err(stale_map(&resolved));
+            }
+            if !body.replayable() {
+                // Sent already, and too large to have been kept: the caller retries. The route
+                // goes, so that retry reads the catalog instead of meeting this 421 again.
+                gw.router.forget(company).await;
                 return Err(stale_map(&resolved));
             }
             reloaded = true;
@@ -148,6 +155,9 @@ pub async fn forward(
             let now = Instant::now();
             if frozen && body.replayable() && now + pause < deadline {
                 metrics::RETRIES.with_label_values(&["frozen"]).inc();
+                // Held requests of a frozen company must not keep the shard's in-flight slots
+                // from its other companies while they wait.
+                drop((res, permit));
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(250));
                 resolved = gw.router.resolve(company).await?;

@@ -210,6 +210,11 @@ impl Router {
         self.pool_for(company, placement).await
     }
 
+    /// Drops `company`'s cached route: the next request reads it from the catalog.
+    pub async fn forget(&self, company: Uuid) {
+        self.routes.invalidate(&company).await;
+    }
+
     /// Reads `company` from the catalog, bypassing (and refreshing) the cache: after a 421.
     pub async fn reload(&self, company: Uuid) -> Result<Resolved, ApiError> {
         self.routes.invalidate(&company).await;
