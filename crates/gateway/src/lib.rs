@@ -41,6 +41,30 @@ pub struct Gateway {
     creations: Arc<tokio::sync::Semaphore>,
 }
 
+/// Ready once the shard table has been read: until then every request would wait its turn to
+/// read it again (see `Router::pool_for`). A load that failed at startup is tried again here.
+struct ShardTableProbe(Arc<router::Router>);
+
+impl Probe for ShardTableProbe {
+    fn name(&self) -> &str {
+        "shard table"
+    }
+
+    fn check(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            if self.0.shards_loaded() {
+                return Ok(());
+            }
+            self.0
+                .reload_shards()
+                .await
+                .map_err(|e| format!("the shard table has not been read yet: {e:#}"))
+        })
+    }
+}
+
 /// Starts the gateway: its listener, the shard-map subscription, the catalog outbox relay and
 /// the endpoint health checker. The listener stops accepting when `shutdown` fires and finishes
 /// in-flight requests within `shutdown.grace_period`; the background tasks stop with it.
@@ -53,10 +77,14 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
         "tenantry-gateway",
     )
     .context("configuring the catalog pool")?;
-    let probes: Vec<Box<dyn Probe>> = vec![Box::new(PgProbe {
-        name: "catalog".into(),
-        pool: catalog.clone(),
-    })];
+    let router = Arc::new(router::Router::new(catalog.clone(), g));
+    let probes: Vec<Box<dyn Probe>> = vec![
+        Box::new(PgProbe {
+            name: "catalog".into(),
+            pool: catalog.clone(),
+        }),
+        Box::new(ShardTableProbe(router.clone())),
+    ];
     let ctx = HttpContext {
         role: "gateway",
         shard_id: None,
@@ -64,7 +92,6 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
         shutdown: shutdown.clone(),
         body_limit: g.body_limit.as_usize(),
     };
-    let router = Arc::new(router::Router::new(catalog.clone(), g));
     let gateway = web::Data::new(Gateway {
         router: router.clone(),
         limiter: limit::RateLimiter::new(g.rate_limit, g.rate_burst, g.cache_capacity),

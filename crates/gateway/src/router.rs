@@ -154,6 +154,8 @@ pub struct Router {
     /// stored over a later one (the bus, a request meeting an unknown shard and the startup
     /// load all re-read it).
     reloading: tokio::sync::Mutex<()>,
+    /// Whether the shard table has been read from the catalog at least once.
+    shards_loaded: AtomicBool,
     connected: AtomicBool,
     disconnected_ttl: Duration,
     max_in_flight: usize,
@@ -179,6 +181,7 @@ impl Router {
             unknown,
             shards: ArcSwap::from_pointee(HashMap::new()),
             reloading: tokio::sync::Mutex::new(()),
+            shards_loaded: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             disconnected_ttl: cfg.disconnected_ttl,
             max_in_flight: cfg.max_in_flight_per_shard,
@@ -252,15 +255,20 @@ impl Router {
         if let Some(pool) = self.shards.load().get(&placement.shard_id).cloned() {
             return Ok(Resolved { placement, pool });
         }
-        // A shard this gateway has not heard of yet: re-read the shard table once.
-        self.reload_shards().await.map_err(|e| {
-            ApiError::unavailable(
-                "catalog_unavailable",
-                "the shard map could not be read; try again shortly",
-                Duration::from_secs(1),
-            )
-            .with_source(e)
-        })?;
+        // A shard this gateway has not heard of yet: re-read the shard table once, unless a
+        // reload that brought it finished while this request waited for its turn (requests
+        // for a new shard, or all those arriving before the first load, would each read the
+        // table again in turn).
+        self.reload_shards_for(Some(&placement.shard_id))
+            .await
+            .map_err(|e| {
+                ApiError::unavailable(
+                    "catalog_unavailable",
+                    "the shard map could not be read; try again shortly",
+                    Duration::from_secs(1),
+                )
+                .with_source(e)
+            })?;
         match self.shards.load().get(&placement.shard_id).cloned() {
             Some(pool) => Ok(Resolved { placement, pool }),
             None => Err(ApiError::unavailable(
@@ -274,9 +282,18 @@ impl Router {
     /// Re-reads shards and endpoints from the catalog. A shard whose version did not change
     /// keeps its pool object: its health state and in-flight count carry over.
     pub async fn reload_shards(&self) -> anyhow::Result<()> {
+        self.reload_shards_for(None).await
+    }
+
+    /// [`Router::reload_shards`], skipped if shard `wanted` is in the table by the time this
+    /// call's turn comes.
+    async fn reload_shards_for(&self, wanted: Option<&str>) -> anyhow::Result<()> {
         let _one_at_a_time = self.reloading.lock().await;
+        if wanted.is_some_and(|id| self.has_shard(id)) {
+            return Ok(());
+        }
         let client = self.catalog.get().await?;
-        let rows = catalog::list_shards(&**client).await?;
+        let rows = catalog::list_shards_uncounted(&**client).await?;
         let current = self.shards.load();
         let mut next = HashMap::with_capacity(rows.len());
         for row in rows {
@@ -305,7 +322,13 @@ impl Router {
             next.insert(row.id, pool);
         }
         self.shards.store(Arc::new(next));
+        self.shards_loaded.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Whether the shard table has been read at least once (see `ShardTableProbe`).
+    pub fn shards_loaded(&self) -> bool {
+        self.shards_loaded.load(Ordering::Acquire)
     }
 
     /// Whether `shard` is in the shard table.

@@ -20,22 +20,55 @@ pub struct ShardRow {
     pub tenants: i64,
 }
 
+/// The columns of a [`ShardRow`] but its tenant count, from shards `s`.
+macro_rules! shard_columns {
+    () => {
+        "s.id, s.database_url, s.state, s.accepting, s.weight, s.version,
+         coalesce((SELECT array_agg(e.url ORDER BY e.url COLLATE \"C\") FROM shard_endpoints e
+                   WHERE e.shard_id = s.id), '{}') AS endpoints"
+    };
+}
+
 /// All shards with their endpoints (in byte order, as `apply` sorts a file's: the catalog's own
 /// collation may be a linguistic one) and tenant counts, by id.
 pub async fn list_shards(
     client: &impl GenericClient,
 ) -> Result<Vec<ShardRow>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT s.id, s.database_url, s.state, s.accepting, s.weight, s.version,
-                    coalesce((SELECT array_agg(e.url ORDER BY e.url COLLATE \"C\") FROM shard_endpoints e
-                              WHERE e.shard_id = s.id), '{}') AS endpoints,
-                    (SELECT count(*) FROM tenants t
-                      WHERE t.shard_id = s.id AND t.state <> 'deleted') AS tenants
-               FROM shards s ORDER BY s.id",
-            &[],
-        )
-        .await?;
+    shards(
+        client,
+        concat!(
+            "SELECT ",
+            shard_columns!(),
+            ",
+                (SELECT count(*) FROM tenants t
+                  WHERE t.shard_id = s.id AND t.state <> 'deleted') AS tenants
+               FROM shards s ORDER BY s.id"
+        ),
+    )
+    .await
+}
+
+/// [`list_shards`] without the tenant counts (`tenants` is 0), which cost a walk of every
+/// tenant: what routing reads, at startup and on every change of the shard map.
+pub async fn list_shards_uncounted(
+    client: &impl GenericClient,
+) -> Result<Vec<ShardRow>, tokio_postgres::Error> {
+    shards(
+        client,
+        concat!(
+            "SELECT ",
+            shard_columns!(),
+            ", 0::int8 AS tenants FROM shards s ORDER BY s.id"
+        ),
+    )
+    .await
+}
+
+async fn shards(
+    client: &impl GenericClient,
+    sql: &str,
+) -> Result<Vec<ShardRow>, tokio_postgres::Error> {
+    let rows = client.query(sql, &[]).await?;
     Ok(rows
         .into_iter()
         .map(|r| ShardRow {
