@@ -63,6 +63,81 @@ async fn a_quick_job_answers_200_and_a_slow_one_202_then_done() {
 }
 
 #[actix_web::test]
+async fn past_max_waiters_a_post_answers_at_once_and_a_long_poll_still_waits() {
+    // With the process's waiter table full, a POST answers 202 at once (as documented). A long
+    // poll used to answer at once too, with the unfinished job, which sends a client polling
+    // "until finished" straight back in a tight loop; it now reads the job once a second.
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    own(&db, company, "owned").await;
+    let node = Served::start(
+        shard_node(&db.url, true, 2).env("TENANTRY_QUEUE__MAX_WAITERS", "1"),
+        1,
+    );
+    let base = node.url("api");
+    let auth = member_token(company);
+    let post = |ms: u64| {
+        let (base, auth) = (base.clone(), auth.clone());
+        async move {
+            let mut r = http()
+                .post(format!("{base}/v1/companies/{company}/jobs"))
+                .bearer_auth(&auth)
+                .send_json(&json!({"kind": "sleep", "params": {"ms": ms}}))
+                .await
+                .unwrap();
+            (r.status(), r.json::<JobView>().await.unwrap())
+        }
+    };
+    // The one waiter: a long poll on a job that outlasts the test's requests.
+    let (status, long) = post(8000).await;
+    assert_eq!(status, 202);
+    let holder = {
+        let (base, auth) = (base.clone(), auth.clone());
+        tokio::task::spawn_local(async move {
+            http()
+                .get(format!(
+                    "{base}/v1/companies/{company}/jobs/{}?wait=10s",
+                    long.id
+                ))
+                .bearer_auth(&auth)
+                .timeout(Duration::from_secs(15))
+                .send()
+                .await
+                .map(|r| r.status())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let (status, job) = post(1500).await;
+    assert_eq!(status, 202, "no waiter to be had: 202 at once");
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+    let started = std::time::Instant::now();
+    let mut r = http()
+        .get(format!(
+            "{base}/v1/companies/{company}/jobs/{}?wait=10s",
+            job.id
+        ))
+        .bearer_auth(&auth)
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status(), 200);
+    let read: JobView = r.json().await.unwrap();
+    assert_eq!(read.state, JobState::Done, "after {took:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "waited for the job: {took:?}"
+    );
+    holder.abort();
+}
+
+#[actix_web::test]
 async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
     let db = TestDb::new(Schema::Shard).await;
     let (company, other) = (Uuid::now_v7(), Uuid::now_v7());

@@ -9,6 +9,6 @@ pub mod store;
 pub mod worker;
 
 pub use job::{ClaimedJob, JobError, JobFinishedEvent, JobRecord, JobState, JobView, NewJob};
-pub use listen::{Listener, Notifier, WaitError, Waiter};
+pub use listen::{Listener, Notifier, WaitError, Waiter, WhenFull};
 pub use shard::ShardQueue;
 pub use worker::{Handler, Registry, Worker, WorkerOptions};

@@ -181,8 +181,8 @@ impl Listener {
 
     /// Waits for `job` (as last read) to finish, until `deadline`, without polling, and
     /// returns it as read last: finished, or not when the deadline came first (`None`: it no
-    /// longer exists). With the process's `max_waiters` requests already waiting it returns
-    /// what it read last at once.
+    /// longer exists). With the process's `max_waiters` requests already waiting there is no
+    /// waiter to be had, and `when_full` says what to do (see [`WhenFull`]).
     ///
     /// Each round registers the waiter, then reads, then waits, so a completion between the
     /// read and the wait still wakes it. Completions nobody is marked for are not announced
@@ -198,6 +198,7 @@ impl Listener {
         mut job: JobRecord,
         deadline: Instant,
         enqueued_awaited: bool,
+        when_full: WhenFull,
     ) -> Result<Option<JobRecord>, WaitError> {
         let (company, id) = (job.company_id, job.view.id);
         if job.view.state.is_finished() || Instant::now() >= deadline {
@@ -207,7 +208,8 @@ impl Listener {
         let mut first = true;
         loop {
             let Some(waiter) = self.wait_for(id) else {
-                break;
+                // What `job` holds predates the last wake unless this is the first round.
+                return without_waiter(pool, job, deadline, !first, when_full).await;
             };
             let client = pool.get().await?;
             let mark_for = deadline.saturating_duration_since(Instant::now());
@@ -234,6 +236,46 @@ impl Listener {
             waiter.wait(left).await;
         }
         Ok(Some(job))
+    }
+}
+
+/// What a wait does when the process already has `max_waiters` requests waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Return the job as it is at once (a POST's synchronous wait: the answer is a `202`).
+    Answer,
+    /// Read the job once every [`FULL_POLL`] until it finishes or the deadline comes (a long
+    /// poll: answering at once would send its client straight back, in a tight loop).
+    Poll,
+}
+
+/// How often a wait without a waiter reads its job (see [`WhenFull::Poll`]).
+pub const FULL_POLL: Duration = Duration::from_secs(1);
+
+/// A wait past `max_waiters` (see [`WhenFull`]): `stale` when `job` was read before the last
+/// wake, which was most likely its completion, so it is read again before it is returned.
+async fn without_waiter(
+    pool: &Pool,
+    mut job: JobRecord,
+    deadline: Instant,
+    mut stale: bool,
+    when_full: WhenFull,
+) -> Result<Option<JobRecord>, WaitError> {
+    let (company, id) = (job.company_id, job.view.id);
+    loop {
+        if stale {
+            let client = pool.get().await?;
+            match store::get(&client, company, id).await? {
+                Some(read) => job = read,
+                None => return Ok(None),
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if when_full == WhenFull::Answer || job.view.state.is_finished() || left.is_zero() {
+            return Ok(Some(job));
+        }
+        tokio::time::sleep(left.min(FULL_POLL)).await;
+        stale = true;
     }
 }
 

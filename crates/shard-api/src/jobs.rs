@@ -16,7 +16,7 @@ use tenantry_core::{
     http::{self, current_request_id},
 };
 use tenantry_queue::{
-    JobRecord, NewJob, ShardQueue, WaitError,
+    JobRecord, NewJob, ShardQueue, WaitError, WhenFull,
     job::{contains_nul, json_len},
     metrics,
     store::{self, EnqueueError, EnqueueLimits, Enqueued},
@@ -223,7 +223,13 @@ async fn create(
     let waited = tokio::select! {
         waited = shard
             .listener
-            .wait_until_finished(&shard.pool, record.clone(), deadline, enqueued_awaited) => waited,
+            .wait_until_finished(
+                &shard.pool,
+                record.clone(),
+                deadline,
+                enqueued_awaited,
+                WhenFull::Answer,
+            ) => waited,
         () = state.stopping() => {
             tracing::info!(job.id = %record.view.id, "node stopping; answering before the job has finished");
             Ok(Some(record.clone()))
@@ -355,7 +361,8 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
     })
 }
 
-/// Waits for the job to finish, until `deadline` (see `Listener::wait_until_finished`).
+/// A long poll: waits for the job to finish, until `deadline` (see
+/// `Listener::wait_until_finished`; past `queue.max_waiters` it reads the job once a second).
 async fn wait_until_finished(
     state: &JobsState,
     record: JobRecord,
@@ -365,7 +372,13 @@ async fn wait_until_finished(
     let shard = &state.shard;
     shard
         .listener
-        .wait_until_finished(&shard.pool, record, deadline, enqueued_awaited)
+        .wait_until_finished(
+            &shard.pool,
+            record,
+            deadline,
+            enqueued_awaited,
+            WhenFull::Poll,
+        )
         .await?
         .ok_or_else(|| ApiError::not_found("no such job"))
 }
