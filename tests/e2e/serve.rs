@@ -281,3 +281,40 @@ async fn a_role_stuck_at_shutdown_is_abandoned_after_the_grace_period() {
     );
     drop(silent);
 }
+
+#[test]
+fn a_pooled_connection_outlives_the_listener_runtime_that_asked_for_it() {
+    // An HTTP listener's handlers run on per-thread runtimes that stop with the listener. A
+    // pooled connection made for one of them used to live on that runtime, so a role still
+    // draining (the worker, a relay) lost the statement it was running on that connection.
+    use tenantry_core::{config::DatabaseConfig, secret::DatabaseUrl};
+    let home = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let db = DatabaseConfig {
+        connect_timeout: Duration::from_secs(5),
+        statement_timeout: Duration::from_secs(30),
+    };
+    let url = DatabaseUrl::new(tenantry_testkit::pg_admin_url());
+    let pool = home
+        .block_on(async { tenantry_core::db::pool(&url, 2, &db, "tenantry-test") })
+        .unwrap();
+    let listener = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let taken = listener.block_on(async {
+        let c = pool.get().await.unwrap();
+        c.simple_query("SELECT 1").await.unwrap();
+        c
+    });
+    drop(listener);
+    home.block_on(async move {
+        taken
+            .simple_query("SELECT 1")
+            .await
+            .expect("the connection still works once that runtime has stopped");
+    });
+}

@@ -79,9 +79,9 @@ pub fn pool_with(
 ) -> anyhow::Result<Pool> {
     let cfg = pg_config_with(url, db, application_name, session_options)?;
     let create_timeout = connect_limit(&cfg);
-    let mgr = Manager::from_config(
+    let mgr = Manager::from_connect(
         cfg,
-        NoTls,
+        ConnectOnHome(tokio::runtime::Handle::try_current().ok()),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -94,6 +94,61 @@ pub fn pool_with(
         .runtime(Runtime::Tokio1)
         .build()
         .with_context(|| format!("building connection pool for {url}"))
+}
+
+/// How a pool makes its connections: on the runtime the pool was built on (its "home"), not on
+/// whichever runtime's task happened to need one. An HTTP listener's request handlers run on
+/// per-thread runtimes that stop with the listener; a connection made there (its socket and
+/// the task driving it) would die with them, in the middle of the statements other roles of
+/// the process (the worker, the relays) still run on it while they drain.
+struct ConnectOnHome(Option<tokio::runtime::Handle>);
+
+impl deadpool_postgres::Connect for ConnectOnHome {
+    fn connect(
+        &self,
+        pg_config: &tokio_postgres::Config,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<
+                        (tokio_postgres::Client, tokio::task::JoinHandle<()>),
+                        tokio_postgres::Error,
+                    >,
+                > + Send
+                + '_,
+        >,
+    > {
+        let (cfg, here) = (pg_config.clone(), pg_config.clone());
+        let home = self.0.clone();
+        Box::pin(async move {
+            let drive = |connection: tokio_postgres::Connection<_, _>| async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "pooled database connection closed");
+                }
+            };
+            if let Some(home) = home {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let task = home.spawn(async move {
+                    match cfg.connect(NoTls).await {
+                        Ok((client, connection)) => {
+                            if tx.send(Ok(client)).is_ok() {
+                                drive(connection).await;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                });
+                if let Ok(connected) = rx.await {
+                    return connected.map(|client| (client, task));
+                }
+                // The home runtime is shutting down: connect here after all.
+            }
+            let (client, connection) = here.connect(NoTls).await?;
+            Ok((client, tokio::spawn(drive(connection))))
+        })
+    }
 }
 
 /// One connection, its driver task spawned; for CLI commands and migrations.
