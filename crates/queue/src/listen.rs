@@ -58,9 +58,15 @@ impl Inner {
         self.waiters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Takes `n` removed waiters off the count (and its gauge).
+    fn uncount(&self, n: usize) {
+        let now = self.count.fetch_sub(n, Ordering::Relaxed).saturating_sub(n);
+        crate::metrics::WAITING_REQUESTS.set(now as i64);
+    }
+
     fn finished(&self, id: Uuid) {
         if let Some(senders) = self.lock().remove(&id) {
-            self.count.fetch_sub(senders.len(), Ordering::Relaxed);
+            self.uncount(senders.len());
             for s in senders {
                 let _ = s.send(());
             }
@@ -72,7 +78,7 @@ impl Inner {
     fn wake_all(&self) {
         let all: Vec<_> = self.lock().drain().collect();
         for (_, senders) in all {
-            self.count.fetch_sub(senders.len(), Ordering::Relaxed);
+            self.uncount(senders.len());
             for s in senders {
                 let _ = s.send(());
             }
@@ -113,9 +119,7 @@ impl Drop for Waiter {
         if let Some(senders) = map.get_mut(&self.id) {
             let before = senders.len();
             senders.retain(|s| !s.is_closed());
-            self.inner
-                .count
-                .fetch_sub(before - senders.len(), Ordering::Relaxed);
+            self.inner.uncount(before - senders.len());
             if senders.is_empty() {
                 map.remove(&self.id);
             }
@@ -152,7 +156,8 @@ impl Listener {
         // a waiter that was not counted yet.
         let mut waiters = self.inner.lock();
         waiters.entry(id).or_default().push(tx);
-        self.inner.count.fetch_add(1, Ordering::Relaxed);
+        let now = self.inner.count.fetch_add(1, Ordering::Relaxed) + 1;
+        crate::metrics::WAITING_REQUESTS.set(now as i64);
         drop(waiters);
         Some(Waiter {
             id,
@@ -288,6 +293,7 @@ async fn listen_loop(pg: tokio_postgres::Config, inner: Arc<Inner>, shutdown: Ca
         || async {
             let result = listen_once(&pg, &inner, &shutdown).await;
             inner.connected.store(false, Ordering::Relaxed);
+            crate::metrics::LISTENER_CONNECTED.set(0);
             // Nobody is woken by notifications now: waiters re-read, the worker polls.
             inner.wake_all();
             match result {
@@ -338,6 +344,7 @@ async fn listen_once(
         )
         .await?;
         inner.connected.store(true, Ordering::Relaxed);
+        crate::metrics::LISTENER_CONNECTED.set(1);
         // Anything that happened before LISTEN took effect was missed: look again.
         inner.wake_all();
         loop {

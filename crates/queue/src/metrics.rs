@@ -2,7 +2,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 use tenantry_core::metrics::register;
 
 const LATENCY: &[f64] = &[
@@ -52,6 +52,22 @@ pub static EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
             "Queue events: rescued, dead_lettered, retried, refused_company, refused_shard, late_completion, completed, failed",
         ),
         &["shard", "event"],
+    ))
+});
+
+/// Whether the process's LISTEN connection is up (1) or being re-established (0). While it is
+/// down, requests wait out their whole synchronous wait (a POST answers 202) and workers poll.
+pub static LISTENER_CONNECTED: LazyLock<IntGauge> = LazyLock::new(|| {
+    register(IntGauge::new(
+        "queue_listener_connected",
+        "Whether the process's LISTEN connection to its shard is up (1) or not (0)",
+    ))
+});
+/// Requests waiting for a job's result in this process (bounded by `queue.max_waiters`).
+pub static WAITING_REQUESTS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register(IntGauge::new(
+        "queue_waiting_requests",
+        "Requests of this process waiting for a job's result",
     ))
 });
 
