@@ -643,6 +643,16 @@ async fn a_shard_refuses_companies_it_does_not_own() {
             assert!(r.headers().get("retry-after").is_some());
         }
         assert_eq!(error_of!(r).error.code, code);
+        // A kind this shard does not run (its owner may, mid-rollout) is still sent back to
+        // the gateway first.
+        let mut r = http()
+            .post(format!("{}/v1/companies/{company}/jobs", node.url("api")))
+            .bearer_auth(member_token(company))
+            .send_json(&json!({"kind": "report.render"}))
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "unknown kind");
+        assert_eq!(error_of!(r).error.code, code, "unknown kind");
     }
     let n = db.scalar("SELECT count(*) FROM jobs").await;
     assert_eq!(n, 0);

@@ -134,16 +134,20 @@ async fn create(
         ));
     }
     let registry = &state.shard.registry;
-    let handler = registry.get(&input.kind).ok_or_else(|| {
-        ApiError::bad_request(
+    let Some(handler) = registry.get(&input.kind) else {
+        // Shards may run different kinds for a while (a rollout): a request a stale route
+        // sent here must get the 421 that makes the gateway try the company's own shard,
+        // not a 400 for a kind that shard may well run.
+        fence::check(&state.shard.pool.get().await?, company).await?;
+        return Err(ApiError::bad_request(
             "unknown_kind",
             format!(
                 "unknown job kind {:?}; this shard runs: {}",
                 truncate(&input.kind),
                 registry.kinds().join(", ")
             ),
-        )
-    })?;
+        ));
+    };
     handler
         .validate(&input.params)
         .map_err(|e| ApiError::bad_request("invalid_params", e))?;
