@@ -379,6 +379,16 @@ async fn company_creation_refuses_bad_input() {
         .unwrap();
     assert_eq!(r.status(), 403, "missing scope");
     assert_eq!(error_of!(r).error.code, "forbidden");
+    // Without the scope the body is not looked at: a malformed one is still 403.
+    let mut r = http()
+        .post(&url)
+        .bearer_auth(token(&["--user", "u"]))
+        .content_type("text/plain")
+        .send_body("{not json")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "missing scope, malformed body");
+    assert_eq!(error_of!(r).error.code, "forbidden");
     let r = http()
         .post(&url)
         .send_json(&json!({"name": "a"}))

@@ -111,7 +111,10 @@ async fn past_max_waiters_a_post_answers_at_once_and_a_long_poll_still_waits() {
     let (status, job) = post(1500).await;
     assert_eq!(status, 202, "no waiter to be had: 202 at once");
     assert_eq!(metric(&base, "tenantry_queue_waiting_requests").await, 1.0);
-    assert_eq!(metric(&base, "tenantry_queue_listener_connected").await, 1.0);
+    assert_eq!(
+        metric(&base, "tenantry_queue_listener_connected").await,
+        1.0
+    );
     assert!(
         started.elapsed() < Duration::from_millis(1000),
         "{:?}",

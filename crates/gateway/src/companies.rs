@@ -1,8 +1,11 @@
 //! `POST /v1/companies`: create a company (scope `companies:create`).
 
-use std::time::Duration;
+use std::{
+    future::{Ready, ready},
+    time::Duration,
+};
 
-use actix_web::{HttpResponse, http::StatusCode, web};
+use actix_web::{FromRequest, HttpRequest, HttpResponse, dev::Payload, http::StatusCode, web};
 use serde::{Deserialize, Serialize};
 use tenantry_core::{ApiError, auth::Caller};
 use tenantry_shardmap::tenants::{self, CreateError, Created};
@@ -96,22 +99,39 @@ fn invisible(c: char) -> bool {
         | '\u{ffa0}')
 }
 
-/// 201 when this call created the company, 200 when it already existed with this name (or
-/// this call finished a creation that an earlier one left half-done), 409 when the id is
-/// taken by another name.
 /// How long a creation waits for its turn (see `Gateway::creations`) before 503.
 const CREATION_WAIT: Duration = Duration::from_secs(5);
 
+/// A caller with the `companies:create` scope. Extracted before the body, so a caller without
+/// it gets 403 whatever it sent, not a 400, 413 or 415 about a body it may not send at all.
+pub struct Creator;
+
+impl FromRequest for Creator {
+    type Error = ApiError;
+    type Future = Ready<Result<Creator, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        ready(
+            Caller::from_request(req, payload)
+                .into_inner()
+                .and_then(|caller| match caller.0.has_scope(CREATE_SCOPE) {
+                    true => Ok(Creator),
+                    false => Err(ApiError::forbidden(format!(
+                        "creating companies needs the {CREATE_SCOPE} scope"
+                    ))),
+                }),
+        )
+    }
+}
+
+/// 201 when this call created the company, 200 when it already existed with this name (or
+/// this call finished a creation that an earlier one left half-done), 409 when the id is
+/// taken by another name.
 pub async fn create(
-    caller: Caller,
+    _creator: Creator,
     body: web::Json<NewCompany>,
     gw: web::Data<Gateway>,
 ) -> Result<HttpResponse, ApiError> {
-    if !caller.0.has_scope(CREATE_SCOPE) {
-        return Err(ApiError::forbidden(format!(
-            "creating companies needs the {CREATE_SCOPE} scope"
-        )));
-    }
     let NewCompany { id, name } = body.into_inner();
     let name = validate_name(&name)?;
     let id = id.unwrap_or_else(Uuid::now_v7);
