@@ -415,6 +415,67 @@ async fn migrate_up_whose_reader_stops_reading_still_migrates_every_shard() {
 }
 
 #[tokio::test]
+async fn migrate_status_fails_on_a_shard_it_cannot_read_and_both_commands_leave_retired_ones_out() {
+    let catalog = TestDb::new(Schema::Catalog).await;
+    let shard = TestDb::new(Schema::Shard).await;
+    let gone = "postgres://postgres@127.0.0.1:1/gone";
+    catalog
+        .exec(&format!(
+            "INSERT INTO shards (id, database_url) VALUES ('shard-a', '{}'), ('shard-b', '{gone}');
+             INSERT INTO shards (id, database_url, state) VALUES ('shard-c', '{gone}', 'retired')",
+            shard.url
+        ))
+        .await;
+    let env = [
+        ("TENANTRY_CATALOG__URL", catalog.url.clone()),
+        ("TENANTRY_DATABASE__CONNECT_TIMEOUT", "1s".to_owned()),
+    ];
+    // A shard that cannot be read is a failed check, not "nothing pending".
+    let (code, out, err) = run(tenantry()
+        .args(["admin", "migrate", "status"])
+        .envs(env.clone()));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("1 of 3 databases could not be read"), "{err}");
+    let row = out
+        .lines()
+        .find(|l| l.contains("shard shard-b"))
+        .unwrap_or_default();
+    assert!(row.contains('?') && row.contains("unreachable"), "{out}");
+    assert!(
+        out.contains("retired shards, not checked: shard-c"),
+        "{out}"
+    );
+    let (code, out, _) = run(tenantry()
+        .args(["admin", "migrate", "status", "--json"])
+        .envs(env.clone()));
+    assert_eq!(code, 1);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 3, "{out}");
+    assert!(rows[2]["pending"].is_null(), "{out}");
+    assert_eq!(rows[1]["pending"], serde_json::json!([]), "{out}");
+    // Retired, shard-b no longer stops `up` or fails `status`; named, it is still tried.
+    catalog
+        .exec("UPDATE shards SET state = 'retired' WHERE id = 'shard-b'")
+        .await;
+    let (code, out, err) = run(tenantry()
+        .args(["admin", "migrate", "up"])
+        .envs(env.clone()));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("shard shard-b: retired, not migrated"),
+        "{out}"
+    );
+    let (code, _, err) = run(tenantry()
+        .args(["admin", "migrate", "status"])
+        .envs(env.clone()));
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(tenantry()
+        .args(["admin", "migrate", "up", "--shard", "shard-b"])
+        .envs(env.clone()));
+    assert_eq!(code, 1, "{err}");
+}
+
+#[tokio::test]
 async fn migrate_status_and_up_report_per_database() {
     let catalog = TestDb::new(Schema::Empty).await;
     let env = [("TENANTRY_CATALOG__URL", catalog.url.clone())];

@@ -12,8 +12,11 @@ use crate::table;
 #[derive(Debug, Subcommand)]
 pub enum MigrateCommand {
     /// Print, for the catalog and every shard: applied version, latest known, pending steps.
+    /// Exits 1 (after printing) when a database cannot be read or has a problem. Retired
+    /// shards are left out unless named with --shard.
     Status(StatusArgs),
     /// Apply pending migrations: the catalog, then every shard in the catalog (or one).
+    /// Retired shards are left out unless named with --shard.
     Up(UpArgs),
 }
 
@@ -52,8 +55,18 @@ struct Db {
     target: Target,
 }
 
-async fn databases(cfg: &Config, only_shard: Option<&str>) -> anyhow::Result<Vec<Db>> {
+/// The databases to work on, and the retired shards left out (see [`databases`]).
+struct Databases {
+    work: Vec<Db>,
+    retired: Vec<String>,
+}
+
+/// The catalog (unless `only_shard`) and the shards, in id order. A retired shard is left out
+/// unless it is `only_shard`: its database may well be gone, and it would stop `up` (and fail
+/// `status`) for every shard after it.
+async fn databases(cfg: &Config, only_shard: Option<&str>) -> anyhow::Result<Databases> {
     let mut out = Vec::new();
+    let mut retired = Vec::new();
     if only_shard.is_none() {
         out.push(Db {
             label: "catalog".into(),
@@ -76,7 +89,9 @@ async fn databases(cfg: &Config, only_shard: Option<&str>) -> anyhow::Result<Vec
         anyhow::bail!("shard {id:?} is not in the catalog (see `tenantry admin shard list`)");
     }
     for s in shards {
-        if only_shard.is_none_or(|id| id == s.id) {
+        if only_shard.is_none() && s.state == "retired" {
+            retired.push(s.id);
+        } else if only_shard.is_none_or(|id| id == s.id) {
             out.push(Db {
                 label: format!("shard {}", s.id),
                 url: s.database_url,
@@ -84,7 +99,7 @@ async fn databases(cfg: &Config, only_shard: Option<&str>) -> anyhow::Result<Vec
             });
         }
     }
-    Ok(out)
+    Ok(Databases { work: out, retired })
 }
 
 #[derive(Serialize)]
@@ -92,7 +107,8 @@ struct StatusRow {
     database: String,
     applied: i64,
     latest: i64,
-    pending: Vec<String>,
+    /// `None` when the database could not be read.
+    pending: Option<Vec<String>>,
     problem: Option<String>,
 }
 
@@ -105,7 +121,8 @@ pub async fn run(cmd: MigrateCommand, cfg: &Config) -> anyhow::Result<()> {
 
 async fn status(cfg: &Config, args: StatusArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
-    for d in databases(cfg, args.shard.as_deref()).await? {
+    let Databases { work, retired } = databases(cfg, args.shard.as_deref()).await?;
+    for d in work {
         let known = tenantry_migrate::embedded(d.target);
         let latest = known.last().map_or(0, |m| m.version);
         let row = match db::connect(&d.url, &cfg.database, "tenantry-admin").await {
@@ -113,7 +130,7 @@ async fn status(cfg: &Config, args: StatusArgs) -> anyhow::Result<()> {
                 database: d.label,
                 applied: 0,
                 latest,
-                pending: vec![],
+                pending: None,
                 problem: Some(format!("unreachable: {e:#}")),
             },
             Ok(client) => match tenantry_migrate::status(&client, &known).await {
@@ -121,14 +138,14 @@ async fn status(cfg: &Config, args: StatusArgs) -> anyhow::Result<()> {
                     database: d.label,
                     applied: 0,
                     latest,
-                    pending: vec![],
+                    pending: None,
                     problem: Some(tenantry_core::error::chain(&e)),
                 },
                 Ok(st) => StatusRow {
                     database: d.label,
                     applied: st.version(),
                     latest,
-                    pending: st.pending.iter().map(describe).collect(),
+                    pending: Some(st.pending.iter().map(describe).collect()),
                     problem: st
                         .check(&known)
                         .err()
@@ -138,17 +155,25 @@ async fn status(cfg: &Config, args: StatusArgs) -> anyhow::Result<()> {
         };
         rows.push(row);
     }
+    let problems = rows.iter().filter(|r| r.problem.is_some()).count();
+    let verdict = || match problems {
+        0 => Ok(()),
+        n => Err(anyhow::anyhow!(
+            "{n} of {} databases could not be read or have a problem (see PROBLEM)",
+            rows.len()
+        )),
+    };
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
+        return verdict();
     }
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            let pending = if r.pending.is_empty() {
-                "-".to_owned()
-            } else {
-                r.pending.join(", ")
+            let pending = match &r.pending {
+                None => "?".to_owned(),
+                Some(p) if p.is_empty() => "-".to_owned(),
+                Some(p) => p.join(", "),
             };
             vec![
                 r.database.clone(),
@@ -166,7 +191,10 @@ async fn status(cfg: &Config, args: StatusArgs) -> anyhow::Result<()> {
             &cells
         )
     );
-    Ok(())
+    if !retired.is_empty() {
+        outln!("retired shards, not checked: {}", retired.join(", "));
+    }
+    verdict()
 }
 
 fn describe(m: &Migration) -> String {
@@ -188,9 +216,12 @@ async fn up(cfg: &Config, args: UpArgs) -> anyhow::Result<()> {
         )
         .await?;
     }
-    let shards = databases(cfg, args.shard.as_deref()).await?;
-    for d in shards.into_iter().filter(|d| d.target == Target::Shard) {
+    let Databases { work, retired } = databases(cfg, args.shard.as_deref()).await?;
+    for d in work.into_iter().filter(|d| d.target == Target::Shard) {
         migrate_one(cfg, &d.label, &d.url, d.target, args.phase).await?;
+    }
+    for id in retired {
+        note!("shard {id}: retired, not migrated (name it with --shard to migrate it)");
     }
     Ok(())
 }
