@@ -454,6 +454,14 @@ async fn a_shard_whose_database_is_down_can_still_be_taken_out_of_placement() {
     );
     assert!(err.contains("warning: shard shard-1"), "{err}");
     assert!(!accepting().await, "the catalog fields were applied");
+    // Again: the catalog has nothing left to change, but the database was not looked at.
+    let (code, out, err) = apply(&["--skip-unreachable"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("e2e: nothing changed; 1 shard database(s) not checked")
+            && !out.contains("nothing to change"),
+        "{out}"
+    );
 
     // A shard new to the catalog is never skipped: nothing would vouch for its database.
     let fresh = TestDb::reserve();

@@ -105,7 +105,15 @@ async fn apply(cfg: &Config, args: ApplyArgs) -> anyhow::Result<()> {
             args.file.display()
         );
     }
-    if report.unchanged() {
+    let skipped = report.shards.iter().filter(|s| s.skipped.is_some()).count();
+    if report.unchanged() && skipped > 0 {
+        // It could not look at those databases: "nothing to change" would claim it had.
+        outln!(
+            "{}: nothing changed; {skipped} shard database(s) not checked (shard map version {})",
+            file.environment,
+            report.map_version
+        );
+    } else if report.unchanged() {
         outln!(
             "{}: nothing to change (shard map version {})",
             file.environment,
