@@ -1651,6 +1651,90 @@ async fn repeating_a_creation_that_stopped_half_way_finishes_it() {
     broker.cleanup().await;
 }
 
+#[tokio::test]
+async fn an_operator_lists_and_finishes_a_creation_its_client_left_half_way() {
+    // The client got a 503 and never repeated its request: the company stays `provisioning`,
+    // unroutable, until an operator finishes it with the creation's own (idempotent) steps.
+    let catalog = TestDb::new(tenantry_testkit::Schema::Catalog).await;
+    let shard = TestDb::new(tenantry_testkit::Schema::Shard).await;
+    let missing = TestDb::reserve();
+    let endpoints = || vec!["http://127.0.0.1:9".to_owned()];
+    register(&catalog, &[spec("shard-1", &missing.url, endpoints())]).await;
+    let id = Uuid::now_v7();
+    let dbcfg = tenantry_core::config::DatabaseConfig {
+        connect_timeout: Duration::from_secs(2),
+        statement_timeout: Duration::from_secs(30),
+    };
+    let mut c = catalog.client().await;
+    assert!(
+        tenants::create(&mut c, &dbcfg, id, "Half-way Ltd")
+            .await
+            .is_err()
+    );
+    let admin = |args: &[&str]| {
+        crate::support::run(
+            tenantry()
+                .env("TENANTRY_CATALOG__URL", &catalog.url)
+                .args(["admin", "companies"])
+                .args(args),
+        )
+    };
+    let (code, out, err) = admin(&["list", "--state", "provisioning"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("ID") && out.contains(&id.to_string()),
+        "{out}"
+    );
+    assert!(
+        out.contains("provisioning") && out.contains("Half-way Ltd"),
+        "{out}"
+    );
+    let (code, _, err) = admin(&["finish", &id.to_string()]);
+    assert_eq!(code, 1, "the shard is still unreachable");
+    assert!(err.contains("could not record the placement"), "{err}");
+
+    register(&catalog, &[spec("shard-1", &shard.url, endpoints())]).await;
+    let (code, out, err) = admin(&["finish", &id.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("created on shard shard-1 and active"), "{out}");
+    assert_eq!(
+        tenants::lookup(&c, id).await.unwrap().unwrap().state,
+        "active"
+    );
+    assert_eq!(owned(&shard, id).await, 1);
+    let (code, out, _) = admin(&["finish", &id.to_string(), "--json"]);
+    assert_eq!(code, 0);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["outcome"], "already_active", "{out}");
+    let (code, out, _) = admin(&["list", "--shard", "shard-1", "--json"]);
+    assert_eq!(code, 0);
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed[0]["state"], "active", "{out}");
+
+    // Hostile input: usage errors exit 2, an unknown company 1, nothing changes.
+    for args in [
+        &["finish", "not-a-uuid"][..],
+        &["finish"],
+        &["list", "--state", "bogus"],
+        &["list", "--limit", "0"],
+        &["list", "--limit", "1001"],
+        &["list", "--json", "--json"],
+    ] {
+        let (code, _, err) = admin(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+    }
+    let (code, _, err) = admin(&["finish", &Uuid::now_v7().to_string()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is not in the catalog"), "{err}");
+    let (code, out, _) = admin(&["list", "--shard", "'; DROP TABLE tenants; --"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 1, "the header only: {out}");
+    assert_eq!(
+        tenants::lookup(&c, id).await.unwrap().unwrap().state,
+        "active"
+    );
+}
+
 #[actix_web::test]
 async fn the_shard_map_subscription_leaves_what_it_has_not_taken_in_the_broker() {
     // The gateway's subscription takes at most PREFETCH unacknowledged messages; the rest stay

@@ -32,6 +32,7 @@ macro_rules! errln {
     };
 }
 
+mod companies;
 mod jobs;
 mod migrate;
 mod shard;
@@ -53,6 +54,9 @@ pub enum AdminCommand {
     /// Jobs on a shard: list, show, retry or resolve dead letters.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
+    /// Companies in the catalog: list them, finish a creation left half-way.
+    #[command(subcommand)]
+    Companies(companies::CompaniesCommand),
     /// Mint a JWT signed with the configured key (for development and tests).
     Token(token::TokenArgs),
 }
@@ -102,6 +106,7 @@ pub async fn run(cmd: AdminCommand, cfg: &Config, dev: bool) -> anyhow::Result<(
         AdminCommand::Migrate(c) => migrate::run(c, cfg).await,
         AdminCommand::Shard(c) => shard::run(c, cfg).await,
         AdminCommand::Jobs(c) => jobs::run(c, cfg).await,
+        AdminCommand::Companies(c) => companies::run(c, cfg).await,
         AdminCommand::Token(a) => token::run(a, cfg, dev),
     }
 }
