@@ -1,7 +1,8 @@
 //! Forwarding `/v1/companies/{company_id}/…` to the company's shard.
 //!
-//! Per request: authenticate (401), check the caller's role in the company (403, before the
-//! company is even looked up, so a stranger learns nothing), refuse unsafe paths (400), apply
+//! Per request: authenticate (401), parse the company id (400), check the caller's role in the
+//! company (403, before the company is even looked up, so a stranger learns nothing), refuse
+//! unsafe paths (400), apply
 //! the company's rate limit (429), check the body size (413), resolve the shard (404 for an
 //! unknown company), take a slot of the shard's in-flight cap (503), then send to a healthy
 //! endpoint round-robin — another endpoint if connecting fails — and stream the answer back.
@@ -393,7 +394,7 @@ async fn send(
 }
 
 /// How long the shard may take to send its response head: `gateway.upstream_timeout`, plus, for
-/// a GET, the long poll it asks for with `?wait=` (at most [`http::MAX_WAIT`], as the API
+/// a GET or HEAD, the long poll it asks for with `?wait=` (at most [`http::MAX_WAIT`], as the API
 /// allows), so a long poll is not cut off at the gateway's own limit. A `wait` the API will
 /// refuse adds nothing, and only reads long-poll.
 fn upstream_timeout(req: &HttpRequest, gw: &Gateway) -> Duration {

@@ -30,7 +30,7 @@ pub static UPSTREAM_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     ))
 });
 
-/// Routing cache events: hit, miss, negative_hit, eviction, update, invalidation, flush.
+/// Routing cache events: hit, miss, negative_hit, eviction, update, flush.
 pub static CACHE: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register(IntCounterVec::new(
         Opts::new("gateway_cache_events_total", "Routing cache events by kind"),

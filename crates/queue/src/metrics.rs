@@ -49,7 +49,7 @@ pub static EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register(IntCounterVec::new(
         Opts::new(
             "queue_events_total",
-            "Queue events: rescued, dead_lettered, retried, refused_company, refused_shard, late_completion, completed, failed",
+            "Queue events: rescued, dead_lettered, retried, refused_company, refused_shard, late_completion, completed",
         ),
         &["shard", "event"],
     ))

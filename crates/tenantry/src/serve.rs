@@ -115,6 +115,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 }
                 Ok(()) if !shutdown.is_cancelled() => {
                     tracing::error!(role, "role stopped unexpectedly; shutting down");
+                    // Exit non-zero, or a supervisor that restarts on failure would not.
+                    failure = Some(anyhow::anyhow!("the {role} role stopped unexpectedly"));
                 }
                 Ok(()) => {}
             }
