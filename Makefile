@@ -12,6 +12,7 @@ run: ## start the local cluster (PostgreSQL, RabbitMQ, catalog, 2 shards, gatewa
 	@bash deploy/local/run.sh
 
 test: services ## everything: fmt check, clippy, unit and end-to-end tests against real services
+	@bash -c 'say() { echo "make test: $$*" >&2; }; source scripts/lib.sh; need_rust'
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --quiet -- -D warnings
 	$(CARGO) test --workspace --no-fail-fast

@@ -17,7 +17,27 @@ apt_updated=""
 # apt_install PACKAGE... — installs Debian packages, running `apt-get update` once first.
 apt_install() {
   command -v apt-get >/dev/null || { say "apt-get not found: install $* yourself"; exit 1; }
-  if [[ -z $apt_updated ]]; then say "running apt-get update"; need_root apt-get update -qq; apt_updated=1; fi
+  # A freshly booted machine's unattended upgrades hold apt's lock for a while: wait for it.
+  local lock=(-o DPkg::Lock::Timeout=300)
+  if [[ -z $apt_updated ]]; then say "running apt-get update"; need_root apt-get "${lock[@]}" update -qq; apt_updated=1; fi
   say "installing $* with apt-get"
-  need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  need_root env DEBIAN_FRONTEND=noninteractive apt-get "${lock[@]}" install -y -qq "$@" >/dev/null
+}
+
+# need_rust — stops with what to do unless a cargo new enough for this workspace is on PATH
+# (Debian's own cargo is older than the workspace's rust-version).
+need_rust() {
+  local want have
+  want=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' "$(dirname "${BASH_SOURCE[0]}")/../Cargo.toml")
+  if ! have=$(cargo --version 2>/dev/null); then
+    say "cargo not found: install Rust with rustup (https://rustup.rs) and a C compiler"
+    say "(apt-get install build-essential), then run this again"
+    exit 1
+  fi
+  have=$(awk '{print $2}' <<<"$have")
+  if [[ $(printf '%s\n%s\n' "$want" "$have" | sort -V | head -1) != "$want" ]]; then
+    say "cargo $have is older than this workspace's rust-version $want (Debian's own cargo is);"
+    say "install Rust with rustup (https://rustup.rs), which puts a current cargo first on PATH"
+    exit 1
+  fi
 }

@@ -22,25 +22,44 @@ wait_for() { # name check seconds
 }
 
 # --- PostgreSQL ---
+# The cluster that listens on port 5432 (Debian's clusters: version, name, status), if any:
+# after an upgrade the newest version's cluster often sits on 5433 beside the old one.
+cluster_5432() { pg_lsclusters -h 2>/dev/null | awk '$3 == 5432 {print $1, $2, $4; exit}'; }
+clusters() { pg_lsclusters -h 2>/dev/null | awk '{printf "%s%s/%s on port %s (%s)", (NR > 1 ? ", " : ""), $1, $2, $3, $4}'; }
+
 if pg_up; then
   say "PostgreSQL is running on 127.0.0.1:5432"
 else
-  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+  installed=""
+  if [[ -z $(clusters) ]]; then
     apt_install postgresql postgresql-client
-    ver=$(ls /etc/postgresql | sort -V | tail -1)
-    hba=/etc/postgresql/$ver/main/pg_hba.conf
+    installed=1
+  fi
+  read -r ver name status < <(cluster_5432) || true
+  if [[ -z ${ver:-} ]]; then
+    if [[ -z $(clusters) ]]; then
+      say "PostgreSQL is installed but has no cluster: its package could not create one (a"
+      say "locale named in /etc/default/locale that is not generated is the usual cause)."
+      say "Create one on port 5432 (pg_createcluster --start -p 5432 <version> main), then run this again."
+    else
+      say "no PostgreSQL cluster uses port 5432 (found: $(clusters)). Set port = 5432 in the"
+      say "postgresql.conf of the one to use (under /etc/postgresql/<version>/<name>), then run this again."
+    fi
+    exit 1
+  fi
+  if [[ -n $installed ]]; then
+    hba=/etc/postgresql/$ver/$name/pg_hba.conf
     say "allowing local development logins: trust for 127.0.0.1 and ::1 in $hba"
     need_root sed -i -E 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/' "$hba"
   fi
-  ver=$(ls /etc/postgresql | sort -V | tail -1)
   # Debian's package starts the cluster it creates (where it can), before the edit above.
   # (pg_lsclusters works for any user; pg_ctlcluster status wants the cluster's owner.)
-  if [[ $(pg_lsclusters -h 2>/dev/null | awk -v v="$ver" '$1 == v && $2 == "main" {print $4}') == online ]]; then
-    say "PostgreSQL $ver is running: reloading it (pg_ctlcluster $ver main reload)"
-    need_root pg_ctlcluster --skip-systemctl-redirect "$ver" main reload
+  if [[ $status == online* ]]; then
+    say "PostgreSQL $ver/$name is running: reloading it (pg_ctlcluster $ver $name reload)"
+    need_root pg_ctlcluster --skip-systemctl-redirect "$ver" "$name" reload
   else
-    say "starting PostgreSQL $ver (pg_ctlcluster $ver main start)"
-    need_root pg_ctlcluster --skip-systemctl-redirect "$ver" main start
+    say "starting PostgreSQL $ver/$name (pg_ctlcluster $ver $name start)"
+    need_root pg_ctlcluster --skip-systemctl-redirect "$ver" "$name" start
   fi
   wait_for PostgreSQL pg_up 30
 fi
@@ -51,6 +70,15 @@ if command -v psql >/dev/null && ! psql -h 127.0.0.1 -U postgres -d postgres -qA
   say "(psql -c 'SHOW hba_file' as postgres tells where it is) to trust, then reload PostgreSQL."
   exit 1
 fi
+# Tenantry's migrations need PostgreSQL 14 or later (an older distribution's package is older).
+if command -v psql >/dev/null; then
+  server=$(psql -h 127.0.0.1 -U postgres -d postgres -qAtXw -c 'SHOW server_version_num')
+  if ((server < 140000)); then
+    say "PostgreSQL on 127.0.0.1:5432 is version $((server / 10000)); Tenantry needs 14 or later"
+    say "(Debian 12 and Ubuntu 22.04 ship 15 and 14; older systems can use apt.postgresql.org)."
+    exit 1
+  fi
+fi
 
 # --- RabbitMQ ---
 if amqp_up; then
@@ -58,10 +86,16 @@ if amqp_up; then
 else
   # /usr/sbin is not on a normal user's PATH on Debian.
   rabbit=$(command -v rabbitmq-server || echo /usr/sbin/rabbitmq-server)
+  started=""
   if [[ ! -x $rabbit ]]; then
     apt_install rabbitmq-server
+    # Where systemd runs, the package has started it already.
+    for _ in $(seq 50); do amqp_up && { started=1; break; }; sleep 0.2; done
+    [[ -n $started ]] && say "RabbitMQ was started by its package"
   fi
-  say "starting RabbitMQ (rabbitmq-server -detached)"
-  need_root "$rabbit" -detached
-  wait_for RabbitMQ amqp_up 60
+  if [[ -z $started ]]; then
+    say "starting RabbitMQ (rabbitmq-server -detached)"
+    need_root "$rabbit" -detached
+    wait_for RabbitMQ amqp_up 60
+  fi
 fi

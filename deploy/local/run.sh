@@ -13,11 +13,7 @@ source scripts/lib.sh
 
 bash scripts/services.sh
 command -v curl >/dev/null || apt_install curl
-command -v cargo >/dev/null || {
-  say "cargo not found: install Rust with rustup (https://rustup.rs) and a C compiler"
-  say "(apt-get install build-essential), then run make run again"
-  exit 1
-}
+need_rust
 
 # A node left over from an earlier run would answer in place of the new one.
 for port in 8080 8101 8102; do
@@ -72,7 +68,7 @@ ready() { # name url
     for pid in "${PIDS[@]}"; do
       kill -0 "$pid" 2>/dev/null || { say "a process exited during startup; last lines of the logs:"; tail -n 5 "$LOGS"/*.log >&2; exit 1; }
     done
-    curl -fsS -o /dev/null "$2/readyz" 2>/dev/null && return 0
+    curl -fsS --max-time 2 -o /dev/null "$2/readyz" 2>/dev/null && return 0
     sleep 0.2
   done
   say "$1 not ready after 30 s; see .local/logs/$1.log"; exit 1
