@@ -341,6 +341,59 @@ async fn a_retried_dead_letter_backs_off_from_the_start_again() {
 }
 
 #[tokio::test]
+async fn dead_letters_retried_one_by_one_queue_behind_each_other_like_new_jobs() {
+    // An operator retries a company's dead letters in a loop. Each used to get the queue's
+    // virtual time and nothing more, so they all shared one claim order at the head, and
+    // another company's next job landed among them; like new jobs, each now gets its company's
+    // fairness offset, and the other company's job comes right after the first.
+    let db = TestDb::new(Schema::Shard).await;
+    let (busy, other) = (Uuid::now_v7(), Uuid::now_v7());
+    let dead = enqueue(
+        &db,
+        &(0..5)
+            .map(|i| job(busy, "echo", json!({"i": i}), 1))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    db.exec(
+        "UPDATE jobs SET state = 'error', attempts = 1, finished_at = now(),
+                priority = priority - 86400 * 1000000::bigint",
+    )
+    .await;
+    let c = db.client().await;
+    for id in &dead {
+        store::retry(&c, *id).await.unwrap();
+    }
+    let newcomer = enqueue_one(&db, job(other, "echo", json!({}), 1)).await;
+    let order: Vec<Uuid> = c
+        .query("SELECT id FROM jobs ORDER BY priority, id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(order.len(), 6);
+    assert!(
+        order[..2].contains(&newcomer),
+        "the other company's job is claimed second at the latest: {order:?}"
+    );
+    let priorities: Vec<i64> = c
+        .query(
+            "SELECT priority FROM jobs WHERE company_id = $1 ORDER BY priority",
+            &[&busy],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        priorities.windows(2).all(|w| w[1] - w[0] >= 900_000),
+        "a quantum apart: {priorities:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_retried_week_old_dead_letter_does_not_pull_new_jobs_ahead_of_the_backlog() {
     // A dead letter from a week ago, retried while its company is at its cap (so it stays
     // waiting at the head of the queue): jobs enqueued meanwhile must still queue behind the

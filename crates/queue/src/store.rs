@@ -1395,6 +1395,10 @@ pub enum OperatorError {
     Db(#[from] tokio_postgres::Error),
 }
 
+/// How many of a company's waiting jobs a retried job's fairness offset counts at most (see
+/// `RETRY_SQL`); the offset of a job enqueued is bounded by `queue.max_waiting_per_company`.
+pub const RETRY_OFFSET_CAP: i64 = 100_000;
+
 /// Dead letter → `waiting` with a fresh round of attempts (operator retry): as many as its
 /// first round had (`max_attempts - retried_after`), on top of those it made. The count goes on
 /// rather than starting again at 0 because it is also the lease token (see [`finish`]): a
@@ -1408,14 +1412,22 @@ pub async fn retry(client: &impl GenericClient, id: Uuid) -> Result<JobRecord, O
 /// [`retry`]'s one statement. The job's claim order starts again from the queue's virtual
 /// time, as a new job's does: the one it had may lie days back, and as the head of the
 /// claimable rows it would pull the fairness base of every job enqueued while it waits (see
-/// `virtual_now!`) back there too, ahead of the whole backlog. Workers are notified in the
-/// same statement, so the notification goes out when the change commits, with it.
+/// `virtual_now!`) back there too, ahead of the whole backlog. Like a new job it also gets its
+/// company's fairness offset (a quantum per job of the company already waiting, counted up to
+/// [`RETRY_OFFSET_CAP`]): an operator retrying a company's thousands of dead letters one by one
+/// would otherwise give them all one claim order at the head, and every other company's next
+/// job would land among them, behind more rows than a claim's window looks at. Workers are
+/// notified in the same statement, so the notification goes out when the change commits.
 const RETRY_SQL: &str = concat!(
     "WITH changed AS (
          UPDATE jobs SET state = 'waiting', max_attempts = attempts + max_attempts - retried_after,
                 retried_after = attempts, run_at = now(), finished_at = NULL,
                 priority = ",
     virtual_now!(),
+    " + (SELECT count(*) FROM (SELECT 1 FROM jobs w
+                                 WHERE w.company_id = jobs.company_id AND w.state = 'waiting'
+                                 LIMIT 100000) c) * ",
+    fairness_quantum_us!(),
     ", updated_at = now()
           WHERE id = $1 AND state = 'error'
       RETURNING ",
@@ -1536,6 +1548,11 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_retry_counts_its_company_s_waiting_jobs_up_to_its_cap() {
+        assert!(RETRY_SQL.contains(&format!("LIMIT {RETRY_OFFSET_CAP})")));
+    }
 
     #[test]
     fn no_cap_is_the_same_in_sql_and_rust() {
