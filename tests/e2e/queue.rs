@@ -2140,3 +2140,65 @@ async fn a_listen_connection_to_a_server_that_never_answers_is_given_up_and_trie
     assert!(!listener.is_connected());
     stop.cancel();
 }
+
+#[tokio::test]
+async fn a_database_outage_longer_than_a_lease_does_not_dead_letter_the_jobs_running_through_it() {
+    // Every lease runs out while the database is away, the heartbeats with it. Once it is
+    // back, the rescuer must give the heartbeats time to renew rather than take back (and with
+    // one attempt, dead-letter) the jobs that ran on all along.
+    let db = TestDb::new(Schema::Shard).await;
+    let (proxy, through) = tenantry_testkit::proxy::TcpProxy::in_front_of(&db.url).await;
+    let mut opts = options("shard-outage", 100);
+    opts.lease = Duration::from_secs(2);
+    opts.rescue_interval = Duration::from_millis(100);
+    let mut dbcfg = dev_config().database;
+    dbcfg.connect_timeout = Duration::from_millis(500);
+    let pool = store::pool(
+        &tenantry_core::secret::DatabaseUrl::new(through),
+        4,
+        &dbcfg,
+        "test",
+    )
+    .unwrap();
+    let running = spawn_worker(Worker::new(
+        pool,
+        builtins(&["echo", "sleep"]),
+        opts,
+        listener(&db, 10),
+    ));
+    let id = enqueue_one(&db, job(Uuid::now_v7(), "sleep", json!({"ms": 5000}), 1)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while state_of(&db, id).await.0 != "processing" {
+        assert!(std::time::Instant::now() < deadline, "the job started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let expired: bool = db
+        .client()
+        .await
+        .query_one(
+            "SELECT lease_expires_at < now() FROM jobs WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(expired, "the lease ran out during the outage");
+    proxy.restore();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let state = loop {
+        let (state, attempts) = state_of(&db, id).await;
+        if state != "processing" && state != "waiting" {
+            break (state, attempts);
+        }
+        assert!(std::time::Instant::now() < deadline, "the job finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        state,
+        ("done".to_owned(), 1),
+        "ran once, through the outage"
+    );
+    running.stop().await;
+}

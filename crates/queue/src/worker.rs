@@ -789,11 +789,16 @@ impl InFlight {
 
 async fn heartbeat_loop(this: Arc<Worker>, running: Arc<Mutex<InFlight>>, stop: CancellationToken) {
     let period = this.opts.lease / 3;
+    // After a failed renewal, try again soon rather than a whole period later: the leases are
+    // running out, and once the database is back, every renewal counts (see `janitor_loop`).
+    let soon = period.min(Duration::from_secs(1));
+    let mut wait = period;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(period) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
+        wait = period;
         let ids = running.lock().unwrap_or_else(|p| p.into_inner()).ids();
         if ids.is_empty() {
             continue;
@@ -809,16 +814,25 @@ async fn heartbeat_loop(this: Arc<Worker>, running: Arc<Mutex<InFlight>>, stop: 
             tracing::warn!(
                 error = format!("{e:#}"),
                 jobs = ids.len(),
+                retry_in_ms = soon.as_millis() as u64,
                 "lease renewal failed"
             );
+            wait = soon;
         }
     }
 }
 
 /// Rescues expired leases, prunes old rows and refreshes the depth gauges.
+///
+/// After a pass that failed (the database, or this process's way to it, was away), no lease is
+/// rescued for one `queue.lease`: every worker's heartbeat was cut off too, so once the
+/// database is back every running job's lease may lie in the past, and rescuing them then
+/// would dead-letter (or run twice) jobs that are running fine. The heartbeats retry within a
+/// second and renew them first; a worker that really died is rescued a lease later.
 async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
     let shard = this.opts.shard_id.clone();
     let mut last_prune = Instant::now();
+    let mut rescue_from = Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -826,7 +840,11 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
         }
         let pass = async {
             let mut client = this.pool.get().await?;
-            let (rescued, dead) = store::rescue_expired(&mut client, 1000).await?;
+            let (rescued, dead) = if Instant::now() >= rescue_from {
+                store::rescue_expired(&mut client, 1000).await?
+            } else {
+                (Vec::new(), Vec::new())
+            };
             if !rescued.is_empty() || !dead.is_empty() {
                 tracing::warn!(
                     rescued = rescued.len(),
@@ -875,7 +893,13 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
         }
         .await;
         if let Err(e) = pass {
-            tracing::warn!(error = format!("{e:#}"), "queue maintenance failed");
+            rescue_from = Instant::now() + this.opts.lease;
+            tracing::warn!(
+                error = format!("{e:#}"),
+                rescue_held_ms = this.opts.lease.as_millis() as u64,
+                "queue maintenance failed; no lease is rescued until the heartbeats have had \
+                 one lease to renew theirs"
+            );
         }
     }
 }
