@@ -2202,3 +2202,55 @@ async fn a_database_outage_longer_than_a_lease_does_not_dead_letter_the_jobs_run
     );
     running.stop().await;
 }
+
+/// Never finishes: a handler awaiting a call that has no timeout of its own.
+struct Hangs;
+impl tenantry_queue::Handler for Hangs {
+    fn run<'a>(
+        &'a self,
+        _job: &'a tenantry_queue::ClaimedJob,
+    ) -> tenantry_queue::worker::BoxFuture<'a, Result<serde_json::Value, JobError>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+#[tokio::test]
+async fn an_attempt_that_outruns_run_timeout_is_stopped_and_fails_freeing_its_slot() {
+    // The heartbeat renews a running job's lease for as long as its handler runs, so without a
+    // deadline a hung handler held its slot and its company's share of the cap for good.
+    let db = TestDb::new(Schema::Shard).await;
+    let mut registry = builtins(&["echo"]);
+    registry.register("hangs", Hangs);
+    let mut opts = options("shard-hang", 100);
+    opts.slots = 1;
+    opts.run_timeout = Duration::from_millis(300);
+    let running = spawn_worker(worker_from(&db, registry, opts));
+    let company = Uuid::now_v7();
+    let hung = enqueue_one(&db, job(company, "hangs", json!({}), 1)).await;
+    let next = enqueue_one(&db, job(company, "echo", json!({}), 1)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while state_of(&db, next).await.0 != "done" || state_of(&db, hung).await.0 != "error" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the one slot was freed: {:?} {:?}",
+            state_of(&db, hung).await,
+            state_of(&db, next).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let error: String = db
+        .client()
+        .await
+        .query_one(
+            "SELECT error FROM jobs WHERE id = $1 AND state = 'error'",
+            &[&hung],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        error,
+        "stopped after running longer than queue.run_timeout (300ms)"
+    );
+    running.stop().await;
+}

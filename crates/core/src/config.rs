@@ -218,6 +218,9 @@ pub struct QueueConfig {
     /// Cap of the sleep kind; default 60s.
     #[serde(with = "humantime_serde")]
     pub sleep_max: Duration,
+    /// Longest one attempt of a job may run before it is stopped and fails; default 1h.
+    #[serde(with = "humantime_serde")]
+    pub run_timeout: Duration,
     /// Attempts per kind; default empty (1 each).
     pub max_attempts: std::collections::BTreeMap<String, i32>,
 }
@@ -565,6 +568,7 @@ impl Config {
             ("queue.retry_base", q.retry_base, ms(1), s(86_400)),
             ("queue.retry_max", q.retry_max, ms(1), s(7 * 86_400)),
             ("queue.sleep_max", q.sleep_max, ms(0), s(3600)),
+            ("queue.run_timeout", q.run_timeout, ms(100), s(7 * 86_400)),
             (
                 "gateway.upstream_timeout",
                 g.upstream_timeout,

@@ -204,6 +204,7 @@ fn opts(slots: usize, batch: usize) -> WorkerOptions {
         prune_interval: Duration::from_secs(3600),
         grace: Duration::from_secs(5),
         max_result_size: 1 << 20,
+        run_timeout: Duration::from_secs(3600),
     }
 }
 

@@ -160,6 +160,8 @@ pub struct WorkerOptions {
     pub grace: Duration,
     /// Largest result, as compact JSON, that a job may record (`queue.max_result_size`).
     pub max_result_size: u64,
+    /// Longest one attempt may run (`queue.run_timeout`).
+    pub run_timeout: Duration,
 }
 
 impl WorkerOptions {
@@ -179,6 +181,7 @@ impl WorkerOptions {
             prune_interval: q.prune_interval,
             grace,
             max_result_size: q.max_result_size.bytes(),
+            run_timeout: q.run_timeout,
         }
     }
 }
@@ -415,7 +418,7 @@ impl Worker {
             woken = false;
             let from = if look_further { after } else { None };
             look_further = false;
-            let claimed = async {
+            let claim = async {
                 let mut client = this.pool.get().await?;
                 // The claim statement's own time, not the wait for a connection.
                 let started = Instant::now();
@@ -432,8 +435,14 @@ impl Worker {
                     .with_label_values(&[&this.opts.shard_id])
                     .observe(started.elapsed().as_secs_f64());
                 Ok::<_, anyhow::Error>(claimed)
-            }
-            .await;
+            };
+            // A claim waiting for a connection (up to `database.connect_timeout`) or a slow
+            // statement must not eat into the grace period: the drain below and the release
+            // after it have to fit in it. Jobs a claim abandoned here took are released too.
+            let claimed = tokio::select! {
+                claimed = claim => claimed,
+                _ = shutdown.cancelled() => break,
+            };
             let store::Claim {
                 jobs,
                 cut_by_cap,
@@ -596,12 +605,19 @@ async fn run_job(registry: &Registry, opts: &WorkerOptions, job: ClaimedJob) -> 
             // way from claim to start.
             // `run` is called inside the caught future: a handler may panic while building
             // its future as well as while it runs.
+            // An attempt that outlives `run_timeout` is dropped there: a handler awaiting a call
+            // without a timeout would otherwise hold its slot (and its lease, which the
+            // heartbeat renews) until the process restarts.
             let run = AssertUnwindSafe(async { handler.run(&job).await }.instrument(span.clone()));
-            match run.catch_unwind().await {
-                Ok(result) => result,
-                Err(panic) => Err(JobError::retryable(format!(
+            match tokio::time::timeout(opts.run_timeout, run.catch_unwind()).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(panic)) => Err(JobError::retryable(format!(
                     "handler panicked: {}",
                     panic_message(panic.as_ref())
+                ))),
+                Err(_) => Err(JobError::retryable(format!(
+                    "stopped after running longer than queue.run_timeout ({})",
+                    humantime::format_duration(opts.run_timeout)
                 ))),
             }
         }
