@@ -1303,7 +1303,7 @@ async fn depth_counts_the_live_queue_and_dead_letters_by_kind_not_the_history() 
     )
     .await;
     let mut c = db.client().await;
-    let mut depth = store::depth(&mut c).await.unwrap();
+    let mut depth = store::depth(&mut c, true).await.unwrap();
     depth.sort();
     let expect = |s: &str, k: &str, n: i64| (s.to_owned(), k.to_owned(), n);
     assert_eq!(
@@ -1314,6 +1314,10 @@ async fn depth_counts_the_live_queue_and_dead_letters_by_kind_not_the_history() 
             expect("waiting", "sleep", 1),
         ]
     );
+    // Without the dead letters (counted less often: nothing bounds them).
+    let mut live = store::depth(&mut c, false).await.unwrap();
+    live.sort();
+    assert_eq!(live, depth[1..].to_vec());
 }
 
 #[tokio::test]

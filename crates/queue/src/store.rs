@@ -1505,9 +1505,12 @@ pub async fn waiting_total(
 /// instead, so inside their transactions sequential scans (and JIT) are off.
 const INDEX_ONLY_SETTINGS: &str = "SET LOCAL enable_seqscan = off; SET LOCAL jit = off";
 
-/// The queue's depth by state and kind, for metrics.
+/// The queue's depth by state and kind, for metrics: `waiting` and `processing`, and with
+/// `dead_letters` also `error` (which is unbounded until operators resolve them, so the worker
+/// counts it less often).
 pub async fn depth(
     client: &mut tokio_postgres::Client,
+    dead_letters: bool,
 ) -> Result<Vec<(String, String, i64)>, tokio_postgres::Error> {
     // Only the live queue and the dead letters: each arm walks its own partial index, so the
     // cost follows the queue's depth, not the days of finished rows kept for `retention`
@@ -1521,8 +1524,8 @@ pub async fn depth(
              UNION ALL
              SELECT 'processing', kind, count(*) FROM jobs WHERE state = 'processing' GROUP BY kind
              UNION ALL
-             SELECT 'error', kind, count(*) FROM jobs WHERE state = 'error' GROUP BY kind",
-            &[],
+             SELECT 'error', kind, count(*) FROM jobs WHERE state = 'error' AND $1 GROUP BY kind",
+            &[&dead_letters],
         )
         .await?;
     tx.commit().await?;

@@ -838,6 +838,11 @@ async fn heartbeat_loop(this: Arc<Worker>, running: Arc<Mutex<InFlight>>, stop: 
     }
 }
 
+/// How often the janitor counts the live queue for the depth gauges at most: each count reads
+/// every waiting and processing row (up to `queue.max_waiting_per_shard`), in every worker
+/// process, so not at every rescue pass.
+const DEPTH_INTERVAL: Duration = Duration::from_secs(15);
+
 /// Rescues expired leases, prunes old rows and refreshes the depth gauges.
 ///
 /// After a pass that failed (the database, or this process's way to it, was away), no lease is
@@ -849,6 +854,11 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
     let shard = this.opts.shard_id.clone();
     let mut last_prune = Instant::now();
     let mut rescue_from = Instant::now();
+    // The depth gauges: the live queue at most every DEPTH_INTERVAL, the dead letters (which
+    // nothing bounds until operators resolve them) with the prune pass; the last figures of
+    // the dead letters are kept for the passes in between.
+    let mut last_depth: Option<Instant> = None;
+    let mut dead_letters: Option<Vec<(String, String, i64)>> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -871,7 +881,8 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
                 metrics::count(&shard, "dead_lettered", dead.len() as u64);
                 this.listener.wake_worker();
             }
-            if last_prune.elapsed() >= this.opts.prune_interval {
+            let pruning = last_prune.elapsed() >= this.opts.prune_interval;
+            if pruning {
                 last_prune = Instant::now();
                 let mut total = 0;
                 // Small batches keep each delete short, so it never holds up claims for long;
@@ -898,12 +909,21 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
                 }
             }
             // Reset only once the new figures are in: a failed count keeps the last ones.
-            let depth = store::depth(&mut client).await?;
-            metrics::DEPTH.reset();
-            for (state, kind, n) in depth {
-                metrics::DEPTH
-                    .with_label_values(&[&shard, &state, &kind])
-                    .set(n);
+            if last_depth.is_none_or(|t| t.elapsed() >= DEPTH_INTERVAL) {
+                let count_dead = pruning || dead_letters.is_none();
+                let mut depth = store::depth(&mut client, count_dead).await?;
+                last_depth = Some(Instant::now());
+                if count_dead {
+                    dead_letters = Some(depth.iter().filter(|d| d.0 == "error").cloned().collect());
+                } else {
+                    depth.extend(dead_letters.iter().flatten().cloned());
+                }
+                metrics::DEPTH.reset();
+                for (state, kind, n) in depth {
+                    metrics::DEPTH
+                        .with_label_values(&[&shard, &state, &kind])
+                        .set(n);
+                }
             }
             Ok::<_, anyhow::Error>(())
         }
