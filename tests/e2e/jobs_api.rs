@@ -379,7 +379,9 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
     assert_eq!(error_of!(r).error.code, "invalid_idempotency_key");
     // A request head beyond what the listener takes (128 KiB) is refused before any handler
     // runs, even with a valid token: a 4xx or a closed connection, and no job (counted below).
-    let r = c
+    // (A client of its own: the connection the listener drops must not go back to `c`'s pool,
+    // where the next request would meet it reset.)
+    let r = http()
         .post(&jobs)
         .bearer_auth(&member)
         .insert_header(("x-junk", "x".repeat(200 * 1024)))
