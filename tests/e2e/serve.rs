@@ -318,3 +318,52 @@ fn a_pooled_connection_outlives_the_listener_runtime_that_asked_for_it() {
             .expect("the connection still works once that runtime has stopped");
     });
 }
+
+#[test]
+fn a_pooled_connect_to_a_server_that_never_answers_lets_go_of_its_socket() {
+    // The pool connects on its home runtime in a task of its own; when the caller's create
+    // timeout gives up on a server that accepted and then said nothing, that task (and its
+    // socket) must go too, or every attempt would leave one behind.
+    use std::io::Read;
+    use tenantry_core::{config::DatabaseConfig, secret::DatabaseUrl};
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = DatabaseUrl::new(format!(
+        "postgres://postgres@{}/none",
+        silent.local_addr().unwrap()
+    ));
+    let home = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let db = DatabaseConfig {
+        connect_timeout: Duration::from_millis(300),
+        statement_timeout: Duration::from_secs(30),
+    };
+    let pool = home
+        .block_on(async { tenantry_core::db::pool(&url, 2, &db, "tenantry-test") })
+        .unwrap();
+    let started = std::time::Instant::now();
+    let got = home.block_on(pool.get());
+    assert!(got.is_err(), "nothing answers");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let (mut socket, _) = silent.accept().unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    // The startup packet, then the end of the stream once the connect was given up.
+    let mut buf = [0u8; 1024];
+    loop {
+        match socket.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the abandoned connect still holds its socket: {e}"),
+        }
+    }
+    drop(home);
+}
