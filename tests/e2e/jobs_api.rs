@@ -937,11 +937,12 @@ async fn job_finished_events_reach_rabbitmq_by_company() {
 
 #[tokio::test]
 async fn while_rabbitmq_blocks_publishers_the_relay_holds_no_transaction_and_still_stops() {
-    // A memory or disk alarm makes RabbitMQ send `connection.blocked`, after which a publish
-    // does not return. The relay used to publish inside its batch's transaction, so it held
-    // that transaction (row locks, vacuum's horizon) for as long as the alarm lasted, and a
-    // SIGTERM waited out the grace period. It must wait outside any transaction, publish once
-    // the alarm clears, and stop promptly meanwhile.
+    // During a memory or disk alarm RabbitMQ answers a connection's publish with
+    // `connection.blocked` and reads nothing more from it, so the publish does not return. The
+    // relay used to publish inside its batch's transaction, so it held that transaction (row
+    // locks, vacuum's horizon) for as long as the alarm lasted, and a SIGTERM waited out the
+    // grace period. It must give the batch up, wait outside any transaction, publish once the
+    // alarm clears, and stop promptly meanwhile.
     let db = TestDb::new(Schema::Shard).await;
     let broker = TestBroker::new().await;
     let company = Uuid::now_v7();
@@ -996,7 +997,9 @@ async fn while_rabbitmq_blocks_publishers_the_relay_holds_no_transaction_and_sti
         0,
         "published once the alarm clears"
     );
-    assert_eq!(queue_depth(&ch, &queue).await, 2);
+    // The given-up batch's publish went out when the alarm cleared, and its row again after:
+    // at least once.
+    assert!(queue_depth(&ch, &queue).await >= 2);
 
     // Blocked again, with an event waiting: SIGTERM stops the node within its grace period.
     alarm.raise();

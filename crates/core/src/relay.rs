@@ -25,10 +25,11 @@
 //! in (whose rows stay unpublished, to be sent again) when the broker holds it up. It gives up
 //! on a broker that does not accept its connection, or publish and confirm a batch, within
 //! 30 s: the batch's rows stay unpublished, its transaction ends, and the relay reconnects with
-//! backoff. While RabbitMQ blocks publishers (`connection.blocked`: a memory or disk alarm,
-//! which can last hours) the relay opens no transaction and waits for the alarm to clear: a
-//! publish would not return until then, and the transaction around it would hold its row locks
-//! and keep vacuum from the database's churned tables.
+//! backoff. While RabbitMQ blocks publishers (`connection.blocked`, sent when a connection
+//! publishes during a memory or disk alarm, which can last hours) the relay gives up the batch
+//! it is in at once and opens no transaction until the alarm clears: a publish would not
+//! return until then, and the transaction around it would hold its row locks and keep vacuum
+//! from the database's churned tables.
 
 use std::{
     collections::HashMap,
@@ -227,8 +228,19 @@ impl Relay {
             // milliseconds): its rows would otherwise be sent again by the next relay.
             let batch = tokio::time::timeout(BROKER_TIMEOUT, self.publish_batch(&channel, held));
             tokio::pin!(batch);
+            // RabbitMQ tells a connection it is blocked only when it publishes during an alarm,
+            // that is, in the middle of a batch: the batch is then given up at once (its
+            // transaction rolled back) and the relay waits out the alarm above, on the same
+            // connection. Its publishes still buffered go out when the alarm clears, and the
+            // batch's rows are published again: at least once, as always.
+            let blocked = async {
+                while !conn.status().blocked() {
+                    tokio::time::sleep(BLOCKED_POLL).await;
+                }
+            };
             let batch = tokio::select! {
                 batch = &mut batch => batch,
+                () = blocked => continue,
                 _ = shutdown.cancelled() => {
                     match tokio::time::timeout(BATCH_AT_SHUTDOWN, &mut batch).await {
                         Ok(batch) => batch,
@@ -238,7 +250,8 @@ impl Relay {
             };
             let published = batch.map_err(|_| {
                 anyhow::anyhow!(
-                    "RabbitMQ did not take and confirm a batch within {BROKER_TIMEOUT:?}"
+                    "a batch did not finish within {BROKER_TIMEOUT:?} (RabbitMQ taking or \
+                     confirming it, or the database)"
                 )
             })??;
             // A backlog is published batch by batch; a shutdown stops it between two.

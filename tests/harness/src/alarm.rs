@@ -1,15 +1,14 @@
-//! A proxy in front of RabbitMQ that plays a resource alarm to its clients: while raised, every
-//! client connection gets `connection.blocked`, as RabbitMQ sends it when a memory or disk
-//! alarm stops publishers, and `connection.unblocked` once cleared. Raising a real alarm
-//! (`rabbitmqctl set_vm_memory_high_watermark`) would block every test sharing the broker.
-//!
-//! The client library stops writing to a blocked connection, so the broker itself needs no
-//! part in it: frames from the server are forwarded whole, and the notices go in between them.
+//! A proxy in front of RabbitMQ that plays a resource alarm to its clients the way RabbitMQ
+//! does: while the alarm is raised, a connection that publishes is sent `connection.blocked`
+//! and nothing more it sends is read (here: forwarded to the broker); once the alarm clears it
+//! is sent `connection.unblocked` and what it sent meanwhile goes on to the broker. Raising a
+//! real alarm (`rabbitmqctl set_vm_memory_high_watermark`) would block every test sharing the
+//! broker.
 
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
 };
@@ -42,9 +41,23 @@ fn unblocked() -> Vec<u8> {
     connection_method(61, &[])
 }
 
-/// `connection.open-ok`: from then on the connection is open and may be told of alarms.
-fn is_open_ok(frame: &[u8]) -> bool {
-    frame.len() >= 11 && frame[0] == 1 && frame[1..3] == [0, 0] && frame[7..11] == [0, 10, 0, 41]
+/// A method frame of `class`.`method`.
+fn is_method(frame: &[u8], class: u16, method: u16) -> bool {
+    frame.len() >= 11
+        && frame[0] == 1
+        && frame[7..9] == class.to_be_bytes()
+        && frame[9..11] == method.to_be_bytes()
+}
+
+/// One whole frame (header, payload, end octet), or `None` at the end of the stream.
+async fn read_frame(from: &mut (impl AsyncRead + Unpin)) -> Option<Vec<u8>> {
+    let mut header = [0u8; 7];
+    from.read_exact(&mut header).await.ok()?;
+    let size = u32::from_be_bytes([header[3], header[4], header[5], header[6]]) as usize;
+    let mut frame = header.to_vec();
+    frame.resize(7 + size + 1, 0);
+    from.read_exact(&mut frame[7..]).await.ok()?;
+    Some(frame)
 }
 
 impl AlarmProxy {
@@ -94,74 +107,101 @@ impl AlarmProxy {
         (proxy, through)
     }
 
-    /// Every open connection, and every one opened from now on, is told it is blocked.
+    /// From now on, a connection that publishes is blocked.
     pub fn raise(&self) {
         self.alarm.send_replace(true);
     }
 
-    /// Every connection told it was blocked is told it is not any more.
+    /// Blocked connections are unblocked, and what they sent meanwhile reaches the broker.
     pub fn clear(&self) {
         self.alarm.send_replace(false);
     }
 }
 
-async fn forward(mut client: TcpStream, mut server: TcpStream, mut raised: watch::Receiver<bool>) {
-    let (mut from_client, mut to_client) = client.split();
-    let (mut from_server, mut to_server) = server.split();
-    let upstream = tokio::io::copy(&mut from_client, &mut to_server);
-    // Whole frames from the server, so a notice never lands inside one.
-    let (frames_tx, mut frames) = mpsc::channel::<Vec<u8>>(64);
-    let reader = async move {
-        loop {
-            let mut header = [0u8; 7];
-            if from_server.read_exact(&mut header).await.is_err() {
-                return;
-            }
-            let size = u32::from_be_bytes([header[3], header[4], header[5], header[6]]) as usize;
-            let mut frame = header.to_vec();
-            frame.resize(7 + size + 1, 0);
-            if from_server.read_exact(&mut frame[7..]).await.is_err() {
-                return;
-            }
-            if frames_tx.send(frame).await.is_err() {
+/// Reads whole frames into a channel (`skip` bytes first: the client's protocol header),
+/// so the loops below can wait on other things without losing half a frame.
+fn frames(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    skip: usize,
+) -> (mpsc::Receiver<Vec<u8>>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(64);
+    let task = tokio::spawn(async move {
+        let mut header = vec![0u8; skip];
+        if from.read_exact(&mut header).await.is_err() || tx.send(header).await.is_err() {
+            return;
+        }
+        while let Some(frame) = read_frame(&mut from).await {
+            if tx.send(frame).await.is_err() {
                 return;
             }
         }
+    });
+    (rx, task)
+}
+
+async fn forward(client: TcpStream, server: TcpStream, raised: watch::Receiver<bool>) {
+    let (from_client, mut to_client) = client.into_split();
+    let (from_server, mut to_server) = server.into_split();
+    let (mut client_frames, client_reader) = frames(from_client, 8);
+    let (mut server_frames, server_reader) = frames(from_server, 0);
+    // Tells the side writing to the client to send `connection.blocked`.
+    let (block_tx, mut block) = mpsc::channel::<()>(1);
+    let upstream = {
+        let mut raised = raised.clone();
+        async move {
+            loop {
+                let frame = client_frames.recv().await?;
+                if *raised.borrow_and_update() && is_method(&frame, 60, 40) {
+                    // basic.publish during the alarm: blocked, and nothing more is read on.
+                    block_tx.send(()).await.ok()?;
+                    let mut held = frame;
+                    while *raised.borrow_and_update() {
+                        tokio::select! {
+                            more = client_frames.recv() => held.extend(more?),
+                            changed = raised.changed() => changed.ok()?,
+                        }
+                    }
+                    to_server.write_all(&held).await.ok()?;
+                    continue;
+                }
+                to_server.write_all(&frame).await.ok()?;
+            }
+            #[allow(unreachable_code)]
+            Some(())
+        }
     };
-    let downstream = async {
-        let (mut open, mut told) = (false, false);
-        loop {
-            tokio::select! {
-                frame = frames.recv() => {
-                    let Some(frame) = frame else { return };
-                    open |= is_open_ok(&frame);
-                    if to_client.write_all(&frame).await.is_err() {
-                        return;
+    let downstream = {
+        let mut raised = raised.clone();
+        async move {
+            let mut told = false;
+            loop {
+                tokio::select! {
+                    frame = server_frames.recv() => to_client.write_all(&frame?).await.ok()?,
+                    Some(()) = block.recv() => {
+                        if !told {
+                            to_client.write_all(&blocked()).await.ok()?;
+                            told = true;
+                        }
                     }
-                }
-                changed = raised.changed() => {
-                    if changed.is_err() {
-                        return;
+                    changed = raised.changed() => {
+                        changed.ok()?;
+                        if told && !*raised.borrow_and_update() {
+                            to_client.write_all(&unblocked()).await.ok()?;
+                            told = false;
+                        }
                     }
                 }
             }
-            let want = *raised.borrow_and_update();
-            if open && want != told {
-                let notice = if want { blocked() } else { unblocked() };
-                if to_client.write_all(&notice).await.is_err() {
-                    return;
-                }
-                told = want;
-            }
+            #[allow(unreachable_code)]
+            Some(())
         }
     };
     tokio::select! {
         _ = upstream => {}
-        _ = reader => {}
         _ = downstream => {}
     }
-    // Let the last bytes out before both sides close.
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    client_reader.abort();
+    server_reader.abort();
 }
 
 impl Drop for AlarmProxy {
