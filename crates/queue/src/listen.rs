@@ -60,8 +60,8 @@ impl Inner {
 
     /// Takes `n` removed waiters off the count (and its gauge).
     fn uncount(&self, n: usize) {
-        let now = self.count.fetch_sub(n, Ordering::Relaxed).saturating_sub(n);
-        crate::metrics::WAITING_REQUESTS.set(now as i64);
+        self.count.fetch_sub(n, Ordering::Relaxed);
+        crate::metrics::WAITING_REQUESTS.sub(n as i64);
     }
 
     fn finished(&self, id: Uuid) {
@@ -156,8 +156,8 @@ impl Listener {
         // a waiter that was not counted yet.
         let mut waiters = self.inner.lock();
         waiters.entry(id).or_default().push(tx);
-        let now = self.inner.count.fetch_add(1, Ordering::Relaxed) + 1;
-        crate::metrics::WAITING_REQUESTS.set(now as i64);
+        self.inner.count.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::WAITING_REQUESTS.inc();
         drop(waiters);
         Some(Waiter {
             id,

@@ -418,8 +418,17 @@ impl Worker {
             woken = false;
             let from = if look_further { after } else { None };
             look_further = false;
-            let claim = async {
-                let mut client = this.pool.get().await?;
+            // The wait for a connection (up to `database.connect_timeout`) gives way to a
+            // shutdown, which must not lose that time from the grace period the drain and the
+            // release need. The claim statement itself is not abandoned: dropped mid-statement
+            // it would still commit on the server, possibly after the release, leaving its jobs
+            // processing under a stopped worker until the rescuer took them (attempt counted).
+            let client = tokio::select! {
+                client = this.pool.get() => client,
+                _ = shutdown.cancelled() => break,
+            };
+            let claimed = async {
+                let mut client = client?;
                 // The claim statement's own time, not the wait for a connection.
                 let started = Instant::now();
                 let claimed = store::claim_batch(
@@ -435,14 +444,8 @@ impl Worker {
                     .with_label_values(&[&this.opts.shard_id])
                     .observe(started.elapsed().as_secs_f64());
                 Ok::<_, anyhow::Error>(claimed)
-            };
-            // A claim waiting for a connection (up to `database.connect_timeout`) or a slow
-            // statement must not eat into the grace period: the drain below and the release
-            // after it have to fit in it. Jobs a claim abandoned here took are released too.
-            let claimed = tokio::select! {
-                claimed = claim => claimed,
-                _ = shutdown.cancelled() => break,
-            };
+            }
+            .await;
             let store::Claim {
                 jobs,
                 cut_by_cap,
@@ -845,8 +848,8 @@ const DEPTH_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Rescues expired leases, prunes old rows and refreshes the depth gauges.
 ///
-/// After a pass that failed (the database, or this process's way to it, was away), no lease is
-/// rescued for one `queue.lease`: every worker's heartbeat was cut off too, so once the
+/// After a pass that could not reach the database (no connection, or the rescue statement
+/// failed), no lease is rescued for one `queue.lease`: every worker's heartbeat was cut off too, so once the
 /// database is back every running job's lease may lie in the past, and rescuing them then
 /// would dead-letter (or run twice) jobs that are running fine. The heartbeats retry within a
 /// second and renew them first; a worker that really died is rescued a lease later.
@@ -859,15 +862,23 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
     // the dead letters are kept for the passes in between.
     let mut last_depth: Option<Instant> = None;
     let mut dead_letters: Option<Vec<(String, String, i64)>> = None;
+    let mut count_dead = true;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(this.opts.rescue_interval) => {}
         }
+        // Whether this pass failed to reach the database (as opposed to a prune or a count
+        // that failed on a database that answers, which must not hold the rescue back).
+        let mut unreached = false;
         let pass = async {
-            let mut client = this.pool.get().await?;
+            let Ok(mut client) = this.pool.get().await.inspect_err(|_| unreached = true) else {
+                anyhow::bail!("no connection to the shard database");
+            };
             let (rescued, dead) = if Instant::now() >= rescue_from {
-                store::rescue_expired(&mut client, 1000).await?
+                store::rescue_expired(&mut client, 1000)
+                    .await
+                    .inspect_err(|_| unreached = true)?
             } else {
                 (Vec::new(), Vec::new())
             };
@@ -881,8 +892,7 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
                 metrics::count(&shard, "dead_lettered", dead.len() as u64);
                 this.listener.wake_worker();
             }
-            let pruning = last_prune.elapsed() >= this.opts.prune_interval;
-            if pruning {
+            if last_prune.elapsed() >= this.opts.prune_interval {
                 last_prune = Instant::now();
                 let mut total = 0;
                 // Small batches keep each delete short, so it never holds up claims for long;
@@ -907,13 +917,14 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
                 if total > 0 {
                     tracing::info!(rows = total, "pruned finished jobs and published events");
                 }
+                count_dead = true;
             }
             // Reset only once the new figures are in: a failed count keeps the last ones.
             if last_depth.is_none_or(|t| t.elapsed() >= DEPTH_INTERVAL) {
-                let count_dead = pruning || dead_letters.is_none();
                 let mut depth = store::depth(&mut client, count_dead).await?;
                 last_depth = Some(Instant::now());
                 if count_dead {
+                    count_dead = false;
                     dead_letters = Some(depth.iter().filter(|d| d.0 == "error").cloned().collect());
                 } else {
                     depth.extend(dead_letters.iter().flatten().cloned());
@@ -928,14 +939,18 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
             Ok::<_, anyhow::Error>(())
         }
         .await;
-        if let Err(e) = pass {
-            rescue_from = Instant::now() + this.opts.lease;
-            tracing::warn!(
-                error = format!("{e:#}"),
-                rescue_held_ms = this.opts.lease.as_millis() as u64,
-                "queue maintenance failed; no lease is rescued until the heartbeats have had \
-                 one lease to renew theirs"
-            );
+        match pass {
+            Err(e) if unreached => {
+                rescue_from = Instant::now() + this.opts.lease;
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    rescue_held_ms = this.opts.lease.as_millis() as u64,
+                    "queue maintenance could not reach the database; no lease is rescued until \
+                     the heartbeats have had one lease to renew theirs"
+                );
+            }
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "queue maintenance failed"),
+            Ok(()) => {}
         }
     }
 }
