@@ -72,8 +72,11 @@ if command -v psql >/dev/null && ! psql -h 127.0.0.1 -U postgres -d postgres -qA
 fi
 # Tenantry's migrations need PostgreSQL 14 or later (an older distribution's package is older).
 if command -v psql >/dev/null; then
-  server=$(psql -h 127.0.0.1 -U postgres -d postgres -qAtXw -c 'SHOW server_version_num')
-  if ((server < 140000)); then
+  server=$(psql -h 127.0.0.1 -U postgres -d postgres -qAtXw -c 'SHOW server_version_num') || {
+    say "could not ask PostgreSQL on 127.0.0.1:5432 for its version (see psql's message above)"
+    exit 1
+  }
+  if [[ ! $server =~ ^[0-9]+$ ]] || ((server < 140000)); then
     say "PostgreSQL on 127.0.0.1:5432 is version $((server / 10000)); Tenantry needs 14 or later"
     say "(Debian 12 and Ubuntu 22.04 ship 15 and 14; older systems can use apt.postgresql.org)."
     exit 1
