@@ -333,20 +333,32 @@ async fn concurrent_runners_apply_each_migration_once() {
     assert_eq!(n, 1);
 }
 
+/// Runs `cmd` with its standard output (`stdout`) or standard error closed before it writes,
+/// as a reader that went away (`… | head -0`) leaves it, and returns what it wrote to the other.
+fn closed_stdout(cmd: &mut std::process::Command, stdout: bool) -> std::process::Output {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    match stdout {
+        true => drop(child.stdout.take()),
+        false => drop(child.stderr.take()),
+    }
+    child.wait_with_output().unwrap()
+}
+
 #[tokio::test]
 async fn an_admin_command_whose_reader_stops_reading_exits_quietly() {
     // `tenantry admin … | head -0`: the pipe is closed before the command prints (it reads the
     // catalog first), and the command must neither panic nor report a failure.
     let catalog = TestDb::new(Schema::Empty).await;
-    let mut child = tenantry()
-        .args(["admin", "migrate", "status"])
-        .env("TENANTRY_CATALOG__URL", &catalog.url)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
+    let out = closed_stdout(
+        tenantry()
+            .args(["admin", "migrate", "status"])
+            .env("TENANTRY_CATALOG__URL", &catalog.url),
+        true,
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(0), "{err}");
@@ -367,15 +379,12 @@ async fn migrate_up_whose_reader_stops_reading_still_migrates_every_shard() {
             shards[0].url, shards[1].url
         ))
         .await;
-    let mut child = tenantry()
-        .args(["admin", "migrate", "up"])
-        .env("TENANTRY_CATALOG__URL", &catalog.url)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
+    let out = closed_stdout(
+        tenantry()
+            .args(["admin", "migrate", "up"])
+            .env("TENANTRY_CATALOG__URL", &catalog.url),
+        true,
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     let latest = tenantry_migrate::embedded(tenantry_migrate::Target::Shard).len() as i64;
@@ -396,16 +405,13 @@ async fn migrate_up_whose_reader_stops_reading_still_migrates_every_shard() {
             "INSERT INTO shards (id, database_url) VALUES ('shard-c', 'postgres://postgres@127.0.0.1:1/none')",
         )
         .await;
-    let mut child = tenantry()
-        .args(["admin", "shard", "list"])
-        .env("TENANTRY_CATALOG__URL", &catalog.url)
-        .env("TENANTRY_DATABASE__CONNECT_TIMEOUT", "1s")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stderr.take());
-    let out = child.wait_with_output().unwrap();
+    let out = closed_stdout(
+        tenantry()
+            .args(["admin", "shard", "list"])
+            .env("TENANTRY_CATALOG__URL", &catalog.url)
+            .env("TENANTRY_DATABASE__CONNECT_TIMEOUT", "1s"),
+        false,
+    );
     let listed = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{listed}");
     assert!(

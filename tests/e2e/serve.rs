@@ -282,25 +282,33 @@ async fn a_role_stuck_at_shutdown_is_abandoned_after_the_grace_period() {
     drop(silent);
 }
 
-#[test]
-fn a_pooled_connection_outlives_the_listener_runtime_that_asked_for_it() {
-    // An HTTP listener's handlers run on per-thread runtimes that stop with the listener. A
-    // pooled connection made for one of them used to live on that runtime, so a role still
-    // draining (the worker, a relay) lost the statement it was running on that connection.
-    use tenantry_core::{config::DatabaseConfig, secret::DatabaseUrl};
+/// A runtime of its own (a process's main one), and a shard-style pool built on it.
+fn pool_on_a_runtime(
+    url: &str,
+    connect_timeout: Duration,
+) -> (tokio::runtime::Runtime, deadpool_postgres::Pool) {
     let home = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let db = DatabaseConfig {
-        connect_timeout: Duration::from_secs(5),
+    let db = tenantry_core::config::DatabaseConfig {
+        connect_timeout,
         statement_timeout: Duration::from_secs(30),
     };
-    let url = DatabaseUrl::new(tenantry_testkit::pg_admin_url());
+    let url = tenantry_core::secret::DatabaseUrl::new(url);
     let pool = home
         .block_on(async { tenantry_core::db::pool(&url, 2, &db, "tenantry-test") })
         .unwrap();
+    (home, pool)
+}
+
+#[test]
+fn a_pooled_connection_outlives_the_listener_runtime_that_asked_for_it() {
+    // An HTTP listener's handlers run on per-thread runtimes that stop with the listener. A
+    // pooled connection made for one of them used to live on that runtime, so a role still
+    // draining (the worker, a relay) lost the statement it was running on that connection.
+    let (home, pool) = pool_on_a_runtime(&tenantry_testkit::pg_admin_url(), Duration::from_secs(5));
     let listener = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -325,24 +333,9 @@ fn a_pooled_connect_to_a_server_that_never_answers_lets_go_of_its_socket() {
     // timeout gives up on a server that accepted and then said nothing, that task (and its
     // socket) must go too, or every attempt would leave one behind.
     use std::io::Read;
-    use tenantry_core::{config::DatabaseConfig, secret::DatabaseUrl};
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = DatabaseUrl::new(format!(
-        "postgres://postgres@{}/none",
-        silent.local_addr().unwrap()
-    ));
-    let home = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let db = DatabaseConfig {
-        connect_timeout: Duration::from_millis(300),
-        statement_timeout: Duration::from_secs(30),
-    };
-    let pool = home
-        .block_on(async { tenantry_core::db::pool(&url, 2, &db, "tenantry-test") })
-        .unwrap();
+    let url = format!("postgres://postgres@{}/none", silent.local_addr().unwrap());
+    let (home, pool) = pool_on_a_runtime(&url, Duration::from_millis(300));
     let started = std::time::Instant::now();
     let got = home.block_on(pool.get());
     assert!(got.is_err(), "nothing answers");

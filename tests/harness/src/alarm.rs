@@ -94,14 +94,7 @@ impl AlarmProxy {
     /// A proxy in front of the broker of the AMQP URL `url` (`amqp://user:pass@ip:port/vhost`),
     /// and the same URL through it.
     pub async fn in_front_of(url: &str) -> (AlarmProxy, String) {
-        let host_port = url
-            .split('@')
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .expect("an AMQP URL with user:pass@host:port/vhost");
-        let target: SocketAddr = host_port
-            .parse()
-            .expect("the test broker URL names an IP:port");
+        let (host_port, target) = crate::proxy::target_of(url);
         let proxy = AlarmProxy::start(target).await;
         let through = url.replace(host_port, &proxy.addr.to_string());
         (proxy, through)

@@ -137,14 +137,7 @@ impl TcpProxy {
     /// A proxy in front of the server of the database URL `url` (`postgres://user@ip:port/db`),
     /// and the same URL through it.
     pub async fn in_front_of(url: &str) -> (TcpProxy, String) {
-        let host_port = url
-            .split('@')
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .expect("a database URL with user@host:port/db");
-        let target: SocketAddr = host_port
-            .parse()
-            .expect("the test database URL names an IP:port");
+        let (host_port, target) = target_of(url);
         let proxy = TcpProxy::start(target).await;
         let through = url.replace(host_port, &proxy.addr.to_string());
         (proxy, through)
@@ -167,6 +160,19 @@ impl TcpProxy {
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
     }
+}
+
+/// The `host:port` of a URL of the form `scheme://user[:password]@ip:port/…`, and its address.
+pub(crate) fn target_of(url: &str) -> (&str, SocketAddr) {
+    let host_port = url
+        .split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("a URL with user@host:port/…");
+    let target = host_port
+        .parse()
+        .expect("the test service's URL names an IP:port");
+    (host_port, target)
 }
 
 impl Drop for TcpProxy {
