@@ -75,28 +75,83 @@ impl DatabaseUrl {
     }
 }
 
-/// Replaces the password of `scheme://user:password@host/...` by [`REDACTED`].
+/// Replaces every password a PostgreSQL connection string can carry by [`REDACTED`], read the
+/// way tokio-postgres reads them: in a URL, the user information runs to the first `@`
+/// anywhere after the scheme (so a `/` in an unencoded password does not end it) and a
+/// `password=` query parameter counts too; in the `key=value` form, the `password` value,
+/// quoted or not.
 pub fn redact_url_password(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
+        return redact_keyword_password(url);
     };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
+    let (head, rest) = url.split_at(scheme_end + 3);
+    let mut out = String::from(head);
+    let rest = match rest.find('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            match userinfo.find(':') {
+                Some(colon) => {
+                    out.push_str(&userinfo[..colon + 1]);
+                    out.push_str(REDACTED);
+                }
+                None => out.push_str(userinfo),
+            }
+            &rest[at..]
+        }
+        None => rest,
     };
-    let userinfo = &authority[..at];
-    let Some(colon) = userinfo.find(':') else {
-        return url.to_owned();
-    };
-    format!(
-        "{}{}:{}{}",
-        &url[..scheme_end + 3],
-        &userinfo[..colon],
-        REDACTED,
-        &rest[at..]
-    )
+    match rest.split_once('?') {
+        Some((path, query)) => {
+            out.push_str(path);
+            out.push('?');
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k == "password" => format!("{k}={REDACTED}"),
+                    _ => p.to_owned(),
+                })
+                .collect();
+            out.push_str(&params.join("&"));
+        }
+        None => out.push_str(rest),
+    }
+    out
+}
+
+/// [`redact_url_password`] for the `host=… password=…` form.
+fn redact_keyword_password(conn: &str) -> String {
+    let mut out = String::with_capacity(conn.len());
+    let mut rest = conn;
+    while let Some(i) = rest.find("password") {
+        let (before, from) = rest.split_at(i);
+        let after = from["password".len()..].trim_start();
+        let keyword = before.is_empty() || before.ends_with(char::is_whitespace);
+        let Some(value) = after.strip_prefix('=').filter(|_| keyword) else {
+            out.push_str(&rest[..i + "password".len()]);
+            rest = &rest[i + "password".len()..];
+            continue;
+        };
+        out.push_str(before);
+        out.push_str("password=");
+        out.push_str(REDACTED);
+        let value = value.trim_start();
+        let end = match value.strip_prefix('\'') {
+            // Quoted: up to the closing quote, past backslash escapes.
+            Some(quoted) => {
+                let mut escaped = false;
+                let close = quoted.char_indices().find(|&(_, c)| {
+                    let closes = !escaped && c == '\'';
+                    escaped = !escaped && c == '\\';
+                    closes
+                });
+                close.map_or(value.len(), |(j, _)| j + 2)
+            }
+            None => value.find(char::is_whitespace).unwrap_or(value.len()),
+        };
+        rest = &value[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 impl fmt::Debug for DatabaseUrl {
@@ -152,5 +207,36 @@ mod tests {
             "postgres://postgres@127.0.0.1/x"
         );
         assert_eq!(redact_url_password("not a url"), "not a url");
+    }
+
+    #[test]
+    fn passwords_are_redacted_in_every_form_the_driver_reads() {
+        for (given, shown) in [
+            // A `/` in an unencoded password: the driver reads up to the first `@`.
+            (
+                "postgres://app:pa/ss@db/cat",
+                "postgres://app:[redacted]@db/cat",
+            ),
+            (
+                "postgres://app@db/cat?sslmode=disable&password=s3cret&x=1",
+                "postgres://app@db/cat?sslmode=disable&password=[redacted]&x=1",
+            ),
+            (
+                "host=db user=app password=s3cret dbname=cat",
+                "host=db user=app password=[redacted] dbname=cat",
+            ),
+            (
+                "host=db password = 's3 \\'cret' dbname=cat",
+                "host=db password=[redacted] dbname=cat",
+            ),
+            ("password=s3cret", "password=[redacted]"),
+            (
+                "host=db user=passwordless dbname=cat",
+                "host=db user=passwordless dbname=cat",
+            ),
+            ("postgres://db/cat", "postgres://db/cat"),
+        ] {
+            assert_eq!(redact_url_password(given), shown, "{given}");
+        }
     }
 }
