@@ -275,7 +275,7 @@ pub enum ConfigError {
     MissingFile(String),
     #[error("configuration file {0} is {1} bytes; at most 1 MiB")]
     TooLarge(String, u64),
-    #[error("{0}")]
+    #[error("{}", without_excerpts(.0))]
     Parse(Box<figment::Error>),
     #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
     Invalid(Vec<String>),
@@ -285,6 +285,23 @@ pub enum ConfigError {
          or pass --dev for local development"
     )]
     Insecure(String),
+}
+
+/// A parse error without the lines of the file it quotes (`2 | jwt_secret = "…"` and the caret
+/// under it): the line at fault may well hold a secret, and the error goes to the terminal and
+/// the logs. The line and column it names are kept.
+fn without_excerpts(e: &figment::Error) -> String {
+    let excerpt = |line: &str| {
+        let t = line.trim_start();
+        t.starts_with('|')
+            || t.split_once(" |")
+                .is_some_and(|(n, _)| n.chars().all(|c| c.is_ascii_digit()))
+    };
+    e.to_string()
+        .lines()
+        .filter(|l| !excerpt(l))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The largest configuration file read (1 MiB; a real one is a few kilobytes).
@@ -302,7 +319,15 @@ pub fn figment(file: Option<&Path>) -> Figment {
     if let Some(path) = file {
         f = f.merge(Toml::file_exact(path));
     }
-    f.merge(Env::prefixed(ENV_PREFIX).split("__"))
+    // Every key sits in a section (`TENANTRY_GATEWAY__LISTEN`), so a variable without `__` is
+    // not one of ours: Kubernetes adds `TENANTRY_GATEWAY_SERVICE_HOST`, `…_PORT` and the like
+    // for a Service named `tenantry-gateway`, and refusing those as unknown keys would stop
+    // every pod from starting.
+    f.merge(
+        Env::prefixed(ENV_PREFIX)
+            .filter(|key| key.as_str().contains("__"))
+            .split("__"),
+    )
 }
 
 impl Config {
@@ -714,6 +739,35 @@ mod tests {
                 "env beats default"
             );
             assert_eq!(cfg.shard.pool_size, 16, "default kept");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_is_named_without_quoting_its_lines() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "t.toml",
+                "[auth]\njwt_secret = \"Zk\\qPsecret-0123456789abcdef0123456789\"\n",
+            )?;
+            let err = load_in_jail(jail, Some("t.toml"), Mode::Dev)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("line 2") && err.contains("t.toml"), "{err}");
+            assert!(!err.contains("qPsecret"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn variables_without_a_section_are_not_ours_and_are_left_alone() {
+        Jail::expect_with(|jail| {
+            // What Kubernetes sets for a Service named `tenantry-gateway`.
+            jail.set_env("TENANTRY_GATEWAY_SERVICE_HOST", "10.0.0.7");
+            jail.set_env("TENANTRY_GATEWAY_PORT", "tcp://10.0.0.7:8080");
+            jail.set_env("TENANTRY_GATEWAY__LISTEN", "127.0.0.1:9100");
+            let cfg = load_in_jail(jail, None, Mode::Dev).expect("loads");
+            assert_eq!(cfg.gateway.listen.port(), 9100);
             Ok(())
         });
     }
