@@ -103,6 +103,21 @@ async fn gateway_serves_health_and_the_shard_map_to_operators_only() {
         );
     }
 
+    // Forwarded requests (here refused at the edge) have a route label of their own, apart
+    // from real 404s.
+    let resp = c
+        .get(format!("{base}/v1/companies/{}/jobs", uuid::Uuid::now_v7()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let mut resp = c.get(format!("{base}/metrics")).send().await.unwrap();
+    let text = String::from_utf8(resp.body().await.unwrap().to_vec()).unwrap();
+    assert!(
+        text.contains(r#"route="/v1/companies/{company_id}/…",status="401""#),
+        "{text}"
+    );
+
     // unknown route, wrong method, hostile request id: still the one shape
     let mut resp = c.get(format!("{base}/v1/nope")).send().await.unwrap();
     assert_eq!(resp.status(), 404);

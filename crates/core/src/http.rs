@@ -15,7 +15,7 @@ use std::{
 };
 
 use actix_web::{
-    App, HttpRequest, HttpResponse, HttpServer, ResponseError,
+    App, HttpMessage, HttpRequest, HttpResponse, HttpServer, ResponseError,
     body::{BoxBody, MessageBody},
     dev::{ServiceRequest, ServiceResponse},
     http::{StatusCode, header},
@@ -186,6 +186,12 @@ async fn request_context(
     let route = res
         .request()
         .match_pattern()
+        .or_else(|| {
+            res.request()
+                .extensions()
+                .get::<RouteLabel>()
+                .map(|l| l.0.to_owned())
+        })
         .unwrap_or_else(|| "unmatched".into());
     let elapsed = started.elapsed();
     metrics::http_observe(role, &route, status, elapsed);
@@ -198,6 +204,13 @@ async fn request_context(
     }
     Ok(res)
 }
+
+/// The `route` label of requests that a handler serves without a resource pattern (the
+/// gateway forwards everything under `/v1/companies/` from a scope's default service, which
+/// actix reports as unmatched), set as a request extension before the handler runs. Without it
+/// they would share the label of real 404s.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteLabel(pub &'static str);
 
 /// A request whose answer is not out yet.
 struct InFlight {
