@@ -36,6 +36,7 @@ fn server(shutdown: CancellationToken) -> tenantry_core::http::RunningServer {
         probes: Arc::new(vec![]),
         shutdown,
         body_limit: 1024 * 16,
+        prefix_routes: &[],
     };
     start_server(
         ctx,

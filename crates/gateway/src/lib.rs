@@ -91,6 +91,7 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
         probes: Arc::new(probes),
         shutdown: shutdown.clone(),
         body_limit: g.body_limit.as_usize(),
+        prefix_routes: &[("/v1/companies/", routes::FORWARDED_ROUTE)],
     };
     let gateway = web::Data::new(Gateway {
         router: router.clone(),

@@ -1,6 +1,6 @@
 //! The gateway's routes: its own endpoints, and the tenant routes it forwards.
 
-use actix_web::{HttpMessage, HttpResponse, dev::Service, web};
+use actix_web::{HttpResponse, web};
 use serde::Serialize;
 use tenantry_core::ApiError;
 use tenantry_shardmap::catalog;
@@ -18,11 +18,6 @@ pub fn configure(c: &mut web::ServiceConfig) {
             // A static prefix and the company id parsed by hand: actix's dynamic segments match
             // with a regex engine, which cost a sixth of the gateway's CPU under load.
             web::scope("/v1/companies")
-                .wrap_fn(|req, srv| {
-                    req.extensions_mut()
-                        .insert(tenantry_core::http::RouteLabel(FORWARDED_ROUTE));
-                    srv.call(req)
-                })
                 .service(web::resource("").post(crate::companies::create))
                 // Everything under a company goes to its shard, path and query unchanged.
                 .default_service(web::to(crate::forward::forward)),

@@ -67,6 +67,7 @@ pub fn run(
         probes: Arc::new(probes),
         shutdown: shutdown.clone(),
         body_limit: cfg.api.body_limit.as_usize(),
+        prefix_routes: &[],
     };
     // Three quarters into the grace period, counted from the stop: the rest is for the
     // answers to go out.
