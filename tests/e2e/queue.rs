@@ -2258,3 +2258,35 @@ async fn an_attempt_that_outruns_run_timeout_is_stopped_and_fails_freeing_its_sl
     );
     running.stop().await;
 }
+
+#[tokio::test]
+async fn the_dead_letter_gauge_follows_the_prune_passes_not_just_the_first_count() {
+    // Dead letters are counted less often than the live queue (nothing bounds them): at the
+    // first depth count after each prune. A dead letter made after the worker's first count
+    // must show up once a prune has run.
+    let db = TestDb::new(Schema::Shard).await;
+    let shard = "shard-dead-gauge";
+    let mut opts = options(shard, 100);
+    opts.rescue_interval = Duration::from_millis(100);
+    opts.prune_interval = Duration::from_secs(1);
+    opts.depth_interval = Duration::from_millis(100);
+    let running = spawn_worker(worker_from(&db, builtins(&["echo"]), opts));
+    let gauge = |kind: &str| {
+        tenantry_queue::metrics::DEPTH
+            .with_label_values(&[shard, "error", kind])
+            .get()
+    };
+    // The worker's first counts are in before the dead letter exists.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let id = enqueue_one(&db, job(Uuid::now_v7(), "no-such-kind", json!({}), 1)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while gauge("no-such-kind") != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gauge never counted the dead letter: {:?}",
+            state_of(&db, id).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running.stop().await;
+}

@@ -205,6 +205,7 @@ fn opts(slots: usize, batch: usize) -> WorkerOptions {
         grace: Duration::from_secs(5),
         max_result_size: 1 << 20,
         run_timeout: Duration::from_secs(3600),
+        depth_interval: tenantry_queue::worker::DEPTH_INTERVAL,
     }
 }
 

@@ -162,6 +162,9 @@ pub struct WorkerOptions {
     pub max_result_size: u64,
     /// Longest one attempt may run (`queue.run_timeout`).
     pub run_timeout: Duration,
+    /// How often the janitor counts the live queue for the depth gauges at most
+    /// ([`DEPTH_INTERVAL`]; not a configuration key).
+    pub depth_interval: Duration,
 }
 
 impl WorkerOptions {
@@ -182,6 +185,7 @@ impl WorkerOptions {
             grace,
             max_result_size: q.max_result_size.bytes(),
             run_timeout: q.run_timeout,
+            depth_interval: DEPTH_INTERVAL,
         }
     }
 }
@@ -844,7 +848,7 @@ async fn heartbeat_loop(this: Arc<Worker>, running: Arc<Mutex<InFlight>>, stop: 
 /// How often the janitor counts the live queue for the depth gauges at most: each count reads
 /// every waiting and processing row (up to `queue.max_waiting_per_shard`), in every worker
 /// process, so not at every rescue pass.
-const DEPTH_INTERVAL: Duration = Duration::from_secs(15);
+pub const DEPTH_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Rescues expired leases, prunes old rows and refreshes the depth gauges.
 ///
@@ -857,7 +861,7 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
     let shard = this.opts.shard_id.clone();
     let mut last_prune = Instant::now();
     let mut rescue_from = Instant::now();
-    // The depth gauges: the live queue at most every DEPTH_INTERVAL, the dead letters (which
+    // The depth gauges: the live queue at most every `depth_interval`, the dead letters (which
     // nothing bounds until operators resolve them) with the prune pass; the last figures of
     // the dead letters are kept for the passes in between.
     let mut last_depth: Option<Instant> = None;
@@ -920,7 +924,7 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
                 count_dead = true;
             }
             // Reset only once the new figures are in: a failed count keeps the last ones.
-            if last_depth.is_none_or(|t| t.elapsed() >= DEPTH_INTERVAL) {
+            if last_depth.is_none_or(|t| t.elapsed() >= this.opts.depth_interval) {
                 let mut depth = store::depth(&mut client, count_dead).await?;
                 last_depth = Some(Instant::now());
                 if count_dead {
