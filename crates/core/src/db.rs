@@ -129,48 +129,31 @@ impl deadpool_postgres::Connect for ConnectOnHome {
             if let Some(home) = home {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let task = home.spawn(async move {
-                    // Bounded here too (a little past the pool's create timeout, which gives
-                    // the caller its answer first): tokio-postgres's own timeout covers the
-                    // TCP connect only, and a server that accepts and then says nothing would
-                    // keep this task and its socket for ever.
-                    let limit = connect_limit(&cfg) + Duration::from_secs(1);
-                    match tokio::time::timeout(limit, cfg.connect(NoTls)).await {
-                        Ok(Ok((client, connection))) => {
+                    match cfg.connect(NoTls).await {
+                        Ok((client, connection)) => {
                             if tx.send(Ok(client)).is_ok() {
                                 drive(connection).await;
                             }
                         }
-                        Ok(Err(e)) => {
+                        Err(e) => {
                             let _ = tx.send(Err(e));
                         }
-                        Err(_) => {}
                     }
                 });
-                // The pool's create timeout drops this future: the connect goes with it.
-                let abort = task.abort_handle();
-                let guard = scopeguard_abort(abort);
+                // The pool's create timeout (every pool here has one, `connect_limit`) drops
+                // this future, and the connect goes with it: tokio-postgres's own timeout
+                // covers the TCP connect only, and a server that accepts and then says nothing
+                // would otherwise keep the task and its socket for ever.
+                let task = tokio_util::task::AbortOnDropHandle::new(task);
                 if let Ok(connected) = rx.await {
-                    std::mem::forget(guard);
-                    return connected.map(|client| (client, task));
+                    return connected.map(|client| (client, task.detach()));
                 }
-                std::mem::forget(guard);
                 // The home runtime is shutting down: connect here after all.
             }
             let (client, connection) = here.connect(NoTls).await?;
             Ok((client, tokio::spawn(drive(connection))))
         })
     }
-}
-
-/// Aborts a task when dropped, unless forgotten (`std::mem::forget`) first.
-fn scopeguard_abort(handle: tokio::task::AbortHandle) -> impl Drop {
-    struct AbortOnDrop(tokio::task::AbortHandle);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    AbortOnDrop(handle)
 }
 
 /// One connection, its driver task spawned; for CLI commands and migrations.
