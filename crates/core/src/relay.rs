@@ -108,7 +108,7 @@ pub async fn declare_exchange(
 const MAX_BATCH_MESSAGES: usize = 5_000;
 
 /// Longest wait for RabbitMQ to accept a connection, or to take and confirm a batch.
-const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+pub const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a shutdown lets a batch under way finish before abandoning it.
 const BATCH_AT_SHUTDOWN: Duration = Duration::from_secs(1);
@@ -118,7 +118,7 @@ const BLOCKED_POLL: Duration = Duration::from_millis(200);
 
 /// Closes the connection at shutdown, waiting at most a second: a broker blocking publishers
 /// (or gone) may never answer. The relay's run ends well either way.
-async fn close(conn: Connection) -> anyhow::Result<()> {
+pub async fn close(conn: Connection) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(200, "shutdown".into())).await;
     Ok(())
 }

@@ -26,6 +26,8 @@ use serde_json::Value;
 use tenantry_shardmap::tenants::{TENANT_CHANGED, TenantChanged};
 use tokio_util::sync::CancellationToken;
 
+use tenantry_core::relay::{self, BROKER_TIMEOUT};
+
 use crate::{metrics, router::Router};
 
 /// Messages kept for a gateway that is not keeping up; older ones are dropped first (the
@@ -36,9 +38,6 @@ const MAX_QUEUED: i64 = 100_000;
 /// broker's queue, bounded by [`MAX_QUEUED`]; without the bound they would all be pushed into
 /// the client's memory, which nothing limits.
 pub const PREFETCH: u16 = 64;
-
-/// Longest wait for RabbitMQ to accept the connection and the subscription.
-const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn run(router: Arc<Router>, url: String, exchange: String, shutdown: CancellationToken) {
     let connections = AtomicU64::new(0);
@@ -88,14 +87,7 @@ async fn listen(
     tracing::info!(exchange, queue = %queue, "subscribed to shard-map changes");
     loop {
         let delivery = tokio::select! {
-            _ = shutdown.cancelled() => {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    conn.close(200, "shutdown".into()),
-                )
-                .await;
-                return Ok(());
-            }
+            _ = shutdown.cancelled() => return relay::close(conn).await,
             d = consumer.next() => d,
         };
         let delivery = match delivery {
@@ -118,7 +110,7 @@ async fn listen(
 /// Declares the gateway's own queue on `exchange` and consumes it, at most [`PREFETCH`]
 /// unacknowledged messages at a time. Returns the queue's (server-chosen) name.
 pub async fn subscribe(channel: &Channel, exchange: &str) -> anyhow::Result<(String, Consumer)> {
-    tenantry_core::relay::declare_exchange(channel, exchange, ExchangeKind::Fanout).await?;
+    relay::declare_exchange(channel, exchange, ExchangeKind::Fanout).await?;
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(MAX_QUEUED));
     let queue = channel
