@@ -189,17 +189,14 @@ async fn request_context(
     }
 
     let status = res.status().as_u16();
-    let route = res
-        .request()
-        .match_pattern()
-        .or_else(|| {
-            let prefixes = ctx.as_ref().map_or(&[][..], |c| c.prefix_routes);
-            prefixes
-                .iter()
-                .find(|(prefix, _)| path.starts_with(prefix))
-                .map(|(_, label)| (*label).to_owned())
-        })
-        .unwrap_or_else(|| "unmatched".into());
+    let route: std::borrow::Cow<'static, str> = match res.request().match_pattern() {
+        Some(pattern) => pattern.into(),
+        None => ctx
+            .as_ref()
+            .and_then(|c| c.prefix_routes.iter().find(|(p, _)| path.starts_with(p)))
+            .map_or("unmatched", |(_, label)| label)
+            .into(),
+    };
     let elapsed = started.elapsed();
     metrics::http_observe(role, &route, status, elapsed);
     let _enter = span.enter();
