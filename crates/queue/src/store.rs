@@ -1398,6 +1398,12 @@ pub enum OperatorError {
 /// How many of a company's waiting jobs a retried job's fairness offset counts at most (see
 /// `RETRY_SQL`); the offset of a job enqueued is bounded by `queue.max_waiting_per_company`.
 pub const RETRY_OFFSET_CAP: i64 = 100_000;
+/// [`RETRY_OFFSET_CAP`] as SQL text, for `RETRY_SQL`.
+macro_rules! retry_offset_cap {
+    () => {
+        "100000"
+    };
+}
 
 /// Dead letter → `waiting` with a fresh round of attempts (operator retry): as many as its
 /// first round had (`max_attempts - retried_after`), on top of those it made. The count goes on
@@ -1426,7 +1432,9 @@ const RETRY_SQL: &str = concat!(
     virtual_now!(),
     " + (SELECT count(*) FROM (SELECT 1 FROM jobs w
                                  WHERE w.company_id = jobs.company_id AND w.state = 'waiting'
-                                 LIMIT 100000) c) * ",
+                                 LIMIT ",
+    retry_offset_cap!(),
+    ") c) * ",
     fairness_quantum_us!(),
     ", updated_at = now()
           WHERE id = $1 AND state = 'error'

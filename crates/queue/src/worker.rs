@@ -865,8 +865,8 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
     // nothing bounds until operators resolve them) with the prune pass; the last figures of
     // the dead letters are kept for the passes in between.
     let mut last_depth: Option<Instant> = None;
+    // `None`: to be counted at the next depth count (at first, and after each prune).
     let mut dead_letters: Option<Vec<(String, String, i64)>> = None;
-    let mut count_dead = true;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -876,9 +876,7 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
         // that failed on a database that answers, which must not hold the rescue back).
         let mut unreached = false;
         let pass = async {
-            let Ok(mut client) = this.pool.get().await.inspect_err(|_| unreached = true) else {
-                anyhow::bail!("no connection to the shard database");
-            };
+            let mut client = this.pool.get().await.inspect_err(|_| unreached = true)?;
             let (rescued, dead) = if Instant::now() >= rescue_from {
                 store::rescue_expired(&mut client, 1000)
                     .await
@@ -921,17 +919,18 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
                 if total > 0 {
                     tracing::info!(rows = total, "pruned finished jobs and published events");
                 }
-                count_dead = true;
+                dead_letters = None;
             }
             // Reset only once the new figures are in: a failed count keeps the last ones.
             if last_depth.is_none_or(|t| t.elapsed() >= this.opts.depth_interval) {
-                let mut depth = store::depth(&mut client, count_dead).await?;
+                let mut depth = store::depth(&mut client, dead_letters.is_none()).await?;
                 last_depth = Some(Instant::now());
-                if count_dead {
-                    count_dead = false;
-                    dead_letters = Some(depth.iter().filter(|d| d.0 == "error").cloned().collect());
-                } else {
-                    depth.extend(dead_letters.iter().flatten().cloned());
+                match &dead_letters {
+                    None => {
+                        dead_letters =
+                            Some(depth.iter().filter(|d| d.0 == "error").cloned().collect())
+                    }
+                    Some(dead) => depth.extend(dead.iter().cloned()),
                 }
                 metrics::DEPTH.reset();
                 for (state, kind, n) in depth {
