@@ -122,14 +122,11 @@ struct Finished {
 async fn finish(cfg: &Config, args: FinishArgs) -> anyhow::Result<()> {
     let mut client = catalog(cfg).await?;
     let row = client
-        .query_opt(
-            "SELECT name, shard_id, state FROM tenants WHERE id = $1",
-            &[&args.id],
-        )
+        .query_opt("SELECT name, state FROM tenants WHERE id = $1", &[&args.id])
         .await
         .context("reading the company")?
         .with_context(|| format!("company {} is not in the catalog", args.id))?;
-    let (name, state): (String, String) = (row.get(0), row.get(2));
+    let (name, state): (String, String) = (row.get(0), row.get(1));
     if state == "deleted" {
         anyhow::bail!(
             "company {} was deleted; there is nothing to finish",
@@ -141,21 +138,17 @@ async fn finish(cfg: &Config, args: FinishArgs) -> anyhow::Result<()> {
     let created = tenants::create(&mut client, &cfg.database, args.id, &name)
         .await
         .with_context(|| format!("finishing the creation of company {}", args.id))?;
-    let report = match created {
-        Created::New { shard_id } => Finished {
-            id: args.id,
-            shard: shard_id,
-            outcome: "finished",
-        },
-        Created::Existing { shard_id } if state == "provisioning" => Finished {
-            id: args.id,
-            shard: shard_id,
-            outcome: "finished",
-        },
-        Created::Existing { shard_id } => Finished {
-            id: args.id,
-            shard: shard_id,
-            outcome: "already_active",
+    // This command finished it when it created the placement or found the company still
+    // provisioning; otherwise it was already done.
+    let finished = matches!(created, Created::New { .. }) || state == "provisioning";
+    let (Created::New { shard_id } | Created::Existing { shard_id }) = created;
+    let report = Finished {
+        id: args.id,
+        shard: shard_id,
+        outcome: if finished {
+            "finished"
+        } else {
+            "already_active"
         },
     };
     if args.json {
