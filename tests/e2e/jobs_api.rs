@@ -154,6 +154,7 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
     let viewer = token(&["--user", "v", "--company", &format!("{company}:viewer")]);
     let c = http();
     let big = json!({"kind": "echo", "params": {"blob": "x".repeat(70_000)}}).to_string();
+    let long_token = format!("{member}{}", "A".repeat(8192));
 
     // (case, url, token, body, status, error code)
     type Case<'a> = (&'a str, String, Option<&'a str>, String, u16, &'a str);
@@ -295,6 +296,50 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
             "invalid_id",
         ),
         (
+            "company id of 60,000 characters",
+            format!("{base}/v1/companies/{}/jobs", "a".repeat(60_000)),
+            Some(&member),
+            r#"{"kind":"echo"}"#.into(),
+            400,
+            "invalid_id",
+        ),
+        (
+            "empty body",
+            jobs.clone(),
+            Some(&member),
+            String::new(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "params nested 200 deep",
+            jobs.clone(),
+            Some(&member),
+            format!(
+                r#"{{"kind":"echo","params":{{"a":{}1{}}}}}"#,
+                "[".repeat(200),
+                "]".repeat(200)
+            ),
+            400,
+            "invalid_json",
+        ),
+        (
+            "garbage token",
+            jobs.clone(),
+            Some("not.a.jwt"),
+            r#"{"kind":"echo"}"#.into(),
+            401,
+            "unauthorized",
+        ),
+        (
+            "token over 8 KiB",
+            jobs.clone(),
+            Some(&long_token),
+            r#"{"kind":"echo"}"#.into(),
+            401,
+            "unauthorized",
+        ),
+        (
             "no token",
             jobs.clone(),
             None,
@@ -395,8 +440,29 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
         );
     }
 
+    // A credential of another scheme is refused as such, not read as a bearer token.
+    let mut r = c
+        .post(&jobs)
+        .insert_header(("authorization", "Basic dTpw"))
+        .send_json(&json!({"kind": "echo"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(error_of!(r).error.code, "unauthorized");
+    // A token for another company reads none of this one's jobs, existing or not.
+    let stranger = member_token(other);
+    let mut r = c
+        .get(format!("{jobs}/{}", Uuid::now_v7()))
+        .bearer_auth(&stranger)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(error_of!(r).error.code, "forbidden");
+
     for (url, status, code) in [
         (format!("{jobs}/not-a-uuid"), 400, "invalid_id"),
+        (format!("{jobs}/{}", "b".repeat(60_000)), 400, "invalid_id"),
         (format!("{jobs}/%00"), 400, "invalid_id"),
         (
             format!("{jobs}/{}?wait=1s&wait=30s", Uuid::now_v7()),
@@ -431,10 +497,13 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
         ),
     ] {
         let mut r = c.get(&url).bearer_auth(&member).send().await.unwrap();
-        assert_eq!(r.status().as_u16(), status, "{url}");
-        assert_eq!(error_of!(r).error.code, code, "{url}");
+        let shown = &url[..url.len().min(200)];
+        assert_eq!(r.status().as_u16(), status, "{shown}");
+        let error = error_of!(r).error;
+        assert_eq!(error.code, code, "{shown}");
+        assert!(error.message.len() < 500, "{shown}: {}", error.message);
         let r = c.head(&url).bearer_auth(&member).send().await.unwrap();
-        assert_eq!(r.status().as_u16(), status, "HEAD {url}");
+        assert_eq!(r.status().as_u16(), status, "HEAD {shown}");
     }
     let n = db.scalar("SELECT count(*) FROM jobs").await;
     assert_eq!(n, 0, "nothing was enqueued by bad requests");

@@ -56,8 +56,14 @@ pub fn configure(c: &mut web::ServiceConfig) {
 }
 
 fn parse_uuid(what: &'static str, s: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(s)
-        .map_err(|_| ApiError::bad_request("invalid_id", format!("{what} {s:?} is not a UUID")))
+    Uuid::parse_str(s).map_err(|_| {
+        let shown = truncate(s);
+        let more = if shown.len() < s.len() { "…" } else { "" };
+        ApiError::bad_request(
+            "invalid_id",
+            format!("{what} {shown:?}{more} is not a UUID"),
+        )
+    })
 }
 
 /// The caller's role in the company; 403 without saying whether the company exists.
