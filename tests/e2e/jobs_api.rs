@@ -1445,11 +1445,16 @@ async fn operators_list_show_retry_and_resolve_dead_letters() {
     assert!(err.contains("not in the catalog"), "{err}");
     assert_eq!(admin(&["shard", "list"]).0, 0, "the catalog is intact");
     // A note that would drive the operator's terminal is kept as written and shown escaped.
-    let other = enqueue_one(&shard, job(company, "no-such-kind", json!({}), 1)).await;
+    // So is a kind written by a caller of the library, which checks no kinds.
+    let other = enqueue_one(&shard, job(company, "evil\u{1b}[2J", json!({}), 1)).await;
     fail_one(&mut c).await;
     let note = "\u{1b}[2J\u{1b}]0;owned\u{7}";
-    let (code, _, err) = admin(&["jobs", "resolve", &other.to_string(), "--note", note]);
+    let (code, out, err) = admin(&["jobs", "resolve", &other.to_string(), "--note", note]);
     assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("evil\\u{1b}[2J") && !out.contains('\u{1b}'),
+        "{out:?}"
+    );
     let (code, out, err) = admin(&["jobs", "show", &other.to_string()]);
     assert_eq!(code, 0, "{err}");
     assert!(

@@ -233,6 +233,17 @@ async fn shard_apply_refuses_bad_maps_and_changes_nothing() {
             map(&[("shard-9", &missing, "http://127.0.0.1:1")], ""),
             "--create-databases",
         ),
+        (
+            "secret-in-a-syntax-error",
+            "environment = \"x\"\n[[shard]]\nid = \"s\"\ndatabase_url = \"postgres://u:s3cret@h/db\n"
+                .into(),
+            "line 4",
+        ),
+        (
+            "terminal-escape-in-url",
+            good.replacen("\"\nendpoints", "\\u001b]0;owned\\u0007\"\nendpoints", 1),
+            "control character",
+        ),
     ] {
         let file = dir.join(format!("{name}.toml"));
         std::fs::write(&file, text).unwrap();
@@ -242,6 +253,10 @@ async fn shard_apply_refuses_bad_maps_and_changes_nothing() {
             .envs(cat.clone()));
         assert_eq!(code, 1, "{name}: {out}");
         assert!(err.contains(needle), "{name}: {err}");
+        assert!(
+            !err.contains("s3cret") && !err.contains('\u{1b}'),
+            "{name}: {err}"
+        );
     }
     let (code, _, err) = run(tenantry()
         .args(["admin", "shard", "apply", "/no/such/map.toml"])
@@ -291,6 +306,21 @@ async fn shard_apply_refuses_bad_maps_and_changes_nothing() {
     assert!(
         format!("{refused:?}").contains("shard_endpoints_plain_http"),
         "{refused:?}"
+    );
+    // A URL written into the catalog by hand reaches operators' terminals escaped.
+    c.execute(
+        "INSERT INTO shards (id, database_url)
+         VALUES ('s8', 'postgres://postgres@127.0.0.1:1/x' || chr(27) || ']0;owned' || chr(7))",
+        &[],
+    )
+    .await
+    .unwrap();
+    let (_, out, err) = run(tenantry()
+        .args(["admin", "shard", "list"])
+        .envs(cat.clone()));
+    assert!(
+        out.contains("s8") && !out.contains('\u{1b}') && !err.contains('\u{1b}'),
+        "{out}\n{err}"
     );
 }
 

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use tenantry_core::{Config, db};
+use tenantry_core::{Config, db, text::escape_controls};
 use tenantry_queue::{JobRecord, JobState, store};
 use tenantry_shardmap::catalog;
 use uuid::Uuid;
@@ -192,7 +192,7 @@ pub async fn run(cmd: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
                 outln!(
                     "retried job {} ({} on shard {shard}): back to waiting with a fresh round of attempts",
                     job.view.id,
-                    job.view.kind
+                    escape_controls(&job.view.kind)
                 );
             }
             print_job(&shard, &job, a.json)?;
@@ -205,7 +205,7 @@ pub async fn run(cmd: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
                 outln!(
                     "resolved job {} ({} on shard {shard}) as error_resolved",
                     job.view.id,
-                    job.view.kind
+                    escape_controls(&job.view.kind)
                 );
             }
             print_job(&shard, &job, a.one.json)?;

@@ -1,5 +1,7 @@
 //! Plain aligned tables for operators' terminals.
 
+use tenantry_core::text::escape_controls;
+
 /// Renders rows under a header, columns padded to their widest cell. Control characters in a
 /// cell (a line break or a terminal escape in a job's error text, say) are shown escaped, so
 /// no cell can break the layout or drive the operator's terminal.
@@ -30,18 +32,6 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut out = line(header.to_vec());
     for row in &rows {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
-    }
-    out
-}
-
-fn escape_controls(cell: &str) -> String {
-    let mut out = String::with_capacity(cell.len());
-    for c in cell.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
     }
     out
 }

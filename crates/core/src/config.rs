@@ -291,17 +291,7 @@ pub enum ConfigError {
 /// under it): the line at fault may well hold a secret, and the error goes to the terminal and
 /// the logs. The line and column it names are kept.
 fn without_excerpts(e: &figment::Error) -> String {
-    let excerpt = |line: &str| {
-        let t = line.trim_start();
-        t.starts_with('|')
-            || t.split_once(" |")
-                .is_some_and(|(n, _)| n.chars().all(|c| c.is_ascii_digit()))
-    };
-    e.to_string()
-        .lines()
-        .filter(|l| !excerpt(l))
-        .collect::<Vec<_>>()
-        .join("\n")
+    crate::text::without_source_excerpts(&e.to_string())
 }
 
 /// The largest configuration file read (1 MiB; a real one is a few kilobytes).

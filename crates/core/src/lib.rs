@@ -11,6 +11,7 @@ pub mod secret;
 pub mod shutdown;
 pub mod size;
 pub mod telemetry;
+pub mod text;
 
 pub use config::Config;
 pub use error::ApiError;

@@ -160,9 +160,11 @@ impl fmt::Debug for DatabaseUrl {
     }
 }
 
+/// Redacted, and with control characters escaped: a URL read from the catalog is printed on
+/// operators' terminals.
 impl fmt::Display for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
+        f.write_str(&crate::text::escape_controls(&self.redacted()))
     }
 }
 

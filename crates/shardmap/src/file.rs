@@ -140,7 +140,7 @@ impl ShardMapFile {
     pub fn parse(path: &str, text: &str) -> Result<ShardMapFile, FileError> {
         let file: ShardMapFile = toml::from_str(text).map_err(|e| FileError::Parse {
             path: path.into(),
-            message: e.to_string(),
+            message: tenantry_core::text::without_source_excerpts(&e.to_string()),
         })?;
         let problems = file.problems();
         if problems.is_empty() {
@@ -179,7 +179,13 @@ impl ShardMapFile {
             if !seen.insert(&s.id) {
                 p.push(format!("shard {:?} is declared twice", s.id));
             }
-            if !(s.database_url.expose().starts_with("postgres://")
+            if s.database_url.expose().chars().any(char::is_control) {
+                // Printed on operators' terminals (escaped, but still a typo to refuse).
+                p.push(format!(
+                    "shard {:?}: database_url contains a control character",
+                    s.id
+                ));
+            } else if !(s.database_url.expose().starts_with("postgres://")
                 || s.database_url.expose().starts_with("postgresql://"))
             {
                 p.push(format!(
@@ -203,7 +209,7 @@ impl ShardMapFile {
                     ));
                 } else if !e.starts_with("http://")
                     || e.len() > 2048
-                    || e.chars().any(char::is_whitespace)
+                    || e.chars().any(|c| c.is_whitespace() || c.is_control())
                 {
                     p.push(format!(
                         "shard {:?}: endpoint {e:?} is not an http:// URL",
@@ -298,6 +304,14 @@ endpoints = ["http://127.0.0.1:8101"]
             ),
             (&format!("{GOOD}weight = 0\n"), "weight"),
             (
+                &GOOD.replace("5432/s1", "5432/s1\\u001b]0;owned\\u0007"),
+                "database_url contains a control character",
+            ),
+            (
+                &GOOD.replace("8101", "8101\\u001b[2J"),
+                "not an http:// URL",
+            ),
+            (
                 &format!("{GOOD}{}", GOOD.replace("environment = \"test\"", "")),
                 "declared twice",
             ),
@@ -305,6 +319,12 @@ endpoints = ["http://127.0.0.1:8101"]
             let err = ShardMapFile::parse("t", text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}\n=> {err}");
         }
+        // A syntax error names its line, without quoting it: it may hold a password.
+        let unterminated = GOOD.replace("postgres@127.0.0.1:5432/s1\"", "postgres:s3cret@db/s1");
+        let err = ShardMapFile::parse("t", &unterminated)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 5") && !err.contains("s3cret"), "{err}");
         for fine in [
             "http://127.0.0.1:8101/",
             "http://shard-1.internal",
