@@ -288,6 +288,13 @@ async fn shard_apply_refuses_bad_maps_and_changes_nothing() {
     );
     assert_eq!(outbox_rows(&catalog).await, 0);
     assert!(!missing.exists().await);
+    // A failed first apply does not claim the catalog for its file's environment either.
+    assert_eq!(
+        catalog
+            .scalar("SELECT count(*) FROM catalog_environment")
+            .await,
+        0
+    );
     // The catalog itself refuses an endpoint the gateway cannot reach, also one written by hand.
     let c = catalog.client().await;
     c.execute(

@@ -75,7 +75,7 @@ pub async fn apply(
     let known = catalog::list_shards(&cat)
         .await
         .context("reading the catalog's shards")?;
-    claim_environment(&cat, catalog_url, file, &known).await?;
+    claim_environment(&cat, catalog_url, file, &known, false).await?;
     let mut outcomes = Vec::new();
     for spec in &file.shards {
         // What the catalog has for this shard: how many companies (a shard with companies never
@@ -155,6 +155,9 @@ pub async fn apply(
         });
     }
 
+    // Recorded only now that every shard was prepared: a run that failed on the way (an
+    // unreachable or mistyped database) leaves the catalog as it found it.
+    claim_environment(&cat, catalog_url, file, &known, true).await?;
     let (changes, undeclared, map_version) = catalog::upsert_shards(&mut cat, &file.shards)
         .await
         .context("updating the catalog")?;
@@ -239,13 +242,15 @@ fn missing_database(e: &anyhow::Error) -> bool {
         .any(|p| p.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME))
 }
 
-/// Records the environment the catalog serves on its first apply, or checks that the file is
-/// for that environment, before anything else is touched.
+/// Checks that the file is for the environment the catalog serves (before anything else is
+/// touched), and with `record` records it on the catalog's first apply (once the shards are
+/// prepared, just before the catalog's shards change).
 async fn claim_environment(
     cat: &tokio_postgres::Client,
     catalog_url: &DatabaseUrl,
     file: &ShardMapFile,
     known: &[catalog::ShardRow],
+    record: bool,
 ) -> anyhow::Result<()> {
     let environment = file.environment.as_str();
     let missing = "the catalog has no environment record (catalog migration 0004); run \
@@ -280,19 +285,25 @@ async fn claim_environment(
             );
         }
     }
-    cat.execute(
-        "INSERT INTO catalog_environment (environment) VALUES ($1)
-         ON CONFLICT (singleton) DO NOTHING",
-        &[&environment],
-    )
-    .await
-    .context(missing)?;
-    let recorded: String = cat
-        .query_one("SELECT environment FROM catalog_environment", &[])
+    let recorded = if record {
+        cat.execute(
+            "INSERT INTO catalog_environment (environment) VALUES ($1)
+             ON CONFLICT (singleton) DO NOTHING",
+            &[&environment],
+        )
         .await
-        .context(missing)?
-        .get(0);
-    if recorded != environment {
+        .context(missing)?;
+        // Another run may have recorded another environment since the check.
+        cat.query_opt("SELECT environment FROM catalog_environment", &[])
+            .await
+            .context(missing)?
+            .map(|r| r.get(0))
+    } else {
+        recorded
+    };
+    if let Some(recorded) = recorded
+        && recorded != environment
+    {
         anyhow::bail!(
             "the catalog at {catalog_url} serves environment {recorded:?}, and this shard map \
              is for {environment:?}: nothing was changed (check the catalog URL, or the file)"
