@@ -273,6 +273,8 @@ pub enum Mode {
 pub enum ConfigError {
     #[error("configuration file {0} does not exist")]
     MissingFile(String),
+    #[error("configuration file {0} is not a regular file")]
+    NotAFile(String),
     #[error("configuration file {0} is {1} bytes; at most 1 MiB")]
     TooLarge(String, u64),
     #[error("{}", without_excerpts(.0))]
@@ -325,7 +327,12 @@ impl Config {
     pub fn load(file: Option<&Path>, mode: Mode) -> Result<Config, ConfigError> {
         if let Some(path) = file {
             if !path.is_file() {
-                return Err(ConfigError::MissingFile(path.display().to_string()));
+                let shown = path.display().to_string();
+                return Err(if path.exists() {
+                    ConfigError::NotAFile(shown)
+                } else {
+                    ConfigError::MissingFile(shown)
+                });
             }
             // figment reads the whole file: a wrong path (a log, a dump) must not be read into
             // memory to find out.
@@ -855,6 +862,12 @@ mod tests {
         Jail::expect_with(|jail| {
             let err = load_in_jail(jail, Some("nope.toml"), Mode::Dev).unwrap_err();
             assert!(matches!(err, ConfigError::MissingFile(_)), "{err}");
+            // A directory or a device is named as such, not as missing.
+            jail.create_dir("conf.d")?;
+            let err = load_in_jail(jail, Some("conf.d"), Mode::Dev).unwrap_err();
+            assert!(matches!(err, ConfigError::NotAFile(_)), "{err}");
+            let err = Config::load(Some(Path::new("/dev/zero")), Mode::Dev).unwrap_err();
+            assert!(matches!(err, ConfigError::NotAFile(_)), "{err}");
             Ok(())
         });
     }
