@@ -434,6 +434,15 @@ async fn company_creation_refuses_bad_input() {
         .unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_of!(r).error.code, "invalid_name");
+    // A body sent without a Content-Type is read as JSON, as the jobs endpoint does; only
+    // another declared type is 415.
+    let r = http()
+        .post(&url)
+        .bearer_auth(creator_token())
+        .send_body(json!({"name": "No Type"}).to_string())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "a body without a Content-Type");
 }
 
 fn mint(claims: &Claims, secret: &str) -> String {

@@ -7,7 +7,7 @@ use std::{
 
 use actix_web::{FromRequest, HttpRequest, HttpResponse, dev::Payload, http::StatusCode, web};
 use serde::{Deserialize, Serialize};
-use tenantry_core::{ApiError, auth::Caller};
+use tenantry_core::{ApiError, auth::Caller, http};
 use tenantry_shardmap::tenants::{self, CreateError, Created};
 use uuid::Uuid;
 
@@ -129,10 +129,11 @@ impl FromRequest for Creator {
 /// taken by another name.
 pub async fn create(
     _creator: Creator,
-    body: web::Json<NewCompany>,
+    req: HttpRequest,
+    body: web::Bytes,
     gw: web::Data<Gateway>,
 ) -> Result<HttpResponse, ApiError> {
-    let NewCompany { id, name } = body.into_inner();
+    let NewCompany { id, name } = http::json_body(&req, &body, "company")?;
     let name = validate_name(&name)?;
     let id = id.unwrap_or_else(Uuid::now_v7);
     tracing::Span::current().record("company.id", tracing::field::display(id));

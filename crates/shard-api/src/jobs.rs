@@ -98,27 +98,7 @@ async fn create(
     if !role(&caller, company)?.may_write() {
         return Err(ApiError::forbidden("viewers cannot create jobs"));
     }
-    // Without a Content-Type the body is read as JSON; with another one (curl's `-d` sends
-    // a form type), the client is told rather than guessed for.
-    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
-        let essence = ct
-            .to_str()
-            .unwrap_or_default()
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
-        if essence != "application/json" && !essence.ends_with("+json") {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "send the job request as application/json",
-            ));
-        }
-    }
-    let input: CreateJob = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid job request: {e}")))?;
+    let input: CreateJob = http::json_body(&req, &body, "job request")?;
     if !input.params.is_object() {
         return Err(ApiError::bad_request(
             "invalid_params",
