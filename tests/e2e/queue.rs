@@ -573,6 +573,58 @@ async fn a_running_job_keeps_its_lease_past_its_length_and_only_its_worker_renew
 }
 
 #[tokio::test]
+async fn a_failed_lease_renewal_is_tried_again_within_a_second_not_a_beat_later() {
+    // A 30 s lease is renewed every 10 s. The worker reaches the database through a proxy the
+    // test cuts before the first beat and restores a little after it: the beat that failed is
+    // tried again within a second, so the lease is renewed about a second after the database is
+    // back, not at the next beat, 10 s after the failure (leases run down in an outage, and the
+    // janitor holds its rescue back one lease for exactly that renewal).
+    let db = TestDb::new(Schema::Shard).await;
+    let id = enqueue_one(&db, job(Uuid::now_v7(), "sleep", json!({"ms": 60_000}), 1)).await;
+    let (proxy, proxied) = tenantry_testkit::proxy::TcpProxy::in_front_of(&db.url).await;
+    let pool = store::pool(
+        &tenantry_core::secret::DatabaseUrl::new(proxied),
+        4,
+        &dev_config().database,
+        "test",
+    )
+    .unwrap();
+    let mut opts = options("shard-t", 100);
+    opts.lease = Duration::from_secs(30);
+    let started = std::time::Instant::now();
+    let running = spawn_worker(Worker::new(
+        pool,
+        builtins(&["sleep"]),
+        opts,
+        listener(&db, 10),
+    ));
+    assert!(
+        crate::support::until_state(&db, id, "processing", Duration::from_secs(5)).await,
+        "the job was not claimed"
+    );
+    let c = db.client().await;
+    let claimed = lease_expiry(&c, id).await;
+    proxy.cut();
+    // The first beat, 10 s after the worker started, fails; restored 1.5 s after it.
+    tokio::time::sleep(Duration::from_millis(11_500).saturating_sub(started.elapsed())).await;
+    assert_eq!(
+        lease_expiry(&c, id).await,
+        claimed,
+        "no renewal went through the cut"
+    );
+    proxy.restore();
+    let restored = std::time::Instant::now();
+    while lease_expiry(&c, id).await == claimed {
+        assert!(
+            restored.elapsed() < Duration::from_secs(4),
+            "4 s after the database came back the lease was not renewed yet"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn a_heartbeat_renews_around_a_row_another_transaction_holds_rather_than_waiting() {
     // A batched completion locks its rows in the order its outcomes came in; a heartbeat that
     // waited for one of them while holding another could deadlock with it.
@@ -622,6 +674,17 @@ async fn a_heartbeat_renews_around_a_row_another_transaction_holds_rather_than_w
         2
     );
     assert!(lease_seconds(&c, held).await > 3000.0);
+}
+
+/// When the lease of `id` expires (seconds since the epoch).
+async fn lease_expiry(c: &tokio_postgres::Client, id: Uuid) -> f64 {
+    c.query_one(
+        "SELECT extract(epoch FROM lease_expires_at)::float8 FROM jobs WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 /// Seconds left on the lease of `id`.
