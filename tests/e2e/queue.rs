@@ -678,24 +678,18 @@ async fn a_heartbeat_renews_around_a_row_another_transaction_holds_rather_than_w
 
 /// When the lease of `id` expires (seconds since the epoch).
 async fn lease_expiry(c: &tokio_postgres::Client, id: Uuid) -> f64 {
-    c.query_one(
-        "SELECT extract(epoch FROM lease_expires_at)::float8 FROM jobs WHERE id = $1",
-        &[&id],
-    )
-    .await
-    .unwrap()
-    .get(0)
+    lease_figure(c, id, "lease_expires_at").await
 }
 
 /// Seconds left on the lease of `id`.
 async fn lease_seconds(c: &tokio_postgres::Client, id: Uuid) -> f64 {
-    c.query_one(
-        "SELECT extract(epoch FROM lease_expires_at - now())::float8 FROM jobs WHERE id = $1",
-        &[&id],
-    )
-    .await
-    .unwrap()
-    .get(0)
+    lease_figure(c, id, "lease_expires_at - now()").await
+}
+
+/// The epoch of `expr` (a timestamp or an interval over job `id`'s row).
+async fn lease_figure(c: &tokio_postgres::Client, id: Uuid, expr: &str) -> f64 {
+    let sql = format!("SELECT extract(epoch FROM {expr})::float8 FROM jobs WHERE id = $1");
+    c.query_one(&sql, &[&id]).await.unwrap().get(0)
 }
 
 #[tokio::test]
