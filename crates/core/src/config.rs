@@ -683,8 +683,9 @@ pub fn validate_shard_id(id: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{id:?} is not a valid shard id (1-63 characters of a-z, 0-9 and '-', not starting \
-             or ending with '-')"
+            "{:?} is not a valid shard id (1-63 characters of a-z, 0-9 and '-', not starting \
+             or ending with '-')",
+            crate::text::shorten(id, 64)
         ))
     }
 }

@@ -15,6 +15,15 @@ pub fn escape_controls(s: &str) -> String {
     out
 }
 
+/// `s` cut to its first `max` characters, with `…` when something was cut: for echoing an
+/// input (an id, a flag's value) in an error without echoing all of a huge one.
+pub fn shorten(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_string(),
+    }
+}
+
 /// A TOML parse error's message without the lines of the file it quotes (`2 | key = "…"` and
 /// the caret under it): the line at fault may hold a secret (a password in a URL), and the
 /// message goes to a terminal and to logs. The line and column it names are kept.
@@ -40,6 +49,14 @@ mod tests {
     fn control_characters_are_shown_escaped() {
         assert_eq!(escape_controls("a\u{1b}[2Jb\nc\té"), "a\\u{1b}[2Jb\\nc\\té");
         assert_eq!(escape_controls("plain text"), "plain text");
+    }
+
+    #[test]
+    fn long_input_is_shortened_on_a_character_boundary() {
+        assert_eq!(shorten("short", 64), "short");
+        assert_eq!(shorten("abcdef", 3), "abc…");
+        assert_eq!(shorten("ééééé", 2), "éé…");
+        assert_eq!(shorten(&"x".repeat(100_000), 64).chars().count(), 65);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use tenantry_core::{
     auth::{Caller, Role},
     config::QueueConfig,
     http::{self, current_request_id},
+    text::shorten,
 };
 use tenantry_queue::{
     JobRecord, NewJob, ShardQueue, WaitError, WhenFull,
@@ -57,11 +58,9 @@ pub fn configure(c: &mut web::ServiceConfig) {
 
 fn parse_uuid(what: &'static str, s: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(s).map_err(|_| {
-        let shown = truncate(s);
-        let more = if shown.len() < s.len() { "…" } else { "" };
         ApiError::bad_request(
             "invalid_id",
-            format!("{what} {shown:?}{more} is not a UUID"),
+            format!("{what} {:?} is not a UUID", shorten(s, 64)),
         )
     })
 }
@@ -129,7 +128,7 @@ async fn create(
             "unknown_kind",
             format!(
                 "unknown job kind {:?}; this shard runs: {}",
-                truncate(&input.kind),
+                shorten(&input.kind, 64),
                 registry.kinds().join(", ")
             ),
         ));
@@ -321,10 +320,6 @@ fn queue_full() -> ApiError {
     .with_retry_after(Duration::from_secs(5))
 }
 
-fn truncate(s: &str) -> String {
-    s.chars().take(64).collect()
-}
-
 fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
     let mut values = req.headers().get_all("idempotency-key");
     let Some(v) = values.next() else {
@@ -396,7 +391,10 @@ fn parse_wait(s: &str) -> Result<Duration, ApiError> {
     http::parse_wait(s).map_err(|bad| {
         let message = match bad {
             http::BadWait::NotADuration => {
-                format!("wait {:?} is not a duration like 5s or 500ms", truncate(s))
+                format!(
+                    "wait {:?} is not a duration like 5s or 500ms",
+                    shorten(s, 64)
+                )
             }
             http::BadWait::TooLong => format!(
                 "wait may be at most {}",
