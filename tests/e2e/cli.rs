@@ -133,6 +133,47 @@ fn token_rejects_malformed_arguments() {
 }
 
 #[test]
+fn a_bad_command_line_quotes_what_was_typed_short_and_escaped() {
+    // Whatever the command line got wrong, the error names the culprit, cut to 100 characters
+    // and with control characters escaped: a pasted 100 KB value, or one holding a terminal
+    // escape, neither floods nor drives the operator's terminal.
+    let huge = format!("{}\u{1b}[2J", "s".repeat(100_000));
+    let escape = "x\u{1b}]0;owned\u{7}";
+    for args in [
+        vec!["admin", "jobs", "list", "--shard", &huge],
+        vec!["admin", "jobs", "list", "--shard", escape],
+        vec!["admin", "jobs", "show", &huge],
+        vec!["admin", "shard", "list", &huge],
+        vec!["admin", "shard", "list", escape],
+        vec!["admin", escape],
+        vec![
+            "admin",
+            "jobs",
+            "list",
+            "--shard",
+            "s1",
+            &format!("--{huge}"),
+        ],
+        vec!["admin", "token", "--user", "u", "--ttl", &huge],
+    ] {
+        let (code, out, err) = run(tenantry().args(&args));
+        let shown: Vec<&str> = args.iter().map(|a| &a[..a.len().min(40)]).collect();
+        assert_eq!(code, 2, "{shown:?}");
+        assert!(out.is_empty(), "{shown:?}: {out}");
+        assert!(
+            err.starts_with("error: "),
+            "{shown:?}: {}",
+            &err[..err.len().min(500)]
+        );
+        assert!(err.len() < 2000, "{shown:?}: {} bytes", err.len());
+        assert!(
+            !err.contains('\u{1b}') && !err.contains('\u{7}'),
+            "{shown:?}: {err:?}"
+        );
+    }
+}
+
+#[test]
 fn token_is_signed_with_the_configured_key() {
     let company = uuid::Uuid::now_v7();
     let (code, out, err) = run(tenantry()

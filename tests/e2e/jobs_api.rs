@@ -1440,9 +1440,27 @@ async fn operators_list_show_retry_and_resolve_dead_letters() {
         assert_eq!(code, 2, "{args:?}: {out} {err}");
         assert!(out.is_empty(), "{args:?}: {out}");
     }
-    let (code, _, err) = admin(&["migrate", "status", "--shard", "'; DROP TABLE shards; --"]);
-    assert_eq!(code, 1);
-    assert!(err.contains("not in the catalog"), "{err}");
+    // A `--shard` that is no shard id (hostile, or 100,000 characters long) is refused with
+    // the rule before any database is read, and not echoed whole.
+    let huge = "s".repeat(100_000);
+    for args in [
+        &["migrate", "status", "--shard", "'; DROP TABLE shards; --"][..],
+        &["migrate", "up", "--shard", &huge],
+        &["jobs", "list", "--shard", &huge],
+        &["jobs", "show", &id.to_string(), "--shard", "S1\u{1b}[2J"],
+        &["jobs", "retry", &id.to_string(), "--shard", &huge],
+        &["companies", "list", "--shard", &huge],
+    ] {
+        let (code, out, err) = admin(args);
+        let shown = format!("{:?}", &args[..args.len() - 1]);
+        assert_eq!(code, 2, "{shown}: {err}");
+        assert!(out.is_empty(), "{shown}: {out}");
+        assert!(
+            err.contains("not a valid shard id") && err.len() < 2000 && !err.contains('\u{1b}'),
+            "{shown}: {}",
+            &err[..err.len().min(2000)]
+        );
+    }
     assert_eq!(admin(&["shard", "list"]).0, 0, "the catalog is intact");
     // A note that would drive the operator's terminal is kept as written and shown escaped.
     // So is a kind written by a caller of the library, which checks no kinds.

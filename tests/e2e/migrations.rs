@@ -525,6 +525,11 @@ async fn migrate_status_and_up_report_per_database() {
             "'; DROP TABLE shards; --",
         ])
         .envs(env.clone()));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a valid shard id"), "{err}");
+    let (code, _, err) = run(tenantry()
+        .args(["admin", "migrate", "up", "--shard", "no-such-shard"])
+        .envs(env.clone()));
     assert_eq!(code, 1);
     assert!(err.contains("not in the catalog"), "{err}");
     let (code, _, err) = run(tenantry().args(["admin", "migrate", "status"]).env(

@@ -25,7 +25,7 @@ pub struct ListArgs {
     #[arg(long, value_parser = ["provisioning", "active", "moving", "deleted"])]
     state: Option<String>,
     /// Only companies placed on this shard.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::shard_arg)]
     shard: Option<String>,
     /// At most this many (1-1000).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=1000))]

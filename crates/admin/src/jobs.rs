@@ -24,7 +24,7 @@ pub enum JobsCommand {
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// The shard to list.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::shard_arg)]
     shard: String,
     /// Only jobs in this state (waiting, processing, done, error, error_resolved).
     #[arg(long, value_parser = parse_state)]
@@ -44,7 +44,7 @@ pub struct OneArgs {
     /// The job id.
     id: Uuid,
     /// The shard holding it (default: look on every shard).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::shard_arg)]
     shard: Option<String>,
     #[arg(long)]
     json: bool,

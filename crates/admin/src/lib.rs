@@ -74,6 +74,12 @@ pub struct StdoutClosed;
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+/// A `--shard` value: a well-formed shard id (as the catalog requires of every shard), so a
+/// mistyped or hostile one is refused with the rule (exit 2) before any database is read.
+fn shard_arg(s: &str) -> Result<String, String> {
+    tenantry_core::config::validate_shard_id(s).map(|()| s.to_string())
+}
+
 /// Writes to standard output; see [`out!`].
 fn write_out(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
     use std::io::Write as _;

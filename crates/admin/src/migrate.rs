@@ -23,7 +23,7 @@ pub enum MigrateCommand {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Only this shard (and not the catalog).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::shard_arg)]
     shard: Option<String>,
     /// Machine-readable output.
     #[arg(long)]
@@ -37,7 +37,7 @@ pub struct UpArgs {
     #[arg(long, default_value = "expand", value_parser = parse_phase)]
     phase: Phase,
     /// Only this shard (and not the catalog).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::shard_arg)]
     shard: Option<String>,
     /// Create the catalog database first if it does not exist.
     #[arg(long)]

@@ -41,6 +41,44 @@ enum Command {
     Admin(tenantry_admin::AdminCommand),
 }
 
+/// A command-line error quotes what was typed, and a value 100 KB long or holding a terminal
+/// escape would be printed whole and raw: each quoted piece is shown cut to 100 characters,
+/// its control characters escaped.
+fn tame_quoted_input(e: &mut clap::Error) {
+    use clap::{
+        builder::StyledStr,
+        error::{ContextKind, ContextValue},
+    };
+    use tenantry_core::text::{escape_controls, shorten};
+    let tame = |s: &str| escape_controls(&shorten(s, 100));
+    // The pieces that can hold what was typed (not the usage line, which is clap's own).
+    for kind in [
+        ContextKind::InvalidValue,
+        ContextKind::InvalidArg,
+        ContextKind::InvalidSubcommand,
+        ContextKind::PriorArg,
+        ContextKind::TrailingArg,
+        ContextKind::Suggested,
+    ] {
+        let tamed = match e.get(kind) {
+            Some(ContextValue::String(s)) => ContextValue::String(tame(s)),
+            Some(ContextValue::Strings(v)) => {
+                ContextValue::Strings(v.iter().map(|s| tame(s)).collect())
+            }
+            Some(ContextValue::StyledStr(s)) => {
+                ContextValue::StyledStr(StyledStr::from(tame(&s.to_string())))
+            }
+            Some(ContextValue::StyledStrs(v)) => ContextValue::StyledStrs(
+                v.iter()
+                    .map(|s| StyledStr::from(tame(&s.to_string())))
+                    .collect(),
+            ),
+            _ => continue,
+        };
+        e.insert(kind, tamed);
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Validate the configuration and print it (secrets redacted); exit non-zero on a problem.
@@ -48,7 +86,13 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(mut e) => {
+            tame_quoted_input(&mut e);
+            e.exit()
+        }
+    };
     let mode = if cli.dev { Mode::Dev } else { Mode::Strict };
     // Admin commands other than `token` never use the JWT key, so they do not insist on one.
     let load_mode = match &cli.command {
