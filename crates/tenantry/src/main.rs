@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use tenantry_core::{
     Config,
     config::{ConfigError, Mode},
+    text::escape_controls,
 };
 
 /// Tenantry: one binary for every role of a sharded multi-tenant backend.
@@ -49,7 +50,7 @@ fn tame_quoted_input(e: &mut clap::Error) {
         builder::StyledStr,
         error::{ContextKind, ContextValue},
     };
-    use tenantry_core::text::{escape_controls, shorten};
+    use tenantry_core::text::shorten;
     let tame = |s: &str| escape_controls(&shorten(s, 100));
     // The pieces that can hold what was typed (not the usage line, which is clap's own).
     for kind in [
@@ -88,10 +89,18 @@ enum ConfigCommand {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(mut e) => {
+        Err(mut e) if e.use_stderr() => {
             tame_quoted_input(&mut e);
-            e.exit()
+            // A value parser's own message may quote the input too (the uuid crate names the
+            // character it did not expect): the error is printed without colour, every control
+            // character but its line breaks escaped.
+            let text = e.render().to_string();
+            let lines: Vec<String> = text.trim_end().lines().map(escape_controls).collect();
+            tenantry_admin::errln!("{}", lines.join("\n"));
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
+        // --help and --version
+        Err(e) => e.exit(),
     };
     let mode = if cli.dev { Mode::Dev } else { Mode::Strict };
     // Admin commands other than `token` never use the JWT key, so they do not insist on one.
