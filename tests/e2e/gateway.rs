@@ -139,7 +139,7 @@ fn spec(id: &str, db_url: &str, endpoints: Vec<String>) -> ShardSpec {
 
 async fn register(catalog: &TestDb, specs: &[ShardSpec]) {
     let mut c = catalog.client().await;
-    catalog::upsert_shards(&mut c, specs).await.unwrap();
+    catalog::upsert_shards(&mut c, specs, None).await.unwrap();
 }
 
 fn gateway_cmd(catalog_url: &str, amqp: &str, exchange: &str, extra: &[(&str, &str)]) -> Command {

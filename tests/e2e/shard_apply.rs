@@ -288,13 +288,38 @@ async fn shard_apply_refuses_bad_maps_and_changes_nothing() {
     );
     assert_eq!(outbox_rows(&catalog).await, 0);
     assert!(!missing.exists().await);
-    // A failed first apply does not claim the catalog for its file's environment either.
+    // A failed first apply does not claim the catalog for its file's environment either,
+    // also when what fails is the catalog's own update, after the shards were prepared.
     assert_eq!(
         catalog
             .scalar("SELECT count(*) FROM catalog_environment")
             .await,
         0
     );
+    catalog
+        .exec(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
+                 $$BEGIN RAISE EXCEPTION 'the catalog refuses this shard'; END$$;
+             CREATE TRIGGER refuse BEFORE INSERT ON shards FOR EACH ROW EXECUTE FUNCTION refuse();",
+        )
+        .await;
+    let file = dir.join("good.toml");
+    std::fs::write(&file, &good).unwrap();
+    let (code, _, err) = run(tenantry()
+        .args(["admin", "shard", "apply"])
+        .arg(&file)
+        .envs(cat.clone()));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("the catalog refuses this shard"), "{err}");
+    assert_eq!(
+        catalog
+            .scalar("SELECT count(*) FROM catalog_environment")
+            .await,
+        0
+    );
+    catalog
+        .exec("DROP TRIGGER refuse ON shards; DROP FUNCTION refuse();")
+        .await;
     // The catalog itself refuses an endpoint the gateway cannot reach, also one written by hand.
     let c = catalog.client().await;
     c.execute(

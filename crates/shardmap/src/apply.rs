@@ -75,7 +75,7 @@ pub async fn apply(
     let known = catalog::list_shards(&cat)
         .await
         .context("reading the catalog's shards")?;
-    claim_environment(&cat, catalog_url, file, &known, false).await?;
+    check_environment(&cat, catalog_url, file, &known).await?;
     let mut outcomes = Vec::new();
     for spec in &file.shards {
         // What the catalog has for this shard: how many companies (a shard with companies never
@@ -155,12 +155,23 @@ pub async fn apply(
         });
     }
 
-    // Recorded only now that every shard was prepared: a run that failed on the way (an
-    // unreachable or mistyped database) leaves the catalog as it found it.
-    claim_environment(&cat, catalog_url, file, &known, true).await?;
-    let (changes, undeclared, map_version) = catalog::upsert_shards(&mut cat, &file.shards)
-        .await
-        .context("updating the catalog")?;
+    // The environment is recorded in the transaction that changes the catalog's shards: a run
+    // that failed on the way (an unreachable or mistyped database, a failed update) leaves the
+    // catalog as it found it.
+    let environment = file.environment.as_str();
+    let (changes, undeclared, map_version) =
+        match catalog::upsert_shards(&mut cat, &file.shards, Some(environment)).await {
+            Ok(done) => done,
+            Err(catalog::UpsertError::OtherEnvironment(recorded)) => anyhow::bail!(
+                "the catalog at {catalog_url} now serves environment {recorded:?}, recorded by \
+                 another apply while this one ran, and this shard map is for {environment:?}: \
+                 the catalog's shards were not changed (the shard databases this run prepared \
+                 are left as they are)"
+            ),
+            Err(catalog::UpsertError::Db(e)) => {
+                return Err(anyhow::Error::new(e).context("updating the catalog"));
+            }
+        };
     for (outcome, (_, change)) in outcomes.iter_mut().zip(changes) {
         outcome.catalog = change;
     }
@@ -242,15 +253,13 @@ fn missing_database(e: &anyhow::Error) -> bool {
         .any(|p| p.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME))
 }
 
-/// Checks that the file is for the environment the catalog serves (before anything else is
-/// touched), and with `record` records it on the catalog's first apply (once the shards are
-/// prepared, just before the catalog's shards change).
-async fn claim_environment(
+/// Checks that the file is for the environment the catalog serves, before anything else is
+/// touched (the catalog's first apply records it, with its shards: see `upsert_shards`).
+async fn check_environment(
     cat: &tokio_postgres::Client,
     catalog_url: &DatabaseUrl,
     file: &ShardMapFile,
     known: &[catalog::ShardRow],
-    record: bool,
 ) -> anyhow::Result<()> {
     let environment = file.environment.as_str();
     let missing = "the catalog has no environment record (catalog migration 0004); run \
@@ -285,22 +294,6 @@ async fn claim_environment(
             );
         }
     }
-    let recorded = if record {
-        cat.execute(
-            "INSERT INTO catalog_environment (environment) VALUES ($1)
-             ON CONFLICT (singleton) DO NOTHING",
-            &[&environment],
-        )
-        .await
-        .context(missing)?;
-        // Another run may have recorded another environment since the check.
-        cat.query_opt("SELECT environment FROM catalog_environment", &[])
-            .await
-            .context(missing)?
-            .map(|r| r.get(0))
-    } else {
-        recorded
-    };
     if let Some(recorded) = recorded
         && recorded != environment
     {

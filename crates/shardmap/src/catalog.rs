@@ -101,14 +101,27 @@ pub enum Change {
     Unchanged,
 }
 
+/// Why [`upsert_shards`] changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum UpsertError {
+    /// The catalog serves another environment (recorded by another apply meanwhile).
+    #[error("the catalog serves environment {0:?}")]
+    OtherEnvironment(String),
+    #[error(transparent)]
+    Db(#[from] tokio_postgres::Error),
+}
+
 /// Upserts declared shards in one transaction. Each created or changed shard bumps its own
 /// version and the map version and leaves an outbox row, all committed together, so the
 /// catalog and what gateways will hear about it cannot disagree. Shards in the catalog but not
 /// in `specs` are returned, untouched: removing a shard is a drain, never a side effect.
+/// With `environment`, the same transaction records it as the catalog's (on its first apply)
+/// or finds it already recorded, and changes nothing when another one is.
 pub async fn upsert_shards(
     client: &mut Client,
     specs: &[ShardSpec],
-) -> Result<(Vec<(String, Change)>, Vec<String>, i64), tokio_postgres::Error> {
+    environment: Option<&str>,
+) -> Result<(Vec<(String, Change)>, Vec<String>, i64), UpsertError> {
     let tx = client.transaction().await?;
     // Serializes concurrent appliers: the second waits here, then sees the first's result and
     // finds nothing to change.
@@ -116,6 +129,21 @@ pub async fn upsert_shards(
         .query_one("SELECT version FROM shard_map_version FOR UPDATE", &[])
         .await?
         .get(0);
+    if let Some(environment) = environment {
+        tx.execute(
+            "INSERT INTO catalog_environment (environment) VALUES ($1)
+             ON CONFLICT (singleton) DO NOTHING",
+            &[&environment],
+        )
+        .await?;
+        let recorded: String = tx
+            .query_one("SELECT environment FROM catalog_environment", &[])
+            .await?
+            .get(0);
+        if recorded != environment {
+            return Err(UpsertError::OtherEnvironment(recorded));
+        }
+    }
     let existing = list_shards(&tx).await?;
     let mut changes = Vec::new();
     for spec in specs {
