@@ -3,7 +3,7 @@
 use std::{collections::BTreeSet, io::Read, path::Path};
 
 use serde::{Deserialize, Serialize};
-use tenantry_core::{config::validate_shard_id, secret::DatabaseUrl};
+use tenantry_core::{config::validate_shard_id, secret::DatabaseUrl, text::shorten};
 
 /// Largest shard-map file accepted; a real one is a few KiB.
 pub const MAX_FILE_BYTES: u64 = 1 << 20;
@@ -173,57 +173,52 @@ impl ShardMapFile {
         }
         let mut seen = BTreeSet::new();
         for s in &self.shards {
+            // Quoted in the messages: cut short (the file may hold anything up to 1 MiB).
+            let id = shorten(&s.id, 64);
             if let Err(e) = validate_shard_id(&s.id) {
                 p.push(e);
             }
             if !seen.insert(&s.id) {
-                p.push(format!("shard {:?} is declared twice", s.id));
+                p.push(format!("shard {id:?} is declared twice"));
             }
             if s.database_url.expose().chars().any(char::is_control) {
                 // Printed on operators' terminals (escaped, but still a typo to refuse).
                 p.push(format!(
-                    "shard {:?}: database_url contains a control character",
-                    s.id
+                    "shard {id:?}: database_url contains a control character"
                 ));
             } else if !(s.database_url.expose().starts_with("postgres://")
                 || s.database_url.expose().starts_with("postgresql://"))
             {
                 p.push(format!(
-                    "shard {:?}: database_url must be a postgres:// URL",
-                    s.id
+                    "shard {id:?}: database_url must be a postgres:// URL"
                 ));
             } else if let Err(e) = tenantry_core::db::maintenance_url(&s.database_url) {
-                p.push(format!("shard {:?}: {e}", s.id));
+                p.push(format!("shard {id:?}: {e}"));
             }
             if s.endpoints.is_empty() {
-                p.push(format!("shard {:?}: list at least one API endpoint", s.id));
+                p.push(format!("shard {id:?}: list at least one API endpoint"));
             }
             for e in &s.endpoints {
+                let shown = shorten(e, 200);
                 if e.starts_with("https://") {
                     // The gateway's HTTP client is built without TLS (shard APIs sit on the
                     // private network), so such a shard could never be reached.
                     p.push(format!(
-                        "shard {:?}: endpoint {e:?}: the gateway reaches shard APIs over plain \
-                         http:// only (it has no TLS client)",
-                        s.id
-                    ));
+                        "shard {id:?}: endpoint {shown:?}: the gateway reaches shard APIs over plain \
+                         http:// only (it has no TLS client)"));
                 } else if !e.starts_with("http://")
                     || e.len() > 2048
                     || e.chars().any(|c| c.is_whitespace() || c.is_control())
                 {
                     p.push(format!(
-                        "shard {:?}: endpoint {e:?} is not an http:// URL",
-                        s.id
+                        "shard {id:?}: endpoint {shown:?} is not an http:// URL"
                     ));
                 } else if let Err(why) = check_authority(&e["http://".len()..]) {
-                    p.push(format!("shard {:?}: endpoint {e:?}: {why}", s.id));
+                    p.push(format!("shard {id:?}: endpoint {shown:?}: {why}"));
                 }
             }
             if !(1..=10_000).contains(&s.weight) {
-                p.push(format!(
-                    "shard {:?}: weight must be between 1 and 10000",
-                    s.id
-                ));
+                p.push(format!("shard {id:?}: weight must be between 1 and 10000"));
             }
         }
         p
@@ -325,6 +320,18 @@ endpoints = ["http://127.0.0.1:8101"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 5") && !err.contains("s3cret"), "{err}");
+        // A huge id or endpoint is named in every message about it, not echoed whole.
+        let huge = "x".repeat(100_000);
+        let text = GOOD
+            .replace("\"shard-1\"", &format!("\"{huge}\""))
+            .replace("8101\"", &format!("8101/ {huge}\""));
+        let err = ShardMapFile::parse("t", &text).unwrap_err().to_string();
+        assert!(
+            err.contains("not a valid shard id") && err.contains("not an http:// URL"),
+            "{}",
+            &err[..err.len().min(2000)]
+        );
+        assert!(err.len() < 2000, "{} bytes", err.len());
         for fine in [
             "http://127.0.0.1:8101/",
             "http://shard-1.internal",
