@@ -165,6 +165,21 @@ fn a_bad_command_line_quotes_what_was_typed_short_and_escaped() {
             "--company",
             "5\u{1b}[2J",
         ],
+        // Humantime's and the project's own parsers quote the whole value.
+        vec![
+            "admin",
+            "token",
+            "--user",
+            "u",
+            "--ttl",
+            &format!("1{huge}"),
+        ],
+        vec!["admin", "token", "--user", "u", "--company", &huge],
+        vec!["admin", "jobs", "list", "--shard", "s1", "--state", &huge],
+        vec!["admin", "migrate", "up", "--phase", &huge],
+        // The configuration file's path, as typed.
+        vec!["--config", &huge, "config", "check"],
+        vec!["--config", escape, "config", "check"],
     ] {
         // As on a terminal: clap would keep its colours, and with them a raw escape.
         let (code, out, err) = run(tenantry().args(&args).env("CLICOLOR_FORCE", "1"));

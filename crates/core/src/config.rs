@@ -326,8 +326,12 @@ impl Config {
     /// Loads, validates and (in [`Mode::Strict`]) refuses insecure settings.
     pub fn load(file: Option<&Path>, mode: Mode) -> Result<Config, ConfigError> {
         if let Some(path) = file {
+            // As typed on the command line: shown cut short, its control characters escaped.
+            let shown = crate::text::escape_controls(&crate::text::shorten(
+                &path.display().to_string(),
+                200,
+            ));
             if !path.is_file() {
-                let shown = path.display().to_string();
                 return Err(if path.exists() {
                     ConfigError::NotAFile(shown)
                 } else {
@@ -338,7 +342,7 @@ impl Config {
             // memory to find out.
             let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             if len > MAX_CONFIG_FILE {
-                return Err(ConfigError::TooLarge(path.display().to_string(), len));
+                return Err(ConfigError::TooLarge(shown, len));
             }
         }
         Self::from_figment(figment(file), mode)

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use tenantry_core::{
     Config,
     config::{ConfigError, Mode},
-    text::escape_controls,
+    text::{escape_controls, shorten},
 };
 
 /// Tenantry: one binary for every role of a sharded multi-tenant backend.
@@ -42,15 +42,18 @@ enum Command {
     Admin(tenantry_admin::AdminCommand),
 }
 
+/// The longest line of a command-line error printed (see `main`).
+const MAX_ERROR_LINE: usize = 400;
+
 /// A command-line error quotes what was typed, and a value 100 KB long or holding a terminal
-/// escape would be printed whole and raw: each quoted piece is shown cut to 100 characters,
-/// its control characters escaped.
+/// escape would be printed whole and raw: each quoted value or argument is shown cut to 100
+/// characters, its control characters escaped. (The tip that repeats an argument is left to
+/// the line limit, so its advice is not cut in half.)
 fn tame_quoted_input(e: &mut clap::Error) {
     use clap::{
         builder::StyledStr,
         error::{ContextKind, ContextValue},
     };
-    use tenantry_core::text::shorten;
     let tame = |s: &str| escape_controls(&shorten(s, 100));
     // The pieces that can hold what was typed (not the usage line, which is clap's own).
     for kind in [
@@ -59,7 +62,6 @@ fn tame_quoted_input(e: &mut clap::Error) {
         ContextKind::InvalidSubcommand,
         ContextKind::PriorArg,
         ContextKind::TrailingArg,
-        ContextKind::Suggested,
     ] {
         let tamed = match e.get(kind) {
             Some(ContextValue::String(s)) => ContextValue::String(tame(s)),
@@ -92,10 +94,15 @@ fn main() -> ExitCode {
         Err(mut e) if e.use_stderr() => {
             tame_quoted_input(&mut e);
             // A value parser's own message may quote the input too (the uuid crate names the
-            // character it did not expect): the error is printed without colour, every control
-            // character but its line breaks escaped.
+            // character it did not expect, humantime the whole unit it did not know): the
+            // error is printed without colour, each line cut short, every control character but
+            // the line breaks escaped.
             let text = e.render().to_string();
-            let lines: Vec<String> = text.trim_end().lines().map(escape_controls).collect();
+            let lines: Vec<String> = text
+                .trim_end()
+                .lines()
+                .map(|l| escape_controls(&shorten(l, MAX_ERROR_LINE)))
+                .collect();
             tenantry_admin::errln!("{}", lines.join("\n"));
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
