@@ -360,7 +360,15 @@ async fn company_creation_refuses_bad_input() {
             .await
             .unwrap();
         assert_eq!(r.status(), status, "{what}");
-        assert_eq!(error_of!(r).error.code, code, "{what}");
+        let error = error_of!(r).error;
+        assert_eq!(error.code, code, "{what}");
+        if status == 413 {
+            assert!(
+                error.message.contains("larger than the limit of"),
+                "{what}: the answer says what the limit is: {}",
+                error.message
+            );
+        }
     }
     let mut r = http()
         .post(&url)

@@ -378,6 +378,15 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
             "{name}: the answer does not echo the input back whole or raw: {}",
             error.message
         );
+        if code == "payload_too_large" {
+            assert!(
+                error
+                    .message
+                    .contains("larger than the limit of 1048576 bytes"),
+                "{name}: the answer says what the limit is: {}",
+                error.message
+            );
+        }
     }
     for ct in [
         "application/x-www-form-urlencoded",

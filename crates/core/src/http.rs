@@ -310,11 +310,16 @@ fn ensure_error_shape(res: ServiceResponse<BoxBody>) -> ServiceResponse<BoxBody>
             "method_not_allowed",
             "method not allowed on this resource",
         ),
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            status,
-            "payload_too_large",
-            detail.unwrap_or_else(|| "request body is too large".into()),
-        ),
+        // A body read whole (`web::Bytes`) past the listener's limit: actix's own message
+        // ("A payload reached size limit.") does not say what the limit is.
+        StatusCode::PAYLOAD_TOO_LARGE => match res.request().app_data::<web::Data<HttpContext>>() {
+            Some(ctx) => ApiError::payload_too_large(ctx.body_limit),
+            None => ApiError::new(
+                status,
+                "payload_too_large",
+                detail.unwrap_or_else(|| "request body is too large".into()),
+            ),
+        },
         StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
             status,
             "unsupported_media_type",
