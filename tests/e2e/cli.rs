@@ -134,11 +134,14 @@ fn token_rejects_malformed_arguments() {
 
 #[test]
 fn a_bad_command_line_quotes_what_was_typed_short_and_escaped() {
-    // Whatever the command line got wrong, the error names the culprit, cut to 100 characters
-    // and with control characters escaped: a pasted 100 KB value, or one holding a terminal
-    // escape, neither floods nor drives the operator's terminal.
+    // Whatever the command line got wrong, the error names the culprit, cut short and with
+    // control characters escaped: a pasted 100 KB value, or one holding a terminal escape,
+    // neither floods nor drives the operator's terminal.
     let huge = format!("{}\u{1b}[2J", "s".repeat(100_000));
     let escape = "x\u{1b}]0;owned\u{7}";
+    let (flag, ttl) = (format!("--{huge}"), format!("1{huge}"));
+    let token = ["admin", "token", "--user", "u"];
+    let list = ["admin", "jobs", "list", "--shard", "s1"];
     for args in [
         vec!["admin", "jobs", "list", "--shard", &huge],
         vec!["admin", "jobs", "list", "--shard", escape],
@@ -146,36 +149,14 @@ fn a_bad_command_line_quotes_what_was_typed_short_and_escaped() {
         vec!["admin", "shard", "list", &huge],
         vec!["admin", "shard", "list", escape],
         vec!["admin", escape],
-        vec![
-            "admin",
-            "jobs",
-            "list",
-            "--shard",
-            "s1",
-            &format!("--{huge}"),
-        ],
-        vec!["admin", "token", "--user", "u", "--ttl", &huge],
+        [&list[..], &[&flag]].concat(),
+        [&token[..], &["--ttl", &huge]].concat(),
         // The uuid parser's own message names the character it did not expect.
-        vec![
-            "admin",
-            "jobs",
-            "list",
-            "--shard",
-            "s1",
-            "--company",
-            "5\u{1b}[2J",
-        ],
+        [&list[..], &["--company", "5\u{1b}[2J"]].concat(),
         // Humantime's and the project's own parsers quote the whole value.
-        vec![
-            "admin",
-            "token",
-            "--user",
-            "u",
-            "--ttl",
-            &format!("1{huge}"),
-        ],
-        vec!["admin", "token", "--user", "u", "--company", &huge],
-        vec!["admin", "jobs", "list", "--shard", "s1", "--state", &huge],
+        [&token[..], &["--ttl", &ttl]].concat(),
+        [&token[..], &["--company", &huge]].concat(),
+        [&list[..], &["--state", &huge]].concat(),
         vec!["admin", "migrate", "up", "--phase", &huge],
         // The configuration file's path, as typed.
         vec!["--config", &huge, "config", "check"],
