@@ -5,8 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use actix_web::{HttpResponse, web};
 use tenantry_core::{
-    ApiError, Config,
-    config::Mode,
+    ApiError,
     http::{HttpContext, start_server},
 };
 use tokio_util::sync::CancellationToken;
@@ -28,7 +27,7 @@ async fn boom() -> Result<HttpResponse, ApiError> {
 }
 
 fn server(shutdown: CancellationToken) -> tenantry_core::http::RunningServer {
-    let mut cfg = Config::from_figment(tenantry_core::config::figment(None), Mode::Dev).unwrap();
+    let mut cfg = crate::support::dev_config();
     cfg.http.threads = 1;
     let ctx = HttpContext {
         role: "test",

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tenantry_core::{Config, config::Mode, db};
+use tenantry_core::db;
 use tenantry_queue::{
     JobError, JobState, NewJob, Registry, Worker, WorkerOptions,
     listen::Listener,
@@ -76,9 +76,7 @@ async fn expire_and_rescue(c: &mut tokio_postgres::Client, id: Uuid) -> (Vec<Uui
     store::rescue_expired(c, 10).await.unwrap()
 }
 
-fn dev_config() -> Config {
-    Config::from_figment(tenantry_core::config::figment(None), Mode::Dev).unwrap()
-}
+use crate::support::dev_config;
 
 fn url_of(db: &TestDb) -> tenantry_core::secret::DatabaseUrl {
     tenantry_core::secret::DatabaseUrl::new(db.url.clone())

@@ -345,3 +345,9 @@ pub async fn until_metric(base: &str, series: &str, at_least: f64, limit: Durati
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The built-in configuration in development mode, as the tests' processes start from.
+pub fn dev_config() -> tenantry_core::Config {
+    use tenantry_core::{Config, config::Mode};
+    Config::from_figment(tenantry_core::config::figment(None), Mode::Dev).unwrap()
+}
