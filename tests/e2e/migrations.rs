@@ -598,3 +598,30 @@ async fn a_runner_waits_for_another_past_its_statement_timeout_and_is_not_cut_of
         .get(0);
     assert_eq!(timeout, "300ms");
 }
+
+#[tokio::test]
+async fn a_server_too_old_for_the_migrations_gets_no_new_database() {
+    // This server is new enough: asking for a newer one stands in for an old server, on which
+    // `--create-databases` would otherwise leave an empty database the migrations then refuse.
+    let db = TestDb::reserve();
+    let url = tenantry_core::secret::DatabaseUrl::new(db.url.clone());
+    let cfg = crate::support::dev_config().database;
+    let err = tenantry_core::db::ensure_database(&url, &cfg, i32::MAX)
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("was not created"), "{err:#}");
+    assert!(!db.exists().await);
+    let min = tenantry_migrate::MIN_SERVER_VERSION;
+    assert!(
+        tenantry_core::db::ensure_database(&url, &cfg, min)
+            .await
+            .unwrap()
+    );
+    assert!(db.exists().await);
+    assert!(
+        !tenantry_core::db::ensure_database(&url, &cfg, min)
+            .await
+            .unwrap(),
+        "once"
+    );
+}

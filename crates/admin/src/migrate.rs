@@ -202,7 +202,14 @@ fn describe(m: &Migration) -> String {
 }
 
 async fn up(cfg: &Config, args: UpArgs) -> anyhow::Result<()> {
-    if args.create_databases && db::ensure_database(&cfg.catalog.url, &cfg.database).await? {
+    if args.create_databases
+        && db::ensure_database(
+            &cfg.catalog.url,
+            &cfg.database,
+            tenantry_migrate::MIN_SERVER_VERSION,
+        )
+        .await?
+    {
         note!("catalog: created database");
     }
     // The catalog goes first: listing shards needs its schema.

@@ -249,7 +249,13 @@ pub fn maintenance_url(url: &DatabaseUrl) -> anyhow::Result<(String, DatabaseUrl
 }
 
 /// Creates the database named in `url` unless it exists. Returns whether it was created.
-pub async fn ensure_database(url: &DatabaseUrl, db: &DatabaseConfig) -> anyhow::Result<bool> {
+/// A server older than `min_server_version` (`server_version_num`, the oldest the migrations
+/// run on) gets no database: it would be left empty when the migrations then refuse it.
+pub async fn ensure_database(
+    url: &DatabaseUrl,
+    db: &DatabaseConfig,
+    min_server_version: i32,
+) -> anyhow::Result<bool> {
     let (name, maint) = maintenance_url(url)?;
     let client = connect(&maint, db, "tenantry-admin").await?;
     let exists = client
@@ -259,6 +265,20 @@ pub async fn ensure_database(url: &DatabaseUrl, db: &DatabaseConfig) -> anyhow::
         .is_some();
     if exists {
         return Ok(false);
+    }
+    let server = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
+            &[],
+        )
+        .await
+        .context("reading the server's version")?;
+    let (number, version): (i32, String) = (server.get(0), server.get(1));
+    if number < min_server_version {
+        anyhow::bail!(
+            "the server at {maint} runs PostgreSQL {version}, older than the migrations need \
+             (server_version_num {number} < {min_server_version}): database {name} was not created"
+        );
     }
     let sql = format!("CREATE DATABASE {}", quote_ident(&name));
     match client.batch_execute(&sql).await {

@@ -87,9 +87,13 @@ pub async fn apply(
         let moving = companies > 0 && !same_url;
         let reached = async {
             let created = if opts.create_databases && companies == 0 {
-                db::ensure_database(&spec.database_url, dbcfg)
-                    .await
-                    .with_context(|| format!("creating the database of shard {}", spec.id))?
+                db::ensure_database(
+                    &spec.database_url,
+                    dbcfg,
+                    tenantry_migrate::MIN_SERVER_VERSION,
+                )
+                .await
+                .with_context(|| format!("creating the database of shard {}", spec.id))?
             } else {
                 false
             };
