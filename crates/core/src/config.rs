@@ -327,22 +327,24 @@ impl Config {
     pub fn load(file: Option<&Path>, mode: Mode) -> Result<Config, ConfigError> {
         if let Some(path) = file {
             // As typed on the command line: shown cut short, its control characters escaped.
-            let shown = crate::text::escape_controls(&crate::text::shorten(
-                &path.display().to_string(),
-                200,
-            ));
+            let shown = || {
+                crate::text::escape_controls(&crate::text::shorten(
+                    &path.display().to_string(),
+                    200,
+                ))
+            };
             if !path.is_file() {
                 return Err(if path.exists() {
-                    ConfigError::NotAFile(shown)
+                    ConfigError::NotAFile(shown())
                 } else {
-                    ConfigError::MissingFile(shown)
+                    ConfigError::MissingFile(shown())
                 });
             }
             // figment reads the whole file: a wrong path (a log, a dump) must not be read into
             // memory to find out.
             let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             if len > MAX_CONFIG_FILE {
-                return Err(ConfigError::TooLarge(shown, len));
+                return Err(ConfigError::TooLarge(shown(), len));
             }
         }
         Self::from_figment(figment(file), mode)

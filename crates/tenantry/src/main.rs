@@ -50,32 +50,21 @@ const MAX_ERROR_LINE: usize = 400;
 /// characters, its control characters escaped. (The tip that repeats an argument is left to
 /// the line limit, so its advice is not cut in half.)
 fn tame_quoted_input(e: &mut clap::Error) {
-    use clap::{
-        builder::StyledStr,
-        error::{ContextKind, ContextValue},
-    };
+    use clap::error::{ContextKind, ContextValue};
     let tame = |s: &str| escape_controls(&shorten(s, 100));
-    // The pieces that can hold what was typed (not the usage line, which is clap's own).
+    // The pieces that hold what was typed, each a string or a list of them (the usage line
+    // and the valid names are clap's own).
     for kind in [
         ContextKind::InvalidValue,
         ContextKind::InvalidArg,
         ContextKind::InvalidSubcommand,
         ContextKind::PriorArg,
-        ContextKind::TrailingArg,
     ] {
         let tamed = match e.get(kind) {
             Some(ContextValue::String(s)) => ContextValue::String(tame(s)),
             Some(ContextValue::Strings(v)) => {
                 ContextValue::Strings(v.iter().map(|s| tame(s)).collect())
             }
-            Some(ContextValue::StyledStr(s)) => {
-                ContextValue::StyledStr(StyledStr::from(tame(&s.to_string())))
-            }
-            Some(ContextValue::StyledStrs(v)) => ContextValue::StyledStrs(
-                v.iter()
-                    .map(|s| StyledStr::from(tame(&s.to_string())))
-                    .collect(),
-            ),
             _ => continue,
         };
         e.insert(kind, tamed);
