@@ -524,6 +524,142 @@ async fn the_one_job_step_discards_and_counts_its_completion_when_its_lease_was_
 }
 
 #[tokio::test]
+async fn a_retried_completion_tells_what_its_lost_try_wrote_from_what_was_rescued() {
+    // worker-a writes a batch of outcomes, and the COMMIT goes through but its answer is lost
+    // with the connection. By the time worker-a writes the batch again, some of its other jobs
+    // were rescued (one of them then finished by worker-b). The second try applies nothing;
+    // what the first try wrote must not pass for a late completion.
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    let ids = enqueue(
+        &db,
+        &[
+            job(company, "echo", json!({}), 3),
+            job(company, "echo", json!({}), 3),
+            job(company, "echo", json!({}), 3),
+            job(company, "echo", json!({}), 1),
+            job(company, "echo", json!({}), 3),
+        ],
+    )
+    .await;
+    let [written, taken_over, rescued, dead, retried] = ids[..] else {
+        panic!("five jobs: {ids:?}")
+    };
+    let mut c = db.client().await;
+    let lease = Duration::from_secs(30);
+    let claimed = store::claim(&mut c, "worker-a", 5, lease, 100)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 5);
+    let try_later = Outcome {
+        id: retried,
+        attempt: 1,
+        result: Err(JobError::retryable("try later")),
+        retry_in: Duration::from_secs(600),
+    };
+    // The try whose answer was lost.
+    store::finish(&mut c, "worker-a", &[ok_by(written, 1), try_later.clone()])
+        .await
+        .unwrap();
+    for id in [taken_over, rescued, dead] {
+        expire_and_rescue(&mut c, id).await;
+    }
+    let b = store::claim(&mut c, "worker-b", 1, lease, 100)
+        .await
+        .unwrap();
+    assert_eq!(b[0].id, taken_over);
+    store::finish(&mut c, "worker-b", &[ok_by(taken_over, 2)])
+        .await
+        .unwrap();
+
+    let outcomes = vec![
+        ok_by(written, 1),
+        ok_by(taken_over, 1),
+        ok_by(rescued, 1),
+        ok_by(dead, 1),
+        try_later,
+    ];
+    let (finished, discarded) = store::finish(&mut c, "worker-a", &outcomes).await.unwrap();
+    assert!(finished.is_empty(), "{finished:?}");
+    assert_eq!(discarded.len(), 5);
+    let unapplied: Vec<&Outcome> = outcomes.iter().collect();
+    let mut earlier: Vec<(Uuid, JobState)> = store::written_earlier(&c, "worker-a", &unapplied)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| (f.id, f.state))
+        .collect();
+    earlier.sort_by_key(|(id, _)| *id);
+    assert_eq!(
+        earlier,
+        vec![(written, JobState::Done), (retried, JobState::Waiting)],
+        "the first try's two outcomes; the rescued, taken-over and dead-lettered jobs are late"
+    );
+}
+
+#[tokio::test]
+async fn an_outcome_whose_commit_answer_was_lost_counts_as_completed_not_as_late() {
+    // The worker's connection drops as it sends an outcome; the database still gets it and
+    // commits. The worker writes the outcome again on another connection and finds the job no
+    // longer leased: it must count the job as completed, not warn of a late completion.
+    let db = TestDb::new(Schema::Shard).await;
+    let (proxy, proxied) = tenantry_testkit::proxy::TcpProxy::in_front_of(&db.url).await;
+    let pool = store::pool(
+        &tenantry_core::secret::DatabaseUrl::new(proxied),
+        4,
+        &dev_config().database,
+        "test",
+    )
+    .unwrap();
+    // Its own shard label: the counters are process-wide and tests run side by side.
+    let shard = format!("shard-lost-{}", Uuid::new_v4().simple());
+    // Only the outcome carries the marker to the database: the echo job's result is its params.
+    let marker = format!("lost-answer-{}", Uuid::new_v4().simple());
+    proxy.drop_answer_to(marker.as_bytes(), Duration::ZERO);
+    let running = spawn_worker(Worker::new(
+        pool,
+        builtins(&["echo"]),
+        options(&shard, 100),
+        listener(&db, 10),
+    ));
+    let id = enqueue_one(
+        &db,
+        job(Uuid::now_v7(), "echo", json!({"marker": marker}), 3),
+    )
+    .await;
+    let event = |name: &str| {
+        tenantry_queue::metrics::EVENTS
+            .with_label_values(&[&shard, name])
+            .get()
+    };
+    let what = || "the outcome was not accounted for within 10 s".to_string();
+    crate::support::until(Duration::from_secs(10), what, || {
+        event("completed") + event("late_completion") > 0
+    })
+    .await;
+    assert_eq!(
+        (event("completed"), event("late_completion")),
+        (1, 0),
+        "completed once, not late"
+    );
+    let r = db
+        .client()
+        .await
+        .query_one(
+            "SELECT state, attempts, result FROM jobs WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.get::<_, String>(0), r.get::<_, i32>(1)),
+        ("done".into(), 1)
+    );
+    assert_eq!(r.get::<_, serde_json::Value>(2), json!({"marker": marker}));
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn a_running_job_keeps_its_lease_past_its_length_and_only_its_worker_renews_it() {
     // A 3 s lease renewed every second, and a 7 s job: without the heartbeat the rescuer would
     // take the job back after three seconds and it would run twice.

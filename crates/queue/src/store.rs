@@ -959,6 +959,46 @@ pub async fn finish_unannounced(
     Ok((finished, discarded))
 }
 
+/// The SQL of the error the rescuer records on a job it takes from worker `$worker` (an SQL
+/// expression).
+macro_rules! rescue_error {
+    ($worker:literal) => {
+        concat!(
+            "'lease expired: worker ' || ",
+            $worker,
+            " || ' stopped renewing it'"
+        )
+    };
+}
+
+/// Of the outcomes a retried [`finish_unannounced`] returned as discarded, those the try before
+/// it wrote after all: that try's COMMIT went through, but its answer was lost with the
+/// connection. Such a row still carries the outcome's attempt, is no longer `processing`, and
+/// does not hold the error the rescuer writes when it takes a job from `worker_id`; the rest
+/// were rescued meanwhile and are late completions. (A job written by the earlier try as a
+/// retry that another worker has since claimed again is counted among the late ones.)
+pub async fn written_earlier(
+    client: &impl GenericClient,
+    worker_id: &str,
+    discarded: &[&Outcome],
+) -> Result<Vec<Finished>, tokio_postgres::Error> {
+    let ids: Vec<Uuid> = discarded.iter().map(|o| o.id).collect();
+    let attempts: Vec<i32> = discarded.iter().map(|o| o.attempt).collect();
+    let rows = client
+        .query(WRITTEN_EARLIER_SQL, &[&ids, &attempts, &worker_id])
+        .await?;
+    Ok(rows.iter().map(finished).collect())
+}
+
+const WRITTEN_EARLIER_SQL: &str = concat!(
+    "SELECT j.id, j.state, j.awaited_until > now() AS awaited
+       FROM unnest($1::uuid[], $2::int4[]) AS x(id, attempt)
+       JOIN jobs j ON j.id = x.id
+      WHERE j.attempts = x.attempt AND j.state <> 'processing'
+        AND j.error IS DISTINCT FROM ",
+    rescue_error!("$3::text")
+);
+
 /// What the statements that finish jobs return of each row they changed (`updated`, the CTE
 /// the events are written from), and select of it in the end: id, state and whether a request
 /// may be waiting for it (its mark lies ahead of the completion's clock).
@@ -1169,7 +1209,9 @@ const RESCUE_SQL: &str = concat!(
              ), updated AS (
                  UPDATE jobs j SET
                      state = CASE WHEN j.attempts >= j.max_attempts THEN 'error' ELSE 'waiting' END,
-                     error = 'lease expired: worker ' || coalesce(j.worker_id, '?') || ' stopped renewing it',
+                     error = ",
+    rescue_error!("coalesce(j.worker_id, '?')"),
+    ",
                      finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
                      run_at = now(), worker_id = NULL, lease_expires_at = NULL, updated_at = now()
                    FROM expired WHERE j.id = expired.id

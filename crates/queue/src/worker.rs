@@ -749,9 +749,21 @@ async fn write_outcomes(this: Arc<Worker>, batch: Vec<Outcome>, running: Arc<Mut
 async fn try_write_outcomes(this: &Worker, batch: &[Outcome]) {
     let mut attempt = 0;
     loop {
+        let retried = attempt > 0;
         let written = async {
             let mut client = this.pool.get().await?;
-            Ok::<_, anyhow::Error>(store::finish_unannounced(&mut client, &this.id, batch).await?)
+            let (mut finished, mut discarded) =
+                store::finish_unannounced(&mut client, &this.id, batch).await?;
+            if retried && !discarded.is_empty() {
+                // The try before may have committed and lost only its answer: what it wrote
+                // is not a late completion (see `store::written_earlier`).
+                let unapplied: Vec<&Outcome> =
+                    batch.iter().filter(|o| discarded.contains(&o.id)).collect();
+                let earlier = store::written_earlier(&**client, &this.id, &unapplied).await?;
+                discarded.retain(|id| !earlier.iter().any(|f| f.id == *id));
+                finished.extend(earlier);
+            }
+            Ok::<_, anyhow::Error>((finished, discarded))
         }
         .await;
         match written {
