@@ -1341,6 +1341,35 @@ async fn a_hanging_shard_answers_504_on_time_and_its_in_flight_cap_sheds_load() 
         .unwrap();
     assert_eq!(r.status(), 504);
 
+    // A body too large to hold for a replay (over `gateway.retry_buffer`, 64 KiB) is streamed
+    // to the shard; a shard that takes it whole and then hangs is answered 504 on time too.
+    let big = vec![b' '; 100 * 1024];
+    let started = Instant::now();
+    let mut r = http()
+        .post(&hang)
+        .bearer_auth(&auth)
+        .insert_header(("content-type", "application/json"))
+        .send_body(big)
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status(), 504);
+    assert_eq!(error_of!(r).error.code, "upstream_timeout");
+    assert!(
+        took >= Duration::from_millis(650) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let streamed = env
+        .fake
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|(uri, _, _)| uri.ends_with("/hang"))
+        .map(|(_, _, len)| *len);
+    assert_eq!(streamed, Some(100 * 1024), "the shard got the whole body");
+
     // A shard that sends its head and then stalls has its answer cut off after the upstream
     // timeout, and gives its slot back then, not when the caller gives up.
     let addr = base.trim_start_matches("http://").to_owned();
