@@ -603,6 +603,31 @@ async fn a_repeated_idempotency_key_returns_the_original_job() {
     assert_eq!(error_of!(r3).error.code, "idempotency_key_reused");
     let n = db.scalar("SELECT count(*) FROM jobs").await;
     assert_eq!(n, 1);
+
+    // Params are compared by value, as the database holds them: it reads `1e2` back as 100,
+    // and an identical repeat must still get its job back.
+    let raw = |body: &'static str| {
+        http()
+            .post(&url)
+            .bearer_auth(&auth)
+            .insert_header(("idempotency-key", "order-43"))
+            .content_type("application/json")
+            .send_body(body)
+    };
+    let exponents = r#"{"kind": "echo", "params": {"n": 1e2, "big": 1e16}}"#;
+    let mut first = raw(exponents).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let first: JobView = first.json().await.unwrap();
+    let mut again = raw(exponents).await.unwrap();
+    assert_eq!(again.status(), 200, "{:?}", again.body().await);
+    assert_eq!(again.json::<JobView>().await.unwrap().id, first.id);
+    let mut other = raw(r#"{"kind": "echo", "params": {"n": 1e3, "big": 1e16}}"#)
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 422);
+    assert_eq!(error_of!(other).error.code, "idempotency_key_reused");
+    let n = db.scalar("SELECT count(*) FROM jobs").await;
+    assert_eq!(n, 2);
 }
 
 #[actix_web::test]

@@ -360,7 +360,7 @@ const ENQUEUE_SQL: &str = concat!(
 const BY_IDEMPOTENCY_KEY_SQL: &str = concat!(
     "SELECT ",
     record_columns!(),
-    " FROM jobs WHERE company_id = $1 AND idempotency_key = $2"
+    ", params = $3::jsonb FROM jobs WHERE company_id = $1 AND idempotency_key = $2"
 );
 
 /// Inserts one job inside the caller's transaction, so the job exists exactly when the caller's
@@ -378,7 +378,7 @@ pub async fn enqueue(
     limits: EnqueueLimits,
 ) -> Result<Enqueued, EnqueueError> {
     if let Some(key) = &job.idempotency_key
-        && let Some(existing) = by_idempotency_key(tx, job.company_id, key).await?
+        && let Some(existing) = by_idempotency_key(tx, job, key).await?
     {
         return replay(existing, job);
     }
@@ -417,7 +417,7 @@ pub async fn enqueue(
         Some(row) => Ok(Enqueued::Created(record(&row))),
         None => {
             let key = job.idempotency_key.as_deref().unwrap_or_default();
-            match by_idempotency_key(tx, job.company_id, key).await? {
+            match by_idempotency_key(tx, job, key).await? {
                 Some(existing) => replay(existing, job),
                 None => Err(EnqueueError::IdempotencyConflict),
             }
@@ -425,25 +425,32 @@ pub async fn enqueue(
     }
 }
 
-fn replay(existing: JobRecord, job: &NewJob) -> Result<Enqueued, EnqueueError> {
-    if existing.view.kind == job.kind && existing.params == job.params {
+/// The job already under this request's key: its own when kind and params are the same.
+fn replay(
+    (existing, same_params): (JobRecord, bool),
+    job: &NewJob,
+) -> Result<Enqueued, EnqueueError> {
+    if existing.view.kind == job.kind && same_params {
         Ok(Enqueued::Replayed(existing))
     } else {
         Err(EnqueueError::IdempotencyConflict)
     }
 }
 
+/// The company's job under `key`, and whether its params equal `job`'s. The database compares
+/// them as `jsonb`, by value: the row's params come back from it normalized (`1e2` reads back
+/// as `100`), so comparing them with the request's in Rust would refuse an identical repeat.
 async fn by_idempotency_key(
     tx: &impl QueueTx,
-    company: Uuid,
+    job: &NewJob,
     key: &str,
-) -> Result<Option<JobRecord>, tokio_postgres::Error> {
+) -> Result<Option<(JobRecord, bool)>, tokio_postgres::Error> {
     let stmt = tx.prepared(BY_IDEMPOTENCY_KEY_SQL).await?;
     Ok(tx
         .tx()
-        .query_opt(&stmt, &[&company, &key])
+        .query_opt(&stmt, &[&job.company_id, &key, &job.params])
         .await?
-        .map(|r| record(&r)))
+        .map(|r| (record(&r), r.get::<_, Option<bool>>(20).unwrap_or(false))))
 }
 
 /// Many jobs from typed arrays; `"offset"` is each job's fairness offset (see [`enqueue`]).
