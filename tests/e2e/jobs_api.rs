@@ -761,6 +761,29 @@ async fn a_shard_refuses_companies_it_does_not_own() {
             .unwrap();
         assert_eq!(r.status().as_u16(), status, "unknown kind");
         assert_eq!(error_of!(r).error.code, code, "unknown kind");
+        // So are params this shard refuses (its owner's checks and limits may differ).
+        let oversized = "x".repeat(100 * 1024);
+        for (what, body) in [
+            ("not an object", json!({"kind": "echo", "params": [1]})),
+            ("a NUL", json!({"kind": "echo", "params": {"s": "a\u{0}b"}})),
+            (
+                "too large",
+                json!({"kind": "echo", "params": {"s": oversized}}),
+            ),
+            (
+                "refused by sleep",
+                json!({"kind": "sleep", "params": {"ms": "soon"}}),
+            ),
+        ] {
+            let mut r = http()
+                .post(format!("{}/v1/companies/{company}/jobs", node.url("api")))
+                .bearer_auth(member_token(company))
+                .send_json(&body)
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), status, "{what}");
+            assert_eq!(error_of!(r).error.code, code, "{what}");
+        }
     }
     let n = db.scalar("SELECT count(*) FROM jobs").await;
     assert_eq!(n, 0);

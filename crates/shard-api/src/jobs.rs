@@ -86,18 +86,14 @@ fn empty_object() -> Value {
     json!({})
 }
 
-async fn create(
-    req: HttpRequest,
-    caller: Caller,
-    path: web::Path<String>,
-    body: web::Bytes,
-    state: web::Data<JobsState>,
-) -> Result<HttpResponse, ApiError> {
-    let company = parse_uuid("company_id", &path)?;
-    if !role(&caller, company)?.may_write() {
-        return Err(ApiError::forbidden("viewers cannot create jobs"));
-    }
-    let input: CreateJob = http::json_body(&req, &body, "job request")?;
+/// What this shard refuses in a job request's body (before any fence: see `create`): params
+/// that are not an object, hold U+0000 or are over `limit` bytes, a kind it does not run, and
+/// params its handler's `validate` refuses.
+fn check_job(
+    input: &CreateJob,
+    registry: &tenantry_queue::Registry,
+    limit: u64,
+) -> Result<(), ApiError> {
     if !input.params.is_object() {
         return Err(ApiError::bad_request(
             "invalid_params",
@@ -110,7 +106,6 @@ async fn create(
             "params must not contain the character U+0000, which a job record cannot hold",
         ));
     }
-    let limit = state.queue.max_params_size.bytes();
     if json_len(&input.params) > limit {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -118,12 +113,7 @@ async fn create(
             format!("params are larger than the limit of {limit} bytes"),
         ));
     }
-    let registry = &state.shard.registry;
     let Some(handler) = registry.get(&input.kind) else {
-        // Shards may run different kinds for a while (a rollout): a request a stale route
-        // sent here must get the 421 that makes the gateway try the company's own shard,
-        // not a 400 for a kind that shard may well run.
-        fence::check(&state.shard.pool.get().await?, company).await?;
         return Err(ApiError::bad_request(
             "unknown_kind",
             format!(
@@ -135,7 +125,29 @@ async fn create(
     };
     handler
         .validate(&input.params)
-        .map_err(|e| ApiError::bad_request("invalid_params", e))?;
+        .map_err(|e| ApiError::bad_request("invalid_params", e))
+}
+
+async fn create(
+    req: HttpRequest,
+    caller: Caller,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<JobsState>,
+) -> Result<HttpResponse, ApiError> {
+    let company = parse_uuid("company_id", &path)?;
+    if !role(&caller, company)?.may_write() {
+        return Err(ApiError::forbidden("viewers cannot create jobs"));
+    }
+    let input: CreateJob = http::json_body(&req, &body, "job request")?;
+    let registry = &state.shard.registry;
+    if let Err(refusal) = check_job(&input, registry, state.queue.max_params_size.bytes()) {
+        // Shards may run different kinds, checks and limits for a while (a rollout): a request
+        // a stale route sent here must get the 421 that makes the gateway try the company's
+        // own shard, not a refusal that shard may not give.
+        fence::check(&state.shard.pool.get().await?, company).await?;
+        return Err(refusal);
+    }
     let idempotency_key = idempotency_key(&req)?;
     let shard_id = &state.shard.shard_id;
 
