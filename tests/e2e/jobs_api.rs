@@ -1705,6 +1705,59 @@ async fn sigterm_lets_an_in_flight_request_and_its_job_finish() {
 }
 
 #[actix_web::test]
+async fn a_job_whose_read_back_is_stuck_is_answered_as_written_soon_after_the_wait() {
+    // The job is written, but reading it back at the end of the synchronous wait hangs (here
+    // behind a lock on the table; in life an exhausted pool or an overloaded database). The
+    // request answers 202 with the job as written a second after its wait, not once the read
+    // gets through: by then the gateway would have answered 504, and a client without an
+    // Idempotency-Key would send the request again.
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    own(&db, company, "owned").await;
+    let mut cmd = shard_node(&db.url, true, 0);
+    cmd.env("TENANTRY_API__SYNC_WAIT", "2s");
+    let node = Served::start(&mut cmd, 1);
+    let (url, auth) = (
+        format!("{}/v1/companies/{company}/jobs", node.url("api")),
+        member_token(company),
+    );
+    let started = std::time::Instant::now();
+    let post = actix_web::rt::spawn(async move {
+        let mut r = http()
+            .post(url)
+            .bearer_auth(auth)
+            .send_json(&json!({"kind": "echo", "params": {}}))
+            .await
+            .unwrap();
+        let job: JobView = r.json().await.unwrap();
+        (r.status().as_u16(), job, started.elapsed())
+    });
+    let written = until_count(&db, "SELECT count(*) FROM jobs", 1, Duration::from_secs(5)).await;
+    assert_eq!(written, 1, "the job was written");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let (status, job, took) = tokio::time::timeout(Duration::from_secs(8), post)
+        .await
+        .expect("answered while the table was still locked")
+        .unwrap();
+    lock.rollback().await.unwrap();
+    assert_eq!((status, job.state), (202, JobState::Waiting));
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_millis(4500),
+        "the wait (2 s) and the last read's limit (1 s): {took:?}"
+    );
+    let logs = node.logs_to_end(Duration::from_millis(500)).join("\n");
+    assert!(
+        logs.contains("reading the job back ran past the synchronous wait"),
+        "{logs}"
+    );
+}
+
+#[actix_web::test]
 async fn a_job_whose_commit_lost_its_connection_is_answered_as_created_not_as_a_failure() {
     // The connection drops while the COMMIT is under way, and the COMMIT takes effect: the
     // job exists, and a 503 would make the client send it again and create a second one.

@@ -27,6 +27,12 @@ use uuid::Uuid;
 
 use crate::fence;
 
+/// How far past `api.sync_wait` a job request may still be reading its job back before it
+/// answers `202` with the job as written: the reads take a connection from the shard's pool,
+/// which may be exhausted, and a gateway gives up on the request at `gateway.upstream_timeout`
+/// (10 s by default), after which a client without an `Idempotency-Key` would send it again.
+pub const LAST_READ_LIMIT: Duration = Duration::from_secs(1);
+
 /// Longest accepted `Idempotency-Key`.
 pub const MAX_IDEMPOTENCY_KEY: usize = 200;
 
@@ -221,16 +227,23 @@ async fn create(
     let record = enqueued.record().clone();
     let deadline = started + state.sync_wait;
     let shard = &state.shard;
+    let wait = shard.listener.wait_until_finished(
+        &shard.pool,
+        record.clone(),
+        deadline,
+        enqueued_awaited,
+        WhenFull::Answer,
+    );
     let waited = tokio::select! {
-        waited = shard
-            .listener
-            .wait_until_finished(
-                &shard.pool,
-                record.clone(),
-                deadline,
-                enqueued_awaited,
-                WhenFull::Answer,
-            ) => waited,
+        waited = tokio::time::timeout_at((deadline + LAST_READ_LIMIT).into(), wait) => {
+            waited.unwrap_or_else(|_| {
+                tracing::warn!(
+                    job.id = %record.view.id,
+                    "reading the job back ran past the synchronous wait; answering with the job as written"
+                );
+                Ok(Some(record.clone()))
+            })
+        }
         () = state.stopping() => {
             tracing::info!(job.id = %record.view.id, "node stopping; answering before the job has finished");
             Ok(Some(record.clone()))
