@@ -1269,18 +1269,27 @@ async fn a_company_queue_that_refuses_events_holds_up_only_its_own_events() {
         .expect("A's event");
     let event: Value = serde_json::from_slice(&event.delivery.data).unwrap();
     assert_eq!(event["company_id"], a.to_string());
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM outbox WHERE tries > 0")
+            .await,
+        0,
+        "the rows that held A's refused event are deleted once it is published: the row it \
+         came from keeps it"
+    );
     broker.cleanup().await;
 }
 
 #[tokio::test]
 async fn refused_events_wait_at_most_a_minute_however_often_they_were_refused() {
-    // The requeue statement merges a batch's refused events into one row, counts on from the
-    // most refused of their rows, and caps the wait at 60 s, also after days of refusals.
+    // The requeue statement moves a batch's refused events to one row per refusal count of
+    // the rows they came from, counts on from it, and caps the wait at 60 s, also after days
+    // of refusals; events refused for the first time wait 1 s, whatever shares their batch.
     let db = TestDb::new(Schema::Shard).await;
     let c = db.client().await;
     let ids: Vec<i64> = c
         .query(
-            "INSERT INTO outbox (events, tries) VALUES ('[]', 2), ('[]', 5000) RETURNING id",
+            "INSERT INTO outbox (events, tries) VALUES ('[]', 2), ('[]', 5000), ('[]', 0)
+             RETURNING id",
             &[],
         )
         .await
@@ -1288,39 +1297,89 @@ async fn refused_events_wait_at_most_a_minute_however_often_they_were_refused() 
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let bodies = vec![r#"{"n": 1}"#.to_owned(), r#"{"n": 2}"#.to_owned()];
-    let row = c
-        .query_one(tenantry_queue::relay::REQUEUE_SQL, &[&bodies, &ids])
+    let bodies: Vec<String> = (1..=4).map(|n| format!(r#"{{"n": {n}}}"#)).collect();
+    let sources = vec![ids[0], ids[1], ids[0], ids[2]];
+    let mut moved: Vec<(i32, Value, f64)> = Vec::new();
+    for row in c
+        .query(tenantry_queue::relay::REQUEUE_SQL, &[&bodies, &sources])
         .await
-        .unwrap();
-    let (id, tries): (i64, i32) = (row.get(0), row.get(1));
-    assert_eq!(tries, 5001);
-    let r = c
-        .query_one(
-            "SELECT events, extract(epoch FROM not_before - now())::float8 FROM outbox WHERE id = $1",
-            &[&id],
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.get::<_, Value>(0), json!([{"n": 1}, {"n": 2}]));
-    let wait: f64 = r.get(1);
-    assert!(
-        (55.0..=61.0).contains(&wait),
-        "waits about a minute: {wait} s"
+        .unwrap()
+    {
+        let (id, tries, n): (i64, i32, i32) = (row.get(0), row.get(1), row.get(2));
+        let r = c
+            .query_one(
+                "SELECT events, extract(epoch FROM not_before - now())::float8 FROM outbox
+                  WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        let events: Value = r.get(0);
+        assert_eq!(events.as_array().map(Vec::len), Some(n as usize));
+        moved.push((tries, events, r.get(1)));
+    }
+    moved.sort_by_key(|(tries, _, _)| *tries);
+    let waits: Vec<f64> = moved.iter().map(|(_, _, wait)| *wait).collect();
+    let moved: Vec<(i32, Value)> = moved.into_iter().map(|(t, e, _)| (t, e)).collect();
+    assert_eq!(
+        moved,
+        vec![
+            (1, json!([{"n": 4}])),
+            (3, json!([{"n": 1}, {"n": 3}])),
+            (5001, json!([{"n": 2}])),
+        ]
     );
-    let first = c
-        .query_one(
-            "WITH o AS (INSERT INTO outbox (events) VALUES ('[]') RETURNING id) SELECT id FROM o",
+    let near = |wait: f64, want: f64| (want - 2.0..=want + 1.0).contains(&wait);
+    assert!(
+        near(waits[0], 1.0) && near(waits[1], 4.0) && near(waits[2], 60.0),
+        "1 s, 4 s and at most a minute: {waits:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_relay_batch_reads_only_the_rows_within_its_message_cap() {
+    // A shard outbox row holds a whole completion batch: a batch of rows of 1,800 events each
+    // reads the events of the rows up to the one that reaches 5,000 events, not of every row
+    // it locks.
+    let db = TestDb::new(Schema::Shard).await;
+    let mut c = db.client().await;
+    let ids: Vec<i64> = c
+        .query(
+            "INSERT INTO outbox (events)
+             SELECT (SELECT jsonb_agg(jsonb_build_object('company_id', 'c', 'n', e))
+                       FROM generate_series(1, 1800) e)
+               FROM generate_series(1, 6)
+             RETURNING id",
             &[],
         )
         .await
         .unwrap()
-        .get::<_, i64>(0);
-    let row = c
-        .query_one(tenantry_queue::relay::REQUEUE_SQL, &[&bodies, &vec![first]])
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, i32>(1), 1, "a first refusal");
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let select = tenantry_queue::relay::SELECT_SQL;
+    assert!(
+        select.contains(&format!(
+            "before < {}",
+            tenantry_core::relay::MAX_BATCH_MESSAGES
+        )),
+        "the select's cap is the relay's"
+    );
+    let ids_of =
+        |rows: Vec<tokio_postgres::Row>| -> Vec<i64> { rows.iter().map(|r| r.get(0)).collect() };
+    let none: Vec<i64> = Vec::new();
+    let tx = c.transaction().await.unwrap();
+    let batch = ids_of(tx.query(select, &[&4i64, &none]).await.unwrap());
+    assert_eq!(batch, ids[..3], "1,800 + 1,800 + 1,800 crosses 5,000");
+    // Another relay skips the rows the first one locked (four: its row limit).
+    let other = db.client().await;
+    let next = ids_of(other.query(select, &[&100i64, &none]).await.unwrap());
+    assert_eq!(next, ids[4..]);
+    tx.rollback().await.unwrap();
+    // Rows a relay holds back (refused, waiting) are left out, and the cap counts on after them.
+    let held = vec![ids[0]];
+    let batch = ids_of(other.query(select, &[&100i64, &held]).await.unwrap());
+    assert_eq!(batch, ids[1..4]);
 }
 
 #[tokio::test]

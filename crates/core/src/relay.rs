@@ -13,12 +13,15 @@
 //! second relay wait for the first and then skip what it published.
 //!
 //! A batch is at most 100 rows and stops after the row that reaches 5,000 messages, so memory
-//! and a failed batch's re-sends stay bounded. A message RabbitMQ refuses (a nack: typically a
+//! and a failed batch's re-sends stay bounded; a select over rows of many messages stops there
+//! itself (the shard's does), so the rows past it are not read. A message RabbitMQ refuses (a nack: typically a
 //! queue bound for one company is full and set to `x-overflow: reject-publish`) holds up only
 //! itself, not every other company's events. With [`Relay::requeue`] the refused messages of a
-//! row move together to a new row, which records when to try them again (1 s after the first
-//! refusal, doubling to 60 s, for every relay of the database), and the row they came from is
-//! marked published, so what RabbitMQ accepted is not sent again. Without it the refused row
+//! batch move to new rows, one per refusal count, which record when to try them again (1 s
+//! after the first refusal, doubling to 60 s, for every relay of the database), and the rows
+//! they came from are marked published, so what RabbitMQ accepted is not sent again; such a
+//! row of copies, once published or moved on itself, is deleted ([`Relay::spent`]), as the
+//! rows they came from keep every message. Without it the refused row
 //! stays unpublished and this relay leaves it out of its batches for the same waits.
 //!
 //! A relay stops between two batches when the process shuts down, or abandons the batch it is
@@ -72,12 +75,16 @@ pub struct Relay {
     /// Poked when new rows may be waiting (e.g. by a LISTEN connection); `poll` is the fallback.
     pub wake: Arc<Notify>,
     pub poll: Duration,
-    /// For an outbox whose rows hold many messages: inserts one row holding just a batch's
-    /// refused messages (`$1`: their bodies, `text[]`; `$2`: the rows they came from, `int8[]`),
-    /// not to be selected before its wait (1 s after the first refusal, doubling to 60 s), and
-    /// returns its id and how often its messages were refused. `None`: a refused row itself
+    /// For an outbox whose rows hold many messages: inserts rows holding just a batch's
+    /// refused messages (`$1`: their bodies, `text[]`; `$2`: the row each came from, `int8[]`),
+    /// one per refusal count of the rows they came from, each not to be selected before its
+    /// wait (1 s after the first refusal, doubling to 60 s), and returns for each its id, how
+    /// often its messages were refused, and how many it holds. `None`: a refused row itself
     /// waits, left out of this relay's batches (right when a row holds one message).
     pub requeue: Option<&'static str>,
+    /// With `requeue`: deletes, of the rows a batch just published (`$1`, `int8[]`), those that
+    /// only held copies of refused messages (the rows they came from keep them).
+    pub spent: Option<&'static str>,
     /// Deletes old published rows, in a small batch; run about once a minute while idle.
     /// `None` when something else prunes the outbox (the shard's queue janitor does).
     pub prune: Option<&'static str>,
@@ -105,7 +112,7 @@ pub async fn declare_exchange(
 }
 
 /// Messages published per batch, at most (plus those of the row that crosses it).
-const MAX_BATCH_MESSAGES: usize = 5_000;
+pub const MAX_BATCH_MESSAGES: usize = 5_000;
 
 /// Longest wait for RabbitMQ to accept a connection, or to take and confirm a batch.
 pub const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -317,7 +324,7 @@ impl Relay {
             }
         }
         let mut published = Vec::with_capacity(ids.len());
-        // With `requeue`: the batch's refused messages, and the rows they came from.
+        // With `requeue`: the batch's refused messages, and the row each came from.
         let (mut bodies, mut sources) = (Vec::new(), Vec::new());
         for ((id, row), refused) in ids.iter().zip(&rows).zip(refused) {
             if refused.is_empty() {
@@ -326,8 +333,8 @@ impl Relay {
                 let messages = (self.messages)(row)?;
                 for n in refused {
                     bodies.push(String::from_utf8(messages[n].body.clone())?);
+                    sources.push(*id);
                 }
-                sources.push(*id);
                 published.push(*id);
             } else {
                 let (times, wait) = held.refused(*id);
@@ -343,29 +350,32 @@ impl Relay {
             }
         }
         if let (Some(requeue), false) = (self.requeue, bodies.is_empty()) {
-            // One row for the whole batch's refused messages, so the rows waiting to be tried
-            // again grow with the batches that meet a refusal, not with every row that does.
-            let row = tx.query_one(requeue, &[&bodies, &sources]).await?;
-            let (waits_in, tries): (i64, i32) = (row.try_get(0)?, row.try_get(1)?);
-            let (refused, rows) = (bodies.len(), sources.len());
-            if tries == 1 {
-                tracing::warn!(
-                    relay = self.name,
-                    refused,
-                    rows,
-                    waits_in,
-                    "RabbitMQ refused messages (nack: a full queue set to reject-publish?); they wait in outbox row `waits_in` and are tried again later"
-                );
-            } else {
-                tracing::debug!(
-                    relay = self.name,
-                    refused,
-                    rows,
-                    waits_in,
-                    tries,
-                    "RabbitMQ refused messages again; they wait in outbox row `waits_in`"
-                );
+            // A row per refusal count, not per refused row, so the rows waiting to be tried
+            // again grow with the batches that meet a refusal, not with every row that does,
+            // and a message refused for the first time waits 1 s, whatever else was refused.
+            for row in tx.query(requeue, &[&bodies, &sources]).await? {
+                let (waits_in, tries, refused): (i64, i32, i32) =
+                    (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+                if tries == 1 {
+                    tracing::warn!(
+                        relay = self.name,
+                        refused,
+                        waits_in,
+                        "RabbitMQ refused messages (nack: a full queue set to reject-publish?); they wait in outbox row `waits_in` and are tried again later"
+                    );
+                } else {
+                    tracing::debug!(
+                        relay = self.name,
+                        refused,
+                        waits_in,
+                        tries,
+                        "RabbitMQ refused messages again; they wait in outbox row `waits_in`"
+                    );
+                }
             }
+        }
+        if let Some(spent) = self.spent {
+            tx.execute(spent, &[&published]).await?;
         }
         tx.execute(
             "UPDATE outbox SET published_at = now() WHERE id = ANY($1)",

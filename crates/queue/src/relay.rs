@@ -25,10 +25,7 @@ pub async fn run(pool: Pool, amqp_url: String, exchange: String, shutdown: Cance
         amqp_url,
         exchange,
         kind: ExchangeKind::Topic,
-        select: "SELECT id, events FROM outbox
-                  WHERE published_at IS NULL AND (not_before IS NULL OR not_before <= now())
-                    AND id <> ALL($2::int8[])
-                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        select: SELECT_SQL,
         messages,
         // Completions are batched; a 200 ms poll keeps the relay cheap and events prompt.
         wake: Arc::default(),
@@ -36,6 +33,7 @@ pub async fn run(pool: Pool, amqp_url: String, exchange: String, shutdown: Cance
         // A row holds a whole completion batch, for many companies: refused events move to a
         // row of their own, so the others are not sent again.
         requeue: Some(REQUEUE_SQL),
+        spent: Some("DELETE FROM outbox WHERE id = ANY($1::int8[]) AND tries > 0"),
         // The queue's janitor prunes the shard outbox with the finished jobs.
         prune: None,
     }
@@ -43,18 +41,38 @@ pub async fn run(pool: Pool, amqp_url: String, exchange: String, shutdown: Cance
     .await
 }
 
-/// Moves a relay batch's refused events (`$1`) out of their rows (`$2`) to a row of their own:
-/// refused once more than the most refused of those rows, and not to be tried again before
-/// 1 s after the first refusal, doubling to 60 s (the exponent is capped before it is raised,
-/// so a row refused for days cannot overflow it). `clock_timestamp()`, not the transaction's
-/// start: the batch may have waited for RabbitMQ's confirms.
+/// The unpublished rows in id order (`$1` rows at most, none of `$2`), locked (skipping those
+/// another relay holds), and of those the events of the rows up to the one that reaches the
+/// relay's message cap ([`tenantry_core::relay::MAX_BATCH_MESSAGES`], 5,000): a row holds a
+/// whole completion batch (up to `queue.complete_batch` events), and the batch would leave the
+/// rest out anyway, so only their counts leave the database.
+pub const SELECT_SQL: &str = "
+    WITH candidates AS (
+        SELECT id, jsonb_array_length(events) AS n FROM outbox
+         WHERE published_at IS NULL AND (not_before IS NULL OR not_before <= now())
+           AND id <> ALL($2::int8[])
+         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+    ), capped AS (
+        SELECT id FROM (SELECT id, sum(n) OVER (ORDER BY id) - n AS before FROM candidates) c
+         WHERE before < 5000
+    )
+    SELECT o.id, o.events FROM outbox o JOIN capped USING (id) ORDER BY o.id";
+
+/// Moves a relay batch's refused events (`$1`) out of their rows (`$2`, one per event) to rows
+/// of their own, one per refusal count of the rows they came from: each refused once more than
+/// its events' rows, and not to be tried again before 1 s after the first refusal, doubling to
+/// 60 s (the exponent is capped before it is raised, so a row refused for days cannot overflow
+/// it). Events refused for the first time thus wait 1 s even when they share a batch with
+/// events refused for days. `clock_timestamp()`, not the transaction's start: the batch may
+/// have waited for RabbitMQ's confirms.
 pub const REQUEUE_SQL: &str = "
     INSERT INTO outbox (events, tries, not_before)
-    SELECT (SELECT jsonb_agg(e::jsonb ORDER BY n) FROM unnest($1::text[]) WITH ORDINALITY r(e, n)),
-           o.tries + 1,
+    SELECT jsonb_agg(r.e::jsonb ORDER BY r.n), o.tries + 1,
            clock_timestamp() + least(60, 2 ^ least(o.tries, 6)) * interval '1 second'
-      FROM (SELECT max(tries) AS tries FROM outbox WHERE id = ANY($2::int8[])) o
-    RETURNING id, tries";
+      FROM unnest($1::text[], $2::int8[]) WITH ORDINALITY r(e, src, n)
+      JOIN outbox o ON o.id = r.src
+     GROUP BY o.tries
+    RETURNING id, tries, jsonb_array_length(events)";
 
 /// One message per event of the row, routed by company.
 fn messages(row: &tokio_postgres::Row) -> anyhow::Result<Vec<Message>> {

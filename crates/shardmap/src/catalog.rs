@@ -271,6 +271,7 @@ pub fn relay(
         poll: std::time::Duration::from_secs(1),
         // One message per row: a refused row itself waits.
         requeue: None,
+        spent: None,
         // Published changes are kept a day (for operators), then deleted 1000 at a time.
         prune: Some(
             "DELETE FROM outbox WHERE id IN (
