@@ -644,3 +644,64 @@ async fn a_shard_with_companies_cannot_be_pointed_at_a_database_that_is_not_its_
     assert!(err.contains("it is never created empty"), "{err}");
     assert!(!lost.exists().await);
 }
+
+#[tokio::test]
+async fn a_shard_that_still_holds_companies_is_not_retired() {
+    // `migrate up` leaves retired shards out: a company left on one would be served from a
+    // schema that falls behind.
+    let catalog = TestDb::new(Schema::Catalog).await;
+    let s1 = TestDb::new(Schema::Empty).await;
+    let dir = tempdir();
+    let file = dir.join("map.toml");
+    let apply = |extra: &str| {
+        std::fs::write(
+            &file,
+            map(&[("shard-1", &s1, "http://127.0.0.1:8101")], extra),
+        )
+        .unwrap();
+        run(tenantry()
+            .args(["admin", "shard", "apply"])
+            .arg(&file)
+            .env("TENANTRY_CATALOG__URL", &catalog.url))
+    };
+    let (code, _, err) = apply("");
+    assert_eq!(code, 0, "{err}");
+    for state in ["active", "provisioning", "deleted"] {
+        catalog
+            .exec(&format!(
+                "INSERT INTO tenants (id, name, shard_id, state)
+                 VALUES ('{}', '{state}', 'shard-1', '{state}')",
+                Uuid::now_v7()
+            ))
+            .await;
+    }
+    let state = || async {
+        catalog
+            .client()
+            .await
+            .query_one("SELECT state FROM shards WHERE id = 'shard-1'", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    let before = outbox_rows(&catalog).await;
+    let retire = "state = \"retired\"\naccepting = false\n";
+    let (code, out, err) = apply(retire);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("shards to retire still hold companies: shard-1 (2)")
+            && err.contains("the catalog's shards were not changed"),
+        "{err}"
+    );
+    assert_eq!(state().await, "active");
+    assert_eq!(outbox_rows(&catalog).await, before, "nothing was announced");
+    // Once its companies are gone it can be retired, and a file that says so again is fine.
+    catalog
+        .exec("UPDATE tenants SET state = 'deleted' WHERE shard_id = 'shard-1'")
+        .await;
+    for _ in 0..2 {
+        let (code, _, err) = apply(retire);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(state().await, "retired");
+    }
+}

@@ -172,6 +172,13 @@ pub async fn apply(
                  the catalog's shards were not changed (the shard databases this run prepared \
                  are left as they are)"
             ),
+            Err(catalog::UpsertError::RetiringWithCompanies(held)) => anyhow::bail!(
+                "{}: a retired shard is left out of migrations, so retire a shard only once \
+                 it holds no company (set accepting = false first, so no new company is placed \
+                 there); the catalog's shards were not changed (the shard databases this run \
+                 prepared are left as they are)",
+                catalog::UpsertError::RetiringWithCompanies(held)
+            ),
             Err(catalog::UpsertError::Db(e)) => {
                 return Err(anyhow::Error::new(e).context("updating the catalog"));
             }

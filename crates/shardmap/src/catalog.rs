@@ -4,7 +4,7 @@ use serde::Serialize;
 use serde_json::json;
 use tokio_postgres::{Client, GenericClient};
 
-use crate::file::ShardSpec;
+use crate::file::{ShardSpec, ShardState};
 
 /// A shard as the catalog knows it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -107,8 +107,20 @@ pub enum UpsertError {
     /// The catalog serves another environment (recorded by another apply meanwhile).
     #[error("the catalog serves environment {0:?}")]
     OtherEnvironment(String),
+    /// Shards the map retires that still hold companies (provisioning or active), with how
+    /// many each.
+    #[error("shards to retire still hold companies: {}", held(.0))]
+    RetiringWithCompanies(Vec<(String, i64)>),
     #[error(transparent)]
     Db(#[from] tokio_postgres::Error),
+}
+
+fn held(shards: &[(String, i64)]) -> String {
+    shards
+        .iter()
+        .map(|(id, n)| format!("{id} ({n})"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Upserts declared shards in one transaction. Each created or changed shard bumps its own
@@ -142,6 +154,37 @@ pub async fn upsert_shards(
             .get(0);
         if recorded != environment {
             return Err(UpsertError::OtherEnvironment(recorded));
+        }
+    }
+    // A shard is retired only once it holds no company: `migrate up` leaves retired shards
+    // out, and a company left on one would be served from a schema that falls behind. The
+    // shard rows are locked before the count, so a creation choosing one of them (which takes
+    // its row `FOR SHARE`) has either committed and is counted, or waits and then finds it
+    // retired.
+    let retiring: Vec<&str> = specs
+        .iter()
+        .filter(|s| s.state == ShardState::Retired)
+        .map(|s| s.id.as_str())
+        .collect();
+    if !retiring.is_empty() {
+        tx.execute(
+            "SELECT 1 FROM shards WHERE id = ANY($1) AND state <> 'retired' FOR UPDATE",
+            &[&retiring],
+        )
+        .await?;
+        let held: Vec<(String, i64)> = tx
+            .query(
+                "SELECT t.shard_id, count(*) FROM tenants t JOIN shards s ON s.id = t.shard_id
+                  WHERE t.shard_id = ANY($1) AND s.state <> 'retired' AND t.state <> 'deleted'
+                  GROUP BY t.shard_id ORDER BY t.shard_id",
+                &[&retiring],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        if !held.is_empty() {
+            return Err(UpsertError::RetiringWithCompanies(held));
         }
     }
     let existing = list_shards(&tx).await?;

@@ -142,7 +142,9 @@ pub enum CreateError {
 /// Creates company `id` named `name`:
 ///
 /// 1. catalog: insert the tenant as `provisioning` on the shard with the fewest tenants per
-///    unit of weight among those accepting new tenants (or find the existing row);
+///    unit of weight among those accepting new tenants (or find the existing row), whose row
+///    stays locked `FOR SHARE` until this commits, so `shard apply` cannot retire it between
+///    the choice and the insert (see `catalog::upsert_shards`);
 /// 2. shard: insert its placement as `owned` (a no-op if present);
 /// 3. catalog: mark it `active`, bump its version, write the outbox row.
 ///
@@ -164,7 +166,7 @@ pub async fn create(
                   ORDER BY (SELECT count(*) FROM tenants t
                              WHERE t.shard_id = s.id AND t.state <> 'deleted')::float8
                            / s.weight, s.id
-                  LIMIT 1)
+                  LIMIT 1 FOR SHARE OF s)
              INSERT INTO tenants (id, name, shard_id, state)
              SELECT $1, $2, choice.id, 'provisioning' FROM choice
              ON CONFLICT (id) DO NOTHING
