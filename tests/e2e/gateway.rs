@@ -1921,6 +1921,132 @@ async fn a_gateway_acknowledges_what_it_applied_and_so_keeps_receiving() {
     env.broker.cleanup().await;
 }
 
+const FLUSHES: &str = "tenantry_gateway_cache_events_total{event=\"flush\"}";
+const MISSES: &str = "tenantry_gateway_cache_events_total{event=\"miss\"}";
+
+#[actix_web::test]
+async fn a_gap_in_map_versions_drops_the_cache() {
+    // The gateway's queue drops its oldest messages when it falls behind; the next message's
+    // map version then skips some, and the routes they changed may be stale.
+    let company = Uuid::now_v7();
+    let env = fake_env(&[company], &[]).await;
+    let exchange = env.broker.exchange("shardmap");
+    let version: i64 = env
+        ._catalog
+        .client()
+        .await
+        .query_one("SELECT version FROM shard_map_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let url = format!("{}/v1/companies/{company}/quick", env.base);
+    let auth = company_token(company, "admin");
+    let get = || async {
+        http()
+            .get(&url)
+            .bearer_auth(&auth)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(get().await, 200);
+    let (flushes, misses) = (
+        metric(&env.base, FLUSHES).await,
+        metric(&env.base, MISSES).await,
+    );
+    let noise = "tenantry_gateway_map_messages_total{type=\"unknown\"}";
+    let heard = |n: f64| until_metric(&env.base, noise, n, Duration::from_secs(10));
+    // The next version, and one already known: nothing was missed.
+    publish(
+        &exchange,
+        &[
+            json!({"type": "noise", "map_version": version + 1}),
+            json!({"type": "noise", "map_version": version}),
+        ],
+    )
+    .await;
+    assert_eq!(heard(2.0).await, 2.0);
+    assert_eq!(get().await, 200);
+    assert_eq!(metric(&env.base, FLUSHES).await, flushes, "no flush");
+    assert_eq!(
+        metric(&env.base, MISSES).await,
+        misses,
+        "the route stayed cached"
+    );
+    // Two versions skipped.
+    publish(
+        &exchange,
+        &[json!({"type": "noise", "map_version": version + 4})],
+    )
+    .await;
+    assert_eq!(heard(3.0).await, 3.0);
+    assert_eq!(metric(&env.base, FLUSHES).await, flushes + 1.0);
+    assert_eq!(get().await, 200);
+    assert_eq!(
+        metric(&env.base, MISSES).await,
+        misses + 1.0,
+        "the route was read again"
+    );
+    env.broker.cleanup().await;
+}
+
+#[actix_web::test]
+async fn with_rabbitmq_unreachable_routes_are_read_again_only_when_the_shard_map_changed() {
+    // While disconnected the gateway reads the catalog's map version every
+    // gateway.disconnected_ttl, not every cached route: one query per interval however many
+    // companies it serves.
+    let company = Uuid::now_v7();
+    let fake = fake_shard().await;
+    let catalog = one_shard_catalog(vec![fake.url.clone()], company).await;
+    let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let broker = TestBroker::new().await;
+    let exchange = broker.exchange("shardmap");
+    let gw = start_gateway(&mut gateway_cmd(
+        &catalog.url,
+        &format!("amqp://guest:guest@{}/%2f", proxy.addr),
+        &exchange,
+        &[("TENANTRY_GATEWAY__DISCONNECTED_TTL", "200ms")],
+    ));
+    let base = gw.url("gateway");
+    let url = format!("{base}/v1/companies/{company}/quick");
+    let auth = company_token(company, "admin");
+    let get = || async {
+        http()
+            .get(&url)
+            .bearer_auth(&auth)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(get().await, 200);
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (flushes, misses) = (metric(&base, FLUSHES).await, metric(&base, MISSES).await);
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(get().await, 200);
+    }
+    assert_eq!(
+        metric(&base, MISSES).await,
+        misses,
+        "an unchanged shard map leaves cached routes alone"
+    );
+    assert_eq!(metric(&base, FLUSHES).await, flushes);
+    // The company is deleted: the map version moves, and the route goes within a few polls.
+    catalog
+        .exec(&format!(
+            "UPDATE tenants SET state = 'deleted', version = version + 1 WHERE id = '{company}';
+             UPDATE shard_map_version SET version = version + 1"
+        ))
+        .await;
+    assert_eq!(until_status(&url, &auth, 404).await, 404);
+    assert_eq!(metric(&base, FLUSHES).await, flushes + 1.0);
+    proxy.restore();
+    broker.cleanup().await;
+}
+
 #[actix_web::test]
 async fn a_shard_change_heard_while_the_catalog_is_unreachable_is_applied_once_it_is_back() {
     // The gateway reaches the catalog through a proxy that the test cuts. A `shard.changed`

@@ -131,7 +131,8 @@ pub struct GatewayConfig {
     /// How long an unknown company is remembered as unknown; default 2s.
     #[serde(with = "humantime_serde")]
     pub negative_ttl: Duration,
-    /// Revalidation age of cached routes while RabbitMQ is unreachable; default 1s.
+    /// While RabbitMQ is unreachable, how often the catalog's map version is read (the routing
+    /// cache is dropped when it changed); default 1s.
     #[serde(with = "humantime_serde")]
     pub disconnected_ttl: Duration,
     /// Active health checks of shard endpoints; default 2s.

@@ -1,8 +1,9 @@
 //! The gateway's ear on RabbitMQ: its own exclusive, server-named queue bound to the
 //! shard-map fan-out exchange. Messages update the routing cache; every (re)connection drops
-//! the cache first, because messages may have been missed while away. While disconnected the
-//! gateway keeps serving, revalidating cached routes on a short TTL, and reconnects with
-//! backoff.
+//! the cache first, because messages may have been missed while away, and so does a message
+//! whose map version skips some (its queue dropped them). While disconnected the gateway keeps
+//! serving from the cache, reads the catalog's map version every `gateway.disconnected_ttl`
+//! and drops the cache when it changed, and reconnects with backoff.
 
 use std::{
     sync::{
@@ -31,7 +32,7 @@ use tenantry_core::relay::{self, BROKER_TIMEOUT};
 use crate::{metrics, router::Router};
 
 /// Messages kept for a gateway that is not keeping up; older ones are dropped first (the
-/// shards' fencing keeps routing correct, and a reconnect flushes the cache anyway).
+/// shards' fencing keeps routing correct, and the gap in map versions flushes the cache).
 const MAX_QUEUED: i64 = 100_000;
 
 /// Messages RabbitMQ hands the gateway before it has acknowledged them. The rest wait in the
@@ -41,7 +42,7 @@ pub const PREFETCH: u16 = 64;
 
 pub async fn run(router: Arc<Router>, url: String, exchange: String, shutdown: CancellationToken) {
     let connections = AtomicU64::new(0);
-    tenantry_core::shutdown::reconnecting(
+    let subscription = tenantry_core::shutdown::reconnecting(
         "shard-map subscription",
         &shutdown,
         Duration::from_millis(100),
@@ -50,12 +51,52 @@ pub async fn run(router: Arc<Router>, url: String, exchange: String, shutdown: C
             let result = listen(&router, &url, &exchange, &shutdown, &connections).await;
             router.on_disconnected();
             if result.is_err() {
-                tracing::warn!("serving routes from cache, re-read after gateway.disconnected_ttl");
+                tracing::warn!(
+                    "serving routes from cache, dropped when the catalog's shard map changes"
+                );
             }
             result
         },
-    )
-    .await
+    );
+    tokio::join!(subscription, watch_while_disconnected(&router, &shutdown));
+}
+
+/// While the subscription is down: reads the catalog's map version every
+/// `gateway.disconnected_ttl`, and when it differs from the one the cache is current with,
+/// drops the cache and re-reads the shard table. One small query per interval, however many
+/// companies are cached; a catalog that is unreachable too leaves the cache as it is (the
+/// shards' fencing still turns a stale route into a 421 and a reload).
+async fn watch_while_disconnected(router: &Router, shutdown: &CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(router.disconnected_poll()) => {}
+        }
+        if router.is_connected() {
+            continue;
+        }
+        match router.catalog_version().await {
+            Ok(version) if version != router.known_version() => {
+                router.flush();
+                match router.reload_shards().await {
+                    Ok(()) => router.set_known_version(version),
+                    Err(e) => tracing::warn!(
+                        error = format!("{e:#}"),
+                        "re-reading the shard table failed; trying again"
+                    ),
+                }
+                tracing::info!(
+                    map_version = version,
+                    "the shard map changed while RabbitMQ is unreachable; cached routes dropped"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(
+                error = format!("{e:#}"),
+                "the catalog is unreachable too; serving routes from cache"
+            ),
+        }
+    }
 }
 
 async fn listen(
@@ -80,7 +121,7 @@ async fn listen(
     // Bound first, flushed second: every change from here on arrives as a message, and
     // everything before is re-read from the catalog.
     router.on_connected();
-    reload_shards(router, shutdown).await;
+    catch_up(router, shutdown).await;
     if connections.fetch_add(1, Ordering::Relaxed) > 0 {
         metrics::RECONNECTS.inc();
     }
@@ -172,7 +213,46 @@ async fn reload_shards(router: &Router, shutdown: &CancellationToken) {
     .await
 }
 
+/// After a flush: records the catalog's map version (the one the cache is now current with, to
+/// spot missed messages by) and re-reads the shard table, trying again as [`reload_shards`].
+async fn catch_up(router: &Router, shutdown: &CancellationToken) {
+    tenantry_core::shutdown::retrying(
+        shutdown,
+        Duration::from_millis(100),
+        Duration::from_secs(5),
+        || async {
+            let version = router.catalog_version().await?;
+            router.reload_shards().await?;
+            router.set_known_version(version);
+            anyhow::Ok(())
+        },
+        |e, wait| {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                retry_in_ms = wait.as_millis() as u64,
+                "re-reading the shard map failed; trying again"
+            );
+        },
+    )
+    .await
+}
+
 async fn handle(router: &Router, body: &[u8], shutdown: &CancellationToken) {
+    if let Some(version) = apply(router, body, shutdown).await
+        && router.heard_version(version)
+    {
+        tracing::warn!(
+            map_version = version,
+            "shard-map messages before this one were missed (the gateway's queue drops its \
+             oldest when it falls behind); cached routes dropped"
+        );
+        router.flush();
+        reload_shards(router, shutdown).await;
+    }
+}
+
+/// Applies one message; returns its map version.
+async fn apply(router: &Router, body: &[u8], shutdown: &CancellationToken) -> Option<i64> {
     let Ok(msg) = serde_json::from_slice::<Value>(body) else {
         metrics::MAP_MESSAGES
             .with_label_values(&["malformed"])
@@ -181,8 +261,9 @@ async fn handle(router: &Router, body: &[u8], shutdown: &CancellationToken) {
             bytes = body.len(),
             "ignoring a shard-map message that is not JSON"
         );
-        return;
+        return None;
     };
+    let version = msg.get("map_version").and_then(Value::as_i64);
     let kind = msg.get("type").and_then(Value::as_str).unwrap_or("");
     match kind {
         TENANT_CHANGED => match serde_json::from_value::<TenantChanged>(msg.clone()) {
@@ -211,4 +292,5 @@ async fn handle(router: &Router, body: &[u8], shutdown: &CancellationToken) {
             tracing::debug!(r#type = other, "ignoring an unknown shard-map message");
         }
     }
+    version
 }

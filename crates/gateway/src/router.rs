@@ -9,17 +9,19 @@
 //!
 //! Freshness: shard-map messages update or evict entries whose version is older
 //! ([`Router::apply`]); on every (re)connection to RabbitMQ the whole cache is dropped, since
-//! messages may have been missed; while disconnected, entries older than
-//! `gateway.disconnected_ttl` are re-read. None of this is needed for correctness — the shards
-//! fence every request — it keeps 421s rare.
+//! messages may have been missed, and so it is when a message's map version shows that some
+//! before it were (the gateway's queue drops its oldest past 100,000); while disconnected, the
+//! catalog's map version is read every `gateway.disconnected_ttl`, and the cache dropped when
+//! it changed. None of this is needed for correctness — the shards fence every request — it
+//! keeps 421s rare.
 
 use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use actix_web::http::{
@@ -122,7 +124,6 @@ impl ShardPool {
 #[derive(Clone)]
 struct Route {
     placement: Placement,
-    loaded: Instant,
 }
 
 impl Route {
@@ -132,10 +133,7 @@ impl Route {
     /// message for an uncached company changes nothing) would otherwise answer 404 for as long
     /// as it stayed cached.
     fn fresh(placement: Placement) -> Option<Route> {
-        placement.routable().then(|| Route {
-            placement,
-            loaded: Instant::now(),
-        })
+        placement.routable().then_some(Route { placement })
     }
 }
 
@@ -157,6 +155,10 @@ pub struct Router {
     /// Whether the shard table has been read from the catalog at least once.
     shards_loaded: AtomicBool,
     connected: AtomicBool,
+    /// The catalog's shard-map version the cache is known to be current with: read when the
+    /// subscription starts (after the flush) and while disconnected, raised by each message;
+    /// 0 when not known.
+    map_version: AtomicI64,
     disconnected_ttl: Duration,
     max_in_flight: usize,
 }
@@ -183,6 +185,7 @@ impl Router {
             reloading: tokio::sync::Mutex::new(()),
             shards_loaded: AtomicBool::new(false),
             connected: AtomicBool::new(false),
+            map_version: AtomicI64::new(0),
             disconnected_ttl: cfg.disconnected_ttl,
             max_in_flight: cfg.max_in_flight_per_shard,
         }
@@ -196,13 +199,8 @@ impl Router {
     /// deleted companies are 404.
     pub async fn resolve(&self, company: Uuid) -> Result<Resolved, ApiError> {
         if let Some(route) = self.routes.get(&company).await {
-            let stale = !self.connected.load(Ordering::Relaxed)
-                && route.loaded.elapsed() > self.disconnected_ttl;
-            if !stale {
-                metrics::CACHE.with_label_values(&["hit"]).inc();
-                return self.pool_for(company, route.placement).await;
-            }
-            self.routes.invalidate(&company).await;
+            metrics::CACHE.with_label_values(&["hit"]).inc();
+            return self.pool_for(company, route.placement).await;
         }
         if self.unknown.contains_key(&company) {
             metrics::CACHE.with_label_values(&["negative_hit"]).inc();
@@ -378,16 +376,57 @@ impl Router {
         self.unknown.invalidate(&company).await;
     }
 
-    /// Connected to RabbitMQ (again): anything cached may have missed messages.
-    pub fn on_connected(&self) {
+    /// Drops every cached route and unknown company: each is read from the catalog again.
+    pub fn flush(&self) {
         self.routes.invalidate_all();
         self.unknown.invalidate_all();
         metrics::CACHE.with_label_values(&["flush"]).inc();
-        self.connected.store(true, Ordering::Relaxed);
+    }
+
+    /// Connected to RabbitMQ (again): anything cached may have missed messages. The map
+    /// version is unknown until [`Router::known_version`] records the catalog's.
+    pub fn on_connected(&self) {
+        self.flush();
+        self.map_version.store(0, Ordering::Release);
+        self.connected.store(true, Ordering::Release);
     }
 
     pub fn on_disconnected(&self) {
-        self.connected.store(false, Ordering::Relaxed);
+        self.connected.store(false, Ordering::Release);
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// How often the catalog's map version is read while RabbitMQ is unreachable (at least
+    /// every 50 ms, also for a `gateway.disconnected_ttl` of 0).
+    pub fn disconnected_poll(&self) -> Duration {
+        self.disconnected_ttl.max(Duration::from_millis(50))
+    }
+
+    /// The catalog's current shard-map version.
+    pub async fn catalog_version(&self) -> anyhow::Result<i64> {
+        let client = self.catalog.get().await?;
+        Ok(catalog::map_version(&**client).await?)
+    }
+
+    /// The map version the cache is known to be current with (0: not known).
+    pub fn known_version(&self) -> i64 {
+        self.map_version.load(Ordering::Acquire)
+    }
+
+    /// Records that the cache is current with the catalog's map version `version`.
+    pub fn set_known_version(&self, version: i64) {
+        self.map_version.fetch_max(version, Ordering::AcqRel);
+    }
+
+    /// A message of map version `version` was applied: whether messages between the last known
+    /// version and it went missing (then the cache should be dropped). Versions go up by one
+    /// per change, and the catalog's relay publishes them in order.
+    pub fn heard_version(&self, version: i64) -> bool {
+        let known = self.map_version.fetch_max(version, Ordering::AcqRel);
+        known > 0 && version > known + 1
     }
 }
 
