@@ -2048,6 +2048,85 @@ async fn with_rabbitmq_unreachable_routes_are_read_again_only_when_the_shard_map
 }
 
 #[actix_web::test]
+async fn requests_for_a_shard_missing_from_the_table_share_one_failed_read_of_it() {
+    // A company's route names a shard the gateway's table lacks, and reading the table fails
+    // slowly (here behind a lock, with a 1 s statement timeout). A request shares the outcome
+    // of a read that started after it arrived, so it waits for two reads at most (the one under
+    // way when it came, and the next); they do not each read the table again in turn, the
+    // last one waiting for all the others.
+    let company = Uuid::now_v7();
+    let fake = fake_shard().await;
+    let catalog = one_shard_catalog(vec![fake.url.clone()], company).await;
+    let broker = TestBroker::new().await;
+    let exchange = broker.exchange("shardmap");
+    let gw = start_gateway(&mut gateway_cmd(
+        &catalog.url,
+        &amqp_url(),
+        &exchange,
+        &[
+            ("TENANTRY_RABBITMQ__RELAY_SHARDMAP", "false"),
+            ("TENANTRY_DATABASE__STATEMENT_TIMEOUT", "1s"),
+        ],
+    ));
+    let base = gw.url("gateway");
+    let url = format!("{base}/v1/companies/{company}/quick");
+    let auth = company_token(company, "admin");
+    let get = |url: String, auth: String| async move {
+        let started = Instant::now();
+        let status = http()
+            .get(url)
+            .bearer_auth(auth)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        (status.as_u16(), started.elapsed())
+    };
+    assert_eq!(get(url.clone(), auth.clone()).await.0, 200);
+    // A message moves the cached route to a shard the table does not have.
+    let version: i64 = catalog
+        .client()
+        .await
+        .query_one("SELECT version FROM shard_map_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let updates = metric(&base, ROUTE_UPDATES).await;
+    publish(
+        &exchange,
+        &[
+            json!({"type": "tenant.changed", "company_id": company, "shard_id": "shard-9",
+                 "state": "active", "version": 100, "map_version": version + 1}),
+        ],
+    )
+    .await;
+    assert!(
+        until_metric(&base, ROUTE_UPDATES, updates + 1.0, Duration::from_secs(10)).await > updates
+    );
+    let mut c = catalog.client().await;
+    let lock = c.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE shards IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let requests: Vec<_> = (0..6)
+        .map(|_| actix_web::rt::spawn(get(url.clone(), auth.clone())))
+        .collect();
+    let mut answers = Vec::new();
+    for r in requests {
+        answers.push(r.await.unwrap());
+    }
+    lock.rollback().await.unwrap();
+    for (status, took) in &answers {
+        assert_eq!(*status, 503, "{answers:?}");
+        assert!(
+            *took < Duration::from_millis(2800),
+            "two failed reads (1 s each) at most, not one after another: {answers:?}"
+        );
+    }
+    broker.cleanup().await;
+}
+
+#[actix_web::test]
 async fn a_shard_change_heard_while_the_catalog_is_unreachable_is_applied_once_it_is_back() {
     // The gateway reaches the catalog through a proxy that the test cuts. A `shard.changed`
     // that arrives meanwhile cannot be applied at once; it must be applied when the catalog

@@ -19,7 +19,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -152,6 +152,11 @@ pub struct Router {
     /// stored over a later one (the bus, a request meeting an unknown shard and the startup
     /// load all re-read it).
     reloading: tokio::sync::Mutex<()>,
+    /// Shard-table reads started so far, and whether the last one failed: a request that
+    /// waited its turn behind a read that started after it arrived does not read the table
+    /// again.
+    reads_started: AtomicU64,
+    last_reload_failed: AtomicBool,
     /// Whether the shard table has been read from the catalog at least once.
     shards_loaded: AtomicBool,
     connected: AtomicBool,
@@ -183,6 +188,8 @@ impl Router {
             unknown,
             shards: ArcSwap::from_pointee(HashMap::new()),
             reloading: tokio::sync::Mutex::new(()),
+            reads_started: AtomicU64::new(0),
+            last_reload_failed: AtomicBool::new(false),
             shards_loaded: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             map_version: AtomicI64::new(0),
@@ -284,12 +291,32 @@ impl Router {
     }
 
     /// [`Router::reload_shards`], skipped if shard `wanted` is in the table by the time this
-    /// call's turn comes.
+    /// call's turn comes, or if a read of the table started after this call did and so
+    /// finished while it waited (that read's outcome is this call's): requests for a shard the
+    /// catalog does not know, or arriving while the catalog is slow to fail, would otherwise
+    /// each read it in turn, each waiting as long. A call without `wanted` (a `shard.changed`
+    /// message) always reads it.
     async fn reload_shards_for(&self, wanted: Option<&str>) -> anyhow::Result<()> {
+        let arrived = self.reads_started.load(Ordering::Acquire);
         let _one_at_a_time = self.reloading.lock().await;
         if wanted.is_some_and(|id| self.has_shard(id)) {
             return Ok(());
         }
+        if wanted.is_some() && self.reads_started.load(Ordering::Acquire) != arrived {
+            return match self.last_reload_failed.load(Ordering::Acquire) {
+                true => Err(anyhow::anyhow!("the shard table could not be read")),
+                false => Ok(()),
+            };
+        }
+        self.reads_started.fetch_add(1, Ordering::AcqRel);
+        let read = self.read_shards().await;
+        self.last_reload_failed
+            .store(read.is_err(), Ordering::Release);
+        read
+    }
+
+    /// Reads the shard table and stores it (under `reloading`).
+    async fn read_shards(&self) -> anyhow::Result<()> {
         let client = self.catalog.get().await?;
         let rows = catalog::list_shards_uncounted(&**client).await?;
         let current = self.shards.load();
