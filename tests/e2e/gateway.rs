@@ -957,13 +957,18 @@ async fn fake_shard() -> FakeShard {
 /// A gateway in front of a stand-in shard that holds `companies` (`extra`: env overrides).
 struct FakeEnv {
     fake: FakeShard,
-    _catalog: TestDb,
+    catalog: TestDb,
     broker: TestBroker,
     _gw: Served,
     base: String,
 }
 
 async fn fake_env(companies: &[Uuid], extra: &[(&str, &str)]) -> FakeEnv {
+    fake_env_via(companies, &amqp_url(), extra).await
+}
+
+/// [`fake_env`] whose gateway reaches RabbitMQ at `amqp` (say, through a proxy).
+async fn fake_env_via(companies: &[Uuid], amqp: &str, extra: &[(&str, &str)]) -> FakeEnv {
     let fake = fake_shard().await;
     let catalog = one_shard_catalog(vec![fake.url.clone()], companies[0]).await;
     for c in &companies[1..] {
@@ -977,11 +982,11 @@ async fn fake_env(companies: &[Uuid], extra: &[(&str, &str)]) -> FakeEnv {
             .await
             .unwrap();
     }
-    let (broker, gw) = gateway_on(&catalog.url, extra).await;
+    let (broker, gw) = gateway_via(&catalog.url, amqp, extra).await;
     let base = gw.url("gateway");
     FakeEnv {
         fake,
-        _catalog: catalog,
+        catalog,
         broker,
         _gw: gw,
         base,
@@ -1932,7 +1937,7 @@ async fn a_gap_in_map_versions_drops_the_cache() {
     let env = fake_env(&[company], &[]).await;
     let exchange = env.broker.exchange("shardmap");
     let version: i64 = env
-        ._catalog
+        .catalog
         .client()
         .await
         .query_one("SELECT version FROM shard_map_version", &[])
@@ -1997,18 +2002,14 @@ async fn with_rabbitmq_unreachable_routes_are_read_again_only_when_the_shard_map
     // gateway.disconnected_ttl, not every cached route: one query per interval however many
     // companies it serves.
     let company = Uuid::now_v7();
-    let fake = fake_shard().await;
-    let catalog = one_shard_catalog(vec![fake.url.clone()], company).await;
     let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
-    let broker = TestBroker::new().await;
-    let exchange = broker.exchange("shardmap");
-    let gw = start_gateway(&mut gateway_cmd(
-        &catalog.url,
+    let env = fake_env_via(
+        &[company],
         &format!("amqp://guest:guest@{}/%2f", proxy.addr),
-        &exchange,
         &[("TENANTRY_GATEWAY__DISCONNECTED_TTL", "200ms")],
-    ));
-    let base = gw.url("gateway");
+    )
+    .await;
+    let (base, catalog) = (env.base.clone(), &env.catalog);
     let url = format!("{base}/v1/companies/{company}/quick");
     let auth = company_token(company, "admin");
     let get = || async {
@@ -2044,7 +2045,7 @@ async fn with_rabbitmq_unreachable_routes_are_read_again_only_when_the_shard_map
     assert_eq!(until_status(&url, &auth, 404).await, 404);
     assert_eq!(metric(&base, FLUSHES).await, flushes + 1.0);
     proxy.restore();
-    broker.cleanup().await;
+    env.broker.cleanup().await;
 }
 
 #[actix_web::test]
@@ -2055,20 +2056,16 @@ async fn requests_for_a_shard_missing_from_the_table_share_one_failed_read_of_it
     // way when it came, and the next); they do not each read the table again in turn, the
     // last one waiting for all the others.
     let company = Uuid::now_v7();
-    let fake = fake_shard().await;
-    let catalog = one_shard_catalog(vec![fake.url.clone()], company).await;
-    let broker = TestBroker::new().await;
-    let exchange = broker.exchange("shardmap");
-    let gw = start_gateway(&mut gateway_cmd(
-        &catalog.url,
-        &amqp_url(),
-        &exchange,
+    let env = fake_env(
+        &[company],
         &[
             ("TENANTRY_RABBITMQ__RELAY_SHARDMAP", "false"),
             ("TENANTRY_DATABASE__STATEMENT_TIMEOUT", "1s"),
         ],
-    ));
-    let base = gw.url("gateway");
+    )
+    .await;
+    let (base, catalog) = (env.base.clone(), &env.catalog);
+    let exchange = env.broker.exchange("shardmap");
     let url = format!("{base}/v1/companies/{company}/quick");
     let auth = company_token(company, "admin");
     let get = |url: String, auth: String| async move {
@@ -2123,7 +2120,7 @@ async fn requests_for_a_shard_missing_from_the_table_share_one_failed_read_of_it
             "two failed reads (1 s each) at most, not one after another: {answers:?}"
         );
     }
-    broker.cleanup().await;
+    env.broker.cleanup().await;
 }
 
 #[actix_web::test]
@@ -2212,7 +2209,7 @@ async fn a_deleted_company_answers_404_and_returns_when_reactivated_even_without
     );
     // The catalog's relay publishes the deletion; the gateway drops the cached route rather
     // than caching the deleted placement.
-    let mut c = env._catalog.client().await;
+    let mut c = env.catalog.client().await;
     tenants::set_placement(&mut c, company, "shard-1", "deleted")
         .await
         .unwrap()
@@ -2268,10 +2265,19 @@ async fn until_status(url: &str, auth: &str, want: u16) -> u16 {
 
 /// A gateway on `catalog_url` with a shard-map exchange of its own; `extra` env overrides.
 async fn gateway_on(catalog_url: &str, extra: &[(&str, &str)]) -> (TestBroker, Served) {
+    gateway_via(catalog_url, &amqp_url(), extra).await
+}
+
+/// [`gateway_on`], reaching RabbitMQ at `amqp`.
+async fn gateway_via(
+    catalog_url: &str,
+    amqp: &str,
+    extra: &[(&str, &str)],
+) -> (TestBroker, Served) {
     let broker = TestBroker::new().await;
     let gw = start_gateway(&mut gateway_cmd(
         catalog_url,
-        &amqp_url(),
+        amqp,
         &broker.exchange("shardmap"),
         extra,
     ));
