@@ -197,40 +197,37 @@ pub async fn subscribe(channel: &Channel, exchange: &str) -> anyhow::Result<(Str
 /// change to the shard table, however long that took. Meanwhile the messages behind it wait in
 /// the broker.
 async fn reload_shards(router: &Router, shutdown: &CancellationToken) {
-    tenantry_core::shutdown::retrying(
-        shutdown,
-        Duration::from_millis(100),
-        Duration::from_secs(5),
-        || router.reload_shards(),
-        |e, wait| {
-            tracing::warn!(
-                error = format!("{e:#}"),
-                retry_in_ms = wait.as_millis() as u64,
-                "re-reading the shard table failed; trying again"
-            );
-        },
-    )
-    .await
+    until_read(shutdown, "the shard table", || router.reload_shards()).await
 }
 
 /// After a flush: records the catalog's map version (the one the cache is now current with, to
 /// spot missed messages by) and re-reads the shard table, trying again as [`reload_shards`].
 async fn catch_up(router: &Router, shutdown: &CancellationToken) {
+    until_read(shutdown, "the shard map", || async {
+        let version = router.catalog_version().await?;
+        router.reload_shards().await?;
+        router.set_known_version(version);
+        anyhow::Ok(())
+    })
+    .await
+}
+
+/// Runs `read` until it succeeds or the gateway stops, backing off from 100 ms to 5 s.
+async fn until_read<F, Fut>(shutdown: &CancellationToken, what: &'static str, read: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     tenantry_core::shutdown::retrying(
         shutdown,
         Duration::from_millis(100),
         Duration::from_secs(5),
-        || async {
-            let version = router.catalog_version().await?;
-            router.reload_shards().await?;
-            router.set_known_version(version);
-            anyhow::Ok(())
-        },
+        read,
         |e, wait| {
             tracing::warn!(
                 error = format!("{e:#}"),
                 retry_in_ms = wait.as_millis() as u64,
-                "re-reading the shard map failed; trying again"
+                "re-reading {what} failed; trying again"
             );
         },
     )
