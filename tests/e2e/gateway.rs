@@ -1997,6 +1997,85 @@ async fn a_gap_in_map_versions_drops_the_cache() {
 }
 
 #[actix_web::test]
+async fn a_placement_change_heard_while_the_route_is_being_read_is_applied_after_it() {
+    // A request misses the cache and reads the company's route from the catalog; a message
+    // changing the placement arrives before that read is stored. The message must be applied
+    // to what the read stores, not dropped because nothing was cached when it came.
+    let company = Uuid::now_v7();
+    let env = fake_env(
+        &[company],
+        &[("TENANTRY_RABBITMQ__RELAY_SHARDMAP", "false")],
+    )
+    .await;
+    let base = env.base.clone();
+    let exchange = env.broker.exchange("shardmap");
+    let version: i64 = env
+        .catalog
+        .client()
+        .await
+        .query_one("SELECT version FROM shard_map_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The read is held up behind a lock on the catalog's tenants.
+    let mut c = env.catalog.client().await;
+    let lock = c.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let (url, auth) = (
+        format!("{base}/v1/companies/{company}/quick"),
+        company_token(company, "admin"),
+    );
+    let first = actix_web::rt::spawn(async move {
+        http()
+            .get(url)
+            .bearer_auth(auth)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (updates, misses) = (
+        metric(&base, ROUTE_UPDATES).await,
+        metric(&base, MISSES).await,
+    );
+    // The change: the company is deleted (a newer version than the one being read).
+    publish(
+        &exchange,
+        &[
+            json!({"type": "tenant.changed", "company_id": company, "shard_id": "shard-1",
+                 "state": "deleted", "version": 2, "map_version": version + 1}),
+        ],
+    )
+    .await;
+    let heard = "tenantry_gateway_map_messages_total{type=\"tenant.changed\"}";
+    assert_eq!(
+        until_metric(&base, heard, 1.0, Duration::from_secs(10)).await,
+        1.0
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lock.rollback().await.unwrap();
+    assert_eq!(first.await.unwrap(), 200, "the read's answer");
+    assert!(
+        until_metric(&base, ROUTE_UPDATES, updates + 1.0, Duration::from_secs(5)).await > updates,
+        "the message was applied to the route the read stored"
+    );
+    // The next request does not use the superseded route: it reads the company again.
+    let status = http()
+        .get(format!("{base}/v1/companies/{company}/quick"))
+        .bearer_auth(company_token(company, "admin"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    assert_eq!(metric(&base, MISSES).await, misses + 1.0);
+    env.broker.cleanup().await;
+}
+
+#[actix_web::test]
 async fn with_rabbitmq_unreachable_routes_are_read_again_only_when_the_shard_map_changed() {
     // While disconnected the gateway reads the catalog's map version every
     // gateway.disconnected_ttl, not every cached route: one query per interval however many

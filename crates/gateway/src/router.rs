@@ -30,7 +30,11 @@ use actix_web::http::{
 };
 use arc_swap::ArcSwap;
 use deadpool_postgres::Pool;
-use moka::{future::Cache, notification::RemovalCause, ops::compute::Op};
+use moka::{
+    future::Cache,
+    notification::RemovalCause,
+    ops::compute::{CompResult, Op},
+};
 use tenantry_core::{ApiError, config::GatewayConfig};
 use tenantry_shardmap::{
     catalog,
@@ -156,6 +160,8 @@ pub struct Router {
     /// waited its turn behind a read that started after it arrived does not read the table
     /// again.
     reads_started: AtomicU64,
+    /// When the last catalog read of a company's route failed, and how (see [`Router::load`]).
+    last_failure: std::sync::Mutex<Option<(std::time::Instant, Arc<ApiError>)>>,
     last_reload_failed: AtomicBool,
     /// Whether the shard table has been read from the catalog at least once.
     shards_loaded: AtomicBool,
@@ -189,6 +195,7 @@ impl Router {
             shards: ArcSwap::from_pointee(HashMap::new()),
             reloading: tokio::sync::Mutex::new(()),
             reads_started: AtomicU64::new(0),
+            last_failure: std::sync::Mutex::new(None),
             last_reload_failed: AtomicBool::new(false),
             shards_loaded: AtomicBool::new(false),
             connected: AtomicBool::new(false),
@@ -230,26 +237,67 @@ impl Router {
         self.pool_for(company, placement).await
     }
 
-    /// One catalog query per company however many requests miss at once.
+    /// Reads `company`'s route from the catalog into the cache, unless it is there by the time
+    /// this call's turn comes. Loads and [`Router::apply`] take the company's turn in the cache
+    /// (moka's per-key compute lock), so a message that arrives while a load is reading the
+    /// catalog is applied after the load stored what it read, never overwritten by it; and
+    /// requests that miss at once make one catalog query, the others finding its route. A
+    /// load that fails hands its failure to the requests that arrived before it failed,
+    /// instead of each trying again in turn.
     async fn load(&self, company: Uuid) -> Result<Placement, ApiError> {
-        let catalog = &self.catalog;
-        let loaded = self
+        let arrived = std::time::Instant::now();
+        let outcome = self
             .routes
-            .try_get_with(company, async move {
-                let client = catalog.get().await.map_err(ApiError::from)?;
-                tenants::lookup(&**client, company)
-                    .await?
-                    .and_then(Route::fresh)
-                    .ok_or_else(unknown_company)
+            .entry(company)
+            .and_try_compute_with(|cur| async move {
+                if cur.is_some() {
+                    return Ok(Op::Nop);
+                }
+                if self.unknown.contains_key(&company) {
+                    return Err(Arc::new(unknown_company()));
+                }
+                if let Some(failure) = self.failed_since(arrived) {
+                    return Err(failure);
+                }
+                let read = async {
+                    let client = self.catalog.get().await.map_err(ApiError::from)?;
+                    Ok::<_, ApiError>(tenants::lookup(&**client, company).await?)
+                };
+                match read.await {
+                    Ok(placement) => match placement.and_then(Route::fresh) {
+                        Some(route) => Ok(Op::Put(route)),
+                        None => {
+                            self.unknown.insert(company, ()).await;
+                            Err(Arc::new(unknown_company()))
+                        }
+                    },
+                    Err(e) => {
+                        let e = Arc::new(e);
+                        *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some((std::time::Instant::now(), e.clone()));
+                        Err(e)
+                    }
+                }
             })
             .await;
-        match loaded {
-            Ok(route) => Ok(route.placement),
-            Err(e) if e.code() == "not_found" => {
-                self.unknown.insert(company, ()).await;
-                Err(unknown_company())
-            }
+        match outcome {
+            Ok(
+                CompResult::Inserted(route)
+                | CompResult::Unchanged(route)
+                | CompResult::ReplacedWith(route),
+            ) => Ok(route.into_value().placement),
+            Ok(CompResult::StillNone(_) | CompResult::Removed(_)) => Err(unknown_company()),
+            Err(e) if e.code() == "not_found" => Err(unknown_company()),
             Err(e) => Err(shared_error(&e)),
+        }
+    }
+
+    /// The failure of a catalog read that ended after `arrived`, if any.
+    fn failed_since(&self, arrived: std::time::Instant) -> Option<Arc<ApiError>> {
+        let last = self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
+        match &*last {
+            Some((at, e)) if *at >= arrived => Some(e.clone()),
+            _ => None,
         }
     }
 
@@ -375,12 +423,14 @@ impl Router {
     /// fresh when needed).
     pub async fn apply(&self, msg: TenantChanged) {
         let company = msg.company_id;
-        self.unknown.invalidate(&company).await;
         let placement = msg.placement;
         let outcome = self
             .routes
             .entry(company)
             .and_compute_with(|cur| async move {
+                // In the company's turn: a load that found it unknown a moment ago has
+                // recorded that by now, and it is forgotten here.
+                self.unknown.invalidate(&company).await;
                 match cur {
                     Some(e) if e.value().placement.version < placement.version => {
                         Route::fresh(placement).map_or(Op::Remove, Op::Put)
@@ -391,8 +441,7 @@ impl Router {
             .await;
         if matches!(
             outcome,
-            moka::ops::compute::CompResult::ReplacedWith(_)
-                | moka::ops::compute::CompResult::Removed(_)
+            CompResult::ReplacedWith(_) | CompResult::Removed(_)
         ) {
             metrics::CACHE.with_label_values(&["update"]).inc();
         }
