@@ -160,8 +160,9 @@ pub struct Router {
     /// waited its turn behind a read that started after it arrived does not read the table
     /// again.
     reads_started: AtomicU64,
-    /// When the last catalog read of a company's route failed, and how (see [`Router::load`]).
-    last_failure: std::sync::Mutex<Option<(std::time::Instant, Arc<ApiError>)>>,
+    /// The newest placement each company's messages carried in the last minute (see
+    /// [`Router::load`]).
+    heard: Cache<Uuid, Placement>,
     last_reload_failed: AtomicBool,
     /// Whether the shard table has been read from the catalog at least once.
     shards_loaded: AtomicBool,
@@ -184,6 +185,10 @@ impl Router {
                 }
             })
             .build();
+        let heard = Cache::builder()
+            .max_capacity(HEARD_CAPACITY)
+            .time_to_live(HEARD_FOR)
+            .build();
         let unknown = Cache::builder()
             .max_capacity((cfg.cache_capacity / 10).max(1000))
             .time_to_live(cfg.negative_ttl)
@@ -195,7 +200,7 @@ impl Router {
             shards: ArcSwap::from_pointee(HashMap::new()),
             reloading: tokio::sync::Mutex::new(()),
             reads_started: AtomicU64::new(0),
-            last_failure: std::sync::Mutex::new(None),
+            heard,
             last_reload_failed: AtomicBool::new(false),
             shards_loaded: AtomicBool::new(false),
             connected: AtomicBool::new(false),
@@ -237,67 +242,45 @@ impl Router {
         self.pool_for(company, placement).await
     }
 
-    /// Reads `company`'s route from the catalog into the cache, unless it is there by the time
-    /// this call's turn comes. Loads and [`Router::apply`] take the company's turn in the cache
-    /// (moka's per-key compute lock), so a message that arrives while a load is reading the
-    /// catalog is applied after the load stored what it read, never overwritten by it; and
-    /// requests that miss at once make one catalog query, the others finding its route. A
-    /// load that fails hands its failure to the requests that arrived before it failed,
-    /// instead of each trying again in turn.
+    /// One catalog query per company however many requests miss at once.
+    ///
+    /// A `tenant.changed` message that arrives while the query is under way finds nothing
+    /// cached to update ([`Router::apply`] leaves absent entries absent). So every message's
+    /// placement is also kept for a minute in `heard`, and a load goes by the newer of what it
+    /// read and what was heard: once before storing its route, and once after, for a message
+    /// heard in between (which `apply` records before it looks at the cache, so one of the two
+    /// sees it).
     async fn load(&self, company: Uuid) -> Result<Placement, ApiError> {
-        let arrived = std::time::Instant::now();
-        let outcome = self
+        let (catalog, heard) = (&self.catalog, &self.heard);
+        let loaded = self
             .routes
-            .entry(company)
-            .and_try_compute_with(|cur| async move {
-                if cur.is_some() {
-                    return Ok(Op::Nop);
-                }
-                if self.unknown.contains_key(&company) {
-                    return Err(Arc::new(unknown_company()));
-                }
-                if let Some(failure) = self.failed_since(arrived) {
-                    return Err(failure);
-                }
-                let read = async {
-                    let client = self.catalog.get().await.map_err(ApiError::from)?;
-                    Ok::<_, ApiError>(tenants::lookup(&**client, company).await?)
-                };
-                match read.await {
-                    Ok(placement) => match placement.and_then(Route::fresh) {
-                        Some(route) => Ok(Op::Put(route)),
-                        None => {
-                            self.unknown.insert(company, ()).await;
-                            Err(Arc::new(unknown_company()))
-                        }
-                    },
-                    Err(e) => {
-                        let e = Arc::new(e);
-                        *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some((std::time::Instant::now(), e.clone()));
-                        Err(e)
-                    }
-                }
+            .try_get_with(company, async move {
+                let client = catalog.get().await.map_err(ApiError::from)?;
+                let read = tenants::lookup(&**client, company).await?;
+                newer(read, heard.get(&company).await)
+                    .and_then(Route::fresh)
+                    .ok_or_else(unknown_company)
             })
             .await;
-        match outcome {
-            Ok(
-                CompResult::Inserted(route)
-                | CompResult::Unchanged(route)
-                | CompResult::ReplacedWith(route),
-            ) => Ok(route.into_value().placement),
-            Ok(CompResult::StillNone(_) | CompResult::Removed(_)) => Err(unknown_company()),
-            Err(e) if e.code() == "not_found" => Err(unknown_company()),
-            Err(e) => Err(shared_error(&e)),
-        }
-    }
-
-    /// The failure of a catalog read that ended after `arrived`, if any.
-    fn failed_since(&self, arrived: std::time::Instant) -> Option<Arc<ApiError>> {
-        let last = self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
-        match &*last {
-            Some((at, e)) if *at >= arrived => Some(e.clone()),
-            _ => None,
+        let (answer, stored) = match loaded {
+            Ok(route) => (Ok(route.placement.clone()), route.placement.version),
+            Err(e) if e.code() == "not_found" => {
+                self.unknown.insert(company, ()).await;
+                (Err(unknown_company()), 0)
+            }
+            Err(e) => return Err(shared_error(&e)),
+        };
+        match self.heard.get(&company).await {
+            // A routable placement heard after a read that found none (or an unroutable one):
+            // forget the company was unknown, so the next request reads it again.
+            Some(h) if h.version > stored && (stored > 0 || h.routable()) => {
+                self.apply_placement(company, h.clone()).await;
+                match stored > 0 && h.routable() {
+                    true => Ok(h),
+                    false => Err(unknown_company()),
+                }
+            }
+            _ => answer,
         }
     }
 
@@ -423,14 +406,28 @@ impl Router {
     /// fresh when needed).
     pub async fn apply(&self, msg: TenantChanged) {
         let company = msg.company_id;
-        let placement = msg.placement;
+        // First, for a load under way (see `load`): the newest placement heard.
+        let version = msg.placement.version;
+        let heard = msg.placement.clone();
+        self.heard
+            .entry(company)
+            .and_compute_with(|cur| async move {
+                match cur {
+                    Some(e) if e.value().version >= version => Op::Nop,
+                    _ => Op::Put(heard),
+                }
+            })
+            .await;
+        self.apply_placement(company, msg.placement).await;
+    }
+
+    /// [`Router::apply`]'s change to the cache.
+    async fn apply_placement(&self, company: Uuid, placement: Placement) {
+        self.unknown.invalidate(&company).await;
         let outcome = self
             .routes
             .entry(company)
             .and_compute_with(|cur| async move {
-                // In the company's turn: a load that found it unknown a moment ago has
-                // recorded that by now, and it is forgotten here.
-                self.unknown.invalidate(&company).await;
                 match cur {
                     Some(e) if e.value().placement.version < placement.version => {
                         Route::fresh(placement).map_or(Op::Remove, Op::Put)
@@ -503,6 +500,23 @@ impl Router {
     pub fn heard_version(&self, version: i64) -> bool {
         let known = self.map_version.fetch_max(version, Ordering::AcqRel);
         known > 0 && version > known + 1
+    }
+}
+
+/// How long a message's placement is kept for the loads under way when it came: longer than a
+/// load can take (a connection wait of `database.connect_timeout` and a query within
+/// `database.statement_timeout`, 5 s and 30 s by default).
+const HEARD_FOR: Duration = Duration::from_secs(60);
+
+/// Placements heard kept at most (a gateway's queue holds 100,000 messages).
+const HEARD_CAPACITY: u64 = 100_000;
+
+/// The newer of a placement read from the catalog and one heard in a message. A company the
+/// catalog does not hold stays unknown whatever was heard.
+fn newer(read: Option<Placement>, heard: Option<Placement>) -> Option<Placement> {
+    match (read, heard) {
+        (Some(r), Some(h)) if h.version > r.version => Some(h),
+        (read, _) => read,
     }
 }
 
