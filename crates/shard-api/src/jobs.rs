@@ -226,30 +226,61 @@ async fn create(
     let enqueued_awaited = matches!(enqueued, Enqueued::Created(_));
     let record = enqueued.record().clone();
     let deadline = started + state.sync_wait;
-    let shard = &state.shard;
-    let wait = shard.listener.wait_until_finished(
-        &shard.pool,
-        record.clone(),
-        deadline,
-        enqueued_awaited,
-        WhenFull::Answer,
-    );
+    // In a task of its own, so a read cut off at the limit below finishes (and hands its
+    // connection back to the pool idle) rather than being dropped mid-query, which would leave
+    // the next user of that connection waiting behind it. A request that goes away (its
+    // client left, or the node's stop answered it) takes the task with it.
+    let wait = {
+        let (state, record) = (state.clone(), record.clone());
+        actix_web::rt::spawn(async move {
+            let shard = &state.shard;
+            shard
+                .listener
+                .wait_until_finished(
+                    &shard.pool,
+                    record,
+                    deadline,
+                    enqueued_awaited,
+                    WhenFull::Answer,
+                )
+                .await
+        })
+    };
+    let mut abort = AbortOnDrop(Some(wait.abort_handle()));
+    let limit = tokio::time::Instant::from_std(deadline + LAST_READ_LIMIT);
     let waited = tokio::select! {
-        waited = tokio::time::timeout_at((deadline + LAST_READ_LIMIT).into(), wait) => {
-            waited.unwrap_or_else(|_| {
+        joined = tokio::time::timeout_at(limit, wait) => match joined {
+            Ok(Ok(waited)) => waited,
+            Ok(Err(panicked)) => {
+                tracing::error!(job.id = %record.view.id, error = %panicked, "waiting for the job failed; answering with the job as written");
+                Ok(Some(record.clone()))
+            }
+            Err(_) => {
+                abort.0 = None;
                 tracing::warn!(
                     job.id = %record.view.id,
                     "reading the job back ran past the synchronous wait; answering with the job as written"
                 );
                 Ok(Some(record.clone()))
-            })
-        }
+            }
+        },
         () = state.stopping() => {
             tracing::info!(job.id = %record.view.id, "node stopping; answering before the job has finished");
             Ok(Some(record.clone()))
         }
     };
     Ok(respond(company, &after_enqueue(record, waited)?))
+}
+
+/// Aborts a task when dropped, unless emptied first (the task then runs to its end).
+struct AbortOnDrop(Option<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
 }
 
 /// The COMMIT of a job request failed. If the connection was lost on the way, the commit may
