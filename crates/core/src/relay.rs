@@ -14,7 +14,7 @@
 //!
 //! A batch is at most 100 rows and stops after the row that reaches 5,000 messages, so memory
 //! and a failed batch's re-sends stay bounded; a select over rows of many messages stops there
-//! itself (the shard's does), so the rows past it are not read. A message RabbitMQ refuses (a nack: typically a
+//! itself (the shard's does), so the messages of the rows past it do not leave the database. A message RabbitMQ refuses (a nack: typically a
 //! queue bound for one company is full and set to `x-overflow: reject-publish`) holds up only
 //! itself, not every other company's events. With [`Relay::requeue`] the refused messages of a
 //! batch move to new rows, one per refusal count, which record when to try them again (1 s

@@ -77,18 +77,24 @@ async fn watch_while_disconnected(router: &Router, shutdown: &CancellationToken)
         }
         match router.catalog_version().await {
             Ok(version) if version != router.known_version() => {
+                // 0: not known yet (RabbitMQ unreachable since the start); nothing to report.
+                let changed = router.known_version() != 0;
                 router.flush();
-                match router.reload_shards().await {
-                    Ok(()) => router.set_known_version(version),
-                    Err(e) => tracing::warn!(
+                // Recorded whether or not the shard table could be read: a failed read is not
+                // worth a flush at every poll, and the next change or reconnection reads it.
+                router.set_known_version(version);
+                if let Err(e) = router.reload_shards().await {
+                    tracing::warn!(
                         error = format!("{e:#}"),
-                        "re-reading the shard table failed; trying again"
-                    ),
+                        "re-reading the shard table failed; it is read again at the next change"
+                    );
                 }
-                tracing::info!(
-                    map_version = version,
-                    "the shard map changed while RabbitMQ is unreachable; cached routes dropped"
-                );
+                if changed {
+                    tracing::info!(
+                        map_version = version,
+                        "the shard map changed while RabbitMQ is unreachable; cached routes dropped"
+                    );
+                }
             }
             Ok(_) => {}
             Err(e) => tracing::debug!(
