@@ -197,6 +197,11 @@ impl Listener {
     /// asynchronously, and when a database crash loses it, the reconnect of this LISTEN
     /// connection wakes every waiter. Rounds after the first read plainly first, since a wake
     /// is almost always the completion.
+    ///
+    /// `cancel` ends the wait early, with the job as last read, at the next point where that
+    /// leaves nothing half done: while waiting for a connection or for a wake, never in the
+    /// middle of a query (a query dropped half way would hand its connection back to the pool
+    /// still busy).
     pub async fn wait_until_finished(
         &self,
         pool: &Pool,
@@ -204,6 +209,7 @@ impl Listener {
         deadline: Instant,
         enqueued_awaited: bool,
         when_full: WhenFull,
+        cancel: &CancellationToken,
     ) -> Result<Option<JobRecord>, WaitError> {
         let (company, id) = (job.company_id, job.view.id);
         if job.view.state.is_finished() || Instant::now() >= deadline {
@@ -216,7 +222,10 @@ impl Listener {
                 // What `job` holds predates the last wake unless this is the first round.
                 return without_waiter(pool, job, deadline, !first, when_full).await;
             };
-            let client = pool.get().await?;
+            let client = tokio::select! {
+                client = pool.get() => client?,
+                () = cancel.cancelled() => return Ok(Some(job)),
+            };
             let mark_for = deadline.saturating_duration_since(Instant::now());
             let read = if first && !enqueued_awaited && !mark_for.is_zero() {
                 store::await_job(&client, company, id, mark_for).await?
@@ -238,7 +247,10 @@ impl Listener {
             if job.view.state.is_finished() || left.is_zero() {
                 break;
             }
-            waiter.wait(left).await;
+            tokio::select! {
+                _ = waiter.wait(left) => {}
+                () = cancel.cancelled() => break,
+            }
         }
         Ok(Some(job))
     }

@@ -226,10 +226,13 @@ async fn create(
     let enqueued_awaited = matches!(enqueued, Enqueued::Created(_));
     let record = enqueued.record().clone();
     let deadline = started + state.sync_wait;
-    // In a task of its own, so a read cut off at the limit below finishes (and hands its
-    // connection back to the pool idle) rather than being dropped mid-query, which would leave
-    // the next user of that connection waiting behind it. A request that goes away (its
-    // client left, or the node's stop answered it) takes the task with it.
+    // In a task of its own, ended through `cancel` once this request is answered or gone
+    // (its client left, the limit below passed, the node's stop answered it): a query under
+    // way then finishes and hands its connection back to the pool idle, where dropping it
+    // half way would leave the next user of that connection waiting behind it, and nothing
+    // new is started.
+    let cancel = CancellationToken::new();
+    let _cancel_when_done = cancel.clone().drop_guard();
     let wait = {
         let (state, record) = (state.clone(), record.clone());
         actix_web::rt::spawn(async move {
@@ -242,11 +245,11 @@ async fn create(
                     deadline,
                     enqueued_awaited,
                     WhenFull::Answer,
+                    &cancel,
                 )
                 .await
         })
     };
-    let mut abort = AbortOnDrop(Some(wait.abort_handle()));
     let limit = tokio::time::Instant::from_std(deadline + LAST_READ_LIMIT);
     let waited = tokio::select! {
         joined = tokio::time::timeout_at(limit, wait) => match joined {
@@ -256,7 +259,6 @@ async fn create(
                 Ok(Some(record.clone()))
             }
             Err(_) => {
-                abort.0 = None;
                 tracing::warn!(
                     job.id = %record.view.id,
                     "reading the job back ran past the synchronous wait; answering with the job as written"
@@ -270,17 +272,6 @@ async fn create(
         }
     };
     Ok(respond(company, &after_enqueue(record, waited)?))
-}
-
-/// Aborts a task when dropped, unless emptied first (the task then runs to its end).
-struct AbortOnDrop(Option<tokio::task::AbortHandle>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if let Some(task) = self.0.take() {
-            task.abort();
-        }
-    }
 }
 
 /// The COMMIT of a job request failed. If the connection was lost on the way, the commit may
@@ -419,6 +410,7 @@ async fn wait_until_finished(
             deadline,
             enqueued_awaited,
             WhenFull::Poll,
+            &CancellationToken::new(),
         )
         .await?
         .ok_or_else(|| ApiError::not_found("no such job"))
