@@ -185,9 +185,12 @@ impl Router {
                 }
             })
             .build();
+        // Least recently heard evicted first: the default policy admits a new key only if it is
+        // used more often than the one it would evict, and a placement is heard once.
         let heard = Cache::builder()
             .max_capacity(HEARD_CAPACITY)
             .time_to_live(HEARD_FOR)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
         let unknown = Cache::builder()
             .max_capacity((cfg.cache_capacity / 10).max(1000))
