@@ -51,6 +51,29 @@ impl JobsState {
     async fn stopping(&self) {
         self.answer_now.cancelled().await;
     }
+
+    /// `Listener::wait_until_finished` on this node's shard.
+    async fn wait(
+        &self,
+        record: JobRecord,
+        deadline: Instant,
+        enqueued_awaited: bool,
+        when_full: WhenFull,
+        cancel: &CancellationToken,
+    ) -> Result<Option<JobRecord>, WaitError> {
+        let shard = &self.shard;
+        shard
+            .listener
+            .wait_until_finished(
+                &shard.pool,
+                record,
+                deadline,
+                enqueued_awaited,
+                when_full,
+                cancel,
+            )
+            .await
+    }
 }
 
 pub fn configure(c: &mut web::ServiceConfig) {
@@ -236,11 +259,8 @@ async fn create(
     let wait = {
         let (state, record) = (state.clone(), record.clone());
         actix_web::rt::spawn(async move {
-            let shard = &state.shard;
-            shard
-                .listener
-                .wait_until_finished(
-                    &shard.pool,
+            state
+                .wait(
                     record,
                     deadline,
                     enqueued_awaited,
@@ -401,17 +421,9 @@ async fn wait_until_finished(
     deadline: Instant,
     enqueued_awaited: bool,
 ) -> Result<JobRecord, ApiError> {
-    let shard = &state.shard;
-    shard
-        .listener
-        .wait_until_finished(
-            &shard.pool,
-            record,
-            deadline,
-            enqueued_awaited,
-            WhenFull::Poll,
-            &CancellationToken::new(),
-        )
+    let never = CancellationToken::new();
+    state
+        .wait(record, deadline, enqueued_awaited, WhenFull::Poll, &never)
         .await?
         .ok_or_else(|| ApiError::not_found("no such job"))
 }
