@@ -77,7 +77,11 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
         "tenantry-gateway",
     )
     .context("configuring the catalog pool")?;
-    let router = Arc::new(router::Router::new(catalog.clone(), g));
+    let router = Arc::new(router::Router::new(
+        catalog.clone(),
+        g,
+        router::heard_for(&cfg.database),
+    ));
     let probes: Vec<Box<dyn Probe>> = vec![
         Box::new(PgProbe {
             name: "catalog".into(),

@@ -35,7 +35,10 @@ use moka::{
     notification::RemovalCause,
     ops::compute::{CompResult, Op},
 };
-use tenantry_core::{ApiError, config::GatewayConfig};
+use tenantry_core::{
+    ApiError,
+    config::{DatabaseConfig, GatewayConfig},
+};
 use tenantry_shardmap::{
     catalog,
     tenants::{self, Placement, TenantChanged},
@@ -176,7 +179,8 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(catalog: Pool, cfg: &GatewayConfig) -> Self {
+    /// `heard_for`: see [`heard_for`].
+    pub fn new(catalog: Pool, cfg: &GatewayConfig, heard_for: Duration) -> Self {
         let routes = Cache::builder()
             .max_capacity(cfg.cache_capacity)
             .eviction_listener(|_, _, cause| {
@@ -189,7 +193,7 @@ impl Router {
         // used more often than the one it would evict, and a placement is heard once.
         let heard = Cache::builder()
             .max_capacity(HEARD_CAPACITY)
-            .time_to_live(HEARD_FOR)
+            .time_to_live(heard_for)
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
         let unknown = Cache::builder()
@@ -249,7 +253,8 @@ impl Router {
     ///
     /// A `tenant.changed` message that arrives while the query is under way finds nothing
     /// cached to update ([`Router::apply`] leaves absent entries absent). So every message's
-    /// placement is also kept for a minute in `heard`, and a load goes by the newer of what it
+    /// placement is also kept a while in `heard` (see [`heard_for`]: longer than a load can
+    /// take), and a load goes by the newer of what it
     /// read and what was heard: once before storing its route, and once after, for a message
     /// heard in between (which `apply` records before it looks at the cache, so one of the two
     /// sees it).
@@ -507,9 +512,16 @@ impl Router {
 }
 
 /// How long a message's placement is kept for the loads under way when it came: longer than a
-/// load can take (a connection wait of `database.connect_timeout` and a query within
-/// `database.statement_timeout`, 5 s and 30 s by default).
-const HEARD_FOR: Duration = Duration::from_secs(60);
+/// load can take (a pool wait and a connect, each within `database.connect_timeout`, and a
+/// query within `database.statement_timeout`), and at least a minute; without a statement
+/// timeout, as if it were an hour.
+pub fn heard_for(db: &DatabaseConfig) -> Duration {
+    let query = match db.statement_timeout.is_zero() {
+        true => Duration::from_secs(3600),
+        false => db.statement_timeout,
+    };
+    (db.connect_timeout * 2 + query + Duration::from_secs(10)).max(Duration::from_secs(60))
+}
 
 /// Placements heard kept at most (a gateway's queue holds 100,000 messages).
 const HEARD_CAPACITY: u64 = 100_000;
@@ -544,6 +556,23 @@ fn shared_error(e: &Arc<ApiError>) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placements_heard_outlast_the_longest_load_the_database_settings_allow() {
+        let db = |connect: u64, statement: u64| DatabaseConfig {
+            connect_timeout: Duration::from_secs(connect),
+            statement_timeout: Duration::from_secs(statement),
+        };
+        let secs = |d: Duration| d.as_secs();
+        assert_eq!(secs(heard_for(&db(5, 30))), 60, "the defaults: a minute");
+        assert_eq!(secs(heard_for(&db(5, 120))), 140);
+        assert_eq!(secs(heard_for(&db(300, 30))), 640);
+        assert_eq!(
+            secs(heard_for(&db(5, 0))),
+            3620,
+            "no statement timeout: an hour"
+        );
+    }
 
     #[test]
     fn upstream_uris_keep_path_and_query_and_any_base_path() {
