@@ -7,7 +7,7 @@
 //! pruner deletes old finished rows.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     future::Future,
     panic::AssertUnwindSafe,
     pin::Pin,
@@ -757,10 +757,12 @@ async fn try_write_outcomes(this: &Worker, batch: &[Outcome]) {
             if retried && !discarded.is_empty() {
                 // The try before may have committed and lost only its answer: what it wrote
                 // is not a late completion (see `store::written_earlier`).
+                let unapplied: HashSet<Uuid> = discarded.iter().copied().collect();
                 let unapplied: Vec<&Outcome> =
-                    batch.iter().filter(|o| discarded.contains(&o.id)).collect();
+                    batch.iter().filter(|o| unapplied.contains(&o.id)).collect();
                 let earlier = store::written_earlier(&**client, &this.id, &unapplied).await?;
-                discarded.retain(|id| !earlier.iter().any(|f| f.id == *id));
+                let written: HashSet<Uuid> = earlier.iter().map(|f| f.id).collect();
+                discarded.retain(|id| !written.contains(id));
                 finished.extend(earlier);
             }
             Ok::<_, anyhow::Error>((finished, discarded))
