@@ -163,10 +163,10 @@ pub struct Router {
     /// waited its turn behind a read that started after it arrived does not read the table
     /// again.
     reads_started: AtomicU64,
-    /// The newest placement each company's messages carried in the last minute (see
-    /// [`Router::load`]).
-    heard: Cache<Uuid, Placement>,
     last_reload_failed: AtomicBool,
+    /// The newest placement each company's messages carried lately (see [`Router::load`] and
+    /// [`heard_for`]).
+    heard: Cache<Uuid, Placement>,
     /// Whether the shard table has been read from the catalog at least once.
     shards_loaded: AtomicBool,
     connected: AtomicBool,
@@ -254,10 +254,9 @@ impl Router {
     /// A `tenant.changed` message that arrives while the query is under way finds nothing
     /// cached to update ([`Router::apply`] leaves absent entries absent). So every message's
     /// placement is also kept a while in `heard` (see [`heard_for`]: longer than a load can
-    /// take), and a load goes by the newer of what it
-    /// read and what was heard: once before storing its route, and once after, for a message
-    /// heard in between (which `apply` records before it looks at the cache, so one of the two
-    /// sees it).
+    /// take), and a load goes by the newer of what it read and what was heard: once before
+    /// storing its route, and once after, for a message heard in between (which `apply`
+    /// records before it looks at the cache, so one of the two sees it).
     async fn load(&self, company: Uuid) -> Result<Placement, ApiError> {
         let (catalog, heard) = (&self.catalog, &self.heard);
         let loaded = self
