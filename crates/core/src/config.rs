@@ -334,18 +334,16 @@ impl Config {
                     200,
                 ))
             };
-            if !path.is_file() {
-                return Err(if path.exists() {
-                    ConfigError::NotAFile(shown())
-                } else {
-                    ConfigError::MissingFile(shown())
-                });
+            let Ok(meta) = std::fs::metadata(path) else {
+                return Err(ConfigError::MissingFile(shown()));
+            };
+            if !meta.is_file() {
+                return Err(ConfigError::NotAFile(shown()));
             }
             // figment reads the whole file: a wrong path (a log, a dump) must not be read into
             // memory to find out.
-            let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-            if len > MAX_CONFIG_FILE {
-                return Err(ConfigError::TooLarge(shown(), len));
+            if meta.len() > MAX_CONFIG_FILE {
+                return Err(ConfigError::TooLarge(shown(), meta.len()));
             }
         }
         Self::from_figment(figment(file), mode)
