@@ -704,4 +704,156 @@ async fn a_shard_that_still_holds_companies_is_not_retired() {
         assert_eq!(code, 0, "{err}");
         assert_eq!(state().await, "retired");
     }
+
+    // A retired shard's database may be dropped while the shard stays in the file: later
+    // applies leave it alone, and --create-databases does not bring back an empty one.
+    tenantry_testkit::admin_client()
+        .await
+        .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", s1.name))
+        .await
+        .unwrap();
+    std::fs::write(
+        &file,
+        map(&[("shard-1", &s1, "http://127.0.0.1:8101")], retire),
+    )
+    .unwrap();
+    for extra in [&[][..], &["--create-databases"][..]] {
+        let (code, out, err) = run(tenantry()
+            .args(["admin", "shard", "apply"])
+            .args(extra)
+            .arg(&file)
+            .env("TENANTRY_CATALOG__URL", &catalog.url));
+        assert_eq!(code, 0, "{extra:?}: {err}");
+        assert!(
+            out.contains("shard shard-1: retired, database left alone")
+                && out.contains("e2e: nothing to change"),
+            "{out}"
+        );
+        assert!(
+            !s1.exists().await,
+            "{extra:?} created a retired shard's database"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_shard_whose_database_is_gone_can_still_be_taken_out_of_placement() {
+    // Its database lost, a shard with companies must stop getting new ones while it is
+    // restored: --skip-unreachable applies its catalog fields and creates nothing.
+    let catalog = TestDb::new(Schema::Catalog).await;
+    let s1 = TestDb::new(Schema::Empty).await;
+    let dir = tempdir();
+    let file = dir.join("map.toml");
+    let apply = |accepting: bool, extra: &[&str]| {
+        std::fs::write(
+            &file,
+            map(
+                &[("shard-1", &s1, "http://127.0.0.1:8101")],
+                &format!("accepting = {accepting}\n"),
+            ),
+        )
+        .unwrap();
+        run(tenantry()
+            .args(["admin", "shard", "apply"])
+            .args(extra)
+            .arg(&file)
+            .env("TENANTRY_CATALOG__URL", &catalog.url))
+    };
+    let (code, _, err) = apply(true, &[]);
+    assert_eq!(code, 0, "{err}");
+    catalog
+        .exec(&format!(
+            "INSERT INTO tenants (id, name, shard_id, state) VALUES ('{}', 'Acme', 'shard-1', 'active')",
+            Uuid::now_v7()
+        ))
+        .await;
+    tenantry_testkit::admin_client()
+        .await
+        .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", s1.name))
+        .await
+        .unwrap();
+    let accepting = || async {
+        catalog
+            .scalar("SELECT count(*) FROM shards WHERE accepting")
+            .await
+    };
+
+    let (code, _, err) = apply(false, &["--create-databases"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("restore it"), "{err}");
+    assert_eq!(accepting().await, 1, "nothing changed");
+
+    let (code, out, err) = apply(false, &["--skip-unreachable", "--create-databases"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("shard shard-1: database unreachable, skipped; updated in the catalog"),
+        "{out}"
+    );
+    assert!(
+        err.contains("warning: shard shard-1") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert_eq!(accepting().await, 0, "the catalog fields were applied");
+    assert!(
+        !s1.exists().await,
+        "a shard with companies got an empty database"
+    );
+}
+
+#[tokio::test]
+async fn shard_apply_says_so_while_another_runner_holds_a_shards_migration_lock() {
+    // Otherwise it looks hung for as long as that runner takes.
+    let catalog = TestDb::new(Schema::Catalog).await;
+    let s1 = TestDb::new(Schema::Empty).await;
+    let dir = tempdir();
+    let file = dir.join("map.toml");
+    std::fs::write(&file, map(&[("shard-1", &s1, "http://127.0.0.1:8101")], "")).unwrap();
+    let holder = s1.client().await;
+    holder
+        .execute("SELECT pg_advisory_lock(x'74656e616e747279'::int8)", &[])
+        .await
+        .unwrap();
+    let mut child = tenantry()
+        .args(["admin", "shard", "apply"])
+        .arg(&file)
+        .env("TENANTRY_CATALOG__URL", &catalog.url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (told, heard) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = told.send(line);
+        }
+    });
+    let line = tokio::task::spawn_blocking(move || {
+        heard
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .map(|line| (line, heard))
+    })
+    .await
+    .unwrap();
+    let Ok((line, _rest)) = line else {
+        let _ = child.kill();
+        panic!("shard apply said nothing within 20 s while waiting for the lock");
+    };
+    assert!(
+        line.contains("another migration runner holds this database's migration lock"),
+        "{line}"
+    );
+    holder
+        .execute("SELECT pg_advisory_unlock(x'74656e616e747279'::int8)", &[])
+        .await
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
 }

@@ -233,18 +233,11 @@ async fn up(cfg: &Config, args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn migrate_one(
-    cfg: &Config,
-    label: &str,
-    url: &DatabaseUrl,
-    target: Target,
-    phase: Phase,
-) -> anyhow::Result<()> {
-    let mut client = db::connect(url, &cfg.database, "tenantry-admin")
-        .await
-        .with_context(|| format!("connecting to {label}"))?;
-    // Say so while a step waits for a lock, or the command would look hung for up to 30 s.
-    let lock = tenantry_migrate::LockWait {
+/// [`tenantry_migrate::LOCK_WAIT`], said on standard error: while a step waits for a lock, or
+/// another runner holds a database's migration lock, the command would otherwise look hung (for
+/// up to 30 s, or as long as that runner takes).
+pub(crate) fn said_lock_wait() -> tenantry_migrate::LockWait {
+    tenantry_migrate::LockWait {
         on_retry: |file, tries, timeout| {
             errln!(
                 "{file}: waited {timeout:?} for a lock another transaction holds; \
@@ -259,9 +252,21 @@ async fn migrate_one(
             )
         },
         ..tenantry_migrate::LOCK_WAIT
-    };
+    }
+}
+
+async fn migrate_one(
+    cfg: &Config,
+    label: &str,
+    url: &DatabaseUrl,
+    target: Target,
+    phase: Phase,
+) -> anyhow::Result<()> {
+    let mut client = db::connect(url, &cfg.database, "tenantry-admin")
+        .await
+        .with_context(|| format!("connecting to {label}"))?;
     let known = tenantry_migrate::embedded(target);
-    let report = tenantry_migrate::up_with(&mut client, &known, phase, lock)
+    let report = tenantry_migrate::up_with(&mut client, &known, phase, said_lock_wait())
         .await
         .with_context(|| format!("migrating {label}"))?;
     if report.applied.is_empty() {

@@ -56,6 +56,7 @@ async fn apply(cfg: &Config, args: ApplyArgs) -> anyhow::Result<()> {
         ApplyOptions {
             create_databases: args.create_databases,
             skip_unreachable: args.skip_unreachable,
+            lock: crate::migrate::said_lock_wait(),
         },
     )
     .await?;
@@ -71,6 +72,9 @@ async fn apply(cfg: &Config, args: ApplyArgs) -> anyhow::Result<()> {
                 s.id
             );
             what.push("database unreachable, skipped".to_owned());
+        }
+        if s.retired {
+            what.push("retired, database left alone".to_owned());
         }
         if s.database_created {
             what.push("created database".to_owned());
@@ -88,7 +92,7 @@ async fn apply(cfg: &Config, args: ApplyArgs) -> anyhow::Result<()> {
         if what.is_empty() {
             what.push("unchanged".into());
         }
-        if s.skipped.is_some() {
+        if s.skipped.is_some() || s.retired {
             outln!("shard {}: {}", s.id, what.join("; "));
         } else {
             outln!(

@@ -9,17 +9,21 @@ use tenantry_migrate::{Phase, Target};
 
 use crate::{
     catalog::{self, Change},
-    file::ShardMapFile,
+    file::{ShardMapFile, ShardState},
 };
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct ApplyOptions {
-    /// Create shard databases that do not exist yet.
+    /// Create shard databases that do not exist yet (never one of a shard that skips them, see
+    /// below, or holds companies).
     pub create_databases: bool,
     /// A shard already in the catalog with the same database URL whose database cannot be
-    /// reached is not migrated or checked, and its catalog fields are applied all the same
-    /// (so a dead shard can be taken out of placement with `accepting = false`).
+    /// reached, or no longer exists, is not migrated, checked or created, and its catalog fields
+    /// are applied all the same (so a dead shard can be taken out of placement with
+    /// `accepting = false`).
     pub skip_unreachable: bool,
+    /// How each shard's migration waits for locks, and who hears of it.
+    pub lock: tenantry_migrate::LockWait,
 }
 
 /// What happened to one declared shard.
@@ -32,6 +36,10 @@ pub struct ShardOutcome {
     /// Why its database was not migrated or checked (`skip_unreachable`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
+    /// Declared `retired`: its database is neither reached, created nor migrated (`migrate up`
+    /// leaves retired shards out too, and their database may well be gone).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub retired: bool,
     #[serde(flatten)]
     pub catalog: Change,
 }
@@ -85,6 +93,21 @@ pub async fn apply(
         let companies = current.map_or(0, |k| k.tenants);
         let same_url = current.is_some_and(|k| k.database_url == spec.database_url);
         let moving = companies > 0 && !same_url;
+        if spec.state == ShardState::Retired {
+            // A retired shard holds no company (the upsert below refuses to retire one that
+            // does), so its database has nothing to check; creating it would stamp an empty
+            // database with the shard's id.
+            outcomes.push(ShardOutcome {
+                id: spec.id.clone(),
+                database_created: false,
+                migrations_applied: vec![],
+                schema_version: 0,
+                skipped: None,
+                retired: true,
+                catalog: Change::Unchanged,
+            });
+            continue;
+        }
         let reached = async {
             let created = if opts.create_databases && companies == 0 {
                 db::ensure_database(
@@ -105,6 +128,21 @@ pub async fn apply(
         .await;
         let (database_created, mut client) = match reached {
             Ok(r) => r,
+            // A database that is gone counts as unreachable here too: the operator asked to
+            // apply the catalog fields of a shard already in the catalog without its database
+            // (to stop placing companies on it, say), and nothing is created.
+            Err(e) if opts.skip_unreachable && same_url => {
+                outcomes.push(ShardOutcome {
+                    id: spec.id.clone(),
+                    database_created: false,
+                    migrations_applied: vec![],
+                    schema_version: 0,
+                    skipped: Some(format!("{e:#}")),
+                    retired: false,
+                    catalog: Change::Unchanged,
+                });
+                continue;
+            }
             Err(e) if missing_database(&e) => {
                 if moving {
                     return Err(not_its_database(&spec.id, companies, None));
@@ -119,32 +157,22 @@ pub async fn apply(
                 return Err(e.context("pass --create-databases to create missing databases"));
             }
             Err(e) => {
-                if !(opts.skip_unreachable && same_url) {
-                    let hint = if same_url {
-                        "pass --skip-unreachable to apply its catalog fields without it"
-                    } else {
-                        "a shard new to the catalog, or with a new database_url, must be reachable"
-                    };
-                    return Err(e.context(hint));
-                }
-                outcomes.push(ShardOutcome {
-                    id: spec.id.clone(),
-                    database_created: false,
-                    migrations_applied: vec![],
-                    schema_version: 0,
-                    skipped: Some(format!("{e:#}")),
-                    catalog: Change::Unchanged,
-                });
-                continue;
+                let hint = if same_url {
+                    "pass --skip-unreachable to apply its catalog fields without it"
+                } else {
+                    "a shard new to the catalog, or with a new database_url, must be reachable"
+                };
+                return Err(e.context(hint));
             }
         };
         if moving {
             check_moved_database(&cat, &client, &spec.id, companies).await?;
         }
-        let report = tenantry_migrate::up(
+        let report = tenantry_migrate::up_with(
             &mut client,
             &tenantry_migrate::embedded(Target::Shard),
             Phase::Expand,
+            opts.lock,
         )
         .await
         .with_context(|| format!("migrating shard {}", spec.id))?;
@@ -155,6 +183,7 @@ pub async fn apply(
             migrations_applied: report.applied,
             schema_version: report.version,
             skipped: None,
+            retired: false,
             catalog: Change::Unchanged,
         });
     }
