@@ -660,6 +660,45 @@ async fn an_outcome_whose_commit_answer_was_lost_counts_as_completed_not_as_late
 }
 
 #[tokio::test]
+async fn a_claim_whose_answer_was_lost_gives_its_jobs_back_before_the_next_claim() {
+    // The worker's connection drops as it sends a claim; the database still runs it and
+    // commits. The job is leased to a worker that never heard of it: left so, its lease would
+    // expire and the rescuer would count an attempt it never had, and a job allowed one attempt
+    // would go to the dead letters without having run.
+    let db = TestDb::new(Schema::Shard).await;
+    let (proxy, proxied) = tenantry_testkit::proxy::TcpProxy::in_front_of(&db.url).await;
+    let pool = store::pool(
+        &tenantry_core::secret::DatabaseUrl::new(proxied),
+        4,
+        &dev_config().database,
+        "test",
+    )
+    .unwrap();
+    let id = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 1)).await;
+    let mut opts = options("shard-lost-claim", 100);
+    // Far longer than the test waits: only the worker itself can give the job back in time.
+    opts.lease = Duration::from_secs(120);
+    let worker = Worker::new(pool, builtins(&["echo"]), opts, listener(&db, 10));
+    // The claim is the first statement that carries the worker's id to the database.
+    proxy.drop_answer_to(worker.id.as_bytes(), Duration::ZERO);
+    let running = spawn_worker(worker);
+    let started = std::time::Instant::now();
+    loop {
+        let (state, attempts) = state_of(&db, id).await;
+        if state == "done" {
+            assert_eq!(attempts, 1, "the lost claim's attempt is not counted");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the job is still {state} after 15 s (attempt {attempts})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn a_running_job_keeps_its_lease_past_its_length_and_only_its_worker_renews_it() {
     // A 3 s lease renewed every second, and a 7 s job: without the heartbeat the rescuer would
     // take the job back after three seconds and it would run twice.
@@ -2131,6 +2170,61 @@ async fn a_stopping_worker_claims_nothing_new_while_its_running_job_finishes() {
         ("waiting".into(), 0),
         "the stopping worker never claimed it"
     );
+}
+
+#[tokio::test]
+async fn a_stopping_worker_whose_outcome_is_stuck_still_gives_back_its_unfinished_job_in_time() {
+    // `tenantry serve` abandons a role 2 s after the grace period. A completion that cannot
+    // finish (here held up by a lock on the outbox) must not keep the worker from giving back
+    // the job it abandoned at the end of the grace period: left leased to a stopped worker, the
+    // rescuer would count the attempt and a job allowed one would go to the dead letters.
+    let db = TestDb::new(Schema::Shard).await;
+    let opts = options("shard-t", 100);
+    let grace = opts.grace;
+    let running = spawn_worker(worker_from(&db, builtins(&["echo", "sleep"]), opts));
+    let long = enqueue_one(&db, job(Uuid::now_v7(), "sleep", json!({"ms": 60000}), 1)).await;
+    db.exec(&format!("NOTIFY {}", store::CHANNEL_WAITING)).await;
+    assert!(crate::support::until_state(&db, long, "processing", Duration::from_secs(10)).await);
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE outbox IN SHARE MODE")
+        .await
+        .unwrap();
+    let quick = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 1)).await;
+    db.exec(&format!("NOTIFY {}", store::CHANNEL_WAITING)).await;
+    let what = || "the quick job's completion never started waiting for the lock".to_string();
+    let waiting_for_lock = || async {
+        db.scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO outbox%'",
+        )
+        .await
+    };
+    let started = std::time::Instant::now();
+    while waiting_for_lock().await == 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "{}", what());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stopping = std::time::Instant::now();
+    // Bounded, so that a worker waiting for its completion fails the test rather than hang it.
+    tokio::time::timeout(grace + Duration::from_secs(5), running.stop())
+        .await
+        .expect("the worker did not stop");
+    let took = stopping.elapsed();
+    assert!(
+        took < grace + Duration::from_millis(1800),
+        "stopping took {took:?} with a grace period of {grace:?}"
+    );
+    assert_eq!(
+        state_of(&db, long).await,
+        ("waiting".into(), 0),
+        "the abandoned job was given back, its attempt not counted"
+    );
+    // Its completion waits for the outbox's lock before it touches the job's row, so the job is
+    // given back too: its outcome was never written, and it runs again (at least once). The
+    // completion, should it still go on, is fenced off by the lease it no longer holds.
+    assert_eq!(state_of(&db, quick).await, ("waiting".into(), 0));
+    lock.rollback().await.unwrap();
 }
 
 #[tokio::test]

@@ -1258,6 +1258,19 @@ pub async fn rescue_expired(
     Ok((rescued, dead))
 }
 
+/// Gives the jobs leased to worker `$1`, but for those in `$2`, back to `waiting`, without
+/// counting the attempt. Rows another transaction holds locked are skipped, not waited for:
+/// that is the worker's own completion still being written (the rescuer returns the job if it
+/// never commits), and waiting for it could outlast the stop.
+const RELEASE_SQL: &str = "UPDATE jobs j SET state = 'waiting', worker_id = NULL,
+                                  lease_expires_at = NULL, attempts = greatest(attempts - 1, 0),
+                                  run_at = now(), updated_at = now()
+                            FROM (SELECT id FROM jobs
+                                   WHERE worker_id = $1 AND state = 'processing'
+                                     AND NOT (id = ANY($2::uuid[]))
+                                     FOR UPDATE SKIP LOCKED) held
+                           WHERE j.id = held.id";
+
 /// Gives jobs a stopping worker still holds back to `waiting`, without counting the
 /// interrupted attempt.
 pub async fn release(
@@ -1265,13 +1278,28 @@ pub async fn release(
     worker_id: &str,
 ) -> Result<u64, tokio_postgres::Error> {
     client
-        .execute(
-            "UPDATE jobs SET state = 'waiting', worker_id = NULL, lease_expires_at = NULL,
-                    attempts = greatest(attempts - 1, 0), run_at = now(), updated_at = now()
-              WHERE worker_id = $1 AND state = 'processing'",
-            &[&worker_id],
-        )
+        .execute(RELEASE_SQL, &[&worker_id, &Vec::<Uuid>::new()])
         .await
+}
+
+/// Gives back to `waiting`, without counting the attempt, the jobs leased to `worker_id` that
+/// it does not hold (`held`: what it runs, and what it has outcomes for that are not written
+/// yet). A claim commits on the server even when its answer is lost with the connection; the
+/// jobs it took are then leased to a worker that never heard of them, whose heartbeat does not
+/// renew them, and the rescuer would count an attempt they never had (a job allowed one
+/// attempt would go to the dead letters without having run). Only the worker's claim loop may
+/// call this, between its claims: a job of a claim still on its way would be given back too.
+pub async fn release_unheld(
+    client: &mut tokio_postgres::Client,
+    worker_id: &str,
+    held: &[Uuid],
+) -> Result<u64, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    // The partial index of processing rows, not a walk of the whole table.
+    tx.batch_execute(INDEX_ONLY_SETTINGS).await?;
+    let n = tx.execute(RELEASE_SQL, &[&worker_id, &held]).await?;
+    tx.commit().await?;
+    Ok(n)
 }
 
 /// Deletes up to `limit` finished rows older than `retention` (`done` rows by when they

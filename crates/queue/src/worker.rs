@@ -406,6 +406,9 @@ impl Worker {
         // cap. A look that found work stays where it is for the next one.
         let mut after: Option<i64> = None;
         let mut look_further = false;
+        // A claim that failed may have committed and lost only its answer: before the next
+        // claim, the jobs it took are given back (see `store::release_unheld`).
+        let mut unheld_possible = false;
         while !shutdown.is_cancelled() {
             while tasks.try_join_next().is_some() {}
             let free = slots.available_permits().min(this.opts.claim_batch);
@@ -433,6 +436,18 @@ impl Worker {
             };
             let claimed = async {
                 let mut client = client?;
+                if unheld_possible {
+                    let held = running.lock().unwrap_or_else(|p| p.into_inner()).ids();
+                    let n = store::release_unheld(&mut client, &this.id, &held).await?;
+                    if n > 0 {
+                        tracing::warn!(
+                            worker.id = %this.id,
+                            jobs = n,
+                            "a claim's answer was lost with its connection; gave its jobs back to waiting"
+                        );
+                    }
+                    unheld_possible = false;
+                }
                 // The claim statement's own time, not the wait for a connection.
                 let started = Instant::now();
                 let claimed = store::claim_batch(
@@ -461,6 +476,7 @@ impl Worker {
                 }
                 Err(e) => {
                     failures += 1;
+                    unheld_possible = true;
                     let wait = backoff(
                         failures as i32,
                         Duration::from_millis(100),
@@ -560,13 +576,28 @@ impl Worker {
             tracing::warn!(worker.id = %this.id, abandoned = tasks.len(), "grace period over; releasing unfinished jobs");
             tasks.shutdown().await;
         }
+        // What is left must fit in the time `serve` allows a role past the grace period: a
+        // role still running then is abandoned, and a worker abandoned before its release would
+        // leave its unfinished jobs to the rescuer, which counts their attempt (a job allowed
+        // one goes to the dead letters). So the completer gets a part of it, the release what
+        // it needs in any case, and outcomes still unwritten by then are given back with the
+        // unfinished jobs (they run again: at least once).
+        let end = tokio::time::Instant::now() + STOP_BOOKKEEPING;
         drop(out_tx);
-        let _ = completer.await;
-        let released = async {
+        let mut completer = completer;
+        if tokio::time::timeout_at(end - STOP_RELEASE, &mut completer)
+            .await
+            .is_err()
+        {
+            completer.abort();
+            tracing::warn!(worker.id = %this.id, "outcomes still unwritten at the end of the grace period; their jobs are given back to waiting");
+        }
+        let released = tokio::time::timeout_at(end, async {
             let client = this.pool.get().await?;
             Ok::<_, anyhow::Error>(store::release(&**client, &this.id).await?)
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
         match released {
             Ok(n) if n > 0 => {
                 tracing::info!(worker.id = %this.id, jobs = n, "released unfinished jobs back to waiting")
@@ -578,13 +609,29 @@ impl Worker {
                 "could not release unfinished jobs"
             ),
         }
-        this.announcer.flush().await;
         background.cancel();
-        let _ = tokio::join!(heartbeat, janitor);
+        let stopped = tokio::time::timeout_at(end + STOP_FLUSH, async {
+            this.announcer.flush().await;
+            let _ = tokio::join!(heartbeat, janitor);
+        })
+        .await;
+        if stopped.is_err() {
+            tracing::warn!(worker.id = %this.id, "finished notifications or the janitor still busy; stopping without them");
+        }
         tracing::info!(worker.id = %this.id, "worker stopped");
         Ok(())
     }
 }
+
+/// How long a stopping worker's bookkeeping after its grace period may take, so that it ends
+/// before `tenantry serve` abandons its roles (2 s after the grace period): writing the
+/// outcomes it has, then giving back the jobs it still holds ([`STOP_RELEASE`] of it), then
+/// [`STOP_FLUSH`] more for the finished notifications and the background tasks.
+const STOP_BOOKKEEPING: Duration = Duration::from_millis(1250);
+/// The part of [`STOP_BOOKKEEPING`] kept for giving back unfinished jobs.
+const STOP_RELEASE: Duration = Duration::from_millis(750);
+/// After [`STOP_BOOKKEEPING`].
+const STOP_FLUSH: Duration = Duration::from_millis(250);
 
 /// Runs one attempt in its own task (a panicking handler fails the attempt, not the worker).
 async fn run_job(registry: &Registry, opts: &WorkerOptions, job: ClaimedJob) -> Outcome {
