@@ -18,8 +18,9 @@ pub fn pg_config(
 }
 
 /// [`pg_config`] plus `session_options` (`-c name=value …`), set on every connection at its
-/// start (in the startup packet, so they cost no round trip). Options already in the URL
-/// come first and are kept; a URL with options of its own gets no `statement_timeout`.
+/// start (in the startup packet, so they cost no round trip). `database.statement_timeout`
+/// comes first, then the options the URL carries (so a `statement_timeout` of its own wins:
+/// PostgreSQL applies the last `-c` for a setting), then `session_options`.
 pub fn pg_config_with(
     url: &DatabaseUrl,
     db: &DatabaseConfig,
@@ -41,13 +42,14 @@ pub fn pg_config_with(
         cfg.application_name(application_name);
     }
     let mut options: Vec<String> = Vec::new();
-    match cfg.get_options() {
-        Some(own) => options.push(own.to_owned()),
-        None if !db.statement_timeout.is_zero() => options.push(format!(
+    if !db.statement_timeout.is_zero() {
+        options.push(format!(
             "-c statement_timeout={}",
             db.statement_timeout.as_millis()
-        )),
-        None => {}
+        ));
+    }
+    if let Some(own) = cfg.get_options() {
+        options.push(own.to_owned());
     }
     if !session_options.is_empty() {
         options.push(session_options.to_owned());
@@ -330,9 +332,13 @@ mod tests {
             pg_config(&plain, &db, "t").unwrap().get_options(),
             Some("-c statement_timeout=30000")
         );
+        // A URL's own options keep the statement timeout (and can override it, coming later).
         let own = DatabaseUrl::new("postgres://h/d?options=-c%20work_mem%3D8MB");
         let cfg = pg_config_with(&own, &db, "t", "-c jit=off").unwrap();
-        assert_eq!(cfg.get_options(), Some("-c work_mem=8MB -c jit=off"));
+        assert_eq!(
+            cfg.get_options(),
+            Some("-c statement_timeout=30000 -c work_mem=8MB -c jit=off")
+        );
     }
 
     #[test]
