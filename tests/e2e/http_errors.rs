@@ -26,6 +26,11 @@ async fn boom() -> Result<HttpResponse, ApiError> {
     )))
 }
 
+async fn slow() -> HttpResponse {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    HttpResponse::Ok().finish()
+}
+
 fn server(shutdown: CancellationToken) -> tenantry_core::http::RunningServer {
     let mut cfg = crate::support::dev_config();
     cfg.http.threads = 1;
@@ -44,7 +49,8 @@ fn server(shutdown: CancellationToken) -> tenantry_core::http::RunningServer {
         Duration::from_secs(5),
         |c| {
             c.route("/echo", web::post().to(echo))
-                .route("/boom", web::get().to(boom));
+                .route("/boom", web::get().to(boom))
+                .route("/slow", web::get().to(slow));
         },
     )
     .unwrap()
@@ -116,5 +122,59 @@ async fn malformed_and_oversized_bodies_get_4xx_in_the_error_shape() {
         ("internal", "internal error")
     );
     token.cancel();
+    srv.task.await.unwrap().unwrap();
+}
+
+/// Sends one HTTP/1.1 GET on `conn` and returns the response head, lower-cased.
+async fn get_head(conn: &mut tokio::net::TcpStream, path: &str) -> String {
+    use tokio::io::AsyncWriteExt;
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    read_head(conn, path).await
+}
+
+/// The head of the next response on `conn`, lower-cased.
+async fn read_head(conn: &mut tokio::net::TcpStream, path: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed before answering {path}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).to_lowercase()
+}
+
+#[actix_web::test]
+async fn a_draining_listener_closes_each_connection_after_its_answer() {
+    // A stopping node stops accepting connections and closes idle ones; a request it is still
+    // serving gets its answer with `Connection: close`, so the client (a balancer) sends its
+    // next request elsewhere rather than on a connection about to go away under it.
+    let token = CancellationToken::new();
+    let srv = server(token.clone());
+    let mut busy = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let head = get_head(&mut busy, "/healthz").await;
+    assert!(
+        head.starts_with("http/1.1 200") && !head.contains("connection: close"),
+        "{head}"
+    );
+    {
+        use tokio::io::AsyncWriteExt;
+        busy.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    token.cancel();
+    let head = read_head(&mut busy, "/slow").await;
+    assert!(
+        head.starts_with("http/1.1 200") && head.contains("connection: close"),
+        "{head}"
+    );
     srv.task.await.unwrap().unwrap();
 }
