@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use actix_web::{HttpResponse, web};
 use tenantry_core::{
     ApiError,
-    http::{HttpContext, start_server},
+    http::{HttpContext, Readiness, start_server},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -37,7 +37,7 @@ fn server(shutdown: CancellationToken) -> tenantry_core::http::RunningServer {
     let ctx = HttpContext {
         role: "test",
         shard_id: None,
-        probes: Arc::new(vec![]),
+        probes: Arc::new(Readiness::new(vec![])),
         shutdown,
         body_limit: 1024 * 16,
         prefix_routes: &[],
@@ -177,4 +177,49 @@ async fn a_draining_listener_closes_each_connection_after_its_answer() {
         "{head}"
     );
     srv.task.await.unwrap().unwrap();
+}
+
+/// A probe that counts its checks, each taking 200 ms, and fails.
+struct Counting(Arc<std::sync::atomic::AtomicUsize>);
+
+impl tenantry_core::http::Probe for Counting {
+    fn name(&self) -> &str {
+        "counting"
+    }
+
+    fn check(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Err("down".into())
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_flood_of_readiness_calls_runs_each_probe_once_a_second() {
+    // `/readyz` needs no authentication and its probes use the pools that serve traffic: a
+    // flood of calls must not take every connection from them.
+    let checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let ready = Arc::new(Readiness::new(vec![Box::new(Counting(checks.clone()))]));
+    let calls: Vec<_> = (0..200)
+        .map(|_| {
+            let ready = ready.clone();
+            tokio::spawn(async move { ready.failures().await })
+        })
+        .collect();
+    for call in calls {
+        let failures = call.await.unwrap();
+        assert_eq!(*failures, [("counting".to_string(), "down".to_string())]);
+    }
+    assert_eq!(checks.load(std::sync::atomic::Ordering::SeqCst), 1);
+    tokio::time::sleep(tenantry_core::http::READY_FOR).await;
+    ready.failures().await;
+    assert_eq!(
+        checks.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "a verdict is not kept longer than READY_FOR"
+    );
 }

@@ -90,6 +90,54 @@ pub trait Probe: Send + Sync + 'static {
     fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
 }
 
+/// How long one `/readyz` verdict is given to every caller: the probes use the pools that serve
+/// traffic (on a gateway, the catalog pool that routing reads from), and `/readyz` needs no
+/// authentication, so a flood of probes must not turn into a flood of checks.
+pub const READY_FOR: Duration = Duration::from_secs(1);
+
+/// The probes `/readyz` asks, run by one caller at a time: callers that arrive while a check
+/// runs wait for its verdict, and a verdict is reused for [`READY_FOR`]. Whatever the number
+/// of callers, each probe runs at most once per [`READY_FOR`] (plus its own time).
+pub struct Readiness {
+    probes: Vec<Box<dyn Probe>>,
+    /// When the last verdict was reached, and the probes that failed it (name, error).
+    last: tokio::sync::Mutex<Option<(Instant, Arc<Vec<(String, String)>>)>>,
+}
+
+impl Readiness {
+    pub fn new(probes: Vec<Box<dyn Probe>>) -> Readiness {
+        Readiness {
+            probes,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The probes that fail (name, error), each given 2 s; empty when ready.
+    pub async fn failures(&self) -> Arc<Vec<(String, String)>> {
+        let mut last = self.last.lock().await;
+        if let Some((at, failures)) = last.as_ref()
+            && at.elapsed() < READY_FOR
+        {
+            return failures.clone();
+        }
+        let mut failures = Vec::new();
+        for probe in &self.probes {
+            let outcome = tokio::time::timeout(Duration::from_secs(2), probe.check()).await;
+            match outcome {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failures.push((probe.name().to_owned(), e)),
+                Err(_) => failures.push((probe.name().to_owned(), "timed out after 2s".into())),
+            }
+        }
+        for (name, e) in &failures {
+            tracing::warn!(probe = %name, error = %e, "readiness probe failed");
+        }
+        let failures = Arc::new(failures);
+        *last = Some((Instant::now(), failures.clone()));
+        failures
+    }
+}
+
 /// A PostgreSQL pool is ready when it can run `SELECT 1`.
 pub struct PgProbe {
     pub name: String,
@@ -120,7 +168,7 @@ pub struct HttpContext {
     pub role: &'static str,
     /// The shard this listener serves, for the `shard.id` log field.
     pub shard_id: Option<String>,
-    pub probes: Arc<Vec<Box<dyn Probe>>>,
+    pub probes: Arc<Readiness>,
     /// Cancelled when shutdown starts: `/readyz` then answers 503 so balancers stop sending.
     pub shutdown: CancellationToken,
     pub body_limit: usize,
@@ -416,20 +464,9 @@ async fn readyz(ctx: web::Data<HttpContext>) -> Result<HttpResponse, ApiError> {
             std::time::Duration::from_secs(1),
         ));
     }
-    let mut failures = Vec::new();
-    for probe in ctx.probes.iter() {
-        let outcome = tokio::time::timeout(std::time::Duration::from_secs(2), probe.check()).await;
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failures.push((probe.name().to_owned(), e)),
-            Err(_) => failures.push((probe.name().to_owned(), "timed out after 2s".into())),
-        }
-    }
+    let failures = ctx.probes.failures().await;
     if failures.is_empty() {
         return Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})));
-    }
-    for (name, e) in &failures {
-        tracing::warn!(probe = %name, error = %e, "readiness probe failed");
     }
     // Which dependency is down is operational information, not a secret; the errors are logged.
     let names: Vec<_> = failures.iter().map(|(n, _)| n.as_str()).collect();

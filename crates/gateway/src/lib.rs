@@ -16,7 +16,7 @@ use actix_web::web;
 use anyhow::Context;
 use tenantry_core::{
     Config, db,
-    http::{HttpContext, PgProbe, Probe, RunningServer, start_server},
+    http::{HttpContext, PgProbe, Probe, Readiness, RunningServer, start_server},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -92,7 +92,7 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
     let ctx = HttpContext {
         role: "gateway",
         shard_id: None,
-        probes: Arc::new(probes),
+        probes: Arc::new(Readiness::new(probes)),
         shutdown: shutdown.clone(),
         body_limit: g.body_limit.as_usize(),
         prefix_routes: &[("/v1/companies/", routes::FORWARDED_ROUTE)],

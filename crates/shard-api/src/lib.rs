@@ -10,7 +10,7 @@ use deadpool_postgres::Pool;
 use tenantry_core::{
     Config,
     auth::JwtKey,
-    http::{HttpContext, Probe, RunningServer, start_server},
+    http::{HttpContext, Probe, Readiness, RunningServer, start_server},
 };
 use tenantry_queue::ShardQueue;
 use tokio_util::sync::CancellationToken;
@@ -64,7 +64,7 @@ pub fn run(
     let ctx = HttpContext {
         role: "api",
         shard_id: Some(cfg.shard.id.clone()),
-        probes: Arc::new(probes),
+        probes: Arc::new(Readiness::new(probes)),
         shutdown: shutdown.clone(),
         body_limit: cfg.api.body_limit.as_usize(),
         prefix_routes: &[],
