@@ -323,6 +323,10 @@ pub fn figment(file: Option<&Path>) -> Figment {
     )
 }
 
+/// How far past `api.sync_wait` a job request may still be reading its job back before it
+/// answers `202` with the job as written (the shard API's `LAST_READ_LIMIT`).
+pub const SYNC_WAIT_LAST_READ: Duration = Duration::from_secs(1);
+
 impl Config {
     /// Loads, validates and (in [`Mode::Strict`]) refuses insecure settings.
     pub fn load(file: Option<&Path>, mode: Mode) -> Result<Config, ConfigError> {
@@ -563,6 +567,22 @@ impl Config {
             s(30),
             &mut problems,
         );
+        // Both roles in one configuration (the local cluster, a single-node set-up): a job
+        // request must answer before the gateway gives up on it, or its 504 invites a second
+        // job from a client without an Idempotency-Key.
+        if self.gateway.enabled
+            && self.api.enabled
+            && self.api.sync_wait + SYNC_WAIT_LAST_READ >= self.gateway.upstream_timeout
+        {
+            problems.push(format!(
+                "api.sync_wait ({}) plus the {} a job request may spend reading its job back \
+                 must stay below gateway.upstream_timeout ({}), or the gateway answers 504 \
+                 while the job exists",
+                humantime::format_duration(self.api.sync_wait),
+                humantime::format_duration(SYNC_WAIT_LAST_READ),
+                humantime::format_duration(self.gateway.upstream_timeout)
+            ));
+        }
         within(
             "shutdown.grace_period",
             self.shutdown.grace_period,
@@ -802,6 +822,12 @@ mod tests {
             ("[worker]\nthreads = -1\n", "threads"),
             ("[log]\nformat = \"xml\"\n", "format"),
             ("[api]\nsync_wait = \"5m\"\n", "api.sync_wait"),
+            (
+                "[api]\nenabled = true\nsync_wait = \"9s\"\n[gateway]\nenabled = true\n\
+                 [shard]\nid = \"shard-1\"\nurl = \"postgres://x@h/d\"\n",
+                "api.sync_wait (9s) plus the 1s a job request may spend reading its job back must \
+                 stay below gateway.upstream_timeout (10s)",
+            ),
             ("[worker]\nthreads = 2\n", "shard.id must be set"),
             (
                 "[api]\nenabled = true\n[shard]\nid = \"Shard_1\"\nurl = \"postgres://x@h/d\"\n",

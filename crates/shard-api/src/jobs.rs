@@ -31,7 +31,7 @@ use crate::fence;
 /// answers `202` with the job as written: the reads take a connection from the shard's pool,
 /// which may be exhausted, and a gateway gives up on the request at `gateway.upstream_timeout`
 /// (10 s by default), after which a client without an `Idempotency-Key` would send it again.
-pub const LAST_READ_LIMIT: Duration = Duration::from_secs(1);
+pub const LAST_READ_LIMIT: Duration = tenantry_core::config::SYNC_WAIT_LAST_READ;
 
 /// Longest accepted `Idempotency-Key`.
 pub const MAX_IDEMPOTENCY_KEY: usize = 200;
