@@ -87,6 +87,8 @@ fn token_rejects_malformed_arguments() {
         ],
         vec!["--user", "u", "--ttl", "forever"],
         vec!["--user", "u", "--ttl", "400d"],
+        // Under a second: its `exp` (whole seconds) would be now, a token already dead.
+        vec!["--user", "u", "--ttl", "500ms"],
         vec!["--company", "0190a000-0000-7000-8000-000000000000:admin"],
         // A token every listener would refuse (`sub` with a control character, blank).
         vec!["--user", "op\u{1b}[2J"],

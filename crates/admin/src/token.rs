@@ -47,7 +47,7 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
         .parse::<humantime_serde::re::humantime::Duration>()
         .map_err(|e| e.to_string())?
         .into();
-    if d.is_zero() || d > Duration::from_secs(30 * 86_400) {
+    if d < Duration::from_secs(1) || d > Duration::from_secs(30 * 86_400) {
         return Err("ttl must be between 1s and 30d".into());
     }
     Ok(d)
