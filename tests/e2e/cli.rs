@@ -250,3 +250,20 @@ fn readme_lists_every_configuration_key() {
     }
     assert!(keys > 15, "parsed the defaults file");
 }
+
+#[test]
+fn config_check_whose_reader_stops_reading_exits_quietly() {
+    // `tenantry config check | head -0`: it used `print!`, which panics (exit 101) on a closed
+    // standard output.
+    let mut child = tenantry()
+        .args(["--dev", "config", "check"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}

@@ -446,7 +446,10 @@ async fn migrate_status_fails_on_a_shard_it_cannot_read_and_both_commands_leave_
         .lines()
         .find(|l| l.contains("shard shard-b"))
         .unwrap_or_default();
-    assert!(row.contains('?') && row.contains("unreachable"), "{out}");
+    assert!(
+        row.contains("unreachable") && row.matches('?').count() >= 2,
+        "applied and pending unknown: {out}"
+    );
     assert!(
         out.contains("retired shards, not checked: shard-c"),
         "{out}"
@@ -458,7 +461,21 @@ async fn migrate_status_fails_on_a_shard_it_cannot_read_and_both_commands_leave_
     let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(rows.as_array().unwrap().len(), 3, "{out}");
     assert!(rows[2]["pending"].is_null(), "{out}");
+    // Not 0: a monitor computing latest - applied would see a fresh, unmigrated database.
+    assert!(rows[2]["applied"].is_null(), "{out}");
     assert_eq!(rows[1]["pending"], serde_json::json!([]), "{out}");
+    assert_eq!(rows[1]["applied"], rows[1]["latest"], "{out}");
+    // `migrate status | grep -q …` under pipefail: the reader went away, the problem still
+    // fails the command.
+    let out = closed_stdout(
+        tenantry()
+            .args(["admin", "migrate", "status"])
+            .envs(env.clone()),
+        true,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("1 of 3 databases could not be read"), "{err}");
     // Retired, shard-b no longer stops `up` or fails `status`; named, it is still tried.
     catalog
         .exec("UPDATE shards SET state = 'retired' WHERE id = 'shard-b'")

@@ -81,7 +81,7 @@ fn shard_arg(s: &str) -> Result<String, String> {
 }
 
 /// Writes to standard output; see [`out!`].
-fn write_out(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+pub fn write_out(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
     use std::io::Write as _;
     match std::io::stdout().lock().write_fmt(args) {
         Ok(()) => Ok(()),

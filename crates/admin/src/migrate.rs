@@ -105,7 +105,8 @@ async fn databases(cfg: &Config, only_shard: Option<&str>) -> anyhow::Result<Dat
 #[derive(Serialize)]
 struct StatusRow {
     database: String,
-    applied: i64,
+    /// `None` when the database could not be read.
+    applied: Option<i64>,
     latest: i64,
     /// `None` when the database could not be read.
     pending: Option<Vec<String>>,
@@ -128,7 +129,7 @@ async fn status(cfg: &Config, args: StatusArgs) -> anyhow::Result<()> {
         let row = match db::connect(&d.url, &cfg.database, "tenantry-admin").await {
             Err(e) => StatusRow {
                 database: d.label,
-                applied: 0,
+                applied: None,
                 latest,
                 pending: None,
                 problem: Some(format!("unreachable: {e:#}")),
@@ -136,14 +137,14 @@ async fn status(cfg: &Config, args: StatusArgs) -> anyhow::Result<()> {
             Ok(client) => match tenantry_migrate::status(&client, &known).await {
                 Err(e) => StatusRow {
                     database: d.label,
-                    applied: 0,
+                    applied: None,
                     latest,
                     pending: None,
                     problem: Some(tenantry_core::error::chain(&e)),
                 },
                 Ok(st) => StatusRow {
                     database: d.label,
-                    applied: st.version(),
+                    applied: Some(st.version()),
                     latest,
                     pending: Some(st.pending.iter().map(describe).collect()),
                     problem: st
@@ -156,16 +157,25 @@ async fn status(cfg: &Config, args: StatusArgs) -> anyhow::Result<()> {
         rows.push(row);
     }
     let problems = rows.iter().filter(|r| r.problem.is_some()).count();
-    let verdict = || match problems {
+    let verdict = match problems {
         0 => Ok(()),
         n => Err(anyhow::anyhow!(
             "{n} of {} databases could not be read or have a problem (see PROBLEM)",
             rows.len()
         )),
     };
-    if args.json {
+    // The verdict wins over a reader that went away (`migrate status | grep -q …` under
+    // pipefail): a problem found is reported by the exit code, printed or not.
+    match (print_status(&rows, &retired, args.json), verdict) {
+        (_, Err(problems)) => Err(problems),
+        (printed, Ok(())) => printed,
+    }
+}
+
+fn print_status(rows: &[StatusRow], retired: &[String], json: bool) -> anyhow::Result<()> {
+    if json {
         outln!("{}", serde_json::to_string_pretty(&rows)?);
-        return verdict();
+        return Ok(());
     }
     let cells: Vec<Vec<String>> = rows
         .iter()
@@ -177,7 +187,7 @@ async fn status(cfg: &Config, args: StatusArgs) -> anyhow::Result<()> {
             };
             vec![
                 r.database.clone(),
-                r.applied.to_string(),
+                r.applied.map_or("?".to_owned(), |v| v.to_string()),
                 r.latest.to_string(),
                 pending,
                 r.problem.clone().unwrap_or_default(),
@@ -194,7 +204,7 @@ async fn status(cfg: &Config, args: StatusArgs) -> anyhow::Result<()> {
     if !retired.is_empty() {
         outln!("retired shards, not checked: {}", retired.join(", "));
     }
-    verdict()
+    Ok(())
 }
 
 fn describe(m: &Migration) -> String {

@@ -122,9 +122,10 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Config(ConfigCommand::Check) => {
-            print!("{}", cfg.to_redacted_toml());
-            tenantry_admin::errln!("configuration is valid");
-            Ok(())
+            // Not `print!`: a reader that went away (`config check | head -1`) would make it
+            // panic and exit 101.
+            tenantry_admin::write_out(format_args!("{}", cfg.to_redacted_toml()))
+                .map(|()| tenantry_admin::errln!("configuration is valid"))
         }
         Command::Serve => {
             tenantry_core::telemetry::init(&cfg.log);
