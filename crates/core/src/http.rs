@@ -95,13 +95,16 @@ pub trait Probe: Send + Sync + 'static {
 /// authentication, so a flood of probes must not turn into a flood of checks.
 pub const READY_FOR: Duration = Duration::from_secs(1);
 
+/// The probes that failed a readiness check: (name, error).
+pub type Failures = Arc<Vec<(String, String)>>;
+
 /// The probes `/readyz` asks, run by one caller at a time: callers that arrive while a check
 /// runs wait for its verdict, and a verdict is reused for [`READY_FOR`]. Whatever the number
 /// of callers, each probe runs at most once per [`READY_FOR`] (plus its own time).
 pub struct Readiness {
     probes: Vec<Box<dyn Probe>>,
     /// When the last verdict was reached, and the probes that failed it (name, error).
-    last: tokio::sync::Mutex<Option<(Instant, Arc<Vec<(String, String)>>)>>,
+    last: tokio::sync::Mutex<Option<(Instant, Failures)>>,
 }
 
 impl Readiness {
@@ -113,7 +116,7 @@ impl Readiness {
     }
 
     /// The probes that fail (name, error), each given 2 s; empty when ready.
-    pub async fn failures(&self) -> Arc<Vec<(String, String)>> {
+    pub async fn failures(&self) -> Failures {
         let mut last = self.last.lock().await;
         if let Some((at, failures)) = last.as_ref()
             && at.elapsed() < READY_FOR
