@@ -139,7 +139,17 @@ fn spec(id: &str, db_url: &str, endpoints: Vec<String>) -> ShardSpec {
 
 async fn register(catalog: &TestDb, specs: &[ShardSpec]) {
     let mut c = catalog.client().await;
-    catalog::upsert_shards(&mut c, specs, None).await.unwrap();
+    // Set-up vouches for every shard's companies (as `shard apply` does once it has checked
+    // a moved database).
+    let checked = catalog::list_shards(&c)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.id, s.tenants))
+        .collect();
+    catalog::upsert_shards(&mut c, specs, None, &checked)
+        .await
+        .unwrap();
 }
 
 fn gateway_cmd(catalog_url: &str, amqp: &str, exchange: &str, extra: &[(&str, &str)]) -> Command {

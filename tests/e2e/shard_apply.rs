@@ -857,3 +857,66 @@ async fn shard_apply_says_so_while_another_runner_holds_a_shards_migration_lock(
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test]
+async fn a_move_is_refused_when_companies_changed_since_its_new_database_was_checked() {
+    // `shard apply` checks a moving shard's new database for the companies it counted, then
+    // migrates every shard, then changes the catalog. A company created on the shard in between
+    // has its placement in the old database alone: the catalog must not switch to the new one.
+    let catalog = TestDb::new(Schema::Catalog).await;
+    let (s1, s2) = (
+        TestDb::new(Schema::Empty).await,
+        TestDb::new(Schema::Empty).await,
+    );
+    let dir = tempdir();
+    let file = dir.join("map.toml");
+    std::fs::write(&file, map(&[("shard-1", &s1, "http://127.0.0.1:8101")], "")).unwrap();
+    let (code, _, err) = run(tenantry()
+        .args(["admin", "shard", "apply", "--create-databases"])
+        .arg(&file)
+        .env("TENANTRY_CATALOG__URL", &catalog.url));
+    assert_eq!(code, 0, "{err}");
+    catalog
+        .exec(&format!(
+            "INSERT INTO tenants (id, name, shard_id, state) VALUES ('{}', 'Acme', 'shard-1', 'active')",
+            Uuid::now_v7()
+        ))
+        .await;
+    let moved = tenantry_shardmap::ShardMapFile::parse(
+        "map.toml",
+        &map(&[("shard-1", &s2, "http://127.0.0.1:8101")], ""),
+    )
+    .unwrap();
+    let mut c = catalog.client().await;
+    // Checked when it had no company: refused, nothing changed.
+    let checked = std::collections::HashMap::from([("shard-1".to_string(), 0)]);
+    let refused =
+        tenantry_shardmap::catalog::upsert_shards(&mut c, &moved.shards, Some("e2e"), &checked)
+            .await
+            .unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        "companies were created on or removed from shards whose database_url changes while this \
+         apply ran: shard-1 (0 companies when checked, 1 now)"
+    );
+    let still: String = c
+        .query_one("SELECT database_url FROM shards WHERE id = 'shard-1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        still, s1.url,
+        "the catalog still points at the old database"
+    );
+    // Checked with the company it has: the move goes ahead.
+    let checked = std::collections::HashMap::from([("shard-1".to_string(), 1)]);
+    tenantry_shardmap::catalog::upsert_shards(&mut c, &moved.shards, Some("e2e"), &checked)
+        .await
+        .unwrap();
+    let now: String = c
+        .query_one("SELECT database_url FROM shards WHERE id = 'shard-1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(now, s2.url);
+}

@@ -84,6 +84,10 @@ pub async fn apply(
         .await
         .context("reading the catalog's shards")?;
     check_environment(&cat, catalog_url, file, &known).await?;
+    // How many companies each shard had when its database was checked: a shard whose
+    // database moves must still have exactly those when the catalog changes.
+    let checked: std::collections::HashMap<String, i64> =
+        known.iter().map(|k| (k.id.clone(), k.tenants)).collect();
     let mut outcomes = Vec::new();
     for spec in &file.shards {
         // What the catalog has for this shard: how many companies (a shard with companies never
@@ -193,7 +197,7 @@ pub async fn apply(
     // catalog as it found it.
     let environment = file.environment.as_str();
     let (changes, undeclared, map_version) =
-        match catalog::upsert_shards(&mut cat, &file.shards, Some(environment)).await {
+        match catalog::upsert_shards(&mut cat, &file.shards, Some(environment), &checked).await {
             Ok(done) => done,
             Err(catalog::UpsertError::OtherEnvironment(recorded)) => anyhow::bail!(
                 "the catalog at {catalog_url} now serves environment {recorded:?}, recorded by \
@@ -207,6 +211,10 @@ pub async fn apply(
                  there); the catalog's shards were not changed (the shard databases this run \
                  prepared are left as they are)",
                 catalog::UpsertError::RetiringWithCompanies(held)
+            ),
+            Err(e @ catalog::UpsertError::CompaniesChangedWhileMoving(_)) => anyhow::bail!(
+                "{e}: their new databases were checked for the companies counted before; the \
+                 catalog's shards were not changed, run the apply again"
             ),
             Err(catalog::UpsertError::Db(e)) => {
                 return Err(anyhow::Error::new(e).context("updating the catalog"));

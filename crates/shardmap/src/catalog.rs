@@ -111,8 +111,24 @@ pub enum UpsertError {
     /// many each.
     #[error("shards to retire still hold companies: {}", held(.0))]
     RetiringWithCompanies(Vec<(String, i64)>),
+    /// Shards whose `database_url` the map changes and whose companies changed in number since
+    /// the apply checked their new database (id, companies then, companies now).
+    #[error("{}", moved_meanwhile(.0))]
+    CompaniesChangedWhileMoving(Vec<(String, i64, i64)>),
     #[error(transparent)]
     Db(#[from] tokio_postgres::Error),
+}
+
+fn moved_meanwhile(shards: &[(String, i64, i64)]) -> String {
+    let each: Vec<String> = shards
+        .iter()
+        .map(|(id, then, now)| format!("{id} ({then} companies when checked, {now} now)"))
+        .collect();
+    format!(
+        "companies were created on or removed from shards whose database_url changes while \
+         this apply ran: {}",
+        each.join(", ")
+    )
 }
 
 fn held(shards: &[(String, i64)]) -> String {
@@ -133,6 +149,7 @@ pub async fn upsert_shards(
     client: &mut Client,
     specs: &[ShardSpec],
     environment: Option<&str>,
+    checked: &std::collections::HashMap<String, i64>,
 ) -> Result<(Vec<(String, Change)>, Vec<String>, i64), UpsertError> {
     let tx = client.transaction().await?;
     // Serializes concurrent appliers: the second waits here, then sees the first's result and
@@ -188,6 +205,45 @@ pub async fn upsert_shards(
         }
     }
     let existing = list_shards(&tx).await?;
+    // A shard whose database moves keeps its companies only if the new database holds them
+    // (the apply checked that, for the companies it counted in `checked`). A company created
+    // meanwhile has its placement in the old database alone, so the move is refused; its row
+    // is locked first, as for a retirement.
+    let moving: Vec<&str> = specs
+        .iter()
+        .filter(|spec| {
+            existing
+                .iter()
+                .any(|cur| cur.id == spec.id && cur.database_url != spec.database_url)
+        })
+        .map(|spec| spec.id.as_str())
+        .collect();
+    if !moving.is_empty() {
+        tx.execute(
+            "SELECT 1 FROM shards WHERE id = ANY($1) FOR UPDATE",
+            &[&moving],
+        )
+        .await?;
+        let mut changed = Vec::new();
+        for row in tx
+            .query(
+                "SELECT s.id, (SELECT count(*) FROM tenants t
+                                WHERE t.shard_id = s.id AND t.state <> 'deleted')
+                   FROM shards s WHERE s.id = ANY($1) ORDER BY s.id",
+                &[&moving],
+            )
+            .await?
+        {
+            let (id, now): (String, i64) = (row.get(0), row.get(1));
+            let then = checked.get(&id).copied().unwrap_or(0);
+            if now != then {
+                changed.push((id, then, now));
+            }
+        }
+        if !changed.is_empty() {
+            return Err(UpsertError::CompaniesChangedWhileMoving(changed));
+        }
+    }
     let mut changes = Vec::new();
     for spec in specs {
         // As the gateway reads them: `http://a/` and `http://a` are one endpoint.
