@@ -642,3 +642,29 @@ async fn a_server_too_old_for_the_migrations_gets_no_new_database() {
         "once"
     );
 }
+
+#[tokio::test]
+async fn a_shard_pointed_at_the_catalog_database_is_named_as_such_not_as_an_edit() {
+    // The two sets of migrations share version numbers; the check used to report the first
+    // step as "edited after it was applied: revert the edit", sending the operator after a
+    // file nobody touched.
+    let catalog = TestDb::new(Schema::Catalog).await;
+    catalog
+        .exec(&format!(
+            "INSERT INTO shards (id, database_url) VALUES ('shard-x', '{}')",
+            catalog.url
+        ))
+        .await;
+    let (code, out, err) = run(tenantry()
+        .args(["admin", "migrate", "status", "--shard", "shard-x", "--json"])
+        .env("TENANTRY_CATALOG__URL", &catalog.url));
+    assert_eq!(code, 1, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let problem = rows[0]["problem"].as_str().unwrap_or_default();
+    assert!(
+        problem.contains("0001_shard_map.sql as migration 1")
+            && problem.contains("another set of migrations")
+            && !problem.contains("edited"),
+        "{out}"
+    );
+}

@@ -153,6 +153,16 @@ pub enum MigrateError {
     )]
     UnknownApplied { version: i64, file: String },
     #[error(
+        "the database has {applied} as migration {version}, where this binary has {known}: it \
+         holds another set of migrations (a catalog where a shard database was expected, or \
+         the other way round); check the database URL"
+    )]
+    OtherMigrations {
+        version: i64,
+        applied: String,
+        known: String,
+    },
+    #[error(
         "migration {file} is pending but the database already has version {applied_max}; \
          migrations must be applied in order: renumber it after {applied_max}"
     )]
@@ -198,6 +208,15 @@ impl Status {
                     return Err(MigrateError::UnknownApplied {
                         version: a.version,
                         file: a.file.clone(),
+                    });
+                }
+                // Files are never renamed: another name is another set of migrations, whose
+                // checksums differ too, and "revert the edit" would mislead.
+                Some(m) if m.file != a.file => {
+                    return Err(MigrateError::OtherMigrations {
+                        version: a.version,
+                        applied: a.file.clone(),
+                        known: m.file.clone(),
                     });
                 }
                 Some(m) if m.checksum() != a.checksum => {
