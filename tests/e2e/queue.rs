@@ -73,7 +73,9 @@ async fn expire_and_rescue(c: &mut tokio_postgres::Client, id: Uuid) -> (Vec<Uui
     )
     .await
     .unwrap();
-    store::rescue_expired(c, 10).await.unwrap()
+    store::rescue_expired(c, 10, Duration::ZERO, Duration::ZERO)
+        .await
+        .unwrap()
 }
 
 use crate::support::dev_config;
@@ -720,7 +722,9 @@ async fn a_running_job_keeps_its_lease_past_its_length_and_only_its_worker_renew
             "the job did not finish"
         );
         assert_eq!(
-            store::rescue_expired(&mut c, 10).await.unwrap(),
+            store::rescue_expired(&mut c, 10, Duration::ZERO, Duration::ZERO)
+                .await
+                .unwrap(),
             (vec![], vec![]),
             "a renewed lease is never rescued ({state}, attempt {attempts})"
         );
@@ -866,6 +870,34 @@ async fn lease_figure(c: &tokio_postgres::Client, id: Uuid, expr: &str) -> f64 {
 }
 
 #[tokio::test]
+async fn a_rescued_job_waits_out_its_retry_backoff_before_it_is_claimed_again() {
+    // A handler that brings its worker down (an abort, memory) must not be claimed again at
+    // once by the next worker, taking it down too.
+    let db = TestDb::new(Schema::Shard).await;
+    let id = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 3)).await;
+    let later = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 3)).await;
+    let mut c = db.client().await;
+    store::claim(&mut c, "w", 1, Duration::from_millis(1), 100)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (base, max) = (Duration::from_secs(10), Duration::from_secs(60));
+    let (rescued, dead) = store::rescue_expired(&mut c, 10, base, max).await.unwrap();
+    assert_eq!((rescued, dead), (vec![id], vec![]));
+    // The first attempt's backoff: between the base and 1¼ of it.
+    let wait = lease_figure(&c, id, "run_at - now()").await;
+    assert!((9.5..=12.6).contains(&wait), "run_at is {wait} s away");
+    let claimed = store::claim(&mut c, "w2", 10, Duration::from_secs(30), 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![later],
+        "only the job that is not backing off"
+    );
+}
+
+#[tokio::test]
 async fn an_expired_lease_on_the_last_attempt_dead_letters_the_job() {
     let db = TestDb::new(Schema::Shard).await;
     let id = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 1)).await;
@@ -874,7 +906,9 @@ async fn an_expired_lease_on_the_last_attempt_dead_letters_the_job() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let (rescued, dead) = store::rescue_expired(&mut c, 10).await.unwrap();
+    let (rescued, dead) = store::rescue_expired(&mut c, 10, Duration::ZERO, Duration::ZERO)
+        .await
+        .unwrap();
     assert_eq!((rescued.len(), dead), (0, vec![id]));
     let err: String = c
         .query_one("SELECT error FROM jobs WHERE id = $1", &[&id])

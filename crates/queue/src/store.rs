@@ -1210,9 +1210,18 @@ pub async fn heartbeat(
 /// those that finished; see [`rescue_expired`].
 const RESCUE_SQL: &str = concat!(
     "WITH expired AS (
-                 SELECT id FROM jobs
-                  WHERE state = 'processing' AND lease_expires_at < now()
-                  LIMIT $1 FOR UPDATE SKIP LOCKED
+                 -- The retry's backoff, as `worker::backoff` computes it for the attempt of
+                 -- this round ($2 the base, $3 the cap, in ms; $2 <= $3): between
+                 -- max(base, 3/4 hi) and hi = min(5/4 min(base 2^m, cap), cap), m = n - 1 <= 20.
+                 SELECT id, CASE WHEN hi <= lo THEN lo ELSE lo + (hi - lo) * random() END AS ms
+                   FROM (SELECT id, hi, greatest(hi * 0.75, $2::float8) AS lo
+                           FROM (SELECT id,
+                                        least(least($2::float8 * power(2, least(greatest(
+                                                  attempts - retried_after, 1) - 1, 20)),
+                                                  $3::float8) * 1.25, $3::float8) AS hi
+                                   FROM jobs
+                                  WHERE state = 'processing' AND lease_expires_at < now()
+                                  LIMIT $1 FOR UPDATE SKIP LOCKED) capped) spread
              ), updated AS (
                  UPDATE jobs j SET
                      state = CASE WHEN j.attempts >= j.max_attempts THEN 'error' ELSE 'waiting' END,
@@ -1220,7 +1229,11 @@ const RESCUE_SQL: &str = concat!(
     rescue_error!("coalesce(j.worker_id, '?')"),
     ",
                      finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
-                     run_at = now(), worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+                     run_at = now() + expired.ms * interval '1 millisecond',
+                     priority = greatest(j.priority, ",
+    epoch_us!("now() + expired.ms * interval '1 millisecond'"),
+    "),
+                     worker_id = NULL, lease_expires_at = NULL, updated_at = now()
                    FROM expired WHERE j.id = expired.id
               ",
     updated_columns!(),
@@ -1235,16 +1248,25 @@ const RESCUE_SQL: &str = concat!(
 /// Returns jobs whose lease expired (their worker died or hung) to `waiting`, or to `error`
 /// when they have used their attempts; at most `limit` per call. Returns (rescued, dead).
 ///
+/// A rescued job waits out the retry backoff of its attempt (`retry_base`, `retry_max`, as a
+/// failed attempt does; zero for none), its claim order moved to the end of it: a job whose
+/// handler brings its worker down (an abort, running out of memory) would otherwise be claimed
+/// again at once and bring the next worker down, every job running there rescued with it.
+///
 /// Race prevented: `FOR UPDATE SKIP LOCKED` lets several rescuers run at once without
 /// rescuing a job twice, and a worker completing at this very moment either commits first
 /// (the row is no longer `processing`) or finds its lease gone and is discarded.
 pub async fn rescue_expired(
     client: &mut tokio_postgres::Client,
     limit: i64,
+    retry_base: Duration,
+    retry_max: Duration,
 ) -> Result<(Vec<Uuid>, Vec<Uuid>), tokio_postgres::Error> {
+    let max_ms = retry_max.as_secs_f64() * 1e3;
+    let base_ms = (retry_base.as_secs_f64() * 1e3).min(max_ms);
     let tx = client.transaction().await?;
     tx.batch_execute(INDEX_ONLY_SETTINGS).await?;
-    let rows = tx.query(RESCUE_SQL, &[&limit]).await?;
+    let rows = tx.query(RESCUE_SQL, &[&limit, &base_ms, &max_ms]).await?;
     let changed: Vec<Finished> = rows.iter().map(finished).collect();
     let (mut rescued, mut dead) = (Vec::new(), Vec::new());
     for f in &changed {

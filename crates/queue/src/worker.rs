@@ -939,7 +939,7 @@ async fn janitor_loop(this: Arc<Worker>, stop: CancellationToken) {
         let pass = async {
             let mut client = this.pool.get().await.inspect_err(|_| unreached = true)?;
             let (rescued, dead) = if Instant::now() >= rescue_from {
-                store::rescue_expired(&mut client, 1000)
+                store::rescue_expired(&mut client, 1000, this.opts.retry_base, this.opts.retry_max)
                     .await
                     .inspect_err(|_| unreached = true)?
             } else {
