@@ -701,6 +701,48 @@ async fn a_claim_whose_answer_was_lost_gives_its_jobs_back_before_the_next_claim
 }
 
 #[tokio::test]
+async fn a_running_job_keeps_its_lease_while_the_shared_pool_is_exhausted() {
+    // The pool is shared with the claims, the completions and, in a process with the api role,
+    // every request: busy for longer than a lease, it used to starve the heartbeat, and jobs
+    // running fine were rescued to run again.
+    let db = TestDb::new(Schema::Shard).await;
+    let id = enqueue_one(&db, job(Uuid::now_v7(), "sleep", json!({"ms": 6000}), 3)).await;
+    let pool = shard_pool(&db, 3);
+    let mut opts = options("shard-t", 100);
+    opts.lease = Duration::from_secs(3);
+    let running = spawn_worker(Worker::new(
+        pool.clone(),
+        builtins(&["sleep"]),
+        opts,
+        listener(&db, 10),
+    ));
+    assert!(crate::support::until_state(&db, id, "processing", Duration::from_secs(10)).await);
+    // Past the first renewal (a third of the lease), then every other connection is taken.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut taken = Vec::new();
+    while let Ok(Ok(client)) = tokio::time::timeout(Duration::from_millis(300), pool.get()).await {
+        taken.push(client);
+    }
+    assert!(!taken.is_empty());
+    let mut c = db.client().await;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        assert_eq!(
+            store::rescue_expired(&mut c, 10, Duration::ZERO, Duration::ZERO)
+                .await
+                .unwrap(),
+            (vec![], vec![]),
+            "the lease lapsed while the pool was busy"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(taken);
+    assert!(crate::support::until_state(&db, id, "done", Duration::from_secs(10)).await);
+    assert_eq!(state_of(&db, id).await, ("done".into(), 1));
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn a_running_job_keeps_its_lease_past_its_length_and_only_its_worker_renews_it() {
     // A 3 s lease renewed every second, and a 7 s job: without the heartbeat the rescuer would
     // take the job back after three seconds and it would run twice.

@@ -871,12 +871,24 @@ impl InFlight {
     }
 }
 
+/// The smallest pool the heartbeat keeps a connection of while jobs run (see `heartbeat_loop`).
+pub const HEARTBEAT_HOLDS_FROM: usize = 3;
+
 async fn heartbeat_loop(this: Arc<Worker>, running: Arc<Mutex<InFlight>>, stop: CancellationToken) {
     let period = this.opts.lease / 3;
     // After a failed renewal, try again soon rather than a whole period later: the leases are
     // running out, and once the database is back, every renewal counts (see `janitor_loop`).
     let soon = period.min(Duration::from_secs(1));
     let mut wait = period;
+    // While jobs run, the heartbeat keeps the connection it renews their leases on: the pool
+    // is shared with the claims, the completions and (in a process with the api role) every
+    // request, and a pool busy for a lease would otherwise let the leases of jobs running fine
+    // expire, to be rescued and run again (or dead-lettered). Given back once nothing runs,
+    // and on an error (the next renewal takes another). Only from a pool of at least
+    // `HEARTBEAT_HOLDS_FROM`: from a smaller one it would starve the completions, and the jobs
+    // it renews would never finish.
+    let hold = this.pool.status().max_size >= HEARTBEAT_HOLDS_FROM;
+    let mut held: Option<deadpool_postgres::Object> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -885,23 +897,29 @@ async fn heartbeat_loop(this: Arc<Worker>, running: Arc<Mutex<InFlight>>, stop: 
         wait = period;
         let ids = running.lock().unwrap_or_else(|p| p.into_inner()).ids();
         if ids.is_empty() {
+            held = None;
             continue;
         }
         let renewed = async {
-            let client = this.pool.get().await?;
-            Ok::<_, anyhow::Error>(
-                store::heartbeat(&**client, &this.id, &ids, this.opts.lease).await?,
-            )
+            let client = match held.take() {
+                Some(client) => client,
+                None => this.pool.get().await?,
+            };
+            store::heartbeat(&**client, &this.id, &ids, this.opts.lease).await?;
+            Ok::<_, anyhow::Error>(client)
         }
         .await;
-        if let Err(e) = renewed {
-            tracing::warn!(
-                error = format!("{e:#}"),
-                jobs = ids.len(),
-                retry_in_ms = soon.as_millis() as u64,
-                "lease renewal failed"
-            );
-            wait = soon;
+        match renewed {
+            Ok(client) => held = hold.then_some(client),
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    jobs = ids.len(),
+                    retry_in_ms = soon.as_millis() as u64,
+                    "lease renewal failed"
+                );
+                wait = soon;
+            }
         }
     }
 }
