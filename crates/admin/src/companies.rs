@@ -138,17 +138,23 @@ async fn finish(cfg: &Config, args: FinishArgs) -> anyhow::Result<()> {
     let created = tenants::create(&mut client, &cfg.database, args.id, &name)
         .await
         .with_context(|| format!("finishing the creation of company {}", args.id))?;
-    // This command finished it when it created the placement or found the company still
-    // provisioning; otherwise it was already done.
-    let finished = matches!(created, Created::New { .. }) || state == "provisioning";
-    let (Created::New { shard_id } | Created::Existing { shard_id }) = created;
+    // This command finished it when it made it active; otherwise it was already done (maybe
+    // by the client's own repeat since the company was read above).
+    let (shard_id, finished) = match created {
+        Created::New { shard_id } => (shard_id, true),
+        Created::Existing {
+            shard_id,
+            activated,
+        } => (shard_id, activated),
+    };
     let report = Finished {
         id: args.id,
         shard: shard_id,
-        outcome: if finished {
-            "finished"
-        } else {
-            "already_active"
+        outcome: match (finished, state.as_str()) {
+            (true, _) => "finished",
+            // Moving to another shard, say: not active, and nothing for this command to do.
+            (false, "active" | "provisioning") => "already_active",
+            (false, _) => "nothing_to_do",
         },
     };
     if args.json {
@@ -160,8 +166,14 @@ async fn finish(cfg: &Config, args: FinishArgs) -> anyhow::Result<()> {
             report.shard
         );
     } else {
+        // Read again: the state read above may be a creation's that finished meanwhile.
+        let now: String = client
+            .query_one("SELECT state FROM tenants WHERE id = $1", &[&args.id])
+            .await
+            .context("reading the company")?
+            .get(0);
         outln!(
-            "company {}: already {state} on shard {}; nothing to do",
+            "company {}: already {now} on shard {}; nothing to do",
             report.id,
             report.shard
         );

@@ -174,7 +174,7 @@ pub async fn create(
     gw.router.forget_unknown(id).await;
     let (status, shard) = match created {
         Created::New { shard_id } => (StatusCode::CREATED, shard_id),
-        Created::Existing { shard_id } => (StatusCode::OK, shard_id),
+        Created::Existing { shard_id, .. } => (StatusCode::OK, shard_id),
     };
     Ok(HttpResponse::build(status).json(CompanyView { id, name, shard }))
 }

@@ -119,7 +119,8 @@ pub enum Created {
     /// This call created it.
     New { shard_id: String },
     /// It already existed with this name (or a repeat of this call finished it).
-    Existing { shard_id: String },
+    /// `activated`: this call made it active (it was left `provisioning` by an earlier call).
+    Existing { shard_id: String, activated: bool },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -195,7 +196,12 @@ pub async fn create(
             match state.as_str() {
                 "deleted" => return Err(CreateError::Deleted(id)),
                 "provisioning" => {}
-                _ => return Ok(Created::Existing { shard_id }),
+                _ => {
+                    return Ok(Created::Existing {
+                        shard_id,
+                        activated: false,
+                    });
+                }
             }
             (shard_id, false)
         }
@@ -237,19 +243,26 @@ pub async fn create(
             &[&id],
         )
         .await?;
-    if let Some(row) = activated {
-        let placement = Placement {
-            shard_id: row.get(0),
-            state: row.get(1),
-            version: row.get(2),
-        };
-        publish_change(&tx, id, &placement).await?;
-    }
+    let activated = match activated {
+        None => false,
+        Some(row) => {
+            let placement = Placement {
+                shard_id: row.get(0),
+                state: row.get(1),
+                version: row.get(2),
+            };
+            publish_change(&tx, id, &placement).await?;
+            true
+        }
+    };
     tx.commit().await?;
     tracing::info!(company.id = %id, shard.id = %shard_id, new, "company created");
     Ok(if new {
         Created::New { shard_id }
     } else {
-        Created::Existing { shard_id }
+        Created::Existing {
+            shard_id,
+            activated,
+        }
     })
 }
