@@ -418,6 +418,18 @@ async fn migrate_up_whose_reader_stops_reading_still_migrates_every_shard() {
         listed.contains("shard-c") && listed.contains("unreachable"),
         "{listed}"
     );
+    // In JSON the version is a number or null, the reason apart: a string would sort after
+    // every number in a filter such as `.schema_version >= 5`.
+    let (code, out, err) = run(tenantry()
+        .args(["admin", "shard", "list", "--json"])
+        .env("TENANTRY_CATALOG__URL", &catalog.url)
+        .env("TENANTRY_DATABASE__CONNECT_TIMEOUT", "1s"));
+    assert_eq!(code, 0, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows[0]["schema_version"], latest, "{out}");
+    assert!(rows[0]["problem"].is_null(), "{out}");
+    assert!(rows[2]["schema_version"].is_null(), "{out}");
+    assert_eq!(rows[2]["problem"], "unreachable", "{out}");
 }
 
 #[tokio::test]

@@ -140,17 +140,18 @@ async fn list(cfg: &Config, args: ListArgs) -> anyhow::Result<()> {
     let shards = catalog::list_shards(&client)
         .await
         .context("listing shards")?;
-    let mut versions = Vec::new();
+    // Each shard's schema version, or why it could not be read.
+    let mut versions: Vec<Result<i64, String>> = Vec::new();
     let known = tenantry_migrate::embedded(tenantry_migrate::Target::Shard);
     for s in &shards {
         let v = match db::connect(&s.database_url, &cfg.database, "tenantry-admin").await {
             Ok(c) => match tenantry_migrate::status(&c, &known).await {
-                Ok(st) => st.version().to_string(),
-                Err(e) => format!("error: {}", tenantry_core::error::chain(&e)),
+                Ok(st) => Ok(st.version()),
+                Err(e) => Err(format!("error: {}", tenantry_core::error::chain(&e))),
             },
             Err(e) => {
                 errln!("warning: shard {}: {e:#}", s.id);
-                "unreachable".to_owned()
+                Err("unreachable".to_owned())
             }
         };
         versions.push(v);
@@ -160,9 +161,12 @@ async fn list(cfg: &Config, args: ListArgs) -> anyhow::Result<()> {
             .iter()
             .zip(&versions)
             .map(|(s, v)| {
+                // A number, or null with the reason in `problem`: a string here would sort
+                // after every number in a filter such as `.schema_version >= 5`.
                 serde_json::json!({
                     "id": s.id, "state": s.state, "accepting": s.accepting, "weight": s.weight,
-                    "tenants": s.tenants, "schema_version": v, "endpoints": s.endpoints,
+                    "tenants": s.tenants, "schema_version": v.as_ref().ok(),
+                    "problem": v.as_ref().err(), "endpoints": s.endpoints,
                     "version": s.version,
                 })
             })
@@ -179,7 +183,7 @@ async fn list(cfg: &Config, args: ListArgs) -> anyhow::Result<()> {
                 s.state.clone(),
                 if s.accepting { "yes" } else { "no" }.into(),
                 s.tenants.to_string(),
-                v,
+                v.map_or_else(|problem| problem, |v| v.to_string()),
                 s.endpoints.join(","),
             ]
         })
