@@ -1873,19 +1873,29 @@ async fn operator_listings_show_the_newest_jobs_first_and_stop_at_the_limit() {
         rows.iter().map(|r| r.view.id).collect()
     };
     let newest: Vec<Uuid> = ids.iter().rev().take(3).copied().collect();
-    assert_eq!(
-        listed(store::list(&c, None, None, 3).await.unwrap()),
-        newest
+    let full = store::list(&c, None, None, 3, true).await.unwrap();
+    assert_eq!(full[0].params, json!({"i": 5}));
+    assert_eq!(listed(full), newest);
+    // The table's listing leaves the payloads in the database (up to queue.max_result_size
+    // a row), and only them.
+    let summary = store::list(&c, None, None, 3, false).await.unwrap();
+    assert!(
+        summary
+            .iter()
+            .all(|r| r.params.is_null() && r.user_context.is_null() && r.view.result.is_none()),
+        "{summary:?}"
     );
+    assert_eq!(summary[0].view.kind, "echo");
+    assert_eq!(listed(summary), newest);
     let of_b: Vec<Uuid> = ids.iter().rev().step_by(2).copied().collect();
     assert_eq!(
-        listed(store::list(&c, None, Some(b), 10).await.unwrap()),
+        listed(store::list(&c, None, Some(b), 10, true).await.unwrap()),
         of_b,
         "the company's jobs only, newest first"
     );
     assert_eq!(
         listed(
-            store::list(&c, Some(JobState::Waiting), Some(a), 2)
+            store::list(&c, Some(JobState::Waiting), Some(a), 2, true)
                 .await
                 .unwrap()
         ),
@@ -1902,7 +1912,7 @@ async fn operator_listings_show_the_newest_jobs_first_and_stop_at_the_limit() {
     }
     assert_eq!(
         listed(
-            store::list(&c, Some(JobState::Error), None, 2)
+            store::list(&c, Some(JobState::Error), None, 2, false)
                 .await
                 .unwrap()
         ),
@@ -1910,7 +1920,7 @@ async fn operator_listings_show_the_newest_jobs_first_and_stop_at_the_limit() {
     );
     assert_eq!(
         listed(
-            store::list(&c, Some(JobState::Error), Some(a), 10)
+            store::list(&c, Some(JobState::Error), Some(a), 10, true)
                 .await
                 .unwrap()
         ),

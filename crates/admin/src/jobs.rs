@@ -144,7 +144,9 @@ pub async fn run(cmd: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
             let shard = shards(cfg, Some(&a.shard)).await?;
             let shard = shard.first().context("shard not found")?;
             let client = connect(cfg, shard).await?;
-            let jobs = store::list(&client, a.state, a.company, a.limit).await?;
+            // The table shows no payloads: up to `queue.max_result_size` a row is not read
+            // for it.
+            let jobs = store::list(&client, a.state, a.company, a.limit, a.json).await?;
             if a.json {
                 outln!("{}", serde_json::to_string_pretty(&jobs)?);
             } else if jobs.is_empty() {

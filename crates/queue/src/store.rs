@@ -262,6 +262,13 @@ macro_rules! record_columns {
 }
 const RECORD_COLUMNS: &str = record_columns!();
 
+/// [`RECORD_COLUMNS`] without the payloads (result NULL, user context and params JSON
+/// `null`): what a listing shows, without reading up to `queue.max_result_size` per row.
+const SUMMARY_COLUMNS: &str = "id, kind, state, NULL::jsonb AS result, error, attempts, \
+     created_at, started_at, finished_at, request_id, company_id, 'null'::jsonb AS user_context, \
+     'null'::jsonb AS params, worker_id, max_attempts, run_at, lease_expires_at, \
+     idempotency_key, resolution_note, retried_after";
+
 /// One company's job by id: every `GET` and every wake of a waiting request runs it, so it is
 /// a constant, prepared once per pooled connection.
 const GET_SQL: &str = concat!(
@@ -1447,7 +1454,14 @@ pub async fn list(
     state: Option<JobState>,
     company: Option<Uuid>,
     limit: i64,
+    payloads: bool,
 ) -> Result<Vec<JobRecord>, tokio_postgres::Error> {
+    // Without payloads, `result` is `None` and `user_context` and `params` are JSON null.
+    let columns = if payloads {
+        RECORD_COLUMNS
+    } else {
+        SUMMARY_COLUMNS
+    };
     // Dead letters through their own index (`jobs_dead`, which the literal state lets the
     // planner use); anything else newest first along the primary key (UUID v7 ids are in
     // creation order), which stops after `limit` matches instead of sorting the whole table,
@@ -1456,7 +1470,7 @@ pub async fn list(
         client
             .query(
                 &format!(
-                    "SELECT {RECORD_COLUMNS} FROM jobs
+                    "SELECT {columns} FROM jobs
                       WHERE state = 'error' AND ($1::uuid IS NULL OR company_id = $1)
                       ORDER BY created_at DESC LIMIT $2"
                 ),
@@ -1468,7 +1482,7 @@ pub async fn list(
         client
             .query(
                 &format!(
-                    "SELECT {RECORD_COLUMNS} FROM jobs
+                    "SELECT {columns} FROM jobs
                       WHERE ($1::text IS NULL OR state = $1)
                         AND ($2::uuid IS NULL OR company_id = $2)
                       ORDER BY id DESC LIMIT $3"
