@@ -1480,6 +1480,7 @@ async fn operators_list_show_retry_and_resolve_dead_letters() {
     let shown: Value = serde_json::from_str(&out).expect("show --json prints JSON only");
     assert_eq!(shown["id"], id.to_string());
     assert_eq!(shown["company_id"], company.to_string());
+    assert_eq!(shown["shard"], "s1", "where it was found, as the table says");
     assert!(
         shown["error"]
             .as_str()

@@ -218,7 +218,12 @@ pub async fn run(cmd: JobsCommand, cfg: &Config) -> anyhow::Result<()> {
 
 fn print_job(shard: &str, job: &JobRecord, json: bool) -> anyhow::Result<()> {
     if json {
-        outln!("{}", serde_json::to_string_pretty(job)?);
+        // The job as the store has it, plus the shard it was found on (as the table shows).
+        let mut value = serde_json::to_value(job)?;
+        if let Some(fields) = value.as_object_mut() {
+            fields.insert("shard".into(), shard.into());
+        }
+        outln!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
     let opt = |t: Option<chrono::DateTime<chrono::Utc>>| {
