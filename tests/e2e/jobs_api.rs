@@ -1480,7 +1480,10 @@ async fn operators_list_show_retry_and_resolve_dead_letters() {
     let shown: Value = serde_json::from_str(&out).expect("show --json prints JSON only");
     assert_eq!(shown["id"], id.to_string());
     assert_eq!(shown["company_id"], company.to_string());
-    assert_eq!(shown["shard"], "s1", "where it was found, as the table says");
+    assert_eq!(
+        shown["shard"], "s1",
+        "where it was found, as the table says"
+    );
     assert!(
         shown["error"]
             .as_str()
@@ -1605,7 +1608,7 @@ async fn operators_list_show_retry_and_resolve_dead_letters() {
     let (code, _, err) = admin(&["jobs", "show", &Uuid::now_v7().to_string()]);
     assert_eq!(code, 1);
     assert!(
-        err.contains("no job") && err.contains("not reachable: s0"),
+        err.contains("no job") && err.contains("could not read (see the warnings above): s0"),
         "{err}"
     );
 }

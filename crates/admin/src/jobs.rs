@@ -131,8 +131,11 @@ async fn find(
     match (shard, unreachable.is_empty()) {
         (Some(s), _) => anyhow::bail!("no job {id} on shard {s}"),
         (None, true) => anyhow::bail!("no job {id} on any shard"),
+        // Unreachable, or reachable and failing (say, not migrated yet): the warnings above
+        // say which.
         (None, false) => anyhow::bail!(
-            "no job {id} on the shards that could be reached; not reachable: {}",
+            "no job {id} on the shards that could be read; could not read (see the warnings \
+             above): {}",
             unreachable.join(", ")
         ),
     }
