@@ -1289,8 +1289,10 @@ pub async fn rescue_expired(
 
 /// Gives the jobs leased to worker `$1`, but for those in `$2`, back to `waiting`, without
 /// counting the attempt. Rows another transaction holds locked are skipped, not waited for:
-/// that is the worker's own completion still being written (the rescuer returns the job if it
-/// never commits), and waiting for it could outlast the stop.
+/// that is the worker's own completion still being written, or a rescue of a lease that ran
+/// out (the rescuer returns the job if the completion never commits), and waiting for it could
+/// outlast the stop. (The stopping worker's heartbeat, whose renewals lock rows too, is
+/// stopped before its release.)
 const RELEASE_SQL: &str = "UPDATE jobs j SET state = 'waiting', worker_id = NULL,
                                   lease_expires_at = NULL, attempts = greatest(attempts - 1, 0),
                                   run_at = now(), updated_at = now()
@@ -1318,6 +1320,8 @@ pub async fn release(
 /// renew them, and the rescuer would count an attempt they never had (a job allowed one
 /// attempt would go to the dead letters without having run). Only the worker's claim loop may
 /// call this, between its claims: a job of a claim still on its way would be given back too.
+/// A failed claim may also still be running on the server, to commit later: the loop calls
+/// this before each claim for a lease after the failure.
 pub async fn release_unheld(
     client: &mut tokio_postgres::Client,
     worker_id: &str,

@@ -385,6 +385,15 @@ impl Worker {
             background.clone(),
         ));
         let janitor = tokio::spawn(janitor_loop(this.clone(), background.clone()));
+        // When the stop is asked for: `tenantry serve` counts the grace period (and the 2 s it
+        // allows past it) from then, not from when the claim loop gets round to stopping.
+        let stop_asked = {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                tokio::time::Instant::now()
+            })
+        };
         tracing::info!(worker.id = %this.id, shard.id = %this.opts.shard_id, slots = this.opts.slots, kinds = ?this.registry.kinds(), "worker started");
         this.check_session_options().await;
 
@@ -406,9 +415,10 @@ impl Worker {
         // cap. A look that found work stays where it is for the next one.
         let mut after: Option<i64> = None;
         let mut look_further = false;
-        // A claim that failed may have committed and lost only its answer: before the next
-        // claim, the jobs it took are given back (see `store::release_unheld`).
-        let mut unheld_possible = false;
+        // A claim that failed may have committed and lost only its answer, or still be running
+        // on the server: until a lease has passed since the last failure, each claim first
+        // gives back the jobs this worker holds without knowing (see `store::release_unheld`).
+        let mut unheld_until: Option<Instant> = None;
         while !shutdown.is_cancelled() {
             while tasks.try_join_next().is_some() {}
             let free = slots.available_permits().min(this.opts.claim_batch);
@@ -436,7 +446,7 @@ impl Worker {
             };
             let claimed = async {
                 let mut client = client?;
-                if unheld_possible {
+                if let Some(until) = unheld_until {
                     let held = running.lock().unwrap_or_else(|p| p.into_inner()).ids();
                     let n = store::release_unheld(&mut client, &this.id, &held).await?;
                     if n > 0 {
@@ -446,7 +456,9 @@ impl Worker {
                             "a claim's answer was lost with its connection; gave its jobs back to waiting"
                         );
                     }
-                    unheld_possible = false;
+                    if Instant::now() >= until {
+                        unheld_until = None;
+                    }
                 }
                 // The claim statement's own time, not the wait for a connection.
                 let started = Instant::now();
@@ -476,7 +488,7 @@ impl Worker {
                 }
                 Err(e) => {
                     failures += 1;
-                    unheld_possible = true;
+                    unheld_until = Some(Instant::now() + this.opts.lease);
                     let wait = backoff(
                         failures as i32,
                         Duration::from_millis(100),
@@ -568,7 +580,10 @@ impl Worker {
         }
 
         tracing::info!(worker.id = %this.id, running = tasks.len(), "worker stopping; letting running jobs finish");
-        let drained = tokio::time::timeout(this.opts.grace, async {
+        let asked = stop_asked
+            .await
+            .unwrap_or_else(|_| tokio::time::Instant::now());
+        let drained = tokio::time::timeout_at(asked + this.opts.grace, async {
             while tasks.join_next().await.is_some() {}
         })
         .await;
@@ -582,7 +597,18 @@ impl Worker {
         // one goes to the dead letters). So the completer gets a part of it, the release what
         // it needs in any case, and outcomes still unwritten by then are given back with the
         // unfinished jobs (they run again: at least once).
-        let end = tokio::time::Instant::now() + STOP_BOOKKEEPING;
+        let end = tokio::time::Instant::now().max(asked + this.opts.grace) + STOP_BOOKKEEPING;
+        // The heartbeat and the janitor stop first: a renewal locks the rows it renews, and the
+        // release skips locked rows (see `store::release`), so a renewal at that moment would
+        // leave its jobs leased to this stopped worker.
+        background.cancel();
+        let mut heartbeat = heartbeat;
+        if tokio::time::timeout_at(end - STOP_RELEASE, &mut heartbeat)
+            .await
+            .is_err()
+        {
+            heartbeat.abort();
+        }
         drop(out_tx);
         let mut completer = completer;
         if tokio::time::timeout_at(end - STOP_RELEASE, &mut completer)
@@ -609,13 +635,14 @@ impl Worker {
                 "could not release unfinished jobs"
             ),
         }
-        background.cancel();
+        let mut janitor = janitor;
         let stopped = tokio::time::timeout_at(end + STOP_FLUSH, async {
             this.announcer.flush().await;
-            let _ = tokio::join!(heartbeat, janitor);
+            let _ = (&mut janitor).await;
         })
         .await;
         if stopped.is_err() {
+            janitor.abort();
             tracing::warn!(worker.id = %this.id, "finished notifications or the janitor still busy; stopping without them");
         }
         tracing::info!(worker.id = %this.id, "worker stopped");
@@ -798,20 +825,24 @@ async fn try_write_outcomes(this: &Worker, batch: &[Outcome]) {
     loop {
         let retried = attempt > 0;
         let written = async {
-            let mut client = this.pool.get().await?;
+            let mut client = Detaching(Some(this.pool.get().await?));
+            let Some(conn) = client.0.as_mut() else {
+                anyhow::bail!("no connection to write outcomes on");
+            };
             let (mut finished, mut discarded) =
-                store::finish_unannounced(&mut client, &this.id, batch).await?;
+                store::finish_unannounced(conn, &this.id, batch).await?;
             if retried && !discarded.is_empty() {
                 // The try before may have committed and lost only its answer: what it wrote
                 // is not a late completion (see `store::written_earlier`).
                 let unapplied: HashSet<Uuid> = discarded.iter().copied().collect();
                 let unapplied: Vec<&Outcome> =
                     batch.iter().filter(|o| unapplied.contains(&o.id)).collect();
-                let earlier = store::written_earlier(&**client, &this.id, &unapplied).await?;
+                let earlier = store::written_earlier(&***conn, &this.id, &unapplied).await?;
                 let written: HashSet<Uuid> = earlier.iter().map(|f| f.id).collect();
                 discarded.retain(|id| !written.contains(id));
                 finished.extend(earlier);
             }
+            client.done();
             Ok::<_, anyhow::Error>((finished, discarded))
         }
         .await;
@@ -840,6 +871,30 @@ async fn try_write_outcomes(this: &Worker, batch: &[Outcome]) {
                 }
                 tokio::time::sleep(wait).await;
             }
+        }
+    }
+}
+
+/// A pooled connection that goes back to the pool only once [`Detaching::done`] says its
+/// statements ended. Dropped before that, by an abort mid-statement (a stopping worker's
+/// completer cut off at its deadline), it is taken out of the pool and closed instead: handed
+/// back, its statement still running (say, waiting for a lock), it would make the next user
+/// (the stop's release) queue behind that statement.
+struct Detaching(Option<deadpool_postgres::Object>);
+
+impl Detaching {
+    fn done(&mut self) {
+        // Back to the pool, as usual, when dropped from here on.
+        if let Some(client) = self.0.take() {
+            drop(client);
+        }
+    }
+}
+
+impl Drop for Detaching {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
         }
     }
 }
