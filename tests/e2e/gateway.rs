@@ -141,12 +141,7 @@ async fn register(catalog: &TestDb, specs: &[ShardSpec]) {
     let mut c = catalog.client().await;
     // Set-up vouches for every shard's companies (as `shard apply` does once it has checked
     // a moved database).
-    let checked = catalog::list_shards(&c)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| (s.id, s.tenants))
-        .collect();
+    let checked = catalog::companies_by_shard(&c, None).await.unwrap();
     catalog::upsert_shards(&mut c, specs, None, &checked)
         .await
         .unwrap();

@@ -798,6 +798,19 @@ async fn a_shard_whose_database_is_gone_can_still_be_taken_out_of_placement() {
         !s1.exists().await,
         "a shard with companies got an empty database"
     );
+    // Without companies too: a shard already in the catalog whose database is gone is skipped,
+    // not given a new empty database.
+    catalog
+        .exec("UPDATE tenants SET state = 'deleted' WHERE shard_id = 'shard-1'")
+        .await;
+    let (code, out, err) = apply(true, &["--skip-unreachable", "--create-databases"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("shard shard-1: database unreachable, skipped; updated in the catalog"),
+        "{out}"
+    );
+    assert_eq!(accepting().await, 1);
+    assert!(!s1.exists().await, "a skipped shard's database was created");
 }
 
 #[tokio::test]
@@ -876,47 +889,64 @@ async fn a_move_is_refused_when_companies_changed_since_its_new_database_was_che
         .arg(&file)
         .env("TENANTRY_CATALOG__URL", &catalog.url));
     assert_eq!(code, 0, "{err}");
-    catalog
-        .exec(&format!(
-            "INSERT INTO tenants (id, name, shard_id, state) VALUES ('{}', 'Acme', 'shard-1', 'active')",
+    use tenantry_shardmap::catalog::{companies_by_shard, upsert_shards};
+    let mut c = catalog.client().await;
+    let add = |name: &str| {
+        format!(
+            "INSERT INTO tenants (id, name, shard_id, state) VALUES ('{}', '{name}', 'shard-1', 'active')",
             Uuid::now_v7()
-        ))
-        .await;
+        )
+    };
     let moved = tenantry_shardmap::ShardMapFile::parse(
         "map.toml",
         &map(&[("shard-1", &s2, "http://127.0.0.1:8101")], ""),
     )
     .unwrap();
-    let mut c = catalog.client().await;
-    // Checked when it had no company: refused, nothing changed.
-    let checked = std::collections::HashMap::from([("shard-1".to_string(), 0)]);
-    let refused =
-        tenantry_shardmap::catalog::upsert_shards(&mut c, &moved.shards, Some("e2e"), &checked)
+    let url = || async {
+        catalog
+            .client()
             .await
-            .unwrap_err();
+            .query_one("SELECT database_url FROM shards WHERE id = 'shard-1'", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    // Checked when it had no company, and one was created since: refused, nothing changed.
+    let checked = companies_by_shard(&c, None).await.unwrap();
+    catalog.exec(&add("Acme")).await;
+    let refused = upsert_shards(&mut c, &moved.shards, Some("e2e"), &checked)
+        .await
+        .unwrap_err();
     assert_eq!(
         refused.to_string(),
         "companies were created on or removed from shards whose database_url changes while this \
          apply ran: shard-1 (0 companies when checked, 1 now)"
     );
-    let still: String = c
-        .query_one("SELECT database_url FROM shards WHERE id = 'shard-1'", &[])
-        .await
-        .unwrap()
-        .get(0);
     assert_eq!(
-        still, s1.url,
+        url().await,
+        s1.url,
         "the catalog still points at the old database"
     );
-    // Checked with the company it has: the move goes ahead.
-    let checked = std::collections::HashMap::from([("shard-1".to_string(), 1)]);
-    tenantry_shardmap::catalog::upsert_shards(&mut c, &moved.shards, Some("e2e"), &checked)
+    // As many companies, but not the same ones (one deleted, another created): refused too.
+    let checked = companies_by_shard(&c, None).await.unwrap();
+    catalog
+        .exec("UPDATE tenants SET state = 'deleted' WHERE name = 'Acme'")
+        .await;
+    catalog.exec(&add("Newco")).await;
+    let refused = upsert_shards(&mut c, &moved.shards, Some("e2e"), &checked)
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("shard-1 (1 companies when checked, 1 now)"),
+        "{refused}"
+    );
+    assert_eq!(url().await, s1.url);
+    // Checked with the companies it has: the move goes ahead.
+    let checked = companies_by_shard(&c, None).await.unwrap();
+    upsert_shards(&mut c, &moved.shards, Some("e2e"), &checked)
         .await
         .unwrap();
-    let now: String = c
-        .query_one("SELECT database_url FROM shards WHERE id = 'shard-1'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(now, s2.url);
+    assert_eq!(url().await, s2.url);
 }

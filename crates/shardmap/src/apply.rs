@@ -84,10 +84,11 @@ pub async fn apply(
         .await
         .context("reading the catalog's shards")?;
     check_environment(&cat, catalog_url, file, &known).await?;
-    // How many companies each shard had when its database was checked: a shard whose
-    // database moves must still have exactly those when the catalog changes.
-    let checked: std::collections::HashMap<String, i64> =
-        known.iter().map(|k| (k.id.clone(), k.tenants)).collect();
+    // The companies each shard had when its database was checked: a shard whose database
+    // moves must still have exactly those when the catalog changes.
+    let checked = catalog::companies_by_shard(&cat, None)
+        .await
+        .context("reading the catalog's companies")?;
     let mut outcomes = Vec::new();
     for spec in &file.shards {
         // What the catalog has for this shard: how many companies (a shard with companies never
@@ -113,7 +114,10 @@ pub async fn apply(
             continue;
         }
         let reached = async {
-            let created = if opts.create_databases && companies == 0 {
+            // Never for a shard already in the catalog that may be skipped: its database is
+            // missing, not new (`skip_unreachable` applies its catalog fields without it).
+            let skippable = opts.skip_unreachable && same_url;
+            let created = if opts.create_databases && companies == 0 && !skippable {
                 db::ensure_database(
                     &spec.database_url,
                     dbcfg,

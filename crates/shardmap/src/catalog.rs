@@ -48,6 +48,43 @@ pub async fn list_shards(
     .await
 }
 
+/// The companies a shard holds (not deleted), as the check of a moved database saw them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Companies {
+    pub count: i64,
+    /// md5 of the ids in order: another set of companies of the same size differs.
+    pub fingerprint: String,
+}
+
+const COMPANIES_SQL: &str = "SELECT shard_id, count(*),
+                                    md5(string_agg(id::text, ',' ORDER BY id))
+                               FROM tenants
+                              WHERE state <> 'deleted' AND ($1::text[] IS NULL OR shard_id = ANY($1))
+                              GROUP BY shard_id";
+
+/// Each shard's [`Companies`] (`only`: these shards; `None`: all); a shard without companies
+/// has no entry.
+pub async fn companies_by_shard(
+    client: &impl GenericClient,
+    only: Option<&[&str]>,
+) -> Result<std::collections::HashMap<String, Companies>, tokio_postgres::Error> {
+    let only: Option<Vec<&str>> = only.map(<[&str]>::to_vec);
+    Ok(client
+        .query(COMPANIES_SQL, &[&only])
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                Companies {
+                    count: r.get(1),
+                    fingerprint: r.get(2),
+                },
+            )
+        })
+        .collect())
+}
+
 /// [`list_shards`] without the tenant counts (`tenants` is 0), which cost a walk of every
 /// tenant: what routing reads, at startup and on every change of the shard map.
 pub async fn list_shards_uncounted(
@@ -149,7 +186,7 @@ pub async fn upsert_shards(
     client: &mut Client,
     specs: &[ShardSpec],
     environment: Option<&str>,
-    checked: &std::collections::HashMap<String, i64>,
+    checked: &std::collections::HashMap<String, Companies>,
 ) -> Result<(Vec<(String, Change)>, Vec<String>, i64), UpsertError> {
     let tx = client.transaction().await?;
     // Serializes concurrent appliers: the second waits here, then sees the first's result and
@@ -206,9 +243,10 @@ pub async fn upsert_shards(
     }
     let existing = list_shards(&tx).await?;
     // A shard whose database moves keeps its companies only if the new database holds them
-    // (the apply checked that, for the companies it counted in `checked`). A company created
-    // meanwhile has its placement in the old database alone, so the move is refused; its row
-    // is locked first, as for a retirement.
+    // (the apply checked that, for the companies it saw, in `checked`). A company created
+    // meanwhile has its placement in the old database alone, so the move is refused unless
+    // the shard has the very same companies (not only as many); its row is locked first, as
+    // for a retirement.
     let moving: Vec<&str> = specs
         .iter()
         .filter(|spec| {
@@ -224,20 +262,13 @@ pub async fn upsert_shards(
             &[&moving],
         )
         .await?;
+        let now = companies_by_shard(&tx, Some(&moving)).await?;
         let mut changed = Vec::new();
-        for row in tx
-            .query(
-                "SELECT s.id, (SELECT count(*) FROM tenants t
-                                WHERE t.shard_id = s.id AND t.state <> 'deleted')
-                   FROM shards s WHERE s.id = ANY($1) ORDER BY s.id",
-                &[&moving],
-            )
-            .await?
-        {
-            let (id, now): (String, i64) = (row.get(0), row.get(1));
-            let then = checked.get(&id).copied().unwrap_or(0);
-            if now != then {
-                changed.push((id, then, now));
+        for id in &moving {
+            let (then, now) = (checked.get(*id), now.get(*id));
+            if then != now {
+                let count = |c: Option<&Companies>| c.map_or(0, |c| c.count);
+                changed.push((id.to_string(), count(then), count(now)));
             }
         }
         if !changed.is_empty() {
