@@ -26,7 +26,11 @@ async fn boom() -> Result<HttpResponse, ApiError> {
     )))
 }
 
+/// Told when `/slow` has its request.
+static SLOW_STARTED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 async fn slow() -> HttpResponse {
+    SLOW_STARTED.notify_one();
     tokio::time::sleep(Duration::from_secs(2)).await;
     HttpResponse::Ok().finish()
 }
@@ -169,7 +173,9 @@ async fn a_draining_listener_closes_each_connection_after_its_answer() {
             .await
             .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::timeout(Duration::from_secs(5), SLOW_STARTED.notified())
+        .await
+        .expect("/slow got its request");
     token.cancel();
     let head = read_head(&mut busy, "/slow").await;
     assert!(

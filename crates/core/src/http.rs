@@ -115,8 +115,18 @@ impl Readiness {
         }
     }
 
-    /// The probes that fail (name, error), each given 2 s; empty when ready.
-    pub async fn failures(&self) -> Failures {
+    /// The probes that fail (name, error), each given 2 s; empty when ready. The check runs in
+    /// a task of its own, so a caller that goes away (its client gave up) does not throw away
+    /// a check the callers behind it wait for.
+    pub async fn failures(self: &Arc<Self>) -> Failures {
+        let this = self.clone();
+        match tokio::spawn(async move { this.check().await }).await {
+            Ok(failures) => failures,
+            Err(e) => Arc::new(vec![("readiness".to_owned(), format!("check failed: {e}"))]),
+        }
+    }
+
+    async fn check(&self) -> Failures {
         let mut last = self.last.lock().await;
         if let Some((at, failures)) = last.as_ref()
             && at.elapsed() < READY_FOR
