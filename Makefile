@@ -11,8 +11,9 @@ help: ## list the targets
 run: ## start the local cluster (PostgreSQL, RabbitMQ, catalog, 2 shards, gateway); Ctrl-C stops it
 	@bash deploy/local/run.sh
 
-test: services ## everything: fmt check, clippy, unit and end-to-end tests against real services
+test: ## everything: fmt check, clippy, unit and end-to-end tests against real services
 	@bash -c 'say() { echo "make test: $$*" >&2; }; source scripts/lib.sh; need_rust'
+	@bash scripts/services.sh
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --quiet -- -D warnings
 	$(CARGO) test --workspace --no-fail-fast

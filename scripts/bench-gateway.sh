@@ -34,6 +34,9 @@ source "$ROOT/scripts/lib.sh"
 bash scripts/services.sh
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
+command -v curl >/dev/null || missing+=(curl)
+command -v pgrep >/dev/null || missing+=(procps)
+command -v python3 >/dev/null || missing+=(python3)
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
 if ((${#missing[@]})); then apt_install "${missing[@]}"; fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)

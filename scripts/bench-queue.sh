@@ -18,6 +18,12 @@ PEERS=${PEERS:-$ROOT/../shared/bench/peers}
 [[ -x $PEERS/graphile-worker-bench.sh ]] || { echo "bench-queue: $PEERS/graphile-worker-bench.sh not found" >&2; exit 1; }
 
 bash "$ROOT/scripts/services.sh"
+# The side-by-side table is computed by a few lines of Python.
+if ! command -v python3 >/dev/null; then
+  say() { echo "bench-queue: $*" >&2; }
+  source "$ROOT/scripts/lib.sh"
+  apt_install python3
+fi
 echo "bench-queue: building the benchmark (release)" >&2
 cargo build --quiet --release --example queue_bench -p tenantry-queue
 BIN=$ROOT/target/release/examples/queue_bench

@@ -19,7 +19,12 @@ apt_install() {
   command -v apt-get >/dev/null || { say "apt-get not found: install $* yourself"; exit 1; }
   # A freshly booted machine's unattended upgrades hold apt's lock for a while: wait for it.
   local lock=(-o DPkg::Lock::Timeout=300)
-  if [[ -z $apt_updated ]]; then say "running apt-get update"; need_root apt-get "${lock[@]}" update -qq; apt_updated=1; fi
+  if [[ -z $apt_updated ]]; then
+    # An install interrupted earlier (Ctrl-C) leaves dpkg half-configured, and apt refuses
+    # until it is finished.
+    need_root dpkg --configure -a
+    say "running apt-get update"; need_root apt-get "${lock[@]}" update -qq; apt_updated=1
+  fi
   say "installing $* with apt-get"
   need_root env DEBIAN_FRONTEND=noninteractive apt-get "${lock[@]}" install -y -qq "$@" >/dev/null
 }
@@ -39,5 +44,10 @@ need_rust() {
     say "cargo $have is older than this workspace's rust-version $want (Debian's own cargo is);"
     say "install Rust with rustup (https://rustup.rs), which puts a current cargo first on PATH"
     exit 1
+  fi
+  # rustup brings no C compiler and linker, which the build needs (ring, mimalloc, linking).
+  if ! command -v cc >/dev/null; then
+    say "no C compiler (cc) found, which the build needs"
+    apt_install build-essential
   fi
 }

@@ -35,6 +35,14 @@ else
     apt_install postgresql postgresql-client
     installed=1
   fi
+  if [[ -n $installed && -z $(clusters) ]]; then
+    # The package could not create its cluster, usually for a locale named in the environment
+    # (or /etc/default/locale) that is not generated: create it with one that always exists.
+    version=$(ls /usr/lib/postgresql | sort -V | tail -1)
+    say "the PostgreSQL package created no cluster (a locale that is not generated is the usual"
+    say "cause): creating $version/main on port 5432 with locale C.UTF-8 (pg_createcluster)"
+    need_root pg_createcluster --locale C.UTF-8 -p 5432 "$version" main >/dev/null
+  fi
   read -r ver name status < <(cluster_5432) || true
   if [[ -z ${ver:-} ]]; then
     if [[ -z $(clusters) ]]; then

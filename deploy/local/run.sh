@@ -11,9 +11,10 @@ LOGS=$ROOT/.local/logs
 say() { echo "run: $*" >&2; }
 source scripts/lib.sh
 
+# The cheap checks first: no services are installed for a machine that cannot build.
+need_rust
 bash scripts/services.sh
 command -v curl >/dev/null || apt_install curl
-need_rust
 
 # A node left over from an earlier run would answer in place of the new one.
 for port in 8080 8101 8102; do
@@ -24,7 +25,7 @@ for port in 8080 8101 8102; do
   fi
 done
 
-say "building tenantry (cargo build --bin tenantry)"
+say "building tenantry (cargo build --bin tenantry; the first build takes several minutes)"
 cargo build --quiet --bin tenantry
 BIN=$ROOT/target/debug/tenantry
 

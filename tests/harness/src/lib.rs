@@ -62,8 +62,8 @@ pub async fn connect(url: &str) -> Client {
             client
         }
         Err(e) => panic!(
-            "PostgreSQL is not reachable at {url} ({e}); start it with `make services` \
-             (or `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`)"
+            "PostgreSQL is not reachable at {url} ({e}); start it with `make services`, which \
+             finds the cluster on port 5432 (or install it) and says what it did"
         ),
     }
 }
