@@ -1244,6 +1244,81 @@ async fn a_post_is_not_sent_again_after_an_endpoint_closed_the_connection_but_a_
 }
 
 #[actix_web::test]
+async fn one_company_cannot_hold_every_slot_of_its_shard() {
+    // The rate limit bounds how often a company sends, not how long its requests last: long
+    // polls, slow uploads or unread answers would otherwise let it take all of its shard's
+    // in-flight slots from the shard's other companies.
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let env = fake_env(
+        &[a, b],
+        &[
+            ("TENANTRY_GATEWAY__UPSTREAM_TIMEOUT", "3s"),
+            ("TENANTRY_GATEWAY__MAX_IN_FLIGHT_PER_COMPANY", "2"),
+        ],
+    )
+    .await;
+    let base = env.base.clone();
+    let (auth_a, auth_b) = (company_token(a, "admin"), company_token(b, "admin"));
+    let hanging: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, auth) = (format!("{base}/v1/companies/{a}/hang"), auth_a.clone());
+            actix_web::rt::spawn(async move {
+                http()
+                    .get(url)
+                    .bearer_auth(auth)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env
+        .fake
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(uri, _, _)| uri.ends_with("/hang"))
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the two requests never reached the shard"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let quick = |company: Uuid, auth: &str| {
+        http()
+            .get(format!("{base}/v1/companies/{company}/quick"))
+            .bearer_auth(auth)
+            .send()
+    };
+    let mut r = quick(a, &auth_a).await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    assert_eq!(error_of!(r).error.code, "rate_limited");
+    assert_eq!(
+        quick(b, &auth_b).await.unwrap().status(),
+        200,
+        "the shard's other companies are served"
+    );
+    for h in hanging {
+        assert_eq!(h.await.unwrap(), 504);
+    }
+    assert_eq!(
+        quick(a, &auth_a).await.unwrap().status(),
+        200,
+        "its places are given back once its requests end"
+    );
+}
+
+#[actix_web::test]
 async fn a_hanging_shard_answers_504_on_time_and_its_in_flight_cap_sheds_load() {
     let company = Uuid::now_v7();
     let env = fake_env(

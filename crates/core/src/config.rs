@@ -120,6 +120,8 @@ pub struct GatewayConfig {
     pub freeze_wait: Duration,
     /// Requests in flight to one shard before 503; default 512.
     pub max_in_flight_per_shard: usize,
+    /// Requests of one company in flight through this gateway before 429; default 64.
+    pub max_in_flight_per_company: usize,
     /// Connections to one shard's endpoints per listener thread; default 256.
     pub upstream_connections: usize,
     /// Requests per second per company; default 100, 0 = no limit.
@@ -453,6 +455,12 @@ impl Config {
             (
                 "gateway.max_in_flight_per_shard",
                 g.max_in_flight_per_shard as i64,
+                1,
+                1_000_000,
+            ),
+            (
+                "gateway.max_in_flight_per_company",
+                g.max_in_flight_per_company as i64,
                 1,
                 1_000_000,
             ),

@@ -85,6 +85,16 @@ pub async fn forward(
         )
         .with_retry_after(wait));
     }
+    // Held until the answer has been streamed back, like the shard's slot (see `send`).
+    let Some(company_slot) = gw.company_in_flight.enter(company) else {
+        metrics::REFUSED.with_label_values(&["company_busy"]).inc();
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests of this company are in flight; wait for some to finish",
+        )
+        .with_retry_after(Duration::from_secs(1)));
+    };
 
     let declared = req
         .headers()
@@ -174,20 +184,20 @@ pub async fn forward(
         let mut head = respond(&resolved.pool.id, status, res.headers(), length);
         return Ok(head.streaming(stream_answer(
             res,
-            permit,
+            (permit, company_slot),
             gw.upstream_timeout,
             resolved.pool.clone(),
         )));
     }
 }
 
-/// The shard's answer body for the caller. The shard's in-flight slot stays taken until it has
-/// been streamed; a shard that sends nothing for `idle` after its head has stalled, and the
+/// The shard's answer body for the caller. The shard's in-flight slot (and the company's, in
+/// `slots`) stays taken until it has been streamed; a shard that sends nothing for `idle` after its head has stalled, and the
 /// answer is cut off there (the caller sees a truncated body), so the slot is not held for as
 /// long as the caller is willing to wait.
-fn stream_answer(
+fn stream_answer<Slots: 'static>(
     res: impl futures_util::Stream<Item = Result<Bytes, PayloadError>> + 'static,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Slots,
     idle: Duration,
     shard: std::sync::Arc<ShardPool>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, PayloadError>> {

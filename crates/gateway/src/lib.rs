@@ -29,6 +29,8 @@ pub const OPERATOR_SCOPE: &str = "shardmap:read";
 pub struct Gateway {
     pub router: Arc<router::Router>,
     limiter: Option<limit::RateLimiter>,
+    /// `gateway.max_in_flight_per_company`.
+    company_in_flight: Arc<limit::CompanyInFlight>,
     upstream_timeout: Duration,
     freeze_wait: Duration,
     body_limit: usize,
@@ -100,6 +102,7 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
     let gateway = web::Data::new(Gateway {
         router: router.clone(),
         limiter: limit::RateLimiter::new(g.rate_limit, g.rate_burst, g.cache_capacity),
+        company_in_flight: Arc::new(limit::CompanyInFlight::new(g.max_in_flight_per_company)),
         upstream_timeout: g.upstream_timeout,
         freeze_wait: g.freeze_wait,
         body_limit: g.body_limit.as_usize(),

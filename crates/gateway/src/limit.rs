@@ -1,9 +1,10 @@
 //! Per-company rate limiting: a GCRA token bucket per company, one atomic per company, kept in
-//! a bounded cache that forgets idle companies.
+//! a bounded cache that forgets idle companies; and a per-company cap on requests in flight.
 
 use std::{
+    collections::HashMap,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -67,6 +68,64 @@ impl RateLimiter {
     }
 }
 
+/// How many requests of each company are in flight through this gateway, capped
+/// (`gateway.max_in_flight_per_company`). The rate limit bounds how often a company sends, not
+/// how long its requests last: long polls, slow uploads or answers it does not read would
+/// otherwise let one company hold every in-flight slot of its shard. A company is counted
+/// only while it has requests in flight, so the maps hold no more entries than there are
+/// requests; they are split by company so the gateway's threads seldom wait for each other.
+pub struct CompanyInFlight {
+    max: usize,
+    counts: [Mutex<HashMap<Uuid, usize>>; 16],
+}
+
+/// One request's place in its company's count, given back when dropped (it rides along with
+/// the answer's stream until that has been sent).
+pub struct InFlightSlot {
+    of: Arc<CompanyInFlight>,
+    company: Uuid,
+}
+
+impl CompanyInFlight {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            counts: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn counts(&self, company: Uuid) -> std::sync::MutexGuard<'_, HashMap<Uuid, usize>> {
+        let shard = (company.as_u128() % self.counts.len() as u128) as usize;
+        self.counts[shard].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place for one more request of `company`, or `None` at its cap.
+    pub fn enter(self: &Arc<Self>, company: Uuid) -> Option<InFlightSlot> {
+        let mut counts = self.counts(company);
+        let n = counts.entry(company).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(InFlightSlot {
+            of: self.clone(),
+            company,
+        })
+    }
+}
+
+impl Drop for InFlightSlot {
+    fn drop(&mut self) {
+        let mut counts = self.of.counts(self.company);
+        if let Some(n) = counts.get_mut(&self.company) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.company);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,6 +154,23 @@ mod tests {
         assert!(limiter.check(a).is_err());
         std::thread::sleep(Duration::from_millis(3));
         assert!(limiter.check(a).is_ok());
+    }
+
+    #[test]
+    fn a_company_at_its_in_flight_cap_waits_for_one_of_its_own_to_end() {
+        let cap = Arc::new(CompanyInFlight::new(2));
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let first = cap.enter(a).expect("under the cap");
+        let second = cap.enter(a).expect("at the cap");
+        assert!(cap.enter(a).is_none(), "over the cap");
+        assert!(cap.enter(b).is_some(), "another company has its own count");
+        drop(first);
+        let third = cap.enter(a).expect("a place was given back");
+        drop((second, third));
+        assert!(
+            cap.counts.iter().all(|m| m.lock().unwrap().is_empty()),
+            "a company with nothing in flight is forgotten"
+        );
     }
 
     #[test]
