@@ -1505,6 +1505,9 @@ async fn a_hanging_shard_answers_504_on_time_and_its_in_flight_cap_sheds_load() 
     .expect("a stalled 503 is answered within the upstream timeout, not after 20 s")
     .unwrap();
     assert_eq!(r.status(), 503);
+    // In the error shape, not the shard's headers with an empty body.
+    let mut r = r;
+    assert_eq!(error_of!(r).error.code, "shard_unavailable");
     assert_eq!(
         metric(
             &base,

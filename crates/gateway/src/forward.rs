@@ -155,12 +155,24 @@ pub async fn forward(
         if status == StatusCode::SERVICE_UNAVAILABLE {
             // Bounded in time too: a shard that sends the head and stalls must not hold the
             // caller, or its in-flight slot, past the upstream timeout.
-            let bytes =
+            let Some(bytes) =
                 tokio::time::timeout(gw.upstream_timeout, res.body().limit(ERROR_BODY_LIMIT))
                     .await
                     .ok()
                     .and_then(Result::ok)
-                    .unwrap_or_default();
+            else {
+                // Larger than an error body, broken off or stalled: the shard's headers (a JSON
+                // content type, its Retry-After) with no body would break the error shape the
+                // caller relies on; the gateway answers for it.
+                metrics::REQUESTS
+                    .with_label_values(&[&resolved.pool.id, "503"])
+                    .inc();
+                return Err(ApiError::unavailable(
+                    "shard_unavailable",
+                    "this company's shard is unavailable; retry shortly",
+                    Duration::from_secs(1),
+                ));
+            };
             let frozen = serde_json::from_slice::<ErrorBody>(&bytes)
                 .is_ok_and(|b| b.error.code == "tenant_frozen");
             let now = Instant::now();
@@ -317,8 +329,15 @@ async fn send(
     let path_and_query = req.uri().path_and_query().unwrap_or(&root);
     let mut last_error = None;
     for endpoint in candidates {
+        // The caller's path was checked already; what fails here is its join with the
+        // endpoint's configured base (too long, say): the gateway's problem, not the caller's.
         let uri = endpoint.uri(path_and_query).map_err(|e| {
-            ApiError::bad_request("invalid_path", format!("the path cannot be forwarded: {e}"))
+            tracing::error!(endpoint = %endpoint.base, error = %e, "the request's path cannot be joined to the shard endpoint's URL");
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                "the request cannot be forwarded to this company's shard",
+            )
         })?;
         let upstream = build(req, client, timeout, uri);
         let started = Instant::now();
