@@ -1033,6 +1033,8 @@ async fn forwarding_keeps_path_query_and_end_to_end_headers_and_streams_large_bo
         .insert_header(("x-request-id", "trace-me-1"))
         .insert_header(("traceparent", trace))
         .insert_header(("x-custom", "kept"))
+        .append_header(("x-forwarded-for", "203.0.113.7"))
+        .append_header(("x-forwarded-for", "198.51.100.2"))
         .send()
         .await
         .unwrap();
@@ -1063,7 +1065,18 @@ async fn forwarding_keeps_path_query_and_end_to_end_headers_and_streams_large_bo
         Some(format!("Bearer {auth}")),
         "the shard re-verifies"
     );
-    assert!(h("x-forwarded-for").is_some());
+    // Every line the caller's side sent, in order, then the gateway's peer.
+    assert_eq!(
+        h("x-forwarded-for").as_deref(),
+        Some("203.0.113.7, 198.51.100.2, 127.0.0.1")
+    );
+    assert_eq!(
+        headers
+            .iter()
+            .filter(|(k, _)| k == "x-forwarded-for")
+            .count(),
+        1
+    );
     let tp = h("traceparent").unwrap();
     assert!(
         tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),

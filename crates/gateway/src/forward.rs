@@ -461,6 +461,9 @@ fn build(
             || name.as_str() == REQUEST_ID_HEADER
             || name.as_str() == "traceparent"
             || name.as_str() == "x-forwarded-for"
+            // Set below from the caller's Host only: a caller's own would pass for the
+            // gateway's when it sent no Host (HTTP/1.0).
+            || name.as_str() == "x-forwarded-host"
             // The gateway's server answered the caller's `100-continue` itself; upstream it
             // would make the shard connection wait for a continue that never comes.
             || name == header::EXPECT
@@ -481,15 +484,18 @@ fn build(
         ),
     ));
     let peer = req.peer_addr().map(|a| a.ip().to_string());
-    let forwarded_for = match (
-        req.headers()
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok()),
-        peer,
-    ) {
+    // Every line of it, in order, as one list (several lines mean the same as one joined with
+    // commas; a balancer may add its own line rather than extend the caller's).
+    let prior: Vec<&str> = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let prior = (!prior.is_empty()).then(|| prior.join(", "));
+    let forwarded_for = match (prior, peer) {
         (Some(prior), Some(peer)) => Some(format!("{prior}, {peer}")),
         (None, Some(peer)) => Some(peer),
-        (Some(prior), None) => Some(prior.to_owned()),
+        (Some(prior), None) => Some(prior),
         (None, None) => None,
     };
     if let Some(v) = forwarded_for {
