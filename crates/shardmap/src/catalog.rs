@@ -226,22 +226,17 @@ pub async fn upsert_shards(
             &[&retiring],
         )
         .await?;
-        let held: Vec<(String, i64)> = tx
-            .query(
-                "SELECT t.shard_id, count(*) FROM tenants t JOIN shards s ON s.id = t.shard_id
-                  WHERE t.shard_id = ANY($1) AND s.state <> 'retired' AND t.state <> 'deleted'
-                  GROUP BY t.shard_id ORDER BY t.shard_id",
-                &[&retiring],
-            )
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        if !held.is_empty() {
-            return Err(UpsertError::RetiringWithCompanies(held));
-        }
     }
+    // Read after the lock, so its counts are the ones the retirement is judged by.
     let existing = list_shards(&tx).await?;
+    let held: Vec<(String, i64)> = existing
+        .iter()
+        .filter(|s| retiring.contains(&s.id.as_str()) && s.state != "retired" && s.tenants > 0)
+        .map(|s| (s.id.clone(), s.tenants))
+        .collect();
+    if !held.is_empty() {
+        return Err(UpsertError::RetiringWithCompanies(held));
+    }
     // A shard whose database moves keeps its companies only if the new database holds them
     // (the apply checked that, for the companies it saw, in `checked`). A company created
     // meanwhile has its placement in the old database alone, so the move is refused unless
