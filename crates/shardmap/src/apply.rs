@@ -84,11 +84,26 @@ pub async fn apply(
         .await
         .context("reading the catalog's shards")?;
     check_environment(&cat, catalog_url, file, &known).await?;
-    // The companies each shard had when its database was checked: a shard whose database
-    // moves must still have exactly those when the catalog changes.
-    let checked = catalog::companies_by_shard(&cat, None)
-        .await
-        .context("reading the catalog's companies")?;
+    // The companies each moving shard (a new `database_url`) had when its database was
+    // checked: it must still have exactly those when the catalog changes. Only those shards:
+    // the fingerprint reads every company of a shard.
+    let moving: Vec<&str> = file
+        .shards
+        .iter()
+        .filter(|s| {
+            known
+                .iter()
+                .any(|k| k.id == s.id && k.database_url != s.database_url)
+        })
+        .map(|s| s.id.as_str())
+        .collect();
+    let checked = if moving.is_empty() {
+        Default::default()
+    } else {
+        catalog::companies_by_shard(&cat, Some(&moving))
+            .await
+            .context("reading the catalog's companies")?
+    };
     let mut outcomes = Vec::new();
     for spec in &file.shards {
         // What the catalog has for this shard: how many companies (a shard with companies never
@@ -98,6 +113,9 @@ pub async fn apply(
         let companies = current.map_or(0, |k| k.tenants);
         let same_url = current.is_some_and(|k| k.database_url == spec.database_url);
         let moving = companies > 0 && !same_url;
+        // A shard already in the catalog whose database may be skipped when it cannot be
+        // reached or is gone (never created then: it is missing, not new).
+        let skippable = opts.skip_unreachable && same_url;
         if spec.state == ShardState::Retired {
             // A retired shard holds no company (the upsert below refuses to retire one that
             // does), so its database has nothing to check; creating it would stamp an empty
@@ -116,7 +134,6 @@ pub async fn apply(
         let reached = async {
             // Never for a shard already in the catalog that may be skipped: its database is
             // missing, not new (`skip_unreachable` applies its catalog fields without it).
-            let skippable = opts.skip_unreachable && same_url;
             let created = if opts.create_databases && companies == 0 && !skippable {
                 db::ensure_database(
                     &spec.database_url,
@@ -139,7 +156,7 @@ pub async fn apply(
             // A database that is gone counts as unreachable here too: the operator asked to
             // apply the catalog fields of a shard already in the catalog without its database
             // (to stop placing companies on it, say), and nothing is created.
-            Err(e) if opts.skip_unreachable && same_url => {
+            Err(e) if skippable => {
                 outcomes.push(ShardOutcome {
                     id: spec.id.clone(),
                     database_created: false,
@@ -209,12 +226,11 @@ pub async fn apply(
                  the catalog's shards were not changed (the shard databases this run prepared \
                  are left as they are)"
             ),
-            Err(catalog::UpsertError::RetiringWithCompanies(held)) => anyhow::bail!(
-                "{}: a retired shard is left out of migrations, so retire a shard only once \
+            Err(e @ catalog::UpsertError::RetiringWithCompanies(_)) => anyhow::bail!(
+                "{e}: a retired shard is left out of migrations, so retire a shard only once \
                  it holds no company (set accepting = false first, so no new company is placed \
                  there); the catalog's shards were not changed (the shard databases this run \
-                 prepared are left as they are)",
-                catalog::UpsertError::RetiringWithCompanies(held)
+                 prepared are left as they are)"
             ),
             Err(e @ catalog::UpsertError::CompaniesChangedWhileMoving(_)) => anyhow::bail!(
                 "{e}: their new databases were checked for the companies counted before; the \
