@@ -33,7 +33,7 @@ use crate::{metrics, router::Router};
 
 /// Messages kept for a gateway that is not keeping up; older ones are dropped first (the
 /// shards' fencing keeps routing correct, and the gap in map versions flushes the cache).
-const MAX_QUEUED: i64 = 100_000;
+pub(crate) const MAX_QUEUED: i64 = 100_000;
 
 /// Messages RabbitMQ hands the gateway before it has acknowledged them. The rest wait in the
 /// broker's queue, bounded by [`MAX_QUEUED`]; without the bound they would all be pushed into

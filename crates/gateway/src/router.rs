@@ -522,8 +522,8 @@ pub fn heard_for(db: &DatabaseConfig) -> Duration {
     (db.connect_timeout * 2 + query + Duration::from_secs(10)).max(Duration::from_secs(60))
 }
 
-/// Placements heard kept at most (a gateway's queue holds 100,000 messages).
-const HEARD_CAPACITY: u64 = 100_000;
+/// Placements heard kept at most: as many messages as a gateway's queue holds.
+const HEARD_CAPACITY: u64 = crate::bus::MAX_QUEUED as u64;
 
 /// The newer of a placement read from the catalog and one heard in a message. A company the
 /// catalog does not hold stays unknown whatever was heard.
