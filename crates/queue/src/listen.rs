@@ -220,7 +220,7 @@ impl Listener {
         loop {
             let Some(waiter) = self.wait_for(id) else {
                 // What `job` holds predates the last wake unless this is the first round.
-                return without_waiter(pool, job, deadline, !first, when_full).await;
+                return without_waiter(pool, job, deadline, !first, when_full, cancel).await;
             };
             let client = tokio::select! {
                 client = pool.get() => client?,
@@ -271,17 +271,23 @@ pub const FULL_POLL: Duration = Duration::from_secs(1);
 
 /// A wait past `max_waiters` (see [`WhenFull`]): `stale` when `job` was read before the last
 /// wake, which was most likely its completion, so it is read again before it is returned.
+/// `cancel` stops it as it stops the wait with a waiter: while waiting for a connection or
+/// for the next read, never inside a query.
 async fn without_waiter(
     pool: &Pool,
     mut job: JobRecord,
     deadline: Instant,
     mut stale: bool,
     when_full: WhenFull,
+    cancel: &CancellationToken,
 ) -> Result<Option<JobRecord>, WaitError> {
     let (company, id) = (job.company_id, job.view.id);
     loop {
         if stale {
-            let client = pool.get().await?;
+            let client = tokio::select! {
+                client = pool.get() => client?,
+                () = cancel.cancelled() => return Ok(Some(job)),
+            };
             match store::get(&client, company, id).await? {
                 Some(read) => job = read,
                 None => return Ok(None),
@@ -291,7 +297,10 @@ async fn without_waiter(
         if when_full == WhenFull::Answer || job.view.state.is_finished() || left.is_zero() {
             return Ok(Some(job));
         }
-        tokio::time::sleep(left.min(FULL_POLL)).await;
+        tokio::select! {
+            () = tokio::time::sleep(left.min(FULL_POLL)) => {}
+            () = cancel.cancelled() => return Ok(Some(job)),
+        }
         stale = true;
     }
 }
