@@ -255,19 +255,32 @@ impl Enqueued {
 
 macro_rules! record_columns {
     () => {
-        "id, kind, state, result, error, attempts, created_at, started_at, \
-         finished_at, request_id, company_id, user_context, params, worker_id, max_attempts, \
-         run_at, lease_expires_at, idempotency_key, resolution_note, retried_after"
+        record_columns!("result", "user_context", "params")
+    };
+    // The same columns with the payloads' expressions given (see `SUMMARY_COLUMNS`).
+    ($result:literal, $user_context:literal, $params:literal) => {
+        concat!(
+            "id, kind, state, ",
+            $result,
+            ", error, attempts, created_at, started_at, \
+             finished_at, request_id, company_id, ",
+            $user_context,
+            ", ",
+            $params,
+            ", worker_id, max_attempts, \
+             run_at, lease_expires_at, idempotency_key, resolution_note, retried_after"
+        )
     };
 }
 const RECORD_COLUMNS: &str = record_columns!();
 
 /// [`RECORD_COLUMNS`] without the payloads (result NULL, user context and params JSON
 /// `null`): what a listing shows, without reading up to `queue.max_result_size` per row.
-const SUMMARY_COLUMNS: &str = "id, kind, state, NULL::jsonb AS result, error, attempts, \
-     created_at, started_at, finished_at, request_id, company_id, 'null'::jsonb AS user_context, \
-     'null'::jsonb AS params, worker_id, max_attempts, run_at, lease_expires_at, \
-     idempotency_key, resolution_note, retried_after";
+const SUMMARY_COLUMNS: &str = record_columns!(
+    "NULL::jsonb AS result",
+    "'null'::jsonb AS user_context",
+    "'null'::jsonb AS params"
+);
 
 /// One company's job by id: every `GET` and every wake of a waiting request runs it, so it is
 /// a constant, prepared once per pooled connection.
@@ -1236,9 +1249,11 @@ const RESCUE_SQL: &str = concat!(
     rescue_error!("coalesce(j.worker_id, '?')"),
     ",
                      finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
-                     run_at = now() + expired.ms * interval '1 millisecond',
+                     run_at = ",
+    ms_from_now!("expired.ms"),
+    ",
                      priority = greatest(j.priority, ",
-    epoch_us!("now() + expired.ms * interval '1 millisecond'"),
+    epoch_us!(ms_from_now!("expired.ms")),
     "),
                      worker_id = NULL, lease_expires_at = NULL, updated_at = now()
                    FROM expired WHERE j.id = expired.id
