@@ -416,9 +416,12 @@ impl Worker {
         let mut after: Option<i64> = None;
         let mut look_further = false;
         // A claim that failed may have committed and lost only its answer, or still be running
-        // on the server: until a lease has passed since the last failure, each claim first
-        // gives back the jobs this worker holds without knowing (see `store::release_unheld`).
+        // on the server: until a lease has passed since the last failure, the jobs this worker
+        // holds without knowing are given back before a claim (see `store::release_unheld`):
+        // before the first claim after the failure, then at most every third of a lease (such
+        // a job's lease lasts a whole one), not before every claim.
         let mut unheld_until: Option<Instant> = None;
+        let mut unheld_next = Instant::now();
         while !shutdown.is_cancelled() {
             while tasks.try_join_next().is_some() {}
             let free = slots.available_permits().min(this.opts.claim_batch);
@@ -446,7 +449,10 @@ impl Worker {
             };
             let claimed = async {
                 let mut client = client?;
-                if let Some(until) = unheld_until {
+                if let Some(until) = unheld_until
+                    && Instant::now() >= unheld_next
+                {
+                    unheld_next = Instant::now() + this.opts.lease / 3;
                     let held = running.lock().unwrap_or_else(|p| p.into_inner()).ids();
                     let n = store::release_unheld(&mut client, &this.id, &held).await?;
                     if n > 0 {
@@ -489,6 +495,7 @@ impl Worker {
                 Err(e) => {
                     failures += 1;
                     unheld_until = Some(Instant::now() + this.opts.lease);
+                    unheld_next = Instant::now();
                     let wait = backoff(
                         failures as i32,
                         Duration::from_millis(100),
@@ -826,18 +833,15 @@ async fn try_write_outcomes(this: &Worker, batch: &[Outcome]) {
         let retried = attempt > 0;
         let written = async {
             let mut client = Detaching(Some(this.pool.get().await?));
-            let Some(conn) = client.0.as_mut() else {
-                anyhow::bail!("no connection to write outcomes on");
-            };
             let (mut finished, mut discarded) =
-                store::finish_unannounced(conn, &this.id, batch).await?;
+                store::finish_unannounced(&mut *client, &this.id, batch).await?;
             if retried && !discarded.is_empty() {
                 // The try before may have committed and lost only its answer: what it wrote
                 // is not a late completion (see `store::written_earlier`).
                 let unapplied: HashSet<Uuid> = discarded.iter().copied().collect();
                 let unapplied: Vec<&Outcome> =
                     batch.iter().filter(|o| unapplied.contains(&o.id)).collect();
-                let earlier = store::written_earlier(&***conn, &this.id, &unapplied).await?;
+                let earlier = store::written_earlier(&***client, &this.id, &unapplied).await?;
                 let written: HashSet<Uuid> = earlier.iter().map(|f| f.id).collect();
                 discarded.retain(|id| !written.contains(id));
                 finished.extend(earlier);
@@ -883,11 +887,28 @@ async fn try_write_outcomes(this: &Worker, batch: &[Outcome]) {
 struct Detaching(Option<deadpool_postgres::Object>);
 
 impl Detaching {
-    fn done(&mut self) {
-        // Back to the pool, as usual, when dropped from here on.
-        if let Some(client) = self.0.take() {
-            drop(client);
-        }
+    /// Back to the pool, as usual.
+    fn done(mut self) {
+        self.0.take();
+    }
+}
+
+impl std::ops::Deref for Detaching {
+    type Target = deadpool_postgres::Object;
+
+    fn deref(&self) -> &Self::Target {
+        // Present from creation until `done` or the drop, which both consume it.
+        self.0
+            .as_ref()
+            .expect("a Detaching holds its connection until consumed")
+    }
+}
+
+impl std::ops::DerefMut for Detaching {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0
+            .as_mut()
+            .expect("a Detaching holds its connection until consumed")
     }
 }
 
