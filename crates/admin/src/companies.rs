@@ -147,6 +147,17 @@ async fn finish(cfg: &Config, args: FinishArgs) -> anyhow::Result<()> {
             activated,
         } => (shard_id, activated),
     };
+    // Not finished here: read the state again for both outputs, as the one read above may be a
+    // creation's that finished meanwhile.
+    let state = if finished {
+        state
+    } else {
+        client
+            .query_one("SELECT state FROM tenants WHERE id = $1", &[&args.id])
+            .await
+            .context("reading the company")?
+            .get(0)
+    };
     let report = Finished {
         id: args.id,
         shard: shard_id,
@@ -166,14 +177,8 @@ async fn finish(cfg: &Config, args: FinishArgs) -> anyhow::Result<()> {
             report.shard
         );
     } else {
-        // Read again: the state read above may be a creation's that finished meanwhile.
-        let now: String = client
-            .query_one("SELECT state FROM tenants WHERE id = $1", &[&args.id])
-            .await
-            .context("reading the company")?
-            .get(0);
         outln!(
-            "company {}: already {now} on shard {}; nothing to do",
+            "company {}: already {state} on shard {}; nothing to do",
             report.id,
             report.shard
         );
