@@ -119,6 +119,13 @@ impl Readiness {
     /// a task of its own, so a caller that goes away (its client gave up) does not throw away
     /// a check the callers behind it wait for.
     pub async fn failures(self: &Arc<Self>) -> Failures {
+        // A fresh verdict, nobody checking: no task needed.
+        if let Ok(last) = self.last.try_lock()
+            && let Some((at, failures)) = last.as_ref()
+            && at.elapsed() < READY_FOR
+        {
+            return failures.clone();
+        }
         let this = self.clone();
         match tokio::spawn(async move { this.check().await }).await {
             Ok(failures) => failures,
