@@ -877,7 +877,9 @@ async fn several_worker_processes_complete_thousands_of_jobs_exactly_once() {
 async fn a_job_of_a_worker_killed_mid_job_is_rescued_and_completed_once() {
     let db = TestDb::new(Schema::Shard).await;
     // Long enough that the kill surely lands while it runs, even on a loaded machine.
-    let id = enqueue_one(&db, job(Uuid::now_v7(), "sleep", json!({"ms": 4000}), 3)).await;
+    let mut sleeper = job(Uuid::now_v7(), "sleep", json!({"ms": 4000}), 3);
+    sleeper.request_id = "killed-mid-job".into();
+    let id = enqueue_one(&db, sleeper).await;
     let config = |cmd: &mut std::process::Command| {
         cmd.env("TENANTRY_QUEUE__LEASE", "2s")
             .env("TENANTRY_QUEUE__RESCUE_INTERVAL", "300ms");
@@ -899,7 +901,7 @@ async fn a_job_of_a_worker_killed_mid_job_is_rescued_and_completed_once() {
     victim.wait_exit(Duration::from_secs(5));
     let mut second = shard_node(&db.url, false, 1);
     config(&mut second);
-    let _rescuer = start_worker(&mut second);
+    let mut rescuer = start_worker(&mut second);
     assert_eq!(
         until_count(
             &db,
@@ -926,6 +928,22 @@ async fn a_job_of_a_worker_killed_mid_job_is_rescued_and_completed_once() {
         .scalar("SELECT coalesce(sum(jsonb_array_length(events)), 0)::bigint FROM outbox")
         .await;
     assert_eq!(events, 1, "finished once");
+
+    // "What happened to request X": the rescue is logged under the job's request id.
+    rescuer.signal("TERM");
+    assert_eq!(rescuer.wait_exit(Duration::from_secs(10)), Some(0));
+    let lines = rescuer.logs_to_end(Duration::from_secs(5));
+    let rescue = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("lease expired: the job is back to waiting"))
+        })
+        .unwrap_or_else(|| panic!("no rescue logged:\n{}", lines.join("\n")));
+    assert_eq!(rescue["request.id"], "killed-mid-job");
+    assert_eq!(rescue["job.id"], id.to_string());
 }
 
 #[tokio::test]
@@ -1712,6 +1730,7 @@ async fn fail_one(c: &mut tokio_postgres::Client) {
     let o = store::Outcome {
         id: claimed[0].id,
         attempt: claimed[0].attempt,
+        request_id: "test".into(),
         result: Err(tenantry_queue::JobError::permanent("no handler")),
         retry_in: Duration::ZERO,
     };

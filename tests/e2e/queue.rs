@@ -60,6 +60,7 @@ fn ok_by(id: Uuid, attempt: i32) -> Outcome {
     Outcome {
         id,
         attempt,
+        request_id: "test".into(),
         result: Ok(json!({"by": attempt})),
         retry_in: Duration::ZERO,
     }
@@ -556,6 +557,7 @@ async fn a_retried_completion_tells_what_its_lost_try_wrote_from_what_was_rescue
     let try_later = Outcome {
         id: retried,
         attempt: 1,
+        request_id: "test".into(),
         result: Err(JobError::retryable("try later")),
         retry_in: Duration::from_secs(600),
     };
@@ -1145,6 +1147,7 @@ async fn a_retry_waiting_out_its_backoff_holds_back_neither_the_claim_head_nor_n
     let failed = Outcome {
         id: retried,
         attempt: claimed[0].attempt,
+        request_id: "test".into(),
         result: Err(JobError::retryable("try later")),
         retry_in: Duration::from_secs(600),
     };

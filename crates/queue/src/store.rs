@@ -853,6 +853,9 @@ pub async fn claim_batch(
 pub struct Outcome {
     pub id: Uuid,
     pub attempt: i32,
+    /// The request that enqueued the job: the log lines about this outcome carry it (a late
+    /// completion's warning is written after the job's own span has ended).
+    pub request_id: String,
     pub result: Result<Value, crate::job::JobError>,
     /// For a retryable failure with attempts left: when to try again.
     pub retry_in: Duration,
@@ -1233,9 +1236,10 @@ const RESCUE_SQL: &str = concat!(
                  -- The retry's backoff, as `worker::backoff` computes it for the attempt of
                  -- this round ($2 the base, $3 the cap, in ms; $2 <= $3): between
                  -- max(base, 3/4 hi) and hi = min(5/4 min(base 2^m, cap), cap), m = n - 1 <= 20.
-                 SELECT id, CASE WHEN hi <= lo THEN lo ELSE lo + (hi - lo) * random() END AS ms
-                   FROM (SELECT id, hi, greatest(hi * 0.75, $2::float8) AS lo
-                           FROM (SELECT id,
+                 SELECT id, worker_id,
+                        CASE WHEN hi <= lo THEN lo ELSE lo + (hi - lo) * random() END AS ms
+                   FROM (SELECT id, worker_id, hi, greatest(hi * 0.75, $2::float8) AS lo
+                           FROM (SELECT id, worker_id,
                                         least(least($2::float8 * power(2, least(greatest(
                                                   attempts - retried_after, 1) - 1, 20)),
                                                   $3::float8) * 1.25, $3::float8) AS hi
@@ -1263,8 +1267,8 @@ const RESCUE_SQL: &str = concat!(
              ), ",
     finished_events!(),
     "
-             ",
-    finished_columns!()
+             SELECT u.id, u.state, u.awaited, u.request_id, u.company_id, e.worker_id
+               FROM updated u JOIN expired e ON e.id = u.id"
 );
 
 /// Returns jobs whose lease expired (their worker died or hung) to `waiting`, or to `error`
@@ -1290,14 +1294,27 @@ pub async fn rescue_expired(
     tx.batch_execute(INDEX_ONLY_SETTINGS).await?;
     let rows = tx.query(RESCUE_SQL, &[&limit, &base_ms, &max_ms]).await?;
     let changed: Vec<Finished> = rows.iter().map(finished).collect();
+    tx.commit().await?;
     let (mut rescued, mut dead) = (Vec::new(), Vec::new());
-    for f in &changed {
+    for (f, row) in changed.iter().zip(&rows) {
+        // One line per job, under its request id: the answer to "what happened to request X"
+        // when its worker died.
+        let (request_id, company_id, worker_id): (&str, Uuid, Option<&str>) =
+            (row.get(3), row.get(4), row.get(5));
+        let worker_id = worker_id.unwrap_or("?");
         match f.state {
-            JobState::Error => dead.push(f.id),
-            _ => rescued.push(f.id),
+            JobState::Error => {
+                dead.push(f.id);
+                tracing::warn!(request.id = %request_id, company.id = %company_id, job.id = %f.id, worker.id = %worker_id,
+                    "lease expired with no attempts left: the job is dead-lettered (its worker stopped renewing the lease)");
+            }
+            _ => {
+                rescued.push(f.id);
+                tracing::warn!(request.id = %request_id, company.id = %company_id, job.id = %f.id, worker.id = %worker_id,
+                    "lease expired: the job is back to waiting for another attempt (its worker stopped renewing the lease)");
+            }
         }
     }
-    tx.commit().await?;
     after_commit(announce_finished(client, &announced_ids(&changed)).await);
     Ok((rescued, dead))
 }

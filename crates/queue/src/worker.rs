@@ -324,18 +324,19 @@ impl Worker {
         let Some(job) = jobs.into_iter().next() else {
             return Ok(None);
         };
-        let outcome = run_job(&self.registry, &self.opts, job).await;
-        let (finished, discarded) = store::finish_unannounced(&mut client, &self.id, &[outcome])
+        let outcome = [run_job(&self.registry, &self.opts, job).await];
+        let (finished, discarded) = store::finish_unannounced(&mut client, &self.id, &outcome)
             .await
             .context("recording the outcome")?;
         drop(client);
-        self.recorded(&finished, &discarded);
+        self.recorded(&outcome, &finished, &discarded);
         Ok(finished.first().map(|f| (f.id, f.state)))
     }
 
     /// Accounts for committed outcomes: announces the finished jobs, counts them, and logs the
-    /// discarded late completions. Returns how many went back to `waiting` for a retry.
-    fn recorded(&self, finished: &[store::Finished], discarded: &[Uuid]) -> u64 {
+    /// discarded late completions (`discarded`, of the outcomes in `batch`). Returns how many
+    /// went back to `waiting` for a retry.
+    fn recorded(&self, batch: &[Outcome], finished: &[store::Finished], discarded: &[Uuid]) -> u64 {
         self.announcer.finished(finished);
         let count = |state| finished.iter().filter(|f| f.state == state).count() as u64;
         let (ok, dead, retried) = (
@@ -348,8 +349,9 @@ impl Worker {
         metrics::count(shard, "dead_lettered", dead);
         metrics::count(shard, "retried", retried);
         metrics::count(shard, "late_completion", discarded.len() as u64);
-        for id in discarded {
-            tracing::warn!(job.id = %id, worker.id = %self.id, "late completion discarded: the lease expired and the job was rescued");
+        for o in batch.iter().filter(|o| discarded.contains(&o.id)) {
+            tracing::warn!(request.id = %o.request_id, job.id = %o.id, job.attempt = o.attempt, worker.id = %self.id,
+                "late completion discarded: the lease expired and the job was rescued");
         }
         retried
     }
@@ -678,7 +680,12 @@ async fn run_job(registry: &Registry, opts: &WorkerOptions, job: ClaimedJob) -> 
         job.kind = %job.kind,
         job.attempt = job.attempt,
     );
-    let (id, attempt, kind) = (job.id, job.attempt, job.kind.clone());
+    let (id, attempt, kind, request_id) = (
+        job.id,
+        job.attempt,
+        job.kind.clone(),
+        job.request_id.clone(),
+    );
     // The backoff grows with the attempts of this round: an operator's retry starts a new one.
     let round_attempt = job.attempt - job.retried_after;
     let started = Instant::now();
@@ -726,6 +733,7 @@ async fn run_job(registry: &Registry, opts: &WorkerOptions, job: ClaimedJob) -> 
     Outcome {
         id,
         attempt,
+        request_id,
         result,
         retry_in,
     }
@@ -852,7 +860,7 @@ async fn try_write_outcomes(this: &Worker, batch: &[Outcome]) {
         .await;
         match written {
             Ok((finished, discarded)) => {
-                if this.recorded(&finished, &discarded) > 0 {
+                if this.recorded(batch, &finished, &discarded) > 0 {
                     this.listener.wake_worker();
                 }
                 return;
