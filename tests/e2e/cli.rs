@@ -183,6 +183,31 @@ fn a_bad_command_line_quotes_what_was_typed_short_and_escaped() {
 }
 
 #[test]
+fn a_shard_map_path_is_quoted_short_and_escaped() {
+    // The file `admin shard apply` cannot read is named as typed, but cut short and with its
+    // control characters escaped, like every other value on the command line. (Read before
+    // the catalog is reached: no database is needed.)
+    let huge = format!("/no/such/{}\u{1b}[2J", "s".repeat(100_000));
+    let escape = "/no/such/x\u{1b}]0;owned\u{7}.toml";
+    for path in [&huge[..], escape] {
+        let (code, out, err) = run(tenantry().args(["admin", "shard", "apply", path]));
+        let shown = &path[..path.len().min(40)];
+        assert_eq!(code, 1, "{shown}: {err}");
+        assert!(out.is_empty(), "{shown}: {out}");
+        assert!(
+            err.starts_with("error: cannot read shard map /no/such/"),
+            "{shown}: {}",
+            &err[..err.len().min(500)]
+        );
+        assert!(err.len() < 2000, "{shown}: {} bytes", err.len());
+        assert!(
+            !err.contains('\u{1b}') && !err.contains('\u{7}'),
+            "{shown}: {err:?}"
+        );
+    }
+}
+
+#[test]
 fn token_is_signed_with_the_configured_key() {
     let company = uuid::Uuid::now_v7();
     let (code, out, err) = run(tenantry()

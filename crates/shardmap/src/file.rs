@@ -105,7 +105,12 @@ fn check_authority(rest: &str) -> Result<(), &'static str> {
 
 impl ShardMapFile {
     pub fn load(path: &Path) -> Result<ShardMapFile, FileError> {
-        let p = path.display().to_string();
+        // As typed on the command line: shown cut short, its control characters escaped, so a
+        // pasted path neither floods nor drives the operator's terminal.
+        let p = tenantry_core::text::escape_controls(&tenantry_core::text::shorten(
+            &path.display().to_string(),
+            200,
+        ));
         let meta = std::fs::metadata(path).map_err(|source| FileError::Io {
             path: p.clone(),
             source,
