@@ -23,8 +23,8 @@ use tenantry_testkit::{TestBroker, TestCluster, TestDb, amqp_url, proxy::TcpProx
 use uuid::Uuid;
 
 use crate::support::{
-    SECRET, Served, http, metric, own, queue_depth, shard_node, slow_job_202_then_done, tenantry,
-    token, until_metric,
+    SECRET, Served, http, metric, own, queue_depth, send_and_stall, shard_node,
+    slow_job_202_then_done, tenantry, token, until_metric,
 };
 
 const SHARD_HEADER: &str = "x-tenantry-shard";
@@ -2537,27 +2537,34 @@ async fn a_caller_too_slow_to_send_its_body_gets_408_not_504() {
     env.broker.cleanup().await;
 }
 
-/// Writes `request` (a head and part of its body) to `addr`, sends nothing more, and returns
-/// what the server wrote back before it closed the connection (or 5 s passed).
-fn send_and_stall(addr: &str, request: Vec<u8>) -> String {
-    let addr = addr.to_owned();
-    std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(&request).unwrap();
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = s.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&buf[..n]);
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    })
-    .join()
-    .unwrap()
+#[actix_web::test]
+async fn a_company_creation_whose_body_stalls_gets_408_and_creates_nothing() {
+    // The gateway reads a creation's body whole: a caller that declares more than it sends
+    // holds the handler, and its connection, only for `http.body_timeout`.
+    let env = fake_env(&[Uuid::now_v7()], &[("TENANTRY_HTTP__BODY_TIMEOUT", "1s")]).await;
+    let addr = env.base.trim_start_matches("http://").to_owned();
+    let id = Uuid::now_v7();
+    let body = format!(r#"{{"id":"{id}","name":"Stalled"}}"#);
+    let mut request = format!(
+        "POST /v1/companies HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        creator_token(),
+        body.len() + 100
+    )
+    .into_bytes();
+    request.extend_from_slice(body.as_bytes());
+    let started = Instant::now();
+    let answer = send_and_stall(&addr, request);
+    let took = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    let created = env
+        .catalog
+        .scalar(&format!("SELECT count(*) FROM tenants WHERE id = '{id}'"))
+        .await;
+    assert_eq!(created, 0);
+    env.broker.cleanup().await;
 }
 
 #[actix_web::test]

@@ -1,7 +1,7 @@
 //! The job API and worker processes end to end: the 3-second boundary, idempotency,
 //! backpressure, fencing, bad input, several workers, SIGKILL, graceful release, events.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tenantry_queue::{JobFinishedEvent, JobState, JobView};
@@ -11,8 +11,8 @@ use uuid::Uuid;
 use crate::{
     queue::{enqueue, enqueue_one, job},
     support::{
-        Served, http, metric, own, queue_depth, run, shard_node, slow_job_202_then_done,
-        start_worker, tenantry, token, until_count, until_state,
+        Served, http, metric, own, queue_depth, run, send_and_stall, shard_node,
+        slow_job_202_then_done, start_worker, tenantry, token, until_count, until_state,
     },
 };
 
@@ -787,6 +787,43 @@ async fn a_shard_refuses_companies_it_does_not_own() {
     }
     let n = db.scalar("SELECT count(*) FROM jobs").await;
     assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn a_job_request_whose_body_stalls_gets_408_and_enqueues_nothing() {
+    // A caller (or a gateway) that declares more body than it sends holds the handler, and
+    // its connection, only for `http.body_timeout`; a body whose chunked encoding breaks is
+    // 400 invalid_body. Neither leaves a job.
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    own(&db, company, "owned").await;
+    let mut cmd = shard_node(&db.url, true, 0);
+    cmd.env("TENANTRY_HTTP__BODY_TIMEOUT", "1s");
+    let node = Served::start(&mut cmd, 1);
+    let addr = node.url("api").trim_start_matches("http://").to_owned();
+    let head = |framing: &str| {
+        format!(
+            "POST /v1/companies/{company}/jobs HTTP/1.1\r\nHost: {addr}\r\n\
+             Authorization: Bearer {}\r\nContent-Type: application/json\r\n{framing}\r\n\r\n",
+            member_token(company)
+        )
+        .into_bytes()
+    };
+    let body = br#"{"kind":"echo","params":{}}"#;
+    let mut stalled = head(&format!("Content-Length: {}", body.len() + 100));
+    stalled.extend_from_slice(body);
+    let started = Instant::now();
+    let answer = send_and_stall(&addr, stalled);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(4));
+
+    let mut broken = head("Transfer-Encoding: chunked");
+    broken.extend_from_slice(b"zz\r\n{}\r\n0\r\n\r\n");
+    let answer = send_and_stall(&addr, broken);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("invalid_body"), "{answer}");
+    assert_eq!(db.scalar("SELECT count(*) FROM jobs").await, 0);
 }
 
 #[tokio::test]

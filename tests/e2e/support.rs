@@ -351,3 +351,26 @@ pub fn dev_config() -> tenantry_core::Config {
     use tenantry_core::{Config, config::Mode};
     Config::from_figment(tenantry_core::config::figment(None), Mode::Dev).unwrap()
 }
+
+/// Writes `request` (a head and part of its body) to `addr`, sends nothing more, and returns
+/// what the server wrote back before it closed the connection (or 5 s passed).
+pub fn send_and_stall(addr: &str, request: Vec<u8>) -> String {
+    let addr = addr.to_owned();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&request).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .join()
+    .unwrap()
+}

@@ -253,6 +253,10 @@ pub struct HttpConfig {
     /// Time allowed for the request head; default 5s.
     #[serde(with = "humantime_serde")]
     pub client_request_timeout: Duration,
+    /// Time allowed for a request body the listener reads whole, once its head is in; default
+    /// 10s.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -651,6 +655,13 @@ impl Config {
         within(
             "http.client_request_timeout",
             self.http.client_request_timeout,
+            ms(100),
+            s(300),
+            &mut problems,
+        );
+        within(
+            "http.body_timeout",
+            self.http.body_timeout,
             ms(100),
             s(300),
             &mut problems,

@@ -79,6 +79,18 @@ impl ApiError {
         )
     }
 
+    /// 408: the caller did not send its whole body within `limit`.
+    pub fn body_timeout(limit: Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} ms",
+                limit.as_millis()
+            ),
+        )
+    }
+
     /// 503 with `Retry-After`: a dependency is down or the server is full.
     pub fn unavailable(code: &'static str, message: impl Into<String>, retry: Duration) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message).with_retry_after(retry)

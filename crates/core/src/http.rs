@@ -440,9 +440,55 @@ pub fn json_body<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid {what}: {e}")))
 }
 
+/// How a listener reads a whole body ([`Body`]): its size limit and the time it may take.
+#[derive(Debug, Clone, Copy)]
+struct BodyRead {
+    limit: usize,
+    timeout: Duration,
+}
+
+/// A request body read whole, within the listener's body limit (`413 payload_too_large`) and
+/// `http.body_timeout` (`408 request_timeout`): a caller that declares a body and trickles or
+/// stalls it cannot hold a handler, and its connection, for longer. A body that breaks off or
+/// whose chunked encoding is malformed is `400 invalid_body`.
+pub struct Body(pub web::Bytes);
+
+impl actix_web::FromRequest for Body {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Body, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
+        let read = req.app_data::<BodyRead>().copied().unwrap_or(BodyRead {
+            limit: 1 << 20,
+            timeout: Duration::from_secs(10),
+        });
+        let bytes = web::Bytes::from_request(req, payload);
+        Box::pin(async move {
+            match tokio::time::timeout(read.timeout, bytes).await {
+                Err(_) => Err(ApiError::body_timeout(read.timeout)),
+                Ok(Ok(bytes)) => Ok(Body(bytes)),
+                Ok(Err(e))
+                    if e.as_response_error().status_code() == StatusCode::PAYLOAD_TOO_LARGE =>
+                {
+                    Err(ApiError::payload_too_large(read.limit))
+                }
+                Ok(Err(e)) => Err(ApiError::bad_request(
+                    "invalid_body",
+                    "the request body broke off or its chunked encoding is malformed",
+                )
+                .with_source(anyhow::anyhow!("{e}"))),
+            }
+        })
+    }
+}
+
 /// Extractor settings that turn malformed input into the error shape with a useful message.
-fn configure_extractors(cfg: &mut web::ServiceConfig, body_limit: usize) {
-    cfg.app_data(
+fn configure_extractors(cfg: &mut web::ServiceConfig, body_limit: usize, body_timeout: Duration) {
+    cfg.app_data(BodyRead {
+        limit: body_limit,
+        timeout: body_timeout,
+    })
+    .app_data(
         web::JsonConfig::default()
             .limit(body_limit)
             .error_handler(move |err, _req| {
@@ -531,11 +577,11 @@ where
     F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
 {
     let data = web::Data::new(ctx.clone());
-    let body_limit = ctx.body_limit;
+    let (body_limit, body_timeout) = (ctx.body_limit, http.body_timeout);
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
-            .configure(|c| configure_extractors(c, body_limit))
+            .configure(|c| configure_extractors(c, body_limit, body_timeout))
             .wrap(from_fn(request_context))
             .service(web::resource("/healthz").get(healthz))
             .service(web::resource("/readyz").get(readyz))

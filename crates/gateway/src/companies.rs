@@ -130,7 +130,7 @@ impl FromRequest for Creator {
 pub async fn create(
     _creator: Creator,
     req: HttpRequest,
-    body: web::Bytes,
+    http::Body(body): http::Body,
     gw: web::Data<Gateway>,
 ) -> Result<HttpResponse, ApiError> {
     let NewCompany { id, name } = http::json_body(&req, &body, "company")?;

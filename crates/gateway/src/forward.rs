@@ -111,7 +111,7 @@ pub async fn forward(
         read_body(payload, gw.retry_buffer, gw.body_limit),
     )
     .await
-    .map_err(|_| body_timeout(gw.upstream_timeout))??;
+    .map_err(|_| ApiError::body_timeout(gw.upstream_timeout))??;
 
     let started = Instant::now();
     let deadline = started + gw.freeze_wait;
@@ -381,7 +381,7 @@ async fn send(
             // The time ran out while the caller was still sending its body: the caller is
             // slow, not the shard.
             Err(SendRequestError::Timeout) if body.still_arriving() => {
-                return Err(body_timeout(timeout));
+                return Err(ApiError::body_timeout(timeout));
             }
             Err(SendRequestError::Timeout) => {
                 return Err(ApiError::new(
@@ -648,18 +648,6 @@ impl Body {
             Body::Streaming { fault, starved, .. } => fault.get().is_none() && starved.get(),
         }
     }
-}
-
-/// The caller's body did not arrive in time.
-fn body_timeout(limit: Duration) -> ApiError {
-    ApiError::new(
-        StatusCode::REQUEST_TIMEOUT,
-        "request_timeout",
-        format!(
-            "the request body did not arrive within {} ms",
-            limit.as_millis()
-        ),
-    )
 }
 
 /// The caller's body broke off or was malformed: the request is the caller's to fix or resend.

@@ -161,7 +161,7 @@ async fn create(
     req: HttpRequest,
     caller: Caller,
     path: web::Path<String>,
-    body: web::Bytes,
+    http::Body(body): http::Body,
     state: web::Data<JobsState>,
 ) -> Result<HttpResponse, ApiError> {
     let company = parse_uuid("company_id", &path)?;
