@@ -418,6 +418,107 @@ async fn company_creation_refuses_bad_input() {
         .unwrap()
         .get(0);
     assert_eq!(n, 0, "nothing was created by bad requests");
+    // Bytes that are not UTF-8 are malformed JSON; a body streamed past the limit without a
+    // length is refused like a declared one; the wrong method is 405. Nothing is created.
+    let mut r = http()
+        .post(&url)
+        .bearer_auth(creator_token())
+        .content_type("application/json")
+        .send_body(&b"{\"name\":\"caf\xe9\"}"[..])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "not UTF-8");
+    assert_eq!(error_of!(r).error.code, "invalid_json");
+    let pad = json!({"name": "a", "pad": "x".repeat(600 * 1024)}).to_string();
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = pad
+        .as_bytes()
+        .chunks(16 * 1024)
+        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+        .collect();
+    let r = http()
+        .post(&url)
+        .bearer_auth(creator_token())
+        .content_type("application/json")
+        .send_stream(futures_util::stream::iter(chunks))
+        .await;
+    // A 413, or the connection closed on a client still sending.
+    if let Ok(mut r) = r {
+        assert_eq!(r.status(), 413, "streamed past the limit");
+        let error = error_of!(r).error;
+        assert_eq!(error.code, "payload_too_large");
+        assert!(
+            error.message.contains("larger than the limit of"),
+            "{}",
+            error.message
+        );
+    }
+    for (method, path) in [
+        (actix_web::http::Method::GET, "/v1/companies"),
+        (actix_web::http::Method::PUT, "/v1/companies"),
+        (actix_web::http::Method::POST, "/v1/shard-map/version"),
+        (actix_web::http::Method::DELETE, "/v1/shard-map/version"),
+    ] {
+        let mut r = http()
+            .request(method.clone(), format!("{base}{path}"))
+            .bearer_auth(creator_token())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{method} {path}");
+        assert_eq!(
+            error_of!(r).error.code,
+            "method_not_allowed",
+            "{method} {path}"
+        );
+    }
+    let n = env
+        .cluster
+        .catalog
+        .scalar("SELECT count(*) FROM tenants")
+        .await;
+    assert_eq!(n, 0, "nothing was created by bad requests");
+    // A deleted company's id is never given out again, to its old name or another; and there
+    // is nothing for an operator to finish.
+    let gone = Uuid::now_v7();
+    env.cluster
+        .catalog
+        .client()
+        .await
+        .execute(
+            "INSERT INTO tenants (id, name, shard_id, state) VALUES ($1, 'Gone Ltd', 'shard-1', 'deleted')",
+            &[&gone],
+        )
+        .await
+        .unwrap();
+    for name in ["Gone Ltd", "New Ltd"] {
+        let mut r = http()
+            .post(&url)
+            .bearer_auth(creator_token())
+            .send_json(&json!({"id": gone, "name": name}))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 409, "{name}");
+        let error = error_of!(r).error;
+        assert_eq!(error.code, "company_exists");
+        assert!(error.message.contains("deleted"), "{}", error.message);
+    }
+    let (code, out, err) = crate::support::run(
+        tenantry()
+            .env("TENANTRY_CATALOG__URL", &env.cluster.catalog.url)
+            .args(["admin", "companies", "finish", &gone.to_string()]),
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("deleted"), "{err}");
+    let state = env
+        .cluster
+        .catalog
+        .client()
+        .await
+        .query_one("SELECT state FROM tenants WHERE id = $1", &[&gone])
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    assert_eq!(state, "deleted");
     // A company created before such names were refused, and left half-way, can still be
     // finished under its name; its name is not given to another id.
     let old = Uuid::now_v7();

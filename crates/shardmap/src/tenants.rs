@@ -190,11 +190,15 @@ pub async fn create(
             };
             let (existing_name, shard_id, state): (String, String, String) =
                 (row.get(0), row.get(1), row.get(2));
+            // A deleted company's id is refused as such, whatever name comes with it: "exists
+            // with another name" would send the caller looking for a company that is gone.
+            if state == "deleted" {
+                return Err(CreateError::Deleted(id));
+            }
             if existing_name != name {
                 return Err(CreateError::NameConflict(id));
             }
             match state.as_str() {
-                "deleted" => return Err(CreateError::Deleted(id)),
                 "provisioning" => {}
                 _ => {
                     return Ok(Created::Existing {
