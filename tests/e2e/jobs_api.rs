@@ -37,7 +37,10 @@ async fn a_quick_job_answers_200_and_a_slow_one_202_then_done() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let j: JobView = r.json().await.unwrap();
+    let body: Value = r.json().await.unwrap();
+    crate::support::assert_job_shape(&body);
+    assert!(body["error"].is_null() && !body["started_at"].is_null());
+    let j: JobView = serde_json::from_value(body).unwrap();
     assert_eq!(
         (j.state, j.result),
         (JobState::Done, Some(json!({"slept_ms": 100})))
@@ -473,6 +476,7 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
         (format!("{jobs}/not-a-uuid"), 400, "invalid_id"),
         (format!("{jobs}/{}", "b".repeat(60_000)), 400, "invalid_id"),
         (format!("{jobs}/%00"), 400, "invalid_id"),
+        (format!("{jobs}/%FF%FE"), 400, "invalid_id"),
         (
             format!("{jobs}/{}?wait=1s&wait=30s", Uuid::now_v7()),
             400,
@@ -513,6 +517,37 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
         assert!(error.message.len() < 500, "{shown}: {}", error.message);
         let r = c.head(&url).bearer_auth(&member).send().await.unwrap();
         assert_eq!(r.status().as_u16(), status, "HEAD {shown}");
+    }
+    // Bytes that are not UTF-8 are malformed JSON; methods the routes do not serve are 405.
+    let mut r = c
+        .post(&jobs)
+        .bearer_auth(&member)
+        .content_type("application/json")
+        .send_body(&b"{\"kind\":\"echo\",\"params\":{\"s\":\"\xff\xfe\"}}"[..])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "not UTF-8");
+    assert_eq!(error_of!(r).error.code, "invalid_json");
+    let one = format!("{jobs}/{}", Uuid::now_v7());
+    for (method, url) in [
+        (actix_web::http::Method::GET, &jobs),
+        (actix_web::http::Method::DELETE, &jobs),
+        (actix_web::http::Method::PUT, &one),
+        (actix_web::http::Method::DELETE, &one),
+        (actix_web::http::Method::POST, &one),
+    ] {
+        let mut r = c
+            .request(method.clone(), url)
+            .bearer_auth(&member)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{method} {url}");
+        assert_eq!(
+            error_of!(r).error.code,
+            "method_not_allowed",
+            "{method} {url}"
+        );
     }
     let n = db.scalar("SELECT count(*) FROM jobs").await;
     assert_eq!(n, 0, "nothing was enqueued by bad requests");
@@ -603,6 +638,41 @@ async fn a_repeated_idempotency_key_returns_the_original_job() {
     assert_eq!(error_of!(r3).error.code, "idempotency_key_reused");
     let n = db.scalar("SELECT count(*) FROM jobs").await;
     assert_eq!(n, 1);
+    // Another kind with the same params is another request too.
+    let keyed = |kind: &str| {
+        http()
+            .post(&url)
+            .bearer_auth(&auth)
+            .insert_header(("idempotency-key", "order-44"))
+            .send_json(&json!({"kind": kind, "params": {"ms": 1}}))
+    };
+    assert_eq!(keyed("echo").await.unwrap().status(), 200);
+    let mut r4 = keyed("sleep").await.unwrap();
+    assert_eq!(r4.status(), 422);
+    assert_eq!(error_of!(r4).error.code, "idempotency_key_reused");
+    db.client()
+        .await
+        .execute("DELETE FROM jobs WHERE idempotency_key = 'order-44'", &[])
+        .await
+        .unwrap();
+    // Keys are per company: another company's same key is its own job.
+    let other = Uuid::now_v7();
+    own(&db, other, "owned").await;
+    let mut r5 = http()
+        .post(format!("{}/v1/companies/{other}/jobs", node.url("api")))
+        .bearer_auth(member_token(other))
+        .insert_header(("idempotency-key", "order-42"))
+        .send_json(&json!({"kind": "echo", "params": {"n": 1}}))
+        .await
+        .unwrap();
+    assert_eq!(r5.status(), 200);
+    assert_ne!(r5.json::<JobView>().await.unwrap().id, j1.id);
+    assert_eq!(db.scalar("SELECT count(*) FROM jobs").await, 2);
+    db.client()
+        .await
+        .execute("DELETE FROM jobs WHERE company_id = $1", &[&other])
+        .await
+        .unwrap();
 
     // Params are compared by value, as the database holds them: it reads `1e2` back as 100,
     // and an identical repeat must still get its job back.

@@ -280,6 +280,33 @@ pub async fn until_state(
 /// outlast `api.sync_wait`: checks the `202`, its `Location` naming the job and the job still
 /// `waiting`/`processing`, then long-polls that location with `?wait=` and checks the job
 /// finished, the poll woken by its completion before `wait` ran out. Returns the finished job.
+/// The job body clients rely on: exactly these fields, each present (null when unset), so
+/// neither a missing one nor an internal column (params, user context, worker) goes unnoticed.
+pub fn assert_job_shape(body: &serde_json::Value) {
+    let mut keys: Vec<&str> = body
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {body}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "attempts",
+            "created_at",
+            "error",
+            "finished_at",
+            "id",
+            "kind",
+            "result",
+            "started_at",
+            "state"
+        ],
+        "{body}"
+    );
+}
+
 pub async fn slow_job_202_then_done(
     base: &str,
     company: uuid::Uuid,
@@ -302,7 +329,10 @@ pub async fn slow_job_202_then_done(
         .to_str()
         .unwrap()
         .to_owned();
-    let j: JobView = r.json().await.unwrap();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_job_shape(&body);
+    assert!(body["finished_at"].is_null() && body["result"].is_null() && body["error"].is_null());
+    let j: JobView = serde_json::from_value(body).unwrap();
     assert!(matches!(j.state, JobState::Waiting | JobState::Processing));
     assert_eq!(location, format!("/v1/companies/{company}/jobs/{}", j.id));
     let polled = std::time::Instant::now();
@@ -319,7 +349,10 @@ pub async fn slow_job_202_then_done(
         polled.elapsed() < tenantry_core::http::parse_wait(wait).unwrap(),
         "the long poll was woken by the job's completion, not ended by its timeout"
     );
-    let done: JobView = r.json().await.unwrap();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_job_shape(&body);
+    assert!(body["error"].is_null());
+    let done: JobView = serde_json::from_value(body).unwrap();
     assert_eq!(done.state, JobState::Done);
     assert!(done.finished_at.is_some() && done.started_at.is_some());
     done
