@@ -1551,6 +1551,22 @@ async fn synchronous_commit(c: &tokio_postgres::Client) -> String {
 }
 
 #[tokio::test]
+async fn bulk_enqueue_refuses_idempotency_keys_rather_than_drop_them() {
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    let mut c = db.client().await;
+    let tx = c.transaction().await.unwrap();
+    let mut keyed = job(company, "echo", json!({}), 1);
+    keyed.idempotency_key = Some("order-1".into());
+    let err = store::enqueue_many(&tx, &[job(company, "echo", json!({}), 1), keyed], LIMITS)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EnqueueError::KeyInBulk), "{err}");
+    tx.commit().await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM jobs").await, 0);
+}
+
+#[tokio::test]
 async fn backpressure_refuses_the_whole_batch_and_writes_nothing() {
     let db = TestDb::new(Schema::Shard).await;
     let company = Uuid::now_v7();

@@ -232,6 +232,10 @@ pub enum EnqueueError {
     ShardFull,
     #[error("idempotency key reused with a different request")]
     IdempotencyConflict,
+    /// [`enqueue_many`] was given a job with an idempotency key, which it cannot honour (a
+    /// key's replay or conflict is decided per job): enqueue such jobs with [`enqueue`].
+    #[error("bulk enqueue takes no idempotency keys; enqueue keyed jobs one by one")]
+    KeyInBulk,
     #[error(transparent)]
     Db(#[from] tokio_postgres::Error),
 }
@@ -491,14 +495,18 @@ const ENQUEUE_MANY_SQL: &str = concat!(
               awaited_ms)"
 );
 
-/// Inserts many jobs in one statement inside the caller's transaction (no idempotency keys).
-/// The whole batch is refused if any company would go over its waiting limit, so nothing
-/// half-written remains. Returns the new ids in input order.
+/// Inserts many jobs in one statement inside the caller's transaction. The whole batch is
+/// refused if any company would go over its waiting limit, so nothing half-written remains,
+/// and if any job carries an idempotency key ([`EnqueueError::KeyInBulk`]): a key would be
+/// silently dropped otherwise. Returns the new ids in input order.
 pub async fn enqueue_many(
     tx: &impl QueueTx,
     jobs: &[NewJob],
     limits: EnqueueLimits,
 ) -> Result<Vec<Uuid>, EnqueueError> {
+    if jobs.iter().any(|j| j.idempotency_key.is_some()) {
+        return Err(EnqueueError::KeyInBulk);
+    }
     if limits.shard_full && !jobs.is_empty() {
         return Err(EnqueueError::ShardFull);
     }

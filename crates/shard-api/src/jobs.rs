@@ -234,6 +234,8 @@ async fn create(
             ));
         }
         Err(EnqueueError::Db(e)) => return Err(e.into()),
+        // Only bulk enqueue refuses keys; this is a single enqueue.
+        Err(e @ EnqueueError::KeyInBulk) => return Err(anyhow::Error::from(e).into()),
     };
     if let Err(e) = tx.commit().await {
         drop(client);
