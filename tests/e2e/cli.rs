@@ -267,9 +267,24 @@ fn readme_lists_every_configuration_key() {
     for line in tenantry_core::config::DEFAULTS_TOML.lines().map(str::trim) {
         if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             section = s.to_owned();
-        } else if let Some((key, _)) = line.split_once('=').filter(|_| !line.starts_with('#')) {
+        } else if let Some((key, value)) = line.split_once('=').filter(|_| !line.starts_with('#')) {
             let full = format!("`{section}.{}`", key.trim());
             assert!(readme.contains(&full), "README.md does not document {full}");
+            // The table's default column says what the defaults file holds: `value`, or
+            // "empty" for an empty string.
+            let value = value.trim();
+            let expected = match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+                Some("") => "empty".to_owned(),
+                Some(text) => format!("`{text}`"),
+                None => format!("`{value}`"),
+            };
+            // The configuration table comes last (the roles table names some keys too).
+            let row = readme
+                .lines()
+                .rfind(|l| l.starts_with(&format!("| {full} |")))
+                .unwrap_or_else(|| panic!("README.md has no table row for {full}"));
+            let documented = row.split('|').nth(2).unwrap_or_default().trim();
+            assert_eq!(documented, expected, "README.md's default of {full}");
             keys += 1;
         }
     }
