@@ -160,6 +160,12 @@ fn a_bad_command_line_quotes_what_was_typed_short_and_escaped() {
         [&token[..], &["--company", &huge]].concat(),
         [&list[..], &["--state", &huge]].concat(),
         vec!["admin", "migrate", "up", "--phase", &huge],
+        vec!["admin", "migrate", "status", "--shard", &huge],
+        vec!["admin", "migrate", "status", "--json", "--json"],
+        vec!["admin", "companies", "finish", &huge],
+        vec!["admin", "companies", "finish", escape],
+        [&token[..], &["--scope", &huge]].concat(),
+        vec!["serve", escape],
         // The configuration file's path, as typed.
         vec!["--config", &huge, "config", "check"],
         vec!["--config", escape, "config", "check"],
@@ -205,6 +211,38 @@ fn a_shard_map_path_is_quoted_short_and_escaped() {
             "{shown}: {err:?}"
         );
     }
+}
+
+#[test]
+fn a_shard_map_or_config_that_is_a_directory_or_not_utf8_is_refused_clearly() {
+    let dir = std::env::temp_dir().join(format!("tenantry-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let latin1 = dir.join("latin1.toml");
+    std::fs::write(&latin1, b"environment = \"caf\xe9\"\n").unwrap();
+    for (path, needle) in [(&dir, "cannot read shard map"), (&latin1, "UTF-8")] {
+        let (code, out, err) = run(tenantry().args(["admin", "shard", "apply"]).arg(path));
+        assert_eq!(code, 1, "{path:?}: {err}");
+        assert!(out.is_empty(), "{out}");
+        assert!(
+            err.starts_with("error: ") && err.contains(needle),
+            "{path:?}: {err}"
+        );
+        let causes = err.matches("os error").count() + err.matches("valid UTF-8").count();
+        assert_eq!(causes, 1, "the cause once: {err}");
+    }
+    for path in [&dir, &latin1] {
+        let (code, out, err) = run(tenantry()
+            .arg("--config")
+            .arg(path)
+            .args(["config", "check"]));
+        assert_eq!(code, 2, "{path:?}: {err}");
+        assert!(out.is_empty(), "{out}");
+        assert!(
+            err.starts_with("error: ") && err.len() < 2000,
+            "{path:?}: {err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

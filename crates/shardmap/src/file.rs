@@ -64,11 +64,10 @@ pub struct ShardSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("cannot read shard map {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    // `cause`, not `source`: the message already ends with it, and an error chain printed
+    // in full (`{:#}`) would repeat it.
+    #[error("cannot read shard map {path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
     #[error("shard map {path} is over the limit of {MAX_FILE_BYTES} bytes (at least {size})")]
     TooLarge { path: String, size: u64 },
     #[error("shard map {path} is not valid: {message}")]
@@ -111,9 +110,9 @@ impl ShardMapFile {
             &path.display().to_string(),
             200,
         ));
-        let meta = std::fs::metadata(path).map_err(|source| FileError::Io {
+        let meta = std::fs::metadata(path).map_err(|cause| FileError::Io {
             path: p.clone(),
-            source,
+            cause,
         })?;
         if meta.len() > MAX_FILE_BYTES {
             return Err(FileError::TooLarge {
@@ -124,9 +123,9 @@ impl ShardMapFile {
         // The size check above cannot see into a pipe, /dev/stdin or a /proc file (they report
         // 0 bytes): the read itself stops one byte past the limit.
         let mut text = String::new();
-        let io = |source| FileError::Io {
+        let io = |cause| FileError::Io {
             path: p.clone(),
-            source,
+            cause,
         };
         std::fs::File::open(path)
             .map_err(io)?
