@@ -142,6 +142,33 @@ async fn gateway_serves_health_and_the_shard_map_to_operators_only() {
         "hostile ids are replaced: {}",
         e.error.request_id
     );
+
+    // Probes with a head over the listener's limit: refused (a 4xx or a closed connection),
+    // and the process still answers.
+    for probe in ["/healthz", "/readyz", "/metrics"] {
+        let r = http()
+            .get(format!("{base}{probe}"))
+            .insert_header(("x-junk", "x".repeat(200 * 1024)))
+            .send()
+            .await;
+        if let Ok(r) = r {
+            assert!(r.status().is_client_error(), "{probe}: {}", r.status());
+        }
+    }
+    // Made-up paths share one `route` label: no path text becomes a metric series.
+    for i in 0..50 {
+        let r = c
+            .get(format!("{base}/probe-{i}-%3Cscript%3E"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+    }
+    let mut resp = c.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = String::from_utf8(resp.body().await.unwrap().to_vec()).unwrap();
+    assert!(!text.contains("probe-"), "a path became a label");
+    assert!(text.contains(r#"route="unmatched""#), "{text}");
 }
 
 #[actix_web::test]
