@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::{
     queue::{enqueue, enqueue_one, job},
     support::{
-        Served, http, metric, own, queue_depth, run, send_and_stall, shard_node,
+        Served, http, log_line, metric, own, queue_depth, run, send_and_stall, shard_node,
         slow_job_202_then_done, start_worker, tenantry, token, until_count, until_state,
     },
 };
@@ -620,6 +620,13 @@ async fn a_repeated_idempotency_key_returns_the_original_job() {
     let j1: JobView = r1.json().await.unwrap();
     let mut r2 = post(json!({"n": 1})).await.unwrap();
     assert_eq!(r2.status(), 200);
+    let replay_request = r2
+        .headers()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
     let j2: JobView = r2.json().await.unwrap();
     assert_eq!(j1.id, j2.id, "the replay returns the original job");
     // The same key twice in one request (a proxy repeating it) is that one key.
@@ -698,6 +705,25 @@ async fn a_repeated_idempotency_key_returns_the_original_job() {
     assert_eq!(error_of!(other).error.code, "idempotency_key_reused");
     let n = db.scalar("SELECT count(*) FROM jobs").await;
     assert_eq!(n, 2);
+
+    // The replaying request's log leads to the job, and to the request that created it.
+    let mut node = node;
+    let lines = node.stop_and_read_logs();
+    let replayed = lines
+        .iter()
+        .find(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("idempotency key seen before"))
+                && v["span"]["request.id"] == replay_request.as_str()
+        })
+        .unwrap_or_else(|| panic!("no replay line for {replay_request}: {lines:?}"));
+    assert_eq!(replayed["job.id"], j1.id.to_string());
+    let original = replayed["job.request_id"].as_str().unwrap();
+    assert!(
+        !original.is_empty() && original != replay_request,
+        "{replayed}"
+    );
 }
 
 #[actix_web::test]
@@ -894,6 +920,14 @@ async fn a_job_request_whose_body_stalls_gets_408_and_enqueues_nothing() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("invalid_body"), "{answer}");
     assert_eq!(db.scalar("SELECT count(*) FROM jobs").await, 0);
+    // The request's line says why, not only with which status.
+    let mut node = node;
+    let lines = node.stop_and_read_logs();
+    let timed_out = lines
+        .iter()
+        .find(|v| v["message"] == "request" && v["http.status"] == 408)
+        .unwrap_or_else(|| panic!("no request line for the 408: {lines:?}"));
+    assert_eq!(timed_out["span"]["error.code"], "request_timeout");
 }
 
 #[tokio::test]
@@ -906,14 +940,10 @@ async fn a_failed_attempt_is_logged_with_the_request_id_of_its_job() {
     failing.request_id = "log-job-1".into();
     let id = enqueue_one(&db, failing).await;
     assert!(until_state(&db, id, "error", Duration::from_secs(10)).await);
-    worker.signal("TERM");
-    assert_eq!(worker.wait_exit(Duration::from_secs(10)), Some(0));
-    let lines = worker.logs_to_end(Duration::from_secs(5));
-    let line = lines
-        .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["message"] == "job attempt failed")
-        .unwrap_or_else(|| panic!("no failed attempt logged:\n{}", lines.join("\n")));
+    let lines = worker.stop_and_read_logs();
+    // At the default level, with what the failure does to the job.
+    let line = log_line(&lines, "job attempt failed; no attempts left");
+    assert_eq!(line["level"], "INFO");
     assert_eq!(line["span"]["request.id"], "log-job-1");
     assert_eq!(line["span"]["job.id"], id.to_string());
     assert!(
@@ -1036,27 +1066,22 @@ async fn a_job_of_a_worker_killed_mid_job_is_rescued_and_completed_once() {
         .await;
     assert_eq!(events, 1, "finished once");
 
-    // "What happened to request X": the rescue is logged under the job's request id.
-    rescuer.signal("TERM");
-    assert_eq!(rescuer.wait_exit(Duration::from_secs(10)), Some(0));
-    let lines = rescuer.logs_to_end(Duration::from_secs(5));
-    let rescue = lines
-        .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| {
-            v["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("lease expired: the job is back to waiting"))
-        })
-        .unwrap_or_else(|| panic!("no rescue logged:\n{}", lines.join("\n")));
-    assert_eq!(rescue["request.id"], "killed-mid-job");
-    assert_eq!(rescue["job.id"], id.to_string());
+    // "What happened to request X": the rescue is logged in the job's span, under its request
+    // id, and so is the second attempt's outcome.
+    let lines = rescuer.stop_and_read_logs();
+    let rescue = log_line(&lines, "lease expired: the job is back to waiting");
+    assert_eq!(rescue["span"]["request.id"], "killed-mid-job");
+    assert_eq!(rescue["span"]["job.id"], id.to_string());
+    let done = log_line(&lines, "job done");
+    assert_eq!(done["span"]["request.id"], "killed-mid-job");
 }
 
 #[tokio::test]
 async fn graceful_shutdown_releases_claimed_jobs_back_to_waiting() {
     let db = TestDb::new(Schema::Shard).await;
-    let id = enqueue_one(&db, job(Uuid::now_v7(), "sleep", json!({"ms": 20000}), 1)).await;
+    let mut long = job(Uuid::now_v7(), "sleep", json!({"ms": 20000}), 1);
+    long.request_id = "released-at-stop".into();
+    let id = enqueue_one(&db, long).await;
     let mut cmd = shard_node(&db.url, false, 1);
     cmd.env("TENANTRY_SHUTDOWN__GRACE_PERIOD", "300ms");
     let mut w = start_worker(&mut cmd);
@@ -1070,8 +1095,10 @@ async fn graceful_shutdown_releases_claimed_jobs_back_to_waiting() {
         .await,
         1
     );
-    w.signal("TERM");
-    assert_eq!(w.wait_exit(Duration::from_secs(10)), Some(0));
+    let lines = w.stop_and_read_logs();
+    let released = log_line(&lines, "released back to waiting");
+    assert_eq!(released["span"]["request.id"], "released-at-stop");
+    assert_eq!(released["span"]["job.id"], id.to_string());
     let r = db
         .client()
         .await

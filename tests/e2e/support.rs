@@ -161,6 +161,31 @@ impl Served {
         }
         lines
     }
+
+    /// Stops the process (SIGTERM, exit 0 expected) and returns its JSON log lines.
+    pub fn stop_and_read_logs(&mut self) -> Vec<serde_json::Value> {
+        self.signal("TERM");
+        assert_eq!(self.wait_exit(Duration::from_secs(10)), Some(0));
+        self.logs_to_end(Duration::from_secs(5))
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+/// The first log line whose message starts with `message`, or a failure showing them all.
+pub fn log_line<'a>(lines: &'a [serde_json::Value], message: &str) -> &'a serde_json::Value {
+    lines
+        .iter()
+        .find(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(message))
+        })
+        .unwrap_or_else(|| {
+            let all: Vec<String> = lines.iter().map(|v| v.to_string()).collect();
+            panic!("no line {message:?} in:\n{}", all.join("\n"))
+        })
 }
 
 impl Drop for Served {

@@ -152,6 +152,9 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let request_id = current_request_id().unwrap_or_default();
+        // On the request's span, so that its log line says why a request was refused, not
+        // only with which status (429 `rate_limited` or 401 `unauthorized` alike).
+        tracing::Span::current().record("error.code", self.code);
         if self.status.is_server_error() {
             match &self.source {
                 Some(cause) => tracing::error!(

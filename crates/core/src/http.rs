@@ -221,6 +221,7 @@ async fn request_context(
         role,
         shard.id = shard.as_deref(),
         company.id = tracing::field::Empty,
+        error.code = tracing::field::Empty,
     );
 
     // Dropped unfinished (the grace period ended), the request still leaves a line under its

@@ -116,6 +116,8 @@ pub async fn forward(
     let started = Instant::now();
     let deadline = started + gw.freeze_wait;
     let mut resolved = gw.router.resolve(company).await?;
+    // The request's line names the shard it went to (after a 421's reload, the last one).
+    tracing::Span::current().record("shard.id", resolved.pool.id.as_str());
     let mut reloaded = false;
     let mut pause = Duration::from_millis(20);
     let timeout = upstream_timeout(&req, &gw);
@@ -149,6 +151,7 @@ pub async fn forward(
             metrics::RETRIES.with_label_values(&["misdirected"]).inc();
             let from = resolved.pool.id.clone();
             resolved = gw.router.reload(company).await?;
+            tracing::Span::current().record("shard.id", resolved.pool.id.as_str());
             tracing::info!(from = %from, to = %resolved.pool.id, "shard answered 421; retrying on the reloaded route");
             continue;
         }

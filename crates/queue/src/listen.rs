@@ -7,7 +7,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -46,6 +46,9 @@ struct Inner {
     waiters: Mutex<HashMap<Uuid, Vec<oneshot::Sender<()>>>>,
     count: AtomicUsize,
     max_waiters: usize,
+    /// When the last "waiters full" warning was written, in whole seconds of the clock: at
+    /// most one a second, however many requests meet the full table.
+    full_warned: AtomicU64,
     /// Wakes the worker loop: there may be claimable jobs.
     work: Notify,
     connected: AtomicBool,
@@ -138,6 +141,7 @@ impl Listener {
             waiters: Mutex::new(HashMap::new()),
             count: AtomicUsize::new(0),
             max_waiters,
+            full_warned: AtomicU64::new(0),
             work: Notify::new(),
             connected: AtomicBool::new(false),
         });
@@ -149,6 +153,24 @@ impl Listener {
     /// `max_waiters` waiting requests (answer without waiting instead).
     pub fn wait_for(&self, id: Uuid) -> Option<Waiter> {
         if self.inner.count.load(Ordering::Relaxed) >= self.inner.max_waiters {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let last = self.inner.full_warned.load(Ordering::Relaxed);
+            if last != now
+                && self
+                    .inner
+                    .full_warned
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(
+                    job.id = %id,
+                    max_waiters = self.inner.max_waiters,
+                    "queue.max_waiters requests already wait for results: this one answers without \
+                     waiting, or reads its job once a second (logged at most once a second)"
+                );
+            }
             return None;
         }
         let (tx, rx) = oneshot::channel();

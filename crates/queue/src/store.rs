@@ -997,6 +997,49 @@ pub async fn finish_unannounced(
     Ok((finished, discarded))
 }
 
+/// The span a line about one job is written in, also by the rescuer or a stopping worker:
+/// `request.id`, `company.id` (when known) and `job.id` sit under `span`, where the lines of the
+/// request that enqueued the job, and of the job's own runs, have them.
+pub fn job_span(request_id: &str, company_id: Option<Uuid>, job_id: Uuid) -> tracing::Span {
+    let span = tracing::info_span!(
+        "job",
+        request.id = %request_id,
+        company.id = tracing::field::Empty,
+        job.id = %job_id,
+    );
+    if let Some(company) = company_id {
+        span.record("company.id", tracing::field::display(company));
+    }
+    span
+}
+
+/// A job the rescuer or a stopping worker gave back, for the line it logs about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRef {
+    pub id: Uuid,
+    pub request_id: String,
+    pub company_id: Uuid,
+}
+
+impl JobRef {
+    fn from_row(row: &Row) -> JobRef {
+        JobRef {
+            id: row.get("id"),
+            request_id: row.get("request_id"),
+            company_id: row.get("company_id"),
+        }
+    }
+
+    /// See [`job_span`].
+    pub fn span(&self) -> tracing::Span {
+        job_span(&self.request_id, Some(self.company_id), self.id)
+    }
+}
+
+/// Jobs one rescue pass, release or lost-claim repair logs a line each for; beyond them one
+/// line counts the rest (a pass after an outage may take back every job of the shard).
+pub const LOGGED_EACH: usize = 100;
+
 /// The SQL of the error the rescuer records on a job it takes from worker `$worker` (an SQL
 /// expression).
 macro_rules! rescue_error {
@@ -1304,24 +1347,34 @@ pub async fn rescue_expired(
     let changed: Vec<Finished> = rows.iter().map(finished).collect();
     tx.commit().await?;
     let (mut rescued, mut dead) = (Vec::new(), Vec::new());
-    for (f, row) in changed.iter().zip(&rows) {
-        // One line per job, under its request id: the answer to "what happened to request X"
-        // when its worker died.
-        let (request_id, company_id, worker_id): (&str, Uuid, Option<&str>) =
-            (row.get(3), row.get(4), row.get(5));
-        let worker_id = worker_id.unwrap_or("?");
-        match f.state {
-            JobState::Error => {
-                dead.push(f.id);
-                tracing::warn!(request.id = %request_id, company.id = %company_id, job.id = %f.id, worker.id = %worker_id,
-                    "lease expired with no attempts left: the job is dead-lettered (its worker stopped renewing the lease)");
-            }
-            _ => {
-                rescued.push(f.id);
-                tracing::warn!(request.id = %request_id, company.id = %company_id, job.id = %f.id, worker.id = %worker_id,
-                    "lease expired: the job is back to waiting for another attempt (its worker stopped renewing the lease)");
-            }
+    for (i, (f, row)) in changed.iter().zip(&rows).enumerate() {
+        let dead_lettered = f.state == JobState::Error;
+        if dead_lettered {
+            dead.push(f.id);
+        } else {
+            rescued.push(f.id);
         }
+        if i >= LOGGED_EACH {
+            continue;
+        }
+        // A line per job, in its span: the answer to "what happened to request X" when its
+        // worker died.
+        let worker_id: Option<&str> = row.get("worker_id");
+        let _in_job = JobRef::from_row(row).span().entered();
+        let worker_id = worker_id.unwrap_or("?");
+        if dead_lettered {
+            tracing::warn!(worker.id = %worker_id,
+                "lease expired with no attempts left: the job is dead-lettered (its worker stopped renewing the lease)");
+        } else {
+            tracing::warn!(worker.id = %worker_id,
+                "lease expired: the job is back to waiting for another attempt (its worker stopped renewing the lease)");
+        }
+    }
+    if changed.len() > LOGGED_EACH {
+        tracing::warn!(
+            more = changed.len() - LOGGED_EACH,
+            "lease expired: more jobs taken back than logged one by one"
+        );
     }
     after_commit(announce_finished(client, &announced_ids(&changed)).await);
     Ok((rescued, dead))
@@ -1340,17 +1393,19 @@ const RELEASE_SQL: &str = "UPDATE jobs j SET state = 'waiting', worker_id = NULL
                                    WHERE worker_id = $1 AND state = 'processing'
                                      AND NOT (id = ANY($2::uuid[]))
                                      FOR UPDATE SKIP LOCKED) held
-                           WHERE j.id = held.id";
+                           WHERE j.id = held.id
+                       RETURNING j.id, j.request_id, j.company_id";
 
 /// Gives jobs a stopping worker still holds back to `waiting`, without counting the
 /// interrupted attempt.
 pub async fn release(
     client: &impl GenericClient,
     worker_id: &str,
-) -> Result<u64, tokio_postgres::Error> {
-    client
-        .execute(RELEASE_SQL, &[&worker_id, &Vec::<Uuid>::new()])
-        .await
+) -> Result<Vec<JobRef>, tokio_postgres::Error> {
+    let rows = client
+        .query(RELEASE_SQL, &[&worker_id, &Vec::<Uuid>::new()])
+        .await?;
+    Ok(rows.iter().map(JobRef::from_row).collect())
 }
 
 /// Gives back to `waiting`, without counting the attempt, the jobs leased to `worker_id` that
@@ -1366,13 +1421,13 @@ pub async fn release_unheld(
     client: &mut tokio_postgres::Client,
     worker_id: &str,
     held: &[Uuid],
-) -> Result<u64, tokio_postgres::Error> {
+) -> Result<Vec<JobRef>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     // The partial index of processing rows, not a walk of the whole table.
     tx.batch_execute(INDEX_ONLY_SETTINGS).await?;
-    let n = tx.execute(RELEASE_SQL, &[&worker_id, &held]).await?;
+    let rows = tx.query(RELEASE_SQL, &[&worker_id, &held]).await?;
     tx.commit().await?;
-    Ok(n)
+    Ok(rows.iter().map(JobRef::from_row).collect())
 }
 
 /// Deletes up to `limit` finished rows older than `retention` (`done` rows by when they

@@ -350,7 +350,8 @@ impl Worker {
         metrics::count(shard, "retried", retried);
         metrics::count(shard, "late_completion", discarded.len() as u64);
         for o in batch.iter().filter(|o| discarded.contains(&o.id)) {
-            tracing::warn!(request.id = %o.request_id, job.id = %o.id, job.attempt = o.attempt, worker.id = %self.id,
+            let _in_job = store::job_span(&o.request_id, None, o.id).entered();
+            tracing::warn!(job.attempt = o.attempt, worker.id = %self.id,
                 "late completion discarded: the lease expired and the job was rescued");
         }
         retried
@@ -456,14 +457,11 @@ impl Worker {
                 {
                     unheld_next = Instant::now() + this.opts.lease / 3;
                     let held = running.lock().unwrap_or_else(|p| p.into_inner()).ids();
-                    let n = store::release_unheld(&mut client, &this.id, &held).await?;
-                    if n > 0 {
-                        tracing::warn!(
-                            worker.id = %this.id,
-                            jobs = n,
-                            "a claim's answer was lost with its connection; gave its jobs back to waiting"
-                        );
-                    }
+                    let given_back = store::release_unheld(&mut client, &this.id, &held).await?;
+                    log_each(&given_back, |job| {
+                        let _in_job = job.span().entered();
+                        tracing::warn!(worker.id = %this.id, "a claim's answer was lost with its connection; gave its job back to waiting");
+                    });
                     if Instant::now() >= until {
                         unheld_until = None;
                     }
@@ -634,10 +632,15 @@ impl Worker {
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
         match released {
-            Ok(n) if n > 0 => {
-                tracing::info!(worker.id = %this.id, jobs = n, "released unfinished jobs back to waiting")
+            Ok(jobs) => {
+                log_each(&jobs, |job| {
+                    let _in_job = job.span().entered();
+                    tracing::info!(worker.id = %this.id, "released back to waiting: the worker stopped before the job finished");
+                });
+                if !jobs.is_empty() {
+                    tracing::info!(worker.id = %this.id, jobs = jobs.len(), "released unfinished jobs back to waiting");
+                }
             }
-            Ok(_) => {}
             // Their leases expire and the rescuer returns them.
             Err(e) => tracing::warn!(
                 error = format!("{e:#}"),
@@ -669,6 +672,32 @@ const STOP_RELEASE: Duration = Duration::from_millis(750);
 /// After [`STOP_BOOKKEEPING`].
 const STOP_FLUSH: Duration = Duration::from_millis(250);
 
+/// The request ids of a batch's first outcomes, for a line about the whole batch: enough to
+/// find a request's job in it, without a line as long as the batch.
+fn request_ids(batch: &[Outcome]) -> String {
+    const SHOWN: usize = 20;
+    let mut ids: Vec<&str> = batch
+        .iter()
+        .take(SHOWN)
+        .map(|o| o.request_id.as_str())
+        .collect();
+    if batch.len() > SHOWN {
+        ids.push("…");
+    }
+    ids.join(",")
+}
+
+/// Calls `log` for each of `jobs` up to [`store::LOGGED_EACH`], then says how many more.
+fn log_each(jobs: &[store::JobRef], log: impl Fn(&store::JobRef)) {
+    jobs.iter().take(store::LOGGED_EACH).for_each(log);
+    if jobs.len() > store::LOGGED_EACH {
+        tracing::info!(
+            more = jobs.len() - store::LOGGED_EACH,
+            "more jobs given back than logged one by one"
+        );
+    }
+}
+
 /// Runs one attempt in its own task (a panicking handler fails the attempt, not the worker).
 async fn run_job(registry: &Registry, opts: &WorkerOptions, job: ClaimedJob) -> Outcome {
     let span = tracing::info_span!(
@@ -680,9 +709,10 @@ async fn run_job(registry: &Registry, opts: &WorkerOptions, job: ClaimedJob) -> 
         job.kind = %job.kind,
         job.attempt = job.attempt,
     );
-    let (id, attempt, kind, request_id) = (
+    let (id, attempt, max_attempts, kind, request_id) = (
         job.id,
         job.attempt,
+        job.max_attempts,
         job.kind.clone(),
         job.request_id.clone(),
     );
@@ -724,10 +754,19 @@ async fn run_job(registry: &Registry, opts: &WorkerOptions, job: ClaimedJob) -> 
         .observe(elapsed.as_secs_f64());
     let _e = span.enter();
     let retry_in = backoff(round_attempt, opts.retry_base, opts.retry_max);
+    let duration_ms = elapsed.as_secs_f64() * 1e3;
+    // At info, so that the default level answers what became of a request's job. What this
+    // attempt's outcome does to the job, as the completion will write it (unless the lease
+    // ran out meanwhile: then the late completion is discarded, and logged as such).
     match &result {
-        Ok(_) => tracing::debug!(duration_ms = elapsed.as_secs_f64() * 1e3, "job done"),
+        Ok(_) => tracing::info!(duration_ms, "job done"),
+        Err(e) if e.permanent || attempt >= max_attempts => {
+            tracing::info!(duration_ms, error = %e.message, permanent = e.permanent, max_attempts,
+                "job attempt failed; no attempts left: the job goes to the dead letters (error)")
+        }
         Err(e) => {
-            tracing::info!(duration_ms = elapsed.as_secs_f64() * 1e3, error = %e.message, permanent = e.permanent, "job attempt failed")
+            tracing::info!(duration_ms, error = %e.message, retry_in_ms = retry_in.as_millis() as u64, max_attempts,
+            "job attempt failed; it will be tried again")
         }
     }
     Outcome {
@@ -871,10 +910,18 @@ async fn try_write_outcomes(this: &Worker, batch: &[Outcome]) {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     jobs = batch.len(),
+                    request.ids = %request_ids(batch),
                     retry_in_ms = wait.as_millis() as u64,
                     "recording outcomes failed"
                 );
                 if attempt >= 20 {
+                    for o in batch.iter().take(store::LOGGED_EACH) {
+                        let _in_job = store::job_span(&o.request_id, None, o.id).entered();
+                        tracing::error!(
+                            job.attempt = o.attempt,
+                            "giving up on recording this job's outcome; the rescuer will return the job"
+                        );
+                    }
                     tracing::error!(
                         jobs = batch.len(),
                         "giving up on recording outcomes; the rescuer will return these jobs"

@@ -23,6 +23,7 @@ use tenantry_queue::{
     store::{self, EnqueueError, EnqueueLimits, Enqueued},
 };
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::fence;
@@ -243,9 +244,18 @@ async fn create(
     } else {
         drop(client);
     }
-    if let Enqueued::Created(r) = &enqueued {
-        state.shard.notifier.poke();
-        tracing::info!(job.id = %r.view.id, job.kind = %r.view.kind, "job enqueued");
+    match &enqueued {
+        Enqueued::Created(r) => {
+            state.shard.notifier.poke();
+            tracing::info!(job.id = %r.view.id, job.kind = %r.view.kind, "job enqueued");
+        }
+        // The link from this request to the job, and to the request that created it.
+        Enqueued::Replayed(r) => tracing::info!(
+            job.id = %r.view.id,
+            job.kind = %r.view.kind,
+            job.request_id = %r.request_id,
+            "idempotency key seen before: answering with the job it created"
+        ),
     }
     // A replayed job was marked awaited by the request that created it, not for this one.
     let enqueued_awaited = matches!(enqueued, Enqueued::Created(_));
@@ -260,17 +270,21 @@ async fn create(
     let _cancel_when_done = cancel.clone().drop_guard();
     let wait = {
         let (state, record) = (state.clone(), record.clone());
-        actix_web::rt::spawn(async move {
-            state
-                .wait(
-                    record,
-                    deadline,
-                    enqueued_awaited,
-                    WhenFull::Answer,
-                    &cancel,
-                )
-                .await
-        })
+        // In the request's span: its lines name the request.
+        actix_web::rt::spawn(
+            async move {
+                state
+                    .wait(
+                        record,
+                        deadline,
+                        enqueued_awaited,
+                        WhenFull::Answer,
+                        &cancel,
+                    )
+                    .await
+            }
+            .instrument(tracing::Span::current()),
+        )
     };
     let limit = tokio::time::Instant::from_std(deadline + LAST_READ_LIMIT);
     let waited = tokio::select! {
