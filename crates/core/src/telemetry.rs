@@ -1,8 +1,8 @@
 //! Logging: JSON lines in production, readable text on a terminal. Span fields (`request.id`,
 //! `company.id`, `shard.id`) ride along on every line logged inside a request or a job.
 //!
-//! JSON lines are buffered (see [`sink`]): an info line reaches stderr within 100 ms, a
-//! warning or an error at once, and [`flush`] writes what is waiting when the process ends.
+//! JSON lines are buffered (see [`sink`]): an info or warning line reaches stderr within
+//! 100 ms, an error at once, and [`flush`] writes what is waiting when the process ends.
 
 mod json;
 mod sink;

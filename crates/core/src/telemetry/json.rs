@@ -247,7 +247,10 @@ where
             line.clear();
             self.render(line, event, &ctx);
             let level = *event.metadata().level();
-            self.sink.write_line(line.as_bytes(), level <= Level::WARN);
+            // Only an error is written at once: warnings come one per request under overload
+            // (every 503 or 504), when a system call per line under the sink's lock is what
+            // the process can least afford. They follow within FLUSH_INTERVAL.
+            self.sink.write_line(line.as_bytes(), level == Level::ERROR);
         };
         LINE.with(|line| match line.try_borrow_mut() {
             Ok(mut line) => {
@@ -332,6 +335,21 @@ mod tests {
         text.lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
             .collect()
+    }
+
+    #[test]
+    fn only_an_error_is_written_at_once() {
+        let out = SharedWriter::default();
+        let sink = Arc::new(Sink::new(Box::new(out.clone())));
+        let subscriber = tracing_subscriber::registry().with(JsonLayer::new(sink.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("an info line");
+            tracing::warn!("a warning, one per request under overload");
+            assert!(out.bytes().is_empty(), "info and warnings wait for the flusher");
+            tracing::error!("an error");
+            let text = String::from_utf8(out.bytes()).unwrap();
+            assert_eq!(text.lines().count(), 3, "an error writes everything: {text}");
+        });
     }
 
     #[test]

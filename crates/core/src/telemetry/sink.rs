@@ -3,8 +3,8 @@
 //! A line written straight to stderr costs a system call per line, which was about a twentieth
 //! of the gateway's CPU per request. Here lines are gathered and written when
 //! [`BUFFER_LIMIT`] bytes are waiting, every [`FLUSH_INTERVAL`] (a background thread), at
-//! once for a warning or an error, and by [`Sink::flush`] when the process ends or panics. So
-//! an info line reaches the log at most [`FLUSH_INTERVAL`] late, and memory stays bounded: a
+//! once for an error, and by [`Sink::flush`] when the process ends or panics. So an info or
+//! warning line reaches the log at most [`FLUSH_INTERVAL`] late, and memory stays bounded: a
 //! writer that blocks (a full pipe) blocks logging, as stderr itself would.
 
 use std::{
