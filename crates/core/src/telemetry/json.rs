@@ -345,10 +345,17 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             tracing::info!("an info line");
             tracing::warn!("a warning, one per request under overload");
-            assert!(out.bytes().is_empty(), "info and warnings wait for the flusher");
+            assert!(
+                out.bytes().is_empty(),
+                "info and warnings wait for the flusher"
+            );
             tracing::error!("an error");
             let text = String::from_utf8(out.bytes()).unwrap();
-            assert_eq!(text.lines().count(), 3, "an error writes everything: {text}");
+            assert_eq!(
+                text.lines().count(),
+                3,
+                "an error writes everything: {text}"
+            );
         });
     }
 
