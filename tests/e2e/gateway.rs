@@ -2661,6 +2661,51 @@ async fn a_caller_too_slow_to_send_its_body_gets_408_not_504() {
 }
 
 #[actix_web::test]
+async fn a_stalled_catalog_costs_a_cache_miss_a_503_within_the_upstream_timeout() {
+    // A company not cached yet needs a catalog read. A catalog that accepts connections and
+    // never answers must not hold the caller (and its company's in-flight slot) for its
+    // pool's and statements' timeouts, some 40 s, but for `gateway.upstream_timeout`.
+    let company = Uuid::now_v7();
+    let fake = fake_shard().await;
+    let catalog = one_shard_catalog(vec![fake.url.clone()], company).await;
+    let (proxy, through) = TcpProxy::in_front_of(&catalog.url).await;
+    let (broker, gw) = gateway_via(
+        &through,
+        &amqp_url(),
+        &[("TENANTRY_GATEWAY__UPSTREAM_TIMEOUT", "1s")],
+    )
+    .await;
+    let url = format!("{}/v1/companies/{company}/things", gw.url("gateway"));
+    let auth = company_token(company, "admin");
+    proxy.stall();
+    let started = Instant::now();
+    let mut r = http()
+        .get(&url)
+        .bearer_auth(&auth)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(error_of!(r).error.code, "catalog_unavailable");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    proxy.restore();
+    // Once the catalog answers again, so does the company.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = http().get(&url).bearer_auth(&auth).send().await.unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {}", r.status());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    broker.cleanup().await;
+}
+
+#[actix_web::test]
 async fn a_company_creation_whose_body_stalls_gets_408_and_creates_nothing() {
     // The gateway reads a creation's body whole: a caller that declares more than it sends
     // holds the handler, and its connection, only for `http.body_timeout`.

@@ -115,7 +115,7 @@ pub async fn forward(
 
     let started = Instant::now();
     let deadline = started + gw.freeze_wait;
-    let mut resolved = gw.router.resolve(company).await?;
+    let mut resolved = bounded(&gw, gw.router.resolve(company)).await?;
     // The request's line names the shard it went to (after a 421's reload, the last one).
     tracing::Span::current().record("shard.id", resolved.pool.id.as_str());
     let mut reloaded = false;
@@ -150,7 +150,7 @@ pub async fn forward(
             reloaded = true;
             metrics::RETRIES.with_label_values(&["misdirected"]).inc();
             let from = resolved.pool.id.clone();
-            resolved = gw.router.reload(company).await?;
+            resolved = bounded(&gw, gw.router.reload(company)).await?;
             tracing::Span::current().record("shard.id", resolved.pool.id.as_str());
             tracing::info!(from = %from, to = %resolved.pool.id, "shard answered 421; retrying on the reloaded route");
             continue;
@@ -186,7 +186,7 @@ pub async fn forward(
                 drop((res, permit));
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(250));
-                resolved = gw.router.resolve(company).await?;
+                resolved = bounded(&gw, gw.router.resolve(company)).await?;
                 continue;
             }
             return Ok(respond(&resolved.pool.id, status, res.headers(), None).body(bytes));
@@ -651,6 +651,24 @@ impl Body {
             Body::Streaming { fault, starved, .. } => fault.get().is_none() && starved.get(),
         }
     }
+}
+
+/// A route lookup, bounded by `gateway.upstream_timeout`: a cache miss reads the catalog,
+/// and a catalog that stalls (its pool's wait, connect and statement timeouts add up to some
+/// 40 s) must not hold the caller, or its company's in-flight slot, longer than a shard may.
+async fn bounded(
+    gw: &Gateway,
+    lookup: impl std::future::Future<Output = Result<Resolved, ApiError>>,
+) -> Result<Resolved, ApiError> {
+    tokio::time::timeout(gw.upstream_timeout, lookup)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::unavailable(
+                "catalog_unavailable",
+                "the shard map could not be read in time; try again shortly",
+                Duration::from_secs(1),
+            ))
+        })
 }
 
 /// The caller's body broke off or was malformed: the request is the caller's to fix or resend.

@@ -31,6 +31,8 @@ enum End {
 pub struct TcpProxy {
     pub addr: SocketAddr,
     open: Arc<AtomicBool>,
+    /// While set, nothing the clients send reaches the server: it looks alive and silent.
+    stalled: Arc<AtomicBool>,
     cuts: watch::Sender<u64>,
     trap: Trap,
     runtime: Option<tokio::runtime::Runtime>,
@@ -49,9 +51,11 @@ impl TcpProxy {
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("proxy address");
         let open = Arc::new(AtomicBool::new(true));
+        let stalled = Arc::new(AtomicBool::new(false));
         let (cuts, _) = watch::channel(0u64);
         let trap: Trap = Arc::default();
         let (gate, kill, armed) = (open.clone(), cuts.subscribe(), trap.clone());
+        let silent = stalled.clone();
         runtime.spawn(async move {
             let listener = TcpListener::from_std(std_listener).expect("proxy listener");
             loop {
@@ -65,6 +69,7 @@ impl TcpProxy {
                 let mut kill = kill.clone();
                 kill.mark_unchanged();
                 let armed = armed.clone();
+                let silent = silent.clone();
                 tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(target).await else {
                         return;
@@ -91,6 +96,9 @@ impl TcpProxy {
                             };
                             if let Some(delay) = sprung {
                                 return End::Trapped(buf[..n].to_vec(), delay);
+                            }
+                            while silent.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
                             }
                             if to_server.write_all(&buf[..n]).await.is_err() {
                                 return End::Closed;
@@ -128,6 +136,7 @@ impl TcpProxy {
         TcpProxy {
             addr,
             open,
+            stalled,
             cuts,
             trap,
             runtime: Some(runtime),
@@ -157,8 +166,15 @@ impl TcpProxy {
         *self.trap.lock().unwrap_or_else(|p| p.into_inner()) = Some((pattern.to_vec(), delay));
     }
 
+    /// Holds back everything clients send, on open and new connections alike, until
+    /// [`TcpProxy::restore`]: the server seems up (connections are accepted) but never answers.
+    pub fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
+    }
+
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
+        self.stalled.store(false, Ordering::SeqCst);
     }
 }
 
