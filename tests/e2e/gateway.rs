@@ -1044,6 +1044,10 @@ async fn fake_shard() -> FakeShard {
                 if req.path().ends_with("/slow") {
                     tokio::time::sleep(Duration::from_millis(1500)).await;
                 }
+                if req.path().ends_with("/big") {
+                    // More than the sockets between a caller and the shard can buffer.
+                    return HttpResponse::Ok().body(vec![b'b'; 32 << 20]);
+                }
                 if req.path().ends_with("/stall") || req.path().ends_with("/stall503") {
                     // The head and a first chunk, then nothing for 20 s.
                     use futures_util::StreamExt as _;
@@ -2657,6 +2661,77 @@ async fn a_caller_too_slow_to_send_its_body_gets_408_not_504() {
             .all(|(uri, _, _)| !uri.ends_with("/echo")),
         "the shard never saw either request"
     );
+    env.broker.cleanup().await;
+}
+
+#[actix_web::test]
+async fn a_caller_that_stops_reading_a_large_answer_lets_go_of_its_slots() {
+    // Two callers of one company ask for an answer larger than the sockets can buffer, and
+    // never read it: the gateway stops being asked for more of it. Their in-flight slots must
+    // not stay taken for as long as the connections live, or the company (and, with enough
+    // companies, the shard) is refused for good.
+    let company = Uuid::now_v7();
+    let env = fake_env(
+        &[company],
+        &[
+            ("TENANTRY_GATEWAY__MAX_IN_FLIGHT_PER_COMPANY", "2"),
+            ("TENANTRY_GATEWAY__UPSTREAM_TIMEOUT", "1s"),
+        ],
+    )
+    .await;
+    let addr = env.base.trim_start_matches("http://").to_owned();
+    let auth = company_token(company, "admin");
+    let held: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            use std::io::Write;
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            write!(
+                s,
+                "GET /v1/companies/{company}/big HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {auth}\r\n\r\n"
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env
+        .fake
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(uri, _, _)| uri.ends_with("/big"))
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the shard never got both requests"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = format!("{}/v1/companies/{company}/x", env.base);
+    let mut r = http().get(&url).bearer_auth(&auth).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        429,
+        "both slots are taken while the answers start"
+    );
+    assert_eq!(error_of!(r).error.code, "rate_limited");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = http().get(&url).bearer_auth(&auth).send().await.unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert_eq!(r.status(), 429);
+        assert!(
+            Instant::now() < deadline,
+            "the slots stayed taken by callers not reading"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(held);
     env.broker.cleanup().await;
 }
 

@@ -14,7 +14,7 @@
 //! caller gets 503 with `Retry-After` and sends it again.
 
 use std::{
-    cell::Cell,
+    cell::{Cell, RefCell},
     rc::Rc,
     time::{Duration, Instant},
 };
@@ -48,6 +48,10 @@ use crate::{
 
 /// The response header naming the shard that answered.
 pub const SHARD_HEADER: &str = "x-tenantry-shard";
+
+/// Answers up to this size fit in the sockets between the gateway and a caller, so they are
+/// written out whether or not the caller reads them (and their slots go when they are).
+const SMALL_ANSWER: u64 = 64 * 1024;
 
 /// Largest error body read from a shard to tell a freeze from other 503s.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
@@ -197,9 +201,24 @@ pub async fn forward(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let mut head = respond(&resolved.pool.id, status, res.headers(), length);
+        let slots = Rc::new(RefCell::new(Some((permit, company_slot))));
+        if length.is_none_or(|n| n > SMALL_ANSWER) {
+            // A caller that stops reading an answer larger than the sockets buffer stops the
+            // stream from being asked for more, and with it the idle timer below: the slots
+            // would stay taken for as long as the connection lives. They are given up
+            // `upstream_timeout` after the head; the answer streams on without them.
+            let slots = Rc::downgrade(&slots);
+            let hold = gw.upstream_timeout;
+            actix_web::rt::spawn(async move {
+                tokio::time::sleep(hold).await;
+                if let Some(slots) = slots.upgrade() {
+                    drop(slots.borrow_mut().take());
+                }
+            });
+        }
         return Ok(head.streaming(stream_answer(
             res,
-            (permit, company_slot),
+            slots,
             gw.upstream_timeout,
             resolved.pool.clone(),
         )));
@@ -207,9 +226,10 @@ pub async fn forward(
 }
 
 /// The shard's answer body for the caller. The shard's in-flight slot (and the company's, in
-/// `slots`) stays taken until it has been streamed; a shard that sends nothing for `idle` after its head has stalled, and the
-/// answer is cut off there (the caller sees a truncated body), so the slot is not held for as
-/// long as the caller is willing to wait.
+/// `slots`) stays taken until it has been streamed (or, for a large answer, `upstream_timeout`
+/// after its head, see `forward`); a shard that sends nothing for `idle` after its head has
+/// stalled, and the answer is cut off there (the caller sees a truncated body), so the slot is
+/// not held for as long as the caller is willing to wait.
 fn stream_answer<Slots: 'static>(
     res: impl futures_util::Stream<Item = Result<Bytes, PayloadError>> + 'static,
     permit: Slots,
