@@ -431,17 +431,39 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
 
 /// A long poll: waits for the job to finish, until `deadline` (see
 /// `Listener::wait_until_finished`; past `queue.max_waiters` it reads the job once a second).
+///
+/// In a task of its own, ended through `cancel` once the request is answered or gone (its
+/// client left, the node's stop answered it), as a job request's wait is (see `create`): a
+/// read under way then finishes and hands its connection back to the pool idle, rather than
+/// being dropped half way with the connection still busy.
 async fn wait_until_finished(
-    state: &JobsState,
+    state: &web::Data<JobsState>,
     record: JobRecord,
     deadline: Instant,
     enqueued_awaited: bool,
 ) -> Result<JobRecord, ApiError> {
-    let never = CancellationToken::new();
-    state
-        .wait(record, deadline, enqueued_awaited, WhenFull::Poll, &never)
-        .await?
-        .ok_or_else(|| ApiError::not_found("no such job"))
+    let cancel = CancellationToken::new();
+    let _cancel_when_done = cancel.clone().drop_guard();
+    let (state, cancelled) = (state.clone(), cancel.clone());
+    let waited = actix_web::rt::spawn(
+        async move {
+            state
+                .wait(
+                    record,
+                    deadline,
+                    enqueued_awaited,
+                    WhenFull::Poll,
+                    &cancelled,
+                )
+                .await
+        }
+        .instrument(tracing::Span::current()),
+    )
+    .await
+    .map_err(|panicked| {
+        ApiError::internal(anyhow::anyhow!("waiting for the job failed: {panicked}"))
+    })?;
+    waited?.ok_or_else(|| ApiError::not_found("no such job"))
 }
 
 fn respond(company: Uuid, record: &JobRecord) -> HttpResponse {
