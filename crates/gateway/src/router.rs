@@ -347,6 +347,10 @@ impl Router {
             };
         }
         self.reads_started.fetch_add(1, Ordering::AcqRel);
+        // Failed until it is known to have worked: a read dropped half way (the request that
+        // made it gave up at `gateway.upstream_timeout`) must not leave the calls that waited
+        // for it a success it never had.
+        self.last_reload_failed.store(true, Ordering::Release);
         let read = self.read_shards().await;
         self.last_reload_failed
             .store(read.is_err(), Ordering::Release);
