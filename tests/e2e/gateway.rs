@@ -2675,7 +2675,8 @@ async fn a_caller_that_stops_reading_a_large_answer_lets_go_of_its_slots() {
         &[company],
         &[
             ("TENANTRY_GATEWAY__MAX_IN_FLIGHT_PER_COMPANY", "2"),
-            ("TENANTRY_GATEWAY__UPSTREAM_TIMEOUT", "1s"),
+            // Long enough that the first check below surely sees both slots taken.
+            ("TENANTRY_GATEWAY__UPSTREAM_TIMEOUT", "3s"),
         ],
     )
     .await;

@@ -15,7 +15,8 @@
 
 use std::{
     cell::{Cell, RefCell},
-    rc::Rc,
+    pin::Pin,
+    rc::{Rc, Weak},
     time::{Duration, Instant},
 };
 
@@ -49,8 +50,7 @@ use crate::{
 /// The response header naming the shard that answered.
 pub const SHARD_HEADER: &str = "x-tenantry-shard";
 
-/// Answers up to this size fit in the sockets between the gateway and a caller, so they are
-/// written out whether or not the caller reads them (and their slots go when they are).
+/// Answers up to this size (with a `Content-Length`) are read whole before they are passed on.
 const SMALL_ANSWER: u64 = 64 * 1024;
 
 /// Largest error body read from a shard to tell a freeze from other 503s.
@@ -200,48 +200,107 @@ pub async fn forward(
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let mut head = respond(&resolved.pool.id, status, res.headers(), length);
-        let slots = Rc::new(RefCell::new(Some((permit, company_slot))));
-        if length.is_none_or(|n| n > SMALL_ANSWER) {
-            // A caller that stops reading an answer larger than the sockets buffer stops the
-            // stream from being asked for more, and with it the idle timer below: the slots
-            // would stay taken for as long as the connection lives. They are given up
-            // `upstream_timeout` after the head; the answer streams on without them.
-            let slots = Rc::downgrade(&slots);
-            let hold = gw.upstream_timeout;
-            actix_web::rt::spawn(async move {
-                tokio::time::sleep(hold).await;
-                if let Some(slots) = slots.upgrade() {
-                    drop(slots.borrow_mut().take());
+        if let Some(small) = length.filter(|&n| n <= SMALL_ANSWER)
+            && *req.method() != Method::HEAD
+        {
+            // Read whole, then answered: the slots go as soon as the shard is done, whether or
+            // not the caller ever reads the answer, and a shard that stalls in the middle of
+            // it gets a clean 504 rather than a cut-off body.
+            let read =
+                tokio::time::timeout(gw.upstream_timeout, res.body().limit(small as usize)).await;
+            drop((permit, company_slot));
+            let failed = match read {
+                Ok(Ok(bytes)) => {
+                    return Ok(respond(&resolved.pool.id, status, res.headers(), None).body(bytes));
                 }
-            });
+                Ok(Err(e)) => ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "bad_gateway",
+                    "the company's shard broke off its answer",
+                )
+                .with_source(anyhow::anyhow!("{e}")),
+                Err(_) => {
+                    metrics::STALLED
+                        .with_label_values(&[&resolved.pool.id])
+                        .inc();
+                    ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        "the company's shard stopped sending its answer",
+                    )
+                }
+            };
+            metrics::REQUESTS
+                .with_label_values(&[&resolved.pool.id, failed.status_code().as_str()])
+                .inc();
+            return Err(failed);
         }
-        return Ok(head.streaming(stream_answer(
+        let head = respond(&resolved.pool.id, status, res.headers(), length);
+        return Ok(stream_answer(
+            head,
             res,
-            slots,
+            (permit, company_slot),
             gw.upstream_timeout,
             resolved.pool.clone(),
-        )));
+        ));
     }
 }
 
-/// The shard's answer body for the caller. The shard's in-flight slot (and the company's, in
-/// `slots`) stays taken until it has been streamed (or, for a large answer, `upstream_timeout`
-/// after its head, see `forward`); a shard that sends nothing for `idle` after its head has
-/// stalled, and the answer is cut off there (the caller sees a truncated body), so the slot is
-/// not held for as long as the caller is willing to wait.
-fn stream_answer<Slots: 'static>(
-    res: impl futures_util::Stream<Item = Result<Bytes, PayloadError>> + 'static,
-    permit: Slots,
+/// A streamed answer's upstream body and the in-flight slots it holds, shared between the
+/// stream and its watchdog (see [`stream_answer`]). Neither holds the borrow across an await.
+struct Streaming<Res, Slots> {
+    res: Option<Pin<Box<Res>>>,
+    slots: Option<Slots>,
+}
+
+/// The shard's answer body for the caller, streamed as it comes. The shard's in-flight slot
+/// (and the company's, in `slots`) stays taken until it has been streamed. Two bounds keep it
+/// from being held for as long as a connection lives:
+/// - a shard that sends nothing for `idle` after its head has stalled: the answer is cut off
+///   there (the caller sees a truncated body);
+/// - a caller that takes nothing for `idle` (it stopped reading, and actix stopped asking the
+///   stream for more, so the first bound's timer is not even running) loses the answer: a
+///   watchdog drops the upstream body, and with it the shard connection, and the slots.
+fn stream_answer<Res, Slots: 'static>(
+    mut head: actix_web::HttpResponseBuilder,
+    res: Res,
+    slots: Slots,
     idle: Duration,
     shard: std::sync::Arc<ShardPool>,
-) -> impl futures_util::Stream<Item = Result<Bytes, PayloadError>> {
+) -> HttpResponse
+where
+    Res: futures_util::Stream<Item = Result<Bytes, PayloadError>> + 'static,
+{
+    let shared = Rc::new(RefCell::new(Streaming {
+        res: Some(Box::pin(res)),
+        slots: Some(slots),
+    }));
+    let progress = Rc::new(Cell::new(Instant::now()));
+    let request_id = current_request_id();
+    actix_web::rt::spawn(watch_caller(
+        Rc::downgrade(&shared),
+        progress.clone(),
+        idle,
+        request_id.clone(),
+    ));
     // The shard and request ids ride along in the state, for the one log line of a cut.
-    let state = (Box::pin(res), permit, (shard, current_request_id()));
-    stream::unfold(Some(state), move |state| async move {
-        let (mut res, permit, ids) = state?;
-        match tokio::time::timeout(idle, res.next()).await {
-            Ok(Some(chunk)) => Some((chunk, Some((res, permit, ids)))),
+    let state = (shared, progress, (shard, request_id));
+    head.streaming(stream::unfold(Some(state), move |state| async move {
+        let (shared, progress, ids) = state?;
+        let taken = shared.borrow_mut().res.take();
+        let Some(mut res) = taken else {
+            // The watchdog took the answer away: the caller stopped reading it.
+            let gone = std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the caller stopped reading the answer",
+            );
+            return Some((Err(PayloadError::Io(gone)), None));
+        };
+        let next = tokio::time::timeout(idle, res.next()).await;
+        shared.borrow_mut().res = Some(res);
+        progress.set(Instant::now());
+        match next {
+            Ok(Some(chunk)) => Some((chunk, Some((shared, progress, ids)))),
             Ok(None) => None,
             Err(_) => {
                 let (shard, request_id) = ids;
@@ -259,7 +318,38 @@ fn stream_answer<Slots: 'static>(
                 Some((Err(PayloadError::Io(stalled)), None))
             }
         }
-    })
+    }))
+}
+
+/// Drops a streamed answer's upstream body and slots once its caller has taken nothing for
+/// `idle`; ends when the answer does (the stream, and with it `shared`, is gone).
+async fn watch_caller<Res, Slots>(
+    shared: Weak<RefCell<Streaming<Res, Slots>>>,
+    progress: Rc<Cell<Instant>>,
+    idle: Duration,
+    request_id: Option<String>,
+) {
+    loop {
+        tokio::time::sleep_until((progress.get() + idle).into()).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if progress.get().elapsed() < idle {
+            continue;
+        }
+        let mut streaming = shared.borrow_mut();
+        // Out of the cell, the body is being read from the shard, whose stall the stream's own
+        // timer bounds.
+        if let Some(res) = streaming.res.take() {
+            drop((res, streaming.slots.take()));
+            tracing::warn!(
+                request.id = request_id.as_deref().unwrap_or("-"),
+                idle_ms = idle.as_millis() as u64,
+                "the caller stopped reading its answer; cutting it off"
+            );
+            return;
+        }
+    }
 }
 
 /// The company id of `/v1/companies/{company_id}[/…]`.
