@@ -442,6 +442,10 @@ async fn wait_until_finished(
     deadline: Instant,
     enqueued_awaited: bool,
 ) -> Result<JobRecord, ApiError> {
+    // A plain GET (no `?wait=`), or a job already finished: nothing to wait for.
+    if record.view.state.is_finished() || Instant::now() >= deadline {
+        return Ok(record);
+    }
     let cancel = CancellationToken::new();
     let _cancel_when_done = cancel.clone().drop_guard();
     let (state, cancelled) = (state.clone(), cancel.clone());
