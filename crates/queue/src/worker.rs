@@ -349,10 +349,18 @@ impl Worker {
         metrics::count(shard, "dead_lettered", dead);
         metrics::count(shard, "retried", retried);
         metrics::count(shard, "late_completion", discarded.len() as u64);
-        for o in batch.iter().filter(|o| discarded.contains(&o.id)) {
+        let late = batch.iter().filter(|o| discarded.contains(&o.id));
+        for o in late.take(store::LOGGED_EACH) {
             let _in_job = store::job_span(&o.request_id, None, o.id).entered();
             tracing::warn!(job.attempt = o.attempt, worker.id = %self.id,
                 "late completion discarded: the lease expired and the job was rescued");
+        }
+        if discarded.len() > store::LOGGED_EACH {
+            tracing::warn!(
+                worker.id = %self.id,
+                more = discarded.len() - store::LOGGED_EACH,
+                "more late completions discarded than logged one by one"
+            );
         }
         retried
     }
@@ -917,7 +925,7 @@ async fn try_write_outcomes(this: &Worker, batch: &[Outcome]) {
                 if attempt >= 20 {
                     for o in batch.iter().take(store::LOGGED_EACH) {
                         let _in_job = store::job_span(&o.request_id, None, o.id).entered();
-                        tracing::error!(
+                        tracing::warn!(
                             job.attempt = o.attempt,
                             "giving up on recording this job's outcome; the rescuer will return the job"
                         );
