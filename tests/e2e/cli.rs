@@ -215,8 +215,16 @@ fn a_shard_map_path_is_quoted_short_and_escaped() {
 
 #[test]
 fn a_shard_map_or_config_that_is_a_directory_or_not_utf8_is_refused_clearly() {
-    let dir = std::env::temp_dir().join(format!("tenantry-cli-{}", std::process::id()));
+    /// Removed however the test ends.
+    struct TempDir(std::path::PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("tenantry-cli-{}", uuid::Uuid::now_v7()));
     std::fs::create_dir_all(&dir).unwrap();
+    let _removed = TempDir(dir.clone());
     let latin1 = dir.join("latin1.toml");
     std::fs::write(&latin1, b"environment = \"caf\xe9\"\n").unwrap();
     for (path, needle) in [(&dir, "cannot read shard map"), (&latin1, "UTF-8")] {
@@ -242,7 +250,6 @@ fn a_shard_map_or_config_that_is_a_directory_or_not_utf8_is_refused_clearly() {
             "{path:?}: {err}"
         );
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

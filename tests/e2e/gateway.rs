@@ -791,6 +791,10 @@ async fn malformed_ids_unknown_companies_internal_paths_and_oversized_bodies_get
             Err(e) => assert!(extra > 90, "{extra} headers: {e}"),
         }
     }
+    assert!(
+        env.jobs_on(0, company).await <= 4,
+        "only requests answered 2xx enqueued"
+    );
     // The same for a head whose size nears the limit (128 KiB), in steps finer than what the
     // gateway adds: one long header, the gateway's own additions pushing the forwarded head
     // past what the shard takes. (2xx below the limit, 431 above it, today.)

@@ -301,10 +301,6 @@ pub async fn until_state(
     until_count(db, &sql, 1, limit).await == 1
 }
 
-/// Posts a `sleep` job of `ms` to `base` (a shard API or a gateway) for `company`, which must
-/// outlast `api.sync_wait`: checks the `202`, its `Location` naming the job and the job still
-/// `waiting`/`processing`, then long-polls that location with `?wait=` and checks the job
-/// finished, the poll woken by its completion before `wait` ran out. Returns the finished job.
 /// The job body clients rely on: exactly these fields, each present (null when unset), so
 /// neither a missing one nor an internal column (params, user context, worker) goes unnoticed.
 pub fn assert_job_shape(body: &serde_json::Value) {
@@ -332,6 +328,10 @@ pub fn assert_job_shape(body: &serde_json::Value) {
     );
 }
 
+/// Posts a `sleep` job of `ms` to `base` (a shard API or a gateway) for `company`, which must
+/// outlast `api.sync_wait`: checks the `202`, its `Location` naming the job and the job still
+/// `waiting`/`processing`, then long-polls that location with `?wait=` and checks the job
+/// finished, the poll woken by its completion before `wait` ran out. Returns the finished job.
 pub async fn slow_job_202_then_done(
     base: &str,
     company: uuid::Uuid,
