@@ -1025,6 +1025,26 @@ struct FakeShard {
     _server: actix_web::dev::ServerHandle,
 }
 
+impl FakeShard {
+    /// Waits until `n` requests whose path ends with `suffix` have reached it (at most 10 s).
+    async fn until_seen(&self, suffix: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let seen = || {
+            let seen = self.seen.lock().unwrap();
+            seen.iter()
+                .filter(|(uri, _, _)| uri.ends_with(suffix))
+                .count()
+        };
+        while seen() < n {
+            assert!(
+                Instant::now() < deadline,
+                "{n} requests for …{suffix} never reached the shard"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 async fn fake_shard() -> FakeShard {
     let seen: Seen = Default::default();
     let record = web::Data::new(seen.clone());
@@ -1417,23 +1437,7 @@ async fn one_company_cannot_hold_every_slot_of_its_shard() {
             })
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while env
-        .fake
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(uri, _, _)| uri.ends_with("/hang"))
-        .count()
-        < 2
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the two requests never reached the shard"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    env.fake.until_seen("/hang", 2).await;
     let quick = |company: Uuid, auth: &str| {
         http()
             .get(format!("{base}/v1/companies/{company}/quick"))
@@ -1498,20 +1502,7 @@ async fn a_hanging_shard_answers_504_on_time_and_its_in_flight_cap_sheds_load() 
             .status()
     });
     // Wait until the second hanging request has reached the shard (and holds its slot).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while env
-        .fake
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(uri, _, _)| uri.ends_with("/hang"))
-        .count()
-        < 2
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    env.fake.until_seen("/hang", 2).await;
     let started = Instant::now();
     let mut r = http()
         .get(format!("{base}/v1/companies/{company}/quick"))
@@ -2698,23 +2689,7 @@ async fn a_caller_that_stops_reading_a_large_answer_lets_go_of_its_slots() {
             s
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while env
-        .fake
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(uri, _, _)| uri.ends_with("/big"))
-        .count()
-        < 2
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the shard never got both requests"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.fake.until_seen("/big", 2).await;
     let url = format!("{}/v1/companies/{company}/x", env.base);
     let mut r = http().get(&url).bearer_auth(&auth).send().await.unwrap();
     assert_eq!(

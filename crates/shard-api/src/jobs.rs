@@ -268,24 +268,14 @@ async fn create(
     // new is started.
     let cancel = CancellationToken::new();
     let _cancel_when_done = cancel.clone().drop_guard();
-    let wait = {
-        let (state, record) = (state.clone(), record.clone());
-        // In the request's span: its lines name the request.
-        actix_web::rt::spawn(
-            async move {
-                state
-                    .wait(
-                        record,
-                        deadline,
-                        enqueued_awaited,
-                        WhenFull::Answer,
-                        &cancel,
-                    )
-                    .await
-            }
-            .instrument(tracing::Span::current()),
-        )
-    };
+    let wait = spawn_wait(
+        &state,
+        record.clone(),
+        deadline,
+        enqueued_awaited,
+        WhenFull::Answer,
+        cancel.clone(),
+    );
     let limit = tokio::time::Instant::from_std(deadline + LAST_READ_LIMIT);
     let waited = tokio::select! {
         joined = tokio::time::timeout_at(limit, wait) => match joined {
@@ -429,6 +419,27 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
     })
 }
 
+/// [`JobsState::wait`] in a task of its own, in the request's span (its lines name the
+/// request), ended through `cancel`.
+fn spawn_wait(
+    state: &web::Data<JobsState>,
+    record: JobRecord,
+    deadline: Instant,
+    enqueued_awaited: bool,
+    when_full: WhenFull,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<Result<Option<JobRecord>, WaitError>> {
+    let state = state.clone();
+    actix_web::rt::spawn(
+        async move {
+            state
+                .wait(record, deadline, enqueued_awaited, when_full, &cancel)
+                .await
+        }
+        .instrument(tracing::Span::current()),
+    )
+}
+
 /// A long poll: waits for the job to finish, until `deadline` (see
 /// `Listener::wait_until_finished`; past `queue.max_waiters` it reads the job once a second).
 ///
@@ -448,20 +459,13 @@ async fn wait_until_finished(
     }
     let cancel = CancellationToken::new();
     let _cancel_when_done = cancel.clone().drop_guard();
-    let (state, cancelled) = (state.clone(), cancel.clone());
-    let waited = actix_web::rt::spawn(
-        async move {
-            state
-                .wait(
-                    record,
-                    deadline,
-                    enqueued_awaited,
-                    WhenFull::Poll,
-                    &cancelled,
-                )
-                .await
-        }
-        .instrument(tracing::Span::current()),
+    let waited = spawn_wait(
+        state,
+        record,
+        deadline,
+        enqueued_awaited,
+        WhenFull::Poll,
+        cancel,
     )
     .await
     .map_err(|panicked| {
