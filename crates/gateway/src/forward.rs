@@ -251,6 +251,16 @@ pub async fn forward(
 struct Streaming<Res, Slots> {
     res: Option<Pin<Box<Res>>>,
     slots: Option<Slots>,
+    /// Ended with the answer, rather than left to notice a whole `idle` later.
+    watchdog: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl<Res, Slots> Drop for Streaming<Res, Slots> {
+    fn drop(&mut self) {
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.abort();
+        }
+    }
 }
 
 /// The shard's answer body for the caller, streamed as it comes. The shard's in-flight slot
@@ -274,15 +284,17 @@ where
     let shared = Rc::new(RefCell::new(Streaming {
         res: Some(Box::pin(res)),
         slots: Some(slots),
+        watchdog: None,
     }));
     let progress = Rc::new(Cell::new(Instant::now()));
     let request_id = current_request_id();
-    actix_web::rt::spawn(watch_caller(
+    let watchdog = actix_web::rt::spawn(watch_caller(
         Rc::downgrade(&shared),
         progress.clone(),
         idle,
         request_id.clone(),
     ));
+    shared.borrow_mut().watchdog = Some(watchdog);
     // The shard and request ids ride along in the state, for the one log line of a cut.
     let state = (shared, progress, (shard, request_id));
     head.streaming(stream::unfold(Some(state), move |state| async move {
@@ -329,26 +341,30 @@ async fn watch_caller<Res, Slots>(
     idle: Duration,
     request_id: Option<String>,
 ) {
+    let mut wake = progress.get() + idle;
     loop {
-        tokio::time::sleep_until((progress.get() + idle).into()).await;
+        tokio::time::sleep_until(wake.into()).await;
         let Some(shared) = shared.upgrade() else {
             return;
         };
         if progress.get().elapsed() < idle {
+            wake = progress.get() + idle;
             continue;
         }
         let mut streaming = shared.borrow_mut();
-        // Out of the cell, the body is being read from the shard, whose stall the stream's own
-        // timer bounds.
-        if let Some(res) = streaming.res.take() {
-            drop((res, streaming.slots.take()));
-            tracing::warn!(
-                request.id = request_id.as_deref().unwrap_or("-"),
-                idle_ms = idle.as_millis() as u64,
-                "the caller stopped reading its answer; cutting it off"
-            );
-            return;
-        }
+        let Some(res) = streaming.res.take() else {
+            // Out of the cell, the body is being read from the shard (the caller asked for
+            // more), whose stall the stream's own timer bounds: look again an `idle` later.
+            wake = Instant::now() + idle;
+            continue;
+        };
+        drop((res, streaming.slots.take()));
+        tracing::warn!(
+            request.id = request_id.as_deref().unwrap_or("-"),
+            idle_ms = idle.as_millis() as u64,
+            "the caller stopped reading its answer; cutting it off"
+        );
+        return;
     }
 }
 
