@@ -2711,6 +2711,12 @@ async fn a_caller_that_stops_reading_a_large_answer_lets_go_of_its_slots() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let abandoned = r#"tenantry_gateway_answers_abandoned_total{shard="shard-1"}"#;
+    assert_eq!(
+        metric(&env.base, abandoned).await,
+        2.0,
+        "both answers were cut off"
+    );
     drop(held);
     env.broker.cleanup().await;
 }

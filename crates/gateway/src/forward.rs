@@ -292,7 +292,7 @@ where
         Rc::downgrade(&shared),
         progress.clone(),
         idle,
-        request_id.clone(),
+        (shard.clone(), request_id.clone()),
     ));
     shared.borrow_mut().watchdog = Some(watchdog);
     // The shard and request ids ride along in the state, for the one log line of a cut.
@@ -339,7 +339,7 @@ async fn watch_caller<Res, Slots>(
     shared: Weak<RefCell<Streaming<Res, Slots>>>,
     progress: Rc<Cell<Instant>>,
     idle: Duration,
-    request_id: Option<String>,
+    (shard, request_id): (std::sync::Arc<ShardPool>, Option<String>),
 ) {
     let mut wake = progress.get() + idle;
     loop {
@@ -359,7 +359,9 @@ async fn watch_caller<Res, Slots>(
             continue;
         };
         drop((res, streaming.slots.take()));
+        metrics::ABANDONED.with_label_values(&[&shard.id]).inc();
         tracing::warn!(
+            shard.id = %shard.id,
             request.id = request_id.as_deref().unwrap_or("-"),
             idle_ms = idle.as_millis() as u64,
             "the caller stopped reading its answer; cutting it off"

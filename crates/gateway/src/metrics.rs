@@ -77,6 +77,17 @@ pub static REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     ))
 });
 
+/// Answers cut off because their caller took nothing of them for `gateway.upstream_timeout`.
+pub static ABANDONED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(IntCounterVec::new(
+        Opts::new(
+            "gateway_answers_abandoned_total",
+            "Answers cut off because the caller stopped reading, by shard",
+        ),
+        &["shard"],
+    ))
+});
+
 /// Answers cut off because the shard sent nothing for `gateway.upstream_timeout` after its
 /// response head.
 pub static STALLED: LazyLock<IntCounterVec> = LazyLock::new(|| {
