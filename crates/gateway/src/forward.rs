@@ -312,7 +312,19 @@ where
         shared.borrow_mut().res = Some(res);
         progress.set(Instant::now());
         match next {
-            Ok(Some(chunk)) => Some((chunk, Some((shared, progress, ids)))),
+            Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some((shared, progress, ids)))),
+            // The caller's answer ends broken; its request line says 200 (the head went out
+            // first), so this line is what tells what happened to it.
+            Ok(Some(Err(e))) => {
+                let (shard, request_id) = ids;
+                tracing::warn!(
+                    shard.id = %shard.id,
+                    request.id = request_id.as_deref().unwrap_or("-"),
+                    error = %e,
+                    "the shard's answer broke off while it was streamed"
+                );
+                Some((Err(e), None))
+            }
             Ok(None) => None,
             Err(_) => {
                 let (shard, request_id) = ids;
