@@ -23,7 +23,7 @@ use tenantry_testkit::{TestBroker, TestCluster, TestDb, amqp_url, proxy::TcpProx
 use uuid::Uuid;
 
 use crate::support::{
-    SECRET, Served, http, metric, own, queue_depth, send_and_stall, shard_node,
+    SECRET, Served, http, log_line, metric, own, queue_depth, send_and_stall, shard_node,
     slow_job_202_then_done, tenantry, token, until_metric,
 };
 
@@ -1780,7 +1780,7 @@ async fn a_company_over_its_rate_gets_429_and_others_do_not() {
 
 #[actix_web::test]
 async fn a_frozen_company_is_held_until_the_freeze_ends_or_the_wait_runs_out() {
-    let (env, _gw, base, company, auth) =
+    let (env, mut gw, base, company, auth) =
         one_company(&[("TENANTRY_GATEWAY__FREEZE_WAIT", "1500ms")]).await;
     own(env.shard(0), company, "frozen").await;
     let (b, a) = (base.clone(), auth.clone());
@@ -1816,6 +1816,19 @@ async fn a_frozen_company_is_held_until_the_freeze_ends_or_the_wait_runs_out() {
         1,
         "only the first job was written"
     );
+    // Both holds are in the gateway's log, and the 503's request line says why.
+    let lines = gw.stop_and_read_logs();
+    log_line(
+        &lines,
+        "the company's move ended while the request was held",
+    );
+    let gave_up = log_line(&lines, "the company stayed frozen for a move");
+    assert_eq!(gave_up["span"]["error.code"], "tenant_frozen");
+    let answered = lines
+        .iter()
+        .find(|v| v["message"] == "request" && v["http.status"] == 503)
+        .unwrap_or_else(|| panic!("no request line for the 503: {lines:?}"));
+    assert_eq!(answered["span"]["error.code"], "tenant_frozen");
 }
 
 #[actix_web::test]

@@ -124,6 +124,8 @@ pub async fn forward(
     tracing::Span::current().record("shard.id", resolved.pool.id.as_str());
     let mut reloaded = false;
     let mut pause = Duration::from_millis(20);
+    // Tries the shard answered `tenant_frozen` to, and the request was held.
+    let mut held = 0u32;
     let timeout = upstream_timeout(&req, &gw);
     loop {
         let client = upstreams.client(&resolved.pool.id, |id| gw.router.has_shard(id));
@@ -185,6 +187,7 @@ pub async fn forward(
             let now = Instant::now();
             if frozen && body.replayable() && now + pause < deadline {
                 metrics::RETRIES.with_label_values(&["frozen"]).inc();
+                held += 1;
                 // Held requests of a frozen company must not keep the shard's in-flight slots
                 // from its other companies while they wait.
                 drop((res, permit));
@@ -193,7 +196,23 @@ pub async fn forward(
                 resolved = bounded(&gw, gw.router.resolve(company)).await?;
                 continue;
             }
+            if frozen {
+                // The request's line then says why it got the shard's 503.
+                tracing::Span::current().record("error.code", "tenant_frozen");
+                tracing::info!(
+                    held_ms = started.elapsed().as_millis() as u64,
+                    tries = held + 1,
+                    "the company stayed frozen for a move past gateway.freeze_wait; passing the shard's 503 on"
+                );
+            }
             return Ok(respond(&resolved.pool.id, status, res.headers(), None).body(bytes));
+        }
+        if held > 0 {
+            tracing::info!(
+                held_ms = started.elapsed().as_millis() as u64,
+                tries = held + 1,
+                "the company's move ended while the request was held; sent on"
+            );
         }
         let length = res
             .headers()
