@@ -50,6 +50,42 @@ use crate::{
 /// The response header naming the shard that answered.
 pub const SHARD_HEADER: &str = "x-tenantry-shard";
 
+/// The largest request head a shard's listener reads (actix's buffer of 128 KiB), less room
+/// for the few headers awc adds itself (`Host`, `Content-Length` or `Transfer-Encoding`).
+const SHARD_HEAD_LIMIT: usize = 128 * 1024 - 1024;
+/// The most headers a shard's listener reads (actix's own limit), less those awc adds.
+const SHARD_HEADER_LIMIT: usize = 96 - 3;
+
+/// A request whose head the gateway's additions (`X-Forwarded-For`, `X-Forwarded-Host`,
+/// `traceparent`, `X-Request-Id`) push over what a shard's listener reads is refused here:
+/// the shard would close the connection on it, which the caller would see as `502` (a POST's
+/// body still being written) or a bare `431`, depending on timing.
+fn check_head(upstream: &awc::ClientRequest) -> Result<(), ApiError> {
+    let headers = upstream.headers();
+    let line = upstream.get_method().as_str().len()
+        + upstream
+            .get_uri()
+            .path_and_query()
+            .map_or(1, |p| p.as_str().len())
+        + " HTTP/1.1\r\n".len();
+    let size = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + ": \r\n".len())
+        .sum::<usize>()
+        + line;
+    if size > SHARD_HEAD_LIMIT || headers.len() > SHARD_HEADER_LIMIT {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!(
+                "the request's head is too large to forward: with the headers the gateway adds \
+                 it may be at most {SHARD_HEAD_LIMIT} bytes and {SHARD_HEADER_LIMIT} headers"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Answers up to this size (with a `Content-Length`) are read whole before they are passed on.
 const SMALL_ANSWER: u64 = 64 * 1024;
 
@@ -502,6 +538,7 @@ async fn send(
             )
         })?;
         let upstream = build(req, client, timeout, uri);
+        check_head(&upstream)?;
         let started = Instant::now();
         let result = match body.take() {
             // No body: one write of the head (an empty body would be a second write).
