@@ -51,10 +51,11 @@ use crate::{
 pub const SHARD_HEADER: &str = "x-tenantry-shard";
 
 /// The largest request head a shard's listener reads (actix's buffer of 128 KiB), less room
-/// for the few headers awc adds itself (`Host`, `Content-Length` or `Transfer-Encoding`).
+/// for the few headers awc adds itself when it sends (`Host`, `Content-Length` or
+/// `Transfer-Encoding`, `Accept-Encoding`, `Date`).
 const SHARD_HEAD_LIMIT: usize = 128 * 1024 - 1024;
-/// The most headers a shard's listener reads (actix's own limit), less those awc adds.
-const SHARD_HEADER_LIMIT: usize = 96 - 3;
+/// The most headers a shard's listener reads (actix's own limit), less the four awc may add.
+const SHARD_HEADER_LIMIT: usize = 96 - 4;
 
 /// A request whose head the gateway's additions (`X-Forwarded-For`, `X-Forwarded-Host`,
 /// `traceparent`, `X-Request-Id`) push over what a shard's listener reads is refused here:
@@ -235,11 +236,17 @@ pub async fn forward(
             if frozen {
                 // The request's line then says why it got the shard's 503.
                 tracing::Span::current().record("error.code", "tenant_frozen");
-                tracing::info!(
-                    held_ms = started.elapsed().as_millis() as u64,
-                    tries = held + 1,
-                    "the company stayed frozen for a move past gateway.freeze_wait; passing the shard's 503 on"
-                );
+                if held > 0 {
+                    tracing::info!(
+                        held_ms = started.elapsed().as_millis() as u64,
+                        tries = held + 1,
+                        "the company stayed frozen for a move past gateway.freeze_wait; passing the shard's 503 on"
+                    );
+                } else {
+                    tracing::info!(
+                        "the company is frozen for a move and the request could not be held (its body is too large to send again, or gateway.freeze_wait is too short); passing the shard's 503 on"
+                    );
+                }
             }
             return Ok(respond(&resolved.pool.id, status, res.headers(), None).body(bytes));
         }
