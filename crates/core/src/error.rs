@@ -91,6 +91,20 @@ impl ApiError {
         )
     }
 
+    /// 400: the caller's body broke off or its chunked encoding is malformed; the request is
+    /// the caller's to fix or send again.
+    pub fn broken_body() -> Self {
+        Self::bad_request(
+            "invalid_body",
+            "the request body broke off or its chunked encoding is malformed",
+        )
+    }
+
+    /// 429 `rate_limited` with `Retry-After`.
+    pub fn rate_limited(message: impl Into<String>, retry: Duration) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message).with_retry_after(retry)
+    }
+
     /// 503 with `Retry-After`: a dependency is down or the server is full.
     pub fn unavailable(code: &'static str, message: impl Into<String>, retry: Duration) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message).with_retry_after(retry)

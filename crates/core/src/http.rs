@@ -473,11 +473,7 @@ impl actix_web::FromRequest for Body {
                 {
                     Err(ApiError::payload_too_large(read.limit))
                 }
-                Ok(Err(e)) => Err(ApiError::bad_request(
-                    "invalid_body",
-                    "the request body broke off or its chunked encoding is malformed",
-                )
-                .with_source(anyhow::anyhow!("{e}"))),
+                Ok(Err(e)) => Err(ApiError::broken_body().with_source(anyhow::anyhow!("{e}"))),
             }
         })
     }

@@ -119,22 +119,18 @@ pub async fn forward(
         && let Err(wait) = limiter.check(company)
     {
         metrics::REFUSED.with_label_values(&["rate_limited"]).inc();
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
+        return Err(ApiError::rate_limited(
             "too many requests for this company; slow down",
-        )
-        .with_retry_after(wait));
+            wait,
+        ));
     }
     // Held until the answer has been streamed back, like the shard's slot (see `send`).
     let Some(company_slot) = gw.company_in_flight.enter(company) else {
         metrics::REFUSED.with_label_values(&["company_busy"]).inc();
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
+        return Err(ApiError::rate_limited(
             "too many requests of this company are in flight; wait for some to finish",
-        )
-        .with_retry_after(Duration::from_secs(1)));
+            Duration::from_secs(1),
+        ));
     };
 
     let declared = req
@@ -604,7 +600,7 @@ async fn send(
                     Some(Fault::TooLarge) => {
                         return Err(ApiError::payload_too_large(gw.body_limit));
                     }
-                    Some(Fault::Broken) => return Err(broken_body()),
+                    Some(Fault::Broken) => return Err(ApiError::broken_body()),
                     None => {}
                 }
                 return Err(ApiError::new(
@@ -874,14 +870,6 @@ async fn bounded(
         })
 }
 
-/// The caller's body broke off or was malformed: the request is the caller's to fix or resend.
-fn broken_body() -> ApiError {
-    ApiError::bad_request(
-        "invalid_body",
-        "the request body broke off or its chunked encoding is malformed",
-    )
-}
-
 /// Reads up to `hold` bytes; a body that ends within them is held, a longer one continues as a
 /// stream that fails (and flags it) once it exceeds `limit`.
 async fn read_body(mut payload: web::Payload, hold: usize, limit: usize) -> Result<Body, ApiError> {
@@ -892,7 +880,7 @@ async fn read_body(mut payload: web::Payload, hold: usize, limit: usize) -> Resu
         };
         let chunk = chunk.map_err(|e| match e {
             PayloadError::Overflow => ApiError::payload_too_large(limit),
-            other => broken_body().with_source(anyhow::anyhow!("{other}")),
+            other => ApiError::broken_body().with_source(anyhow::anyhow!("{other}")),
         })?;
         prefix.extend_from_slice(&chunk);
         if prefix.len() > limit {

@@ -66,7 +66,7 @@ pub static RETRIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     ))
 });
 
-/// Requests refused before reaching a shard: rate_limited, shard_busy.
+/// Requests refused before reaching a shard: rate_limited, company_busy, shard_busy.
 pub static REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register(IntCounterVec::new(
         Opts::new(
