@@ -46,6 +46,25 @@ async fn a_quick_job_answers_200_and_a_slow_one_202_then_done() {
         (JobState::Done, Some(json!({"slept_ms": 100})))
     );
 
+    // The params limit (64 KiB) leaves out the whitespace between tokens: these are 70,000
+    // bytes as sent and 60,011 as the job holds them.
+    let blob = "x".repeat(60_000);
+    let spaced = format!(
+        r#"{{"kind":"echo","params":{{{}"blob"{}:"{blob}"}}}}"#,
+        " ".repeat(5_000),
+        "\n".repeat(5_000)
+    );
+    let mut r = c
+        .post(format!("{base}/v1/companies/{company}/jobs"))
+        .bearer_auth(&auth)
+        .content_type("application/json")
+        .send_body(spaced)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let j: JobView = r.json().limit(1 << 20).await.unwrap();
+    assert_eq!(j.result, Some(json!({"blob": blob})));
+
     let done = slow_job_202_then_done(&base, company, &auth, 5000, "10s").await;
 
     // the job row carries who asked and the request id, for "what happened to request X"
@@ -207,6 +226,38 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
             jobs.clone(),
             Some(&member),
             big,
+            413,
+            "params_too_large",
+        ),
+        (
+            "null params",
+            jobs.clone(),
+            Some(&member),
+            r#"{"kind":"echo","params":null}"#.into(),
+            400,
+            "invalid_params",
+        ),
+        (
+            // 72,000 bytes as sent, 12,000 once parsed: the limit applies to the text.
+            "params over the limit in escapes",
+            jobs.clone(),
+            Some(&member),
+            format!(
+                r#"{{"kind":"echo","params":{{"s":"{}"}}}}"#,
+                r"\u0041".repeat(12_000)
+            ),
+            413,
+            "params_too_large",
+        ),
+        (
+            // Refused before it is parsed: as values, 1 MB of it would take some 30 MB.
+            "params of half a million numbers",
+            jobs.clone(),
+            Some(&member),
+            format!(
+                r#"{{"kind":"echo","params":{{"a":[{}0]}}}}"#,
+                "0,".repeat(500_000)
+            ),
             413,
             "params_too_large",
         ),

@@ -415,9 +415,9 @@ fn ensure_error_shape(res: ServiceResponse<BoxBody>) -> ServiceResponse<BoxBody>
 /// anything but JSON (`application/json` or a `+json` type; curl's `-d` sends a form type) is
 /// refused with `415`, rather than guessed at; one without a Content-Type is read as JSON.
 /// Malformed JSON, or JSON of the wrong shape, is `400 invalid_json`.
-pub fn json_body<T: serde::de::DeserializeOwned>(
+pub fn json_body<'a, T: serde::Deserialize<'a>>(
     req: &HttpRequest,
-    body: &[u8],
+    body: &'a [u8],
     what: &str,
 ) -> Result<T, ApiError> {
     if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {

@@ -161,6 +161,30 @@ pub fn json_len(value: &Value) -> u64 {
     count.0
 }
 
+/// The length of the JSON text `text` without the whitespace between its tokens: an upper
+/// bound, within a few bytes for unusual number spellings, on the [`json_len`] of its value
+/// that is counted without parsing it. Escapes count as written (`"\u0041"` is 8 bytes here, 3
+/// once parsed), so a limit applied to it is applied to the text as sent.
+pub fn json_text_len(text: &str) -> u64 {
+    let (mut len, mut in_string, mut escaped) = (0u64, false, false);
+    for b in text.bytes() {
+        if in_string {
+            len += 1;
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            len += 1;
+            in_string = b == b'"';
+        }
+    }
+    len
+}
+
 /// Whether `value` holds the character U+0000 in a string or an object key. PostgreSQL's
 /// `jsonb` and `text` cannot store it, so such a value must be refused (or replaced) before it
 /// reaches the database.
@@ -212,5 +236,21 @@ mod tests {
         ] {
             assert_eq!(json_len(&v), v.to_string().len() as u64);
         }
+    }
+
+    #[test]
+    fn json_text_len_leaves_out_whitespace_between_tokens_only() {
+        for (text, len) in [
+            ("{}", 2),
+            (" { \"a\" :\t[ 1 ,\r\n2 ] } ", 11),
+            // Whitespace inside a string counts, and so does an escaped quote.
+            (r#"{"a b":"c \" d\\"}"#, 18),
+            (r#"{"\u0041":"x"}"#, 14),
+        ] {
+            assert_eq!(json_text_len(text), len, "{text}");
+        }
+        let v = serde_json::json!({"a": [1, 2.5, "é\n\"x\""], "b": null, "c": {"d": true}});
+        let pretty = serde_json::to_string_pretty(&v).unwrap();
+        assert_eq!(json_text_len(&pretty), json_len(&v));
     }
 }

@@ -7,8 +7,8 @@ use actix_web::{
     http::{StatusCode, header},
     web,
 };
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Deserializer};
+use serde_json::{Value, json, value::RawValue};
 use tenantry_core::{
     ApiError,
     auth::{Caller, Role},
@@ -18,7 +18,7 @@ use tenantry_core::{
 };
 use tenantry_queue::{
     JobRecord, NewJob, ShardQueue, WaitError, WhenFull,
-    job::{contains_nul, json_len},
+    job::{contains_nul, json_len, json_text_len},
     metrics,
     store::{self, EnqueueError, EnqueueLimits, Enqueued},
 };
@@ -104,44 +104,65 @@ fn role(caller: &Caller, company: Uuid) -> Result<Role, ApiError> {
         .ok_or_else(|| ApiError::forbidden("your token does not grant access to this company"))
 }
 
+/// A job request's body. Its params stay text until they have passed the size limit: the
+/// body may be up to `api.body_limit` (1 MiB by default), and parsed into a `Value` such text
+/// can take some 30 times its size (`[0,0,…]`: a 32-byte value per 2 bytes), for as long as
+/// the request lasts.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreateJob {
+struct CreateJob<'a> {
     kind: String,
-    #[serde(default = "empty_object")]
-    params: Value,
+    #[serde(default, borrow, deserialize_with = "present")]
+    params: Option<&'a RawValue>,
 }
 
-fn empty_object() -> Value {
-    json!({})
+/// `params` as sent, `null` included (which `Option` alone would take for a missing field).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// What this shard refuses in a job request's body (before any fence: see `create`): params
-/// that are not an object, hold U+0000 or are over `limit` bytes, a kind it does not run, and
-/// params its handler's `validate` refuses.
+/// that are not an object, are over `limit` bytes (as sent, leaving out whitespace between
+/// tokens, and as stored) or hold U+0000, a kind it does not run, and params its handler's
+/// `validate` refuses. Returns the params, parsed.
 fn check_job(
     input: &CreateJob,
     registry: &tenantry_queue::Registry,
     limit: u64,
-) -> Result<(), ApiError> {
-    if !input.params.is_object() {
-        return Err(ApiError::bad_request(
-            "invalid_params",
-            "params must be a JSON object",
-        ));
-    }
-    if contains_nul(&input.params) {
+) -> Result<Value, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "params_too_large",
+            format!("params are larger than the limit of {limit} bytes"),
+        )
+    };
+    let params = match input.params {
+        None => json!({}),
+        Some(raw) => {
+            if !raw.get().starts_with('{') {
+                return Err(ApiError::bad_request(
+                    "invalid_params",
+                    "params must be a JSON object",
+                ));
+            }
+            if json_text_len(raw.get()) > limit {
+                return Err(too_large());
+            }
+            serde_json::from_str(raw.get()).map_err(|e| {
+                ApiError::bad_request("invalid_json", format!("invalid job request: {e}"))
+            })?
+        }
+    };
+    if contains_nul(&params) {
         return Err(ApiError::bad_request(
             "invalid_params",
             "params must not contain the character U+0000, which a job record cannot hold",
         ));
     }
-    if json_len(&input.params) > limit {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "params_too_large",
-            format!("params are larger than the limit of {limit} bytes"),
-        ));
+    // Parsed, a number may be spelt a few bytes longer than sent (`1e2` is stored as 100).
+    if json_len(&params) > limit {
+        return Err(too_large());
     }
     let Some(handler) = registry.get(&input.kind) else {
         return Err(ApiError::bad_request(
@@ -154,8 +175,9 @@ fn check_job(
         ));
     };
     handler
-        .validate(&input.params)
-        .map_err(|e| ApiError::bad_request("invalid_params", e))
+        .validate(&params)
+        .map_err(|e| ApiError::bad_request("invalid_params", e))?;
+    Ok(params)
 }
 
 async fn create(
@@ -171,13 +193,16 @@ async fn create(
     }
     let input: CreateJob = http::json_body(&req, &body, "job request")?;
     let registry = &state.shard.registry;
-    if let Err(refusal) = check_job(&input, registry, state.queue.max_params_size.bytes()) {
-        // Shards may run different kinds, checks and limits for a while (a rollout): a request
-        // a stale route sent here must get the 421 that makes the gateway try the company's
-        // own shard, not a refusal that shard may not give.
-        fence::check(&state.shard.pool.get().await?, company).await?;
-        return Err(refusal);
-    }
+    let params = match check_job(&input, registry, state.queue.max_params_size.bytes()) {
+        Ok(params) => params,
+        Err(refusal) => {
+            // Shards may run different kinds, checks and limits for a while (a rollout): a
+            // request a stale route sent here must get the 421 that makes the gateway try the
+            // company's own shard, not a refusal that shard may not give.
+            fence::check(&state.shard.pool.get().await?, company).await?;
+            return Err(refusal);
+        }
+    };
     let idempotency_key = idempotency_key(&req)?;
     let shard_id = &state.shard.shard_id;
 
@@ -187,7 +212,7 @@ async fn create(
         user_context: json!({"user_id": caller.0.sub, "role": caller.0.role_in(company)}),
         max_attempts: registry.max_attempts(&input.kind),
         kind: input.kind,
-        params: input.params,
+        params,
         idempotency_key,
         // This request waits for it until `sync_wait` after `started`; the mark counts from
         // the start of the enqueuing transaction, which is later, so it outlasts the wait.
