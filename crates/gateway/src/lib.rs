@@ -113,9 +113,11 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
         )),
     });
 
-    // Background tasks: they end when `shutdown` fires.
+    // Background tasks: they end when `shutdown` fires, and the role waits for them (see
+    // below) once its server has drained.
+    let mut background = tokio::task::JoinSet::new();
     let amqp = cfg.rabbitmq.url.expose().to_owned();
-    tokio::spawn(bus::run(
+    background.spawn(bus::run(
         router.clone(),
         amqp.clone(),
         cfg.rabbitmq.shardmap_exchange.clone(),
@@ -123,7 +125,7 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
     ));
     if cfg.rabbitmq.relay_shardmap {
         let wake = Arc::new(tokio::sync::Notify::new());
-        tokio::spawn(tenantry_core::relay::listen(
+        background.spawn(tenantry_core::relay::listen(
             cfg.catalog.url.clone(),
             cfg.database.clone(),
             tenantry_shardmap::catalog::OUTBOX_CHANNEL,
@@ -136,7 +138,7 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
             cfg.rabbitmq.shardmap_exchange.clone(),
             wake,
         );
-        tokio::spawn(relay.run(shutdown.clone()));
+        background.spawn(relay.run(shutdown.clone()));
     }
     let loader = router.clone();
     tokio::spawn(async move {
@@ -157,7 +159,7 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
 
     let key = web::Data::new(tenantry_core::auth::JwtKey::from_config(&cfg.auth)?);
     let (connect_timeout, connections) = (g.connect_timeout, g.upstream_connections);
-    let server = start_server(
+    let RunningServer { addr, task } = start_server(
         ctx,
         g.listen,
         &cfg.http,
@@ -172,6 +174,21 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
                 .configure(routes::configure);
         },
     )?;
-    tracing::info!(role = "gateway", listen = %server.addr, "gateway listening");
-    Ok(server)
+    tracing::info!(role = "gateway", listen = %addr, "gateway listening");
+    // Once the server has drained at shutdown, the role ends when its background tasks have:
+    // the shard-map subscription and the catalog relay close their RabbitMQ connections, and a
+    // relay batch under way is confirmed (or given up after a second), instead
+    // of being cut off when the process exits. `tenantry serve` bounds the wait by the grace
+    // period. A server that ended without a shutdown (its listener failed) returns at once, so
+    // the process still goes down.
+    let task = tokio::spawn(async move {
+        let served = task
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("gateway server task panicked: {e}")));
+        if shutdown.is_cancelled() {
+            while background.join_next().await.is_some() {}
+        }
+        served
+    });
+    Ok(RunningServer { addr, task })
 }
