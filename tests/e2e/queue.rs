@@ -703,6 +703,67 @@ async fn a_claim_whose_answer_was_lost_gives_its_jobs_back_before_the_next_claim
 }
 
 #[tokio::test]
+async fn a_job_whose_outcome_was_given_up_on_is_left_to_the_rescuer_not_run_again() {
+    // A job allowed one attempt runs, and its outcome cannot be written until the completer
+    // gives up. A claim then fails, so the claim loop gives back the jobs it does not hold (those
+    // of a claim whose answer was lost, which never ran) without counting their attempt. This
+    // job ran: it must stay for the rescuer, which counts its attempt and dead-letters it,
+    // not go back to waiting and run a second time.
+    let db = TestDb::new(Schema::Shard).await;
+    db.exec(
+        "CREATE TABLE refuse_claims (on_ boolean);
+         CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN RAISE EXCEPTION 'not now'; END $$;
+         CREATE TRIGGER refuse_done BEFORE UPDATE ON jobs
+             FOR EACH ROW WHEN (NEW.state = 'done') EXECUTE FUNCTION refuse();
+         CREATE FUNCTION refuse_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF EXISTS (SELECT 1 FROM refuse_claims) THEN RAISE EXCEPTION 'not now'; END IF;
+                 RETURN NEW;
+             END $$;
+         CREATE TRIGGER refuse_claim BEFORE UPDATE ON jobs
+             FOR EACH ROW WHEN (NEW.state = 'processing' AND OLD.state = 'waiting')
+             EXECUTE FUNCTION refuse_claim();",
+    )
+    .await;
+    let mut opts = options("shard-lost-outcome", 100);
+    opts.outcome_tries = 2;
+    opts.lease = Duration::from_secs(5);
+    opts.rescue_interval = Duration::from_millis(200);
+    opts.poll_interval = Duration::from_millis(50);
+    let running = spawn_worker(worker_from(&db, builtins(&["echo"]), opts));
+    let ran = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 1)).await;
+    // Its outcome is refused twice, about 0.1 s apart, and given up on.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(state_of(&db, ran).await, ("processing".into(), 1));
+    // Claims fail for a moment, then the database takes everything again.
+    db.exec("INSERT INTO refuse_claims VALUES (true)").await;
+    let next = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 1)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    db.exec("DELETE FROM refuse_claims; DROP TRIGGER refuse_done ON jobs")
+        .await;
+    assert!(
+        crate::support::until_state(&db, next, "done", Duration::from_secs(10)).await,
+        "the claims go on: {:?}",
+        state_of(&db, next).await
+    );
+    assert!(
+        crate::support::until_state(&db, ran, "error", Duration::from_secs(15)).await,
+        "the job that ran is dead-lettered once its lease runs out, not run again: {:?}",
+        state_of(&db, ran).await
+    );
+    let r = db
+        .client()
+        .await
+        .query_one("SELECT attempts, error FROM jobs WHERE id = $1", &[&ran])
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, i32>(0), 1);
+    assert!(r.get::<_, String>(1).contains("lease expired"));
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn a_running_job_keeps_its_lease_while_the_shared_pool_is_exhausted() {
     // The pool is shared with the claims, the completions and, in a process with the api role,
     // every request: busy for longer than a lease, it used to starve the heartbeat, and jobs

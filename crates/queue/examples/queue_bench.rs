@@ -206,6 +206,7 @@ fn opts(slots: usize, batch: usize) -> WorkerOptions {
         max_result_size: 1 << 20,
         run_timeout: Duration::from_secs(3600),
         depth_interval: tenantry_queue::worker::DEPTH_INTERVAL,
+        outcome_tries: tenantry_queue::worker::OUTCOME_TRIES,
     }
 }
 

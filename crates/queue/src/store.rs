@@ -1397,20 +1397,21 @@ const RELEASE_SQL: &str = "UPDATE jobs j SET state = 'waiting', worker_id = NULL
                        RETURNING j.id, j.request_id, j.company_id";
 
 /// Gives jobs a stopping worker still holds back to `waiting`, without counting the
-/// interrupted attempt.
+/// interrupted attempt, but for those in `lost`: jobs that ran and whose outcome the worker
+/// gave up on writing, left to the rescuer, which counts their attempt.
 pub async fn release(
     client: &impl GenericClient,
     worker_id: &str,
+    lost: &[Uuid],
 ) -> Result<Vec<JobRef>, tokio_postgres::Error> {
-    let rows = client
-        .query(RELEASE_SQL, &[&worker_id, &Vec::<Uuid>::new()])
-        .await?;
+    let rows = client.query(RELEASE_SQL, &[&worker_id, &lost]).await?;
     Ok(rows.iter().map(JobRef::from_row).collect())
 }
 
 /// Gives back to `waiting`, without counting the attempt, the jobs leased to `worker_id` that
-/// it does not hold (`held`: what it runs, and what it has outcomes for that are not written
-/// yet). A claim commits on the server even when its answer is lost with the connection; the
+/// it does not hold (`held`: what it runs, what it has outcomes for that are not written yet,
+/// and what ran and had its outcome given up on, which the rescuer returns counting the
+/// attempt). A claim commits on the server even when its answer is lost with the connection; the
 /// jobs it took are then leased to a worker that never heard of them, whose heartbeat does not
 /// renew them, and the rescuer would count an attempt they never had (a job allowed one
 /// attempt would go to the dead letters without having run). Only the worker's claim loop may

@@ -165,6 +165,9 @@ pub struct WorkerOptions {
     /// How often the janitor counts the live queue for the depth gauges at most
     /// ([`DEPTH_INTERVAL`]; not a configuration key).
     pub depth_interval: Duration,
+    /// How often the completer tries to write a batch of outcomes before it gives up and
+    /// leaves the jobs to the rescuer ([`OUTCOME_TRIES`]; not a configuration key).
+    pub outcome_tries: u32,
 }
 
 impl WorkerOptions {
@@ -186,6 +189,7 @@ impl WorkerOptions {
             max_result_size: q.max_result_size.bytes(),
             run_timeout: q.run_timeout,
             depth_interval: DEPTH_INTERVAL,
+            outcome_tries: OUTCOME_TRIES,
         }
     }
 }
@@ -464,7 +468,10 @@ impl Worker {
                     && Instant::now() >= unheld_next
                 {
                     unheld_next = Instant::now() + this.opts.lease / 3;
-                    let held = running.lock().unwrap_or_else(|p| p.into_inner()).ids();
+                    let held = running
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .held(Instant::now());
                     let given_back = store::release_unheld(&mut client, &this.id, &held).await?;
                     log_each(&given_back, |job| {
                         let _in_job = job.span().entered();
@@ -633,9 +640,15 @@ impl Worker {
             completer.abort();
             tracing::warn!(worker.id = %this.id, "outcomes still unwritten at the end of the grace period; their jobs are given back to waiting");
         }
+        // Jobs whose outcome was given up on earlier ran: they are left to the rescuer, which
+        // counts the attempt, as the give-up said.
+        let lost = running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lost_ids(Instant::now());
         let released = tokio::time::timeout_at(end, async {
             let client = this.pool.get().await?;
-            Ok::<_, anyhow::Error>(store::release(&**client, &this.id).await?)
+            Ok::<_, anyhow::Error>(store::release(&**client, &this.id, &lost).await?)
         })
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
@@ -865,9 +878,10 @@ async fn complete_loop(
 }
 
 /// Writes one batch of outcomes, trying again with backoff; then takes its jobs out of the
-/// heartbeat's set (written, or given up on: the rescuer returns those). The set is left
-/// however the task ends, also by a panic or an abort: a job kept there would have its lease
-/// renewed for as long as the worker lives, and never be rescued.
+/// heartbeat's set (written, or given up on: the rescuer returns those, counting the attempt
+/// that ran, so they stay held for `store::release_unheld` until it could have). The set is
+/// left however the task ends, also by a panic or an abort: a job kept there would have its
+/// lease renewed for as long as the worker lives, and never be rescued.
 async fn write_outcomes(this: Arc<Worker>, batch: Vec<Outcome>, running: Arc<Mutex<InFlight>>) {
     struct Leave<'a>(&'a Mutex<InFlight>, &'a [Outcome]);
     impl Drop for Leave<'_> {
@@ -879,10 +893,19 @@ async fn write_outcomes(this: Arc<Worker>, batch: Vec<Outcome>, running: Arc<Mut
         }
     }
     let _leave = Leave(&running, &batch);
-    try_write_outcomes(&this, &batch).await;
+    if !try_write_outcomes(&this, &batch).await {
+        // Their rows stay leased to this worker until the lease runs out and a rescue pass
+        // (every `rescue_interval`, in any worker) returns them; twice that, for a slow pass.
+        let until = Instant::now() + 2 * (this.opts.lease + this.opts.rescue_interval);
+        let mut running = running.lock().unwrap_or_else(|p| p.into_inner());
+        for o in &batch {
+            running.lost(o.id, until);
+        }
+    }
 }
 
-async fn try_write_outcomes(this: &Worker, batch: &[Outcome]) {
+/// Returns false if it gave up.
+async fn try_write_outcomes(this: &Worker, batch: &[Outcome]) -> bool {
     let mut attempt = 0;
     loop {
         let retried = attempt > 0;
@@ -910,7 +933,7 @@ async fn try_write_outcomes(this: &Worker, batch: &[Outcome]) {
                 if this.recorded(batch, &finished, &discarded) > 0 {
                     this.listener.wake_worker();
                 }
-                return;
+                return true;
             }
             Err(e) => {
                 attempt += 1;
@@ -922,7 +945,7 @@ async fn try_write_outcomes(this: &Worker, batch: &[Outcome]) {
                     retry_in_ms = wait.as_millis() as u64,
                     "recording outcomes failed"
                 );
-                if attempt >= 20 {
+                if attempt >= this.opts.outcome_tries as i32 {
                     for o in batch.iter().take(store::LOGGED_EACH) {
                         let _in_job = store::job_span(&o.request_id, None, o.id).entered();
                         tracing::warn!(
@@ -934,7 +957,7 @@ async fn try_write_outcomes(this: &Worker, batch: &[Outcome]) {
                         jobs = batch.len(),
                         "giving up on recording outcomes; the rescuer will return these jobs"
                     );
-                    return;
+                    return false;
                 }
                 tokio::time::sleep(wait).await;
             }
@@ -988,25 +1011,55 @@ impl Drop for Detaching {
 /// can run twice in one worker: its lease expired (say the heartbeat could not reach the
 /// database), the rescuer returned it to `waiting`, and this worker claimed it again while the
 /// first run was still going. The second run's lease must be renewed after the first run ends.
+///
+/// Also, until when, the jobs whose outcome the completer gave up on: they ran, so they are
+/// left to the rescuer, which counts the attempt. Their leases are not renewed, but
+/// `store::release_unheld` must not take them for jobs of a claim whose answer was lost (which
+/// never ran) and give them back without counting it: a job allowed one attempt would run
+/// again instead of failing.
 #[derive(Debug, Default)]
-struct InFlight(HashMap<Uuid, usize>);
+struct InFlight {
+    running: HashMap<Uuid, usize>,
+    lost: HashMap<Uuid, Instant>,
+}
 
 impl InFlight {
     fn add(&mut self, id: Uuid) {
-        *self.0.entry(id).or_default() += 1;
+        *self.running.entry(id).or_default() += 1;
     }
 
     fn remove(&mut self, id: Uuid) {
-        if let Some(n) = self.0.get_mut(&id) {
+        if let Some(n) = self.running.get_mut(&id) {
             *n -= 1;
             if *n == 0 {
-                self.0.remove(&id);
+                self.running.remove(&id);
             }
         }
     }
 
+    /// `id` ran and its outcome was given up on; held for `release_unheld` until `until`.
+    fn lost(&mut self, id: Uuid, until: Instant) {
+        self.lost.insert(id, until);
+    }
+
+    /// The jobs given up on whose time is not up at `now`.
+    fn lost_ids(&mut self, now: Instant) -> Vec<Uuid> {
+        self.lost.retain(|_, until| *until > now);
+        self.lost.keys().copied().collect()
+    }
+
+    /// What the heartbeat renews.
     fn ids(&self) -> Vec<Uuid> {
-        self.0.keys().copied().collect()
+        self.running.keys().copied().collect()
+    }
+
+    /// What `release_unheld` must leave alone at `now`: the running jobs and the lost ones
+    /// (forgotten once their time is up).
+    fn held(&mut self, now: Instant) -> Vec<Uuid> {
+        let mut held = self.lost_ids(now);
+        held.retain(|id| !self.running.contains_key(id));
+        held.extend(self.ids());
+        held
     }
 }
 
@@ -1067,6 +1120,10 @@ async fn heartbeat_loop(this: Arc<Worker>, running: Arc<Mutex<InFlight>>, stop: 
 /// every waiting and processing row (up to `queue.max_waiting_per_shard`), in every worker
 /// process, so not at every rescue pass.
 pub const DEPTH_INTERVAL: Duration = Duration::from_secs(15);
+
+/// How often the completer tries to write a batch of outcomes: with its backoff (from 100 ms,
+/// doubling to 5 s), for about 76 s, long enough to ride out a failover.
+pub const OUTCOME_TRIES: u32 = 20;
 
 /// Rescues expired leases, prunes old rows and refreshes the depth gauges.
 ///
@@ -1202,5 +1259,34 @@ mod tests {
         // A removal with nothing in flight (never expected) changes nothing.
         in_flight.remove(job);
         assert!(in_flight.ids().is_empty());
+    }
+
+    #[test]
+    fn a_job_whose_outcome_was_given_up_on_is_held_from_release_but_not_renewed() {
+        let (lost, running) = (Uuid::now_v7(), Uuid::now_v7());
+        let now = Instant::now();
+        let mut in_flight = InFlight::default();
+        in_flight.add(lost);
+        in_flight.add(running);
+        in_flight.remove(lost);
+        in_flight.lost(lost, now + Duration::from_secs(60));
+        assert_eq!(
+            in_flight.ids(),
+            vec![running],
+            "its lease is left to run out"
+        );
+        let mut held = in_flight.held(now);
+        held.sort();
+        assert_eq!(held, vec![lost, running], "not given back uncounted");
+        // Claimed again by this worker after a rescue: held once.
+        in_flight.add(lost);
+        assert_eq!(in_flight.held(now).len(), 2);
+        in_flight.remove(lost);
+        assert_eq!(
+            in_flight.held(now + Duration::from_secs(61)),
+            vec![running],
+            "forgotten once the rescuer has had its time"
+        );
+        assert!(in_flight.lost.is_empty());
     }
 }
