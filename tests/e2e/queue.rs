@@ -2397,6 +2397,39 @@ async fn a_stopping_worker_whose_outcome_is_stuck_still_gives_back_its_unfinishe
 }
 
 #[tokio::test]
+async fn a_stopping_worker_gives_back_a_job_whose_row_was_locked_for_a_moment() {
+    // At the end of the grace period the release skips rows another transaction holds
+    // locked rather than wait for them. A long poll marking its job locks the row for a
+    // moment: the release must try again once it is free, or the job stays leased to the
+    // stopped worker and the rescuer counts an attempt it never finished.
+    let db = TestDb::new(Schema::Shard).await;
+    let opts = options("shard-t", 100);
+    let grace = opts.grace;
+    let running = spawn_worker(worker_from(&db, builtins(&["sleep"]), opts));
+    let long = enqueue_one(&db, job(Uuid::now_v7(), "sleep", json!({"ms": 60000}), 1)).await;
+    db.exec(&format!("NOTIFY {}", store::CHANNEL_WAITING)).await;
+    assert!(crate::support::until_state(&db, long, "processing", Duration::from_secs(10)).await);
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", &[&long])
+        .await
+        .unwrap();
+    let stopping = tokio::spawn(running.stop());
+    // Past the grace period, when the release first runs, and well before its end.
+    tokio::time::sleep(grace + Duration::from_millis(300)).await;
+    lock.rollback().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("the worker did not stop")
+        .unwrap();
+    assert_eq!(
+        state_of(&db, long).await,
+        ("waiting".into(), 0),
+        "given back once its row was free, its attempt not counted"
+    );
+}
+
+#[tokio::test]
 async fn finished_rows_are_pruned_in_batches_of_the_given_size() {
     let db = TestDb::new(Schema::Shard).await;
     let jobs: Vec<_> = (0..5)

@@ -1408,6 +1408,23 @@ pub async fn release(
     Ok(rows.iter().map(JobRef::from_row).collect())
 }
 
+/// How many jobs are leased to `worker_id`, but for those in `except`: what a stopping
+/// worker's [`release`] skipped because another transaction held their rows.
+pub async fn leased(
+    client: &impl GenericClient,
+    worker_id: &str,
+    except: &[Uuid],
+) -> Result<i64, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM jobs
+              WHERE worker_id = $1 AND state = 'processing' AND NOT (id = ANY($2::uuid[]))",
+            &[&worker_id, &except],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// Gives back to `waiting`, without counting the attempt, the jobs leased to `worker_id` that
 /// it does not hold (`held`: what it runs, what it has outcomes for that are not written yet,
 /// and what ran and had its outcome given up on, which the rescuer returns counting the

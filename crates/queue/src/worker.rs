@@ -648,7 +648,18 @@ impl Worker {
             .lost_ids(Instant::now());
         let released = tokio::time::timeout_at(end, async {
             let client = this.pool.get().await?;
-            Ok::<_, anyhow::Error>(store::release(&**client, &this.id, &lost).await?)
+            let mut jobs = store::release(&**client, &this.id, &lost).await?;
+            // The release skips rows another transaction holds locked (see `store::release`):
+            // a long poll marking its job, a rescue, or this worker's completion cut off above.
+            // Those locks end soon, or with their connection; whatever is still leased to this
+            // worker then is tried again while the time lasts.
+            while tokio::time::Instant::now() + STOP_RELEASE_RETRY < end
+                && store::leased(&**client, &this.id, &lost).await? > 0
+            {
+                tokio::time::sleep(STOP_RELEASE_RETRY).await;
+                jobs.extend(store::release(&**client, &this.id, &lost).await?);
+            }
+            Ok::<_, anyhow::Error>(jobs)
         })
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
@@ -690,6 +701,8 @@ impl Worker {
 const STOP_BOOKKEEPING: Duration = Duration::from_millis(1250);
 /// The part of [`STOP_BOOKKEEPING`] kept for giving back unfinished jobs.
 const STOP_RELEASE: Duration = Duration::from_millis(750);
+/// How often a stopping worker tries again to give back jobs whose rows were locked.
+const STOP_RELEASE_RETRY: Duration = Duration::from_millis(50);
 /// After [`STOP_BOOKKEEPING`].
 const STOP_FLUSH: Duration = Duration::from_millis(250);
 
