@@ -1353,6 +1353,68 @@ async fn while_rabbitmq_blocks_publishers_the_relay_holds_no_transaction_and_sti
 }
 
 #[tokio::test]
+async fn a_connection_lost_while_rabbitmq_blocks_publishers_is_replaced() {
+    // A broker restart is a common way out of a disk alarm. The relay, waiting out the alarm,
+    // must see its connection gone and connect again, not take the dead connection (which
+    // lapin leaves marked blocked) for one still blocked and give up every batch at once.
+    let db = TestDb::new(Schema::Shard).await;
+    let broker = TestBroker::new().await;
+    let company = Uuid::now_v7();
+    let (ch, exchange, queue) = company_events(&broker, company).await;
+    let (alarm, url) =
+        tenantry_testkit::alarm::AlarmProxy::in_front_of(&tenantry_testkit::amqp_url()).await;
+    let mut cmd = shard_node(&db.url, false, 1);
+    cmd.env("TENANTRY_RABBITMQ__RELAY_EVENTS", "true")
+        .env("TENANTRY_RABBITMQ__URL", &url)
+        .env("TENANTRY_RABBITMQ__EVENTS_EXCHANGE", &exchange)
+        .env("TENANTRY_SHUTDOWN__GRACE_PERIOD", "1s");
+    let mut served = start_worker(&mut cmd);
+    let event = |n: i32| {
+        format!(
+            "INSERT INTO outbox (events) VALUES (jsonb_build_array(jsonb_build_object(
+                 'type', 'job.finished', 'company_id', '{company}', 'n', {n})))"
+        )
+    };
+    let unpublished = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
+    db.exec(&event(1)).await;
+    assert_eq!(
+        until_count(&db, unpublished, 0, Duration::from_secs(10)).await,
+        0
+    );
+    alarm.raise();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    db.exec(&event(2)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        until_count(&db, unpublished, 1, Duration::from_secs(1)).await,
+        1
+    );
+    // The broker goes away while it blocks the relay; the one it comes back as has no alarm.
+    alarm.cut_connections();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    alarm.clear();
+    assert_eq!(
+        until_count(&db, unpublished, 0, Duration::from_secs(10)).await,
+        0,
+        "published on a new connection"
+    );
+    assert!(queue_depth(&ch, &queue).await >= 2);
+    served.signal("TERM");
+    assert_eq!(served.wait_exit(Duration::from_secs(10)), Some(0));
+    let logs = served.logs_to_end(Duration::from_secs(5)).join("\n");
+    assert!(
+        logs.contains("the connection closed while RabbitMQ blocked publishers"),
+        "{logs}"
+    );
+    assert!(
+        logs.matches("RabbitMQ is blocking publishers").count() < 5,
+        "no loop over a dead connection: {logs}"
+    );
+    drop(alarm);
+    broker.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_company_queue_that_refuses_events_holds_up_only_its_own_events() {
     // Company A's queue is full and set to reject-publish, so RabbitMQ refuses (nacks) A's
     // event. B's events, one in the same outbox row (as in a completion batch) and one in the

@@ -224,6 +224,11 @@ impl Relay {
                         _ = tokio::time::sleep(BLOCKED_POLL) => {}
                     }
                 }
+                // lapin leaves a closed connection marked blocked: without this, every batch
+                // would be given up at once below, and the relay would never reconnect.
+                if !conn.status().connected() {
+                    anyhow::bail!("the connection closed while RabbitMQ blocked publishers");
+                }
                 tracing::info!(relay = self.name, "RabbitMQ accepts publishers again");
             }
             // Register interest before looking, so a poke during the batch is not lost.
@@ -245,6 +250,9 @@ impl Relay {
                     tokio::time::sleep(BLOCKED_POLL).await;
                 }
             };
+            if !conn.status().connected() {
+                anyhow::bail!("the connection to RabbitMQ closed");
+            }
             let batch = tokio::select! {
                 batch = &mut batch => batch,
                 () = blocked => continue,

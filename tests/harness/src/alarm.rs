@@ -16,6 +16,8 @@ use tokio::{
 pub struct AlarmProxy {
     pub addr: SocketAddr,
     alarm: watch::Sender<bool>,
+    /// Bumped to close every connection open through the proxy.
+    cut: watch::Sender<u64>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -73,13 +75,20 @@ impl AlarmProxy {
         let addr = std_listener.local_addr().expect("proxy address");
         let (alarm, _) = watch::channel(false);
         let raised = alarm.subscribe();
+        let (cut, _) = watch::channel(0u64);
+        let cuts = cut.subscribe();
         runtime.spawn(async move {
             let listener = TcpListener::from_std(std_listener).expect("proxy listener");
             while let Ok((client, _)) = listener.accept().await {
                 let raised = raised.clone();
+                let mut cuts = cuts.clone();
+                cuts.mark_unchanged();
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(target).await {
-                        forward(client, server, raised).await;
+                        tokio::select! {
+                            () = forward(client, server, raised) => {}
+                            _ = cuts.changed() => {}
+                        }
                     }
                 });
             }
@@ -87,6 +96,7 @@ impl AlarmProxy {
         AlarmProxy {
             addr,
             alarm,
+            cut,
             runtime: Some(runtime),
         }
     }
@@ -108,6 +118,12 @@ impl AlarmProxy {
     /// Blocked connections are unblocked, and what they sent meanwhile reaches the broker.
     pub fn clear(&self) {
         self.alarm.send_replace(false);
+    }
+
+    /// Closes every connection open through the proxy (as a broker restart would), without a
+    /// word to either side; later connections go through as usual.
+    pub fn cut_connections(&self) {
+        self.cut.send_modify(|n| *n += 1);
     }
 }
 
