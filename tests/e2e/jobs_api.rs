@@ -555,6 +555,15 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
             "invalid_wait",
         ),
         (
+            // A sum humantime would panic on.
+            format!(
+                "{jobs}/{}?wait=18446744073709551615s1000000000ns",
+                Uuid::now_v7()
+            ),
+            400,
+            "invalid_wait",
+        ),
+        (
             format!("{jobs}/{}?color=red", Uuid::now_v7()),
             400,
             "invalid_query",

@@ -34,6 +34,10 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Longest long poll a request may ask for with `?wait=`.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 
+/// The longest `?wait=` duration text (`1m 30s 500ms`); plain seconds may be longer (leading
+/// zeros).
+pub const MAX_WAIT_TEXT: usize = 32;
+
 /// Why a `?wait=` value is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BadWait {
@@ -49,7 +53,23 @@ pub enum BadWait {
 pub fn parse_wait(s: &str) -> Result<Duration, BadWait> {
     let d = match s.parse::<u64>() {
         Ok(secs) => Duration::from_secs(secs),
-        Err(_) => humantime::parse_duration(s).map_err(|_| BadWait::NotADuration)?,
+        Err(_) => {
+            // humantime panics when its sum reaches exactly u64::MAX seconds with a second
+            // carried from the nanoseconds (`18446744073709551615s1000000000ns`). Each number
+            // counts at least nanoseconds, so one over 30 s of them is too long in any unit;
+            // the rest are at most 3e10 years each, and 16 of them (in 32 characters) stay far
+            // below u64::MAX seconds.
+            if s.len() > MAX_WAIT_TEXT {
+                return Err(BadWait::NotADuration);
+            }
+            let most = MAX_WAIT.as_nanos();
+            if s.split(|c: char| !c.is_ascii_digit())
+                .any(|n| n.parse::<u128>().is_ok_and(|n| n > most))
+            {
+                return Err(BadWait::TooLong);
+            }
+            humantime::parse_duration(s).map_err(|_| BadWait::NotADuration)?
+        }
     };
     if d <= MAX_WAIT {
         Ok(d)
@@ -620,4 +640,32 @@ where
         Ok(())
     });
     Ok(RunningServer { addr, task })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_is_read_or_refused_never_a_panic() {
+        assert_eq!(parse_wait("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_wait("0005"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_wait("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_wait("1s 500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_wait("30000000000ns"), Ok(MAX_WAIT));
+        assert_eq!(parse_wait("30000000001ns"), Err(BadWait::TooLong));
+        assert_eq!(parse_wait("31s"), Err(BadWait::TooLong));
+        assert_eq!(parse_wait("forever"), Err(BadWait::NotADuration));
+        // humantime panics on the first: u64::MAX seconds and a second carried from the
+        // nanoseconds.
+        assert_eq!(
+            parse_wait("18446744073709551615s1000000000ns"),
+            Err(BadWait::NotADuration)
+        );
+        assert_eq!(
+            parse_wait("18446744073709551615s999ms"),
+            Err(BadWait::TooLong)
+        );
+        assert_eq!(parse_wait(&"1s".repeat(17)), Err(BadWait::NotADuration));
+    }
 }
