@@ -498,7 +498,9 @@ const ENQUEUE_MANY_SQL: &str = concat!(
 /// Inserts many jobs in one statement inside the caller's transaction. The whole batch is
 /// refused if any company would go over its waiting limit, so nothing half-written remains,
 /// and if any job carries an idempotency key ([`EnqueueError::KeyInBulk`]): a key would be
-/// silently dropped otherwise. Returns the new ids in input order.
+/// silently dropped otherwise. The shard's cap is the caller's `limits.shard_full`, as for
+/// [`enqueue`]: a batch begun below the cap is taken whole and may leave the shard above it by
+/// up to its own size, so a caller bounds its batches. Returns the new ids in input order.
 pub async fn enqueue_many(
     tx: &impl QueueTx,
     jobs: &[NewJob],
