@@ -524,6 +524,15 @@ async fn a_shard_whose_database_is_down_can_still_be_taken_out_of_placement() {
             && !out.contains("nothing to change"),
         "{out}"
     );
+    // In JSON, the schema version of a database not looked at is null, not 0 (a database
+    // without a schema), as in `shard list --json`.
+    let (code, out, err) = apply(&["--skip-unreachable", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let shard = &report["shards"][0];
+    assert_eq!(shard["id"], "shard-1", "{out}");
+    assert!(shard["skipped"].is_string(), "{out}");
+    assert!(shard["schema_version"].is_null(), "{out}");
 
     // A shard new to the catalog is never skipped: nothing would vouch for its database.
     let fresh = TestDb::reserve();

@@ -92,15 +92,13 @@ async fn apply(cfg: &Config, args: ApplyArgs) -> anyhow::Result<()> {
         if what.is_empty() {
             what.push("unchanged".into());
         }
-        if s.skipped.is_some() || s.retired {
-            outln!("shard {}: {}", s.id, what.join("; "));
-        } else {
-            outln!(
-                "shard {}: {} (schema version {})",
+        match s.schema_version {
+            None => outln!("shard {}: {}", s.id, what.join("; ")),
+            Some(version) => outln!(
+                "shard {}: {} (schema version {version})",
                 s.id,
-                what.join("; "),
-                s.schema_version
-            );
+                what.join("; ")
+            ),
         }
     }
     for id in &report.undeclared {

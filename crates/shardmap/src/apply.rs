@@ -32,7 +32,9 @@ pub struct ShardOutcome {
     pub id: String,
     pub database_created: bool,
     pub migrations_applied: Vec<String>,
-    pub schema_version: i64,
+    /// `None` for a shard whose database was not looked at (skipped or retired): a 0 would
+    /// read as a database without a schema, to a script as to `shard list --json`.
+    pub schema_version: Option<i64>,
     /// Why its database was not migrated or checked (`skip_unreachable`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
@@ -110,7 +112,16 @@ pub async fn apply(
         // gets an empty database, its own must be restored) and whether its database moves (it
         // must then find its own data at the new URL).
         let current = known.iter().find(|k| k.id == spec.id);
-        let companies = current.map_or(0, |k| k.tenants);
+        let companies = match current {
+            // Counted with the fingerprint the catalog's change is checked against (`checked`,
+            // read after `known`): a company created on it in between must make it a moving
+            // shard with companies, not one that gets a new, empty database.
+            Some(k) if k.database_url != spec.database_url => {
+                checked.get(&spec.id).map_or(0, |c| c.count)
+            }
+            Some(k) => k.tenants,
+            None => 0,
+        };
         let same_url = current.is_some_and(|k| k.database_url == spec.database_url);
         let moving = companies > 0 && !same_url;
         // A shard already in the catalog whose database may be skipped when it cannot be
@@ -124,7 +135,7 @@ pub async fn apply(
                 id: spec.id.clone(),
                 database_created: false,
                 migrations_applied: vec![],
-                schema_version: 0,
+                schema_version: None,
                 skipped: None,
                 retired: true,
                 catalog: Change::Unchanged,
@@ -161,7 +172,7 @@ pub async fn apply(
                     id: spec.id.clone(),
                     database_created: false,
                     migrations_applied: vec![],
-                    schema_version: 0,
+                    schema_version: None,
                     skipped: Some(format!("{e:#}")),
                     retired: false,
                     catalog: Change::Unchanged,
@@ -206,7 +217,7 @@ pub async fn apply(
             id: spec.id.clone(),
             database_created,
             migrations_applied: report.applied,
-            schema_version: report.version,
+            schema_version: Some(report.version),
             skipped: None,
             retired: false,
             catalog: Change::Unchanged,
