@@ -75,18 +75,43 @@ impl DatabaseUrl {
     }
 }
 
-/// Replaces every password a PostgreSQL connection string can carry by [`REDACTED`], read the
-/// way tokio-postgres reads them: in a URL, the user information runs to the first `@`
-/// anywhere after the scheme (so a `/` in an unencoded password does not end it) and a
-/// `password=` query parameter counts too; in the `key=value` form, the `password` value,
-/// quoted or not.
+/// Replaces every password a connection string can carry by [`REDACTED`], read the way the
+/// drivers read them, and where they differ, the way that hides more:
+/// - in a URL, the user information runs to the first `@` anywhere after the scheme for
+///   tokio-postgres (so a `/` or `?` in an unencoded password does not end it) and to the
+///   last `@` before the path or query for lapin's URL parser (so an `@` in the password does
+///   not), so up to whichever comes later;
+/// - a query parameter whose name, percent-decoded, is `password` (tokio-postgres), whatever
+///   its value holds;
+/// - in the `key=value` form, the `password` value, quoted or not.
 pub fn redact_url_password(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return redact_keyword_password(url);
     };
     let (head, rest) = url.split_at(scheme_end + 3);
+    // Query parameters first: a `@` in one must not be taken for the end of a user name.
+    let rest = match rest.split_once('?') {
+        Some((before, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if percent_decoded(k) == "password" => {
+                        format!("{k}={REDACTED}")
+                    }
+                    _ => p.to_owned(),
+                })
+                .collect();
+            format!("{before}?{}", params.join("&"))
+        }
+        None => rest.to_owned(),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let user_end = match (rest.find('@'), rest[..authority_end].rfind('@')) {
+        (Some(first), Some(last)) => Some(first.max(last)),
+        (first, last) => first.or(last),
+    };
     let mut out = String::from(head);
-    let rest = match rest.find('@') {
+    let rest = match user_end {
         Some(at) => {
             let userinfo = &rest[..at];
             match userinfo.find(':') {
@@ -98,24 +123,35 @@ pub fn redact_url_password(url: &str) -> String {
             }
             &rest[at..]
         }
-        None => rest,
+        None => &rest[..],
     };
-    match rest.split_once('?') {
-        Some((path, query)) => {
-            out.push_str(path);
-            out.push('?');
-            let params: Vec<String> = query
-                .split('&')
-                .map(|p| match p.split_once('=') {
-                    Some((k, _)) if k == "password" => format!("{k}={REDACTED}"),
-                    _ => p.to_owned(),
-                })
-                .collect();
-            out.push_str(&params.join("&"));
-        }
-        None => out.push_str(rest),
-    }
+    out.push_str(rest);
     out
+}
+
+/// `%XX` sequences decoded (others left as they are), for comparing a query parameter's name.
+fn percent_decoded(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied(),
+            bytes.get(i + 2).copied(),
+        ) {
+            (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// [`redact_url_password`] for the `host=… password=…` form.
@@ -125,7 +161,9 @@ fn redact_keyword_password(conn: &str) -> String {
     while let Some(i) = rest.find("password") {
         let (before, from) = rest.split_at(i);
         let after = from["password".len()..].trim_start();
-        let keyword = before.is_empty() || before.ends_with(char::is_whitespace);
+        // After whitespace, or straight after a quoted value (`host='db'password=…`).
+        let keyword =
+            before.is_empty() || before.ends_with(char::is_whitespace) || before.ends_with('\'');
         let Some(value) = after.strip_prefix('=').filter(|_| keyword) else {
             out.push_str(&rest[..i + "password".len()]);
             rest = &rest[i + "password".len()..];
@@ -146,7 +184,18 @@ fn redact_keyword_password(conn: &str) -> String {
                 });
                 close.map_or(value.len(), |(j, _)| j + 2)
             }
-            None => value.find(char::is_whitespace).unwrap_or(value.len()),
+            // Unquoted: up to whitespace not escaped by a backslash (`pa\ ss`).
+            None => {
+                let mut escaped = false;
+                value
+                    .char_indices()
+                    .find(|&(_, c)| {
+                        let ends = !escaped && c.is_whitespace();
+                        escaped = !escaped && c == '\\';
+                        ends
+                    })
+                    .map_or(value.len(), |(j, _)| j)
+            }
         };
         rest = &value[end..];
     }
@@ -237,6 +286,43 @@ mod tests {
                 "host=db user=passwordless dbname=cat",
             ),
             ("postgres://db/cat", "postgres://db/cat"),
+            // lapin's URL parser ends the user information at the last `@`.
+            (
+                "amqp://app:p@ssw0rd@broker/%2f",
+                "amqp://app:[redacted]@broker/%2f",
+            ),
+            // tokio-postgres's at the first, past a `?`.
+            (
+                "postgres://app:p?ss@db/cat",
+                "postgres://app:[redacted]@db/cat",
+            ),
+            // An `@` in a query parameter's password.
+            (
+                "postgres://db/cat?password=s3@cret&x=1",
+                "postgres://db/cat?password=[redacted]&x=1",
+            ),
+            (
+                "postgres://app@db/cat?password=s3@cret",
+                "postgres://app@db/cat?password=[redacted]",
+            ),
+            // A parameter name the driver decodes.
+            (
+                "postgres://app@db/cat?pass%77ord=s3cret",
+                "postgres://app@db/cat?pass%77ord=[redacted]",
+            ),
+            (
+                "postgres://app@db/cat?application_name=a@b",
+                "postgres://app@db/cat?application_name=a@b",
+            ),
+            // Straight after a quoted value, and an escaped space in an unquoted one.
+            (
+                "host='db'password=s3cret dbname=cat",
+                "host='db'password=[redacted] dbname=cat",
+            ),
+            (
+                "host=db password=pa\\ ss dbname=cat",
+                "host=db password=[redacted] dbname=cat",
+            ),
         ] {
             assert_eq!(redact_url_password(given), shown, "{given}");
         }
