@@ -1273,6 +1273,32 @@ async fn job_finished_events_reach_rabbitmq_by_company() {
     broker.cleanup().await;
 }
 
+/// A node relaying `db`'s events to `exchange` through an [`AlarmProxy`] in front of the
+/// broker, with a grace period of 1 s.
+///
+/// [`AlarmProxy`]: tenantry_testkit::alarm::AlarmProxy
+async fn relay_behind_an_alarm(
+    db: &TestDb,
+    exchange: &str,
+) -> (tenantry_testkit::alarm::AlarmProxy, Served) {
+    let (alarm, url) =
+        tenantry_testkit::alarm::AlarmProxy::in_front_of(&tenantry_testkit::amqp_url()).await;
+    let mut cmd = shard_node(&db.url, false, 1);
+    cmd.env("TENANTRY_RABBITMQ__RELAY_EVENTS", "true")
+        .env("TENANTRY_RABBITMQ__URL", &url)
+        .env("TENANTRY_RABBITMQ__EVENTS_EXCHANGE", exchange)
+        .env("TENANTRY_SHUTDOWN__GRACE_PERIOD", "1s");
+    (alarm, start_worker(&mut cmd))
+}
+
+/// An outbox row of one `job.finished` event for `company`, told apart by `n`.
+fn outbox_event(company: Uuid, n: i32) -> String {
+    format!(
+        "INSERT INTO outbox (events) VALUES (jsonb_build_array(jsonb_build_object(
+             'type', 'job.finished', 'company_id', '{company}', 'n', {n})))"
+    )
+}
+
 #[tokio::test]
 async fn while_rabbitmq_blocks_publishers_the_relay_holds_no_transaction_and_still_stops() {
     // During a memory or disk alarm RabbitMQ answers a connection's publish with
@@ -1285,22 +1311,8 @@ async fn while_rabbitmq_blocks_publishers_the_relay_holds_no_transaction_and_sti
     let broker = TestBroker::new().await;
     let company = Uuid::now_v7();
     let (ch, exchange, queue) = company_events(&broker, company).await;
-    let (alarm, url) =
-        tenantry_testkit::alarm::AlarmProxy::in_front_of(&tenantry_testkit::amqp_url()).await;
-    let node = || {
-        let mut cmd = shard_node(&db.url, false, 1);
-        cmd.env("TENANTRY_RABBITMQ__RELAY_EVENTS", "true")
-            .env("TENANTRY_RABBITMQ__URL", &url)
-            .env("TENANTRY_RABBITMQ__EVENTS_EXCHANGE", &exchange)
-            .env("TENANTRY_SHUTDOWN__GRACE_PERIOD", "1s");
-        start_worker(&mut cmd)
-    };
-    let event = |n: i32| {
-        format!(
-            "INSERT INTO outbox (events) VALUES (jsonb_build_array(jsonb_build_object(
-                 'type', 'job.finished', 'company_id', '{company}', 'n', {n})))"
-        )
-    };
+    let (alarm, mut served) = relay_behind_an_alarm(&db, &exchange).await;
+    let event = |n: i32| outbox_event(company, n);
     let unpublished = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
     // Transactions of the node's connections open for over half a second.
     let held = format!(
@@ -1308,7 +1320,6 @@ async fn while_rabbitmq_blocks_publishers_the_relay_holds_no_transaction_and_sti
             AND xact_start < now() - interval '500 ms' AND pid <> pg_backend_pid()",
         db.name
     );
-    let mut served = node();
     db.exec(&event(1)).await;
     assert_eq!(
         until_count(&db, unpublished, 0, Duration::from_secs(10)).await,
@@ -1370,20 +1381,8 @@ async fn a_connection_lost_while_rabbitmq_blocks_publishers_is_replaced() {
     let broker = TestBroker::new().await;
     let company = Uuid::now_v7();
     let (ch, exchange, queue) = company_events(&broker, company).await;
-    let (alarm, url) =
-        tenantry_testkit::alarm::AlarmProxy::in_front_of(&tenantry_testkit::amqp_url()).await;
-    let mut cmd = shard_node(&db.url, false, 1);
-    cmd.env("TENANTRY_RABBITMQ__RELAY_EVENTS", "true")
-        .env("TENANTRY_RABBITMQ__URL", &url)
-        .env("TENANTRY_RABBITMQ__EVENTS_EXCHANGE", &exchange)
-        .env("TENANTRY_SHUTDOWN__GRACE_PERIOD", "1s");
-    let mut served = start_worker(&mut cmd);
-    let event = |n: i32| {
-        format!(
-            "INSERT INTO outbox (events) VALUES (jsonb_build_array(jsonb_build_object(
-                 'type', 'job.finished', 'company_id', '{company}', 'n', {n})))"
-        )
-    };
+    let (alarm, mut served) = relay_behind_an_alarm(&db, &exchange).await;
+    let event = |n: i32| outbox_event(company, n);
     let unpublished = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
     db.exec(&event(1)).await;
     assert_eq!(
