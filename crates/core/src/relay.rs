@@ -196,7 +196,8 @@ impl Relay {
     async fn connected(&self, shutdown: &CancellationToken, held: &Held) -> anyhow::Result<()> {
         // A broker that accepts the connection but never answers must not hold the relay (and
         // its shutdown) forever.
-        let (conn, channel) = tokio::time::timeout(BROKER_TIMEOUT, async {
+        // Nor a shutdown, which the role waits for the relay to see.
+        let connecting = tokio::time::timeout(BROKER_TIMEOUT, async {
             let conn = Connection::connect(&self.amqp_url, ConnectionProperties::default())
                 .await
                 .context("connecting to RabbitMQ")?;
@@ -206,9 +207,12 @@ impl Relay {
                 .await?;
             declare_exchange(&channel, &self.exchange, self.kind.clone()).await?;
             anyhow::Ok((conn, channel))
-        })
-        .await
-        .map_err(|_| anyhow::anyhow!("RabbitMQ did not answer within {BROKER_TIMEOUT:?}"))??;
+        });
+        let (conn, channel) = tokio::select! {
+            connected = connecting => connected
+                .map_err(|_| anyhow::anyhow!("RabbitMQ did not answer within {BROKER_TIMEOUT:?}"))??,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
         tracing::info!(relay = self.name, exchange = %self.exchange, "relay connected");
         let mut pruned = std::time::Instant::now();
         loop {

@@ -114,16 +114,20 @@ async fn listen(
 ) -> anyhow::Result<()> {
     // A broker that accepts the connection but never finishes the handshake must not hold the
     // subscription (and its reconnects) for good.
-    let (conn, _channel, queue, mut consumer) = tokio::time::timeout(BROKER_TIMEOUT, async {
+    // Nor a shutdown, which the gateway role waits for this task to see.
+    let connecting = tokio::time::timeout(BROKER_TIMEOUT, async {
         let conn = Connection::connect(url, ConnectionProperties::default())
             .await
             .context("connecting to RabbitMQ")?;
         let channel = conn.create_channel().await?;
         let (queue, consumer) = subscribe(&channel, exchange).await?;
         anyhow::Ok((conn, channel, queue, consumer))
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("RabbitMQ did not answer within {BROKER_TIMEOUT:?}"))??;
+    });
+    let (conn, _channel, queue, mut consumer) = tokio::select! {
+        connected = connecting => connected
+            .map_err(|_| anyhow::anyhow!("RabbitMQ did not answer within {BROKER_TIMEOUT:?}"))??,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
     // Bound first, flushed second: every change from here on arrives as a message, and
     // everything before is re-read from the catalog.
     router.on_connected();

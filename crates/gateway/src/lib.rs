@@ -22,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use companies::CREATE_SCOPE;
 
+/// How long the gateway role waits for its background tasks once its server has drained.
+const BACKGROUND_STOP: Duration = Duration::from_millis(1500);
+
 /// Scope required by operator endpoints such as `GET /v1/shard-map/version`.
 pub const OPERATOR_SCOPE: &str = "shardmap:read";
 
@@ -176,17 +179,29 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
     )?;
     tracing::info!(role = "gateway", listen = %addr, "gateway listening");
     // Once the server has drained at shutdown, the role ends when its background tasks have:
-    // the shard-map subscription and the catalog relay close their RabbitMQ connections, and a
-    // relay batch under way is confirmed (or given up after a second), instead
-    // of being cut off when the process exits. `tenantry serve` bounds the wait by the grace
-    // period. A server that ended without a shutdown (its listener failed) returns at once, so
-    // the process still goes down.
+    // the shard-map subscription and the catalog relay close their RabbitMQ connections (a
+    // second at most each), and a relay batch under way is confirmed (or given up after a
+    // second), instead of being cut off when the process exits. They have had the drain's time
+    // too, and get `BACKGROUND_STOP` more at most (a catalog read under way, say), then are
+    // aborted: within the 2 s `tenantry serve` allows a role past the grace period. A server
+    // that ended without a shutdown (its listener failed) returns at once, so the process
+    // still goes down.
     let task = tokio::spawn(async move {
         let served = task
             .await
             .unwrap_or_else(|e| Err(anyhow::anyhow!("gateway server task panicked: {e}")));
         if shutdown.is_cancelled() {
-            while background.join_next().await.is_some() {}
+            let joined = tokio::time::timeout(BACKGROUND_STOP, async {
+                while background.join_next().await.is_some() {}
+            })
+            .await;
+            if joined.is_err() {
+                tracing::warn!(
+                    tasks = background.len(),
+                    "gateway background tasks still busy at shutdown; stopping without them"
+                );
+                background.abort_all();
+            }
         }
         served
     });
