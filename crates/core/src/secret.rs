@@ -89,22 +89,23 @@ pub fn redact_url_password(url: &str) -> String {
         return redact_keyword_password(url);
     };
     let (head, rest) = url.split_at(scheme_end + 3);
-    // Query parameters first: a `@` in one must not be taken for the end of a user name.
-    let rest = match rest.split_once('?') {
-        Some((before, query)) => {
-            let params: Vec<String> = query
-                .split('&')
-                .map(|p| match p.split_once('=') {
-                    Some((k, _)) if percent_decoded(k) == "password" => {
-                        format!("{k}={REDACTED}")
-                    }
-                    _ => p.to_owned(),
-                })
-                .collect();
-            format!("{before}?{}", params.join("&"))
-        }
-        None => rest.to_owned(),
-    };
+    // Query parameters first: a `@` in one must not be taken for the end of a user name. The
+    // query may start at any `?` (one may be inside the password), so parameters are looked
+    // for after each.
+    let mut parts = rest.split('?');
+    let mut redacted = parts.next().unwrap_or_default().to_owned();
+    for query in parts {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if percent_decoded(k) == "password" => format!("{k}={REDACTED}"),
+                _ => p.to_owned(),
+            })
+            .collect();
+        redacted.push('?');
+        redacted.push_str(&params.join("&"));
+    }
+    let rest = redacted;
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let user_end = match (rest.find('@'), rest[..authority_end].rfind('@')) {
         (Some(first), Some(last)) => Some(first.max(last)),
@@ -295,6 +296,18 @@ mod tests {
             (
                 "postgres://app:p?ss@db/cat",
                 "postgres://app:[redacted]@db/cat",
+            ),
+            (
+                "postgres://app:p?ss@db/cat?password=s3cret",
+                "postgres://app:[redacted]@db/cat?password=[redacted]",
+            ),
+            (
+                "postgres://user:pw@host:5432/db?sslmode=require",
+                "postgres://user:[redacted]@host:5432/db?sslmode=require",
+            ),
+            (
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                "amqp://guest:[redacted]@127.0.0.1:5672/%2f",
             ),
             // An `@` in a query parameter's password.
             (
