@@ -161,10 +161,10 @@ pub fn json_len(value: &Value) -> u64 {
     count.0
 }
 
-/// The length of the JSON text `text` without the whitespace between its tokens: an upper
-/// bound, within a few bytes for unusual number spellings, on the [`json_len`] of its value
-/// that is counted without parsing it. Escapes count as written (`"\u0041"` is 8 bytes here, 3
-/// once parsed), so a limit applied to it is applied to the text as sent.
+/// The length of the JSON text `text` without the whitespace between its tokens, counted
+/// without parsing it: for a size limit applied to the text as sent. Escapes count as written
+/// (`"\u0041"` is 8 bytes here, 3 once parsed). It is not a bound on the [`json_len`] of its
+/// value: a number may be written back longer than it was sent (`1e2` as `100.0`).
 pub fn json_text_len(text: &str) -> u64 {
     let (mut len, mut in_string, mut escaped) = (0u64, false, false);
     for b in text.bytes() {

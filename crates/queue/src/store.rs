@@ -1384,8 +1384,9 @@ pub async fn rescue_expired(
 
 /// Gives the jobs leased to worker `$1`, but for those in `$2`, back to `waiting`, without
 /// counting the attempt. Rows another transaction holds locked are skipped, not waited for:
-/// that is the worker's own completion still being written, or a rescue of a lease that ran
-/// out (the rescuer returns the job if the completion never commits), and waiting for it could
+/// that is the worker's own completion still being written, a rescue of a lease that ran out
+/// (the rescuer returns the job if the completion never commits), or a long poll marking its
+/// job for a moment (a stopping worker tries again, see [`leased`]), and waiting for it could
 /// outlast the stop. (The stopping worker's heartbeat, whose renewals lock rows too, is
 /// stopped before its release.)
 const RELEASE_SQL: &str = "UPDATE jobs j SET state = 'waiting', worker_id = NULL,

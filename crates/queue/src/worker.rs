@@ -646,38 +646,39 @@ impl Worker {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .lost_ids(Instant::now());
+        // What was given back, kept whatever happens to a later try.
+        let mut jobs = Vec::new();
         let released = tokio::time::timeout_at(end, async {
-            let client = this.pool.get().await?;
-            let mut jobs = store::release(&**client, &this.id, &lost).await?;
+            let client = Detaching(Some(this.pool.get().await?));
+            jobs.extend(store::release(&***client, &this.id, &lost).await?);
             // The release skips rows another transaction holds locked (see `store::release`):
             // a long poll marking its job, a rescue, or this worker's completion cut off above.
             // Those locks end soon, or with their connection; whatever is still leased to this
             // worker then is tried again while the time lasts.
-            while tokio::time::Instant::now() + STOP_RELEASE_RETRY < end
-                && store::leased(&**client, &this.id, &lost).await? > 0
+            while tokio::time::Instant::now() + 2 * STOP_RELEASE_RETRY < end
+                && store::leased(&***client, &this.id, &lost).await? > 0
             {
                 tokio::time::sleep(STOP_RELEASE_RETRY).await;
-                jobs.extend(store::release(&**client, &this.id, &lost).await?);
+                jobs.extend(store::release(&***client, &this.id, &lost).await?);
             }
-            Ok::<_, anyhow::Error>(jobs)
+            client.done();
+            Ok::<_, anyhow::Error>(())
         })
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
-        match released {
-            Ok(jobs) => {
-                log_each(&jobs, |job| {
-                    let _in_job = job.span().entered();
-                    tracing::info!(worker.id = %this.id, "released back to waiting: the worker stopped before the job finished");
-                });
-                if !jobs.is_empty() {
-                    tracing::info!(worker.id = %this.id, jobs = jobs.len(), "released unfinished jobs back to waiting");
-                }
-            }
-            // Their leases expire and the rescuer returns them.
-            Err(e) => tracing::warn!(
+        log_each(&jobs, |job| {
+            let _in_job = job.span().entered();
+            tracing::info!(worker.id = %this.id, "released back to waiting: the worker stopped before the job finished");
+        });
+        if !jobs.is_empty() {
+            tracing::info!(worker.id = %this.id, jobs = jobs.len(), "released unfinished jobs back to waiting");
+        }
+        // Their leases expire and the rescuer returns them.
+        if let Err(e) = released {
+            tracing::warn!(
                 error = format!("{e:#}"),
-                "could not release unfinished jobs"
-            ),
+                "could not release (all) unfinished jobs"
+            );
         }
         let mut janitor = janitor;
         let stopped = tokio::time::timeout_at(end + STOP_FLUSH, async {
@@ -1038,6 +1039,9 @@ struct InFlight {
 
 impl InFlight {
     fn add(&mut self, id: Uuid) {
+        // Claimed again (rescued, then claimed by this worker): a new attempt, to be held
+        // while it runs, released at a stop like any other.
+        self.lost.remove(&id);
         *self.running.entry(id).or_default() += 1;
     }
 
@@ -1052,6 +1056,9 @@ impl InFlight {
 
     /// `id` ran and its outcome was given up on; held for `release_unheld` until `until`.
     fn lost(&mut self, id: Uuid, until: Instant) {
+        // Those whose time is up go here too: `held` runs only after a failed claim.
+        let now = Instant::now();
+        self.lost.retain(|_, until| *until > now);
         self.lost.insert(id, until);
     }
 
@@ -1134,8 +1141,9 @@ async fn heartbeat_loop(this: Arc<Worker>, running: Arc<Mutex<InFlight>>, stop: 
 /// process, so not at every rescue pass.
 pub const DEPTH_INTERVAL: Duration = Duration::from_secs(15);
 
-/// How often the completer tries to write a batch of outcomes: with its backoff (from 100 ms,
-/// doubling to 5 s), for about 76 s, long enough to ride out a failover.
+/// How often the completer tries to write a batch of outcomes: with its backoff between tries
+/// (from 100 ms, doubling to 5 s, spread by a quarter), for about a minute, long enough to
+/// ride out a failover.
 pub const OUTCOME_TRIES: u32 = 20;
 
 /// Rescues expired leases, prunes old rows and refreshes the depth gauges.
@@ -1291,15 +1299,18 @@ mod tests {
         let mut held = in_flight.held(now);
         held.sort();
         assert_eq!(held, vec![lost, running], "not given back uncounted");
-        // Claimed again by this worker after a rescue: held once.
-        in_flight.add(lost);
-        assert_eq!(in_flight.held(now).len(), 2);
-        in_flight.remove(lost);
         assert_eq!(
             in_flight.held(now + Duration::from_secs(61)),
             vec![running],
             "forgotten once the rescuer has had its time"
         );
         assert!(in_flight.lost.is_empty());
+        // Claimed again by this worker after a rescue: a new attempt, held while it runs and
+        // no longer once it has ended.
+        in_flight.lost(lost, now + Duration::from_secs(60));
+        in_flight.add(lost);
+        assert_eq!(in_flight.held(now).len(), 2);
+        in_flight.remove(lost);
+        assert_eq!(in_flight.held(now), vec![running]);
     }
 }

@@ -160,7 +160,7 @@ fn check_job(
             "params must not contain the character U+0000, which a job record cannot hold",
         ));
     }
-    // Parsed, a number may be spelt a few bytes longer than sent (`1e2` is stored as 100).
+    // Parsed, a number may be written back longer than sent (`1e2` as `100.0`).
     if json_len(&params) > limit {
         return Err(too_large());
     }
