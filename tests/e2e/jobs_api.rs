@@ -1392,11 +1392,21 @@ async fn a_connection_lost_while_rabbitmq_blocks_publishers_is_replaced() {
     alarm.raise();
     tokio::time::sleep(Duration::from_millis(300)).await;
     db.exec(&event(2)).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        until_count(&db, unpublished, 1, Duration::from_secs(1)).await,
-        1
-    );
+    // The relay has tried to publish it, and waits out the alarm.
+    let mut seen = Vec::new();
+    let started = Instant::now();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("RabbitMQ is blocking publishers"))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the relay never met the alarm: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        seen.extend(served.drain_logs());
+    }
+    assert_eq!(until_count(&db, unpublished, 1, Duration::ZERO).await, 1);
     // The broker goes away while it blocks the relay; the one it comes back as has no alarm.
     alarm.cut_connections();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1409,7 +1419,8 @@ async fn a_connection_lost_while_rabbitmq_blocks_publishers_is_replaced() {
     assert!(queue_depth(&ch, &queue).await >= 2);
     served.signal("TERM");
     assert_eq!(served.wait_exit(Duration::from_secs(10)), Some(0));
-    let logs = served.logs_to_end(Duration::from_secs(5)).join("\n");
+    seen.extend(served.logs_to_end(Duration::from_secs(5)));
+    let logs = seen.join("\n");
     assert!(
         logs.contains("the connection closed while RabbitMQ blocked publishers"),
         "{logs}"
