@@ -89,23 +89,8 @@ pub fn redact_url_password(url: &str) -> String {
         return redact_keyword_password(url);
     };
     let (head, rest) = url.split_at(scheme_end + 3);
-    // Query parameters first: a `@` in one must not be taken for the end of a user name. The
-    // query may start at any `?` (one may be inside the password), so parameters are looked
-    // for after each.
-    let mut parts = rest.split('?');
-    let mut redacted = parts.next().unwrap_or_default().to_owned();
-    for query in parts {
-        let params: Vec<String> = query
-            .split('&')
-            .map(|p| match p.split_once('=') {
-                Some((k, _)) if percent_decoded(k) == "password" => format!("{k}={REDACTED}"),
-                _ => p.to_owned(),
-            })
-            .collect();
-        redacted.push('?');
-        redacted.push_str(&params.join("&"));
-    }
-    let rest = redacted;
+    // Query parameters first: a `@` in one must not be taken for the end of a user name.
+    let rest = redact_query_passwords(rest);
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let user_end = match (rest.find('@'), rest[..authority_end].rfind('@')) {
         (Some(first), Some(last)) => Some(first.max(last)),
@@ -127,6 +112,42 @@ pub fn redact_url_password(url: &str) -> String {
         None => &rest[..],
     };
     out.push_str(rest);
+    out
+}
+
+/// The values of `password` parameters in `rest` (a URL after its scheme) replaced. The query
+/// may start at any `?` (one may be inside the user's password), so parameters are looked for
+/// after each; a value runs to the next `&`, a `?` in it included, as the driver reads it.
+fn redact_query_passwords(rest: &str) -> String {
+    let mut values = Vec::new();
+    for (q, _) in rest.match_indices('?') {
+        let mut start = q + 1;
+        loop {
+            let end = rest[start..].find('&').map_or(rest.len(), |j| start + j);
+            if let Some((k, _)) = rest[start..end].split_once('=')
+                && percent_decoded(k) == "password"
+            {
+                values.push((start + k.len() + 1, end));
+            }
+            if end == rest.len() {
+                break;
+            }
+            start = end + 1;
+        }
+    }
+    values.sort_unstable();
+    let (mut out, mut at) = (String::with_capacity(rest.len()), 0);
+    for (from, to) in values {
+        if from < at {
+            // Within a value already hidden (seen from an earlier `?`): hide to its end too.
+            at = at.max(to);
+            continue;
+        }
+        out.push_str(&rest[at..from]);
+        out.push_str(REDACTED);
+        at = to;
+    }
+    out.push_str(&rest[at..]);
     out
 }
 
@@ -300,6 +321,15 @@ mod tests {
             (
                 "postgres://app:p?ss@db/cat?password=s3cret",
                 "postgres://app:[redacted]@db/cat?password=[redacted]",
+            ),
+            // A `?` in the parameter's value is part of it.
+            (
+                "postgres://db/cat?password=ab?cd&x=1",
+                "postgres://db/cat?password=[redacted]&x=1",
+            ),
+            (
+                "postgres://db/cat?x=1&password=a?password=b&y=2",
+                "postgres://db/cat?x=1&password=[redacted]&y=2",
             ),
             (
                 "postgres://user:pw@host:5432/db?sslmode=require",
