@@ -319,6 +319,21 @@ async fn a_relay_stuck_connecting_to_a_silent_broker_stops_at_once_on_sigterm() 
         .env("TENANTRY_RABBITMQ__URL", &broker)
         .env("TENANTRY_SHUTDOWN__GRACE_PERIOD", "1s");
     let mut served = crate::support::start_worker(&mut cmd);
+    // The relay is in its connect once the broker has its connection.
+    silent.set_nonblocking(true).unwrap();
+    let started = std::time::Instant::now();
+    let _held = loop {
+        match silent.accept() {
+            Ok((conn, _)) => break conn,
+            Err(_) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "the relay never connected"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
     served.signal("TERM");
     assert_eq!(served.wait_exit(Duration::from_secs(10)), Some(0));
     let logs = served.logs_to_end(Duration::from_secs(5)).join("\n");

@@ -655,13 +655,19 @@ impl Worker {
             // a long poll marking its job, a rescue, or this worker's completion cut off above.
             // Those locks end soon, or with their connection; whatever is still leased to this
             // worker then is tried again while the time lasts.
-            while tokio::time::Instant::now() + 2 * STOP_RELEASE_RETRY < end
-                && store::leased(&***client, &this.id, &lost).await? > 0
-            {
+            let mut locked = 0;
+            while tokio::time::Instant::now() + 2 * STOP_RELEASE_RETRY < end {
+                locked = store::leased(&***client, &this.id, &lost).await?;
+                if locked == 0 {
+                    break;
+                }
                 tokio::time::sleep(STOP_RELEASE_RETRY).await;
                 jobs.extend(store::release(&***client, &this.id, &lost).await?);
             }
             client.done();
+            if locked > 0 {
+                anyhow::bail!("{locked} job rows stayed locked by other transactions");
+            }
             Ok::<_, anyhow::Error>(())
         })
         .await
