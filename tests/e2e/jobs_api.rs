@@ -578,6 +578,20 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
         let r = c.head(&url).bearer_auth(&member).send().await.unwrap();
         assert_eq!(r.status().as_u16(), status, "HEAD {shown}");
     }
+    // A duration spelt longer than the API reads says so.
+    let mut r = c
+        .get(format!(
+            "{jobs}/{}?wait={}",
+            Uuid::now_v7(),
+            "1s".repeat(17)
+        ))
+        .bearer_auth(&member)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let message = error_of!(r).error.message;
+    assert!(message.contains("at most 32 characters"), "{message}");
     // Bytes that are not UTF-8 are malformed JSON; methods the routes do not serve are 405.
     let mut r = c
         .post(&jobs)

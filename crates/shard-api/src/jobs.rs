@@ -523,8 +523,9 @@ fn parse_wait(s: &str) -> Result<Duration, ApiError> {
         let message = match bad {
             http::BadWait::NotADuration => {
                 format!(
-                    "wait {:?} is not a duration like 5s or 500ms",
-                    shorten(s, 64)
+                    "wait {:?} is not a duration like 5s or 500ms (of at most {} characters)",
+                    shorten(s, 64),
+                    http::MAX_WAIT_TEXT
                 )
             }
             http::BadWait::TooLong => format!(
