@@ -806,6 +806,51 @@ async fn a_running_job_keeps_its_lease_while_the_shared_pool_is_exhausted() {
 }
 
 #[tokio::test]
+async fn a_running_job_keeps_its_lease_when_its_heartbeat_connection_dies_silently() {
+    // The connection the heartbeat keeps dies without a word (a failover whose old host
+    // vanished): a renewal sent on it would wait for the kernel to give up, some 15 minutes,
+    // while every lease ran out. It must give up on that connection and renew on another.
+    let db = TestDb::new(Schema::Shard).await;
+    let (proxy, through) = tenantry_testkit::proxy::TcpProxy::in_front_of(&db.url).await;
+    let pool = store::pool(
+        &tenantry_core::secret::DatabaseUrl::new(through),
+        4,
+        &dev_config().database,
+        "test",
+    )
+    .unwrap();
+    let id = enqueue_one(&db, job(Uuid::now_v7(), "sleep", json!({"ms": 7000}), 1)).await;
+    let mut opts = options("shard-t", 100);
+    opts.lease = Duration::from_secs(3);
+    let running = spawn_worker(Worker::new(
+        pool,
+        builtins(&["sleep"]),
+        opts,
+        listener(&db, 10),
+    ));
+    assert!(crate::support::until_state(&db, id, "processing", Duration::from_secs(10)).await);
+    // Past the first renewal (a third of the lease), every connection open now goes silent.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.stall_open();
+    let mut c = db.client().await;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        assert_eq!(
+            store::rescue_expired(&mut c, 10, Duration::ZERO, Duration::ZERO)
+                .await
+                .unwrap(),
+            (vec![], vec![]),
+            "the lease lapsed while the heartbeat's connection hung"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    proxy.restore();
+    assert!(crate::support::until_state(&db, id, "done", Duration::from_secs(15)).await);
+    assert_eq!(state_of(&db, id).await, ("done".into(), 1));
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn a_running_job_keeps_its_lease_past_its_length_and_only_its_worker_renews_it() {
     // A 3 s lease renewed every second, and a 7 s job: without the heartbeat the rescuer would
     // take the job back after three seconds and it would run twice.

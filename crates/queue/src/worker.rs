@@ -997,6 +997,13 @@ impl Detaching {
     fn done(mut self) {
         self.0.take();
     }
+
+    /// The connection, its statements ended, to be kept (and later handed back as usual).
+    fn keep(mut self) -> deadpool_postgres::Object {
+        self.0
+            .take()
+            .expect("a Detaching holds its connection until consumed")
+    }
 }
 
 impl std::ops::Deref for Detaching {
@@ -1118,18 +1125,33 @@ async fn heartbeat_loop(this: Arc<Worker>, running: Arc<Mutex<InFlight>>, stop: 
             held = None;
             continue;
         }
-        let renewed = async {
-            let client = match held.take() {
+        // Bounded: a connection that died silently (a failover whose old host vanished, a
+        // dropped NAT entry) does not fail a renewal sent on it until the kernel gives up
+        // retransmitting, some 15 minutes, and meanwhile every lease would run out. Cut off, the
+        // connection is closed rather than handed back, and so are the pool's idle ones (dead
+        // the same way, most likely); the next renewal follows at once, on a new connection.
+        let limit = period / 2;
+        let renewed = tokio::time::timeout(limit, async {
+            let client = Detaching(Some(match held.take() {
                 Some(client) => client,
                 None => this.pool.get().await?,
-            };
-            store::heartbeat(&**client, &this.id, &ids, this.opts.lease).await?;
-            Ok::<_, anyhow::Error>(client)
-        }
+            }));
+            store::heartbeat(&***client, &this.id, &ids, this.opts.lease).await?;
+            Ok::<_, anyhow::Error>(client.keep())
+        })
         .await;
         match renewed {
-            Ok(client) => held = hold.then_some(client),
-            Err(e) => {
+            Ok(Ok(client)) => held = hold.then_some(client),
+            Err(_) => {
+                let closed = this.pool.retain(|_, _| false).removed.len();
+                tracing::warn!(
+                    jobs = ids.len(),
+                    idle_connections_closed = closed,
+                    "lease renewal got no connection or no answer within {limit:?}; trying again on a new connection"
+                );
+                wait = Duration::ZERO;
+            }
+            Ok(Err(e)) => {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     jobs = ids.len(),

@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -33,6 +33,10 @@ pub struct TcpProxy {
     open: Arc<AtomicBool>,
     /// While set, nothing the clients send reaches the server: it looks alive and silent.
     stalled: Arc<AtomicBool>,
+    /// Connections accepted so far, numbered from 0 in order.
+    accepted: Arc<AtomicU64>,
+    /// Connections numbered below this one are stalled as with `stalled` (0: none).
+    stalled_below: Arc<AtomicU64>,
     cuts: watch::Sender<u64>,
     trap: Trap,
     runtime: Option<tokio::runtime::Runtime>,
@@ -56,6 +60,9 @@ impl TcpProxy {
         let trap: Trap = Arc::default();
         let (gate, kill, armed) = (open.clone(), cuts.subscribe(), trap.clone());
         let silent = stalled.clone();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let stalled_below = Arc::new(AtomicU64::new(0));
+        let (count, below) = (accepted.clone(), stalled_below.clone());
         runtime.spawn(async move {
             let listener = TcpListener::from_std(std_listener).expect("proxy listener");
             loop {
@@ -70,6 +77,7 @@ impl TcpProxy {
                 kill.mark_unchanged();
                 let armed = armed.clone();
                 let silent = silent.clone();
+                let (number, below) = (count.fetch_add(1, Ordering::SeqCst), below.clone());
                 tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(target).await else {
                         return;
@@ -97,7 +105,9 @@ impl TcpProxy {
                             if let Some(delay) = sprung {
                                 return End::Trapped(buf[..n].to_vec(), delay);
                             }
-                            while silent.load(Ordering::SeqCst) {
+                            while silent.load(Ordering::SeqCst)
+                                || number < below.load(Ordering::SeqCst)
+                            {
                                 tokio::time::sleep(Duration::from_millis(10)).await;
                             }
                             if to_server.write_all(&buf[..n]).await.is_err() {
@@ -137,6 +147,8 @@ impl TcpProxy {
             addr,
             open,
             stalled,
+            accepted,
+            stalled_below,
             cuts,
             trap,
             runtime: Some(runtime),
@@ -172,9 +184,18 @@ impl TcpProxy {
         self.stalled.store(true, Ordering::SeqCst);
     }
 
+    /// Holds back everything clients send on the connections open now, until
+    /// [`TcpProxy::restore`]; new connections go through: connections that died silently (a
+    /// failover, a dropped NAT entry) while the server is still there.
+    pub fn stall_open(&self) {
+        self.stalled_below
+            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
         self.stalled.store(false, Ordering::SeqCst);
+        self.stalled_below.store(0, Ordering::SeqCst);
     }
 }
 
