@@ -1125,33 +1125,39 @@ async fn heartbeat_loop(this: Arc<Worker>, running: Arc<Mutex<InFlight>>, stop: 
             held = None;
             continue;
         }
-        // Bounded: a connection that died silently (a failover whose old host vanished, a
-        // dropped NAT entry) does not fail a renewal sent on it until the kernel gives up
-        // retransmitting, some 15 minutes, and meanwhile every lease would run out. Cut off, the
-        // connection is closed rather than handed back, and so are the pool's idle ones (dead
-        // the same way, most likely); the next renewal follows at once, on a new connection.
-        let limit = period / 2;
-        let renewed = tokio::time::timeout(limit, async {
+        // The statement is bounded: a connection that died silently (a failover whose old host
+        // vanished, a dropped NAT entry) does not fail a renewal sent on it until the kernel
+        // gives up retransmitting, some 15 minutes, and meanwhile every lease would run out.
+        // Cut off after a period (a renewal is one small UPDATE: a database that slow has the
+        // leases at risk anyway), its connection is closed rather than handed back, and so are
+        // the pool's idle ones (dead the same way, most likely); the next renewal follows at
+        // once, on a new connection. Waiting for a pool connection is not cut off this way:
+        // its own timeout fails it, and the next renewal comes soon.
+        let renewed = async {
             let client = Detaching(Some(match held.take() {
                 Some(client) => client,
                 None => this.pool.get().await?,
             }));
-            store::heartbeat(&***client, &this.id, &ids, this.opts.lease).await?;
-            Ok::<_, anyhow::Error>(client.keep())
-        })
+            let sent = store::heartbeat(&***client, &this.id, &ids, this.opts.lease);
+            match tokio::time::timeout(period, sent).await {
+                Ok(done) => done?,
+                Err(_) => return Ok(None),
+            };
+            Ok::<_, anyhow::Error>(Some(client.keep()))
+        }
         .await;
         match renewed {
-            Ok(Ok(client)) => held = hold.then_some(client),
-            Err(_) => {
+            Ok(Some(client)) => held = hold.then_some(client),
+            Ok(None) => {
                 let closed = this.pool.retain(|_, _| false).removed.len();
                 tracing::warn!(
                     jobs = ids.len(),
                     idle_connections_closed = closed,
-                    "lease renewal got no connection or no answer within {limit:?}; trying again on a new connection"
+                    "lease renewal got no answer within {period:?}; trying again on a new connection"
                 );
                 wait = Duration::ZERO;
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     jobs = ids.len(),
