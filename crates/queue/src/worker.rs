@@ -650,19 +650,18 @@ impl Worker {
         let mut jobs = Vec::new();
         let released = tokio::time::timeout_at(end, async {
             let client = Detaching(Some(this.pool.get().await?));
-            jobs.extend(store::release(&***client, &this.id, &lost).await?);
             // The release skips rows another transaction holds locked (see `store::release`):
             // a long poll marking its job, a rescue, or this worker's completion cut off above.
             // Those locks end soon, or with their connection; whatever is still leased to this
             // worker then is tried again while the time lasts.
-            let mut locked = 0;
-            while tokio::time::Instant::now() + 2 * STOP_RELEASE_RETRY < end {
+            let mut locked;
+            loop {
+                jobs.extend(store::release(&***client, &this.id, &lost).await?);
                 locked = store::leased(&***client, &this.id, &lost).await?;
-                if locked == 0 {
+                if locked == 0 || tokio::time::Instant::now() + 2 * STOP_RELEASE_RETRY >= end {
                     break;
                 }
                 tokio::time::sleep(STOP_RELEASE_RETRY).await;
-                jobs.extend(store::release(&***client, &this.id, &lost).await?);
             }
             client.done();
             if locked > 0 {
@@ -918,9 +917,7 @@ async fn write_outcomes(this: Arc<Worker>, batch: Vec<Outcome>, running: Arc<Mut
         // (every `rescue_interval`, in any worker) returns them; twice that, for a slow pass.
         let until = Instant::now() + 2 * (this.opts.lease + this.opts.rescue_interval);
         let mut running = running.lock().unwrap_or_else(|p| p.into_inner());
-        for o in &batch {
-            running.lost(o.id, until);
-        }
+        running.lost(batch.iter().map(|o| o.id), until);
     }
 }
 
@@ -1067,12 +1064,12 @@ impl InFlight {
         }
     }
 
-    /// `id` ran and its outcome was given up on; held for `release_unheld` until `until`.
-    fn lost(&mut self, id: Uuid, until: Instant) {
+    /// `ids` ran and their outcome was given up on; held for `release_unheld` until `until`.
+    fn lost(&mut self, ids: impl IntoIterator<Item = Uuid>, until: Instant) {
         // Those whose time is up go here too: `held` runs only after a failed claim.
         let now = Instant::now();
         self.lost.retain(|_, until| *until > now);
-        self.lost.insert(id, until);
+        self.lost.extend(ids.into_iter().map(|id| (id, until)));
     }
 
     /// The jobs given up on whose time is not up at `now`.
@@ -1087,11 +1084,10 @@ impl InFlight {
     }
 
     /// What `release_unheld` must leave alone at `now`: the running jobs and the lost ones
-    /// (forgotten once their time is up).
+    /// (forgotten once their time is up). An id in both is harmless to the statement.
     fn held(&mut self, now: Instant) -> Vec<Uuid> {
         let mut held = self.lost_ids(now);
-        held.retain(|id| !self.running.contains_key(id));
-        held.extend(self.ids());
+        held.extend(self.running.keys());
         held
     }
 }
@@ -1324,7 +1320,7 @@ mod tests {
         in_flight.add(lost);
         in_flight.add(running);
         in_flight.remove(lost);
-        in_flight.lost(lost, now + Duration::from_secs(60));
+        in_flight.lost([lost], now + Duration::from_secs(60));
         assert_eq!(
             in_flight.ids(),
             vec![running],
@@ -1341,7 +1337,7 @@ mod tests {
         assert!(in_flight.lost.is_empty());
         // Claimed again by this worker after a rescue: a new attempt, held while it runs and
         // no longer once it has ended.
-        in_flight.lost(lost, now + Duration::from_secs(60));
+        in_flight.lost([lost], now + Duration::from_secs(60));
         in_flight.add(lost);
         assert_eq!(in_flight.held(now).len(), 2);
         in_flight.remove(lost);
