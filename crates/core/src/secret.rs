@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use percent_encoding::percent_decode_str;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -92,10 +93,8 @@ pub fn redact_url_password(url: &str) -> String {
     // Query parameters first: a `@` in one must not be taken for the end of a user name.
     let rest = redact_query_passwords(rest);
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let user_end = match (rest.find('@'), rest[..authority_end].rfind('@')) {
-        (Some(first), Some(last)) => Some(first.max(last)),
-        (first, last) => first.or(last),
-    };
+    // The last `@` of the authority comes after any first `@`, when there is one.
+    let user_end = rest[..authority_end].rfind('@').or_else(|| rest.find('@'));
     let mut out = String::from(head);
     let rest = match user_end {
         Some(at) => {
@@ -116,64 +115,33 @@ pub fn redact_url_password(url: &str) -> String {
 }
 
 /// The values of `password` parameters in `rest` (a URL after its scheme) replaced. The query
-/// may start at any `?` (one may be inside the user's password), so parameters are looked for
-/// after each; a value runs to the next `&`, a `?` in it included, as the driver reads it.
+/// may start at any `?` (one may be inside the user's password), so a parameter may start after
+/// any `?` or `&` past the first `?`; a password's value runs to the next `&`, a `?` in it
+/// included, as the driver reads it.
 fn redact_query_passwords(rest: &str) -> String {
-    let mut values = Vec::new();
-    for (q, _) in rest.match_indices('?') {
-        let mut start = q + 1;
-        loop {
-            let end = rest[start..].find('&').map_or(rest.len(), |j| start + j);
-            if let Some((k, _)) = rest[start..end].split_once('=')
-                && percent_decoded(k) == "password"
-            {
-                values.push((start + k.len() + 1, end));
+    let Some(query) = rest.find('?') else {
+        return rest.to_owned();
+    };
+    let mut out = String::with_capacity(rest.len());
+    let (mut copied, mut start) = (0, query + 1);
+    while start <= rest.len() {
+        let end = rest[start..].find('&').map_or(rest.len(), |j| start + j);
+        match rest[start..end].split_once('=') {
+            Some((k, _)) if percent_decode_str(k).decode_utf8_lossy() == "password" => {
+                let value = start + k.len() + 1;
+                out.push_str(&rest[copied..value]);
+                out.push_str(REDACTED);
+                (copied, start) = (end, end + 1);
             }
-            if end == rest.len() {
-                break;
-            }
-            start = end + 1;
+            // Not a password: the next parameter may start after a `?` inside this one.
+            _ => match rest[start..].find(['?', '&']) {
+                Some(j) => start += j + 1,
+                None => break,
+            },
         }
     }
-    values.sort_unstable();
-    let (mut out, mut at) = (String::with_capacity(rest.len()), 0);
-    for (from, to) in values {
-        if from < at {
-            // Within a value already hidden (seen from an earlier `?`): hide to its end too.
-            at = at.max(to);
-            continue;
-        }
-        out.push_str(&rest[at..from]);
-        out.push_str(REDACTED);
-        at = to;
-    }
-    out.push_str(&rest[at..]);
+    out.push_str(&rest[copied..]);
     out
-}
-
-/// `%XX` sequences decoded (others left as they are), for comparing a query parameter's name.
-fn percent_decoded(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (
-            bytes[i],
-            bytes.get(i + 1).copied(),
-            bytes.get(i + 2).copied(),
-        ) {
-            (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
-                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// [`redact_url_password`] for the `host=… password=…` form.
