@@ -117,6 +117,22 @@ pub const MAX_BATCH_MESSAGES: usize = 5_000;
 /// Longest wait for RabbitMQ to accept a connection, or to take and confirm a batch.
 pub const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Runs `connect` (a connection to RabbitMQ and its setup) bounded by [`BROKER_TIMEOUT`], so a
+/// broker that accepts the connection but never answers does not hold its caller (and that
+/// caller's reconnects) for good; `None` if `shutdown` fires first, which the caller's role is
+/// waiting for it to see.
+pub async fn connect_bounded<T>(
+    shutdown: &CancellationToken,
+    connect: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<Option<T>> {
+    tokio::select! {
+        connected = tokio::time::timeout(BROKER_TIMEOUT, connect) => connected
+            .map_err(|_| anyhow::anyhow!("RabbitMQ did not answer within {BROKER_TIMEOUT:?}"))?
+            .map(Some),
+        _ = shutdown.cancelled() => Ok(None),
+    }
+}
+
 /// How long a shutdown lets a batch under way finish before abandoning it.
 const BATCH_AT_SHUTDOWN: Duration = Duration::from_secs(1);
 
@@ -194,10 +210,7 @@ impl Relay {
     }
 
     async fn connected(&self, shutdown: &CancellationToken, held: &Held) -> anyhow::Result<()> {
-        // A broker that accepts the connection but never answers must not hold the relay (and
-        // its shutdown) forever.
-        // Nor a shutdown, which the role waits for the relay to see.
-        let connecting = tokio::time::timeout(BROKER_TIMEOUT, async {
+        let connecting = connect_bounded(shutdown, async {
             let conn = Connection::connect(&self.amqp_url, ConnectionProperties::default())
                 .await
                 .context("connecting to RabbitMQ")?;
@@ -208,10 +221,8 @@ impl Relay {
             declare_exchange(&channel, &self.exchange, self.kind.clone()).await?;
             anyhow::Ok((conn, channel))
         });
-        let (conn, channel) = tokio::select! {
-            connected = connecting => connected
-                .map_err(|_| anyhow::anyhow!("RabbitMQ did not answer within {BROKER_TIMEOUT:?}"))??,
-            _ = shutdown.cancelled() => return Ok(()),
+        let Some((conn, channel)) = connecting.await? else {
+            return Ok(());
         };
         tracing::info!(relay = self.name, exchange = %self.exchange, "relay connected");
         let mut pruned = std::time::Instant::now();

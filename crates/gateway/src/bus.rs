@@ -27,7 +27,7 @@ use serde_json::Value;
 use tenantry_shardmap::tenants::{TENANT_CHANGED, TenantChanged};
 use tokio_util::sync::CancellationToken;
 
-use tenantry_core::relay::{self, BROKER_TIMEOUT};
+use tenantry_core::relay;
 
 use crate::{metrics, router::Router};
 
@@ -112,10 +112,7 @@ async fn listen(
     shutdown: &CancellationToken,
     connections: &AtomicU64,
 ) -> anyhow::Result<()> {
-    // A broker that accepts the connection but never finishes the handshake must not hold the
-    // subscription (and its reconnects) for good.
-    // Nor a shutdown, which the gateway role waits for this task to see.
-    let connecting = tokio::time::timeout(BROKER_TIMEOUT, async {
+    let connecting = relay::connect_bounded(shutdown, async {
         let conn = Connection::connect(url, ConnectionProperties::default())
             .await
             .context("connecting to RabbitMQ")?;
@@ -123,10 +120,8 @@ async fn listen(
         let (queue, consumer) = subscribe(&channel, exchange).await?;
         anyhow::Ok((conn, channel, queue, consumer))
     });
-    let (conn, _channel, queue, mut consumer) = tokio::select! {
-        connected = connecting => connected
-            .map_err(|_| anyhow::anyhow!("RabbitMQ did not answer within {BROKER_TIMEOUT:?}"))??,
-        _ = shutdown.cancelled() => return Ok(()),
+    let Some((conn, _channel, queue, mut consumer)) = connecting.await? else {
+        return Ok(());
     };
     // Bound first, flushed second: every change from here on arrives as a message, and
     // everything before is re-read from the catalog.
