@@ -91,6 +91,26 @@ fn shard_pool(db: &TestDb, size: usize) -> deadpool_postgres::Pool {
 }
 
 /// A process's LISTEN connection, as a worker or an API node has.
+/// A trigger that makes the database refuse every outcome `done` (`DROP TRIGGER refuse_done
+/// ON jobs` lifts it): an outcome that cannot be written, as in an outage.
+const REFUSE_DONE: &str = "CREATE FUNCTION refuse_done() RETURNS trigger LANGUAGE plpgsql
+        AS $$ BEGIN RAISE EXCEPTION 'not now'; END $$;
+    CREATE TRIGGER refuse_done BEFORE UPDATE ON jobs
+        FOR EACH ROW WHEN (NEW.state = 'done') EXECUTE FUNCTION refuse_done();";
+
+/// A shard pool of 4 connections reaching `db` through a proxy the test can cut or stall.
+async fn proxied_pool(db: &TestDb) -> (tenantry_testkit::proxy::TcpProxy, deadpool_postgres::Pool) {
+    let (proxy, through) = tenantry_testkit::proxy::TcpProxy::in_front_of(&db.url).await;
+    let pool = store::pool(
+        &tenantry_core::secret::DatabaseUrl::new(through),
+        4,
+        &dev_config().database,
+        "test",
+    )
+    .unwrap();
+    (proxy, pool)
+}
+
 fn listener(db: &TestDb, max_waiters: usize) -> Listener {
     let pg = db::pg_config(&url_of(db), &dev_config().database, "test").unwrap();
     Listener::start(pg, max_waiters, CancellationToken::new())
@@ -607,14 +627,7 @@ async fn an_outcome_whose_commit_answer_was_lost_counts_as_completed_not_as_late
     // commits. The worker writes the outcome again on another connection and finds the job no
     // longer leased: it must count the job as completed, not warn of a late completion.
     let db = TestDb::new(Schema::Shard).await;
-    let (proxy, proxied) = tenantry_testkit::proxy::TcpProxy::in_front_of(&db.url).await;
-    let pool = store::pool(
-        &tenantry_core::secret::DatabaseUrl::new(proxied),
-        4,
-        &dev_config().database,
-        "test",
-    )
-    .unwrap();
+    let (proxy, pool) = proxied_pool(&db).await;
     // Its own shard label: the counters are process-wide and tests run side by side.
     let shard = format!("shard-lost-{}", Uuid::new_v4().simple());
     // Only the outcome carries the marker to the database: the echo job's result is its params.
@@ -670,14 +683,7 @@ async fn a_claim_whose_answer_was_lost_gives_its_jobs_back_before_the_next_claim
     // expire and the rescuer would count an attempt it never had, and a job allowed one attempt
     // would go to the dead letters without having run.
     let db = TestDb::new(Schema::Shard).await;
-    let (proxy, proxied) = tenantry_testkit::proxy::TcpProxy::in_front_of(&db.url).await;
-    let pool = store::pool(
-        &tenantry_core::secret::DatabaseUrl::new(proxied),
-        4,
-        &dev_config().database,
-        "test",
-    )
-    .unwrap();
+    let (proxy, pool) = proxied_pool(&db).await;
     let id = enqueue_one(&db, job(Uuid::now_v7(), "echo", json!({}), 1)).await;
     let mut opts = options("shard-lost-claim", 100);
     // Far longer than the test waits: only the worker itself can give the job back in time.
@@ -710,12 +716,9 @@ async fn a_job_whose_outcome_was_given_up_on_is_left_to_the_rescuer_not_run_agai
     // job ran: it must stay for the rescuer, which counts its attempt and dead-letters it,
     // not go back to waiting and run a second time.
     let db = TestDb::new(Schema::Shard).await;
+    db.exec(REFUSE_DONE).await;
     db.exec(
         "CREATE TABLE refuse_claims (on_ boolean);
-         CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql
-             AS $$ BEGIN RAISE EXCEPTION 'not now'; END $$;
-         CREATE TRIGGER refuse_done BEFORE UPDATE ON jobs
-             FOR EACH ROW WHEN (NEW.state = 'done') EXECUTE FUNCTION refuse();
          CREATE FUNCTION refuse_claim() RETURNS trigger LANGUAGE plpgsql AS $$
              BEGIN
                  IF EXISTS (SELECT 1 FROM refuse_claims) THEN RAISE EXCEPTION 'not now'; END IF;
@@ -811,14 +814,7 @@ async fn a_running_job_keeps_its_lease_when_its_heartbeat_connection_dies_silent
     // vanished): a renewal sent on it would wait for the kernel to give up, some 15 minutes,
     // while every lease ran out. It must give up on that connection and renew on another.
     let db = TestDb::new(Schema::Shard).await;
-    let (proxy, through) = tenantry_testkit::proxy::TcpProxy::in_front_of(&db.url).await;
-    let pool = store::pool(
-        &tenantry_core::secret::DatabaseUrl::new(through),
-        4,
-        &dev_config().database,
-        "test",
-    )
-    .unwrap();
+    let (proxy, pool) = proxied_pool(&db).await;
     let id = enqueue_one(&db, job(Uuid::now_v7(), "sleep", json!({"ms": 7000}), 1)).await;
     let mut opts = options("shard-t", 100);
     opts.lease = Duration::from_secs(3);
@@ -908,14 +904,7 @@ async fn a_failed_lease_renewal_is_tried_again_within_a_second_not_a_beat_later(
     // janitor holds its rescue back one lease for exactly that renewal).
     let db = TestDb::new(Schema::Shard).await;
     let id = enqueue_one(&db, job(Uuid::now_v7(), "sleep", json!({"ms": 60_000}), 1)).await;
-    let (proxy, proxied) = tenantry_testkit::proxy::TcpProxy::in_front_of(&db.url).await;
-    let pool = store::pool(
-        &tenantry_core::secret::DatabaseUrl::new(proxied),
-        4,
-        &dev_config().database,
-        "test",
-    )
-    .unwrap();
+    let (proxy, pool) = proxied_pool(&db).await;
     let mut opts = options("shard-t", 100);
     opts.lease = Duration::from_secs(30);
     let started = std::time::Instant::now();
@@ -2060,13 +2049,7 @@ async fn a_finished_job_keeps_its_lease_until_its_outcome_is_written() {
     // meanwhile: otherwise the rescuer dead-letters the job as "lease expired" and the outcome,
     // once the database takes it, is discarded as late.
     let db = TestDb::new(Schema::Shard).await;
-    db.exec(
-        "CREATE FUNCTION refuse_done() RETURNS trigger LANGUAGE plpgsql
-             AS $$ BEGIN RAISE EXCEPTION 'not now'; END $$;
-         CREATE TRIGGER refuse_done BEFORE UPDATE ON jobs
-             FOR EACH ROW WHEN (NEW.state = 'done') EXECUTE FUNCTION refuse_done();",
-    )
-    .await;
+    db.exec(REFUSE_DONE).await;
     let mut opts = options("shard-t", 100);
     opts.lease = Duration::from_secs(2);
     opts.rescue_interval = Duration::from_millis(200);
