@@ -8,6 +8,10 @@ use tokio_postgres::NoTls;
 
 use crate::{config::DatabaseConfig, secret::DatabaseUrl};
 
+/// How long data sent on a connection may stay unacknowledged before the kernel closes it
+/// (`TCP_USER_TIMEOUT`, on Linux), unless the URL sets its own `tcp_user_timeout`.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Parses a URL and applies the process-wide connection settings.
 pub fn pg_config(
     url: &DatabaseUrl,
@@ -37,6 +41,15 @@ pub fn pg_config_with(
         cfg.keepalives_idle(Duration::from_secs(30))
             .keepalives_interval(Duration::from_secs(10))
             .keepalives_retries(3);
+    }
+    // And a bound on data sent and never acknowledged (unless the URL sets its own): keepalives
+    // probe only an idle connection, so a statement sent on one that died silently (a failover
+    // whose old host vanished, a dropped NAT entry) would otherwise wait for its answer until
+    // the kernel gives up retransmitting, some 15 minutes, holding up whichever loop sent it:
+    // the janitor's rescues, the finished notifications, a request. A statement that merely
+    // runs long is not affected: the server's kernel acknowledges it at once.
+    if cfg.get_tcp_user_timeout().is_none() {
+        cfg.tcp_user_timeout(TCP_USER_TIMEOUT);
     }
     if cfg.get_application_name().is_none() {
         cfg.application_name(application_name);
@@ -355,6 +368,19 @@ mod tests {
         assert_eq!(cfg.get_keepalives_idle(), Duration::from_secs(600));
         let off = DatabaseUrl::new("postgres://h/d?keepalives=0");
         assert!(!pg_config(&off, &db, "t").unwrap().get_keepalives());
+    }
+
+    #[test]
+    fn sent_data_left_unacknowledged_closes_a_connection_unless_the_url_says_otherwise() {
+        let db = DatabaseConfig {
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::ZERO,
+        };
+        let cfg = pg_config(&DatabaseUrl::new("postgres://h/d"), &db, "t").unwrap();
+        assert_eq!(cfg.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+        let own = DatabaseUrl::new("postgres://h/d?tcp_user_timeout=5");
+        let cfg = pg_config(&own, &db, "t").unwrap();
+        assert_eq!(cfg.get_tcp_user_timeout(), Some(&Duration::from_secs(5)));
     }
 
     #[test]
