@@ -423,3 +423,53 @@ fn a_pooled_connect_to_a_server_that_never_answers_lets_go_of_its_socket() {
     }
     drop(home);
 }
+
+#[actix_web::test]
+async fn a_failing_count_of_waiting_jobs_is_logged_once_and_so_is_its_recovery() {
+    // The shard-wide cap reads a count of waiting jobs refreshed every second. Refreshes that
+    // fail must be said (the cap then works from a stale count), but once, not every second.
+    let shard = TestDb::new(Schema::Shard).await;
+    shard
+        .exec("INSERT INTO shard_identity (shard_id) VALUES ('shard-1')")
+        .await;
+    let mut cmd = crate::support::shard_node(&shard.url, true, 0);
+    cmd.env("TENANTRY_DATABASE__CONNECT_TIMEOUT", "500ms");
+    let mut served = Served::start(&mut cmd, 1);
+    let admin = tenantry_testkit::admin_client().await;
+    let allow = |yes: bool| {
+        format!(
+            "ALTER DATABASE \"{}\" WITH ALLOW_CONNECTIONS {yes}",
+            shard.name
+        )
+    };
+    admin.batch_execute(&allow(false)).await.unwrap();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&shard.name],
+        )
+        .await
+        .unwrap();
+    // At least two refreshes fail (one a second, each giving up after the connect timeout).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    admin.batch_execute(&allow(true)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lines = served.stop_and_read_logs();
+    let said = |start: &str| {
+        lines
+            .iter()
+            .filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with(start)))
+            .count()
+    };
+    let failed = crate::support::log_line(&lines, "counting the shard's waiting jobs failed");
+    assert_eq!(failed["level"], "WARN");
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not currently accepting connections")),
+        "{failed}"
+    );
+    assert_eq!(said("counting the shard's waiting jobs failed"), 1);
+    assert_eq!(said("counting the shard's waiting jobs works again"), 1);
+}

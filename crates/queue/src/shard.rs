@@ -52,11 +52,35 @@ impl ShardQueue {
             cfg.queue.max_waiting_per_shard,
         );
         tokio::spawn(async move {
+            // A failed refresh keeps the last count; said once when the refreshes start failing
+            // and once when they work again, not every second.
+            let mut failing = false;
             loop {
-                if let Ok(client) = p.get().await
-                    && let Ok(n) = store::waiting_total(&**client, cap).await
-                {
-                    w.store(n, Ordering::Relaxed);
+                let counted = async {
+                    let client = p.get().await?;
+                    Ok::<_, anyhow::Error>(store::waiting_total(&**client, cap).await?)
+                }
+                .await;
+                match counted {
+                    Ok(n) => {
+                        w.store(n, Ordering::Relaxed);
+                        if std::mem::take(&mut failing) {
+                            tracing::info!(
+                                waiting = n,
+                                "counting the shard's waiting jobs works again"
+                            );
+                        }
+                    }
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            waiting = w.load(Ordering::Relaxed),
+                            "counting the shard's waiting jobs failed; the shard-wide cap uses the \
+                             last count until a count succeeds (tried every second)"
+                        );
+                    }
+                    Err(_) => {}
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
