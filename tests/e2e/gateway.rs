@@ -1340,8 +1340,10 @@ fn send_raw(addr: &str, raw: &str) -> String {
 }
 
 /// An endpoint that reads each request in full and closes the connection without answering,
-/// as a shard node killed mid-request does; counts the `/v1/` requests it took in.
-fn closing_endpoint() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+/// as a shard node killed mid-request does; counts the `/v1/` requests it took in. With
+/// `reset`, it closes with a TCP reset, as a host whose process died with the request unread
+/// (or whose connection a firewall cut) does, rather than with an orderly close.
+fn closing_endpoint(reset: bool) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
     use std::io::{BufRead, BufReader, Read};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -1377,6 +1379,11 @@ fn closing_endpoint() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
                 {
                     counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
+                if reset {
+                    socket2::SockRef::from(r.get_ref())
+                        .set_linger(Some(Duration::ZERO))
+                        .unwrap();
+                }
             });
         }
     });
@@ -1385,11 +1392,20 @@ fn closing_endpoint() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
 
 #[actix_web::test]
 async fn a_post_is_not_sent_again_after_an_endpoint_closed_the_connection_but_a_get_is() {
+    closed_before_answering(false).await;
+}
+
+#[actix_web::test]
+async fn a_post_is_not_sent_again_after_an_endpoint_reset_the_connection_but_a_get_is() {
+    closed_before_answering(true).await;
+}
+
+async fn closed_before_answering(reset: bool) {
     // Both endpoints of the shard take the request in and close without answering. A POST may
     // have been acted on (a job created), so it goes to one endpoint only; a GET goes to both.
     let company = Uuid::now_v7();
-    let (a, a_hits) = closing_endpoint();
-    let (b, b_hits) = closing_endpoint();
+    let (a, a_hits) = closing_endpoint(reset);
+    let (b, b_hits) = closing_endpoint(reset);
     let hits = || {
         a_hits.load(std::sync::atomic::Ordering::SeqCst)
             + b_hits.load(std::sync::atomic::Ordering::SeqCst)

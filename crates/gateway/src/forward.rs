@@ -22,7 +22,7 @@ use std::{
 
 use actix_web::{
     HttpRequest, HttpResponse, ResponseError,
-    error::PayloadError,
+    error::{ParseError, PayloadError},
     http::{
         Method, StatusCode, Uri,
         header::{self, HeaderMap, HeaderName, HeaderValue},
@@ -557,21 +557,24 @@ async fn send(
                     .observe(started.elapsed().as_secs_f64());
                 return Ok((res, permit));
             }
-            // The connection closed before an answer's head: the endpoint may already have
-            // received the request (awc reports a close after the request was written this way
-            // too), so only a request that may be repeated goes to the next endpoint. Another
-            // attempt at a POST could create a second job.
-            Err(SendRequestError::Connect(ConnectError::Disconnected))
-                if !req.method().is_idempotent() =>
-            {
-                tracing::warn!(endpoint = %endpoint.base, "shard endpoint closed the connection before answering; not repeating a non-idempotent request");
+            // The connection was lost before an answer's head: the endpoint may already have
+            // received the request, so only a request that may be repeated goes to the next
+            // endpoint. Another attempt at a POST could create a second job.
+            Err(e) if connection_lost(&e) && body.fault().is_none() => {
                 endpoint.set_healthy(false);
-                return Err(ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "bad_gateway",
-                    "the company's shard closed the connection before answering; the request \
-                     may have been received, so it was not sent again",
-                ));
+                if !req.method().is_idempotent() {
+                    tracing::warn!(endpoint = %endpoint.base, error = %e, "shard endpoint closed the connection before answering; not repeating a non-idempotent request");
+                    return Err(ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "bad_gateway",
+                        "the company's shard closed the connection before answering; the \
+                         request may have been received, so it was not sent again",
+                    ));
+                }
+                tracing::warn!(endpoint = %endpoint.base, error = %e, "shard endpoint closed the connection before answering; trying the next");
+                metrics::RETRIES.with_label_values(&["connect"]).inc();
+                last_error = Some(e.to_string());
+                continue;
             }
             Err(SendRequestError::Connect(e)) => {
                 tracing::warn!(endpoint = %endpoint.base, error = %e, "cannot connect to shard endpoint");
@@ -622,6 +625,19 @@ async fn send(
         pool.id,
         last_error.unwrap_or_else(|| "request body could not be replayed".into())
     )))
+}
+
+/// Whether `e` says the connection to the endpoint was lost, after it was made and before an
+/// answer's head arrived: closed in an orderly way (awc reports a close after the request was
+/// written as a failed connect too) or reset (the endpoint's process died with the request
+/// unread, or a firewall cut the connection), while the request was being written or while
+/// its answer was awaited. An answer that arrived but could not be read is not one.
+fn connection_lost(e: &SendRequestError) -> bool {
+    match e {
+        SendRequestError::Connect(ConnectError::Disconnected) | SendRequestError::Send(_) => true,
+        SendRequestError::Response(ParseError::Io(_)) => true,
+        _ => false,
+    }
 }
 
 /// How long the shard may take to send its response head: `gateway.upstream_timeout`, plus, for
