@@ -633,11 +633,12 @@ async fn send(
 /// unread, or a firewall cut the connection), while the request was being written or while
 /// its answer was awaited. An answer that arrived but could not be read is not one.
 fn connection_lost(e: &SendRequestError) -> bool {
-    match e {
-        SendRequestError::Connect(ConnectError::Disconnected) | SendRequestError::Send(_) => true,
-        SendRequestError::Response(ParseError::Io(_)) => true,
-        _ => false,
-    }
+    matches!(
+        e,
+        SendRequestError::Connect(ConnectError::Disconnected)
+            | SendRequestError::Send(_)
+            | SendRequestError::Response(ParseError::Io(_))
+    )
 }
 
 /// How long the shard may take to send its response head: `gateway.upstream_timeout`, plus, for
