@@ -329,12 +329,16 @@ mod tests {
         assert!(maintenance_url(&DatabaseUrl::new("postgres://h")).is_err());
     }
 
+    fn config(statement_timeout: Duration) -> DatabaseConfig {
+        DatabaseConfig {
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout,
+        }
+    }
+
     #[test]
     fn session_options_follow_the_url_and_the_statement_timeout() {
-        let db = DatabaseConfig {
-            connect_timeout: std::time::Duration::from_secs(5),
-            statement_timeout: std::time::Duration::from_secs(30),
-        };
+        let db = config(Duration::from_secs(30));
         let plain = DatabaseUrl::new("postgres://h/d");
         let cfg = pg_config_with(&plain, &db, "t", "-c jit=off").unwrap();
         assert_eq!(
@@ -356,10 +360,7 @@ mod tests {
 
     #[test]
     fn connections_keep_alive_unless_the_url_says_otherwise() {
-        let db = DatabaseConfig {
-            connect_timeout: Duration::from_secs(5),
-            statement_timeout: Duration::ZERO,
-        };
+        let db = config(Duration::ZERO);
         let cfg = pg_config(&DatabaseUrl::new("postgres://h/d"), &db, "t").unwrap();
         assert!(cfg.get_keepalives());
         assert_eq!(cfg.get_keepalives_idle(), Duration::from_secs(30));
@@ -372,10 +373,7 @@ mod tests {
 
     #[test]
     fn sent_data_left_unacknowledged_closes_a_connection_unless_the_url_says_otherwise() {
-        let db = DatabaseConfig {
-            connect_timeout: Duration::from_secs(5),
-            statement_timeout: Duration::ZERO,
-        };
+        let db = config(Duration::ZERO);
         let cfg = pg_config(&DatabaseUrl::new("postgres://h/d"), &db, "t").unwrap();
         assert_eq!(cfg.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
         let own = DatabaseUrl::new("postgres://h/d?tcp_user_timeout=5");
