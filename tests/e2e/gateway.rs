@@ -1421,7 +1421,14 @@ async fn closed_before_answering(reset: bool) {
         .send_json(&json!({"kind": "echo", "params": {}}))
         .await
         .unwrap();
-    assert_eq!(r.status(), 502, "{:?}", r.body().await);
+    assert_eq!(r.status(), 502);
+    let e = error_of!(r);
+    assert_eq!(e.error.code, "bad_gateway");
+    assert!(
+        e.error.message.contains("may have been received"),
+        "the caller learns why it was not sent again: {}",
+        e.error.message
+    );
     assert_eq!(hits(), 1, "the POST reached one endpoint only");
 
     let r = http()

@@ -433,7 +433,6 @@ async fn a_failing_count_of_waiting_jobs_is_logged_once_and_so_is_its_recovery()
         .exec("INSERT INTO shard_identity (shard_id) VALUES ('shard-1')")
         .await;
     let mut cmd = crate::support::shard_node(&shard.url, true, 0);
-    cmd.env("TENANTRY_DATABASE__CONNECT_TIMEOUT", "500ms");
     let mut served = Served::start(&mut cmd, 1);
     let admin = tenantry_testkit::admin_client().await;
     let allow = |yes: bool| {
@@ -451,7 +450,7 @@ async fn a_failing_count_of_waiting_jobs_is_logged_once_and_so_is_its_recovery()
         )
         .await
         .unwrap();
-    // At least two refreshes fail (one a second, each giving up after the connect timeout).
+    // Refreshes fail (one a second; the refused connections fail at once).
     tokio::time::sleep(Duration::from_secs(4)).await;
     admin.batch_execute(&allow(true)).await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -464,10 +463,11 @@ async fn a_failing_count_of_waiting_jobs_is_logged_once_and_so_is_its_recovery()
     };
     let failed = crate::support::log_line(&lines, "counting the shard's waiting jobs failed");
     assert_eq!(failed["level"], "WARN");
+    // Refused, or cut off by the termination on a connection the pool still held.
     assert!(
-        failed["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("not currently accepting connections")),
+        failed["error"].as_str().is_some_and(|e| {
+            e.contains("not currently accepting connections") || e.contains("terminat")
+        }),
         "{failed}"
     );
     assert_eq!(said("counting the shard's waiting jobs failed"), 1);

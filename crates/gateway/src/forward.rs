@@ -560,7 +560,7 @@ async fn send(
             // The connection was lost before an answer's head: the endpoint may already have
             // received the request, so only a request that may be repeated goes to the next
             // endpoint. Another attempt at a POST could create a second job.
-            Err(e) if connection_lost(&e) && body.fault().is_none() => {
+            Err(e) if connection_lost(&e, !body.replayable()) && body.fault().is_none() => {
                 endpoint.set_healthy(false);
                 if !req.method().is_idempotent() {
                     tracing::warn!(endpoint = %endpoint.base, error = %e, "shard endpoint closed the connection before answering; not repeating a non-idempotent request");
@@ -632,13 +632,18 @@ async fn send(
 /// written as a failed connect too) or reset (the endpoint's process died with the request
 /// unread, or a firewall cut the connection), while the request was being written or while
 /// its answer was awaited. An answer that arrived but could not be read is not one.
-fn connection_lost(e: &SendRequestError) -> bool {
-    matches!(
-        e,
+///
+/// A write that failed while a `streamed` body was still being sent is not one either: a
+/// healthy shard answers some requests (401, 413, 408) without reading their whole body, and
+/// closes the connection on the rest of it a second later, which fails a caller's upload still
+/// under way. That shard is not down, and the caller gets `502` as before.
+fn connection_lost(e: &SendRequestError, streamed: bool) -> bool {
+    match e {
         SendRequestError::Connect(ConnectError::Disconnected)
-            | SendRequestError::Send(_)
-            | SendRequestError::Response(ParseError::Io(_))
-    )
+        | SendRequestError::Response(ParseError::Io(_)) => true,
+        SendRequestError::Send(_) => !streamed,
+        _ => false,
+    }
 }
 
 /// How long the shard may take to send its response head: `gateway.upstream_timeout`, plus, for

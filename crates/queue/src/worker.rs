@@ -1123,8 +1123,8 @@ async fn heartbeat_loop(this: Arc<Worker>, running: Arc<Mutex<InFlight>>, stop: 
         }
         // The statement is bounded: a connection that died silently (a failover whose old host
         // vanished, a dropped NAT entry) does not fail a renewal sent on it until the kernel
-        // gives up on it (after `tenantry_core::db::TCP_USER_TIMEOUT`, 30 s, or some 15
-        // minutes of retransmits where a URL turned that off); the leases would run out first.
+        // gives up on it (after `tenantry_core::db::TCP_USER_TIMEOUT`, 30 s, or the longer
+        // `tcp_user_timeout` a URL sets), and by then the leases would have run out.
         // Cut off after a period (a renewal is one small UPDATE: a database that slow has the
         // leases at risk anyway), its connection is closed rather than handed back, and so are
         // the pool's idle ones (dead the same way, most likely); the next renewal follows at
