@@ -473,3 +473,49 @@ async fn a_failing_count_of_waiting_jobs_is_logged_once_and_so_is_its_recovery()
     assert_eq!(said("counting the shard's waiting jobs failed"), 1);
     assert_eq!(said("counting the shard's waiting jobs works again"), 1);
 }
+
+#[actix_web::test]
+async fn a_huge_path_or_method_is_shortened_in_the_request_line() {
+    // Any caller, unauthenticated too, chooses a request's path (up to 64 KiB) and method; the
+    // line each request leaves must not copy them whole.
+    let shard = TestDb::new(Schema::Shard).await;
+    shard
+        .exec("INSERT INTO shard_identity (shard_id) VALUES ('shard-1')")
+        .await;
+    let mut cmd = crate::support::shard_node(&shard.url, true, 0);
+    let mut served = Served::start(&mut cmd, 1);
+    let addr = served.url("api").trim_start_matches("http://").to_owned();
+    let send = |method: &str, path: &str, id: &str| {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nX-Request-Id: {id}\r\nConnection: close\r\n\r\n"
+        );
+        crate::support::send_and_stall(&addr, head.into_bytes())
+    };
+    let answer = send("GET", &format!("/{}", "p".repeat(60_000)), "long-path");
+    assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+    let answer = send(&"M".repeat(20_000), "/v1/x", "long-method");
+    assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+    let lines = served.stop_and_read_logs();
+    let line = |id: &str| {
+        lines
+            .iter()
+            .find(|v| v["span"]["request.id"] == id && v["message"] == "request")
+            .unwrap_or_else(|| panic!("no request line for {id}"))
+            .clone()
+    };
+    let path = line("long-path")["http.path"].as_str().unwrap().to_owned();
+    assert_eq!(path.chars().count(), 513, "512 characters and the ellipsis");
+    assert!(path.starts_with("/ppp") && path.ends_with('…'), "{path}");
+    let method = line("long-method")["http.method"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(method, format!("{}…", "M".repeat(32)));
+    for l in &lines {
+        assert!(
+            l.to_string().len() < 4096,
+            "a line of {} bytes",
+            l.to_string().len()
+        );
+    }
+}

@@ -249,8 +249,8 @@ async fn request_context(
     let unfinished = Unfinished::register(InFlight {
         role,
         span: span.clone(),
-        method: req.method().to_string(),
-        path: req.path().to_owned(),
+        method: crate::text::shorten(req.method().as_str(), LOGGED_METHOD_MAX),
+        path: crate::text::shorten(req.path(), LOGGED_PATH_MAX),
         started,
     });
     let res = REQUEST_ID
@@ -297,6 +297,13 @@ async fn request_context(
     }
     Ok(res)
 }
+
+/// The characters of a request's path its log line keeps, and of its method: the HTTP stack
+/// takes paths of up to 64 KiB and methods as long as the request head, and a line per request
+/// of that size, from any caller, authenticated or not, would let one flood the log. Longer
+/// ones end in "…".
+pub const LOGGED_PATH_MAX: usize = 512;
+pub const LOGGED_METHOD_MAX: usize = 32;
 
 /// A request whose answer is not out yet.
 struct InFlight {
