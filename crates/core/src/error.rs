@@ -169,9 +169,20 @@ impl ResponseError for ApiError {
         // On the request's span, so that its log line says why a request was refused, not
         // only with which status (429 `rate_limited` or 401 `unauthorized` alike).
         tracing::Span::current().record("error.code", self.code);
+        // A 503 is a refusal the caller is told to retry (a database or shard out of reach, an
+        // overload): a warning, with its cause, as a 5xx without one. Under an outage there is
+        // one per request, and an error is written out at once (see `telemetry::sink`), which
+        // is the last thing an overloaded process should do per request. Anything else with a
+        // cause (a 500, a 502) is an error.
         if self.status.is_server_error() {
             match &self.source {
-                Some(cause) => tracing::error!(
+                Some(cause) if self.status != StatusCode::SERVICE_UNAVAILABLE => tracing::error!(
+                    error.code = self.code,
+                    error.cause = format!("{cause:#}"),
+                    "request failed: {}",
+                    self.message
+                ),
+                Some(cause) => tracing::warn!(
                     error.code = self.code,
                     error.cause = format!("{cause:#}"),
                     "request failed: {}",
@@ -311,6 +322,22 @@ mod tests {
         let body: ErrorBody = serde_json::from_slice(&body).expect("error shape");
         assert_eq!(body.error.code, "internal");
         assert_eq!(body.error.message, "internal error");
+    }
+
+    #[test]
+    fn a_temporary_refusal_is_a_warning_and_a_failure_an_error() {
+        let lines = crate::telemetry::testing::logged(|| {
+            ApiError::unavailable("database_unavailable", "retry", Duration::from_secs(1))
+                .with_source(anyhow::anyhow!("connection refused"))
+                .error_response();
+            ApiError::internal(anyhow::anyhow!("a bug")).error_response();
+        });
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[0]["level"], "WARN");
+        assert_eq!(lines[0]["error.code"], "database_unavailable");
+        assert_eq!(lines[0]["error.cause"], "connection refused");
+        assert_eq!(lines[1]["level"], "ERROR");
+        assert_eq!(lines[1]["error.cause"], "a bug");
     }
 
     #[test]

@@ -76,6 +76,23 @@ fn flush_on_panic() {
 pub(crate) mod testing {
     use std::sync::{Arc, Mutex, PoisonError};
 
+    use tracing_subscriber::prelude::*;
+
+    use super::{json::JsonLayer, sink::Sink};
+
+    /// Runs `f` with the JSON layer as the thread's subscriber; returns the parsed lines.
+    pub(crate) fn logged(f: impl FnOnce()) -> Vec<serde_json::Value> {
+        let out = SharedWriter::default();
+        let sink = Arc::new(Sink::new(Box::new(out.clone())));
+        let subscriber = tracing_subscriber::registry().with(JsonLayer::new(sink.clone()));
+        tracing::subscriber::with_default(subscriber, f);
+        sink.flush();
+        let text = String::from_utf8(out.bytes()).expect("JSON lines are UTF-8");
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
     /// A writer whose bytes tests can read back.
     #[derive(Clone, Default)]
     pub(crate) struct SharedWriter(pub(crate) Arc<Mutex<Vec<u8>>>);

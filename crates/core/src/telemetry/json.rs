@@ -322,20 +322,7 @@ mod tests {
     use tracing_subscriber::prelude::*;
 
     use super::*;
-    use crate::telemetry::testing::SharedWriter;
-
-    /// Runs `f` with the JSON layer as the thread's subscriber; returns the parsed lines.
-    fn logged(f: impl FnOnce()) -> Vec<Value> {
-        let out = SharedWriter::default();
-        let sink = Arc::new(Sink::new(Box::new(out.clone())));
-        let subscriber = tracing_subscriber::registry().with(JsonLayer::new(sink.clone()));
-        tracing::subscriber::with_default(subscriber, f);
-        sink.flush();
-        let text = String::from_utf8(out.bytes()).unwrap();
-        text.lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-            .collect()
-    }
+    use crate::telemetry::testing::{SharedWriter, logged};
 
     #[test]
     fn only_an_error_is_written_at_once() {
