@@ -184,7 +184,7 @@ fn float(out: &mut String, value: f64) {
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ` for the current time.
-fn timestamp(out: &mut String) {
+pub(super) fn timestamp(out: &mut String) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

@@ -1,15 +1,26 @@
-//! Where JSON log lines go: a buffer in memory, written out in one `write` at a time.
+//! Where JSON log lines go: a buffer in memory, written out in one `write` at a time by a
+//! thread of its own.
 //!
 //! A line written straight to stderr costs a system call per line, which was about a twentieth
-//! of the gateway's CPU per request. Here lines are gathered and written when
-//! [`BUFFER_LIMIT`] bytes are waiting, every [`FLUSH_INTERVAL`] (a background thread), at
-//! once for an error, and by [`Sink::flush`] when the process ends or panics. So an info or
-//! warning line reaches the log at most [`FLUSH_INTERVAL`] late, and memory stays bounded: a
-//! writer that blocks (a full pipe) blocks logging, as stderr itself would.
+//! of the gateway's CPU per request. Here lines are gathered and written by the flush thread
+//! every [`FLUSH_INTERVAL`], as soon as [`BUFFER_LIMIT`] bytes are waiting, at once for an
+//! error, and by [`Sink::flush`] when the process ends or panics. So an info or warning line
+//! reaches the log at most [`FLUSH_INTERVAL`] late.
+//!
+//! Logging never waits for stderr's reader: a log shipper or container runtime that stops
+//! reading for a while fills the pipe, and the flush thread's write then blocks, but the
+//! threads that log (request handlers, the job workers' lease renewals) only append to the
+//! buffer. Up to [`MAX_WAITING`] bytes wait meanwhile; lines past that are dropped and
+//! counted, and the count is logged once the writes go through again. (Before the flush
+//! thread runs, and if it cannot be started, lines are written by the thread that fills the
+//! buffer, as stderr itself would be.)
 
 use std::{
     io::Write,
-    sync::{Mutex, MutexGuard},
+    sync::{
+        Condvar, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -17,75 +28,143 @@ use std::{
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// Waiting bytes that trigger a write without waiting for the interval.
 pub const BUFFER_LIMIT: usize = 64 * 1024;
+/// Bytes of lines that may wait while a write is stuck; lines past them are dropped.
+pub const MAX_WAITING: usize = 4 * 1024 * 1024;
 
 pub struct Sink {
-    state: Mutex<State>,
+    waiting: Mutex<Waiting>,
+    /// Taken before `waiting` by whoever writes, and held through the write, so batches go
+    /// out in the order they were taken.
+    out: Mutex<Out>,
+    /// Wakes the flush thread when a write is due.
+    due: Condvar,
+    /// The flush thread runs: loggers only append.
+    background: AtomicBool,
 }
 
-struct State {
+struct Waiting {
     buf: Vec<u8>,
-    out: Box<dyn Write + Send>,
+    /// Lines dropped since the last write, the buffer being full.
+    dropped: u64,
+    /// A write is due now (an error line, or `BUFFER_LIMIT` reached).
+    due: bool,
 }
 
-impl State {
-    fn flush(&mut self) {
-        if self.buf.is_empty() {
-            return;
-        }
-        // A log that cannot be written has nowhere to report that: the lines are dropped.
-        let _ = self.out.write_all(&self.buf);
-        let _ = self.out.flush();
-        self.buf.clear();
-    }
+struct Out {
+    w: Box<dyn Write + Send>,
+    /// The buffer being written; swapped with the waiting one.
+    batch: Vec<u8>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A thread that panicked while holding the lock left at worst a partly copied line.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Sink {
     pub fn new(out: Box<dyn Write + Send>) -> Self {
         Sink {
-            state: Mutex::new(State {
+            waiting: Mutex::new(Waiting {
                 buf: Vec::with_capacity(BUFFER_LIMIT + 4096),
-                out,
+                dropped: 0,
+                due: false,
             }),
+            out: Mutex::new(Out {
+                w: out,
+                batch: Vec::with_capacity(BUFFER_LIMIT + 4096),
+            }),
+            due: Condvar::new(),
+            background: AtomicBool::new(false),
         }
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
-        // A thread that panicked while holding the lock left at worst a partly copied line.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Appends one complete line; `urgent` writes it (and everything before it) right away.
+    /// Appends one complete line; `urgent` has it (and everything before it) written right
+    /// away.
     pub fn write_line(&self, line: &[u8], urgent: bool) {
-        let mut state = self.state();
-        state.buf.extend_from_slice(line);
-        if urgent || state.buf.len() >= BUFFER_LIMIT {
-            state.flush();
+        let mut waiting = lock(&self.waiting);
+        if waiting.buf.len() + line.len() > MAX_WAITING {
+            waiting.dropped += 1;
+            return;
+        }
+        waiting.buf.extend_from_slice(line);
+        if !urgent && waiting.buf.len() < BUFFER_LIMIT {
+            return;
+        }
+        waiting.due = true;
+        drop(waiting);
+        if self.background.load(Ordering::Acquire) {
+            self.due.notify_one();
+        } else {
+            self.flush();
         }
     }
 
-    /// Writes out everything waiting.
+    /// Writes out everything waiting (waiting for a write under way to end first).
     pub fn flush(&self) {
-        self.state().flush();
+        let mut out = lock(&self.out);
+        let out = &mut *out;
+        let dropped = {
+            let mut waiting = lock(&self.waiting);
+            waiting.due = false;
+            std::mem::swap(&mut waiting.buf, &mut out.batch);
+            std::mem::take(&mut waiting.dropped)
+        };
+        if out.batch.is_empty() && dropped == 0 {
+            return;
+        }
+        // A log that cannot be written has nowhere to report that: the lines are dropped.
+        let _ = out.w.write_all(&out.batch);
+        if dropped > 0 {
+            let _ = out.w.write_all(dropped_notice(dropped).as_bytes());
+        }
+        let _ = out.w.flush();
+        out.batch.clear();
+        // A stuck write's backlog is not kept as capacity for good.
+        if out.batch.capacity() > 4 * BUFFER_LIMIT {
+            out.batch = Vec::with_capacity(BUFFER_LIMIT + 4096);
+        }
     }
 
-    /// Starts the thread that writes waiting lines every [`FLUSH_INTERVAL`].
+    /// Starts the thread that writes waiting lines every [`FLUSH_INTERVAL`], and whenever a
+    /// write is due.
     pub fn start_flusher(&'static self) {
         let spawned = std::thread::Builder::new()
             .name("log-flush".into())
             .spawn(move || {
                 loop {
-                    std::thread::sleep(FLUSH_INTERVAL);
+                    {
+                        let waiting = lock(&self.waiting);
+                        if !waiting.due {
+                            // Woken early (a write due, or spuriously) or not: a write either way.
+                            drop(
+                                self.due
+                                    .wait_timeout(waiting, FLUSH_INTERVAL)
+                                    .unwrap_or_else(|p| p.into_inner()),
+                            );
+                        }
+                    }
                     self.flush();
                 }
             });
-        if spawned.is_err() {
+        match spawned {
+            Ok(_) => self.background.store(true, Ordering::Release),
             // Without the thread, lines still go out at BUFFER_LIMIT and at exit; say so.
-            self.write_line(
+            Err(_) => self.write_line(
                 b"{\"level\":\"WARN\",\"message\":\"cannot start the log flush thread; info lines are written in 64 KiB batches\"}\n",
                 true,
-            );
+            ),
         }
     }
+}
+
+/// The line that says how many lines were dropped.
+fn dropped_notice(dropped: u64) -> String {
+    let mut line = String::from("{\"timestamp\":\"");
+    super::json::timestamp(&mut line);
+    line.push_str(&format!(
+        "\",\"level\":\"WARN\",\"message\":\"log lines dropped: stderr was not read fast enough\",\"lines_dropped\":{dropped}}}\n"
+    ));
+    line
 }
 
 #[cfg(test)]
@@ -124,5 +203,88 @@ mod tests {
         sink.write_line(b"c\n", false);
         sink.flush();
         assert!(out.bytes().ends_with(b"c\n"));
+    }
+
+    /// A writer that blocks until opened, as a pipe nobody reads does; says when a write began.
+    #[derive(Clone)]
+    struct Gate {
+        state: std::sync::Arc<(Mutex<(bool, bool)>, Condvar)>,
+        out: SharedWriter,
+    }
+
+    impl Gate {
+        fn until_writing(&self) {
+            let (m, cv) = &*self.state;
+            let mut g = lock(m);
+            while !g.1 {
+                g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+
+        fn open(&self) {
+            let (m, cv) = &*self.state;
+            lock(m).0 = true;
+            cv.notify_all();
+        }
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let (m, cv) = &*self.state;
+            let mut g = lock(m);
+            g.1 = true;
+            cv.notify_all();
+            while !g.0 {
+                g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            drop(g);
+            self.out.write(b)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stuck_reader_holds_up_no_logger_and_the_lines_past_the_bound_are_counted() {
+        let out = SharedWriter::default();
+        let gate = Gate {
+            state: Default::default(),
+            out: out.clone(),
+        };
+        let sink: &'static Sink = Box::leak(Box::new(Sink::new(Box::new(gate.clone()))));
+        sink.start_flusher();
+        sink.write_line(b"first\n", true);
+        gate.until_writing();
+        // The flush thread is stuck writing "first". Logging goes on without waiting for it.
+        let line = [&[b'x'; 1023][..], b"\n"].concat();
+        let fits = MAX_WAITING / line.len();
+        let (done, logged) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for _ in 0..fits + 100 {
+                sink.write_line(&line, false);
+            }
+            sink.write_line(b"an error\n", true);
+            let _ = done.send(());
+        });
+        logged
+            .recv_timeout(Duration::from_secs(30))
+            .expect("logging waited for the stuck writer");
+        gate.open();
+        sink.flush();
+        let text = String::from_utf8(out.bytes()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "first");
+        assert_eq!(
+            lines.len(),
+            1 + fits + 1,
+            "the lines that fit, then the count"
+        );
+        assert!(lines[1..=fits].iter().all(|l| l.len() == 1023));
+        let notice: serde_json::Value = serde_json::from_str(lines[fits + 1]).unwrap();
+        assert_eq!(notice["level"], "WARN");
+        assert_eq!(notice["lines_dropped"], 101, "100 lines and the error");
+        assert!(notice["timestamp"].is_string());
     }
 }
