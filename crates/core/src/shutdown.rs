@@ -25,7 +25,7 @@ pub fn on_signal() -> anyhow::Result<CancellationToken> {
             _ = int.recv() => {},
         }
         tracing::warn!("second signal: exiting without waiting");
-        crate::telemetry::flush();
+        crate::telemetry::finish();
         std::process::exit(130);
     });
     Ok(token)

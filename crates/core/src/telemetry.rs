@@ -56,10 +56,18 @@ pub fn init(cfg: &LogConfig) {
     }
 }
 
-/// Writes out buffered log lines. Call before the process exits.
+/// Writes out buffered log lines.
 pub fn flush() {
     if let Some(sink) = SINK.get() {
         sink.flush();
+    }
+}
+
+/// Writes out buffered log lines, and from then on every line as it is logged: call when the
+/// process is about to exit (tasks and threads still running may log after it).
+pub fn finish() {
+    if let Some(sink) = SINK.get() {
+        sink.finish();
     }
 }
 

@@ -142,8 +142,9 @@ fn main() -> ExitCode {
             runtime.block_on(tenantry_admin::run(cmd, &cfg, cli.dev))
         }
     };
-    // Buffered log lines first, so the error below is the last thing printed.
-    tenantry_core::telemetry::flush();
+    // Buffered log lines first, so the error below is the last thing printed (a line still
+    // logged after this, by a handler the runtime has not dropped yet, is written at once).
+    tenantry_core::telemetry::finish();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // The reader of an admin command's output stopped reading (`… | head`): not a failure.

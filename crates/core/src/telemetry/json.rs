@@ -25,8 +25,8 @@ use tracing_subscriber::{Layer, layer::Context, registry::LookupSpan};
 
 use super::sink::Sink;
 
-/// Writes every enabled event as a JSON line to `sink`; warnings and errors are written at
-/// once, other lines within the sink's flush interval.
+/// Writes every enabled event as a JSON line to `sink`; errors are written at once, other
+/// lines within the sink's flush interval.
 pub struct JsonLayer {
     sink: Arc<Sink>,
 }
@@ -248,8 +248,8 @@ where
             self.render(line, event, &ctx);
             let level = *event.metadata().level();
             // Only an error is written at once: warnings come one per request under overload
-            // (every 503 or 504), when a system call per line under the sink's lock is what
-            // the process can least afford. They follow within FLUSH_INTERVAL.
+            // (every 503 or 504), when a write per line is what the process can least afford.
+            // They follow within FLUSH_INTERVAL.
             self.sink.write_line(line.as_bytes(), level == Level::ERROR);
         };
         LINE.with(|line| match line.try_borrow_mut() {

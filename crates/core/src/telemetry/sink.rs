@@ -12,8 +12,9 @@
 //! threads that log (request handlers, the job workers' lease renewals) only append to the
 //! buffer. Up to [`MAX_WAITING`] bytes wait meanwhile; lines past that are dropped and
 //! counted, and the count is logged once the writes go through again. (Before the flush
-//! thread runs, and if it cannot be started, lines are written by the thread that fills the
-//! buffer, as stderr itself would be.)
+//! thread runs, if it cannot be started, and once the process is ending ([`Sink::finish`]),
+//! lines are written by the thread that logs them, as stderr itself would be; so are the
+//! last lines at a panic or a second signal.)
 
 use std::{
     io::Write,
@@ -40,6 +41,9 @@ pub struct Sink {
     due: Condvar,
     /// The flush thread runs: loggers only append.
     background: AtomicBool,
+    /// The process is ending ([`Sink::finish`]): every line is written as it comes, since
+    /// the flush thread may not get to it before the process exits.
+    finished: AtomicBool,
 }
 
 struct Waiting {
@@ -75,6 +79,7 @@ impl Sink {
             }),
             due: Condvar::new(),
             background: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
         }
     }
 
@@ -87,16 +92,29 @@ impl Sink {
             return;
         }
         waiting.buf.extend_from_slice(line);
-        if !urgent && waiting.buf.len() < BUFFER_LIMIT {
+        let finished = self.finished.load(Ordering::Acquire);
+        if !urgent && !finished && waiting.buf.len() < BUFFER_LIMIT {
             return;
         }
-        waiting.due = true;
+        let wake = !std::mem::replace(&mut waiting.due, true);
         drop(waiting);
-        if self.background.load(Ordering::Acquire) {
-            self.due.notify_one();
+        if self.background.load(Ordering::Acquire) && !finished {
+            // Once per due write: the flush thread checks `due` before it waits, so a wake-up
+            // is not lost, and a stuck write does not cost a system call per line.
+            if wake {
+                self.due.notify_one();
+            }
         } else {
             self.flush();
         }
+    }
+
+    /// Writes out everything waiting, and from then on every line as it comes: for the end of
+    /// the process, when whatever is still logged (a late request's error, say) would
+    /// otherwise wait for a flush thread that may not run again.
+    pub fn finish(&self) {
+        self.finished.store(true, Ordering::Release);
+        self.flush();
     }
 
     /// Writes out everything waiting (waiting for a write under way to end first).
@@ -215,10 +233,10 @@ mod tests {
     impl Gate {
         fn until_writing(&self) {
             let (m, cv) = &*self.state;
-            let mut g = lock(m);
-            while !g.1 {
-                g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
-            }
+            let (g, waited) = cv
+                .wait_timeout_while(lock(m), Duration::from_secs(30), |g| !g.1)
+                .unwrap_or_else(|p| p.into_inner());
+            assert!(!waited.timed_out() && g.1, "the flush thread never wrote");
         }
 
         fn open(&self) {
@@ -230,12 +248,17 @@ mod tests {
 
     impl Write for Gate {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            // Bounded, so that a sink writing from the logging thread itself fails the test
+            // (its line missing) rather than hanging it.
             let (m, cv) = &*self.state;
             let mut g = lock(m);
             g.1 = true;
             cv.notify_all();
-            while !g.0 {
-                g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            let (g, waited) = cv
+                .wait_timeout_while(g, Duration::from_secs(30), |g| !g.0)
+                .unwrap_or_else(|p| p.into_inner());
+            if waited.timed_out() {
+                return Err(std::io::ErrorKind::TimedOut.into());
             }
             drop(g);
             self.out.write(b)
@@ -286,5 +309,21 @@ mod tests {
         assert_eq!(notice["level"], "WARN");
         assert_eq!(notice["lines_dropped"], 101, "100 lines and the error");
         assert!(notice["timestamp"].is_string());
+    }
+
+    #[test]
+    fn after_finish_every_line_is_written_as_it_comes() {
+        let out = SharedWriter::default();
+        let sink: &'static Sink = Box::leak(Box::new(Sink::new(Box::new(out.clone()))));
+        sink.start_flusher();
+        sink.write_line(b"a\n", false);
+        sink.finish();
+        assert_eq!(&out.bytes()[..], b"a\n");
+        sink.write_line(b"late\n", false);
+        assert_eq!(
+            &out.bytes()[..],
+            b"a\nlate\n",
+            "written by the logging thread itself"
+        );
     }
 }
