@@ -424,16 +424,22 @@ fn a_pooled_connect_to_a_server_that_never_answers_lets_go_of_its_socket() {
     drop(home);
 }
 
-#[actix_web::test]
-async fn a_failing_count_of_waiting_jobs_is_logged_once_and_so_is_its_recovery() {
-    // The shard-wide cap reads a count of waiting jobs refreshed every second. Refreshes that
-    // fail must be said (the cap then works from a stale count), but once, not every second.
+/// A shard database for shard-1 and a node serving its API (no worker).
+async fn api_node() -> (TestDb, Served) {
     let shard = TestDb::new(Schema::Shard).await;
     shard
         .exec("INSERT INTO shard_identity (shard_id) VALUES ('shard-1')")
         .await;
     let mut cmd = crate::support::shard_node(&shard.url, true, 0);
-    let mut served = Served::start(&mut cmd, 1);
+    let served = Served::start(&mut cmd, 1);
+    (shard, served)
+}
+
+#[actix_web::test]
+async fn a_failing_count_of_waiting_jobs_is_logged_once_and_so_is_its_recovery() {
+    // The shard-wide cap reads a count of waiting jobs refreshed every second. Refreshes that
+    // fail must be said (the cap then works from a stale count), but once, not every second.
+    let (shard, mut served) = api_node().await;
     let admin = tenantry_testkit::admin_client().await;
     let allow = |yes: bool| {
         format!(
@@ -478,12 +484,7 @@ async fn a_failing_count_of_waiting_jobs_is_logged_once_and_so_is_its_recovery()
 async fn a_huge_path_or_method_is_shortened_in_the_request_line() {
     // Any caller, unauthenticated too, chooses a request's path (up to 64 KiB) and method; the
     // line each request leaves must not copy them whole.
-    let shard = TestDb::new(Schema::Shard).await;
-    shard
-        .exec("INSERT INTO shard_identity (shard_id) VALUES ('shard-1')")
-        .await;
-    let mut cmd = crate::support::shard_node(&shard.url, true, 0);
-    let mut served = Served::start(&mut cmd, 1);
+    let (_shard, mut served) = api_node().await;
     let addr = served.url("api").trim_start_matches("http://").to_owned();
     let send = |method: &str, path: &str, id: &str| {
         let head = format!(
