@@ -811,8 +811,9 @@ async fn a_running_job_keeps_its_lease_while_the_shared_pool_is_exhausted() {
 #[tokio::test]
 async fn a_running_job_keeps_its_lease_when_its_heartbeat_connection_dies_silently() {
     // The connection the heartbeat keeps dies without a word (a failover whose old host
-    // vanished): a renewal sent on it would wait for the kernel to give up, some 15 minutes,
-    // while every lease ran out. It must give up on that connection and renew on another.
+    // vanished): a renewal sent on it would wait for the kernel to give up (30 s, by
+    // `TCP_USER_TIMEOUT`; here the proxy's kernel acknowledges, so for ever), while every
+    // lease ran out. It must give up on that connection and renew on another.
     let db = TestDb::new(Schema::Shard).await;
     let (proxy, pool) = proxied_pool(&db).await;
     let id = enqueue_one(&db, job(Uuid::now_v7(), "sleep", json!({"ms": 7000}), 1)).await;

@@ -35,8 +35,9 @@ pub fn pg_config_with(
         .with_context(|| format!("parsing database URL {url}"))?;
     cfg.connect_timeout(db.connect_timeout);
     // TCP keepalives (unless the URL sets its own): a connection that a NAT or a dead peer
-    // dropped without a reset is noticed within about a minute instead of the kernel's two
-    // hours, which matters most for the idle LISTEN connections that wake workers and waiters.
+    // dropped without a reset is noticed within about 40 s (with the user timeout below: the
+    // first unanswered probe after it ends the connection) instead of the kernel's two hours,
+    // which matters most for the idle LISTEN connections that wake workers and waiters.
     if cfg.get_keepalives() && cfg.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
         cfg.keepalives_idle(Duration::from_secs(30))
             .keepalives_interval(Duration::from_secs(10))

@@ -2,7 +2,8 @@
 //! `company.id`, `shard.id`) ride along on every line logged inside a request or a job.
 //!
 //! JSON lines are buffered (see [`sink`]): an info or warning line reaches stderr within
-//! 100 ms, an error at once, and [`flush`] writes what is waiting when the process ends.
+//! 100 ms, an error at once; [`flush`] writes what is waiting (at a panic), and [`finish`]
+//! does so when the process ends and has every later line written as it comes.
 
 mod json;
 mod sink;

@@ -563,7 +563,7 @@ async fn send(
             Err(e) if connection_lost(&e, !body.replayable()) && body.fault().is_none() => {
                 endpoint.set_healthy(false);
                 if !req.method().is_idempotent() {
-                    tracing::warn!(endpoint = %endpoint.base, error = %e, "shard endpoint closed the connection before answering; not repeating a non-idempotent request");
+                    tracing::warn!(endpoint = %endpoint.base, error = %e, "shard endpoint lost the connection before answering; not repeating a non-idempotent request");
                     return Err(ApiError::new(
                         StatusCode::BAD_GATEWAY,
                         "bad_gateway",
@@ -571,7 +571,7 @@ async fn send(
                          request may have been received, so it was not sent again",
                     ));
                 }
-                tracing::warn!(endpoint = %endpoint.base, error = %e, "shard endpoint closed the connection before answering; trying the next");
+                tracing::warn!(endpoint = %endpoint.base, error = %e, "shard endpoint lost the connection before answering; trying the next");
                 metrics::RETRIES.with_label_values(&["connect"]).inc();
                 last_error = Some(e.to_string());
                 continue;

@@ -1123,7 +1123,7 @@ async fn heartbeat_loop(this: Arc<Worker>, running: Arc<Mutex<InFlight>>, stop: 
         }
         // The statement is bounded: a connection that died silently (a failover whose old host
         // vanished, a dropped NAT entry) does not fail a renewal sent on it until the kernel
-        // gives up on it (after `tenantry_core::db::TCP_USER_TIMEOUT`, 30 s, or the longer
+        // gives up on it (after `tenantry_core::db::TCP_USER_TIMEOUT`, 30 s, or the
         // `tcp_user_timeout` a URL sets), and by then the leases would have run out.
         // Cut off after a period (a renewal is one small UPDATE: a database that slow has the
         // leases at risk anyway), its connection is closed rather than handed back, and so are

@@ -4,7 +4,8 @@
 //! A line written straight to stderr costs a system call per line, which was about a twentieth
 //! of the gateway's CPU per request. Here lines are gathered and written by the flush thread
 //! every [`FLUSH_INTERVAL`], as soon as [`BUFFER_LIMIT`] bytes are waiting, at once for an
-//! error, and by [`Sink::flush`] when the process ends or panics. So an info or warning line
+//! error, by [`Sink::flush`] when the process panics and by [`Sink::finish`] when it ends.
+//! So an info or warning line
 //! reaches the log at most [`FLUSH_INTERVAL`] late.
 //!
 //! Logging never waits for stderr's reader: a log shipper or container runtime that stops
