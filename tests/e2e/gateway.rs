@@ -1446,6 +1446,49 @@ async fn closed_before_answering(reset: bool) {
 }
 
 #[actix_web::test]
+async fn a_shard_whose_endpoints_are_down_costs_no_warning_per_request_and_endpoint() {
+    // Each request to a shard whose endpoints all refuse tries every endpoint (the health
+    // check may lag behind a recovery). Saying so at every try made each request several
+    // warnings more during an outage; an endpoint going down is said once.
+    let company = Uuid::now_v7();
+    let refusing = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let catalog = one_shard_catalog(vec![refusing(), refusing()], company).await;
+    let (broker, mut gw) = gateway_on(&catalog.url, &[]).await;
+    let base = gw.url("gateway");
+    let auth = company_token(company, "admin");
+    for _ in 0..5 {
+        let r = http()
+            .get(format!(
+                "{base}/v1/companies/{company}/jobs/{}",
+                Uuid::now_v7()
+            ))
+            .bearer_auth(&auth)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+    }
+    let lines = gw.stop_and_read_logs();
+    let count = |start: &str| {
+        lines
+            .iter()
+            .filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with(start)))
+            .count()
+    };
+    let requests = lines.iter().filter(|v| v["message"] == "request").count();
+    assert_eq!(requests, 5, "each request still has its line");
+    assert!(
+        count("cannot connect to shard endpoint") <= 2,
+        "at most once per endpoint, not per request: {}",
+        count("cannot connect to shard endpoint")
+    );
+    broker.cleanup().await;
+}
+
+#[actix_web::test]
 async fn one_company_cannot_hold_every_slot_of_its_shard() {
     // The rate limit bounds how often a company sends, not how long its requests last: long
     // polls, slow uploads or unread answers would otherwise let it take all of its shard's

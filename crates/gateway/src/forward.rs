@@ -577,8 +577,14 @@ async fn send(
                 continue;
             }
             Err(SendRequestError::Connect(e)) => {
-                tracing::warn!(endpoint = %endpoint.base, error = %e, "cannot connect to shard endpoint");
-                endpoint.set_healthy(false);
+                // Said when the endpoint goes down, not at every request that finds it down
+                // still: a shard whose endpoints are all down would otherwise cost a warning
+                // per endpoint per request, on top of each request's own lines.
+                if endpoint.set_healthy(false) {
+                    tracing::warn!(endpoint = %endpoint.base, error = %e, "cannot connect to shard endpoint; marked down");
+                } else {
+                    tracing::debug!(endpoint = %endpoint.base, error = %e, "cannot connect to shard endpoint, still down");
+                }
                 metrics::RETRIES.with_label_values(&["connect"]).inc();
                 last_error = Some(e.to_string());
                 continue;

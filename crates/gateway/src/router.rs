@@ -93,11 +93,13 @@ impl Endpoint {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    pub fn set_healthy(&self, healthy: bool) {
+    /// Records the endpoint's health; returns what it was.
+    pub fn set_healthy(&self, healthy: bool) -> bool {
         let was = self.healthy.swap(healthy, Ordering::Relaxed);
         if was != healthy {
             tracing::info!(endpoint = %self.base, healthy, "endpoint health changed");
         }
+        was
     }
 }
 
