@@ -675,6 +675,80 @@ async fn another_companys_job_is_not_found() {
 }
 
 #[actix_web::test]
+async fn a_repeat_that_a_newer_version_would_refuse_still_gets_its_job_back() {
+    // A client repeats a keyed request (its answer was lost) while the shard rolls out a
+    // version that no longer runs the kind, or takes smaller params. The job exists: the repeat
+    // gets it back, not a refusal that tells its client it does not.
+    let db = TestDb::new(Schema::Shard).await;
+    let company = Uuid::now_v7();
+    own(&db, company, "owned").await;
+    let auth = member_token(company);
+    let post = |node: &Served, key: &str, body: Value| {
+        http()
+            .post(format!("{}/v1/companies/{company}/jobs", node.url("api")))
+            .bearer_auth(&auth)
+            .insert_header(("idempotency-key", key.to_owned()))
+            .send_json(&body)
+    };
+    let small = json!({"kind": "echo", "params": {"n": 1}});
+    let big = json!({"kind": "echo", "params": {"pad": "x".repeat(2000)}});
+    let mut old = Served::start(&mut shard_node(&db.url, true, 1), 1);
+    let mut r = post(&old, "k-small", small.clone()).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let small_id = r.json::<JobView>().await.unwrap().id;
+    let mut r = post(&old, "k-big", big.clone()).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let big_id = r.json::<JobView>().await.unwrap().id;
+    old.stop_and_read_logs();
+
+    // A version without `echo`.
+    let mut cmd = shard_node(&db.url, true, 1);
+    cmd.env("TENANTRY_QUEUE__BUILTIN_KINDS", "[\"sleep\"]");
+    let mut new = Served::start(&mut cmd, 1);
+    let mut r = post(&new, "k-small", small.clone()).await.unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.body().await);
+    let replayed: JobView = r.json().await.unwrap();
+    assert_eq!((replayed.id, replayed.state), (small_id, JobState::Done));
+    // Anything but that repeat is refused as before: another key, other params.
+    let mut r = post(&new, "k-other", small.clone()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_of!(r).error.code, "unknown_kind");
+    let mut r = post(&new, "k-small", json!({"kind": "echo", "params": {"n": 2}}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_of!(r).error.code, "unknown_kind");
+    // Params the database cannot hold match no job: still the refusal, not a 500.
+    let mut r = post(
+        &new,
+        "k-small",
+        json!({"kind": "echo", "params": {"n": "\u{0}"}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_of!(r).error.code, "invalid_params");
+    new.stop_and_read_logs();
+
+    // A version that takes params of 1 KiB at most.
+    let mut cmd = shard_node(&db.url, true, 1);
+    cmd.env("TENANTRY_QUEUE__MAX_PARAMS_SIZE", "1KiB");
+    let mut newer = Served::start(&mut cmd, 1);
+    let mut r = post(&newer, "k-big", big.clone()).await.unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.body().await);
+    assert_eq!(r.json::<JobView>().await.unwrap().id, big_id);
+    let mut r = post(&newer, "k-big-2", big).await.unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(error_of!(r).error.code, "params_too_large");
+    newer.stop_and_read_logs();
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM jobs").await,
+        2,
+        "no job was added"
+    );
+}
+
+#[actix_web::test]
 async fn a_repeated_idempotency_key_returns_the_original_job() {
     let db = TestDb::new(Schema::Shard).await;
     let company = Uuid::now_v7();

@@ -477,6 +477,30 @@ async fn by_idempotency_key(
         .map(|r| (record(&r), r.get::<_, Option<bool>>(20).unwrap_or(false))))
 }
 
+/// The company's job under `key` if a request of `kind` with `params` created it: `params` is
+/// JSON text as sent, compared by value as `jsonb`, as a replay in [`enqueue`] compares it.
+/// For a repeat that this node would now refuse before enqueuing (a rollout dropped the kind,
+/// or lowered a limit) but that an earlier version accepted. Text the database cannot take as
+/// `jsonb` (U+0000 in a string) is an error, as it would be in an insert.
+pub async fn earlier_by_key(
+    client: &impl GenericClient,
+    company: Uuid,
+    key: &str,
+    kind: &str,
+    params: &str,
+) -> Result<Option<JobRecord>, tokio_postgres::Error> {
+    let sql = concat!(
+        "SELECT ",
+        record_columns!(),
+        " FROM jobs WHERE company_id = $1 AND idempotency_key = $2 AND kind = $3
+             AND params = $4::text::jsonb"
+    );
+    Ok(client
+        .query_opt(sql, &[&company, &key, &kind, &params])
+        .await?
+        .map(|r| record(&r)))
+}
+
 /// Many jobs from typed arrays; `"offset"` is each job's fairness offset (see [`enqueue`]).
 const ENQUEUE_MANY_SQL: &str = concat!(
     "INSERT INTO jobs (id, request_id, company_id, user_context, kind, params, max_attempts,

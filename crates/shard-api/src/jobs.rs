@@ -193,17 +193,43 @@ async fn create(
     }
     let input: CreateJob = http::json_body(&req, &body, "job request")?;
     let registry = &state.shard.registry;
+    let started = Instant::now();
+    let idempotency_key = idempotency_key(&req)?;
     let params = match check_job(&input, registry, state.queue.max_params_size.bytes()) {
         Ok(params) => params,
         Err(refusal) => {
             // Shards may run different kinds, checks and limits for a while (a rollout): a
             // request a stale route sent here must get the 421 that makes the gateway try the
             // company's own shard, not a refusal that shard may not give.
-            fence::check(&state.shard.pool.get().await?, company).await?;
-            return Err(refusal);
+            let client = state.shard.pool.get().await?;
+            fence::check(&client, company).await?;
+            // And a repeat of a request this shard accepted before a rollout changed what it
+            // accepts (a kind dropped, a limit lowered) gets its job back, as any repeat does,
+            // not a refusal that would tell its client the job does not exist.
+            let earlier = match (&idempotency_key, input.params) {
+                (Some(key), Some(raw)) if raw.get().starts_with('{') => {
+                    store::earlier_by_key(&**client, company, key, &input.kind, raw.get()).await
+                }
+                (Some(key), None) => {
+                    store::earlier_by_key(&**client, company, key, &input.kind, "{}").await
+                }
+                _ => Ok(None),
+            };
+            drop(client);
+            return match earlier {
+                Ok(Some(record)) => {
+                    answer(&state, company, Enqueued::Replayed(record), started).await
+                }
+                Ok(None) => Err(refusal),
+                // Params the database cannot hold (U+0000) match no job; anything else is
+                // the database's failure, and the refusal still holds.
+                Err(e) => {
+                    tracing::debug!(error = %e, "looking up an idempotency key for a refused request failed");
+                    Err(refusal)
+                }
+            };
         }
     };
-    let idempotency_key = idempotency_key(&req)?;
     let shard_id = &state.shard.shard_id;
 
     let job = NewJob {
@@ -218,7 +244,6 @@ async fn create(
         // the start of the enqueuing transaction, which is later, so it outlasts the wait.
         awaited_for: state.sync_wait,
     };
-    let started = Instant::now();
     let mut client = state.shard.pool.get().await?;
     // A full shard is refused after the fence (a company this shard does not own gets 421, so
     // the gateway re-routes it) and, inside `enqueue`, after an idempotency key's replay (a
@@ -269,6 +294,18 @@ async fn create(
     } else {
         drop(client);
     }
+    answer(&state, company, enqueued, started).await
+}
+
+/// Answers a job request whose job is written (`Created`) or was found under its key
+/// (`Replayed`): waits for the job until `api.sync_wait` after `started`, then `200` with the
+/// finished job or `202` with the job as it stands.
+async fn answer(
+    state: &web::Data<JobsState>,
+    company: Uuid,
+    enqueued: Enqueued,
+    started: Instant,
+) -> Result<HttpResponse, ApiError> {
     match &enqueued {
         Enqueued::Created(r) => {
             state.shard.notifier.poke();
@@ -294,7 +331,7 @@ async fn create(
     let cancel = CancellationToken::new();
     let _cancel_when_done = cancel.clone().drop_guard();
     let wait = spawn_wait(
-        &state,
+        state,
         record.clone(),
         deadline,
         enqueued_awaited,
