@@ -29,14 +29,19 @@ pub fn spawn(
                     let checks = router.endpoints().into_iter().map(|endpoint| {
                         let req = client.get(format!("{}/readyz", endpoint.base));
                         async move {
-                            let ok = match req.send().await {
-                                Ok(res) => res.status().is_success(),
-                                Err(e) => {
-                                    tracing::debug!(endpoint = %endpoint.base, error = %e, "health check failed");
-                                    false
-                                }
+                            let failure = match req.send().await {
+                                Ok(res) if res.status().is_success() => None,
+                                Ok(res) => Some(format!("/readyz answered {}", res.status())),
+                                Err(e) => Some(e.to_string()),
                             };
-                            endpoint.set_healthy(ok);
+                            // Said when the endpoint goes down (here or when a request finds
+                            // it so, see `forward`), not at every check while it stays down.
+                            let was = endpoint.set_healthy(failure.is_none());
+                            match failure {
+                                Some(e) if was => tracing::warn!(endpoint = %endpoint.base, error = %e, "shard endpoint failed its health check; marked down"),
+                                Some(e) => tracing::debug!(endpoint = %endpoint.base, error = %e, "health check failed"),
+                                None => {}
+                            }
                         }
                     });
                     futures_util::future::join_all(checks).await;

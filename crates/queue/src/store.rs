@@ -477,28 +477,43 @@ async fn by_idempotency_key(
         .map(|r| (record(&r), r.get::<_, Option<bool>>(20).unwrap_or(false))))
 }
 
-/// The company's job under `key` if a request of `kind` with `params` created it: `params` is
-/// JSON text as sent, compared by value as `jsonb`, as a replay in [`enqueue`] compares it.
-/// For a repeat that this node would now refuse before enqueuing (a rollout dropped the kind,
-/// or lowered a limit) but that an earlier version accepted. Text the database cannot take as
-/// `jsonb` (U+0000 in a string) is an error, as it would be in an insert.
+/// The company's job of `kind` under `key`, with the length of its params as the database
+/// writes them out: for a repeat that this node would now refuse before enqueuing (a rollout
+/// dropped the kind, or lowered a limit) but that an earlier version accepted. Its params are
+/// compared with [`same_params`], once the caller has seen they may be equal.
 pub async fn earlier_by_key(
     client: &impl GenericClient,
     company: Uuid,
     key: &str,
     kind: &str,
-    params: &str,
-) -> Result<Option<JobRecord>, tokio_postgres::Error> {
+) -> Result<Option<(JobRecord, u64)>, tokio_postgres::Error> {
     let sql = concat!(
         "SELECT ",
         record_columns!(),
-        " FROM jobs WHERE company_id = $1 AND idempotency_key = $2 AND kind = $3
-             AND params = $4::text::jsonb"
+        ", octet_length(params::text)::int8 FROM jobs
+         WHERE company_id = $1 AND idempotency_key = $2 AND kind = $3"
     );
     Ok(client
-        .query_opt(sql, &[&company, &key, &kind, &params])
+        .query_opt(sql, &[&company, &key, &kind])
         .await?
-        .map(|r| record(&r)))
+        .map(|r| (record(&r), r.get::<_, i64>(20).unsigned_abs())))
+}
+
+/// Whether job `id`'s params equal `params`, compared by value as `jsonb`, as a replay in
+/// [`enqueue`] compares them.
+pub async fn same_params(
+    client: &impl GenericClient,
+    id: Uuid,
+    params: &Value,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT params = $2::jsonb FROM jobs WHERE id = $1",
+            &[&id, params],
+        )
+        .await?
+        .and_then(|r| r.get::<_, Option<bool>>(0))
+        .unwrap_or(false))
 }
 
 /// Many jobs from typed arrays; `"offset"` is each job's fairness offset (see [`enqueue`]).

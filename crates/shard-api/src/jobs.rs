@@ -121,6 +121,38 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
     <&RawValue>::deserialize(d).map(Some)
 }
 
+/// The job a refused request with idempotency `key` created when an earlier version accepted
+/// it: same company, key, kind and params. The params are parsed (and compared as a replay
+/// compares them, by the database) only when such a job exists and their length could match
+/// its params': written as JSON, a value takes at most 6 bytes per byte of the text the
+/// database writes out for it (a `\u0041` escape for `A`), and the earlier version accepted
+/// those. So a refusal for params over the limit reads no more than the earlier job's size.
+async fn earlier(
+    client: &tokio_postgres::Client,
+    company: Uuid,
+    key: &str,
+    input: &CreateJob<'_>,
+) -> Result<Option<JobRecord>, ApiError> {
+    let Some((record, stored_len)) =
+        store::earlier_by_key(client, company, key, &input.kind).await?
+    else {
+        return Ok(None);
+    };
+    let raw = input.params.map_or("{}", RawValue::get);
+    if !raw.starts_with('{') || json_text_len(raw) > stored_len.saturating_mul(6) {
+        return Ok(None);
+    }
+    let Ok(params) = serde_json::from_str::<Value>(raw) else {
+        return Ok(None);
+    };
+    if contains_nul(&params) {
+        return Ok(None);
+    }
+    Ok(store::same_params(client, record.view.id, &params)
+        .await?
+        .then_some(record))
+}
+
 /// What this shard refuses in a job request's body (before any fence: see `create`): params
 /// that are not an object, are over `limit` bytes (as sent, leaving out whitespace between
 /// tokens, and as stored) or hold U+0000, a kind it does not run, and params its handler's
@@ -206,27 +238,15 @@ async fn create(
             // And a repeat of a request this shard accepted before a rollout changed what it
             // accepts (a kind dropped, a limit lowered) gets its job back, as any repeat does,
             // not a refusal that would tell its client the job does not exist.
-            let earlier = match (&idempotency_key, input.params) {
-                (Some(key), Some(raw)) if raw.get().starts_with('{') => {
-                    store::earlier_by_key(&**client, company, key, &input.kind, raw.get()).await
-                }
-                (Some(key), None) => {
-                    store::earlier_by_key(&**client, company, key, &input.kind, "{}").await
-                }
-                _ => Ok(None),
+            let Some(key) = &idempotency_key else {
+                return Err(refusal);
             };
-            drop(client);
-            return match earlier {
-                Ok(Some(record)) => {
+            return match earlier(&client, company, key, &input).await? {
+                Some(record) => {
+                    drop(client);
                     answer(&state, company, Enqueued::Replayed(record), started).await
                 }
-                Ok(None) => Err(refusal),
-                // Params the database cannot hold (U+0000) match no job; anything else is
-                // the database's failure, and the refusal still holds.
-                Err(e) => {
-                    tracing::debug!(error = %e, "looking up an idempotency key for a refused request failed");
-                    Err(refusal)
-                }
+                None => Err(refusal),
             };
         }
     };
