@@ -1431,18 +1431,27 @@ async fn closed_before_answering(reset: bool) {
     );
     assert_eq!(hits(), 1, "the POST reached one endpoint only");
 
-    let r = http()
+    assert_eq!(
+        get_a_job(&base, company, &auth).await,
+        503,
+        "no endpoint answered the GET"
+    );
+    assert_eq!(hits(), 3, "the GET was tried on both endpoints");
+    broker.cleanup().await;
+}
+
+/// The status of a GET of some job of `company` through the gateway at `base`.
+async fn get_a_job(base: &str, company: Uuid, auth: &str) -> awc::http::StatusCode {
+    http()
         .get(format!(
             "{base}/v1/companies/{company}/jobs/{}",
             Uuid::now_v7()
         ))
-        .bearer_auth(&auth)
+        .bearer_auth(auth)
         .send()
         .await
-        .unwrap();
-    assert_eq!(r.status(), 503, "no endpoint answered the GET");
-    assert_eq!(hits(), 3, "the GET was tried on both endpoints");
-    broker.cleanup().await;
+        .unwrap()
+        .status()
 }
 
 #[actix_web::test]
@@ -1460,16 +1469,7 @@ async fn a_shard_whose_endpoints_are_down_costs_no_warning_per_request_and_endpo
     let base = gw.url("gateway");
     let auth = company_token(company, "admin");
     for _ in 0..5 {
-        let r = http()
-            .get(format!(
-                "{base}/v1/companies/{company}/jobs/{}",
-                Uuid::now_v7()
-            ))
-            .bearer_auth(&auth)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 503);
+        assert_eq!(get_a_job(&base, company, &auth).await, 503);
     }
     let lines = gw.stop_and_read_logs();
     let count = |start: &str| {
