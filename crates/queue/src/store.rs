@@ -477,26 +477,25 @@ async fn by_idempotency_key(
         .map(|r| (record(&r), r.get::<_, Option<bool>>(20).unwrap_or(false))))
 }
 
-/// The company's job of `kind` under `key`, with the length of its params as the database
-/// writes them out: for a repeat that this node would now refuse before enqueuing (a rollout
-/// dropped the kind, or lowered a limit) but that an earlier version accepted. Its params are
-/// compared with [`same_params`], once the caller has seen they may be equal.
+/// The company's job of `kind` under `key`: for a repeat that this node would now refuse
+/// before enqueuing (a rollout dropped the kind, or lowered a limit) but that an earlier
+/// version accepted. Its params are compared with [`same_params`], once the caller has seen
+/// they may be equal.
 pub async fn earlier_by_key(
     client: &impl GenericClient,
     company: Uuid,
     key: &str,
     kind: &str,
-) -> Result<Option<(JobRecord, u64)>, tokio_postgres::Error> {
+) -> Result<Option<JobRecord>, tokio_postgres::Error> {
     let sql = concat!(
         "SELECT ",
         record_columns!(),
-        ", octet_length(params::text)::int8 FROM jobs
-         WHERE company_id = $1 AND idempotency_key = $2 AND kind = $3"
+        " FROM jobs WHERE company_id = $1 AND idempotency_key = $2 AND kind = $3"
     );
     Ok(client
         .query_opt(sql, &[&company, &key, &kind])
         .await?
-        .map(|r| (record(&r), r.get::<_, i64>(20).unsigned_abs())))
+        .map(|r| record(&r)))
 }
 
 /// Whether job `id`'s params equal `params`, compared by value as `jsonb`, as a replay in

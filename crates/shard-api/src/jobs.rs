@@ -122,28 +122,37 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
 }
 
 /// The job a refused request with idempotency `key` created when an earlier version accepted
-/// it: same company, key, kind and params. The params are parsed (and compared as a replay
-/// compares them, by the database) only when such a job exists and their length could match
-/// its params': written as JSON, a value takes at most 6 bytes per byte of the text the
-/// database writes out for it (a `\u0041` escape for `A`), and the earlier version accepted
-/// those. So a refusal for params over the limit reads no more than the earlier job's size.
+/// it: same company, key, kind and params, compared as a replay compares them (by the
+/// database, from the params as parsed). `parsed`: the params, if the refusal came after they
+/// were parsed. Params refused unparsed, for their length as sent, are parsed here only when
+/// such a job exists and they are at most six times as long as its params (compact, as
+/// `check_job` measures them; `\u0041` for `A` is six times as long): so a refusal for size
+/// parses no more than six times a job this shard accepted. Params written out longer than that
+/// (long runs of zeros in a number, a key repeated) are not matched.
 async fn earlier(
     client: &tokio_postgres::Client,
     company: Uuid,
     key: &str,
     input: &CreateJob<'_>,
+    parsed: Option<Value>,
 ) -> Result<Option<JobRecord>, ApiError> {
-    let Some((record, stored_len)) =
-        store::earlier_by_key(client, company, key, &input.kind).await?
-    else {
+    let Some(record) = store::earlier_by_key(client, company, key, &input.kind).await? else {
         return Ok(None);
     };
-    let raw = input.params.map_or("{}", RawValue::get);
-    if !raw.starts_with('{') || json_text_len(raw) > stored_len.saturating_mul(6) {
-        return Ok(None);
-    }
-    let Ok(params) = serde_json::from_str::<Value>(raw) else {
-        return Ok(None);
+    let params = match parsed {
+        Some(params) => params,
+        None => {
+            let raw = input.params.map_or("{}", RawValue::get);
+            if !raw.starts_with('{')
+                || json_text_len(raw) > json_len(&record.params).saturating_mul(6)
+            {
+                return Ok(None);
+            }
+            match serde_json::from_str::<Value>(raw) {
+                Ok(params) => params,
+                Err(_) => return Ok(None),
+            }
+        }
     };
     if contains_nul(&params) {
         return Ok(None);
@@ -156,20 +165,23 @@ async fn earlier(
 /// What this shard refuses in a job request's body (before any fence: see `create`): params
 /// that are not an object, are over `limit` bytes (as sent, leaving out whitespace between
 /// tokens, and as stored) or hold U+0000, a kind it does not run, and params its handler's
-/// `validate` refuses. Returns the params, parsed.
+/// `validate` refuses. Returns the params, parsed; a refusal carries them too once parsed.
 fn check_job(
     input: &CreateJob,
     registry: &tenantry_queue::Registry,
     limit: u64,
-) -> Result<Value, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "params_too_large",
-            format!("params are larger than the limit of {limit} bytes"),
-        )
-    };
-    let params = match input.params {
+) -> Result<Value, (ApiError, Option<Value>)> {
+    let parsed = check_params(input, limit).map_err(|e| (e, None))?;
+    match check_kind(input, registry, &parsed, limit) {
+        Ok(()) => Ok(parsed),
+        Err(e) => Err((e, Some(parsed))),
+    }
+}
+
+/// The params of a job request, parsed, unless refused before they could be (not an object,
+/// over `limit` as sent, not JSON).
+fn check_params(input: &CreateJob, limit: u64) -> Result<Value, ApiError> {
+    Ok(match input.params {
         None => json!({}),
         Some(raw) => {
             if !raw.get().starts_with('{') {
@@ -179,22 +191,39 @@ fn check_job(
                 ));
             }
             if json_text_len(raw.get()) > limit {
-                return Err(too_large());
+                return Err(too_large(limit));
             }
             serde_json::from_str(raw.get()).map_err(|e| {
                 ApiError::bad_request("invalid_json", format!("invalid job request: {e}"))
             })?
         }
-    };
-    if contains_nul(&params) {
+    })
+}
+
+fn too_large(limit: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "params_too_large",
+        format!("params are larger than the limit of {limit} bytes"),
+    )
+}
+
+/// The checks of parsed params and of the kind (see `check_job`).
+fn check_kind(
+    input: &CreateJob,
+    registry: &tenantry_queue::Registry,
+    params: &Value,
+    limit: u64,
+) -> Result<(), ApiError> {
+    if contains_nul(params) {
         return Err(ApiError::bad_request(
             "invalid_params",
             "params must not contain the character U+0000, which a job record cannot hold",
         ));
     }
     // Parsed, a number may be written back longer than sent (`1e2` as `100.0`).
-    if json_len(&params) > limit {
-        return Err(too_large());
+    if json_len(params) > limit {
+        return Err(too_large(limit));
     }
     let Some(handler) = registry.get(&input.kind) else {
         return Err(ApiError::bad_request(
@@ -207,9 +236,8 @@ fn check_job(
         ));
     };
     handler
-        .validate(&params)
-        .map_err(|e| ApiError::bad_request("invalid_params", e))?;
-    Ok(params)
+        .validate(params)
+        .map_err(|e| ApiError::bad_request("invalid_params", e))
 }
 
 async fn create(
@@ -229,7 +257,7 @@ async fn create(
     let idempotency_key = idempotency_key(&req)?;
     let params = match check_job(&input, registry, state.queue.max_params_size.bytes()) {
         Ok(params) => params,
-        Err(refusal) => {
+        Err((refusal, parsed)) => {
             // Shards may run different kinds, checks and limits for a while (a rollout): a
             // request a stale route sent here must get the 421 that makes the gateway try the
             // company's own shard, not a refusal that shard may not give.
@@ -241,7 +269,7 @@ async fn create(
             let Some(key) = &idempotency_key else {
                 return Err(refusal);
             };
-            return match earlier(&client, company, key, &input).await? {
+            return match earlier(&client, company, key, &input, parsed).await? {
                 Some(record) => {
                     drop(client);
                     answer(&state, company, Enqueued::Replayed(record), started).await
