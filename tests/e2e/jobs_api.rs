@@ -728,6 +728,16 @@ async fn a_repeat_that_a_newer_version_would_refuse_still_gets_its_job_back() {
     .unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_of!(r).error.code, "invalid_params");
+    // So does a kind the database cannot hold.
+    let mut r = post(
+        &new,
+        "k-small",
+        json!({"kind": "ec\u{0}ho", "params": {"n": 1}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_of!(r).error.code, "unknown_kind");
     new.stop_and_read_logs();
 
     // A version that takes params of 1 KiB at most.

@@ -104,10 +104,11 @@ fn role(caller: &Caller, company: Uuid) -> Result<Role, ApiError> {
         .ok_or_else(|| ApiError::forbidden("your token does not grant access to this company"))
 }
 
-/// A job request's body. Its params stay text until they have passed the size limit: the
-/// body may be up to `api.body_limit` (1 MiB by default), and parsed into a `Value` such text
-/// can take some 30 times its size (`[0,0,…]`: a 32-byte value per 2 bytes), for as long as
-/// the request lasts.
+/// A job request's body. Its params stay text until they have passed the size limit (or, for
+/// a keyed repeat of an earlier job, until they are found no more than six times its size:
+/// see `earlier`): the body may be up to `api.body_limit` (1 MiB by default), and parsed into
+/// a `Value` such text can take some 30 times its size (`[0,0,…]`: a 32-byte value per 2
+/// bytes), for as long as the request lasts.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateJob<'a> {
@@ -126,7 +127,7 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
 /// database, from the params as parsed). `parsed`: the params, if the refusal came after they
 /// were parsed. Params refused unparsed, for their length as sent, are parsed here only when
 /// such a job exists and they are at most six times as long as its params (compact, as
-/// `check_job` measures them; `\u0041` for `A` is six times as long): so a refusal for size
+/// `check_params` measures them; `\u0041` for `A` is six times as long): so a refusal for size
 /// parses no more than six times a job this shard accepted. Params written out longer than that
 /// (long runs of zeros in a number, a key repeated) are not matched.
 async fn earlier(
@@ -136,6 +137,10 @@ async fn earlier(
     input: &CreateJob<'_>,
     parsed: Option<Value>,
 ) -> Result<Option<JobRecord>, ApiError> {
+    // A kind holding U+0000 names no job, and the database refuses such text outright.
+    if input.kind.contains('\0') {
+        return Ok(None);
+    }
     let Some(record) = store::earlier_by_key(client, company, key, &input.kind).await? else {
         return Ok(None);
     };
