@@ -561,7 +561,7 @@ async fn send(
             // received the request, so only a request that may be repeated goes to the next
             // endpoint. Another attempt at a POST could create a second job.
             Err(e) if connection_lost(&e, !body.replayable()) && body.fault().is_none() => {
-                endpoint.set_healthy(false);
+                endpoint.mark_down("shard endpoint lost the connection before answering", &e);
                 if !req.method().is_idempotent() {
                     tracing::warn!(endpoint = %endpoint.base, error = %e, "shard endpoint lost the connection before answering; not repeating a non-idempotent request");
                     return Err(ApiError::new(
@@ -571,20 +571,12 @@ async fn send(
                          request may have been received, so it was not sent again",
                     ));
                 }
-                tracing::warn!(endpoint = %endpoint.base, error = %e, "shard endpoint lost the connection before answering; trying the next");
                 metrics::RETRIES.with_label_values(&["connect"]).inc();
                 last_error = Some(e.to_string());
                 continue;
             }
             Err(SendRequestError::Connect(e)) => {
-                // Said when the endpoint goes down, not at every request that finds it down
-                // still: a shard whose endpoints are all down would otherwise cost a warning
-                // per endpoint per request, on top of each request's own lines.
-                if endpoint.set_healthy(false) {
-                    tracing::warn!(endpoint = %endpoint.base, error = %e, "cannot connect to shard endpoint; marked down");
-                } else {
-                    tracing::debug!(endpoint = %endpoint.base, error = %e, "cannot connect to shard endpoint, still down");
-                }
+                endpoint.mark_down("cannot connect to shard endpoint", &e);
                 metrics::RETRIES.with_label_values(&["connect"]).inc();
                 last_error = Some(e.to_string());
                 continue;

@@ -34,13 +34,11 @@ pub fn spawn(
                                 Ok(res) => Some(format!("/readyz answered {}", res.status())),
                                 Err(e) => Some(e.to_string()),
                             };
-                            // Said when the endpoint goes down (here or when a request finds
-                            // it so, see `forward`), not at every check while it stays down.
-                            let was = endpoint.set_healthy(failure.is_none());
                             match failure {
-                                Some(e) if was => tracing::warn!(endpoint = %endpoint.base, error = %e, "shard endpoint failed its health check; marked down"),
-                                Some(e) => tracing::debug!(endpoint = %endpoint.base, error = %e, "health check failed"),
-                                None => {}
+                                None => endpoint.mark_up(),
+                                Some(e) => {
+                                    endpoint.mark_down("shard endpoint failed its health check", &e)
+                                }
                             }
                         }
                     });

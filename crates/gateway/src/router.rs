@@ -93,13 +93,22 @@ impl Endpoint {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// Records the endpoint's health; returns what it was.
-    pub fn set_healthy(&self, healthy: bool) -> bool {
-        let was = self.healthy.swap(healthy, Ordering::Relaxed);
-        if was != healthy {
-            tracing::info!(endpoint = %self.base, healthy, "endpoint health changed");
+    /// The endpoint passed its health check.
+    pub fn mark_up(&self) {
+        if !self.healthy.swap(true, Ordering::Relaxed) {
+            tracing::info!(endpoint = %self.base, "shard endpoint healthy again");
         }
-        was
+    }
+
+    /// The endpoint failed (`what`, for `cause`): said as a warning when it goes down, and
+    /// only at debug while it stays down, since a shard whose endpoints are all down would
+    /// otherwise cost a warning per endpoint per request (each tries them all) and per check.
+    pub fn mark_down(&self, what: &str, cause: &dyn std::fmt::Display) {
+        if self.healthy.swap(false, Ordering::Relaxed) {
+            tracing::warn!(endpoint = %self.base, error = %cause, "{what}; marked down");
+        } else {
+            tracing::debug!(endpoint = %self.base, error = %cause, "{what}; still down");
+        }
     }
 }
 
