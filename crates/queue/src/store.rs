@@ -474,45 +474,27 @@ async fn by_idempotency_key(
         .tx()
         .query_opt(&stmt, &[&job.company_id, &key, &job.params])
         .await?
-        .map(|r| (record(&r), r.get::<_, Option<bool>>(20).unwrap_or(false))))
+        .map(|r| keyed(&r)))
 }
 
-/// The company's job of `kind` under `key`: for a repeat that this node would now refuse
-/// before enqueuing (a rollout dropped the kind, or lowered a limit) but that an earlier
-/// version accepted. Its params are compared with [`same_params`], once the caller has seen
-/// they may be equal.
-pub async fn earlier_by_key(
+fn keyed(row: &Row) -> (JobRecord, bool) {
+    (record(row), row.get::<_, Option<bool>>(20).unwrap_or(false))
+}
+
+/// The company's job under `key`, and whether its params equal `params` (compared as a replay
+/// in [`enqueue`] compares them; `None`: not compared, `false`): for a repeat that this node
+/// would now refuse before enqueuing (a rollout dropped the kind, or lowered a limit) but that
+/// an earlier version accepted.
+pub async fn by_key(
     client: &impl GenericClient,
     company: Uuid,
     key: &str,
-    kind: &str,
-) -> Result<Option<JobRecord>, tokio_postgres::Error> {
-    let sql = concat!(
-        "SELECT ",
-        record_columns!(),
-        " FROM jobs WHERE company_id = $1 AND idempotency_key = $2 AND kind = $3"
-    );
+    params: Option<&Value>,
+) -> Result<Option<(JobRecord, bool)>, tokio_postgres::Error> {
     Ok(client
-        .query_opt(sql, &[&company, &key, &kind])
+        .query_opt(BY_IDEMPOTENCY_KEY_SQL, &[&company, &key, &params])
         .await?
-        .map(|r| record(&r)))
-}
-
-/// Whether job `id`'s params equal `params`, compared by value as `jsonb`, as a replay in
-/// [`enqueue`] compares them.
-pub async fn same_params(
-    client: &impl GenericClient,
-    id: Uuid,
-    params: &Value,
-) -> Result<bool, tokio_postgres::Error> {
-    Ok(client
-        .query_opt(
-            "SELECT params = $2::jsonb FROM jobs WHERE id = $1",
-            &[&id, params],
-        )
-        .await?
-        .and_then(|r| r.get::<_, Option<bool>>(0))
-        .unwrap_or(false))
+        .map(|r| keyed(&r)))
 }
 
 /// Many jobs from typed arrays; `"offset"` is each job's fairness offset (see [`enqueue`]).

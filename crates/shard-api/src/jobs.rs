@@ -124,9 +124,9 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
 
 /// The job a refused request with idempotency `key` created when an earlier version accepted
 /// it: same company, key, kind and params, compared as a replay compares them (by the
-/// database, from the params as parsed). `parsed`: the params, if the refusal came after they
-/// were parsed. Params refused unparsed, for their length as sent, are parsed here only when
-/// such a job exists and they are at most six times as long as its params (compact, as
+/// database, from the params as parsed). `parsed`: the params, if the refusal came after
+/// `check_params` passed them. Params it refused (for their length as sent, say) are checked
+/// here again only when such a job exists, with a limit of six times its params (compact, as
 /// `check_params` measures them; `\u0041` for `A` is six times as long): so a refusal for size
 /// parses no more than six times a job this shard accepted. Params written out longer than that
 /// (long runs of zeros in a number, a key repeated) are not matched.
@@ -137,34 +137,23 @@ async fn earlier(
     input: &CreateJob<'_>,
     parsed: Option<Value>,
 ) -> Result<Option<JobRecord>, ApiError> {
-    // A kind holding U+0000 names no job, and the database refuses such text outright.
-    if input.kind.contains('\0') {
-        return Ok(None);
+    let (record, same) = match store::by_key(client, company, key, parsed.as_ref()).await? {
+        Some((record, _)) if record.view.kind != input.kind => return Ok(None),
+        Some(found) => found,
+        None => return Ok(None),
+    };
+    if parsed.is_some() {
+        return Ok(same.then_some(record));
     }
-    let Some(record) = store::earlier_by_key(client, company, key, &input.kind).await? else {
+    let Ok(params) = check_params(input, json_len(&record.params).saturating_mul(6)) else {
         return Ok(None);
     };
-    let params = match parsed {
-        Some(params) => params,
-        None => {
-            let raw = input.params.map_or("{}", RawValue::get);
-            if !raw.starts_with('{')
-                || json_text_len(raw) > json_len(&record.params).saturating_mul(6)
-            {
-                return Ok(None);
-            }
-            match serde_json::from_str::<Value>(raw) {
-                Ok(params) => params,
-                Err(_) => return Ok(None),
-            }
-        }
-    };
-    if contains_nul(&params) {
-        return Ok(None);
-    }
-    Ok(store::same_params(client, record.view.id, &params)
-        .await?
-        .then_some(record))
+    Ok(
+        match store::by_key(client, company, key, Some(&params)).await? {
+            Some((record, true)) => Some(record),
+            _ => None,
+        },
+    )
 }
 
 /// What this shard refuses in a job request's body (before any fence: see `create`): params
@@ -184,9 +173,9 @@ fn check_job(
 }
 
 /// The params of a job request, parsed, unless refused before they could be (not an object,
-/// over `limit` as sent, not JSON).
+/// over `limit` as sent, not JSON) or holding U+0000 (which a job record cannot hold).
 fn check_params(input: &CreateJob, limit: u64) -> Result<Value, ApiError> {
-    Ok(match input.params {
+    let params = match input.params {
         None => json!({}),
         Some(raw) => {
             if !raw.get().starts_with('{') {
@@ -202,7 +191,14 @@ fn check_params(input: &CreateJob, limit: u64) -> Result<Value, ApiError> {
                 ApiError::bad_request("invalid_json", format!("invalid job request: {e}"))
             })?
         }
-    })
+    };
+    if contains_nul(&params) {
+        return Err(ApiError::bad_request(
+            "invalid_params",
+            "params must not contain the character U+0000, which a job record cannot hold",
+        ));
+    }
+    Ok(params)
 }
 
 fn too_large(limit: u64) -> ApiError {
@@ -220,12 +216,6 @@ fn check_kind(
     params: &Value,
     limit: u64,
 ) -> Result<(), ApiError> {
-    if contains_nul(params) {
-        return Err(ApiError::bad_request(
-            "invalid_params",
-            "params must not contain the character U+0000, which a job record cannot hold",
-        ));
-    }
     // Parsed, a number may be written back longer than sent (`1e2` as `100.0`).
     if json_len(params) > limit {
         return Err(too_large(limit));
