@@ -1472,12 +1472,7 @@ async fn a_shard_whose_endpoints_are_down_costs_no_warning_per_request_and_endpo
         assert_eq!(get_a_job(&base, company, &auth).await, 503);
     }
     let lines = gw.stop_and_read_logs();
-    let count = |start: &str| {
-        lines
-            .iter()
-            .filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with(start)))
-            .count()
-    };
+    let count = |start: &str| crate::support::log_count(&lines, start);
     let requests = lines.iter().filter(|v| v["message"] == "request").count();
     assert_eq!(requests, 5, "each request still has its line");
     // Each endpoint went down once: said once, by the request or the health check that found

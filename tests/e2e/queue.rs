@@ -90,7 +90,6 @@ fn shard_pool(db: &TestDb, size: usize) -> deadpool_postgres::Pool {
     store::pool(&url_of(db), size, &dev_config().database, "test").unwrap()
 }
 
-/// A process's LISTEN connection, as a worker or an API node has.
 /// A trigger that makes the database refuse every outcome `done` (`DROP TRIGGER refuse_done
 /// ON jobs` lifts it): an outcome that cannot be written, as in an outage.
 const REFUSE_DONE: &str = "CREATE FUNCTION refuse_done() RETURNS trigger LANGUAGE plpgsql
@@ -111,6 +110,7 @@ async fn proxied_pool(db: &TestDb) -> (tenantry_testkit::proxy::TcpProxy, deadpo
     (proxy, pool)
 }
 
+/// A process's LISTEN connection, as a worker or an API node has.
 fn listener(db: &TestDb, max_waiters: usize) -> Listener {
     let pg = db::pg_config(&url_of(db), &dev_config().database, "test").unwrap();
     Listener::start(pg, max_waiters, CancellationToken::new())

@@ -461,12 +461,7 @@ async fn a_failing_count_of_waiting_jobs_is_logged_once_and_so_is_its_recovery()
     admin.batch_execute(&allow(true)).await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let lines = served.stop_and_read_logs();
-    let said = |start: &str| {
-        lines
-            .iter()
-            .filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with(start)))
-            .count()
-    };
+    let said = |start: &str| crate::support::log_count(&lines, start);
     let failed = crate::support::log_line(&lines, "counting the shard's waiting jobs failed");
     assert_eq!(failed["level"], "WARN");
     // Refused, or cut off by the termination on a connection the pool still held.

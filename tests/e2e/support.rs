@@ -173,6 +173,18 @@ impl Served {
     }
 }
 
+/// How many log lines have a message that starts with `message`.
+pub fn log_count(lines: &[serde_json::Value], message: &str) -> usize {
+    lines
+        .iter()
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(message))
+        })
+        .count()
+}
+
 /// The first log line whose message starts with `message`, or a failure showing them all.
 pub fn log_line<'a>(lines: &'a [serde_json::Value], message: &str) -> &'a serde_json::Value {
     lines
