@@ -112,17 +112,15 @@ pub async fn apply(
         // gets an empty database, its own must be restored) and whether its database moves (it
         // must then find its own data at the new URL).
         let current = known.iter().find(|k| k.id == spec.id);
+        let same_url = current.is_some_and(|k| k.database_url == spec.database_url);
         let companies = match current {
+            Some(k) if same_url => k.tenants,
             // Counted with the fingerprint the catalog's change is checked against (`checked`,
             // read after `known`): a company created on it in between must make it a moving
             // shard with companies, not one that gets a new, empty database.
-            Some(k) if k.database_url != spec.database_url => {
-                checked.get(&spec.id).map_or(0, |c| c.count)
-            }
-            Some(k) => k.tenants,
+            Some(_) => checked.get(&spec.id).map_or(0, |c| c.count),
             None => 0,
         };
-        let same_url = current.is_some_and(|k| k.database_url == spec.database_url);
         let moving = companies > 0 && !same_url;
         // A shard already in the catalog whose database may be skipped when it cannot be
         // reached or is gone (never created then: it is missing, not new).
