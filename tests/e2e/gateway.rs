@@ -179,10 +179,15 @@ fn company_token(company: Uuid, role: &str) -> String {
 
 /// Creates a company through `gw`; returns (status, body).
 async fn create_company(gw: &str, id: Uuid, name: &str) -> (u16, Value) {
+    post_company(gw, json!({"id": id, "name": name})).await
+}
+
+/// Posts `body` to `gw`'s company creation; returns (status, body).
+async fn post_company(gw: &str, body: Value) -> (u16, Value) {
     let mut r = http()
         .post(format!("{gw}/v1/companies"))
         .bearer_auth(creator_token())
-        .send_json(&json!({"id": id, "name": name}))
+        .send_json(&body)
         .await
         .unwrap();
     (r.status().as_u16(), r.json::<Value>().await.unwrap())
@@ -2014,8 +2019,18 @@ async fn repeating_a_creation_that_stopped_half_way_finishes_it() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+    // A client that sent no id is told the one the gateway chose, to repeat the request with
+    // (without it, a repeat would create a second company).
+    let (status, body) = post_company(&base, json!({"name": "Nameless"})).await;
+    assert_eq!(status, 503, "{body}");
+    let chosen: Uuid = body["error"]["company_id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no company_id in {body}"));
+    let placement = tenants::lookup(&c, chosen).await.unwrap().unwrap();
+    assert_eq!(placement.state, "provisioning");
 
-    // The operator fixes the shard's address; the client repeats the same request.
+    // The operator fixes the shard's address; the clients repeat the same requests.
     register(
         &catalog,
         &[spec(
@@ -2031,6 +2046,9 @@ async fn repeating_a_creation_that_stopped_half_way_finishes_it() {
     let placement = tenants::lookup(&c, id).await.unwrap().unwrap();
     assert_eq!(placement.state, "active");
     assert_eq!(owned(&shard, id).await, 1);
+    let (status, body) = create_company(&base, chosen, "Nameless").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(owned(&shard, chosen).await, 1);
     assert!(!missing.exists().await);
     broker.cleanup().await;
 }

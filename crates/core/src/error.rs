@@ -4,6 +4,9 @@
 //! {"error": {"code": "snake_case_code", "message": "what went wrong", "request_id": "…"}}
 //! ```
 //!
+//! An error about a company the server named itself (a creation without an id) also carries
+//! `company_id`, so the client can repeat the request with it.
+//!
 //! Layering: handlers and libraries return `ApiError` (or an error that converts into it);
 //! the conversion to a response happens once, here. Client errors (4xx) are logged at debug
 //! level by the request log line; server errors (5xx) are logged here, with their full cause
@@ -31,6 +34,10 @@ pub struct ErrorDetail {
     pub code: String,
     pub message: String,
     pub request_id: String,
+    /// The company the request concerned, when the client may not know its id (see
+    /// [`ApiError::with_company`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub company_id: Option<uuid::Uuid>,
 }
 
 /// An error on its way to becoming an HTTP response.
@@ -42,6 +49,7 @@ pub struct ApiError {
     retry_after: Option<Duration>,
     /// The cause of a 5xx, logged but never sent.
     source: Option<anyhow::Error>,
+    company_id: Option<uuid::Uuid>,
 }
 
 impl ApiError {
@@ -52,6 +60,7 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             source: None,
+            company_id: None,
         }
     }
 
@@ -132,6 +141,13 @@ impl ApiError {
         self
     }
 
+    /// Names the company in the body: the one a request without an id was about to create,
+    /// whose id the client needs to repeat the request rather than create another company.
+    pub fn with_company(mut self, id: uuid::Uuid) -> Self {
+        self.company_id = Some(id);
+        self
+    }
+
     pub fn code(&self) -> &'static str {
         self.code
     }
@@ -142,6 +158,7 @@ impl ApiError {
                 code: self.code.into(),
                 message: self.message.clone(),
                 request_id,
+                company_id: self.company_id,
             },
         }
     }

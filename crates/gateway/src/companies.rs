@@ -137,6 +137,15 @@ pub async fn create(
     let name = validate_name(&name)?;
     let id = id.unwrap_or_else(Uuid::now_v7);
     tracing::Span::current().record("company.id", tracing::field::display(id));
+    // Every refusal from here on names the id: a client that sent none learns the one to
+    // repeat the request with. Repeated without it, a creation that stopped half way would
+    // make a second company and leave the first `provisioning` for good.
+    create_as(id, name, &gw)
+        .await
+        .map_err(|e| e.with_company(id))
+}
+
+async fn create_as(id: Uuid, name: String, gw: &Gateway) -> Result<HttpResponse, ApiError> {
     let busy = || {
         ApiError::unavailable(
             "creations_busy",
