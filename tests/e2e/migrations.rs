@@ -656,6 +656,84 @@ async fn a_server_too_old_for_the_migrations_gets_no_new_database() {
 }
 
 #[tokio::test]
+async fn a_database_not_encoded_utf8_is_refused_before_any_migration() {
+    // A cluster made under LANG=C defaults to SQL_ASCII: there a 200-character name of "é"
+    // is 400 bytes to the length checks, and a LATIN1 database refuses "株式会社" with a 500.
+    let db = TestDb::reserve();
+    tenantry_testkit::admin_client()
+        .await
+        .batch_execute(&format!(
+            "CREATE DATABASE {} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+            db.name
+        ))
+        .await
+        .unwrap();
+    let mut c = db.client().await;
+    let set = vec![m("0001_a.sql", "expand", "CREATE TABLE a (id int);")];
+    let err = tenantry_migrate::up(&mut c, &set, Phase::Expand)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, MigrateError::NotUtf8 { found } if found == "SQL_ASCII"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("ENCODING 'UTF8'"), "{err}");
+    assert!(tables(&db).await.is_empty(), "nothing was applied");
+}
+
+#[tokio::test]
+async fn databases_are_created_utf8_also_on_a_server_whose_default_is_not() {
+    // This server's default is UTF8; the statement for one whose default is not (SQL_ASCII
+    // under LANG=C, LATIN1 under a Latin-1 locale) is run here as it would be run there.
+    let db = TestDb::reserve();
+    let admin = tenantry_testkit::admin_client().await;
+    admin
+        .batch_execute(&tenantry_core::db::create_database_sql(&db.name, false))
+        .await
+        .unwrap();
+    let row = admin
+        .query_one(
+            "SELECT pg_encoding_to_char(encoding), datcollate FROM pg_database WHERE datname = $1",
+            &[&db.name],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1)),
+        ("UTF8".into(), "C".into())
+    );
+    let mut c = db.client().await;
+    let set = vec![m("0001_a.sql", "expand", "CREATE TABLE a (id int);")];
+    tenantry_migrate::up(&mut c, &set, Phase::Expand)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn operators_creating_one_database_at_once_all_succeed() {
+    // Two `--create-databases` runs for one new shard: CREATE DATABASEs racing past the
+    // server's own check meet on its catalog's unique index (23505), not as 42P04.
+    // Ten rounds of twelve, as the race is narrow: without the 23505 case this failed in each
+    // of three runs.
+    let cfg = crate::support::dev_config().database;
+    let min = tenantry_migrate::MIN_SERVER_VERSION;
+    for _ in 0..10 {
+        let db = TestDb::reserve();
+        let url = tenantry_core::secret::DatabaseUrl::new(db.url.clone());
+        let runs = futures_util::future::join_all(
+            (0..12).map(|_| tenantry_core::db::ensure_database(&url, &cfg, min)),
+        )
+        .await;
+        let created: Vec<bool> = runs
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| panic!("{e:#}")))
+            .collect();
+        assert_eq!(created.iter().filter(|c| **c).count(), 1, "{created:?}");
+        assert!(db.exists().await);
+    }
+}
+
+#[tokio::test]
 async fn a_shard_pointed_at_the_catalog_database_is_named_as_such_not_as_an_edit() {
     // The two sets of migrations share version numbers; the check used to report the first
     // step as "edited after it was applied: revert the edit", sending the operator after a

@@ -267,6 +267,10 @@ pub fn maintenance_url(url: &DatabaseUrl) -> anyhow::Result<(String, DatabaseUrl
 /// Creates the database named in `url` unless it exists. Returns whether it was created.
 /// A server older than `min_server_version` (`server_version_num`, the oldest the migrations
 /// run on) gets no database: it would be left empty when the migrations then refuse it.
+///
+/// The database is encoded UTF8 (the migrations refuse any other): as the server's default
+/// when that is UTF8, else from `template0` with the C locale, which suits any encoding (a
+/// cluster made under `LANG=C` defaults to SQL_ASCII, which stores text byte for byte).
 pub async fn ensure_database(
     url: &DatabaseUrl,
     db: &DatabaseConfig,
@@ -296,15 +300,50 @@ pub async fn ensure_database(
              (server_version_num {number} < {min_server_version}): database {name} was not created"
         );
     }
-    let sql = format!("CREATE DATABASE {}", quote_ident(&name));
-    match client.batch_execute(&sql).await {
+    let default_utf8 = default_is_utf8(&client)
+        .await
+        .context("reading the server's default encoding")?;
+    match client
+        .batch_execute(&create_database_sql(&name, default_utf8))
+        .await
+    {
         Ok(()) => Ok(true),
         // Another process created it between our check and our CREATE: that is success too.
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {
+        // Usually 42P04; two CREATEs racing past the server's own check meet on the catalog's
+        // unique index instead (23505).
+        Err(e)
+            if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+                || e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+        {
             Ok(false)
         }
         Err(e) => Err(e).with_context(|| format!("creating database {name}")),
     }
+}
+
+/// Whether a plain `CREATE DATABASE` on `client`'s server makes a UTF8 database (it copies
+/// `template1`; a server without one counts as not).
+pub async fn default_is_utf8(
+    client: &tokio_postgres::Client,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT pg_encoding_to_char(encoding) = 'UTF8' FROM pg_database
+              WHERE datname = 'template1'",
+            &[],
+        )
+        .await?;
+    Ok(row.is_some_and(|r| r.get(0)))
+}
+
+/// The `CREATE DATABASE` of [`ensure_database`] on a server whose default encoding is UTF8 or
+/// (`default_utf8` false) another.
+pub fn create_database_sql(name: &str, default_utf8: bool) -> String {
+    let mut sql = format!("CREATE DATABASE {}", quote_ident(name));
+    if !default_utf8 {
+        sql.push_str(" ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0");
+    }
+    sql
 }
 
 /// Quotes an SQL identifier.

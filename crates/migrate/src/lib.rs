@@ -135,6 +135,13 @@ pub enum MigrateError {
          (its migrations use column compression, new in 14); nothing was applied"
     )]
     ServerTooOld { found: String },
+    #[error(
+        "the database is encoded {found}, not UTF8: text would be stored byte for byte \
+         (SQL_ASCII) or refused with a 500 where it has no equivalent; create it with \
+         `CREATE DATABASE … ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0` \
+         (as `--create-databases` does); nothing was applied"
+    )]
+    NotUtf8 { found: String },
     #[error("migration {file} is malformed: {reason}")]
     BadFile { file: String, reason: String },
     #[error(
@@ -363,8 +370,8 @@ pub fn server_supported(server_version_num: i32) -> bool {
     server_version_num >= MIN_SERVER_VERSION
 }
 
-/// [`up`] with its own [`LockWait`]. Refuses a server older than [`MIN_SERVER_VERSION`]
-/// before touching anything.
+/// [`up`] with its own [`LockWait`]. Refuses a server older than [`MIN_SERVER_VERSION`], and a
+/// database not encoded UTF8, before touching anything.
 pub async fn up_with(
     client: &mut Client,
     known: &[Migration],
@@ -376,7 +383,8 @@ pub async fn up_with(
     // are bounded by `lock` instead. RESET puts the connection's own default back.
     let version = client
         .query_one(
-            "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version'),
+                    current_setting('server_encoding')",
             &[],
         )
         .await?;
@@ -384,6 +392,12 @@ pub async fn up_with(
         return Err(MigrateError::ServerTooOld {
             found: version.get(1),
         });
+    }
+    // Names, params and results are UTF-8; the database must store them so (its length checks
+    // count characters, and every character has an equivalent).
+    let encoding: String = version.get(2);
+    if encoding != "UTF8" {
+        return Err(MigrateError::NotUtf8 { found: encoding });
     }
     client.batch_execute("SET statement_timeout = 0").await?;
     let result = locked(client, known, phase, lock).await;

@@ -90,7 +90,7 @@ impl TestDb {
         let name = format!("{DB_PREFIX}{}", Uuid::new_v4().simple());
         let admin = admin_client().await;
         let sql = match schema {
-            Schema::Empty => format!("CREATE DATABASE {name}"),
+            Schema::Empty => create_database_sql(&admin, &name).await,
             Schema::Catalog => format!(
                 "CREATE DATABASE {name} TEMPLATE {}",
                 template(Target::Catalog).await
@@ -151,6 +151,13 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
             .get(0)
     }
+}
+
+/// `CREATE DATABASE name`, encoded UTF8 as the migrations need, whatever the server's
+/// default, as `--create-databases` makes them.
+async fn create_database_sql(admin: &Client, name: &str) -> String {
+    let utf8 = tenantry_core::db::default_is_utf8(admin).await.unwrap();
+    tenantry_core::db::create_database_sql(name, utf8)
 }
 
 /// `CREATE DATABASE … TEMPLATE` fails while another session is connected to the template
@@ -228,7 +235,7 @@ async fn template(target: Target) -> String {
             .await
             .unwrap();
         admin
-            .batch_execute(&format!("CREATE DATABASE {building}"))
+            .batch_execute(&create_database_sql(&admin, &building).await)
             .await
             .unwrap();
         {
