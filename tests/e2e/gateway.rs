@@ -2054,6 +2054,82 @@ async fn repeating_a_creation_that_stopped_half_way_finishes_it() {
 }
 
 #[tokio::test]
+async fn a_creation_is_not_activated_once_its_shard_database_has_moved_under_it() {
+    // The creation wrote its placement to the shard's database, whose move (`shard apply`
+    // with a new database_url) commits before the company is activated: active, it would be
+    // missing from the database its requests now go to.
+    let catalog = TestDb::new(tenantry_testkit::Schema::Catalog).await;
+    let (old, new) = (
+        TestDb::new(tenantry_testkit::Schema::Shard).await,
+        TestDb::new(tenantry_testkit::Schema::Shard).await,
+    );
+    let endpoints = || vec!["http://127.0.0.1:9".to_owned()];
+    register(&catalog, &[spec("shard-1", &old.url, endpoints())]).await;
+    let dbcfg = tenantry_core::config::DatabaseConfig {
+        connect_timeout: Duration::from_secs(2),
+        statement_timeout: Duration::from_secs(30),
+    };
+    // The placement's insert waits behind a lock in the old database while the move commits.
+    let mut holder = old.client().await;
+    let lock = holder.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE placements IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let id = Uuid::now_v7();
+    let mut c = catalog.client().await;
+    let cfg = dbcfg.clone();
+    let creating = tokio::spawn(async move {
+        let created = tenants::create(&mut c, &cfg, id, "Moving Ltd").await;
+        (created, c)
+    });
+    let waiting = crate::support::until_count(
+        &old,
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO placements%'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(waiting, 1, "the placement's insert waits for the lock");
+    let only = ["shard-1"];
+    let before = catalog::companies_by_shard(&catalog.client().await, Some(&only[..]))
+        .await
+        .unwrap();
+    catalog
+        .exec(&format!(
+            "UPDATE shards SET database_url = '{}' WHERE id = 'shard-1'",
+            new.url
+        ))
+        .await;
+    lock.rollback().await.unwrap();
+    let (created, mut c) = creating.await.unwrap();
+    let err = created.unwrap_err().to_string();
+    assert!(err.contains("its database moved"), "{err}");
+    assert_eq!(
+        tenants::lookup(&c, id).await.unwrap().unwrap().state,
+        "provisioning"
+    );
+    // The repeat writes the placement where the shard now is, and activates it. A move checked
+    // against the companies as they were before would see that the activation changed them.
+    let repeat = tenants::create(&mut c, &dbcfg, id, "Moving Ltd")
+        .await
+        .unwrap();
+    assert_eq!(
+        repeat,
+        tenants::Created::Existing {
+            shard_id: "shard-1".into(),
+            activated: true
+        }
+    );
+    assert_eq!((owned(&old, id).await, owned(&new, id).await), (1, 1));
+    let after = catalog::companies_by_shard(&c, Some(&only[..]))
+        .await
+        .unwrap();
+    assert_eq!(before["shard-1"].count, after["shard-1"].count);
+    assert_ne!(before["shard-1"], after["shard-1"], "the activation shows");
+}
+
+#[tokio::test]
 async fn an_operator_lists_and_finishes_a_creation_its_client_left_half_way() {
     // The client got a 503 and never repeated its request: the company stays `provisioning`,
     // unroutable, until an operator finishes it with the creation's own (idempotent) steps.

@@ -628,12 +628,34 @@ async fn a_shard_with_companies_cannot_be_pointed_at_a_database_that_is_not_its_
         .await;
     let (code, _, err) = apply(&elsewhere);
     assert_eq!(code, 1);
-    assert!(err.contains("holds only 0 of 1 of them"), "{err}");
+    assert!(err.contains("lacks 1 of the 1 active ones"), "{err}");
+    assert_eq!(url_of().await, s1.url);
+    // A copy that lacks one company of many, whichever its id (ids are the clients' choice):
+    // here the lowest of 152, which a check of the newest 100 never looked at.
+    let early = Uuid::from_u128(1);
+    let many: Vec<Uuid> = (0..150).map(|_| Uuid::now_v7()).collect();
+    for id in many.iter().chain([&early]) {
+        catalog
+            .exec(&format!(
+                "INSERT INTO tenants (id, name, shard_id, state) VALUES ('{id}', 'Co', 'shard-1', 'active')"
+            ))
+            .await;
+    }
+    for id in many.iter().chain([&acme]) {
+        elsewhere
+            .exec(&format!(
+                "INSERT INTO placements (company_id, state) VALUES ('{id}', 'owned')"
+            ))
+            .await;
+    }
+    let (code, _, err) = apply(&elsewhere);
+    assert_eq!(code, 1);
+    assert!(err.contains("lacks 1 of the 152 active ones"), "{err}");
     assert_eq!(url_of().await, s1.url);
     // The shard's own database, restored at the new place, is accepted.
     elsewhere
         .exec(&format!(
-            "INSERT INTO placements (company_id, state) VALUES ('{acme}', 'owned')"
+            "INSERT INTO placements (company_id, state) VALUES ('{early}', 'owned')"
         ))
         .await;
     let (code, _, err) = apply(&elsewhere);

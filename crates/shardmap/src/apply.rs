@@ -281,34 +281,43 @@ async fn check_moved_database(
         return Err(not_its_database(shard_id, tenants, owner.as_deref()));
     }
     // Another environment's database for a shard of the same id says the same: it must also
-    // hold this shard's companies (a sample of up to 100 of them, the newest; a company still
-    // `provisioning` may have no placement yet).
-    let sample: Vec<uuid::Uuid> = cat
-        .query(
-            "SELECT id FROM tenants WHERE shard_id = $1 AND state NOT IN ('deleted', 'provisioning')
-              ORDER BY id DESC LIMIT 100",
-            &[&shard_id],
-        )
-        .await
-        .context("reading the shard's companies")?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let held: i64 = client
-        .query_one(
-            "SELECT count(*) FROM placements WHERE company_id = ANY($1)",
-            &[&sample],
-        )
-        .await
-        .context("reading the new database's placements")?
-        .get(0);
-    if held < sample.len() as i64 {
+    // hold every one of this shard's companies. All of them, not a sample: ids are the
+    // clients' choice, and a company activated on the old database after it was copied may
+    // have any. (A company still `provisioning` may have no placement yet; the one step that
+    // activates it writes its placement to the URL it then re-checks, see `tenants::create`.)
+    let (mut after, mut checked, mut missing) = (uuid::Uuid::nil(), 0usize, 0i64);
+    loop {
+        let ids: Vec<uuid::Uuid> = cat
+            .query(
+                "SELECT id FROM tenants
+                  WHERE shard_id = $1 AND state NOT IN ('deleted', 'provisioning') AND id > $2
+                  ORDER BY id LIMIT 10000",
+                &[&shard_id, &after],
+            )
+            .await
+            .context("reading the shard's companies")?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let Some(last) = ids.last() else { break };
+        after = *last;
+        let held: i64 = client
+            .query_one(
+                "SELECT count(*) FROM placements WHERE company_id = ANY($1)",
+                &[&ids],
+            )
+            .await
+            .context("reading the new database's placements")?
+            .get(0);
+        checked += ids.len();
+        missing += ids.len() as i64 - held;
+    }
+    if missing > 0 {
         anyhow::bail!(
             "shard {shard_id} has {tenants} companies and its database_url changes, but the \
-             database at the new URL holds only {held} of {} of them (another environment's \
-             shard {shard_id}?): restore or copy the shard's own database there first; the \
-             catalog was not changed",
-            sample.len()
+             database at the new URL lacks {missing} of the {checked} active ones (another \
+             environment's shard {shard_id}, or a copy older than a company's creation?): \
+             restore or copy the shard's own database there first; the catalog was not changed"
         );
     }
     Ok(())

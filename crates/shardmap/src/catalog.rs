@@ -52,12 +52,13 @@ pub async fn list_shards(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Companies {
     pub count: i64,
-    /// md5 of the ids in order: another set of companies of the same size differs.
+    /// md5 of the ids and states in order: another set of companies of the same size differs,
+    /// and so does a company activated meanwhile (its placement may be in the old database).
     pub fingerprint: String,
 }
 
 const COMPANIES_SQL: &str = "SELECT shard_id, count(*),
-                                    md5(string_agg(id::text, ',' ORDER BY id))
+                                    md5(string_agg(id::text || ' ' || state, ',' ORDER BY id))
                                FROM tenants
                               WHERE state <> 'deleted' AND ($1::text[] IS NULL OR shard_id = ANY($1))
                               GROUP BY shard_id";

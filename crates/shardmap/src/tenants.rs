@@ -147,7 +147,8 @@ pub enum CreateError {
 ///    stays locked `FOR SHARE` until this commits, so `shard apply` cannot retire it between
 ///    the choice and the insert (see `catalog::upsert_shards`);
 /// 2. shard: insert its placement as `owned` (a no-op if present);
-/// 3. catalog: mark it `active`, bump its version, write the outbox row.
+/// 3. catalog: mark it `active`, bump its version, write the outbox row, unless the shard's
+///    `database_url` changed since step 2 read it (then [`CreateError::Shard`]: repeat).
 ///
 /// Every step is idempotent, so repeating the call (same id and name) finishes a creation that
 /// died half-way; concurrent repeats serialize on the tenant row and agree on one shard.
@@ -224,7 +225,7 @@ pub async fn create(
         shard: shard_id.clone(),
         source,
     };
-    let shard = db::connect(&DatabaseUrl::new(url), dbcfg, "tenantry-provision")
+    let shard = db::connect(&DatabaseUrl::new(url.clone()), dbcfg, "tenantry-provision")
         .await
         .map_err(shard_err)?;
     shard
@@ -237,8 +238,25 @@ pub async fn create(
         .map_err(|e| shard_err(e.into()))?;
     drop(shard);
 
-    // Step 3.
+    // Step 3, only while the shard's database is still the one step 2 wrote to: a move of it
+    // (`shard apply` with a new `database_url`) committed since would leave the company active
+    // with its placement in the old database alone. The shard's row is taken `FOR SHARE`, so a
+    // move either waits for this activation and then refuses (it compares the shard's
+    // companies and their states before and after its check of the new database) or commits
+    // first, and the company stays `provisioning` for a repeat to finish at the new URL.
     let tx = catalog.transaction().await?;
+    let now: Option<String> = tx
+        .query_opt(
+            "SELECT database_url FROM shards WHERE id = $1 FOR SHARE",
+            &[&shard_id],
+        )
+        .await?
+        .map(|r| r.get(0));
+    if now.as_deref() != Some(url.as_str()) {
+        return Err(shard_err(anyhow::anyhow!(
+            "its database moved while the company was being created; repeat to create it there"
+        )));
+    }
     let activated = tx
         .query_opt(
             "UPDATE tenants SET state = 'active', version = version + 1, updated_at = now()
