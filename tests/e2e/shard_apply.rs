@@ -533,6 +533,25 @@ async fn a_shard_whose_database_is_down_can_still_be_taken_out_of_placement() {
     assert_eq!(shard["id"], "shard-1", "{out}");
     assert!(shard["skipped"].is_string(), "{out}");
     assert!(shard["schema_version"].is_null(), "{out}");
+    // Never to put it back: companies would be created on a database nobody checked.
+    declare(true);
+    let (code, _, err) = apply(&["--skip-unreachable"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("puts it into placement") && err.contains("catalog was not changed"),
+        "{err}"
+    );
+    assert!(!accepting().await, "still out of placement");
+    catalog
+        .exec("UPDATE shards SET state = 'retired' WHERE id = 'shard-1'")
+        .await;
+    declare(false);
+    let (code, _, err) = apply(&["--skip-unreachable"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("brings it back from retirement"), "{err}");
+    catalog
+        .exec("UPDATE shards SET state = 'active' WHERE id = 'shard-1'")
+        .await;
 
     // A shard new to the catalog is never skipped: nothing would vouch for its database.
     let fresh = TestDb::reserve();
@@ -829,18 +848,18 @@ async fn a_shard_whose_database_is_gone_can_still_be_taken_out_of_placement() {
         !s1.exists().await,
         "a shard with companies got an empty database"
     );
-    // Without companies too: a shard already in the catalog whose database is gone is skipped,
-    // not given a new empty database.
+    // Without companies too: a shard already in the catalog whose database is gone is not
+    // given a new empty database, and is not put back into placement without one.
     catalog
         .exec("UPDATE tenants SET state = 'deleted' WHERE shard_id = 'shard-1'")
         .await;
-    let (code, out, err) = apply(true, &["--skip-unreachable", "--create-databases"]);
-    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = apply(true, &["--skip-unreachable", "--create-databases"]);
+    assert_eq!(code, 1);
     assert!(
-        out.contains("shard shard-1: database unreachable, skipped; updated in the catalog"),
-        "{out}"
+        err.contains("puts it into placement") && err.contains("does not exist"),
+        "{err}"
     );
-    assert_eq!(accepting().await, 1);
+    assert_eq!(accepting().await, 0);
     assert!(!s1.exists().await, "a skipped shard's database was created");
 }
 

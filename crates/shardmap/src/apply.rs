@@ -20,7 +20,8 @@ pub struct ApplyOptions {
     /// A shard already in the catalog with the same database URL whose database cannot be
     /// reached, or no longer exists, is not migrated, checked or created, and its catalog fields
     /// are applied all the same (so a dead shard can be taken out of placement with
-    /// `accepting = false`).
+    /// `accepting = false`), unless they would put it into placement or bring it back from
+    /// retirement (then the apply fails).
     pub skip_unreachable: bool,
     /// How each shard's migration waits for locks, and who hears of it.
     pub lock: tenantry_migrate::LockWait,
@@ -166,6 +167,17 @@ pub async fn apply(
             // apply the catalog fields of a shard already in the catalog without its database
             // (to stop placing companies on it, say), and nothing is created.
             Err(e) if skippable => {
+                // Only to take it out of placement, never to bring it (back) in: companies
+                // would be created on a database nobody checked, and stay `provisioning`.
+                if let Some(why) = current.and_then(|k| brought_back(k, spec)) {
+                    anyhow::bail!(
+                        "shard {}: {why}, but its database was not reached ({e:#}); \
+                         --skip-unreachable applies only changes that keep a shard out of \
+                         placement: make its database reachable first; the catalog was not \
+                         changed",
+                        spec.id
+                    );
+                }
                 outcomes.push(ShardOutcome {
                     id: spec.id.clone(),
                     database_created: false,
@@ -321,6 +333,24 @@ async fn check_moved_database(
         );
     }
     Ok(())
+}
+
+/// How applying `spec` over `current` would put a shard into placement (new companies created
+/// on it), or back into service from retirement, if it would.
+fn brought_back(
+    current: &catalog::ShardRow,
+    spec: &crate::file::ShardSpec,
+) -> Option<&'static str> {
+    let placing = |accepting: bool, state: &str| accepting && state == "active";
+    if current.state == "retired" && spec.state != ShardState::Retired {
+        Some("the file brings it back from retirement")
+    } else if placing(spec.accepting, spec.state.as_str())
+        && !placing(current.accepting, &current.state)
+    {
+        Some("the file puts it into placement (accepting and active)")
+    } else {
+        None
+    }
 }
 
 fn not_its_database(shard_id: &str, tenants: i64, owner: Option<&str>) -> anyhow::Error {
