@@ -266,6 +266,43 @@ async fn sigterm_stops_gracefully_with_exit_code_zero() {
 }
 
 #[actix_web::test]
+async fn a_shard_node_is_not_ready_until_its_database_has_every_expand_step_it_embeds() {
+    // A rollout starts the new version after `migrate up`; a node started before it (or after
+    // a `migrate up` that failed) must not take traffic whose statements need what it lacks.
+    let shard = TestDb::new(Schema::Empty).await;
+    let mut all = tenantry_migrate::embedded(tenantry_migrate::Target::Shard);
+    let last = all.pop().expect("shard migrations");
+    let mut c = shard.client().await;
+    tenantry_migrate::up(&mut c, &all, tenantry_migrate::Phase::Expand)
+        .await
+        .unwrap();
+    shard
+        .exec("INSERT INTO shard_identity (shard_id) VALUES ('shard-1')")
+        .await;
+    let mut served = Served::start(&mut crate::support::shard_node(&shard.url, true, 0), 1);
+    let ready = format!("{}/readyz", served.url("api"));
+    let mut resp = http().get(&ready).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(error_of!(resp).error.code, "not_ready");
+    all.push(last.clone());
+    tenantry_migrate::up(&mut c, &all, tenantry_migrate::Phase::Expand)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http().get(&ready).send().await.unwrap().status() != 200 {
+        assert!(std::time::Instant::now() < deadline, "ready once migrated");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lines = served.stop_and_read_logs();
+    assert!(
+        lines.iter().any(|l| l["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&last.file) && e.contains("migrate up --shard shard-1"))),
+        "the log says which step is missing: {lines:?}"
+    );
+}
+
+#[actix_web::test]
 async fn a_shard_node_pointed_at_another_shards_database_is_not_ready() {
     let shard = TestDb::new(Schema::Shard).await;
     shard

@@ -206,6 +206,13 @@ impl Status {
         self.applied.iter().map(|a| a.version).max().unwrap_or(0)
     }
 
+    /// The first pending step that `up` in the expand phase would apply, if any: what code
+    /// built with these migrations may need before it serves (contract steps come after every
+    /// node runs it).
+    pub fn expand_pending(&self) -> Option<&Migration> {
+        self.pending.first().filter(|m| m.phase == Phase::Expand)
+    }
+
     /// Problems that make `up` refuse: edited files, unknown or out-of-order versions.
     pub fn check(&self, known: &[Migration]) -> Result<(), MigrateError> {
         let by_version: BTreeMap<i64, &Migration> = known.iter().map(|m| (m.version, m)).collect();

@@ -17,9 +17,14 @@ use tokio_util::sync::CancellationToken;
 
 /// The shard database is ready when it is reachable, migrated, and is the shard this node was
 /// configured for: a node pointed at another shard's database must never serve it.
+/// "Migrated": every expand step this binary embeds is applied (a rollout starts the new
+/// version only after `migrate up`; a node started before it must not take traffic whose
+/// statements need a column it lacks). Steps applied by a newer version are fine: they only
+/// expand.
 struct ShardProbe {
     shard_id: String,
     pool: Pool,
+    migrations: Vec<tenantry_migrate::Migration>,
 }
 
 impl Probe for ShardProbe {
@@ -37,14 +42,29 @@ impl Probe for ShardProbe {
                     format!("shard schema missing (run `tenantry admin migrate up`): {e}")
                 })?;
             match row.map(|r| r.get::<_, String>(0)) {
-                Some(id) if id == self.shard_id => Ok(()),
-                Some(id) => Err(format!(
-                    "database belongs to shard {id}, not {}",
-                    self.shard_id
-                )),
-                None => {
-                    Err("shard identity not recorded (run `tenantry admin shard apply`)".into())
+                Some(id) if id == self.shard_id => {}
+                Some(id) => {
+                    return Err(format!(
+                        "database belongs to shard {id}, not {}",
+                        self.shard_id
+                    ));
                 }
+                None => {
+                    return Err(
+                        "shard identity not recorded (run `tenantry admin shard apply`)".into(),
+                    );
+                }
+            }
+            let status = tenantry_migrate::status(&client, &self.migrations)
+                .await
+                .map_err(|e| format!("reading the shard's migrations: {e}"))?;
+            match status.expand_pending() {
+                None => Ok(()),
+                Some(m) => Err(format!(
+                    "shard schema behind this version: {} is not applied (run `tenantry admin \
+                     migrate up --shard {}`)",
+                    m.file, self.shard_id
+                )),
             }
         })
     }
@@ -60,6 +80,7 @@ pub fn run(
     let probes: Vec<Box<dyn Probe>> = vec![Box::new(ShardProbe {
         shard_id: cfg.shard.id.clone(),
         pool: shard.pool.clone(),
+        migrations: tenantry_migrate::embedded(tenantry_migrate::Target::Shard),
     })];
     let ctx = HttpContext {
         role: "api",
