@@ -7,6 +7,9 @@ use tenantry_core::{config::validate_shard_id, secret::DatabaseUrl, text::shorte
 
 /// Largest shard-map file accepted; a real one is a few KiB.
 pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// API endpoints a shard may list.
+pub const MAX_ENDPOINTS: usize = 100;
 /// Most shards one file may declare.
 pub const MAX_SHARDS: usize = 1000;
 
@@ -85,16 +88,23 @@ fn check_authority(rest: &str) -> Result<(), &'static str> {
     }
     let (host, port) = match authority.strip_prefix('[') {
         Some(v6) => match v6.split_once(']') {
-            Some((h, tail)) => (h, tail.strip_prefix(':')),
+            Some((h, "")) => (h, None),
+            Some((h, tail)) => match tail.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None => return Err("an IPv6 host's ']' must be followed by ':port' or nothing"),
+            },
             None => return Err("an IPv6 host is missing its ']'"),
         },
-        None => match authority.rsplit_once(':') {
+        None => match authority.split_once(':') {
             Some((h, p)) => (h, Some(p)),
             None => (authority, None),
         },
     };
     if host.is_empty() {
         return Err("it names no host");
+    }
+    if host.contains([']', '[']) {
+        return Err("its host is not a name or an address");
     }
     if port.is_some_and(|p| p.parse::<u16>().is_err()) {
         return Err("its port is not a number from 0 to 65535");
@@ -202,6 +212,13 @@ impl ShardMapFile {
             if s.endpoints.is_empty() {
                 p.push(format!("shard {id:?}: list at least one API endpoint"));
             }
+            // Each is health-checked every `gateway.health_interval` by every gateway.
+            if s.endpoints.len() > MAX_ENDPOINTS {
+                p.push(format!(
+                    "shard {id:?}: at most {MAX_ENDPOINTS} API endpoints ({} listed)",
+                    s.endpoints.len()
+                ));
+            }
             for e in &s.endpoints {
                 let shown = shorten(e, 200);
                 if e.starts_with("https://") {
@@ -216,6 +233,11 @@ impl ShardMapFile {
                 {
                     p.push(format!(
                         "shard {id:?}: endpoint {shown:?} is not an http:// URL"
+                    ));
+                } else if e.contains(['?', '#']) {
+                    // The gateway appends each request's path to the endpoint.
+                    p.push(format!(
+                        "shard {id:?}: endpoint {shown:?}: a base URL takes no query or fragment"
                     ));
                 } else if let Err(why) = check_authority(&e["http://".len()..]) {
                     p.push(format!("shard {id:?}: endpoint {shown:?}: {why}"));
@@ -301,6 +323,33 @@ endpoints = ["http://127.0.0.1:8101"]
                 &GOOD.replace("http://127.0.0.1:8101", "http://[::1:8101"),
                 "missing its ']'",
             ),
+            (
+                &GOOD.replace("http://127.0.0.1:8101", "http://[::1]junk"),
+                "followed by ':port' or nothing",
+            ),
+            (
+                &GOOD.replace("http://127.0.0.1:8101", "http://a:80:90"),
+                "port is not a number",
+            ),
+            (
+                &GOOD.replace("http://127.0.0.1:8101", "http://a]:80"),
+                "not a name or an address",
+            ),
+            (
+                &GOOD.replace("http://127.0.0.1:8101", "http://127.0.0.1:8101?x=1"),
+                "no query or fragment",
+            ),
+            (
+                &GOOD.replace("http://127.0.0.1:8101", "http://127.0.0.1:8101/api#top"),
+                "no query or fragment",
+            ),
+            (
+                &GOOD.replace(
+                    "\"http://127.0.0.1:8101\"",
+                    &vec!["\"http://127.0.0.1:8101\""; 101].join(", "),
+                ),
+                "at most 100 API endpoints (101 listed)",
+            ),
             (&format!("{GOOD}weight = 0\n"), "weight"),
             (
                 &GOOD.replace("5432/s1", "5432/s1\\u001b]0;owned\\u0007"),
@@ -341,6 +390,8 @@ endpoints = ["http://127.0.0.1:8101"]
             "http://shard-1.internal",
             "http://[::1]:8101",
             "http://[::1]",
+            "http://[::1]/api",
+            "http://shard-1.internal:8101/api/",
         ] {
             let text = GOOD.replace("http://127.0.0.1:8101", fine);
             assert!(ShardMapFile::parse("t", &text).is_ok(), "{fine}");
