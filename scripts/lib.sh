@@ -21,8 +21,20 @@ apt_install() {
   local lock=(-o DPkg::Lock::Timeout=300)
   if [[ -z $apt_updated ]]; then
     # An install interrupted earlier (Ctrl-C) leaves dpkg half-configured, and apt refuses
-    # until it is finished.
-    need_root dpkg --configure -a
+    # until it is finished. dpkg itself does not wait for its lock as apt does, so while
+    # unattended upgrades hold it, try again every 5 s for up to 5 minutes.
+    if [[ -n $(dpkg --audit 2>/dev/null) ]]; then
+      say "finishing an interrupted package installation (dpkg --configure -a)"
+      local tries=1
+      until need_root env DEBIAN_FRONTEND=noninteractive dpkg --configure -a; do
+        if (( tries++ >= 60 )); then
+          say "dpkg --configure -a kept failing for 5 minutes (another package manager running?)"
+          exit 1
+        fi
+        say "dpkg is busy or failed; trying again in 5 s"
+        sleep 5
+      done
+    fi
     say "running apt-get update"; need_root apt-get "${lock[@]}" update -qq; apt_updated=1
   fi
   say "installing $* with apt-get"

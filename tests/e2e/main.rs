@@ -11,5 +11,6 @@ mod http_errors;
 mod jobs_api;
 mod migrations;
 mod queue;
+mod scripts;
 mod serve;
 mod shard_apply;
