@@ -343,6 +343,12 @@ async fn company_creation_refuses_bad_input() {
             "invalid_name",
         ),
         (
+            "only joiners, a braille blank and a variation selector",
+            json!({"name": "\u{200d}\u{2800}\u{200c}\u{fe0f}"}).to_string(),
+            400,
+            "invalid_name",
+        ),
+        (
             "id not a uuid",
             r#"{"id":"nope","name":"a"}"#.into(),
             400,

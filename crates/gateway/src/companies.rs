@@ -56,6 +56,33 @@ fn invisible_name() -> ApiError {
     )
 }
 
+fn blank_name() -> ApiError {
+    ApiError::bad_request(
+        "invalid_name",
+        "name must contain at least one visible character",
+    )
+}
+
+/// Whether `c` shows as something of its own: not a space, not an [`invisible`] character,
+/// and none of the characters allowed in a name that only join or change their neighbours
+/// (the zero-width (non-)joiners, variation selectors, tags, combining marks) or render as a
+/// blank (the braille blank). A name needs one: made only of those, it would show as nothing.
+fn shows(c: char) -> bool {
+    !c.is_whitespace()
+        && !invisible(c)
+        && !matches!(c,
+            '\u{200c}'..='\u{200d}'
+            | '\u{2800}'
+            | '\u{fe00}'..='\u{fe0f}'
+            | '\u{e0100}'..='\u{e01ef}'
+            | '\u{e0000}'..='\u{e007f}'
+            | '\u{0300}'..='\u{036f}'
+            | '\u{1ab0}'..='\u{1aff}'
+            | '\u{1dc0}'..='\u{1dff}'
+            | '\u{20d0}'..='\u{20ff}'
+            | '\u{fe20}'..='\u{fe2f}')
+}
+
 /// Whether company `id` already has exactly `name`: a company created before names with
 /// invisible characters were refused may still be created again under it (which finishes a
 /// creation left half-way), and only that one.
@@ -158,8 +185,13 @@ async fn create_as(id: Uuid, name: String, gw: &Gateway) -> Result<HttpResponse,
         .map_err(|_| busy())?
         .map_err(|_| busy())?;
     let mut client = gw.router.catalog().get().await?;
-    if name.chars().any(invisible) && !named_so_already(&**client, id, &name).await? {
-        return Err(invisible_name());
+    let (hidden, blank) = (name.chars().any(invisible), !name.chars().any(shows));
+    if (hidden || blank) && !named_so_already(&**client, id, &name).await? {
+        return Err(if blank {
+            blank_name()
+        } else {
+            invisible_name()
+        });
     }
     let created = tenants::create(&mut client, &gw.database, id, &name)
         .await
@@ -215,5 +247,17 @@ mod tests {
             !"می\u{200c}خواهم".chars().any(invisible),
             "Persian needs ZWNJ"
         );
+        for blank in [
+            "\u{200d}\u{200c}",
+            "\u{2800}\u{2800}",
+            "\u{fe0f}",
+            "\u{0301}\u{0308}",
+            "\u{3000}\u{200d}\u{e0067}",
+        ] {
+            assert!(!blank.chars().any(shows), "{blank:?}");
+        }
+        for seen in ["A", "é", "株", "👩\u{200d}💻", "e\u{0301}", "\u{2801}"] {
+            assert!(seen.chars().any(shows), "{seen:?}");
+        }
     }
 }
