@@ -2505,7 +2505,17 @@ async fn with_rabbitmq_unreachable_routes_are_read_again_only_when_the_shard_map
             .status()
     };
     assert_eq!(get().await, 200);
+    let connected = "tenantry_gateway_bus_connected";
+    assert_eq!(metric(&base, connected).await, 1.0, "subscribed");
     proxy.cut();
+    // Noticed at once when the broker's side closes (within the AMQP heartbeat otherwise):
+    // nothing below holds before, and a failure says what the gateway logged meanwhile.
+    let (deadline, mut logs) = (Instant::now() + Duration::from_secs(30), Vec::new());
+    while metric(&base, connected).await != 0.0 {
+        logs.extend(env._gw.drain_logs());
+        assert!(Instant::now() < deadline, "loss not noticed: {logs:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep(Duration::from_millis(600)).await;
     let (flushes, misses) = (metric(&base, FLUSHES).await, metric(&base, MISSES).await);
     for _ in 0..3 {
@@ -2525,9 +2535,15 @@ async fn with_rabbitmq_unreachable_routes_are_read_again_only_when_the_shard_map
              UPDATE shard_map_version SET version = version + 1"
         ))
         .await;
-    assert_eq!(until_status(&url, &auth, 404).await, 404);
+    let status = until_status(&url, &auth, 404).await;
+    assert_eq!(status, 404, "gateway log: {:?}", env._gw.drain_logs());
     assert_eq!(metric(&base, FLUSHES).await, flushes + 1.0);
     proxy.restore();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while metric(&base, connected).await != 1.0 {
+        assert!(Instant::now() < deadline, "not subscribed again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     env.broker.cleanup().await;
 }
 

@@ -2,7 +2,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts};
 use tenantry_core::metrics::register;
 
 /// Forwarded requests by shard and final status.
@@ -54,6 +54,15 @@ pub static RECONNECTS: LazyLock<IntCounter> = LazyLock::new(|| {
     register(IntCounter::new(
         "gateway_bus_reconnects_total",
         "Reconnections to RabbitMQ (each flushes the routing cache)",
+    ))
+});
+
+/// 1 while subscribed to shard-map changes, 0 while not (routes are then served from the
+/// cache, dropped when the catalog's map version changes): worth an alert when it stays 0.
+pub static BUS_CONNECTED: LazyLock<IntGauge> = LazyLock::new(|| {
+    register(IntGauge::new(
+        "gateway_bus_connected",
+        "1 while subscribed to shard-map changes on RabbitMQ, else 0",
     ))
 });
 

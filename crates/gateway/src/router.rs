@@ -484,10 +484,12 @@ impl Router {
         self.flush();
         self.map_version.store(0, Ordering::Release);
         self.connected.store(true, Ordering::Release);
+        metrics::BUS_CONNECTED.set(1);
     }
 
     pub fn on_disconnected(&self) {
         self.connected.store(false, Ordering::Release);
+        metrics::BUS_CONNECTED.set(0);
     }
 
     pub fn is_connected(&self) -> bool {
