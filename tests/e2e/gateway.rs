@@ -2548,6 +2548,49 @@ async fn with_rabbitmq_unreachable_routes_are_read_again_only_when_the_shard_map
 }
 
 #[actix_web::test]
+async fn a_broker_that_vanished_without_closing_is_noticed_within_the_heartbeat() {
+    // A failover whose old host is gone: no FIN, no RST, the connection just goes silent.
+    // RabbitMQ's default heartbeat (60 s) left the gateway believing itself subscribed for two
+    // minutes, serving cached routes without reading the catalog's map version.
+    let company = Uuid::now_v7();
+    let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let env = fake_env_via(
+        &[company],
+        &format!("amqp://guest:guest@{}/%2f", proxy.addr),
+        &[],
+    )
+    .await;
+    let connected = "tenantry_gateway_bus_connected";
+    let reconnects = "tenantry_gateway_bus_reconnects_total";
+    assert_eq!(metric(&env.base, connected).await, 1.0);
+    let before = metric(&env.base, reconnects).await;
+    proxy.silence_open();
+    let started = Instant::now();
+    while metric(&env.base, connected).await != 0.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "still subscribed: {:?}",
+            env._gw.drain_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Twice the heartbeat without a frame from the broker, give or take one.
+    assert!(
+        started.elapsed() >= Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // A new connection gets through (only the old ones are silent): subscribed again.
+    assert_eq!(
+        until_metric(&env.base, reconnects, before + 1.0, Duration::from_secs(15)).await,
+        before + 1.0
+    );
+    assert_eq!(metric(&env.base, connected).await, 1.0);
+    proxy.restore();
+    env.broker.cleanup().await;
+}
+
+#[actix_web::test]
 async fn requests_for_a_shard_missing_from_the_table_share_one_failed_read_of_it() {
     // A company's route names a shard the gateway's table lacks, and reading the table fails
     // slowly (here behind a lock, with a 1 s statement timeout). A request shares the outcome

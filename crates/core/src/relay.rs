@@ -117,6 +117,27 @@ pub const MAX_BATCH_MESSAGES: usize = 5_000;
 /// Longest wait for RabbitMQ to accept a connection, or to take and confirm a batch.
 pub const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The AMQP heartbeat, in seconds, every connection asks for unless its URL names one
+/// (`?heartbeat=N`; the lower of the client's and the broker's wins). A broker that vanished
+/// without closing its connections (a failover whose old host is gone, a dropped NAT entry)
+/// is noticed once nothing came from it for twice this, 20 s, where RabbitMQ's default of 60 s
+/// took two minutes: all that time a gateway served routes from its cache without reading the
+/// catalog's map version, and relays held their events.
+pub const HEARTBEAT_SECS: u16 = 10;
+
+/// `url` asking for a heartbeat of [`HEARTBEAT_SECS`], unless it names its own.
+pub fn with_heartbeat(url: &str) -> String {
+    let named = url.split_once('?').is_some_and(|(_, q)| {
+        q.split('&')
+            .any(|p| p.split('=').next() == Some("heartbeat"))
+    });
+    if named {
+        return url.to_owned();
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}heartbeat={HEARTBEAT_SECS}")
+}
+
 /// Runs `connect` (a connection to RabbitMQ and its setup) bounded by [`BROKER_TIMEOUT`], so a
 /// broker that accepts the connection but never answers does not hold its caller (and that
 /// caller's reconnects) for good; `None` if `shutdown` fires first, which the caller's role is
@@ -211,9 +232,12 @@ impl Relay {
 
     async fn connected(&self, shutdown: &CancellationToken, held: &Held) -> anyhow::Result<()> {
         let connecting = connect_bounded(shutdown, async {
-            let conn = Connection::connect(&self.amqp_url, ConnectionProperties::default())
-                .await
-                .context("connecting to RabbitMQ")?;
+            let conn = Connection::connect(
+                &with_heartbeat(&self.amqp_url),
+                ConnectionProperties::default(),
+            )
+            .await
+            .context("connecting to RabbitMQ")?;
             let channel = conn.create_channel().await?;
             channel
                 .confirm_select(ConfirmSelectOptions::default())
@@ -475,6 +499,25 @@ pub async fn listen(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_ask_for_a_short_heartbeat_unless_their_url_names_one() {
+        let plain = "amqp://guest:guest@127.0.0.1:5672/%2f";
+        assert_eq!(with_heartbeat(plain), format!("{plain}?heartbeat=10"));
+        assert_eq!(
+            with_heartbeat(&format!("{plain}?frame_max=8192")),
+            format!("{plain}?frame_max=8192&heartbeat=10")
+        );
+        for own in [
+            format!("{plain}?heartbeat=0"),
+            format!("{plain}?frame_max=8192&heartbeat=30"),
+        ] {
+            assert_eq!(with_heartbeat(&own), own);
+        }
+        // Parsed as lapin parses it.
+        let uri: lapin::uri::AMQPUri = with_heartbeat(plain).parse().unwrap();
+        assert_eq!(uri.query.heartbeat, Some(HEARTBEAT_SECS));
+    }
 
     #[test]
     fn a_refused_row_waits_longer_each_time_up_to_a_minute_and_is_forgotten_once_published() {

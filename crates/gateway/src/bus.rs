@@ -113,9 +113,10 @@ async fn listen(
     connections: &AtomicU64,
 ) -> anyhow::Result<()> {
     let connecting = relay::connect_bounded(shutdown, async {
-        let conn = Connection::connect(url, ConnectionProperties::default())
-            .await
-            .context("connecting to RabbitMQ")?;
+        let conn =
+            Connection::connect(&relay::with_heartbeat(url), ConnectionProperties::default())
+                .await
+                .context("connecting to RabbitMQ")?;
         let channel = conn.create_channel().await?;
         let (queue, consumer) = subscribe(&channel, exchange).await?;
         anyhow::Ok((conn, channel, queue, consumer))

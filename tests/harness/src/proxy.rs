@@ -37,6 +37,8 @@ pub struct TcpProxy {
     accepted: Arc<AtomicU64>,
     /// Connections numbered below this one are stalled as with `stalled` (0: none).
     stalled_below: Arc<AtomicU64>,
+    /// Connections numbered below this one pass nothing either way (0: none).
+    silent_below: Arc<AtomicU64>,
     cuts: watch::Sender<u64>,
     trap: Trap,
     runtime: Option<tokio::runtime::Runtime>,
@@ -62,7 +64,9 @@ impl TcpProxy {
         let silent = stalled.clone();
         let accepted = Arc::new(AtomicU64::new(0));
         let stalled_below = Arc::new(AtomicU64::new(0));
+        let silent_below = Arc::new(AtomicU64::new(0));
         let (count, below) = (accepted.clone(), stalled_below.clone());
+        let hushed = silent_below.clone();
         runtime.spawn(async move {
             let listener = TcpListener::from_std(std_listener).expect("proxy listener");
             loop {
@@ -78,6 +82,7 @@ impl TcpProxy {
                 let armed = armed.clone();
                 let silent = silent.clone();
                 let (number, below) = (count.fetch_add(1, Ordering::SeqCst), below.clone());
+                let hushed = hushed.clone();
                 tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(target).await else {
                         return;
@@ -107,6 +112,7 @@ impl TcpProxy {
                             }
                             while silent.load(Ordering::SeqCst)
                                 || number < below.load(Ordering::SeqCst)
+                                || number < hushed.load(Ordering::SeqCst)
                             {
                                 tokio::time::sleep(Duration::from_millis(10)).await;
                             }
@@ -122,6 +128,9 @@ impl TcpProxy {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => n,
                             };
+                            while number < hushed.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
                             if to_client.write_all(&buf[..n]).await.is_err() {
                                 return;
                             }
@@ -149,6 +158,7 @@ impl TcpProxy {
             stalled,
             accepted,
             stalled_below,
+            silent_below,
             cuts,
             trap,
             runtime: Some(runtime),
@@ -192,10 +202,19 @@ impl TcpProxy {
             .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 
+    /// Passes nothing either way on the connections open now, until [`TcpProxy::restore`];
+    /// new connections go through: a peer that vanished without closing (a failover whose old
+    /// host is gone), as its side of the connection sees it.
+    pub fn silence_open(&self) {
+        self.silent_below
+            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
         self.stalled.store(false, Ordering::SeqCst);
         self.stalled_below.store(0, Ordering::SeqCst);
+        self.silent_below.store(0, Ordering::SeqCst);
     }
 }
 
