@@ -378,6 +378,8 @@ async fn company_creation_refuses_bad_input() {
         assert_eq!(r.status(), status, "{what}");
         let error = error_of!(r).error;
         assert_eq!(error.code, code, "{what}");
+        // Nothing was created under an id the client did not send: none is named.
+        assert_eq!(error.company_id, None, "{what}");
         if status == 413 {
             assert!(
                 error.message.contains("larger than the limit of"),
@@ -2101,12 +2103,7 @@ async fn a_creation_is_not_activated_once_its_shard_database_has_moved_under_it(
     let before = catalog::companies_by_shard(&catalog.client().await, Some(&only[..]))
         .await
         .unwrap();
-    catalog
-        .exec(&format!(
-            "UPDATE shards SET database_url = '{}' WHERE id = 'shard-1'",
-            new.url
-        ))
-        .await;
+    register(&catalog, &[spec("shard-1", &new.url, endpoints())]).await;
     lock.rollback().await.unwrap();
     let (created, mut c) = creating.await.unwrap();
     let err = created.unwrap_err().to_string();
@@ -2133,6 +2130,68 @@ async fn a_creation_is_not_activated_once_its_shard_database_has_moved_under_it(
         .unwrap();
     assert_eq!(before["shard-1"].count, after["shard-1"].count);
     assert_ne!(before["shard-1"], after["shard-1"], "the activation shows");
+}
+
+#[tokio::test]
+async fn a_creation_activating_while_an_apply_changes_its_shard_does_not_deadlock() {
+    // `shard apply` locks the map version's row, then the shard's; the activation must take
+    // them in that order too, or each waits for the other until PostgreSQL aborts one.
+    let catalog = TestDb::new(tenantry_testkit::Schema::Catalog).await;
+    let shard = TestDb::new(tenantry_testkit::Schema::Shard).await;
+    register(
+        &catalog,
+        &[spec(
+            "shard-1",
+            &shard.url,
+            vec!["http://127.0.0.1:9".into()],
+        )],
+    )
+    .await;
+    // An apply under way: it holds the map version's row.
+    let mut applier = catalog.client().await;
+    let apply = applier.transaction().await.unwrap();
+    apply
+        .execute("SELECT 1 FROM shard_map_version FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let id = Uuid::now_v7();
+    let mut c = catalog.client().await;
+    let dbcfg = tenantry_core::config::DatabaseConfig {
+        connect_timeout: Duration::from_secs(2),
+        statement_timeout: Duration::from_secs(30),
+    };
+    let creating =
+        tokio::spawn(async move { tenants::create(&mut c, &dbcfg, id, "Racing Ltd").await });
+    let waiting = crate::support::until_count(
+        &catalog,
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(waiting, 1, "the activation waits for the apply");
+    // The apply goes on to the shard's row, and commits.
+    apply
+        .execute(
+            "UPDATE shards SET accepting = false, version = version + 1 WHERE id = 'shard-1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    apply.commit().await.unwrap();
+    let created = creating.await.unwrap().unwrap();
+    assert_eq!(
+        created,
+        tenants::Created::New {
+            shard_id: "shard-1".into()
+        }
+    );
+    let c = catalog.client().await;
+    assert_eq!(
+        tenants::lookup(&c, id).await.unwrap().unwrap().state,
+        "active"
+    );
 }
 
 #[tokio::test]

@@ -5,7 +5,9 @@ use std::{
     time::Duration,
 };
 
-use actix_web::{FromRequest, HttpRequest, HttpResponse, dev::Payload, http::StatusCode, web};
+use actix_web::{
+    FromRequest, HttpRequest, HttpResponse, ResponseError, dev::Payload, http::StatusCode, web,
+};
 use serde::{Deserialize, Serialize};
 use tenantry_core::{ApiError, auth::Caller, http};
 use tenantry_shardmap::tenants::{self, CreateError, Created};
@@ -64,23 +66,17 @@ fn blank_name() -> ApiError {
 }
 
 /// Whether `c` shows as something of its own: not a space, not an [`invisible`] character,
-/// and none of the characters allowed in a name that only join or change their neighbours
-/// (the zero-width (non-)joiners, variation selectors, tags, combining marks) or render as a
-/// blank (the braille blank). A name needs one: made only of those, it would show as nothing.
+/// not a mark (combining accents, vowel signs, variation selectors: they change the character
+/// before them), not a format character (the zero-width (non-)joiners and tags, allowed in a
+/// name to join its other characters) and not the braille blank. A name needs one: made only
+/// of the others, it would show as nothing.
 fn shows(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, GeneralCategoryGroup, UnicodeGeneralCategory};
     !c.is_whitespace()
         && !invisible(c)
-        && !matches!(c,
-            '\u{200c}'..='\u{200d}'
-            | '\u{2800}'
-            | '\u{fe00}'..='\u{fe0f}'
-            | '\u{e0100}'..='\u{e01ef}'
-            | '\u{e0000}'..='\u{e007f}'
-            | '\u{0300}'..='\u{036f}'
-            | '\u{1ab0}'..='\u{1aff}'
-            | '\u{1dc0}'..='\u{1dff}'
-            | '\u{20d0}'..='\u{20ff}'
-            | '\u{fe20}'..='\u{fe2f}')
+        && c != '\u{2800}'
+        && c.general_category_group() != GeneralCategoryGroup::Mark
+        && c.general_category() != GeneralCategory::Format
 }
 
 /// Whether company `id` already has exactly `name`: a company created before names with
@@ -164,12 +160,15 @@ pub async fn create(
     let name = validate_name(&name)?;
     let id = id.unwrap_or_else(Uuid::now_v7);
     tracing::Span::current().record("company.id", tracing::field::display(id));
-    // Every refusal from here on names the id: a client that sent none learns the one to
-    // repeat the request with. Repeated without it, a creation that stopped half way would
-    // make a second company and leave the first `provisioning` for good.
+    // A 5xx names the id: a client that sent none learns the one to repeat the request with.
+    // Repeated without it, a creation that stopped half way would make a second company and
+    // leave the first `provisioning` for good.
     create_as(id, name, &gw)
         .await
-        .map_err(|e| e.with_company(id))
+        .map_err(|e| match e.status_code().is_server_error() {
+            true => e.with_company(id),
+            false => e,
+        })
 }
 
 async fn create_as(id: Uuid, name: String, gw: &Gateway) -> Result<HttpResponse, ApiError> {
@@ -253,10 +252,23 @@ mod tests {
             "\u{fe0f}",
             "\u{0301}\u{0308}",
             "\u{3000}\u{200d}\u{e0067}",
+            "\u{064b}\u{064c}",
+            "\u{05b7}\u{05bc}",
+            "\u{094d}",
+            "\u{e0100}",
         ] {
             assert!(!blank.chars().any(shows), "{blank:?}");
         }
-        for seen in ["A", "é", "株", "👩\u{200d}💻", "e\u{0301}", "\u{2801}"] {
+        for seen in [
+            "A",
+            "é",
+            "株",
+            "👩\u{200d}💻",
+            "e\u{0301}",
+            "\u{2801}",
+            "क्ष",
+            "שָׁלוֹם",
+        ] {
             assert!(seen.chars().any(shows), "{seen:?}");
         }
     }

@@ -207,6 +207,9 @@ impl Router {
             .time_to_live(heard_for)
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
+        // Not subscribed until the first connection is: an alert on 0 also covers a first
+        // connection that never comes.
+        metrics::BUS_CONNECTED.set(0);
         let unknown = Cache::builder()
             .max_capacity((cfg.cache_capacity / 10).max(1000))
             .time_to_live(cfg.negative_ttl)

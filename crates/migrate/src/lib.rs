@@ -139,7 +139,8 @@ pub enum MigrateError {
         "the database is encoded {found}, not UTF8: text would be stored byte for byte \
          (SQL_ASCII) or refused with a 500 where it has no equivalent; create it with \
          `CREATE DATABASE … ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0` \
-         (as `--create-databases` does); nothing was applied"
+         (as `--create-databases` does), and move an existing one's data there with pg_dump \
+         and pg_restore; nothing was applied"
     )]
     NotUtf8 { found: String },
     #[error("migration {file} is malformed: {reason}")]

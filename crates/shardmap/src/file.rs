@@ -82,7 +82,8 @@ pub enum FileError {
 /// The host and port of an endpoint (what follows `http://`, up to its path): a host, and a
 /// port that is a number when given. No user info: it would be sent to no one.
 fn check_authority(rest: &str) -> Result<(), &'static str> {
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    // (A query or fragment is refused before this.)
+    let authority = rest.split('/').next().unwrap_or_default();
     if authority.contains('@') {
         return Err("user info is not allowed");
     }

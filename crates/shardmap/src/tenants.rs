@@ -240,14 +240,18 @@ pub async fn create(
 
     // Step 3, only while the shard's database is still the one step 2 wrote to: a move of it
     // (`shard apply` with a new `database_url`) committed since would leave the company active
-    // with its placement in the old database alone. The shard's row is taken `FOR SHARE`, so a
-    // move either waits for this activation and then refuses (it compares the shard's
-    // companies and their states before and after its check of the new database) or commits
-    // first, and the company stays `provisioning` for a repeat to finish at the new URL.
+    // with its placement in the old database alone. The map version's row is locked first, as
+    // every change of the shard table locks it first (`catalog::upsert_shards`; the activation
+    // below updates it anyway, and a lock on the shard's row before it would deadlock with an
+    // apply): so a move either waits for this activation and then refuses (it compares the
+    // shard's companies and their states before and after its check of the new database) or
+    // commits first, and the company stays `provisioning` for a repeat to finish at the new URL.
     let tx = catalog.transaction().await?;
+    tx.execute("SELECT 1 FROM shard_map_version FOR UPDATE", &[])
+        .await?;
     let now: Option<String> = tx
         .query_opt(
-            "SELECT database_url FROM shards WHERE id = $1 FOR SHARE",
+            "SELECT database_url FROM shards WHERE id = $1",
             &[&shard_id],
         )
         .await?
