@@ -2400,6 +2400,7 @@ async fn a_gateway_acknowledges_what_it_applied_and_so_keeps_receiving() {
 
 const FLUSHES: &str = "tenantry_gateway_cache_events_total{event=\"flush\"}";
 const MISSES: &str = "tenantry_gateway_cache_events_total{event=\"miss\"}";
+const CONNECTED: &str = "tenantry_gateway_bus_connected";
 
 #[actix_web::test]
 async fn a_gap_in_map_versions_drops_the_cache() {
@@ -2544,13 +2545,8 @@ async fn with_rabbitmq_unreachable_routes_are_read_again_only_when_the_shard_map
     // gateway.disconnected_ttl, not every cached route: one query per interval however many
     // companies it serves.
     let company = Uuid::now_v7();
-    let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
-    let env = fake_env_via(
-        &[company],
-        &format!("amqp://guest:guest@{}/%2f", proxy.addr),
-        &[("TENANTRY_GATEWAY__DISCONNECTED_TTL", "200ms")],
-    )
-    .await;
+    let (proxy, env) =
+        fake_env_behind_proxy(company, &[("TENANTRY_GATEWAY__DISCONNECTED_TTL", "200ms")]).await;
     let (base, catalog) = (env.base.clone(), &env.catalog);
     let url = format!("{base}/v1/companies/{company}/quick");
     let auth = company_token(company, "admin");
@@ -2564,17 +2560,11 @@ async fn with_rabbitmq_unreachable_routes_are_read_again_only_when_the_shard_map
             .status()
     };
     assert_eq!(get().await, 200);
-    let connected = "tenantry_gateway_bus_connected";
-    assert_eq!(metric(&base, connected).await, 1.0, "subscribed");
+    assert_eq!(metric(&base, CONNECTED).await, 1.0, "subscribed");
     proxy.cut();
     // Noticed at once when the broker's side closes (within the AMQP heartbeat otherwise):
-    // nothing below holds before, and a failure says what the gateway logged meanwhile.
-    let (deadline, mut logs) = (Instant::now() + Duration::from_secs(30), Vec::new());
-    while metric(&base, connected).await != 0.0 {
-        logs.extend(env._gw.drain_logs());
-        assert!(Instant::now() < deadline, "loss not noticed: {logs:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // nothing below holds before.
+    until_gauge(&env, CONNECTED, 0.0, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     let (flushes, misses) = (metric(&base, FLUSHES).await, metric(&base, MISSES).await);
     for _ in 0..3 {
@@ -2598,11 +2588,7 @@ async fn with_rabbitmq_unreachable_routes_are_read_again_only_when_the_shard_map
     assert_eq!(status, 404, "gateway log: {:?}", env._gw.drain_logs());
     assert_eq!(metric(&base, FLUSHES).await, flushes + 1.0);
     proxy.restore();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while metric(&base, connected).await != 1.0 {
-        assert!(Instant::now() < deadline, "not subscribed again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_gauge(&env, CONNECTED, 1.0, Duration::from_secs(15)).await;
     env.broker.cleanup().await;
 }
 
@@ -2611,28 +2597,13 @@ async fn a_broker_that_vanished_without_closing_is_noticed_within_the_heartbeat(
     // A failover whose old host is gone: no FIN, no RST, the connection just goes silent.
     // RabbitMQ's default heartbeat (60 s) left the gateway believing itself subscribed for two
     // minutes, serving cached routes without reading the catalog's map version.
-    let company = Uuid::now_v7();
-    let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
-    let env = fake_env_via(
-        &[company],
-        &format!("amqp://guest:guest@{}/%2f", proxy.addr),
-        &[],
-    )
-    .await;
-    let connected = "tenantry_gateway_bus_connected";
+    let (proxy, env) = fake_env_behind_proxy(Uuid::now_v7(), &[]).await;
     let reconnects = "tenantry_gateway_bus_reconnects_total";
-    assert_eq!(metric(&env.base, connected).await, 1.0);
+    assert_eq!(metric(&env.base, CONNECTED).await, 1.0);
     let before = metric(&env.base, reconnects).await;
     proxy.silence_open();
     let started = Instant::now();
-    while metric(&env.base, connected).await != 0.0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(40),
-            "still subscribed: {:?}",
-            env._gw.drain_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_gauge(&env, CONNECTED, 0.0, Duration::from_secs(40)).await;
     // Twice the heartbeat without a frame from the broker, give or take one.
     assert!(
         started.elapsed() >= Duration::from_secs(10),
@@ -2644,9 +2615,29 @@ async fn a_broker_that_vanished_without_closing_is_noticed_within_the_heartbeat(
         until_metric(&env.base, reconnects, before + 1.0, Duration::from_secs(15)).await,
         before + 1.0
     );
-    assert_eq!(metric(&env.base, connected).await, 1.0);
+    assert_eq!(metric(&env.base, CONNECTED).await, 1.0);
     proxy.restore();
     env.broker.cleanup().await;
+}
+
+/// [`fake_env_via`] for `company`, with the gateway's RabbitMQ connections going through a
+/// proxy the test can cut or silence.
+async fn fake_env_behind_proxy(company: Uuid, extra: &[(&str, &str)]) -> (TcpProxy, FakeEnv) {
+    let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let amqp = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let env = fake_env_via(&[company], &amqp, extra).await;
+    (proxy, env)
+}
+
+/// Polls the gateway's `series` until it is `want`; past `limit`, fails with what the gateway
+/// logged meanwhile.
+async fn until_gauge(env: &FakeEnv, series: &str, want: f64, limit: Duration) {
+    let (deadline, mut logs) = (Instant::now() + limit, Vec::new());
+    while metric(&env.base, series).await != want {
+        logs.extend(env._gw.drain_logs());
+        assert!(Instant::now() < deadline, "{series} not {want}: {logs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[actix_web::test]
