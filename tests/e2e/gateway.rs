@@ -137,6 +137,14 @@ fn spec(id: &str, db_url: &str, endpoints: Vec<String>) -> ShardSpec {
     }
 }
 
+/// The database settings `tenants::create` is called with in these tests.
+fn provisioning_cfg() -> tenantry_core::config::DatabaseConfig {
+    tenantry_core::config::DatabaseConfig {
+        connect_timeout: Duration::from_secs(2),
+        statement_timeout: Duration::from_secs(30),
+    }
+}
+
 async fn register(catalog: &TestDb, specs: &[ShardSpec]) {
     let mut c = catalog.client().await;
     // Set-up vouches for every shard's companies (as `shard apply` does once it has checked
@@ -2073,10 +2081,7 @@ async fn a_creation_is_not_activated_once_its_shard_database_has_moved_under_it(
     );
     let endpoints = || vec!["http://127.0.0.1:9".to_owned()];
     register(&catalog, &[spec("shard-1", &old.url, endpoints())]).await;
-    let dbcfg = tenantry_core::config::DatabaseConfig {
-        connect_timeout: Duration::from_secs(2),
-        statement_timeout: Duration::from_secs(30),
-    };
+    let dbcfg = provisioning_cfg();
     // The placement's insert waits behind a lock in the old database while the move commits.
     let mut holder = old.client().await;
     let lock = holder.transaction().await.unwrap();
@@ -2156,10 +2161,7 @@ async fn a_creation_activating_while_an_apply_changes_its_shard_does_not_deadloc
         .unwrap();
     let id = Uuid::now_v7();
     let mut c = catalog.client().await;
-    let dbcfg = tenantry_core::config::DatabaseConfig {
-        connect_timeout: Duration::from_secs(2),
-        statement_timeout: Duration::from_secs(30),
-    };
+    let dbcfg = provisioning_cfg();
     let creating =
         tokio::spawn(async move { tenants::create(&mut c, &dbcfg, id, "Racing Ltd").await });
     let waiting = crate::support::until_count(
@@ -2204,10 +2206,7 @@ async fn an_operator_lists_and_finishes_a_creation_its_client_left_half_way() {
     let endpoints = || vec!["http://127.0.0.1:9".to_owned()];
     register(&catalog, &[spec("shard-1", &missing.url, endpoints())]).await;
     let id = Uuid::now_v7();
-    let dbcfg = tenantry_core::config::DatabaseConfig {
-        connect_timeout: Duration::from_secs(2),
-        statement_timeout: Duration::from_secs(30),
-    };
+    let dbcfg = provisioning_cfg();
     let mut c = catalog.client().await;
     assert!(
         tenants::create(&mut c, &dbcfg, id, "Half-way Ltd")
