@@ -758,3 +758,70 @@ async fn a_shard_pointed_at_the_catalog_database_is_named_as_such_not_as_an_edit
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn live_tenant_counts_start_from_the_existing_companies_and_follow_every_write() {
+    // A creation chooses its shard by these counts (catalog 0005) instead of counting every
+    // tenant of every shard: they must equal that count after any write, including writes
+    // made before the migration and by hand.
+    let db = TestDb::new(Schema::Empty).await;
+    let mut c = db.client().await;
+    let all = tenantry_migrate::embedded(tenantry_migrate::Target::Catalog);
+    let (before, _) = all.split_at(all.iter().position(|m| m.version == 5).unwrap());
+    tenantry_migrate::up(&mut c, before, Phase::Expand)
+        .await
+        .unwrap();
+    db.exec(
+        "INSERT INTO shards (id, database_url) VALUES ('s1', 'postgres://x/1'), ('s2', 'postgres://x/2');
+         INSERT INTO tenants (id, name, shard_id, state) VALUES
+           (gen_random_uuid(), 'a', 's1', 'active'), (gen_random_uuid(), 'b', 's1', 'active'),
+           (gen_random_uuid(), 'c', 's2', 'deleted'), ('00000000-0000-4000-8000-000000000001', 'd', 's2', 'provisioning')",
+    )
+    .await;
+    tenantry_migrate::up(&mut c, &all, Phase::Expand)
+        .await
+        .unwrap();
+    let counted = || async {
+        let kept: Vec<(String, i64)> = db
+            .client()
+            .await
+            .query(
+                "SELECT shard_id, live FROM shard_live_tenants WHERE live > 0 ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let walked: Vec<(String, i64)> = db
+            .client()
+            .await
+            .query(
+                "SELECT shard_id, count(*) FROM tenants WHERE state <> 'deleted' GROUP BY 1 ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(kept, walked);
+        kept
+    };
+    assert_eq!(counted().await, [("s1".into(), 2), ("s2".into(), 1)]);
+    let d = "'00000000-0000-4000-8000-000000000001'";
+    for write in [
+        "INSERT INTO tenants (id, name, shard_id, state) VALUES (gen_random_uuid(), 'e', 's2', 'provisioning')".to_owned(),
+        format!("UPDATE tenants SET state = 'active' WHERE id = {d}"),
+        format!("UPDATE tenants SET shard_id = 's1', state = 'moving' WHERE id = {d}"),
+        format!("UPDATE tenants SET state = 'deleted' WHERE id = {d}"),
+        format!("UPDATE tenants SET state = 'active' WHERE id = {d}"),
+        "UPDATE tenants SET name = 'renamed'".to_owned(),
+        "DELETE FROM tenants WHERE name = 'renamed' AND shard_id = 's2'".to_owned(),
+    ] {
+        db.exec(&write).await;
+        counted().await;
+    }
+    assert_eq!(counted().await, [("s1".into(), 3)]);
+}

@@ -143,7 +143,8 @@ pub enum CreateError {
 /// Creates company `id` named `name`:
 ///
 /// 1. catalog: insert the tenant as `provisioning` on the shard with the fewest tenants per
-///    unit of weight among those accepting new tenants (or find the existing row), whose row
+///    unit of weight among those accepting new tenants (counted in `shard_live_tenants`, kept
+///    by a trigger; catalog migration `0005`), or find the existing row, whose row
 ///    stays locked `FOR SHARE` until this commits, so `shard apply` cannot retire it between
 ///    the choice and the insert (see `catalog::upsert_shards`);
 /// 2. shard: insert its placement as `owned` (a no-op if present);
@@ -165,8 +166,8 @@ pub async fn create(
             "WITH choice AS (
                  SELECT s.id FROM shards s
                   WHERE s.accepting AND s.state = 'active'
-                  ORDER BY (SELECT count(*) FROM tenants t
-                             WHERE t.shard_id = s.id AND t.state <> 'deleted')::float8
+                  ORDER BY coalesce((SELECT c.live FROM shard_live_tenants c
+                                      WHERE c.shard_id = s.id), 0)::float8
                            / s.weight, s.id
                   LIMIT 1 FOR SHARE OF s)
              INSERT INTO tenants (id, name, shard_id, state)
