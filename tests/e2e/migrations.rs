@@ -786,7 +786,7 @@ async fn live_tenant_counts_start_from_the_existing_companies_and_follow_every_w
             .client()
             .await
             .query(
-                "SELECT shard_id, live FROM shard_live_tenants WHERE live > 0 ORDER BY 1",
+                "SELECT shard_id, live FROM shard_live_tenants WHERE live <> 0 ORDER BY 1",
                 &[],
             )
             .await
@@ -819,9 +819,16 @@ async fn live_tenant_counts_start_from_the_existing_companies_and_follow_every_w
         format!("UPDATE tenants SET state = 'active' WHERE id = {d}"),
         "UPDATE tenants SET name = 'renamed'".to_owned(),
         "DELETE FROM tenants WHERE name = 'renamed' AND shard_id = 's2'".to_owned(),
+        // Several shards in one statement each way.
+        "INSERT INTO tenants (id, name, shard_id, state) VALUES
+           (gen_random_uuid(), 'f', 's2', 'active'), (gen_random_uuid(), 'g', 's1', 'active')"
+            .to_owned(),
+        "UPDATE tenants SET shard_id = CASE shard_id WHEN 's1' THEN 's2' ELSE 's1' END".to_owned(),
     ] {
         db.exec(&write).await;
         counted().await;
     }
-    assert_eq!(counted().await, [("s1".into(), 3)]);
+    assert_eq!(counted().await, [("s1".into(), 1), ("s2".into(), 4)]);
+    db.exec("TRUNCATE tenants").await;
+    assert_eq!(counted().await, []);
 }

@@ -92,6 +92,11 @@ pub async fn set_placement(
     state: &str,
 ) -> Result<Option<Placement>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
+    // The map version's row first, as every writer of the shard map takes it (see `create`'s
+    // step 3): after the tenant's row (and, through its trigger, its shard's count) it would
+    // deadlock with an apply and a creation on that shard.
+    tx.execute("SELECT 1 FROM shard_map_version FOR UPDATE", &[])
+        .await?;
     let row = tx
         .query_opt(
             "UPDATE tenants SET shard_id = $2, state = $3, version = version + 1,
