@@ -22,18 +22,25 @@ apt_install() {
   if [[ -z $apt_updated ]]; then
     # An install interrupted earlier (Ctrl-C) leaves dpkg half-configured, and apt refuses
     # until it is finished. dpkg itself does not wait for its lock as apt does, so while
-    # unattended upgrades hold it, try again every 5 s for up to 5 minutes.
+    # unattended upgrades hold it, try again every 5 s for up to 5 minutes; any other failure
+    # is for a person to look at.
     if [[ -n $(dpkg --audit 2>/dev/null) ]]; then
       say "finishing an interrupted package installation (dpkg --configure -a)"
-      local tries=1
-      until need_root env DEBIAN_FRONTEND=noninteractive dpkg --configure -a; do
-        if (( tries++ >= 60 )); then
-          say "dpkg --configure -a kept failing for 5 minutes (another package manager running?)"
+      local tries=1 out
+      until out=$(need_root env DEBIAN_FRONTEND=noninteractive dpkg --configure -a 2>&1); do
+        printf '%s\n' "$out" >&2
+        if ! grep -qi 'lock' <<<"$out"; then
+          say "dpkg --configure -a failed (above): finish it by hand, then run this again"
           exit 1
         fi
-        say "dpkg is busy or failed; trying again in 5 s"
+        if (( tries++ >= 60 )); then
+          say "dpkg's lock stayed taken for 5 minutes (another package manager running?)"
+          exit 1
+        fi
+        say "dpkg is busy (another package manager holds its lock); trying again in 5 s"
         sleep 5
       done
+      [[ -z $out ]] || printf '%s\n' "$out" >&2
     fi
     say "running apt-get update"; need_root apt-get "${lock[@]}" update -qq; apt_updated=1
   fi

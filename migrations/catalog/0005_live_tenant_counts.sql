@@ -30,6 +30,9 @@ SELECT shard_id, count(*) FROM tenants WHERE state <> 'deleted' GROUP BY shard_i
 -- take 40 s, each row rewriting its shard's one counter row in one transaction), and none for
 -- an activation (provisioning → active), which changes no count. Rows are written in shard
 -- order, so two statements that change several shards each lock them in the same order.
+-- A shard's row stays locked until the writing transaction commits: creations placed on one
+-- shard commit their first step one after another (each a single insert), and a long
+-- transaction writing tenants of a shard holds its creations up meanwhile.
 CREATE FUNCTION tenantry_count_live_tenants() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN

@@ -1151,7 +1151,7 @@ struct FakeEnv {
     fake: FakeShard,
     catalog: TestDb,
     broker: TestBroker,
-    _gw: Served,
+    gw: Served,
     base: String,
 }
 
@@ -1180,7 +1180,7 @@ async fn fake_env_via(companies: &[Uuid], amqp: &str, extra: &[(&str, &str)]) ->
         fake,
         catalog,
         broker,
-        _gw: gw,
+        gw,
         base,
     }
 }
@@ -2584,7 +2584,7 @@ async fn with_rabbitmq_unreachable_routes_are_read_again_only_when_the_shard_map
         ))
         .await;
     let status = until_status(&url, &auth, 404).await;
-    assert_eq!(status, 404, "gateway log: {:?}", env._gw.drain_logs());
+    assert_eq!(status, 404, "gateway log: {:?}", env.gw.drain_logs());
     assert_eq!(metric(&base, FLUSHES).await, flushes + 1.0);
     proxy.restore();
     until_gauge(&env, CONNECTED, 1.0, Duration::from_secs(15)).await;
@@ -2633,7 +2633,7 @@ async fn fake_env_behind_proxy(company: Uuid, extra: &[(&str, &str)]) -> (TcpPro
 async fn until_gauge(env: &FakeEnv, series: &str, want: f64, limit: Duration) {
     let (deadline, mut logs) = (Instant::now() + limit, Vec::new());
     while metric(&env.base, series).await != want {
-        logs.extend(env._gw.drain_logs());
+        logs.extend(env.gw.drain_logs());
         assert!(Instant::now() < deadline, "{series} not {want}: {logs:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -682,7 +682,7 @@ async fn a_database_not_encoded_utf8_is_refused_before_any_migration() {
 }
 
 #[tokio::test]
-async fn databases_are_created_utf8_also_on_a_server_whose_default_is_not() {
+async fn the_create_statement_for_a_server_whose_default_is_not_utf8_makes_a_utf8_database() {
     // This server's default is UTF8; the statement for one whose default is not (SQL_ASCII
     // under LANG=C, LATIN1 under a Latin-1 locale) is run here as it would be run there.
     let db = TestDb::reserve();

@@ -6,9 +6,10 @@ use std::{os::unix::fs::PermissionsExt, process::Command};
 use crate::cli::tempdir;
 
 /// Runs `apt_install postgresql` from `scripts/lib.sh` with stand-ins for `dpkg` (whose
-/// `--audit` prints `audit`, and whose `--configure -a` fails `busy` times before it works),
-/// `apt-get`, `sleep` and `id` (root). Returns (success, the calls in order, stderr).
-fn apt_install(audit: &str, busy: usize) -> (bool, Vec<String>, String) {
+/// `--audit` prints `audit`, and whose `--configure -a` fails `busy` times, saying `error`,
+/// before it works), `apt-get`, `sleep` and `id` (root). Returns (success, the calls in
+/// order, stderr).
+fn apt_install(audit: &str, busy: usize, error: &str) -> (bool, Vec<String>, String) {
     let dir = tempdir();
     let fake = |name: &str, body: &str| {
         let path = dir.join(name);
@@ -26,7 +27,7 @@ fn apt_install(audit: &str, busy: usize) -> (bool, Vec<String>, String) {
   --audit) printf '%s' "{audit}" ;;
   --configure)
     if [ "$(grep -c '^dpkg --configure' "$CALLS")" -le {busy} ]; then
-      echo "dpkg: error: dpkg frontend lock was locked by another process" >&2; exit 2
+      echo "{error}" >&2; exit 2
     fi ;;
 esac"#
         ),
@@ -64,7 +65,8 @@ esac"#
 fn an_interrupted_install_is_finished_first_waiting_while_dpkg_is_busy() {
     // dpkg does not wait for its lock as apt does: on a freshly booted machine, unattended
     // upgrades hold it, and one failed `dpkg --configure -a` used to end `make run`.
-    let (ok, calls, err) = apt_install("The following packages are only half configured", 2);
+    let (ok, calls, err) =
+        apt_install("The following packages are only half configured", 2, LOCKED);
     assert!(ok, "{err}");
     let configure = "dpkg --configure -a";
     assert_eq!(
@@ -90,7 +92,7 @@ fn an_interrupted_install_is_finished_first_waiting_while_dpkg_is_busy() {
 
 #[test]
 fn dpkg_is_left_alone_when_nothing_was_interrupted_and_a_dpkg_that_stays_busy_ends_the_run() {
-    let (ok, calls, err) = apt_install("", 0);
+    let (ok, calls, err) = apt_install("", 0, LOCKED);
     assert!(ok, "{err}");
     assert_eq!(
         calls,
@@ -100,7 +102,7 @@ fn dpkg_is_left_alone_when_nothing_was_interrupted_and_a_dpkg_that_stays_busy_en
             "apt-get -o DPkg::Lock::Timeout=300 install -y -qq postgresql",
         ]
     );
-    let (ok, calls, err) = apt_install("half configured", 1000);
+    let (ok, calls, err) = apt_install("half configured", 1000, LOCKED);
     assert!(!ok, "{calls:?}");
     assert_eq!(
         calls
@@ -110,5 +112,19 @@ fn dpkg_is_left_alone_when_nothing_was_interrupted_and_a_dpkg_that_stays_busy_en
         60
     );
     assert!(!calls.iter().any(|c| c.starts_with("apt-get")), "{calls:?}");
-    assert!(err.contains("kept failing for 5 minutes"), "{err}");
+    assert!(err.contains("stayed taken for 5 minutes"), "{err}");
 }
+
+#[test]
+fn a_package_that_fails_to_configure_ends_the_run_at_once_with_dpkgs_words() {
+    let broken = "dpkg: error processing package postgresql-15 (--configure): subprocess failed";
+    let (ok, calls, err) = apt_install("half configured", 1000, broken);
+    assert!(!ok, "{calls:?}");
+    assert_eq!(calls, ["dpkg --audit", "dpkg --configure -a"]);
+    assert!(
+        err.contains(broken) && err.contains("finish it by hand"),
+        "{err}"
+    );
+}
+
+const LOCKED: &str = "dpkg: error: dpkg frontend lock was locked by another process";

@@ -4,8 +4,8 @@
 //! {"error": {"code": "snake_case_code", "message": "what went wrong", "request_id": "…"}}
 //! ```
 //!
-//! An error about a company the server named itself (a creation without an id) also carries
-//! `company_id`, so the client can repeat the request with it.
+//! A company creation's 5xx also carries `company_id`, the id the company was being created
+//! under (the gateway's choice when the client sent none), to repeat the request with.
 //!
 //! Layering: handlers and libraries return `ApiError` (or an error that converts into it);
 //! the conversion to a response happens once, here. Client errors (4xx) are logged at debug
@@ -34,8 +34,7 @@ pub struct ErrorDetail {
     pub code: String,
     pub message: String,
     pub request_id: String,
-    /// The company the request concerned, when the client may not know its id (see
-    /// [`ApiError::with_company`]).
+    /// The company a creation's 5xx concerned (see [`ApiError::with_company`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub company_id: Option<uuid::Uuid>,
 }
@@ -141,8 +140,8 @@ impl ApiError {
         self
     }
 
-    /// Names the company in the body: the one a request without an id was about to create,
-    /// whose id the client needs to repeat the request rather than create another company.
+    /// Names the company in the body: the one a creation was making, whose id a client that
+    /// sent none needs to repeat the request rather than create another company.
     pub fn with_company(mut self, id: uuid::Uuid) -> Self {
         self.company_id = Some(id);
         self

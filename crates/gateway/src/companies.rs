@@ -163,12 +163,13 @@ pub async fn create(
     // A 5xx names the id: a client that sent none learns the one to repeat the request with.
     // Repeated without it, a creation that stopped half way would make a second company and
     // leave the first `provisioning` for good.
-    create_as(id, name, &gw)
-        .await
-        .map_err(|e| match e.status_code().is_server_error() {
-            true => e.with_company(id),
-            false => e,
-        })
+    create_as(id, name, &gw).await.map_err(|e| {
+        if e.status_code().is_server_error() {
+            e.with_company(id)
+        } else {
+            e
+        }
+    })
 }
 
 async fn create_as(id: Uuid, name: String, gw: &Gateway) -> Result<HttpResponse, ApiError> {

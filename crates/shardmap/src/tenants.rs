@@ -84,7 +84,8 @@ async fn publish_change(
 }
 
 /// Points a company at `shard_id` in `state`, bumping its version, with the outbox row, in
-/// one transaction. Used when a move flips a tenant; the shard's own placement is the fence.
+/// one transaction: what a move's flip will do (today the gateway benchmark and tests call
+/// it); the shard's own placement is the fence.
 pub async fn set_placement(
     client: &mut Client,
     company: Uuid,
@@ -253,15 +254,15 @@ pub async fn create(
     // shard's companies and their states before and after its check of the new database) or
     // commits first, and the company stays `provisioning` for a repeat to finish at the new URL.
     let tx = catalog.transaction().await?;
-    tx.execute("SELECT 1 FROM shard_map_version FOR UPDATE", &[])
-        .await?;
     let now: Option<String> = tx
-        .query_opt(
-            "SELECT database_url FROM shards WHERE id = $1",
+        .query_one(
+            "SELECT s.database_url FROM shard_map_version v
+               LEFT JOIN shards s ON s.id = $1
+                FOR UPDATE OF v",
             &[&shard_id],
         )
         .await?
-        .map(|r| r.get(0));
+        .get(0);
     if now.as_deref() != Some(url.as_str()) {
         return Err(shard_err(anyhow::anyhow!(
             "its database moved while the company was being created; repeat to create it there"
