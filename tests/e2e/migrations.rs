@@ -781,31 +781,19 @@ async fn live_tenant_counts_start_from_the_existing_companies_and_follow_every_w
     tenantry_migrate::up(&mut c, &all, Phase::Expand)
         .await
         .unwrap();
+    let pairs = |sql: &'static str| async {
+        let rows = db.client().await.query(sql, &[]).await.unwrap();
+        rows.iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect::<Vec<(String, i64)>>()
+    };
     let counted = || async {
-        let kept: Vec<(String, i64)> = db
-            .client()
-            .await
-            .query(
-                "SELECT shard_id, live FROM shard_live_tenants WHERE live <> 0 ORDER BY 1",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        let walked: Vec<(String, i64)> = db
-            .client()
-            .await
-            .query(
-                "SELECT shard_id, count(*) FROM tenants WHERE state <> 'deleted' GROUP BY 1 ORDER BY 1",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let kept =
+            pairs("SELECT shard_id, live FROM shard_live_tenants WHERE live <> 0 ORDER BY 1").await;
+        let walked = pairs(
+            "SELECT shard_id, count(*) FROM tenants WHERE state <> 'deleted' GROUP BY 1 ORDER BY 1",
+        )
+        .await;
         assert_eq!(kept, walked);
         kept
     };
