@@ -269,27 +269,73 @@ async fn sigterm_stops_gracefully_with_exit_code_zero() {
 async fn a_shard_node_is_not_ready_until_its_database_has_every_expand_step_it_embeds() {
     // A rollout starts the new version after `migrate up`; a node started before it (or after
     // a `migrate up` that failed) must not take traffic whose statements need what it lacks.
-    let shard = TestDb::new(Schema::Empty).await;
-    let mut all = tenantry_migrate::embedded(tenantry_migrate::Target::Shard);
-    let last = all.pop().expect("shard migrations");
-    let mut c = shard.client().await;
-    tenantry_migrate::up(&mut c, &all, tenantry_migrate::Phase::Expand)
-        .await
-        .unwrap();
+    let (shard, mut c, last) = migrated_but_the_last(tenantry_migrate::Target::Shard).await;
     shard
         .exec("INSERT INTO shard_identity (shard_id) VALUES ('shard-1')")
         .await;
-    let mut served = Served::start(&mut crate::support::shard_node(&shard.url, true, 0), 1);
+    let served = Served::start(&mut crate::support::shard_node(&shard.url, true, 0), 1);
     let ready = format!("{}/readyz", served.url("api"));
-    let mut resp = http().get(&ready).send().await.unwrap();
-    assert_eq!(resp.status(), 503);
-    assert_eq!(error_of!(resp).error.code, "not_ready");
-    all.push(last.clone());
+    ready_only_once_migrated(
+        served,
+        &ready,
+        &mut c,
+        tenantry_migrate::Target::Shard,
+        &last,
+    )
+    .await;
+}
+
+#[actix_web::test]
+async fn a_gateway_is_not_ready_until_the_catalog_has_every_expand_step_it_embeds() {
+    // As for a shard node: company creation reads what catalog migration 0005 adds.
+    let (catalog, mut c, last) = migrated_but_the_last(tenantry_migrate::Target::Catalog).await;
+    let broker = TestBroker::new().await;
+    let served = Served::start(&mut gateway(&catalog, &broker), 1);
+    let ready = format!("{}/readyz", served.url("gateway"));
+    ready_only_once_migrated(
+        served,
+        &ready,
+        &mut c,
+        tenantry_migrate::Target::Catalog,
+        &last,
+    )
+    .await;
+    broker.cleanup().await;
+}
+
+/// A database with every embedded migration of `target` but the last, a client to it, and
+/// the migration left out.
+async fn migrated_but_the_last(
+    target: tenantry_migrate::Target,
+) -> (TestDb, tokio_postgres::Client, tenantry_migrate::Migration) {
+    let db = TestDb::new(Schema::Empty).await;
+    let mut all = tenantry_migrate::embedded(target);
+    let last = all.pop().expect("migrations");
+    let mut c = db.client().await;
     tenantry_migrate::up(&mut c, &all, tenantry_migrate::Phase::Expand)
         .await
         .unwrap();
+    (db, c, last)
+}
+
+/// `/readyz` at `ready` answers 503 until `last` is applied through `c`, then 200; the node's
+/// log names the missing step and the command that applies it.
+async fn ready_only_once_migrated(
+    mut served: Served,
+    ready: &str,
+    c: &mut tokio_postgres::Client,
+    target: tenantry_migrate::Target,
+    last: &tenantry_migrate::Migration,
+) {
+    let mut resp = http().get(ready).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(error_of!(resp).error.code, "not_ready");
+    let all = tenantry_migrate::embedded(target);
+    tenantry_migrate::up(c, &all, tenantry_migrate::Phase::Expand)
+        .await
+        .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while http().get(&ready).send().await.unwrap().status() != 200 {
+    while http().get(ready).send().await.unwrap().status() != 200 {
         assert!(std::time::Instant::now() < deadline, "ready once migrated");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -297,7 +343,7 @@ async fn a_shard_node_is_not_ready_until_its_database_has_every_expand_step_it_e
     assert!(
         lines.iter().any(|l| l["error"]
             .as_str()
-            .is_some_and(|e| e.contains(&last.file) && e.contains("migrate up --shard shard-1"))),
+            .is_some_and(|e| e.contains(&last.file) && e.contains("admin migrate up"))),
         "the log says which step is missing: {lines:?}"
     );
 }

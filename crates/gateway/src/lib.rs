@@ -70,6 +70,38 @@ impl Probe for ShardTableProbe {
     }
 }
 
+/// Ready once the catalog has every expand step this binary embeds: a gateway of a new version
+/// started before `migrate up` ran on the catalog would answer 500 to what needs the new
+/// schema (company creation reads `shard_live_tenants`, catalog migration 0005).
+struct CatalogSchemaProbe {
+    pool: deadpool_postgres::Pool,
+    migrations: Vec<tenantry_migrate::Migration>,
+}
+
+impl Probe for CatalogSchemaProbe {
+    fn name(&self) -> &str {
+        "catalog schema"
+    }
+
+    fn check(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            let client = self.pool.get().await.map_err(|e| e.to_string())?;
+            match tenantry_migrate::first_missing_expand(&client, &self.migrations)
+                .await
+                .map_err(|e| format!("reading the catalog's migrations: {e}"))?
+            {
+                None => Ok(()),
+                Some(file) => Err(format!(
+                    "catalog schema behind this version: {file} is not applied (run `tenantry \
+                     admin migrate up`)"
+                )),
+            }
+        })
+    }
+}
+
 /// Starts the gateway: its listener, the shard-map subscription, the catalog outbox relay and
 /// the endpoint health checker. The listener stops accepting when `shutdown` fires and finishes
 /// in-flight requests within `shutdown.grace_period`; the background tasks stop with it.
@@ -91,6 +123,10 @@ pub fn run(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<RunningS
         Box::new(PgProbe {
             name: "catalog".into(),
             pool: catalog.clone(),
+        }),
+        Box::new(CatalogSchemaProbe {
+            pool: catalog.clone(),
+            migrations: tenantry_migrate::embedded(tenantry_migrate::Target::Catalog),
         }),
         Box::new(ShardTableProbe(router.clone())),
     ];

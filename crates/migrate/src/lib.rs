@@ -306,6 +306,19 @@ pub async fn status(client: &Client, known: &[Migration]) -> Result<Status, Migr
     Ok(Status { applied, pending })
 }
 
+/// The first step of `known` that code built with it needs and `client`'s database lacks
+/// ([`Status::expand_pending`]), by file name: a node of that code must not serve before it is
+/// applied.
+pub async fn first_missing_expand(
+    client: &Client,
+    known: &[Migration],
+) -> Result<Option<String>, MigrateError> {
+    Ok(status(client, known)
+        .await?
+        .expand_pending()
+        .map(|m| m.file.clone()))
+}
+
 /// What one `up` did.
 #[derive(Debug, Clone, Default)]
 pub struct Report {

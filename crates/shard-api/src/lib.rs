@@ -55,15 +55,15 @@ impl Probe for ShardProbe {
                     );
                 }
             }
-            let status = tenantry_migrate::status(&client, &self.migrations)
+            match tenantry_migrate::first_missing_expand(&client, &self.migrations)
                 .await
-                .map_err(|e| format!("reading the shard's migrations: {e}"))?;
-            match status.expand_pending() {
+                .map_err(|e| format!("reading the shard's migrations: {e}"))?
+            {
                 None => Ok(()),
-                Some(m) => Err(format!(
-                    "shard schema behind this version: {} is not applied (run `tenantry admin \
-                     migrate up --shard {}`)",
-                    m.file, self.shard_id
+                Some(file) => Err(format!(
+                    "shard schema behind this version: {file} is not applied (run `tenantry \
+                     admin migrate up --shard {}`)",
+                    self.shard_id
                 )),
             }
         })
