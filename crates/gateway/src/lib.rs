@@ -88,16 +88,8 @@ impl Probe for CatalogSchemaProbe {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
             let client = self.pool.get().await.map_err(|e| e.to_string())?;
-            match tenantry_migrate::first_missing_expand(&client, &self.migrations)
-                .await
-                .map_err(|e| format!("reading the catalog's migrations: {e}"))?
-            {
-                None => Ok(()),
-                Some(file) => Err(format!(
-                    "catalog schema behind this version: {file} is not applied (run `tenantry \
-                     admin migrate up`)"
-                )),
-            }
+            let command = "tenantry admin migrate up";
+            tenantry_migrate::schema_ready(&client, &self.migrations, "catalog", command).await
         })
     }
 }

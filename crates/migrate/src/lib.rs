@@ -306,17 +306,26 @@ pub async fn status(client: &Client, known: &[Migration]) -> Result<Status, Migr
     Ok(Status { applied, pending })
 }
 
-/// The first step of `known` that code built with it needs and `client`'s database lacks
-/// ([`Status::expand_pending`]), by file name: a node of that code must not serve before it is
-/// applied.
-pub async fn first_missing_expand(
+/// A readiness probe's verdict on `client`'s database (the `what`: shard, catalog) for code
+/// built with `known`: an error naming the first step it needs and the database lacks
+/// ([`Status::expand_pending`]), and `command`, which applies it. A node of that code must not
+/// serve before.
+pub async fn schema_ready(
     client: &Client,
     known: &[Migration],
-) -> Result<Option<String>, MigrateError> {
-    Ok(status(client, known)
-        .await?
-        .expand_pending()
-        .map(|m| m.file.clone()))
+    what: &str,
+    command: &str,
+) -> Result<(), String> {
+    let status = status(client, known)
+        .await
+        .map_err(|e| format!("reading the {what}'s migrations: {e}"))?;
+    match status.expand_pending() {
+        None => Ok(()),
+        Some(m) => Err(format!(
+            "{what} schema behind this version: {} is not applied (run `{command}`)",
+            m.file
+        )),
+    }
 }
 
 /// What one `up` did.

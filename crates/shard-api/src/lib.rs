@@ -55,17 +55,8 @@ impl Probe for ShardProbe {
                     );
                 }
             }
-            match tenantry_migrate::first_missing_expand(&client, &self.migrations)
-                .await
-                .map_err(|e| format!("reading the shard's migrations: {e}"))?
-            {
-                None => Ok(()),
-                Some(file) => Err(format!(
-                    "shard schema behind this version: {file} is not applied (run `tenantry \
-                     admin migrate up --shard {}`)",
-                    self.shard_id
-                )),
-            }
+            let command = format!("tenantry admin migrate up --shard {}", self.shard_id);
+            tenantry_migrate::schema_ready(&client, &self.migrations, "shard", &command).await
         })
     }
 }
