@@ -191,20 +191,22 @@ impl ResponseError for ApiError {
         // is the last thing an overloaded process should do per request. Anything else with a
         // cause (a 500, a 502) is an error.
         if self.status.is_server_error() {
-            match &self.source {
-                Some(cause) if self.status != StatusCode::SERVICE_UNAVAILABLE => tracing::error!(
+            // (A `None` cause writes no field.)
+            let cause = self.source.as_ref().map(|c| format!("{c:#}"));
+            if cause.is_some() && self.status != StatusCode::SERVICE_UNAVAILABLE {
+                tracing::error!(
                     error.code = self.code,
-                    error.cause = format!("{cause:#}"),
+                    error.cause = cause.as_deref(),
                     "request failed: {}",
                     self.message
-                ),
-                Some(cause) => tracing::warn!(
+                );
+            } else {
+                tracing::warn!(
                     error.code = self.code,
-                    error.cause = format!("{cause:#}"),
+                    error.cause = cause.as_deref(),
                     "request failed: {}",
                     self.message
-                ),
-                None => tracing::warn!(error.code = self.code, "request failed: {}", self.message),
+                );
             }
         }
         let mut resp = HttpResponse::build(self.status);

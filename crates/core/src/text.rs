@@ -18,6 +18,11 @@ pub fn escape_controls(s: &str) -> String {
 /// `s` cut to its first `max` characters, with `…` when something was cut: for echoing an
 /// input (an id, a flag's value) in an error without echoing all of a huge one.
 pub fn shorten(s: &str, max: usize) -> String {
+    // At most `max` bytes is at most `max` characters: nothing to walk (every request's path
+    // is shortened for its log line).
+    if s.len() <= max {
+        return s.to_owned();
+    }
     match s.char_indices().nth(max) {
         Some((at, _)) => format!("{}…", &s[..at]),
         None => s.to_string(),

@@ -29,16 +29,14 @@ pub fn spawn(
                     let checks = router.endpoints().into_iter().map(|endpoint| {
                         let req = client.get(format!("{}/readyz", endpoint.base));
                         async move {
-                            let failure = match req.send().await {
-                                Ok(res) if res.status().is_success() => None,
-                                Ok(res) => Some(format!("/readyz answered {}", res.status())),
-                                Err(e) => Some(e.to_string()),
-                            };
-                            match failure {
-                                None => endpoint.mark_up(),
-                                Some(e) => {
-                                    endpoint.mark_down("shard endpoint failed its health check", &e)
-                                }
+                            let failed = "shard endpoint failed its health check";
+                            match req.send().await {
+                                Ok(res) if res.status().is_success() => endpoint.mark_up(),
+                                Ok(res) => endpoint.mark_down(
+                                    failed,
+                                    &format_args!("/readyz answered {}", res.status()),
+                                ),
+                                Err(e) => endpoint.mark_down(failed, &e),
                             }
                         }
                     });
